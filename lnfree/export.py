@@ -1,0 +1,192 @@
+"""Exports of a removable GPT-2, each verified against the source model's logits before anything is written.
+
+- `export_hf`: a directory that stock `GPT2LMHeadModel.from_pretrained` loads with no lnfree code.
+  For an LN-free model every LayerNorm gets eps = 1e12 and weight = gamma * 1e6 / sigma, so that
+  sqrt(var + 1e12) ~ 1e6 and the module computes (x - mean) * gamma / sigma + beta (relative error about
+  var / 2e12; in fp32 an eps of 1e12 swallows any var below 2^16 outright). Stock GPT-2 has one ln_1 per
+  block, so the QK path's different sigma is folded into the Q and K columns of c_attn (exact).
+  A model with every site real exports as an ordinary GPT-2 (the vanilla control).
+- `export_folded`: every frozen site folded into the linear layer that reads it; no norm left (folded.py).
+
+Error measure everywhere: max |logits_export - logits_source| / max |logits_source| on a check batch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .folded import FoldedConfig, FoldedGPT2, save_folded
+from .model import RemovableGPT2LMHeadModel
+from .norm import ORDINARY
+
+HF_EPS = 1e12
+HF_SCALE = 1e6  # = sqrt(HF_EPS)
+HF_TOL = 1e-4
+FOLDED_TOL = 1e-5
+EXPORT_INFO = "lnfree_export.json"
+
+
+class ExportError(ValueError):
+    pass
+
+
+def _sigma(site) -> torch.Tensor:
+    return site.sigma[ORDINARY].double()
+
+
+def require_all_removed(model: RemovableGPT2LMHeadModel, what: str):
+    real = model.real_sites()
+    if real:
+        shown = ", ".join(real[:6]) + (f" and {len(real) - 6} more" if len(real) > 6 else "")
+        raise ExportError(f"{what} needs every norm site removed; still real: {shown}")
+    special = [n for n, s in model.sites().items() if s.special_active]
+    if special:
+        raise ExportError(
+            f"{what}: sites {special[:4]} still use special bos/eot sigmas (per-token scales cannot be "
+            "exported); apply the bos/eot events first"
+        )
+
+
+def check_batch(model, n_batch: int = 2, n_pos: int = 64, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    t = min(n_pos, model.config.n_positions)
+    return torch.randint(0, model.config.vocab_size, (n_batch, t), generator=g)
+
+
+@torch.no_grad()
+def logits_error(reference, candidate, input_ids: torch.Tensor) -> float:
+    dev = next(reference.parameters()).device
+    ids = input_ids.to(dev)
+    ref = _logits(reference, ids).double()
+    cand = _logits(candidate.to(dev), ids).double()
+    return float((cand - ref).abs().max() / ref.abs().max())
+
+
+def _logits(model, ids):
+    was_training = model.training
+    model.eval()  # dropout off for the comparison; the caller's mode is restored
+    out = model(ids)
+    model.train(was_training)
+    return out.logits if hasattr(out, "logits") else out
+
+
+# -- HF-compatible -------------------------------------------------------------------------------------
+@torch.no_grad()
+def to_stock_gpt2(model: RemovableGPT2LMHeadModel, dtype: torch.dtype | None = None) -> GPT2LMHeadModel:
+    """The stock-GPT2LMHeadModel equivalent of `model` (all sites real, or all removed), in memory."""
+    dtype = dtype or model.dtype
+    if dtype == torch.float16:
+        raise ExportError(
+            "fp16 HF-compatible export refused: the LN-free trick stores eps = 1e12 and weights of order "
+            "1e6 / sigma, which overflow fp16 (max 65504). Export in float32 or bfloat16."
+        )
+    removed = model.removed_sites()
+    if removed:
+        require_all_removed(model, "HF-compatible LN-free export")
+    cfg_dict = {k: v for k, v in model.config.to_dict().items() if not k.startswith("lnfree_")}
+    if removed:
+        cfg_dict["layer_norm_epsilon"] = HF_EPS
+    cfg_dict.pop("architectures", None)
+    cfg = GPT2Config.from_dict(cfg_dict)
+    cfg.architectures = ["GPT2LMHeadModel"]
+    cfg._attn_implementation = model.config._attn_implementation
+    stock = GPT2LMHeadModel(cfg)
+    sd = {k: v.detach().clone().double() for k, v in model.state_dict().items() if k in stock.state_dict()}
+    if removed:
+        d = model.config.n_embd
+        for i, block in enumerate(model.transformer.h):
+            p = f"transformer.h.{i}."
+            s_qk, s_v = _sigma(block.ln_1.qk), _sigma(block.ln_1.v)
+            sd[p + "ln_1.weight"] *= HF_SCALE / s_v
+            # the one ln_1 now divides by s_v; rescale Q,K columns by r = s_v / s_qk and correct the bias
+            # so that (x_v-form) @ (r W_qk) + b' == (x_qk-form) @ W_qk + b   exactly
+            r = s_v / s_qk
+            w_qk = sd[p + "attn.c_attn.weight"][:, : 2 * d]
+            sd[p + "attn.c_attn.bias"][: 2 * d] += (1 - r) * (sd[p + "ln_1.bias"] @ w_qk)
+            sd[p + "attn.c_attn.weight"][:, : 2 * d] = r * w_qk
+            sd[p + "ln_2.weight"] *= HF_SCALE / _sigma(block.ln_2.site)
+        sd["transformer.ln_f.weight"] *= HF_SCALE / _sigma(model.transformer.ln_f.site)
+    stock.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=False)
+    stock.tie_weights()
+    return stock.to(device=model.device, dtype=dtype).eval()
+
+
+def export_hf(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenizer=None, input_ids=None,
+              dtype: torch.dtype | None = None, tol: float = HF_TOL) -> float:
+    """Verify, then write a stock-loadable HF dir (safetensors + config [+ tokenizer]). Returns the error."""
+    stock = to_stock_gpt2(model, dtype)
+    ids = check_batch(model) if input_ids is None else input_ids
+    err = logits_error(model, stock, ids)
+    if not err <= tol:
+        raise ExportError(f"HF-compatible export differs from the model: relative error {err:.2e} > {tol:.0e}")
+    out = Path(out_dir)
+    stock.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    info = {"form": "hf_lnfree" if model.removed_sites() else "hf", "relative_error": err, "sigmas": model.sigmas()}
+    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+    return err
+
+
+# -- folded ------------------------------------------------------------------------------------------
+def _fold(weight, bias, gamma, beta, sigma):
+    """Fold (x - mean) / sigma * gamma + beta into a reader x @ W + b (Conv1D layout W: [d, out]).
+
+    W' = P diag(gamma / sigma) W   with P = I - 11^T/d the centring projector;  b' = b + beta W.
+    Returns the nn.Linear layout: weight [out, d], bias [out].
+    """
+    wg = (gamma / sigma)[:, None] * weight
+    w = wg - wg.mean(0, keepdim=True)  # P @ wg
+    b = beta @ weight + (0 if bias is None else bias)
+    return w.T, b
+
+
+@torch.no_grad()
+def fold(model: RemovableGPT2LMHeadModel) -> FoldedGPT2:
+    """The truly norm-free form of an all-removed model (computed in float64, returned in fp32)."""
+    require_all_removed(model, "folded export")
+    c = model.config
+    if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn:
+        raise ExportError("folded export supports GPT-2's default attention only (scale 1/sqrt(d_head))")
+    d = c.n_embd
+    cfg = FoldedConfig(c.vocab_size, c.n_positions, d, c.n_layer, c.n_head, c.n_inner or 4 * d,
+                       c.activation_function)
+    folded = FoldedGPT2(cfg).double()
+    t = model.transformer
+    folded.wte.weight.copy_(t.wte.weight)
+    folded.wpe.weight.copy_(t.wpe.weight)
+    for src, dst in zip(t.h, folded.blocks):
+        ln1, attn, mlp = src.ln_1, src.attn, src.mlp
+        g, b = ln1.weight.double(), ln1.bias.double()
+        w, bias = attn.c_attn.weight.double(), attn.c_attn.bias.double()
+        wq, bq = _fold(w[:, : 2 * d], bias[: 2 * d], g, b, _sigma(ln1.qk))
+        wv, bv = _fold(w[:, 2 * d :], bias[2 * d :], g, b, _sigma(ln1.v))
+        dst.attn.qkv.weight.copy_(torch.cat([wq, wv])), dst.attn.qkv.bias.copy_(torch.cat([bq, bv]))
+        dst.attn.proj.weight.copy_(attn.c_proj.weight.T), dst.attn.proj.bias.copy_(attn.c_proj.bias)
+        wf, bf = _fold(mlp.c_fc.weight.double(), mlp.c_fc.bias.double(), src.ln_2.weight.double(),
+                       src.ln_2.bias.double(), _sigma(src.ln_2.site))
+        dst.mlp.fc.weight.copy_(wf), dst.mlp.fc.bias.copy_(bf)
+        dst.mlp.proj.weight.copy_(mlp.c_proj.weight.T), dst.mlp.proj.bias.copy_(mlp.c_proj.bias)
+    w_u = model.lm_head.weight.double().T  # [d, vocab]; tied to wte in GPT-2, untied here
+    wu, bu = _fold(w_u, None, t.ln_f.weight.double(), t.ln_f.bias.double(), _sigma(t.ln_f.site))
+    folded.lm_head.weight.copy_(wu), folded.lm_head.bias.copy_(bu)
+    return folded.float().eval()
+
+
+def export_folded(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenizer=None, input_ids=None,
+                  tol: float = FOLDED_TOL) -> float:
+    """Verify, then write the folded model (safetensors + JSON config [+ tokenizer]). Returns the error."""
+    folded = fold(model)
+    ids = check_batch(model) if input_ids is None else input_ids
+    err = logits_error(model, folded, ids)
+    if not err <= tol:
+        raise ExportError(f"folded export differs from the model: relative error {err:.2e} > {tol:.0e}")
+    save_folded(folded.cpu(), out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    (Path(out_dir) / EXPORT_INFO).write_text(json.dumps({"form": "folded", "relative_error": err}, indent=1))
+    return err

@@ -1,0 +1,235 @@
+"""LayerNorms whose per-token scale can be swapped for a frozen scalar, one path at a time.
+
+A LayerNorm is  LN(x) = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta.  Only the division by the
+per-token std is non-linear. A *site* (one normalisation path) is either real, or "removed": it divides by
+a constant sigma that was frozen from a running estimate of the mean per-token std at the moment of removal.
+
+Design notes (why, not what):
+- All state lives in buffers (mode, running estimate, frozen sigma) so it round-trips through state_dict.
+  The mode is mirrored in a Python bool so that forward can branch without a host sync; the mirror is
+  refreshed whenever a state dict is loaded.
+- Statistics are *accumulated* (sum and count, on device) during training forwards and folded into the
+  running estimate once per optimizer step by `commit()`. Accumulating a mean instead of updating an EMA in
+  forward makes gradient-checkpoint recomputation and gradient accumulation harmless (a recompute adds the
+  same value to both sum and count), avoids `.item()`, and gives one place to average across ranks.
+- Sigma buffers are kept in fp32 whatever dtype the module is cast to.
+- Optional special sigmas (off by default) for position 0 ("bos") and end-of-text tokens ("eot"): a
+  per-token category picks which frozen scalar a token is divided by, until a later event ends it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Token categories for the statistics and the special sigmas. IGNORED marks padding.
+ORDINARY, BOS, EOT, IGNORED = 0, 1, 2, 3
+N_SIGMAS = 3  # ordinary, bos, eot
+
+
+@dataclass
+class TokenContext:
+    """Per-forward token information shared by every site of one model (set by the model's forward).
+
+    category: [batch, pos] long tensor of ORDINARY/BOS/EOT/IGNORED, or None when every token is ordinary
+    (no padding mask and no special sigma enabled), which is the fast path used in training.
+    """
+
+    category: torch.Tensor | None = None
+    record: bool = False  # force statistics recording (calibration), even in eval / no-grad
+
+
+class NormSite(nn.Module):
+    """State of one normalisation path (e.g. the query/key path of block 3's ln_1)."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("removed", torch.zeros((), dtype=torch.bool))
+        # running estimate of the mean per-token std; NaN = no estimate yet
+        self.register_buffer("running", torch.full((N_SIGMAS,), float("nan")))
+        # frozen sigma at removal [ordinary, bos, eot]; NaN while real
+        self.register_buffer("sigma", torch.full((N_SIGMAS,), float("nan")))
+        # whether the bos / eot tokens still use their own frozen sigma
+        self.register_buffer("special", torch.zeros(2, dtype=torch.bool))
+        # per-step accumulators [sum, count] x category (incl. IGNORED); transient, not checkpointed:
+        # checkpoints are written at optimizer-step boundaries, right after commit() emptied them
+        self.register_buffer("acc", torch.zeros(2, 4), persistent=False)
+        self._refresh_mirror()
+
+    # -- mode mirror (Python bools, so forward never syncs) ---------------------------------------
+    def _refresh_mirror(self):
+        self.is_removed = bool(self.removed)
+        self.special_active = bool(self.special.any())
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._refresh_mirror()
+
+    def _apply(self, fn, recurse=True):
+        # keep sigma state in fp32 under .to(bfloat16) / .half(): sigmas are the method's only constants
+        fp32 = {name: getattr(self, name) for name in ("running", "sigma", "acc")}
+        super()._apply(fn, recurse)
+        for name, old in fp32.items():  # follow the device move, undo any dtype cast
+            setattr(self, name, old.to(device=getattr(self, name).device, dtype=torch.float32))
+        return self
+
+    # -- statistics ----------------------------------------------------------------------------------
+    def record(self, std: torch.Tensor, category: torch.Tensor | None):
+        """Add per-token stds [batch, pos] (detached) to the step accumulators; no host sync."""
+        std = std.detach().float()
+        if category is None:
+            self.acc[0, ORDINARY] += std.sum()
+            self.acc[1, ORDINARY] += std.numel()
+        else:
+            cat = category.reshape(-1)
+            self.acc[0].index_add_(0, cat, std.reshape(-1))
+            self.acc[1].index_add_(0, cat, torch.ones_like(std.reshape(-1)))
+
+    @torch.no_grad()
+    def commit(self, acc: torch.Tensor, momentum: float):
+        """Fold one step's accumulated (sum, count) into the running estimate (EMA), on device."""
+        total, count = acc[0, :N_SIGMAS], acc[1, :N_SIGMAS]
+        seen = count > 0
+        mean = total / count.clamp_min(1)
+        ema = torch.where(self.running.isnan(), mean, momentum * self.running + (1 - momentum) * mean)
+        self.running.copy_(torch.where(seen, ema, self.running))
+        self.acc.zero_()
+
+    # -- events --------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def freeze(self, special_bos: bool = False, special_eot: bool = False) -> float:
+        """Remove the site: freeze the running estimate(s). Returns the ordinary sigma (one host sync)."""
+        if self.is_removed:
+            raise RuntimeError("site already removed")
+        est = self.running.clone()
+        if est[ORDINARY].isnan():
+            raise RuntimeError("site has no std estimate yet: run a training step or calibrate() first")
+        want = torch.tensor([special_bos, special_eot], device=est.device)
+        # a special category never seen falls back to the ordinary sigma
+        want &= ~est[1:].isnan()
+        est[1:] = torch.where(want, est[1:], est[ORDINARY])
+        self.sigma.copy_(est)
+        self.special.copy_(want)
+        self.removed.fill_(True)
+        self._refresh_mirror()
+        return float(est[ORDINARY])
+
+    @torch.no_grad()
+    def end_special(self, which: int):
+        """bos/eot event: tokens of that category use the ordinary sigma from now on."""
+        self.special[which - 1] = False
+        self._refresh_mirror()
+
+    def divisor(self, category: torch.Tensor | None) -> torch.Tensor:
+        """Frozen sigma per token: a scalar, or [batch, pos, 1] when special sigmas are active."""
+        if category is None or not self.special_active:
+            return self.sigma[ORDINARY]
+        sig = torch.where(self.special, self.sigma[1:], self.sigma[ORDINARY])  # [2]
+        per_cat = torch.cat([self.sigma[:1], sig, self.sigma[:1]])  # ordinary, bos, eot, ignored
+        return per_cat[category].unsqueeze(-1)
+
+
+def _wants_stats(module: nn.Module, ctx: TokenContext) -> bool:
+    return ctx.record or (module.training and torch.is_grad_enabled())
+
+
+def _real(x, weight, bias, eps, sites, ctx: TokenContext):
+    """Real LayerNorm; feeds the per-token std to every site in `sites` when statistics are wanted."""
+    if not sites:
+        return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+    # native_layer_norm returns the per-token rstd it already computed: the statistics cost nothing extra
+    out, _, rstd = torch.native_layer_norm(x, x.shape[-1:], weight, bias, eps)
+    std = rstd.squeeze(-1).reciprocal()
+    for site in sites:
+        site.record(std, ctx.category)
+    return out
+
+
+def _frozen(x, weight, bias, site: NormSite, ctx: TokenContext):
+    """(x - mean(x)) / sigma * gamma + beta with a frozen sigma: affine in x."""
+    centred = x - x.mean(-1, keepdim=True)
+    return centred / site.divisor(ctx.category).to(x.dtype) * weight + bias
+
+
+class RemovableLayerNorm(nn.Module):
+    """Drop-in for nn.LayerNorm (same parameter names) with one removable site: ln_2 and ln_f."""
+
+    def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
+        super().__init__()
+        self.normalized_shape = (n_embd,)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.site = NormSite()
+        self.ctx = ctx
+
+    def forward(self, x):  # [batch, pos, d] -> [batch, pos, d]
+        if self.site.is_removed:
+            return _frozen(x, self.weight, self.bias, self.site, self.ctx)
+        sites = [self.site] if _wants_stats(self, self.ctx) else []
+        return _real(x, self.weight, self.bias, self.eps, sites, self.ctx)
+
+
+class SplitLayerNorm(nn.Module):
+    """ln_1 with separate query/key and value paths sharing gamma and beta.
+
+    While both paths are in the same real state the output is the usual [batch, pos, d]. Once they differ
+    it is the two normalisations side by side, [batch, pos, 2d] = [x_qk, x_v]; SplitQKVProjection reads
+    Q, K from the first half and V from the second. Keeping the split inside (ln_1, c_attn) leaves
+    Hugging Face's attention (SDPA/eager, masks, KV cache) untouched.
+    """
+
+    def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
+        super().__init__()
+        self.normalized_shape = (n_embd,)
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.qk = NormSite()
+        self.v = NormSite()
+        self.ctx = ctx
+
+    def _path(self, x, site: NormSite, stats: bool):
+        if site.is_removed:
+            return _frozen(x, self.weight, self.bias, site, self.ctx)
+        return _real(x, self.weight, self.bias, self.eps, [site] if stats else [], self.ctx)
+
+    def forward(self, x):  # [batch, pos, d] -> [batch, pos, d] or [batch, pos, 2d]
+        stats = _wants_stats(self, self.ctx)
+        if not self.qk.is_removed and not self.v.is_removed:
+            return _real(x, self.weight, self.bias, self.eps, [self.qk, self.v] if stats else [], self.ctx)
+        return torch.cat([self._path(x, self.qk, stats), self._path(x, self.v, stats)], dim=-1)
+
+
+class SplitQKVProjection(nn.Module):
+    """GPT-2's c_attn (Conv1D, weight [d, 3d]) that also accepts SplitLayerNorm's [x_qk, x_v] input."""
+
+    def __init__(self, n_embd: int):
+        super().__init__()
+        self.nx, self.nf = n_embd, 3 * n_embd
+        self.weight = nn.Parameter(torch.empty(n_embd, 3 * n_embd))
+        self.bias = nn.Parameter(torch.zeros(3 * n_embd))
+        nn.init.normal_(self.weight, std=0.02)
+
+    def forward(self, x):  # [batch, pos, d or 2d] -> [batch, pos, 3d]
+        if x.shape[-1] == self.nx:
+            return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).view(*x.shape[:-1], self.nf)
+        x_qk, x_v = x.split(self.nx, dim=-1)
+        d2 = 2 * self.nx
+        qk = torch.addmm(self.bias[:d2], x_qk.reshape(-1, self.nx), self.weight[:, :d2])
+        v = torch.addmm(self.bias[d2:], x_v.reshape(-1, self.nx), self.weight[:, d2:])
+        return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], self.nf)
+
+
+@contextlib.contextmanager
+def recording(ctx: TokenContext):
+    """Record statistics even in eval mode / under no_grad (used by calibration)."""
+    old, ctx.record = ctx.record, True
+    try:
+        yield
+    finally:
+        ctx.record = old

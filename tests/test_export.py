@@ -1,0 +1,101 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock_gpt2
+from lnfree.folded import FoldedGPT2, load_folded
+from test_model import calibrated_all_removed, ids, stock_and_removable
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().detach())
+
+
+def test_hf_export_reproduces_lnfree_logits_and_loads_without_lnfree(tmp_path):
+    _, model = calibrated_all_removed()
+    err = export_hf(model, tmp_path / "hf")
+    assert err <= 1e-4
+    x = ids(3, 40, seed=7)
+    ref = model(x).logits.detach()
+    torch.save({"x": x, "ref": ref}, tmp_path / "check.pt")
+    code = f"""
+import sys, torch
+from transformers import GPT2LMHeadModel
+m = GPT2LMHeadModel.from_pretrained({str(tmp_path / 'hf')!r}).eval()
+d = torch.load({str(tmp_path / 'check.pt')!r})
+out = m(d["x"]).logits
+assert "lnfree" not in sys.modules
+print(float((out - d["ref"]).abs().max() / d["ref"].abs().max()))
+"""
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path,
+                         env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert res.returncode == 0, res.stderr
+    assert float(res.stdout.strip().splitlines()[-1]) <= 1e-4
+    info = json.loads((tmp_path / "hf" / "lnfree_export.json").read_text())
+    assert info["form"] == "hf_lnfree" and info["sigmas"] == model.sigmas()
+
+
+def test_hf_export_of_all_real_model_is_plain_gpt2(tmp_path):
+    stock, model = stock_and_removable()
+    export_hf(model, tmp_path / "hf")
+    from transformers import GPT2LMHeadModel
+
+    loaded = GPT2LMHeadModel.from_pretrained(tmp_path / "hf").eval()
+    assert loaded.config.layer_norm_epsilon == stock.config.layer_norm_epsilon
+    assert torch.allclose(loaded(ids()).logits, stock(ids()).logits, atol=1e-5)
+
+
+def test_folded_export_has_no_norm_and_same_logits(tmp_path):
+    _, model = calibrated_all_removed()
+    folded = fold(model)
+    norms = [m for m in folded.modules() if "norm" in type(m).__name__.lower()]
+    assert norms == []
+    x = ids(2, 48, seed=4)
+    assert _rel(folded(x), model(x).logits) <= 1e-5
+    export_folded(model, tmp_path / "folded")
+    loaded = load_folded(tmp_path / "folded")
+    assert isinstance(loaded, FoldedGPT2)
+    assert _rel(loaded(x), model(x).logits) <= 1e-5
+    mask = torch.ones_like(x)
+    mask[0, -10:] = 0  # right padding: real tokens unaffected
+    a, b = loaded(x, attention_mask=mask), model(x, attention_mask=mask).logits
+    assert _rel(a[mask.bool()], b[mask.bool()]) <= 1e-5
+
+
+def test_export_refusals(tmp_path):
+    _, model = calibrated_all_removed()
+    with pytest.raises(ExportError, match="fp16"):
+        export_hf(model, tmp_path / "fp16", dtype=torch.float16)
+    assert not (tmp_path / "fp16").exists()
+    _, partial = stock_and_removable()
+    partial.calibrate(ids(4, 32))
+    partial.remove("ln2", 0), partial.remove("ln2", 1), partial.remove("ln1qk", 0)
+    with pytest.raises(ExportError, match=r"still real: ln1qk\.1, ln1v\.0"):
+        export_hf(partial, tmp_path / "p")
+    with pytest.raises(ExportError, match="lnf"):
+        export_folded(partial, tmp_path / "pf")
+    assert not (tmp_path / "p").exists() and not (tmp_path / "pf").exists()
+
+
+def test_export_verification_refuses_a_wrong_model(tmp_path, monkeypatch):
+    """The check is real: corrupt the conversion's output and the export must refuse to write."""
+    _, model = calibrated_all_removed()
+    stock = to_stock_gpt2(model)
+    from lnfree import export as ex
+
+    with torch.no_grad():
+        stock.transformer.ln_f.weight.mul_(1.01)
+    monkeypatch.setattr(ex, "to_stock_gpt2", lambda m, dtype=None: stock)
+    with pytest.raises(ExportError, match="relative error"):
+        ex.export_hf(model, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
+def test_bf16_hf_export_allowed(tmp_path):
+    _, model = calibrated_all_removed()
+    stock = to_stock_gpt2(model, torch.bfloat16)
+    assert stock.dtype == torch.bfloat16
+    assert _rel(stock(ids()).logits.float(), model(ids()).logits) < 0.05

@@ -1,0 +1,281 @@
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import GPT2LMHeadModel
+
+from conftest import tiny_config
+from lnfree.model import NORM_KINDS, make_removable, load_removable, save_removable
+from lnfree.norm import BOS, ORDINARY
+
+
+def stock_and_removable(**kw):
+    stock = GPT2LMHeadModel(tiny_config(**kw))
+    with torch.no_grad():  # non-trivial gamma/beta so that a wrong formula shows
+        for m in stock.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return stock.eval(), make_removable(stock).eval()
+
+
+def remove_all(model):
+    L = model.config.n_layer
+    for kind in NORM_KINDS[:3]:
+        for i in range(L):
+            model.remove(kind, i)
+    model.remove("lnf")
+
+
+def calibrated_all_removed(**kw):
+    stock, model = stock_and_removable(**kw)
+    model.calibrate(torch.randint(0, 97, (4, 32)))
+    remove_all(model)
+    return stock, model
+
+
+def ids(b=2, t=16, seed=1):
+    return torch.randint(0, 97, (b, t), generator=torch.Generator().manual_seed(seed))
+
+
+def test_all_real_matches_stock_with_and_without_padding():
+    stock, model = stock_and_removable()
+    x = ids()
+    assert torch.allclose(stock(x).logits, model(x).logits, atol=1e-5)
+    for side in ("left", "right"):
+        mask = torch.ones_like(x)
+        if side == "left":
+            mask[0, :5] = 0
+        else:
+            mask[0, -5:] = 0
+        a = stock(x, attention_mask=mask).logits
+        b = model(x, attention_mask=mask).logits
+        keep = mask.bool()
+        assert torch.allclose(a[keep], b[keep], atol=1e-5)
+    pos = torch.arange(16).flip(0)[None].repeat(2, 1)
+    assert torch.allclose(stock(x, position_ids=pos).logits, model(x, position_ids=pos).logits, atol=1e-5)
+
+
+def test_all_real_generate_equals_stock_token_for_token():
+    stock, model = stock_and_removable()
+    prompt = ids(2, 6)
+    mask = torch.ones_like(prompt)
+    kw = dict(max_new_tokens=12, do_sample=False, pad_token_id=0, attention_mask=mask)
+    assert torch.equal(stock.generate(prompt, **kw), model.generate(prompt, **kw))
+
+
+def test_hidden_states_and_eager_attention():
+    stock, model = stock_and_removable(attn_implementation="eager")
+    x = ids()
+    a = stock(x, output_hidden_states=True, output_attentions=True)
+    b = model(x, output_hidden_states=True, output_attentions=True)
+    assert len(a.hidden_states) == len(b.hidden_states) == 3
+    for ha, hb in zip(a.hidden_states, b.hidden_states):
+        assert torch.allclose(ha, hb, atol=1e-5)
+    assert torch.allclose(a.attentions[-1], b.attentions[-1], atol=1e-6)
+
+
+def _capture(model):
+    """Input and output of every norm module, by module."""
+    seen = {}
+    hooks = [m.register_forward_hook(lambda mod, i, o: seen.__setitem__(mod, (i[0], o)))
+             for b in model.transformer.h for m in (b.ln_1, b.ln_2)]
+    hooks.append(model.transformer.ln_f.register_forward_hook(lambda mod, i, o: seen.__setitem__(mod, (i[0], o))))
+    return seen, hooks
+
+
+@pytest.mark.parametrize("kind,block", [("ln2", 0), ("ln1qk", 1), ("ln1v", 0), ("lnf", None)])
+def test_removing_one_site_changes_only_its_path(kind, block):
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32, seed=3))
+    sigma = model.remove(kind, block)
+    assert model.removed_sites() == [f"{kind}.{block}" if block is not None else "lnf"]
+    seen, hooks = _capture(model)
+    model(ids())
+    for h in hooks:
+        h.remove()
+
+    def real(x, mod):
+        return F.layer_norm(x, x.shape[-1:], mod.weight, mod.bias, mod.eps)
+
+    def frozen(x, mod, s):  # the formula, written out by hand
+        return (x - x.mean(-1, keepdim=True)) / s * mod.weight + mod.bias
+
+    d = model.config.n_embd
+    for i, b in enumerate(model.transformer.h):
+        x, out = seen[b.ln_1]
+        qk_removed, v_removed = (kind, block) == ("ln1qk", i), (kind, block) == ("ln1v", i)
+        if qk_removed or v_removed:
+            assert out.shape[-1] == 2 * d  # the two paths side by side
+            exp_qk = frozen(x, b.ln_1, sigma) if qk_removed else real(x, b.ln_1)
+            exp_v = frozen(x, b.ln_1, sigma) if v_removed else real(x, b.ln_1)
+            assert torch.allclose(out[..., :d], exp_qk, atol=1e-5)
+            assert torch.allclose(out[..., d:], exp_v, atol=1e-5)
+        else:
+            assert torch.allclose(out, real(x, b.ln_1), atol=1e-5)
+        x, out = seen[b.ln_2]
+        exp = frozen(x, b.ln_2, sigma) if (kind, block) == ("ln2", i) else real(x, b.ln_2)
+        assert torch.allclose(out, exp, atol=1e-5)
+    x, out = seen[model.transformer.ln_f]
+    lnf = model.transformer.ln_f
+    assert torch.allclose(out, frozen(x, lnf, sigma) if kind == "lnf" else real(x, lnf), atol=1e-5)
+
+
+def _train_step(model, opt, x):
+    model.train()
+    loss = model(x, labels=x).loss
+    loss.backward()
+    opt.step()
+    opt.zero_grad()
+    model.commit_norm_stats(momentum=0.9)
+
+
+def test_sigma_frozen_at_removal_and_qk_v_separate():
+    _, model = stock_and_removable()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    qk, v = model.site("ln1qk", 0), model.site("ln1v", 0)
+    _train_step(model, opt, ids(4, 32, seed=0))
+    est_before = qk.running[ORDINARY].clone()
+    _train_step(model, opt, ids(4, 32, seed=1))
+    assert not torch.equal(est_before, qk.running[ORDINARY])  # the estimate moves on training steps
+    s_qk = model.remove("ln1qk", 0)
+    assert s_qk == pytest.approx(float(qk.running[ORDINARY]))
+    for seed in range(2, 5):
+        _train_step(model, opt, ids(4, 32, seed=seed))
+    s_v = model.remove("ln1v", 0)
+    assert s_v == pytest.approx(float(v.running[ORDINARY]))
+    assert s_v != pytest.approx(s_qk, abs=1e-7)  # each path froze at its own event
+    frozen = {k: s.sigma.clone() for k, s in model.sites().items()}
+    running = {k: s.running.clone() for k, s in model.sites().items()}
+    for seed in range(5, 8):
+        _train_step(model, opt, ids(4, 32, seed=seed))
+    model.eval()
+    with torch.no_grad():
+        model(ids(4, 32, seed=9))
+    model.commit_norm_stats(momentum=0.9)  # nothing was recorded in eval: nothing changes
+    for k, s in model.sites().items():
+        assert torch.equal(s.sigma.nan_to_num(), frozen[k].nan_to_num())
+    assert model.sigmas()["ln1qk.0"] == s_qk and model.sigmas()["ln1v.0"] == s_v
+    # real sites kept estimating through training but not through the eval pass
+    model.train()
+    before = model.site("ln2", 1).running.clone()
+    with torch.no_grad():
+        model(ids())
+    model.commit_norm_stats(0.9)
+    assert torch.equal(before.nan_to_num(), model.site("ln2", 1).running.nan_to_num())
+    assert not torch.equal(running["ln2.1"], before)
+
+
+def test_state_dict_round_trip_restores_modes_and_sigmas(tmp_path):
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32))
+    model.remove("ln2", 0), model.remove("ln1v", 1), model.remove("lnf")
+    fresh = make_removable(tiny_config())
+    fresh.load_state_dict(model.state_dict())
+    fresh.eval()
+    assert fresh.removed_sites() == model.removed_sites()
+    assert fresh.sigmas() == model.sigmas()
+    assert torch.equal(fresh(ids()).logits, model(ids()).logits)
+    save_removable(model, tmp_path / "m")
+    loaded = load_removable(tmp_path / "m").eval()
+    assert loaded.sigmas() == model.sigmas()
+    assert torch.equal(loaded(ids()).logits, model(ids()).logits)
+
+
+def test_gradient_checkpointing_same_loss_grads_and_stats():
+    _, a = stock_and_removable()
+    a.calibrate(ids(4, 32))
+    a.remove("ln1qk", 0)
+    b = make_removable(tiny_config())
+    b.load_state_dict(a.state_dict())
+    b.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    results = []
+    for m in (a, b):
+        m.train()
+        x = ids(2, 32, seed=5)
+        loss = m(x, labels=x).loss
+        loss.backward()
+        m.commit_norm_stats(momentum=0.5)
+        results.append((loss.detach(), {n: p.grad for n, p in m.named_parameters()},
+                        {n: s.running.clone() for n, s in m.sites().items()}))
+    assert b.is_gradient_checkpointing
+    (la, ga, ra), (lb, gb, rb) = results
+    assert torch.allclose(la, lb, atol=1e-6)
+    for n in ga:
+        assert torch.allclose(ga[n], gb[n], atol=1e-6), n
+    for n in ra:  # recomputation adds the same std twice: the mean, and so the estimate, is unchanged
+        assert torch.allclose(ra[n].nan_to_num(), rb[n].nan_to_num(), atol=1e-6), n
+
+
+def test_dropout_only_in_training_mode():
+    model = make_removable(tiny_config(resid_pdrop=0.5, attn_pdrop=0.5, embd_pdrop=0.5))
+    model.eval()
+    x = ids()
+    assert torch.equal(model(x).logits, model(x).logits)
+    model.train()
+    assert not torch.equal(model(x).logits, model(x).logits)
+
+
+def test_bf16_keeps_fp32_sigmas_and_runs():
+    _, model = calibrated_all_removed()
+    ref = model(ids()).logits
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(ids()).logits
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+    half = make_removable(tiny_config())
+    half.load_state_dict(model.state_dict())
+    half = half.to(torch.bfloat16)
+    site = half.site("ln2", 0)
+    assert site.sigma.dtype == torch.float32 and half.transformer.h[0].ln_2.weight.dtype == torch.bfloat16
+    assert half.sigmas() == model.sigmas()
+    assert half(ids()).logits.dtype == torch.bfloat16
+
+
+def test_all_removed_generate_with_and_without_cache_agree():
+    _, model = calibrated_all_removed()
+    prompt = ids(2, 5)
+    kw = dict(max_new_tokens=15, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(prompt))
+    assert torch.equal(model.generate(prompt, use_cache=True, **kw), model.generate(prompt, use_cache=False, **kw))
+
+
+def test_special_bos_sigma_is_per_position():
+    _, model = stock_and_removable(lnfree_special_bos=True)
+    x = ids(4, 32)
+    model.calibrate(x)
+    site = model.site("ln2", 0)
+    assert not torch.isnan(site.running[BOS])  # position 0 measured on its own
+    model.remove("ln2", 0)
+    assert site.special_active and site.sigma[BOS] != site.sigma[ORDINARY]
+    seen, hooks = _capture(model)
+    model(x)
+    inp, out = seen[model.transformer.h[0].ln_2]
+    mod = model.transformer.h[0].ln_2
+    centred = inp - inp.mean(-1, keepdim=True)
+    assert torch.allclose(out[:, 0], centred[:, 0] / site.sigma[BOS] * mod.weight + mod.bias, atol=1e-5)
+    assert torch.allclose(out[:, 1:], centred[:, 1:] / site.sigma[ORDINARY] * mod.weight + mod.bias, atol=1e-5)
+    model.end_special("bos", 0)
+    model(x)
+    inp, out = seen[mod]
+    for h in hooks:
+        h.remove()
+    assert not site.special_active
+    assert torch.allclose(out[:, 0], (inp[:, 0] - inp[:, 0].mean(-1, keepdim=True)) / site.sigma[ORDINARY]
+                          * mod.weight + mod.bias, atol=1e-5)
+
+
+def test_remove_errors():
+    model = make_removable(tiny_config())
+    with pytest.raises(RuntimeError, match="no std estimate"):
+        model.remove("ln2", 0)
+    with pytest.raises(KeyError):
+        model.remove("ln3", 0)
+    model.calibrate(ids())
+    model.remove("ln2", 0)
+    with pytest.raises(RuntimeError, match="already removed"):
+        model.remove("ln2", 0)
+
+
+def test_non_gpt2_config_refused():
+    from transformers import BertConfig
+
+    with pytest.raises(ValueError, match="GPT-2-architecture"):
+        make_removable(BertConfig())
