@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast train sweep eval bench clean
+.PHONY: install test test-fast train sweep clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -19,6 +19,14 @@ test: install
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
+
+# the main job on the built-in default; extra Hydra overrides: make train ARGS="schedule=none"
+train: install
+	$(PY) -m lnfree.train $(ARGS)
+
+# LN-free vs vanilla control on the built-in default, one job (and W&B run) each
+sweep: install
+	$(PY) -m lnfree.train -m schedule=none,builtin $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .benchmarks

@@ -1,0 +1,105 @@
+"""The LN-removal callback: folds the std statistics in once per optimizer step and applies due events.
+
+An event is applied as soon as the optimizer step count reaches its step (`event.step <= global_step`)
+and it has not been applied yet, so resuming, gradient accumulation or a skipped step can never miss or
+double an event. Whether an event is applied is read from the model's own state (a removed site), which is
+restored from the checkpoint together with the weights; the callback's log of applied events (with the
+frozen sigmas) is checkpointed too.
+"""
+
+from __future__ import annotations
+
+import lightning as L
+import torch
+import torch.distributed as dist
+from lightning.pytorch.utilities import rank_zero_info
+
+from .model import NORM_KINDS
+from .schedule import Event
+
+
+def _all_reduce_sum(t: torch.Tensor):
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class LNRemovalCallback(L.Callback):
+    def __init__(self, events: list[Event], momentum: float = 0.9):
+        self.events = list(events)
+        self.momentum = momentum
+        self.applied: list[dict] = []  # {"step", "applied_at", "site", "kind", "block", "sigma"}
+        self._last_step = None
+
+    @staticmethod
+    def _model(pl_module):
+        return pl_module.model
+
+    def _is_applied(self, model, e: Event) -> bool:
+        if e.kind in NORM_KINDS:
+            return model.site(e.kind, e.block).is_removed
+        return any(a["site"] == e.name for a in self.applied)
+
+    def apply_due(self, trainer, pl_module) -> list[dict]:
+        model, step, new = self._model(pl_module), trainer.global_step, []
+        for e in self.events:
+            if e.step > step or self._is_applied(model, e):
+                continue
+            if e.kind in NORM_KINDS:
+                sigma = model.remove(e.kind, e.block)
+            else:
+                model.end_special(e.kind, e.block)
+                sigma = None
+            rec = {"step": e.step, "applied_at": step, "site": e.name, "kind": e.kind, "block": e.block,
+                   "sigma": sigma}
+            self.applied.append(rec)
+            new.append(rec)
+        if new:
+            n_removed = len(model.removed_sites())
+            metrics = {f"lnfree/sigma/{r['site']}": r["sigma"] for r in new if r["sigma"] is not None}
+            metrics["lnfree/n_removed"] = n_removed
+            for logger in trainer.loggers:
+                logger.log_metrics(metrics, step=step)
+            rank_zero_info(f"[lnfree] step {step}: removed {', '.join(r['site'] for r in new)} "
+                           f"({n_removed}/{len(model.sites())} sites removed)")
+        return new
+
+    def on_train_start(self, trainer, pl_module):
+        model = self._model(pl_module)
+        dm = trainer.datamodule
+        # initial std estimates from a calibration batch, unless restored from a checkpoint
+        if dm is not None and any(torch.isnan(s.running[0]) for s in model.sites().values()):
+            batch = dm.calibration_batch().to(pl_module.device)
+            model.calibrate(batch)
+            for s in model.sites().values():  # same start on every rank
+                _all_reduce_sum(s.running)
+                if trainer.world_size > 1:
+                    s.running /= trainer.world_size
+        self._last_step = trainer.global_step
+        self.apply_due(trainer, pl_module)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self._last_step:
+            return  # inside a gradient-accumulation window: the optimizer has not stepped
+        self._last_step = trainer.global_step
+        self._model(pl_module).commit_norm_stats(self.momentum, all_reduce=_all_reduce_sum)
+        self.apply_due(trainer, pl_module)
+
+    def state_dict(self):
+        return {"applied": self.applied}
+
+    def load_state_dict(self, state):
+        self.applied = list(state.get("applied", []))
+
+
+class CheckpointOnException(L.Callback):
+    """Nothing lost on a crash or Ctrl-C: save a resumable checkpoint, then let the exception propagate.
+
+    (Lightning's OnExceptionCheckpoint also makes a plain `fit()` resume from `last` when one exists;
+    this one only saves.)"""
+
+    def __init__(self, path):
+        self.path = path
+
+    def on_exception(self, trainer, pl_module, exception):
+        trainer.save_checkpoint(self.path)
+        rank_zero_info(f"[lnfree] {type(exception).__name__} at step {trainer.global_step}; saved {self.path}")

@@ -1,0 +1,239 @@
+"""Streaming tokenized text: Hugging Face datasets, local files and the built-in corpus, one code path.
+
+Every source becomes a `datasets` IterableDataset (streaming=True): hub datasets by repo id, local
+.txt/.jsonl/.json/.parquet files through the packaged text/json/parquet builders, the built-in corpus as
+its JSONL file. Documents are tokenized, followed by end-of-text (kept as a training target) and packed
+into fixed blocks; documents span block boundaries, nothing is padded.
+
+Sharding: document i goes to shard i mod (world_size * num_workers), shard = rank * num_workers + worker,
+so ranks and dataloader workers read disjoint documents, deterministically. The stream repeats forever
+(epoch e reshuffles with seed + e when shuffle_buffer > 0).
+
+Validation: a fixed tensor of `val_blocks` blocks, from `val_split` / `val_files` when given, otherwise
+from the first documents of the training split, which training then skips.
+
+Resume: the DataModule's state is the number of micro-batches consumed; a resumed stream skips exactly
+those blocks, so an interrupted and resumed run sees the same data as an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import glob
+import itertools
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader, IterableDataset, TensorDataset, get_worker_info
+
+from . import corpus
+
+FILE_BUILDERS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+
+
+class DataError(ValueError):
+    pass
+
+
+def open_stream(source: str, split: str, path=None, config_name=None, revision=None, files=()):
+    """A streaming `datasets.IterableDataset` of documents."""
+    import datasets
+
+    if source == "builtin":
+        return datasets.load_dataset("json", data_files=str(corpus.corpus_file(split)), split="train",
+                                     streaming=True)
+    if source == "files":
+        paths = sorted(p for pattern in files for p in glob.glob(str(Path(pattern).expanduser())))
+        if not paths:
+            raise DataError(f"data.files matched no file: {list(files)}")
+        if all(Path(p).stat().st_size == 0 for p in paths):
+            raise DataError(f"data.files are all empty: {paths}")
+        suffixes = {Path(p).suffix for p in paths}
+        if len(suffixes) > 1 or not suffixes <= set(FILE_BUILDERS):
+            raise DataError(f"data.files must share one suffix among {sorted(FILE_BUILDERS)}; got {sorted(suffixes)}")
+        builder = FILE_BUILDERS[suffixes.pop()]
+        kw = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
+        return datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **kw)
+    if source == "hf":
+        if not path:
+            raise DataError("data.source=hf needs data.path (a dataset repo id)")
+        return datasets.load_dataset(path, config_name, revision=revision, split=split, streaming=True)
+    raise DataError(f"unknown data.source {source!r}; use builtin, files or hf")
+
+
+def iter_texts(stream, text_field: str, batch_size: int = 64):
+    """The documents' texts, in order. `.iter(batch_size)` rather than `iter(stream)`: inside a DataLoader
+    worker, plain iteration makes `datasets` split *files* among workers (a one-file dataset would leave
+    all but one worker idle); we shard by document ourselves."""
+    for batch in stream.iter(batch_size=batch_size):
+        yield from batch[text_field]
+
+
+def tokenize(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+
+def pack(token_lists, block_size: int):
+    """Concatenate token lists and cut fixed blocks; the tail that does not fill a block is dropped."""
+    buf: list[int] = []
+    for ids in token_lists:
+        buf.extend(ids)
+        while len(buf) >= block_size:
+            yield buf[:block_size]
+            buf = buf[block_size:]
+
+
+class PackedBlocks(IterableDataset):
+    """Endless stream of [block_size] token blocks from this rank/worker's shard of the documents."""
+
+    def __init__(self, open_docs, tokenizer, text_field: str, block_size: int, rank: int = 0,
+                 world_size: int = 1, skip_docs: int = 0, skip_batches: int = 0, micro_batch_size: int = 1,
+                 shuffle_buffer: int = 0, seed: int = 0):
+        self.open_docs, self.tokenizer, self.text_field = open_docs, tokenizer, text_field
+        self.block_size, self.rank, self.world_size = block_size, rank, world_size
+        self.skip_docs, self.skip_batches, self.micro_batch_size = skip_docs, skip_batches, micro_batch_size
+        self.shuffle_buffer, self.seed = shuffle_buffer, seed
+        self.eot = tokenizer.eos_token_id
+
+    def _documents(self, shard: int, n_shards: int):
+        for epoch in itertools.count():
+            stream = self.open_docs()
+            if self.shuffle_buffer > 0:
+                stream = stream.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
+            n_mine = 0
+            for i, text in enumerate(iter_texts(stream, self.text_field)):
+                if i < self.skip_docs or (i - self.skip_docs) % n_shards != shard:
+                    continue
+                n_mine += 1
+                yield tokenize(self.tokenizer, text) + [self.eot]
+            if n_mine == 0:
+                raise DataError(f"shard {shard}/{n_shards} received no document: too few documents for "
+                                f"{self.world_size} rank(s) x dataloader workers")
+
+    def __iter__(self):
+        info = get_worker_info()
+        wid, n_workers = (info.id, info.num_workers) if info else (0, 1)
+        # A DataLoader takes batch k from worker k mod n_workers. After `skip_batches` batches, loader worker
+        # `wid` must continue the stream of original worker (skip_batches + wid) mod n_workers, past the
+        # batches that worker had already produced.
+        orig = (self.skip_batches + wid) % n_workers
+        shard, n_shards = self.rank * n_workers + orig, self.world_size * n_workers
+        my_batches = (self.skip_batches - orig + n_workers - 1) // n_workers
+        blocks = pack(self._documents(shard, n_shards), self.block_size)
+        for block in itertools.islice(blocks, my_batches * self.micro_batch_size, None):
+            yield torch.tensor(block, dtype=torch.long)
+
+
+class TextDataModule(L.LightningDataModule):
+    def __init__(self, tokenizer=None, name: str = "", source: str = "builtin", path=None, config_name=None,
+                 revision=None, split: str = "train", val_split=None, text_field: str = "text", files=(),
+                 val_files=(), block_size: int = 256, micro_batch_size: int = 8, val_blocks: int = 64,
+                 num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0):
+        super().__init__()
+        self.tokenizer, self.name, self.source = tokenizer, name, source
+        self.path, self.config_name, self.revision = path, config_name, revision
+        self.split, self.val_split, self.text_field = split, val_split, text_field
+        self.files, self.val_files = list(files), list(val_files)
+        self.block_size, self.micro_batch_size, self.val_blocks = block_size, micro_batch_size, val_blocks
+        self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        self.val_data: torch.Tensor | None = None
+        self.skip_docs = 0
+        self.resume_batches = 0
+        if tokenizer is not None and tokenizer.eos_token_id is None:
+            raise DataError("the tokenizer has no end-of-text (eos) token")
+        if block_size < 2 or val_blocks < 1 or micro_batch_size < 1:
+            raise DataError("data.block_size must be >= 2, val_blocks and micro_batch_size >= 1")
+
+    # -- streams -----------------------------------------------------------------------------------
+    def _open(self, split: str, files):
+        return open_stream(self.source, split, self.path, self.config_name, self.revision, files)
+
+    def train_docs(self):
+        return self._open(self.split, self.files)
+
+    def _check_fields(self, stream, what: str):
+        try:
+            first = next(iter(stream), None)
+        except StopIteration:  # some builders raise it for an empty file
+            first = None
+        if first is None:
+            raise DataError(f"{what} of data={self.name!r} is empty")
+        if self.text_field not in first:
+            raise DataError(f"{what} of data={self.name!r} has no field {self.text_field!r}; its fields are "
+                            f"{sorted(first)}: set data.text_field")
+
+    def setup(self, stage=None):
+        if self.val_data is not None:
+            return
+        self._check_fields(self.train_docs(), "training split")
+        if self.val_split is not None or self.val_files:
+            val_stream = self._open(self.val_split or self.split, self.val_files or self.files)
+            self._check_fields(val_stream, "validation split")
+            docs = (tokenize(self.tokenizer, d[self.text_field]) + [self.tokenizer.eos_token_id] for d in val_stream)
+            blocks = list(itertools.islice(pack(docs, self.block_size), self.val_blocks))
+        else:  # hold out the first documents of the training split
+            blocks, self.skip_docs = [], 0
+            docs = (tokenize(self.tokenizer, d[self.text_field]) + [self.tokenizer.eos_token_id]
+                    for d in self.train_docs())
+            counted = _Counting(docs)
+            for block in pack(counted, self.block_size):
+                blocks.append(block)
+                if len(blocks) == self.val_blocks:
+                    break
+            self.skip_docs = counted.n
+        if len(blocks) < self.val_blocks:
+            raise DataError(f"data={self.name!r} too short: {len(blocks)} validation block(s) of "
+                            f"{self.block_size} tokens, need data.val_blocks={self.val_blocks}")
+        self.val_data = torch.tensor(blocks, dtype=torch.long)
+        # fail now, not in a worker, if nothing is left to train on
+        if next(iter(self._train_dataset(rank=0, world_size=1)), None) is None:
+            raise DataError(f"data={self.name!r} has no training block left after the validation hold-out")
+
+    def _train_dataset(self, rank: int, world_size: int, skip_batches: int = 0):
+        return PackedBlocks(self.train_docs, self.tokenizer, self.text_field, self.block_size, rank, world_size,
+                            skip_docs=self.skip_docs, skip_batches=skip_batches,
+                            micro_batch_size=self.micro_batch_size, shuffle_buffer=self.shuffle_buffer,
+                            seed=self.seed)
+
+    def train_dataloader(self):
+        rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
+        ds = self._train_dataset(rank, world, skip_batches=self.resume_batches)
+        return DataLoader(ds, batch_size=self.micro_batch_size, num_workers=self.num_workers,
+                          persistent_workers=self.num_workers > 0)
+
+    def val_dataloader(self):
+        return DataLoader(_Blocks(self.val_data), batch_size=self.micro_batch_size, shuffle=False)
+
+    def calibration_batch(self) -> torch.Tensor:
+        """The first training micro-batch (rank 0's view), for initialising the std estimates."""
+        it = iter(self._train_dataset(rank=0, world_size=1))
+        return torch.stack([b for b, _ in zip(it, range(self.micro_batch_size))])
+
+    # -- resume ------------------------------------------------------------------------------------
+    def state_dict(self):
+        if self.trainer is None:
+            return {}
+        return {"micro_batches": self.trainer.global_step * self.trainer.accumulate_grad_batches}
+
+    def load_state_dict(self, state):
+        self.resume_batches = state.get("micro_batches", 0)
+
+
+class _Blocks(TensorDataset):
+    def __getitem__(self, i):
+        return self.tensors[0][i]
+
+
+class _Counting:
+    """Iterator wrapper that counts how many items were drawn."""
+
+    def __init__(self, it):
+        self.it, self.n = iter(it), 0
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        item = next(self.it)
+        self.n += 1
+        return item

@@ -1,0 +1,104 @@
+"""LightningModule: cross-entropy fine-tuning of a removable GPT-2, with the optional auxiliary loss.
+
+Loss = CE + aux_weight * mean_t (s_t - tau)^2, with s_t the per-token std of the final residual stream
+(the input of ln_f) and tau the detached mean of s_t over ordinary tokens (not position 0, not end-of-text):
+it pulls the outlier residual norms toward the typical norm, which is what ln_f used to do
+(METHOD.md section 5). CE and the auxiliary term are logged apart; validation is CE only.
+The removal itself (events, frozen sigmas) is the callback's job (callbacks.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+
+from .model import RemovableGPT2LMHeadModel
+
+
+def lr_lambda(step: int, warmup: int, decay_steps: int, lr: float, min_lr: float) -> float:
+    """Multiplier of the peak LR: linear warm-up, then cosine to min_lr at decay_steps, then flat."""
+    if step < warmup:
+        return (step + 1) / warmup
+    if step >= decay_steps:
+        return min_lr / lr
+    progress = (step - warmup) / max(1, decay_steps - warmup)
+    return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
+
+
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """CE of predicting ids[:, 1:] from logits[:, :-1]; end-of-text tokens are ordinary targets."""
+    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction)
+
+
+def residual_std_aux(h: torch.Tensor, ids: torch.Tensor, eot_id: int | None) -> torch.Tensor:
+    """mean_t (s_t - tau)^2 for the final residual h [batch, pos, d]."""
+    s = torch.sqrt(h.float().var(-1, unbiased=False) + 1e-5)  # [batch, pos]
+    ordinary = torch.ones_like(s, dtype=torch.bool)
+    ordinary[:, 0] = False
+    if eot_id is not None:
+        ordinary &= ids != eot_id
+    tau = (s * ordinary).sum() / ordinary.sum().clamp_min(1)
+    return ((s - tau.detach()) ** 2).mean()
+
+
+class LNFreeModule(L.LightningModule):
+    def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0,
+                 max_steps: int = 1, tokens_per_step: int | None = None):
+        super().__init__()
+        self.model = model
+        self.optim = optim
+        self.aux_weight = aux_weight
+        self.max_steps = max_steps
+        self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        self._final_resid = None
+        # the auxiliary loss needs ln_f's input; a forward pre-hook reads it without touching the model code
+        model.transformer.ln_f.register_forward_pre_hook(self._grab_final_residual)
+
+    def _grab_final_residual(self, module, args):
+        if self.training and self.aux_weight > 0:
+            self._final_resid = args[0]
+
+    def forward(self, ids):
+        return self.model(input_ids=ids, use_cache=False).logits
+
+    def training_step(self, ids, batch_idx):
+        logits = self(ids)
+        ce = next_token_ce(logits, ids)
+        loss = ce
+        self.log("train/ce", ce, prog_bar=True)
+        if self.aux_weight > 0:
+            aux = residual_std_aux(self._final_resid, ids, self.model.config.eos_token_id)
+            self._final_resid = None
+            loss = ce + self.aux_weight * aux
+            self.log("train/aux", aux)
+        self.tokens_seen += ids.numel() * self.trainer.world_size
+        self.log("train/loss", loss)
+        self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
+        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        return loss
+
+    def validation_step(self, ids, batch_idx):
+        ce = next_token_ce(self(ids), ids)
+        self.log("val/ce", ce, prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
+
+    def configure_optimizers(self):
+        o = self.optim
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            is_embedding = name.endswith(("wte.weight", "wpe.weight"))
+            if p.ndim >= 2 and (o.decay_embeddings or not is_embedding):
+                decay.append(p)
+            else:  # biases, norm gains (and embeddings when decay_embeddings is off)
+                no_decay.append(p)
+        groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+                                fused=self.device.type == "cuda" or None)
+        decay_steps = o.decay_steps or self.max_steps
+        sched = torch.optim.lr_scheduler.LambdaLR(
+            opt, lambda s: lr_lambda(s, o.warmup_steps, decay_steps, o.lr, o.min_lr))
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

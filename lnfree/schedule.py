@@ -1,0 +1,108 @@
+"""The removal schedule: a pure function from (schedule config, n_layer) to an ordered list of events.
+
+Block i of kind k is removed at optimizer step start_k + i * gap_k (gap 0: all blocks at start_k); lnf is
+one event. A start left null follows the contiguous rule of METHOD.md section 4:
+    start_ln1qk = start_ln2 + L * gap_ln2,  start_ln1v = start_ln1qk + L * gap_ln1qk,
+    start_lnf = start_ln1v + L * gap_ln1v
+so one schedule fits every depth. Optional kinds bos/eot end the special sigmas over stages 0..L
+(the L blocks, then the final norm), at start + stage * gap.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .model import NORM_KINDS, SPECIAL_KINDS
+
+
+class ScheduleError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Event:
+    step: int
+    kind: str  # ln2 | ln1qk | ln1v | lnf | bos | eot
+    block: int | None  # None for lnf
+
+    @property
+    def name(self) -> str:
+        if self.kind == "lnf":
+            return "lnf"
+        return f"{self.kind}.{self.block}"
+
+
+def _get(cfg, key, default=None):
+    return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
+
+
+def kind_starts(schedule, n_layer: int) -> dict[str, int]:
+    """Start step of each norm kind, filling null starts with the contiguous rule."""
+    starts, prev_end = {}, 0
+    for kind in NORM_KINDS:
+        k = _get(schedule, kind)
+        if k is None:
+            raise ScheduleError(f"schedule has no entry for {kind!r}")
+        start, gap = _get(k, "start"), _get(k, "gap", 0)
+        if gap is None or gap < 0:
+            raise ScheduleError(f"{kind}.gap must be >= 0, got {gap}")
+        start = prev_end if start is None else start
+        if start < 0:
+            raise ScheduleError(f"{kind}.start must be >= 0, got {start}")
+        starts[kind] = start
+        prev_end = start + (1 if kind == "lnf" else n_layer) * gap
+    return starts
+
+
+def build_events(schedule, n_layer: int) -> list[Event]:
+    """Every event in application order (by step, then METHOD.md's kind order, then block)."""
+    known = set(NORM_KINDS) | set(SPECIAL_KINDS) | {"name", "remove", "aux_weight", "momentum"}
+    keys = schedule.keys() if isinstance(schedule, dict) else list(schedule)
+    unknown = [k for k in keys if k not in known]
+    if unknown:
+        raise ScheduleError(f"unknown schedule kind(s) {unknown}; kinds are {NORM_KINDS + SPECIAL_KINDS}")
+    if not _get(schedule, "remove", True):
+        return []
+    events = []
+    for kind, start in kind_starts(schedule, n_layer).items():
+        gap = _get(_get(schedule, kind), "gap", 0)
+        blocks = [None] if kind == "lnf" else range(n_layer)
+        events += [Event(start + j * gap, kind, b) for j, b in enumerate(blocks)]
+    for kind in SPECIAL_KINDS:
+        k = _get(schedule, kind)
+        if k is None:
+            continue
+        start, gap = _get(k, "start"), _get(k, "gap", 0)
+        if start is None or start < 0 or gap is None or gap < 0:
+            raise ScheduleError(f"{kind} needs an explicit start >= 0 and gap >= 0, got {start}/{gap}")
+        events += [Event(start + j * gap, kind, j) for j in range(n_layer + 1)]
+    order = {k: i for i, k in enumerate(NORM_KINDS + SPECIAL_KINDS)}
+    return sorted(events, key=lambda e: (e.step, order[e.kind], -1 if e.block is None else e.block))
+
+
+def special_kinds(schedule) -> dict[str, bool]:
+    """Which special sigmas the schedule turns on (derived, so the model and schedule cannot disagree)."""
+    on = _get(schedule, "remove", True)
+    return {k: bool(on and _get(schedule, k) is not None) for k in SPECIAL_KINDS}
+
+
+def validate(schedule, n_layer: int, max_steps: int) -> list[Event]:
+    """Events, or a ScheduleError if the schedule does not fit the run."""
+    events = build_events(schedule, n_layer)
+    late = [e for e in events if e.step >= max_steps]
+    if late:
+        raise ScheduleError(
+            f"{len(late)} removal event(s) at or after max_steps={max_steps} (first: {late[0].name} at step "
+            f"{late[0].step}, last at {late[-1].step}); raise trainer.max_steps or shorten the schedule"
+        )
+    for kind in SPECIAL_KINDS:  # ending a special sigma before its site is removed would be a no-op
+        norm_steps = {e.name: e.step for e in events if e.kind in NORM_KINDS}
+        for e in (e for e in events if e.kind == kind):
+            sites = ["lnf"] if e.block == n_layer else [f"{k}.{e.block}" for k in NORM_KINDS[:3]]
+            if any(norm_steps[s] > e.step for s in sites):
+                raise ScheduleError(f"{kind} event at stage {e.block} (step {e.step}) precedes the removal of {sites}")
+    return events
+
+
+def last_event_step(events: list[Event]) -> int | None:
+    return max((e.step for e in events), default=None)

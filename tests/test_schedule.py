@@ -1,0 +1,75 @@
+import pytest
+
+from lnfree.schedule import Event, ScheduleError, build_events, kind_starts, special_kinds, validate
+
+
+def sched(**kw):
+    base = {"ln2": {"start": 20, "gap": 2}, "ln1qk": {"start": None, "gap": 2},
+            "ln1v": {"start": None, "gap": 3}, "lnf": {"start": None}}
+    base.update(kw)
+    return base
+
+
+@pytest.mark.parametrize("n_layer,lnf", [(12, 104), (24, 188)])
+def test_contiguous_rule_reproduces_published_small_and_medium(n_layer, lnf):
+    starts = kind_starts(sched(), n_layer)
+    assert starts["ln1qk"] == 20 + 2 * n_layer
+    assert starts["ln1v"] == starts["ln1qk"] + 2 * n_layer
+    assert starts["lnf"] == lnf
+    events = build_events(sched(), n_layer)
+    assert len(events) == 3 * n_layer + 1
+    assert events[0] == Event(20, "ln2", 0) and events[-1] == Event(lnf, "lnf", None)
+    assert [e.step for e in events] == sorted(e.step for e in events)
+    v = [e for e in events if e.kind == "ln1v"]
+    assert [e.step for e in v[:3]] == [starts["ln1v"], starts["ln1v"] + 3, starts["ln1v"] + 6]
+
+
+def test_gap_zero_puts_all_blocks_at_start_in_kind_then_block_order():
+    s = sched(ln2={"start": 5, "gap": 0}, ln1qk={"start": 5, "gap": 0}, ln1v={"start": 5, "gap": 0},
+              lnf={"start": 5})
+    events = build_events(s, 3)
+    assert {e.step for e in events} == {5}
+    assert [e.name for e in events] == ["ln2.0", "ln2.1", "ln2.2", "ln1qk.0", "ln1qk.1", "ln1qk.2",
+                                         "ln1v.0", "ln1v.1", "ln1v.2", "lnf"]
+
+
+def test_single_layer_single_events():
+    events = build_events(sched(ln2={"start": 0, "gap": 7}), 1)
+    assert [(e.step, e.name) for e in events] == [(0, "ln2.0"), (7, "ln1qk.0"), (9, "ln1v.0"), (12, "lnf")]
+
+
+def test_no_removal_gives_no_events():
+    assert build_events({"remove": False, **sched()}, 12) == []
+    assert special_kinds({"remove": False, "bos": {"start": 1}}) == {"eot": False, "bos": False}
+
+
+def test_special_kinds_cover_blocks_and_final_norm():
+    s = sched(ln2={"start": 0, "gap": 0}, ln1qk={"start": 0, "gap": 0}, ln1v={"start": 0, "gap": 0},
+              lnf={"start": 0}, bos={"start": 2, "gap": 1})
+    events = validate(s, 2, max_steps=10)
+    bos = [(e.step, e.block) for e in events if e.kind == "bos"]
+    assert bos == [(2, 0), (3, 1), (4, 2)]  # stage 2 = the final norm of a 2-layer model
+    assert special_kinds(s) == {"eot": False, "bos": True}
+
+
+@pytest.mark.parametrize("bad,match", [
+    (sched(ln2={"start": 0, "gap": -1}), "gap must be >= 0"),
+    (sched(ln2={"start": -3, "gap": 1}), "start must be >= 0"),
+    ({**sched(), "ln3": {"start": 0}}, "unknown schedule kind"),
+    ({k: v for k, v in sched().items() if k != "ln1v"}, "no entry for 'ln1v'"),
+    (sched(eot={"start": None, "gap": 1}), "explicit start"),
+])
+def test_rejections(bad, match):
+    with pytest.raises(ScheduleError, match=match):
+        validate(bad, 4, max_steps=1000)
+
+
+def test_events_past_max_steps_rejected():
+    with pytest.raises(ScheduleError, match="max_steps=104"):
+        validate(sched(), 12, max_steps=104)
+    assert validate(sched(), 12, max_steps=105)[-1].step == 104
+
+
+def test_special_event_before_removal_rejected():
+    with pytest.raises(ScheduleError, match="precedes the removal"):
+        validate(sched(bos={"start": 0, "gap": 0}), 2, max_steps=1000)

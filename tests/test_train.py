@@ -1,0 +1,194 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException, MissingConfigException
+from omegaconf import OmegaConf
+
+from conftest import ROOT, TINY_RUN, compose_train
+from lnfree.callbacks import LNRemovalCallback
+from lnfree.data import DataError
+from lnfree.hardware import HardwareError, grad_accumulation, make_strategy
+from lnfree.schedule import ScheduleError, build_events
+from lnfree.sources import SourceError
+from lnfree.train import ConfigError, train
+
+GROUPS = ["model", "schedule", "data", "hardware", "logger", "optim", "trainer", "paths", "experiment"]
+PAPER = {  # experiment -> (n_layer, lnf step, max_steps) from METHOD.md's table
+    "gpt2_small_paper": (12, 104, 300), "gpt2_medium_paper": (24, 188, 500),
+    "gpt2_large_paper": (36, 534, 600), "gpt2_xl_paper": (48, 722, 800),
+}
+
+
+def options(group):
+    return sorted(p.stem for p in (ROOT / "conf" / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in options(g)])
+def test_every_config_option_composes(tmp_path, group, option):
+    extra = ["data.files=[x.jsonl]"] if option == "local_text" else []
+    cfg = compose_train(tmp_path, f"{group}={option}", *extra)
+    OmegaConf.to_container(cfg.schedule, resolve=True)
+    OmegaConf.to_container(cfg.data, resolve=True)
+    assert cfg.data.micro_batch_size == cfg.hardware.micro_batch_size
+    build_events(cfg.schedule, 12)
+
+
+@pytest.mark.parametrize("name", sorted(PAPER))
+def test_paper_experiments_reproduce_published_schedules(tmp_path, name):
+    n_layer, lnf, max_steps = PAPER[name]
+    cfg = compose_train(tmp_path, f"experiment={name}")
+    events = build_events(cfg.schedule, n_layer)
+    assert events[-1].name == "lnf" and events[-1].step == lnf
+    assert cfg.trainer.max_steps == max_steps and events[-1].step < max_steps
+    # ~2^19 tokens per optimizer step from the hardware's micro-batch, by accumulation
+    accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size, 1)
+    assert accum * cfg.data.micro_batch_size * 1024 == 2**19
+
+
+def test_typos_and_unknown_options_fail_at_compose(tmp_path):
+    with pytest.raises(ConfigCompositionException):
+        compose_train(tmp_path, "trainer.max_step=5")
+    with pytest.raises(ConfigCompositionException):
+        compose_train(tmp_path, "trainer.max_steps=abc")
+    for group in ("model", "schedule", "data"):
+        with pytest.raises(MissingConfigException, match=f"{group}/nope"):
+            compose_train(tmp_path, f"{group}=nope")
+
+
+def test_fsdp_keeps_fp32_buffers_and_refuses_cpu(tmp_path):
+    cfg = compose_train(tmp_path, "hardware=gpu_fsdp")
+    strategy = make_strategy(cfg.hardware)
+    mp = strategy.mixed_precision
+    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
+    with pytest.raises(HardwareError, match="needs GPUs"):
+        make_strategy(compose_train(tmp_path, "hardware=gpu_fsdp", "hardware.accelerator=cpu").hardware)
+    with pytest.raises(HardwareError, match="not a multiple"):
+        grad_accumulation(1000, 4, 64, 1)
+
+
+def test_end_to_end_tiny_run_removes_everything_and_exports(tmp_path):
+    cfg = compose_train(tmp_path, *TINY_RUN)
+    summary = train(cfg)
+    saved = json.loads((tmp_path / "summary.json").read_text())
+    assert saved["all_removed"] and len(saved["removed_sites"]) == 7
+    assert [e["site"] for e in saved["events"]] == ["ln2.0", "ln2.1", "ln1qk.0", "ln1qk.1", "ln1v.0",
+                                                    "ln1v.1", "lnf"]
+    assert all(e["sigma"] > 0 for e in saved["events"])
+    assert saved["val_ce"] < saved["val_ce_before"]  # it trained
+    assert saved["tokens_seen"] == 24 * 4 * 64
+    assert summary["val_ce"] == saved["val_ce"]
+    assert saved["exports"]["hf"]["relative_error"] <= 1e-4
+    assert saved["exports"]["folded"]["relative_error"] <= 1e-5
+    from transformers import GPT2LMHeadModel
+
+    hf = GPT2LMHeadModel.from_pretrained(tmp_path / "export" / "hf")
+    assert hf.config.layer_norm_epsilon == 1e12
+    assert (tmp_path / "export" / "folded" / "folded.safetensors").exists()
+    assert (tmp_path / "checkpoints" / "last.ckpt").exists()
+    assert (tmp_path / "checkpoints" / "step000012.ckpt").exists()
+    metrics = (tmp_path / "csv" / "metrics.csv").read_text()
+    assert "lnfree/sigma/lnf" in metrics and "val/ce" in metrics and "train/aux" in metrics
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path, monkeypatch):
+    full = train(compose_train(tmp_path / "full", *TINY_RUN))
+
+    original = LNRemovalCallback.on_train_batch_end
+
+    def crash_at_12(self, trainer, *args):
+        original(self, trainer, *args)
+        if trainer.global_step == 12:
+            raise _Crash("simulated crash")
+
+    monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", crash_at_12)
+    with pytest.raises(_Crash):
+        train(compose_train(tmp_path / "part", *TINY_RUN))
+    monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", original)
+    ckpt = tmp_path / "part" / "checkpoints" / "on_exception.ckpt"
+    assert ckpt.exists()
+    state = torch.load(ckpt, weights_only=False)
+    assert state["global_step"] == 12
+    done = [a["site"] for a in state["callbacks"]["LNRemovalCallback"]["applied"]]
+    assert done == ["ln2.0", "ln2.1", "ln1qk.0", "ln1qk.1", "ln1v.0"]  # mid-schedule
+
+    resumed = train(compose_train(tmp_path / "part", *TINY_RUN, f"ckpt_path={ckpt}"))
+    assert [(e["site"], e["step"]) for e in resumed["events"]] == [(e["site"], e["step"]) for e in full["events"]]
+    assert resumed["sigmas"] == pytest.approx(full["sigmas"], rel=1e-5)
+    assert resumed["val_ce"] == pytest.approx(full["val_ce"], abs=1e-4)
+
+
+def test_callback_is_idempotent(tmp_path):
+    from types import SimpleNamespace
+
+    from conftest import tiny_config
+    from lnfree.model import make_removable
+
+    model = make_removable(tiny_config())
+    model.calibrate(torch.randint(0, 97, (2, 16)))
+    cb = LNRemovalCallback(build_events({"ln2": {"start": 0, "gap": 1}, "ln1qk": {"gap": 1},
+                                         "ln1v": {"gap": 1}, "lnf": {}}, 2))
+    trainer = SimpleNamespace(global_step=3, loggers=[])
+    module = SimpleNamespace(model=model)
+    first = cb.apply_due(trainer, module)  # steps 0..3 all due at once (as after a resume)
+    assert [r["site"] for r in first] == ["ln2.0", "ln2.1", "ln1qk.0", "ln1qk.1"]
+    assert cb.apply_due(trainer, module) == []
+    sig = model.sigmas()
+    trainer.global_step = 10
+    second = cb.apply_due(trainer, module)
+    assert [r["site"] for r in second] == ["ln1v.0", "ln1v.1", "lnf"]
+    assert {k: v for k, v in model.sigmas().items() if sig[k] is not None} == {k: v for k, v in sig.items() if v}
+
+
+def test_offline_wandb_run_writes_run_files(tmp_path):
+    cfg = compose_train(tmp_path, *TINY_RUN, "logger=wandb", "logger.mode=offline", "trainer.max_steps=20",
+                        "export=false")
+    train(cfg)
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    assert list(runs[0].glob("*.wandb"))
+    import wandb
+
+    assert wandb.run is None  # train() ended the run it started
+
+
+@pytest.mark.parametrize("overrides,error,match", [
+    (["model=gpt2"], SourceError, "offline"),
+    (["data.block_size=512"], ConfigError, "exceeds the model's context"),
+    (["trainer.max_steps=10"], ScheduleError, "max_steps=10"),
+    (["data=local_text", "data.files=[/nonexistent/*.jsonl]"], DataError, "matched no file"),
+    (["optim.tokens_per_step=1000"], HardwareError, "not a multiple"),
+    (["ckpt_path=/nonexistent.ckpt"], ConfigError, "does not exist"),
+])
+def test_bad_inputs_rejected_before_compute(tmp_path, overrides, error, match):
+    with pytest.raises(error, match=match):
+        train(compose_train(tmp_path, *TINY_RUN, *overrides))
+    assert not (tmp_path / "checkpoints").exists()
+
+
+def test_dataset_without_text_field_rejected(tmp_path):
+    f = tmp_path / "d.jsonl"
+    f.write_text("".join(json.dumps({"body": f"doc {i} " * 50}) + "\n" for i in range(5)))
+    with pytest.raises(DataError, match="no field 'text'"):
+        train(compose_train(tmp_path, *TINY_RUN, "data=local_text", f"data.files=[{f}]", "data.block_size=64"))
+
+
+@pytest.mark.slow
+def test_multirun_runs_one_job_per_schedule(tmp_path):
+    args = [a for a in TINY_RUN if not a.startswith("schedule=")]
+    cmd = [sys.executable, "-m", "lnfree.train", "-m", "schedule=none,fast", *args, "trainer.max_steps=20",
+           f"hydra.sweep.dir={tmp_path}", f"paths.cache_dir={tmp_path}/cache"]
+    res = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    summaries = sorted(tmp_path.glob("*/summary.json"))
+    assert len(summaries) == 2
+    by_schedule = {json.loads(p.read_text())["config"]["schedule"]["name"]: json.loads(p.read_text())
+                   for p in summaries}
+    assert by_schedule["none"]["removed_sites"] == [] and by_schedule["fast"]["all_removed"]
