@@ -9,6 +9,8 @@ frozen sigmas) is checkpointed too.
 
 from __future__ import annotations
 
+import time
+
 import lightning as L
 import torch
 import torch.distributed as dist
@@ -103,3 +105,40 @@ class CheckpointOnException(L.Callback):
     def on_exception(self, trainer, pl_module, exception):
         trainer.save_checkpoint(self.path)
         rank_zero_info(f"[lnfree] {type(exception).__name__} at step {trainer.global_step}; saved {self.path}")
+
+
+class Throughput(L.Callback):
+    """Training tokens/s over optimizer steps, skipping the first `skip` (start-up, allocator warm-up) and
+    excluding validation time; logged as perf/tokens_per_s and kept for summary.json."""
+
+    def __init__(self, tokens_per_step: int, skip: int = 3):
+        self.tokens_per_step, self.skip = tokens_per_step, skip
+        self.seconds, self.steps, self._t, self._last = 0.0, 0, None, None
+
+    def _sync(self, pl_module):
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize()  # once per optimizer step, only for the measurement
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if self._t is None:
+            self._sync(pl_module)
+            self._t, self._last = time.perf_counter(), trainer.global_step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self._last:
+            return
+        self._sync(pl_module)
+        now = time.perf_counter()
+        if trainer.global_step > self.skip:
+            self.seconds += now - self._t
+            self.steps += trainer.global_step - self._last
+        self._t, self._last = now, trainer.global_step
+        if self.steps:
+            pl_module.log("perf/tokens_per_s", self.tokens_per_s)
+
+    def on_validation_start(self, trainer, pl_module):
+        self._t = None  # validation time is not training time
+
+    @property
+    def tokens_per_s(self) -> float | None:
+        return self.steps * self.tokens_per_step / self.seconds if self.seconds else None

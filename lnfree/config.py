@@ -26,6 +26,7 @@ class ModelConfig:
     attn_implementation: str = "sdpa"  # sdpa | eager
     gradient_checkpointing: bool = False
     dropout: Optional[float] = None  # override resid/embd/attn dropout; null keeps the checkpoint's
+    pretrain_steps: Optional[int] = None  # built-in family: optimizer steps of its pretraining
 
 
 @dataclass

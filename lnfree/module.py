@@ -84,6 +84,10 @@ class LNFreeModule(L.LightningModule):
         ce = next_token_ce(self(ids), ids)
         self.log("val/ce", ce, prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
 
+    def on_save_checkpoint(self, checkpoint):
+        # a checkpoint is loadable on its own (lnfree.eval, lnfree.load): keep the model's config with it
+        checkpoint["lnfree_model_config"] = self.model.config.to_dict()
+
     def configure_optimizers(self):
         o = self.optim
         decay, no_decay = [], []

@@ -28,7 +28,14 @@ def hub_offline() -> bool:
     return bool(c.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
 
 
-def builtin_dir(name: str, cache_dir: str | Path) -> Path:
+SHIPPED_DIR = Path(__file__).parent / "pretrained"
+
+
+def builtin_dir(name: str, cache_dir: str | Path, committed: bool = True) -> Path:
+    """A built-in model's dir: shipped with lnfree (lnfree/pretrained/<name>) or in the cache."""
+    shipped = SHIPPED_DIR / name
+    if committed and shipped.exists():
+        return shipped
     return Path(cache_dir).expanduser() / "models" / name
 
 

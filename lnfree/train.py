@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from . import config as _config  # noqa: F401  (registers the schemas)
-from .callbacks import CheckpointOnException, LNRemovalCallback
+from .callbacks import CheckpointOnException, LNRemovalCallback, Throughput
 from .export import export_folded, export_hf
 from .hardware import grad_accumulation, make_strategy, world_size
 from .loggers import finish_wandb, make_loggers
@@ -87,8 +87,10 @@ def train(cfg: DictConfig) -> dict:
     resolved = OmegaConf.to_container(cfg, resolve=True)
     loggers = make_loggers(cfg.logger, str(out), run_name(cfg), resolved, resumed=bool(cfg.ckpt_path))
     ckpt_dir = out / "checkpoints"
+    throughput = Throughput(tokens_per_step)
     callbacks = [
         removal,
+        throughput,
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.trainer.ckpt_every, save_top_k=cfg.trainer.keep_checkpoints,
                         monitor="train/tokens_seen", mode="max", save_last=True),
@@ -131,6 +133,7 @@ def train(cfg: DictConfig) -> dict:
                 "sigmas": final.sigmas(),
                 "exports": exports,
                 "wall_time_s": round(time.time() - t0, 1),
+                "train_tokens_per_s": throughput.tokens_per_s,
                 "output_dir": str(out.resolve()),
                 "config": resolved,
             }

@@ -1,0 +1,27 @@
+import json
+
+from hydra import compose, initialize_config_dir
+from transformers import GPT2LMHeadModel
+
+from conftest import ROOT
+from lnfree.pretrain import pretrain
+from lnfree.sources import builtin_dir
+
+
+def test_pretrain_writes_a_stock_loadable_builtin_model(tmp_path):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("pretrain", overrides=[
+            "model=builtin_1x128", "model.source=builtin:test1x32", "model.shape.n_embd=32",
+            "model.shape.n_head=2", "model.pretrain_steps=6", "data.block_size=32", "data.val_blocks=2",
+            "hardware.micro_batch_size=2", "trainer.progress_bar=false", "trainer.val_every=3",
+            f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache", f"paths.root_dir={ROOT}",
+        ])
+    dest = pretrain(cfg)
+    assert dest == builtin_dir("test1x32", tmp_path / "cache") and not dest.with_name("test1x32.tmp").exists()
+    info = json.loads((dest / "pretrain_info.json").read_text())
+    assert info["steps"] == 6 and info["tokens"] == 6 * 2 * 32
+    model = GPT2LMHeadModel.from_pretrained(dest)
+    assert model.config.n_embd == 32 and model.config.layer_norm_epsilon == 1e-5  # trained with LayerNorm
+    assert info["n_params_non_embedding"] == sum(p.numel() for n, p in model.named_parameters()
+                                                 if not n.endswith(("wte.weight", "wpe.weight")))
+    assert (dest / "tokenizer.json").exists()
