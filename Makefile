@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast train sweep clean
+.PHONY: install test test-fast train sweep eval clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -27,6 +27,15 @@ train: install
 # LN-free vs vanilla control on the built-in default, one job (and W&B run) each
 sweep: install
 	$(PY) -m lnfree.train -m schedule=none,builtin $(ARGS)
+
+# original vs vanilla control vs LN-free (vs all norms removed without fine-tuning) on the built-in default;
+# trains what is missing first. Table and figures: experiments/builtin_eval/
+RUNS ?= outputs/builtin
+eval: install
+	test -f $(RUNS)/vanilla/summary.json || $(PY) -m lnfree.train schedule=none hydra.run.dir=$(RUNS)/vanilla
+	test -f $(RUNS)/lnfree/summary.json || $(PY) -m lnfree.train hydra.run.dir=$(RUNS)/lnfree
+	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.remove_now builtin:2x128 $(RUNS)/no_finetune
+	$(PY) -m lnfree.eval $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .benchmarks

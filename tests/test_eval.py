@@ -1,0 +1,126 @@
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from omegaconf import OmegaConf
+from transformers import GPT2LMHeadModel
+
+from conftest import TINY_RUN, compose_train, tiny_config
+from lnfree import corpus
+from lnfree.eval import (EvalConfig, EvalError, ece, evaluate, filter_unseen, jsd, markdown_table, seen_tokens,
+                         summarize)
+from lnfree.load import LoadError
+from lnfree.train import train
+
+
+def eval_cfg(tmp_path, models, datasets, **kw):
+    base = OmegaConf.structured(EvalConfig)
+    return OmegaConf.merge(base, {"models": models, "datasets": datasets, "tokens": 4 * 32, "context": 32,
+                                  "batch": 2, "precision": "fp32", "bootstrap": 50,
+                                  "output_dir": str(tmp_path / "eval"), "cache_dir": str(tmp_path / "cache"), **kw})
+
+
+def docs_file(tmp_path, n=20):
+    f = tmp_path / "docs.jsonl"
+    f.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t, _ in zip(corpus.iter_texts("validation"), range(n))))
+    return f
+
+
+def test_ce_equals_hand_computation(tmp_path):
+    tok = corpus.load_tokenizer()
+    model = GPT2LMHeadModel(tiny_config(vocab_size=len(tok), n_positions=64)).eval()
+    model.save_pretrained(tmp_path / "m")
+    tok.save_pretrained(tmp_path / "m")
+    f = tmp_path / "one.jsonl"
+    text = "To be, or not to be, that is the question. " * 20
+    f.write_text(json.dumps({"text": text}) + "\n")
+    cfg = eval_cfg(tmp_path, [{"name": "m", "path": str(tmp_path / "m")}],
+                   [{"name": "d", "source": "files", "files": [str(f)]}], tokens=2 * 32)
+    res = evaluate(cfg)["d"]["m"]
+    ids = tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]
+    total, n = 0.0, 0
+    with torch.no_grad():
+        for c in range(2):  # two chunks of 32 tokens, 31 predictions each
+            chunk = torch.tensor(ids[c * 32:(c + 1) * 32])
+            logits = model(chunk[None]).logits[0]
+            for t in range(31):
+                total -= torch.log_softmax(logits[t], -1)[chunk[t + 1]].item()
+                n += 1
+    assert res["n_tokens"] == n
+    assert res["mean"] == pytest.approx(total / n, abs=1e-5)
+    written = json.loads((tmp_path / "eval" / "results.json").read_text())
+    assert written["results"]["d"]["m"]["mean"] == res["mean"]
+    assert f"| m | {res['mean']:.4f} (best) |" in (tmp_path / "eval" / "table.md").read_text()
+    assert (tmp_path / "eval" / "ce_hist.png").stat().st_size > 1000
+
+
+def test_filter_drops_exactly_chunks_with_unseen_tokens():
+    chunks = torch.tensor([[1, 2, 3], [1, 4, 2], [3, 3, 3], [5, 1, 1]])
+    seen = torch.zeros(8, dtype=torch.bool)
+    seen[[1, 2, 3]] = True
+    kept = filter_unseen(chunks, seen)
+    assert kept.tolist() == [[1, 2, 3], [3, 3, 3]]
+    tok = corpus.load_tokenizer()
+    mask = seen_tokens(iter(["hello world", "goodbye"]), tok, len(tok), max_docs=1)
+    ids = tok("hello world")["input_ids"]
+    assert mask[ids].all() and mask.sum() == len(set(ids))  # only the first document counted
+
+
+def test_statistics_on_known_inputs():
+    ce = np.arange(1, 101, dtype=float).reshape(10, 10)
+    ones = np.ones_like(ce)
+    s = summarize({"ce": ce, "entropy": ones, "correct": ones, "maxprob": ones}, n_boot=200, seed=0)
+    assert s["mean"] == 50.5 and s["median"] == 50.5
+    assert s["p2.5"] == pytest.approx(np.percentile(ce, 2.5)) and s["p99.95"] == pytest.approx(99.9505)
+    assert s["ci95_low"] < 50.5 < s["ci95_high"]
+    assert s["accuracy"] == 1.0 and s["ece"] == 0.0
+    # ECE: confidence 0.9 but 50% right in one bin, confidence 0.55 and 100% right in another
+    conf = np.array([0.9, 0.9, 0.55, 0.55])
+    correct = np.array([1.0, 0.0, 1.0, 1.0])
+    assert ece(conf, correct) == pytest.approx(0.5 * 0.4 + 0.5 * 0.45)
+    logp = torch.log_softmax(torch.randn(3, 5, 11), -1)
+    assert torch.allclose(jsd(logp, logp), torch.zeros(3, 5), atol=1e-6)
+    p = torch.log(torch.tensor([1.0, 1e-12])), torch.log(torch.tensor([1e-12, 1.0]))
+    assert jsd(*p).item() == pytest.approx(math.log(2), abs=1e-6)  # disjoint supports: the maximum
+
+
+def test_table_marks_gap_to_best():
+    res = {"d": {"a": {"mean": 3.0}, "b": {"mean": 3.25}}}
+    table = markdown_table(res)
+    assert "| a | 3.0000 (best) |" in table and "| b | 3.2500 (+0.2500) |" in table
+
+
+def test_every_model_form_gives_the_same_ce(tmp_path):
+    run = tmp_path / "run"
+    train(compose_train(run, *TINY_RUN))
+    forms = {"run_dir": run, "hf_export": run / "export" / "hf", "folded": run / "export" / "folded",
+             "checkpoint": run / "checkpoints" / "last.ckpt"}
+    f = docs_file(tmp_path)
+    cfg = eval_cfg(tmp_path, [{"name": k, "path": str(v)} for k, v in forms.items()],
+                   [{"name": "d", "source": "files", "files": [str(f)]}])
+    res = evaluate(cfg)["d"]
+    means = [r["mean"] for r in res.values()]
+    assert max(means) - min(means) < 1e-4, res
+    assert all(r["jsd_to_reference"] < 1e-6 for name, r in res.items() if name != "run_dir")
+    assert (tmp_path / "eval" / "training_curves.png").exists()
+
+
+def test_unknown_model_or_dataset_fails_before_loading(tmp_path, monkeypatch):
+    import lnfree.eval as ev
+
+    monkeypatch.setattr(ev, "load_any", lambda *a, **k: pytest.fail("a model was loaded"))
+    good = {"name": "d", "source": "builtin"}
+    with pytest.raises(LoadError, match="does not exist"):
+        evaluate(eval_cfg(tmp_path, [{"name": "x", "path": "/no/such/model"}], [good]))
+    with pytest.raises(LoadError, match="hub is offline"):
+        evaluate(eval_cfg(tmp_path, [{"name": "x", "path": "gpt2-nonexistent"}], [good]))
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    with pytest.raises(EvalError, match="unknown source"):
+        evaluate(eval_cfg(tmp_path, [{"name": "x", "path": str(tmp_path / "m")}],
+                          [{"name": "d", "source": "nope"}]))
+    with pytest.raises(EvalError, match="offline"):
+        evaluate(eval_cfg(tmp_path, [{"name": "x", "path": str(tmp_path / "m")}],
+                          [{"name": "pile", "source": "hf", "path": "monology/pile-uncopyrighted"}]))
