@@ -124,3 +124,17 @@ def test_unknown_model_or_dataset_fails_before_loading(tmp_path, monkeypatch):
     with pytest.raises(EvalError, match="offline"):
         evaluate(eval_cfg(tmp_path, [{"name": "x", "path": str(tmp_path / "m")}],
                           [{"name": "pile", "source": "hf", "path": "monology/pile-uncopyrighted"}]))
+
+
+@pytest.mark.parametrize("name,overrides", [("eval", []), ("eval_paper", ["models.1.path=/r/v", "models.2.path=/r/l"])])
+def test_eval_configs_compose(name, overrides):
+    from hydra import compose, initialize_config_dir
+
+    from conftest import ROOT
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose(name, overrides=overrides)
+    assert len(cfg.models) >= 3 and cfg.models[0].name == "original"
+    assert all(d.source in ("builtin", "hf", "files", "owt_nanogpt") for d in cfg.datasets)
+    if name == "eval_paper":
+        assert cfg.datasets[2].filter.docs == 1_000_000 and cfg.context == 1024
