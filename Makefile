@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast train sweep eval clean
+.PHONY: install test test-fast train sweep eval bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,14 @@ eval: install
 	test -f $(RUNS)/lnfree/summary.json || $(PY) -m lnfree.train hydra.run.dir=$(RUNS)/lnfree
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.remove_now builtin:2x128 $(RUNS)/no_finetune
 	$(PY) -m lnfree.eval $(ARGS)
+
+# cost of the removal machinery and speed of the LN-free model (not part of `make test`)
+bench: install
+	$(PY) -m lnfree.bench $(ARGS)
+
+# on a machine with a GPU: bf16-mixed, FSDP (1 device), save/resume, tokens/s and MFU
+bench-gpu: install
+	$(PY) -m lnfree.bench_gpu $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .benchmarks

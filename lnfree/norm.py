@@ -151,8 +151,8 @@ def _real(x, weight, bias, eps, sites, ctx: TokenContext):
 
 def _frozen(x, weight, bias, site: NormSite, ctx: TokenContext):
     """(x - mean(x)) / sigma * gamma + beta with a frozen sigma: affine in x."""
-    centred = x - x.mean(-1, keepdim=True)
-    return centred / site.divisor(ctx.category).to(x.dtype) * weight + bias
+    scale = weight / site.divisor(ctx.category)  # [d], or [batch, pos, d] with special sigmas
+    return torch.addcmul(bias, x - x.mean(-1, keepdim=True), scale.to(x.dtype))
 
 
 class RemovableLayerNorm(nn.Module):
@@ -200,9 +200,15 @@ class SplitLayerNorm(nn.Module):
 
     def forward(self, x):  # [batch, pos, d] -> [batch, pos, d] or [batch, pos, 2d]
         stats = _wants_stats(self, self.ctx)
-        if not self.qk.is_removed and not self.v.is_removed:
-            return _real(x, self.weight, self.bias, self.eps, [self.qk, self.v] if stats else [], self.ctx)
-        return torch.cat([self._path(x, self.qk, stats), self._path(x, self.v, stats)], dim=-1)
+        qk, v = self.qk, self.v
+        if not qk.is_removed and not v.is_removed:
+            return _real(x, self.weight, self.bias, self.eps, [qk, v] if stats else [], self.ctx)
+        if qk.is_removed and v.is_removed and not (qk.special_active or v.special_active):
+            # both frozen (the state for most of training): centre once, write both halves in one pass
+            scales = torch.stack([self.weight / qk.sigma[0], self.weight / v.sigma[0]]).to(x.dtype)  # [2, d]
+            out = torch.addcmul(self.bias, (x - x.mean(-1, keepdim=True)).unsqueeze(-2), scales)
+            return out.flatten(-2)  # [batch, pos, 2, d] -> [batch, pos, 2d]
+        return torch.cat([self._path(x, qk, stats), self._path(x, v, stats)], dim=-1)
 
 
 class SplitQKVProjection(nn.Module):

@@ -279,3 +279,34 @@ def test_non_gpt2_config_refused():
 
     with pytest.raises(ValueError, match="GPT-2-architecture"):
         make_removable(BertConfig())
+
+
+def test_no_host_sync_from_the_removal_machinery():
+    """forward + backward + the per-step statistics commit of the removable model (all real: statistics
+    recorded; half removed; all removed) make no more host syncs than stock GPT-2's forward + backward."""
+    from lnfree.syncs import count_syncs
+
+    stock, model = stock_and_removable()
+    x = ids(2, 32)
+
+    def step(m, commit):
+        def run():
+            m.train()
+            m(x, labels=x).loss.backward()
+            if commit:
+                m.commit_norm_stats(0.9)
+        return run
+
+    base = count_syncs(step(stock, False))
+    assert count_syncs(step(model, True)) == base
+    model.calibrate(x)
+    for i in range(2):
+        model.remove("ln2", i)
+    model.remove("ln1qk", 0)
+    assert count_syncs(step(model, True)) == base
+    remove_all_rest = [n for n in model.real_sites()]
+    for n in remove_all_rest:
+        k, _, b = n.partition(".")
+        model.remove(k, int(b) if b else None)
+    assert count_syncs(step(model, True)) == base
+    assert count_syncs(lambda: model.sigmas()) > 0  # the counter does see a sync (sigmas() reads values)

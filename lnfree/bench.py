@@ -1,0 +1,206 @@
+"""`make bench`: the cost of the removal machinery and the speed of the LN-free model, on this machine.
+
+    python -m lnfree.bench [--reps 7] [--out experiments/bench/cpu.json] [--quick]
+
+All timings in one process, on the same shapes, alternating A and B in every repetition (so drift and
+noise hit both), reporting medians and the ratio of medians:
+  a. training step (forward + backward + AdamW step, plus the per-step statistics commit for the removable
+     model) of the removable model with every site real, mid-schedule (half removed) and all removed,
+     against stock GPT2LMHeadModel, in fp32 and bf16 autocast;
+  b. inference forward of the folded LN-free model against stock GPT-2 with LayerNorm (fp32);
+  c. evaluation throughput (tokens/s, bf16 autocast, batch 1 x context) and peak memory;
+  d. host syncs in a training step attributable to the removal machinery (lnfree.syncs).
+Shapes: the built-in default (2 x 128, vocab 4096, 16 x 256 tokens) and GPT-2 small (124M) at a short context.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import resource
+import statistics
+import time
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .export import fold
+from .model import make_removable
+from .syncs import count_syncs
+
+SHAPES = {
+    "builtin_2x128": dict(cfg=dict(n_layer=2, n_head=4, n_embd=128, n_positions=256, vocab_size=4096),
+                          train=(16, 256), infer=(16, 256), eval_ctx=256),
+    "gpt2_small": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),
+                       train=(4, 128), infer=(4, 128), eval_ctx=1024),
+}
+
+
+def _models(cfg_kw):
+    cfg = GPT2Config(**cfg_kw, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+    torch.manual_seed(0)
+    stock = GPT2LMHeadModel(cfg)
+    real = make_removable(stock)
+    x = torch.randint(0, cfg.vocab_size, (4, 64))
+    mid, removed = make_removable(stock), make_removable(stock)
+    for m, frac in ((mid, 0.5), (removed, 1.0)):
+        m.calibrate(x)
+        names = list(m.sites())
+        for n in names[: round(frac * len(names))]:
+            k, _, b = n.partition(".")
+            m.remove(k, int(b) if b else None)
+    return stock, {"all_real": real, "mid_schedule": mid, "all_removed": removed}
+
+
+def _train_step(model, x, opt, autocast, commit):
+    def run():
+        with autocast:
+            logits = model(input_ids=x, use_cache=False).logits
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if commit:
+            model.commit_norm_stats(0.9)
+    return run
+
+
+def alternate(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
+    """Median seconds per call of each fn, calls interleaved A, B, C, A, B, C, ..."""
+    for fn in fns.values():
+        for _ in range(warmup):
+            fn()
+    times = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, fn in fns.items():
+            t = time.perf_counter()
+            fn()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def bench_train(shape, reps):
+    s = SHAPES[shape]
+    stock, variants = _models(s["cfg"])
+    b, t = s["train"]
+    x = torch.randint(0, s["cfg"]["vocab_size"], (b, t))
+    out = {}
+    for prec in ("fp32", "bf16"):
+        ac = torch.autocast("cpu", dtype=torch.bfloat16) if prec == "bf16" else nullcontext()
+        fns = {"stock": None, **{k: None for k in variants}}
+        for name, m in [("stock", stock), *variants.items()]:
+            m.train()
+            opt = torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True)
+            fns[name] = _train_step(m, x, opt, ac, commit=name != "stock")
+        med = alternate(fns, reps)
+        out[prec] = {"median_s": med, "ratio_to_stock": {k: med[k] / med["stock"] for k in variants}}
+    return out
+
+
+@torch.inference_mode()
+def bench_infer(shape, reps):
+    s = SHAPES[shape]
+    stock, variants = _models(s["cfg"])
+    folded = fold(variants["all_removed"])
+    stock.eval()
+    b, t = s["infer"]
+    x = torch.randint(0, s["cfg"]["vocab_size"], (b, t))
+    # forwards are cheap next to training steps: 5x the repetitions, for a steadier median
+    med = alternate({"stock": lambda: stock(x, use_cache=False), "folded": lambda: folded(x)}, 5 * reps)
+    return {"median_s": med, "ratio_folded_to_stock": med["folded"] / med["stock"]}
+
+
+@torch.inference_mode()
+def bench_eval(shape, reps):
+    s = SHAPES[shape]
+    stock, variants = _models(s["cfg"])
+    folded = fold(variants["all_removed"])
+    stock.eval()
+    ctx = s["eval_ctx"]
+    x = torch.randint(0, s["cfg"]["vocab_size"], (1, ctx))
+
+    def ev(m):
+        def run():
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                out = m(x)
+            logits = out.logits if hasattr(out, "logits") else out
+            torch.nn.functional.log_softmax(logits.float(), -1)  # as the evaluator does
+        return run
+
+    med = alternate({"stock": ev(stock), "folded": ev(folded)}, reps)
+    return {"context": ctx, "tokens_per_s": {k: ctx / v for k, v in med.items()},
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def bench_syncs(shape):
+    s = SHAPES[shape]
+    stock, variants = _models(s["cfg"])
+    x = torch.randint(0, s["cfg"]["vocab_size"], (2, 32))
+    out = {}
+    for name, m in [("stock", stock), *variants.items()]:
+        m.train()
+
+        def run(m=m, commit=name != "stock"):
+            m(input_ids=x, labels=x).loss.backward()
+            if commit:
+                m.commit_norm_stats(0.9)
+        out[name] = count_syncs(run)
+    return out
+
+
+def machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+
+
+def table(res) -> str:
+    lines = ["| shape | precision | all real / stock | mid-schedule / stock | all removed / stock | stock step (ms) |",
+             "|---|---|---|---|---|---|"]
+    for shape, r in res["train_step"].items():
+        for prec, v in r.items():
+            q = v["ratio_to_stock"]
+            lines.append(f"| {shape} | {prec} | {q['all_real']:.3f} | {q['mid_schedule']:.3f} | {q['all_removed']:.3f} "
+                         f"| {1000 * v['median_s']['stock']:.1f} |")
+    lines += ["", "| shape | folded LN-free forward / stock forward | eval tokens/s stock (bf16) | eval tokens/s folded |",
+              "|---|---|---|---|"]
+    for shape in res["inference"]:
+        i, e = res["inference"][shape], res["eval"][shape]
+        lines.append(f"| {shape} | {i['ratio_folded_to_stock']:.3f} | {e['tokens_per_s']['stock']:.0f} "
+                     f"| {e['tokens_per_s']['folded']:.0f} |")
+    return "\n".join(lines)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="lnfree benchmarks (CPU)")
+    p.add_argument("--reps", type=int, default=7)
+    p.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    p.add_argument("--out", default="experiments/bench/cpu.json")
+    a = p.parse_args(argv)
+    res = {"machine": machine(), "reps": a.reps, "train_step": {}, "inference": {}, "eval": {}, "host_syncs": {}}
+    for shape in a.shapes:
+        print(f"[bench] {shape}: training step ...", flush=True)
+        res["train_step"][shape] = bench_train(shape, a.reps)
+        print(f"[bench] {shape}: inference ...", flush=True)
+        res["inference"][shape] = bench_infer(shape, a.reps)
+        res["eval"][shape] = bench_eval(shape, a.reps)
+        res["host_syncs"][shape] = bench_syncs(shape)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=1))
+    print(table(res))
+    print("host syncs per training step (forward + backward + commit):", json.dumps(res["host_syncs"]))
+    print(f"[bench] written to {out}")
+
+
+if __name__ == "__main__":
+    main()
