@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast train sweep eval bench bench-gpu clean
+.PHONY: install test test-fast train sweep eval scaling bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -36,6 +36,11 @@ eval: install
 	test -f $(RUNS)/lnfree/summary.json || $(PY) -m lnfree.train hydra.run.dir=$(RUNS)/lnfree
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.remove_now builtin:2x128 $(RUNS)/no_finetune
 	$(PY) -m lnfree.eval $(ARGS)
+
+# data needed to remove LayerNorm vs model size on the built-in family (40 short runs), then the fit
+scaling: install
+	$(PY) -m lnfree.train -m experiment=data_scaling hydra.sweep.dir=multirun/data_scaling/latest $(ARGS)
+	$(PY) -m lnfree.scaling multirun/data_scaling/latest
 
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install

@@ -49,6 +49,7 @@ class ScheduleConfig:
     eot: Optional[KindSchedule] = None
     aux_weight: float = 0.0  # weight of the residual-std auxiliary loss (METHOD.md section 5)
     momentum: float = 0.9  # EMA momentum of the std estimate, per optimizer step
+    fit_fraction: Optional[float] = None  # rescale all events so the last is at this fraction of max_steps
 
 
 @dataclass

@@ -6,6 +6,9 @@ one event. A start left null follows the contiguous rule of METHOD.md section 4:
     start_lnf = start_ln1v + L * gap_ln1v
 so one schedule fits every depth. Optional kinds bos/eot end the special sigmas over stages 0..L
 (the L blocks, then the final norm), at start + stage * gap.
+
+`fit_fraction` (optional) rescales the whole event list, keeping its order and proportions, so that the last
+event falls at fit_fraction * max_steps: one schedule then fits every budget (data-scaling sweeps).
 """
 
 from __future__ import annotations
@@ -54,9 +57,9 @@ def kind_starts(schedule, n_layer: int) -> dict[str, int]:
     return starts
 
 
-def build_events(schedule, n_layer: int) -> list[Event]:
+def build_events(schedule, n_layer: int, max_steps: int | None = None) -> list[Event]:
     """Every event in application order (by step, then METHOD.md's kind order, then block)."""
-    known = set(NORM_KINDS) | set(SPECIAL_KINDS) | {"name", "remove", "aux_weight", "momentum"}
+    known = set(NORM_KINDS) | set(SPECIAL_KINDS) | {"name", "remove", "aux_weight", "momentum", "fit_fraction"}
     keys = schedule.keys() if isinstance(schedule, dict) else list(schedule)
     unknown = [k for k in keys if k not in known]
     if unknown:
@@ -77,7 +80,19 @@ def build_events(schedule, n_layer: int) -> list[Event]:
             raise ScheduleError(f"{kind} needs an explicit start >= 0 and gap >= 0, got {start}/{gap}")
         events += [Event(start + j * gap, kind, j) for j in range(n_layer + 1)]
     order = {k: i for i, k in enumerate(NORM_KINDS + SPECIAL_KINDS)}
-    return sorted(events, key=lambda e: (e.step, order[e.kind], -1 if e.block is None else e.block))
+    events = sorted(events, key=lambda e: (e.step, order[e.kind], -1 if e.block is None else e.block))
+    return _fit(events, _get(schedule, "fit_fraction"), max_steps)
+
+
+def _fit(events: list[Event], fraction: float | None, max_steps: int | None) -> list[Event]:
+    if fraction is None or not events:
+        return events
+    if not 0 < fraction < 1 or max_steps is None:
+        raise ScheduleError(f"fit_fraction must be in (0, 1) and needs max_steps; got {fraction}, {max_steps}")
+    last = max(e.step for e in events)
+    target = int(fraction * max_steps)
+    scale = target / last if last else 0.0
+    return [Event(round(e.step * scale), e.kind, e.block) for e in events]  # order kept: scaling is monotone
 
 
 def special_kinds(schedule) -> dict[str, bool]:
@@ -88,7 +103,7 @@ def special_kinds(schedule) -> dict[str, bool]:
 
 def validate(schedule, n_layer: int, max_steps: int) -> list[Event]:
     """Events, or a ScheduleError if the schedule does not fit the run."""
-    events = build_events(schedule, n_layer)
+    events = build_events(schedule, n_layer, max_steps)
     late = [e for e in events if e.step >= max_steps]
     if late:
         raise ScheduleError(

@@ -73,3 +73,15 @@ def test_events_past_max_steps_rejected():
 def test_special_event_before_removal_rejected():
     with pytest.raises(ScheduleError, match="precedes the removal"):
         validate(sched(bos={"start": 0, "gap": 0}), 2, max_steps=1000)
+
+
+def test_fit_fraction_rescales_to_the_budget_keeping_order():
+    s = sched(fit_fraction=0.4)
+    for max_steps in (50, 200, 1000):
+        events = validate(s, 12, max_steps)
+        assert events[-1].name == "lnf" and events[-1].step == int(0.4 * max_steps)
+        unscaled = build_events(sched(), 12)
+        assert [e.name for e in events] == [e.name for e in unscaled]
+        assert [e.step for e in events] == sorted(e.step for e in events)
+    with pytest.raises(ScheduleError, match="fit_fraction"):
+        validate(sched(fit_fraction=1.5), 12, 100)

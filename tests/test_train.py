@@ -34,7 +34,7 @@ def test_every_config_option_composes(tmp_path, group, option):
     OmegaConf.to_container(cfg.schedule, resolve=True)
     OmegaConf.to_container(cfg.data, resolve=True)
     assert cfg.data.micro_batch_size == cfg.hardware.micro_batch_size
-    build_events(cfg.schedule, 12)
+    build_events(cfg.schedule, 12, cfg.trainer.max_steps)
 
 
 @pytest.mark.parametrize("name", sorted(PAPER))
