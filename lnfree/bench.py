@@ -100,12 +100,15 @@ def bench_train(shape, reps):
     return out
 
 
-@torch.inference_mode()
-def bench_infer(shape, reps):
+def _stock_and_folded(shape):
     s = SHAPES[shape]
     stock, variants = _models(s["cfg"])
-    folded = fold(variants["all_removed"])
-    stock.eval()
+    return s, stock.eval(), fold(variants["all_removed"])
+
+
+@torch.inference_mode()
+def bench_infer(shape, reps):
+    s, stock, folded = _stock_and_folded(shape)
     b, t = s["infer"]
     x = torch.randint(0, s["cfg"]["vocab_size"], (b, t))
     # forwards are cheap next to training steps: 5x the repetitions, for a steadier median
@@ -115,10 +118,7 @@ def bench_infer(shape, reps):
 
 @torch.inference_mode()
 def bench_eval(shape, reps):
-    s = SHAPES[shape]
-    stock, variants = _models(s["cfg"])
-    folded = fold(variants["all_removed"])
-    stock.eval()
+    s, stock, folded = _stock_and_folded(shape)
     ctx = s["eval_ctx"]
     x = torch.randint(0, s["cfg"]["vocab_size"], (1, ctx))
 

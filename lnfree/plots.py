@@ -22,6 +22,12 @@ def _grid(n):
     return fig, axes[0]
 
 
+def _save(fig, path):
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def plot_ce_hist(per_token: dict, path: Path):
     """Per-token CE histograms, one panel per dataset, one line per model (log counts: the tail matters)."""
     datasets = list(dict.fromkeys(d for d, _ in per_token))
@@ -35,9 +41,7 @@ def plot_ce_hist(per_token: dict, path: Path):
         ax.set_yscale("log")
         ax.set(title=d, xlabel="per-token cross-entropy (nats)", ylabel="tokens")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def plot_ce_by_position(per_token: dict, path: Path):
@@ -50,9 +54,7 @@ def plot_ce_by_position(per_token: dict, path: Path):
         ax.set_xscale("log")
         ax.set(title=d, xlabel="position of the predicted token", ylabel="mean cross-entropy (nats)")
         ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
 
 
 def find_run_dir(path: str) -> Path | None:
@@ -99,7 +101,5 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
     handles = [plt.Line2D([], [], color=c, ls=":", label=f"{k} removed") for k, c in KIND_COLOURS.items()
                if k in ("ln2", "ln1qk", "ln1v", "lnf")]
     axes[0].legend(handles=axes[0].get_legend_handles_labels()[0] + handles, fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    _save(fig, path)
     return True
