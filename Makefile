@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test test-fast train sweep eval scaling bench bench-gpu clean
+.PHONY: install test check test-fast train sweep eval scaling bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -16,6 +16,9 @@ install: $(VENV)/.installed
 
 test: install
 	$(PY) -m pytest -q
+
+check: install
+	$(VENV)/bin/ruff check lnfree tests
 
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"

@@ -160,7 +160,8 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__, "python": platform.python_version()}
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
+            "python": platform.python_version()}
 
 
 def table(res) -> str:
@@ -171,7 +172,8 @@ def table(res) -> str:
             q = v["ratio_to_stock"]
             lines.append(f"| {shape} | {prec} | {q['all_real']:.3f} | {q['mid_schedule']:.3f} | {q['all_removed']:.3f} "
                          f"| {1000 * v['median_s']['stock']:.1f} |")
-    lines += ["", "| shape | folded LN-free forward / stock forward | eval tokens/s stock (bf16) | eval tokens/s folded |",
+    lines += ["",
+              "| shape | folded LN-free forward / stock forward | eval tokens/s stock (bf16) | eval tokens/s folded |",
               "|---|---|---|---|"]
     for shape in res["inference"]:
         i, e = res["inference"][shape], res["eval"][shape]

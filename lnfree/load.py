@@ -17,7 +17,8 @@ from pathlib import Path
 
 import torch
 
-from .folded import CONFIG_FILE as FOLDED_CONFIG, load_folded
+from .folded import CONFIG_FILE as FOLDED_CONFIG
+from .folded import load_folded
 from .model import LNFREE_FILE, RemovableGPT2LMHeadModel, load_removable
 from .sources import BUILTIN_PREFIX, builtin_dir, hub_offline
 

@@ -45,8 +45,7 @@ def residual_std_aux(h: torch.Tensor, ids: torch.Tensor, eot_id: int | None) -> 
 
 
 class LNFreeModule(L.LightningModule):
-    def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0,
-                 max_steps: int = 1, tokens_per_step: int | None = None):
+    def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0, max_steps: int = 1):
         super().__init__()
         self.model = model
         self.optim = optim

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 
-
 # two-sided 95% quantiles of Student's t by degrees of freedom (few points per fit)
 T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
 

@@ -81,8 +81,7 @@ def train(cfg: DictConfig) -> dict:
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     tokens_per_step = cfg.data.micro_batch_size * cfg.data.block_size * world_size(cfg.hardware) * accum
-    module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps,
-                          tokens_per_step=tokens_per_step)
+    module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps)
     removal = LNRemovalCallback(events, momentum=cfg.schedule.momentum)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     loggers = make_loggers(cfg.logger, str(out), run_name(cfg), resolved, resumed=bool(cfg.ckpt_path))

@@ -6,7 +6,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from lnfree import corpus
-from lnfree.data import DataError, PackedBlocks, TextDataModule, pack
+from lnfree.data import DataError, PackedBlocks, TextDataModule, open_stream, pack
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +46,7 @@ def _take(it, n):
 def _blocks_by_shard(tok, f, world, workers, n_batches):
     out = []
     for rank in range(world):
-        ds = PackedBlocks(lambda: __import__("lnfree.data", fromlist=["x"]).open_stream("files", "train", files=[str(f)]),
+        ds = PackedBlocks(lambda: open_stream("files", "train", files=[str(f)]),
                           tok, "text", 16, rank=rank, world_size=world, micro_batch_size=2)
         loader = DataLoader(ds, batch_size=2, num_workers=workers)
         out.append([b for b, _ in zip(loader, range(n_batches))])
@@ -73,7 +73,7 @@ def _markers(tok, batches):
 def test_resume_skips_exactly_the_consumed_batches(tok, tmp_path):
     docs = [f"text {i} " * 30 for i in range(30)]
     f = write_jsonl(tmp_path / "d.jsonl", docs)
-    from lnfree.data import open_stream
+
 
     def ds(skip):
         return PackedBlocks(lambda: open_stream("files", "train", files=[str(f)]), tok, "text", 16,

@@ -4,13 +4,12 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import TINY_RUN, compose_train, tiny_config
 from omegaconf import OmegaConf
 from transformers import GPT2LMHeadModel
 
-from conftest import TINY_RUN, compose_train, tiny_config
 from lnfree import corpus
-from lnfree.eval import (EvalConfig, EvalError, ece, evaluate, filter_unseen, jsd, markdown_table, seen_tokens,
-                         summarize)
+from lnfree.eval import EvalConfig, EvalError, ece, evaluate, filter_unseen, jsd, markdown_table, seen_tokens, summarize
 from lnfree.load import LoadError
 from lnfree.train import train
 
@@ -24,7 +23,8 @@ def eval_cfg(tmp_path, models, datasets, **kw):
 
 def docs_file(tmp_path, n=20):
     f = tmp_path / "docs.jsonl"
-    f.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t, _ in zip(corpus.iter_texts("validation"), range(n))))
+    texts = zip(corpus.iter_texts("validation"), range(n))
+    f.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t, _ in texts))
     return f
 
 
@@ -128,9 +128,8 @@ def test_unknown_model_or_dataset_fails_before_loading(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name,overrides", [("eval", []), ("eval_paper", ["models.1.path=/r/v", "models.2.path=/r/l"])])
 def test_eval_configs_compose(name, overrides):
-    from hydra import compose, initialize_config_dir
-
     from conftest import ROOT
+    from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose(name, overrides=overrides)

@@ -1,9 +1,8 @@
 import torch
+from test_model import calibrated_all_removed, ids, stock_and_removable
 
-from conftest import tiny_config
 from lnfree.export import to_stock_gpt2
 from lnfree.interp.dla import components, dla_vs_de
-from test_model import calibrated_all_removed, ids, stock_and_removable
 
 
 def test_components_sum_to_the_final_residual():

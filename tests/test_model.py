@@ -1,10 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import tiny_config
 from transformers import GPT2LMHeadModel
 
-from conftest import tiny_config
-from lnfree.model import NORM_KINDS, make_removable, load_removable, save_removable
+from lnfree.model import NORM_KINDS, load_removable, make_removable, save_removable
 from lnfree.norm import BOS, ORDINARY
 
 

@@ -1,9 +1,9 @@
 import json
 
+from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from transformers import GPT2LMHeadModel
 
-from conftest import ROOT
 from lnfree.pretrain import pretrain
 from lnfree.sources import builtin_dir
 

@@ -1,14 +1,13 @@
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
+from conftest import ROOT, TINY_RUN, compose_train
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from conftest import ROOT, TINY_RUN, compose_train
 from lnfree.callbacks import LNRemovalCallback
 from lnfree.data import DataError
 from lnfree.hardware import HardwareError, grad_accumulation, make_strategy
@@ -129,6 +128,7 @@ def test_callback_is_idempotent(tmp_path):
     from types import SimpleNamespace
 
     from conftest import tiny_config
+
     from lnfree.model import make_removable
 
     model = make_removable(tiny_config())
