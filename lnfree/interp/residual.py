@@ -1,0 +1,101 @@
+"""Residual-stream norms per layer (position 0 vs the rest) and attention sinks (INTERP.md sections 4-5).
+
+Residual norm: L2 norm of the residual stream at the input of every block and of ln_f, averaged over
+sequences, for position 0 and for positions >= 1 (GPT-2's "massive activation" lives at position 0).
+Attention sink: alpha_{l,h} = mean over queries i >= 1 of A[i, 0] (query 0 can only attend to itself, so it
+is left out); the sink rate is the fraction of heads with alpha > 0.3 (per-head definition, Gu et al. 2025).
+"""
+
+from __future__ import annotations
+
+import torch
+
+SINK_THRESHOLD = 0.3
+
+
+@torch.no_grad()
+def residual_norms(model, ids: torch.Tensor) -> dict[str, list[float]]:
+    """{"pos0": [L+1], "rest": [L+1]}: mean L2 norm at each block input and at ln_f's input."""
+    t = model.transformer
+    seen = []
+    modules = [*t.h, t.ln_f]
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1))) for m in modules]
+    try:
+        model.eval()
+        model(ids)
+    finally:
+        for h in hooks:
+            h.remove()
+    return {"pos0": [float(n[:, 0].mean()) for n in seen], "rest": [float(n[:, 1:].mean()) for n in seen]}
+
+
+@torch.no_grad()
+def attention_sinks(model, ids: torch.Tensor, threshold: float = SINK_THRESHOLD) -> dict:
+    """alpha [L, H] (attention to token 0 from queries >= 1) and the sink rate (needs eager attention)."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
+    try:
+        model.eval()
+        attn = model(ids, output_attentions=True).attentions  # L x [batch, head, query, key]
+    finally:
+        model.set_attn_implementation(previous)
+    alpha = torch.stack([a[:, :, 1:, 0].mean(dim=(0, 2)) for a in attn])  # [L, H]
+    return {"alpha": alpha.tolist(), "sink_rate": float((alpha > threshold).float().mean()), "threshold": threshold}
+
+
+def main(argv=None):
+    """python -m lnfree.interp.residual [name=path ...]: both measures on validation blocks of the built-in
+    corpus; writes experiments/builtin_interp/residual.{json,png}."""
+    import argparse
+    import json
+    from pathlib import Path
+
+    from ..data import TextDataModule
+    from ..load import load_any
+    from ..plots import _save
+
+    p = argparse.ArgumentParser(description="residual norms and attention sinks per model")
+    p.add_argument("models", nargs="*", default=["original=builtin:2x128", "vanilla=outputs/builtin/vanilla",
+                                                 "lnfree=outputs/builtin/lnfree"])
+    p.add_argument("--blocks", type=int, default=64)
+    p.add_argument("--out", default="experiments/builtin_interp")
+    a = p.parse_args(argv)
+    res, tok = {}, None
+    for spec in a.models:
+        name, path = spec.split("=", 1)
+        model, t = load_any(path)
+        tok = tok or t
+        dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
+                            micro_batch_size=1, val_blocks=a.blocks)
+        dm.setup()
+        res[name] = {"path": path, "norms": residual_norms(model, dm.val_data),
+                     "sinks": attention_sinks(model, dm.val_data)}
+        n = res[name]["norms"]
+        print(f"{name:10s} residual norm pos0 {[round(v) for v in n['pos0']]} rest {[round(v) for v in n['rest']]}"
+              f"  sink rate {res[name]['sinks']['sink_rate']:.2f}")
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "residual.json").write_text(json.dumps(res, indent=1))
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 3.8))
+    for name, r in res.items():
+        line = ax1.plot(r["norms"]["pos0"], marker="o", label=f"{name}, position 0")[0]
+        ax1.plot(r["norms"]["rest"], marker="x", ls="--", color=line.get_color(), label=f"{name}, positions >= 1")
+        alpha = torch.tensor(r["sinks"]["alpha"]).flatten()
+        ax2.scatter([name] * len(alpha), alpha, alpha=0.7)
+    ax1.set_xticks(range(len(r["norms"]["pos0"])))
+    ax1.set(xlabel="residual stream at the input of block (last: ln_f)", ylabel="mean L2 norm", yscale="log",
+            title="Residual-stream norm")
+    ax1.legend(fontsize=7)
+    ax2.axhline(SINK_THRESHOLD, color="k", ls=":", lw=1)
+    ax2.set(ylabel="mean attention to token 0 (queries >= 1)", title="Attention sinks: one dot per head")
+    _save(fig, out / "residual.png")
+    print(f"[lnfree] written to {out}")
+
+
+if __name__ == "__main__":
+    main()
