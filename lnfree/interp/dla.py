@@ -15,6 +15,7 @@ from __future__ import annotations
 import torch
 
 from ..norm import RemovableLayerNorm
+from .hooks import run_with_hooks
 
 
 def _final_scale(ln_f, x: torch.Tensor) -> torch.Tensor:
@@ -34,12 +35,7 @@ def components(model, ids: torch.Tensor, pos: int = -1) -> tuple[dict[str, torch
     for i, block in enumerate(t.h):
         hooks.append(block.attn.c_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(f"z{i}", a[0])))
         hooks.append(block.mlp.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(f"mlp{i}", o)))
-    try:
-        model.eval()
-        model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, ids, hooks)
     positions = torch.arange(ids.shape[1], device=ids.device)
     comps = {"embed": (t.wte(ids) + t.wpe(positions))[:, pos]}
     for i, block in enumerate(t.h):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from .hooks import run_with_hooks
+
 SINK_THRESHOLD = 0.3
 
 
@@ -20,12 +22,7 @@ def residual_norms(model, ids: torch.Tensor) -> dict[str, list[float]]:
     seen = []
     modules = [*t.h, t.ln_f]
     hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1))) for m in modules]
-    try:
-        model.eval()
-        model(ids)
-    finally:
-        for h in hooks:
-            h.remove()
+    run_with_hooks(model, ids, hooks)
     return {"pos0": [float(n[:, 0].mean()) for n in seen], "rest": [float(n[:, 1:].mean()) for n in seen]}
 
 
