@@ -123,7 +123,6 @@ class LoggerConfig:
 
 @dataclass
 class PathsConfig:
-    root_dir: str = "."
     output_dir: str = MISSING
     cache_dir: str = MISSING  # built-in models and tokenizer
 

@@ -204,7 +204,6 @@ def save_removable(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokeniz
 def load_removable(path: str | Path, device="cpu") -> RemovableGPT2LMHeadModel:
     config = GPT2Config.from_pretrained(path)
     model = RemovableGPT2LMHeadModel(config)
+    # load_model goes through load_state_dict, which refreshes every site's mode mirror
     load_model(model, str(Path(path) / "removable.safetensors"), device=str(device))
-    for site in model.sites().values():
-        site._refresh_mirror()  # safetensors' load_model goes through load_state_dict, this is belt and braces
     return model

@@ -45,5 +45,5 @@ def compose_train(tmp_path, *overrides):
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return compose("train", overrides=[f"paths.output_dir={tmp_path}", f"paths.root_dir={ROOT}",
+        return compose("train", overrides=[f"paths.output_dir={tmp_path}",
                                            f"paths.cache_dir={tmp_path}/cache", *overrides])

@@ -14,7 +14,7 @@ def test_pretrain_writes_a_stock_loadable_builtin_model(tmp_path):
             "model=builtin_1x128", "model.source=builtin:test1x32", "model.shape.n_embd=32",
             "model.shape.n_head=2", "model.pretrain_steps=6", "data.block_size=32", "data.val_blocks=2",
             "hardware.micro_batch_size=2", "trainer.progress_bar=false", "trainer.val_every=3",
-            f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache", f"paths.root_dir={ROOT}",
+            f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache",
         ])
     dest = pretrain(cfg)
     assert dest == builtin_dir("test1x32", tmp_path / "cache") and not dest.with_name("test1x32.tmp").exists()
