@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check test-fast train sweep eval scaling bench bench-gpu clean
+.PHONY: install test check test-fast train sweep eval family scaling bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -37,21 +37,28 @@ RUNS ?= outputs/builtin
 eval: install
 	test -f $(RUNS)/vanilla/summary.json || $(PY) -m lnfree.train schedule=none hydra.run.dir=$(RUNS)/vanilla
 	test -f $(RUNS)/lnfree/summary.json || $(PY) -m lnfree.train hydra.run.dir=$(RUNS)/lnfree
-	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.remove_now builtin:2x128 $(RUNS)/no_finetune
+	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:2x128 $(RUNS)/no_finetune
 	$(PY) -m lnfree.eval $(ARGS)
 
+# the built-in family, pretrained into ~/.cache/lnfree/models (skips those already there or shipped);
+# loading never pretrains, so the targets that need the family depend on this one
+FAMILY ?= 1x128 2x128 3x192 4x256
+family: install
+	for m in $(FAMILY); do $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('$$m').exists())" \
+	  && $(PY) -m lnfree.pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m || true; done
+
 # data needed to remove LayerNorm vs model size on the built-in family (40 short runs), then the fit
-scaling: install
+scaling: family
 	$(PY) -m lnfree.train -m experiment=data_scaling hydra.sweep.dir=multirun/data_scaling/latest $(ARGS)
-	$(PY) -m lnfree.scaling multirun/data_scaling/latest
+	$(PY) -m lnfree.analysis.scaling multirun/data_scaling/latest
 
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install
-	$(PY) -m lnfree.bench $(ARGS)
+	$(PY) -m lnfree.bench.cpu $(ARGS)
 
 # on a machine with a GPU: bf16-mixed, FSDP (1 device), save/resume, tokens/s and MFU
 bench-gpu: install
-	$(PY) -m lnfree.bench_gpu $(ARGS)
+	$(PY) -m lnfree.bench.gpu $(ARGS)
 
 clean:
 	rm -rf outputs multirun .pytest_cache .benchmarks

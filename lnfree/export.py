@@ -9,17 +9,19 @@
 - `export_folded`: every frozen site folded into the linear layer that reads it; no norm left (folded.py).
 
 Error measure everywhere: max |logits_export - logits_source| / max |logits_source| on a check batch.
+Every export carries lnfree_export.json (lnfree.io.write_record: form, eps, sigmas, a logits fingerprint), which
+lnfree.io.load checks, so an export edited afterwards (e.g. eps set back to 1e-5) is refused, not misread.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from .folded import FoldedConfig, FoldedGPT2, save_folded
+from .io import write_record
 from .model import RemovableGPT2LMHeadModel
 from .norm import ORDINARY
 
@@ -27,7 +29,6 @@ HF_EPS = 1e12
 HF_SCALE = 1e6  # = sqrt(HF_EPS)
 HF_TOL = 1e-4
 FOLDED_TOL = 1e-5
-EXPORT_INFO = "lnfree_export.json"
 
 
 class ExportError(ValueError):
@@ -127,8 +128,8 @@ def export_hf(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenizer=No
     stock.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
-    info = {"form": "hf_lnfree" if model.removed_sites() else "hf", "relative_error": err, "sigmas": model.sigmas()}
-    (out / EXPORT_INFO).write_text(json.dumps(info, indent=1))
+    write_record(out, stock.float().cpu(), "hf_lnfree" if model.removed_sites() else "hf",
+                 layer_norm_epsilon=stock.config.layer_norm_epsilon, relative_error=err, sigmas=model.sigmas())
     return err
 
 
@@ -188,5 +189,5 @@ def export_folded(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenize
     save_folded(folded.cpu(), out_dir)
     if tokenizer is not None:
         tokenizer.save_pretrained(out_dir)
-    (Path(out_dir) / EXPORT_INFO).write_text(json.dumps({"form": "folded", "relative_error": err}, indent=1))
+    write_record(out_dir, folded.cpu(), "folded", relative_error=err, sigmas=model.sigmas())
     return err

@@ -154,6 +154,18 @@ class RemovableGPT2LMHeadModel(GPT2LMHeadModel):
         self.commit_norm_stats(momentum=0.0)
 
 
+def parse_site_name(name: str) -> tuple[str, int | None]:
+    """'ln1qk.3' -> ('ln1qk', 3); 'lnf' -> ('lnf', None). The inverse of site_name."""
+    kind, _, block = name.partition(".")
+    return kind, (int(block) if block else None)
+
+
+def non_embedding_params(model) -> int:
+    """Parameters outside the token and position embeddings (wte is tied to the unembedding in GPT-2)."""
+    t = model.transformer
+    return sum(p.numel() for p in model.parameters()) - t.wte.weight.numel() - t.wpe.weight.numel()
+
+
 def site_name(kind: str, block: int | None = None) -> str:
     if kind == "lnf":
         return "lnf"

@@ -155,8 +155,9 @@ def _frozen(x, weight, bias, site: NormSite, ctx: TokenContext):
     return torch.addcmul(bias, x - x.mean(-1, keepdim=True), scale.to(x.dtype))
 
 
-class RemovableLayerNorm(nn.Module):
-    """Drop-in for nn.LayerNorm (same parameter names) with one removable site: ln_2 and ln_f."""
+class _LayerNormParams(nn.Module):
+    """What every removable norm shares with nn.LayerNorm: gamma (`weight`), beta (`bias`), eps, and the
+    model's token context. Same parameter names, so Hugging Face GPT-2 state dicts load unchanged."""
 
     def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
         super().__init__()
@@ -164,8 +165,15 @@ class RemovableLayerNorm(nn.Module):
         self.eps = eps
         self.weight = nn.Parameter(torch.ones(n_embd))
         self.bias = nn.Parameter(torch.zeros(n_embd))
-        self.site = NormSite()
         self.ctx = ctx
+
+
+class RemovableLayerNorm(_LayerNormParams):
+    """Drop-in for nn.LayerNorm with one removable site: ln_2 and ln_f."""
+
+    def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
+        super().__init__(n_embd, eps, ctx)
+        self.site = NormSite()
 
     def forward(self, x):  # [batch, pos, d] -> [batch, pos, d]
         if self.site.is_removed:
@@ -174,7 +182,7 @@ class RemovableLayerNorm(nn.Module):
         return _real(x, self.weight, self.bias, self.eps, sites, self.ctx)
 
 
-class SplitLayerNorm(nn.Module):
+class SplitLayerNorm(_LayerNormParams):
     """ln_1 with separate query/key and value paths sharing gamma and beta.
 
     While both paths are in the same real state the output is the usual [batch, pos, d]. Once they differ
@@ -184,14 +192,9 @@ class SplitLayerNorm(nn.Module):
     """
 
     def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
-        super().__init__()
-        self.normalized_shape = (n_embd,)
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(n_embd))
-        self.bias = nn.Parameter(torch.zeros(n_embd))
+        super().__init__(n_embd, eps, ctx)
         self.qk = NormSite()
         self.v = NormSite()
-        self.ctx = ctx
 
     def _path(self, x, site: NormSite, stats: bool):
         if site.is_removed:

@@ -1,5 +1,6 @@
 """Tests run offline: no hub, no W&B network. Tiny GPT-2 configs are built here."""
 
+import json
 import os
 from pathlib import Path
 
@@ -10,7 +11,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
-from transformers import GPT2Config  # noqa: E402
+from omegaconf import OmegaConf  # noqa: E402
+from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
+
+from lnfree.model import NORM_KINDS, make_removable  # noqa: E402
 
 
 def tiny_config(**kw) -> GPT2Config:
@@ -18,6 +22,36 @@ def tiny_config(**kw) -> GPT2Config:
                 eos_token_id=96, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     base.update(kw)
     return GPT2Config(**base)
+
+
+# -- tiny models shared by the model, export and interp tests --------------------------------------------
+def stock_and_removable(**kw):
+    stock = GPT2LMHeadModel(tiny_config(**kw))
+    with torch.no_grad():  # non-trivial gamma/beta so that a wrong formula shows
+        for m in stock.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.normal_(0, 0.1)
+    return stock.eval(), make_removable(stock).eval()
+
+
+def remove_all(model):
+    L = model.config.n_layer
+    for kind in NORM_KINDS[:3]:
+        for i in range(L):
+            model.remove(kind, i)
+    model.remove("lnf")
+
+
+def calibrated_all_removed(**kw):
+    stock, model = stock_and_removable(**kw)
+    model.calibrate(torch.randint(0, 97, (4, 32)))
+    remove_all(model)
+    return stock, model
+
+
+def ids(b=2, t=16, seed=1):
+    return torch.randint(0, 97, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture
@@ -47,3 +81,34 @@ def compose_train(tmp_path, *overrides):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         return compose("train", overrides=[f"paths.output_dir={tmp_path}",
                                            f"paths.cache_dir={tmp_path}/cache", *overrides])
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory):
+    """One finished TINY_RUN (every site removed, both exports), shared by the tests that only read a run:
+    (summary dict, run dir). Tests must not write into it."""
+    from lnfree.training.train import train
+
+    run = tmp_path_factory.mktemp("tiny_run")
+    return train(compose_train(run, *TINY_RUN)), run
+
+
+# -- evaluation configs -------------------------------------------------------------------------------
+def eval_cfg(tmp_path, models, datasets, **kw):
+    """conf/eval.yaml (the single source of the values) with these models, datasets and overrides."""
+    from hydra import compose, initialize_config_dir
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        base = compose("eval")
+    return OmegaConf.merge(base, {"models": models, "datasets": datasets, "tokens": 4 * 32, "context": 32,
+                                  "batch": 2, "precision": "fp32", "bootstrap": 50,
+                                  "output_dir": str(tmp_path / "eval"), "cache_dir": str(tmp_path / "cache"), **kw})
+
+
+def docs_file(tmp_path, n=20):
+    from lnfree.data import corpus
+
+    f = tmp_path / "docs.jsonl"
+    texts = zip(corpus.iter_texts("validation"), range(n))
+    f.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t, _ in texts))
+    return f

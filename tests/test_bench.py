@@ -7,7 +7,7 @@ import pytest
 
 @pytest.mark.slow
 def test_cpu_bench_runs_and_counts_no_syncs(tmp_path):
-    from lnfree import bench
+    from lnfree.bench import cpu as bench
 
     out = tmp_path / "cpu.json"
     bench.main(["--reps", "1", "--shapes", "builtin_2x128", "--out", str(out)])
@@ -20,7 +20,7 @@ def test_cpu_bench_runs_and_counts_no_syncs(tmp_path):
 
 @pytest.mark.slow
 def test_gpu_bench_script_smoke_on_cpu(tmp_path):
-    from lnfree import bench_gpu
+    from lnfree.bench import gpu as bench_gpu
 
     out = tmp_path / "gpu.json"
     bench_gpu.main(["--smoke", "--out", str(out), "--tmp", str(tmp_path / "runs")])

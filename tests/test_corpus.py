@@ -6,8 +6,8 @@ from collections import Counter
 import pytest
 import torch
 
-from lnfree import corpus
-from lnfree.sources import SHIPPED_DIR
+from lnfree.data import corpus
+from lnfree.io import SHIPPED_DIR
 
 
 def titles(split):

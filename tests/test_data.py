@@ -5,8 +5,9 @@ import pytest
 import torch
 from torch.utils.data import DataLoader
 
-from lnfree import corpus
-from lnfree.data import DataError, PackedBlocks, TextDataModule, open_stream, pack
+from lnfree.data import corpus
+from lnfree.data.datamodule import TextDataModule
+from lnfree.data.streams import DataError, PackedBlocks, open_stream, pack
 
 
 @pytest.fixture(scope="module")

@@ -4,28 +4,16 @@ import math
 import numpy as np
 import pytest
 import torch
-from conftest import TINY_RUN, compose_train, tiny_config
-from omegaconf import OmegaConf
+from conftest import ROOT, docs_file, eval_cfg, tiny_config
 from transformers import GPT2LMHeadModel
 
-from lnfree import corpus
-from lnfree.eval import EvalConfig, EvalError, ece, evaluate, filter_unseen, jsd, markdown_table, seen_tokens, summarize
-from lnfree.load import LoadError
-from lnfree.train import train
-
-
-def eval_cfg(tmp_path, models, datasets, **kw):
-    base = OmegaConf.structured(EvalConfig)
-    return OmegaConf.merge(base, {"models": models, "datasets": datasets, "tokens": 4 * 32, "context": 32,
-                                  "batch": 2, "precision": "fp32", "bootstrap": 50,
-                                  "output_dir": str(tmp_path / "eval"), "cache_dir": str(tmp_path / "cache"), **kw})
-
-
-def docs_file(tmp_path, n=20):
-    f = tmp_path / "docs.jsonl"
-    texts = zip(corpus.iter_texts("validation"), range(n))
-    f.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t, _ in texts))
-    return f
+from lnfree.analysis.eval_config import EvalError
+from lnfree.analysis.eval_data import keep_seen, seen_tokens
+from lnfree.analysis.evaluate import evaluate
+from lnfree.analysis.metrics import ece, jsd, summarize
+from lnfree.analysis.tables import markdown_table
+from lnfree.data import corpus
+from lnfree.io import ModelIOError
 
 
 def test_ce_equals_hand_computation(tmp_path):
@@ -60,8 +48,8 @@ def test_filter_drops_exactly_chunks_with_unseen_tokens():
     chunks = torch.tensor([[1, 2, 3], [1, 4, 2], [3, 3, 3], [5, 1, 1]])
     seen = torch.zeros(8, dtype=torch.bool)
     seen[[1, 2, 3]] = True
-    kept = filter_unseen(chunks, seen)
-    assert kept.tolist() == [[1, 2, 3], [3, 3, 3]]
+    kept = list(keep_seen(iter(chunks), seen))
+    assert [k.tolist() for k in kept] == [[1, 2, 3], [3, 3, 3]]
     tok = corpus.load_tokenizer()
     mask = seen_tokens(iter(["hello world", "goodbye"]), tok, len(tok), max_docs=1)
     ids = tok("hello world")["input_ids"]
@@ -92,9 +80,8 @@ def test_table_marks_gap_to_best():
     assert "| a | 3.0000 (best) |" in table and "| b | 3.2500 (+0.2500) |" in table
 
 
-def test_every_model_form_gives_the_same_ce(tmp_path):
-    run = tmp_path / "run"
-    train(compose_train(run, *TINY_RUN))
+def test_every_model_form_gives_the_same_ce(tmp_path, tiny_run):
+    _, run = tiny_run
     forms = {"run_dir": run, "hf_export": run / "export" / "hf", "folded": run / "export" / "folded",
              "checkpoint": run / "checkpoints" / "last.ckpt"}
     f = docs_file(tmp_path)
@@ -108,16 +95,16 @@ def test_every_model_form_gives_the_same_ce(tmp_path):
 
 
 def test_unknown_model_or_dataset_fails_before_loading(tmp_path, monkeypatch):
-    import lnfree.eval as ev
+    import lnfree.analysis.evaluate as ev
 
-    monkeypatch.setattr(ev, "load_any", lambda *a, **k: pytest.fail("a model was loaded"))
+    monkeypatch.setattr(ev, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     good = {"name": "d", "source": "builtin"}
-    with pytest.raises(LoadError, match="does not exist"):
+    with pytest.raises(ModelIOError, match="does not exist"):
         evaluate(eval_cfg(tmp_path, [{"name": "x", "path": "/no/such/model"}], [good]))
-    with pytest.raises(LoadError, match="hub is offline"):
+    with pytest.raises(ModelIOError, match="hub is offline"):
         evaluate(eval_cfg(tmp_path, [{"name": "x", "path": "gpt2-nonexistent"}], [good]))
     (tmp_path / "m").mkdir()
-    (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "config.json").write_text('{"model_type": "gpt2"}')
     with pytest.raises(EvalError, match="unknown source"):
         evaluate(eval_cfg(tmp_path, [{"name": "x", "path": str(tmp_path / "m")}],
                           [{"name": "d", "source": "nope"}]))
@@ -128,7 +115,6 @@ def test_unknown_model_or_dataset_fails_before_loading(tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("name,overrides", [("eval", []), ("eval_paper", ["models.1.path=/r/v", "models.2.path=/r/l"])])
 def test_eval_configs_compose(name, overrides):
-    from conftest import ROOT
     from hydra import compose, initialize_config_dir
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):

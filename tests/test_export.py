@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from test_model import calibrated_all_removed, ids, stock_and_removable
+from conftest import calibrated_all_removed, ids, stock_and_removable
 
 from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock_gpt2
 from lnfree.folded import FoldedGPT2, load_folded

@@ -1,8 +1,8 @@
 import torch
-from test_model import calibrated_all_removed, ids, stock_and_removable
+from conftest import calibrated_all_removed, ids, stock_and_removable
 
+from lnfree.analysis.interp.dla import components, dla_vs_de
 from lnfree.export import to_stock_gpt2
-from lnfree.interp.dla import components, dla_vs_de
 
 
 def test_components_sum_to_the_final_residual():
@@ -25,7 +25,7 @@ def test_dla_equals_de_only_without_layernorm():
 
 
 def test_residual_norms_match_hidden_states():
-    from lnfree.interp.residual import residual_norms
+    from lnfree.analysis.interp.residual import residual_norms
 
     stock, _ = stock_and_removable()
     x = ids(2, 16)
@@ -38,7 +38,7 @@ def test_residual_norms_match_hidden_states():
 
 def test_attention_sinks_on_uniform_attention():
     """Q and K weights zeroed: every query attends uniformly, A[i, 0] = 1 / (i + 1) exactly."""
-    from lnfree.interp.residual import attention_sinks
+    from lnfree.analysis.interp.residual import attention_sinks
 
     stock, _ = stock_and_removable()
     d = stock.config.n_embd

@@ -1,40 +1,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import tiny_config
-from transformers import GPT2LMHeadModel
+from conftest import calibrated_all_removed, ids, stock_and_removable, tiny_config
 
-from lnfree.model import NORM_KINDS, load_removable, make_removable, save_removable
+from lnfree.model import load_removable, make_removable, save_removable
 from lnfree.norm import BOS, ORDINARY
-
-
-def stock_and_removable(**kw):
-    stock = GPT2LMHeadModel(tiny_config(**kw))
-    with torch.no_grad():  # non-trivial gamma/beta so that a wrong formula shows
-        for m in stock.modules():
-            if isinstance(m, torch.nn.LayerNorm):
-                m.weight.uniform_(0.5, 1.5)
-                m.bias.normal_(0, 0.1)
-    return stock.eval(), make_removable(stock).eval()
-
-
-def remove_all(model):
-    L = model.config.n_layer
-    for kind in NORM_KINDS[:3]:
-        for i in range(L):
-            model.remove(kind, i)
-    model.remove("lnf")
-
-
-def calibrated_all_removed(**kw):
-    stock, model = stock_and_removable(**kw)
-    model.calibrate(torch.randint(0, 97, (4, 32)))
-    remove_all(model)
-    return stock, model
-
-
-def ids(b=2, t=16, seed=1):
-    return torch.randint(0, 97, (b, t), generator=torch.Generator().manual_seed(seed))
 
 
 def test_all_real_matches_stock_with_and_without_padding():
@@ -284,7 +254,7 @@ def test_non_gpt2_config_refused():
 def test_no_host_sync_from_the_removal_machinery():
     """forward + backward + the per-step statistics commit of the removable model (all real: statistics
     recorded; half removed; all removed) make no more host syncs than stock GPT-2's forward + backward."""
-    from lnfree.syncs import count_syncs
+    from lnfree.bench.syncs import count_syncs
 
     stock, model = stock_and_removable()
     x = ids(2, 32)

@@ -4,8 +4,8 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from transformers import GPT2LMHeadModel
 
-from lnfree.pretrain import pretrain
-from lnfree.sources import builtin_dir
+from lnfree.io import builtin_dir
+from lnfree.training.pretrain import pretrain
 
 
 def test_pretrain_writes_a_stock_loadable_builtin_model(tmp_path):

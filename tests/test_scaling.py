@@ -3,7 +3,7 @@ import math
 
 import pytest
 
-from lnfree.scaling import analyse, power_law, threshold_budget
+from lnfree.analysis.scaling import analyse, power_law, threshold_budget
 
 
 def test_threshold_budget_interpolates_in_log_budget():
@@ -36,7 +36,8 @@ def test_analyse_reads_sweep_summaries(tmp_path):
         shape = {"n_positions": 16, "n_embd": emb, "vocab_size": 100}
         d.joinpath("summary.json").write_text(json.dumps({
             "config": {"model": {"name": name, "shape": shape}, "schedule": {"name": sched, "remove": sched != "none"}},
-            "n_params": 10 * emb * emb + 116 * emb, "tokens_seen": steps * 100, "val_ce": ce,
+            "n_params": 10 * emb * emb + 116 * emb, "n_params_non_embedding": 10 * emb * emb,
+            "tokens_seen": steps * 100, "val_ce": ce,
             "all_removed": sched != "none"}))
     res = analyse(tmp_path, 0.01, tmp_path / "out")
     assert res["models"]["a"]["gap"] == pytest.approx([0.05, 0.01 / 3.9])

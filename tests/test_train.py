@@ -8,12 +8,12 @@ from conftest import ROOT, TINY_RUN, compose_train
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
-from lnfree.callbacks import LNRemovalCallback
-from lnfree.data import DataError
-from lnfree.hardware import HardwareError, grad_accumulation, make_strategy
+from lnfree.data.streams import DataError
+from lnfree.io import ModelIOError, read_checkpoint
 from lnfree.schedule import ScheduleError, build_events
-from lnfree.sources import SourceError
-from lnfree.train import ConfigError, train
+from lnfree.training.callbacks import LNRemovalCallback
+from lnfree.training.hardware import HardwareError, grad_accumulation, make_strategy
+from lnfree.training.train import ConfigError, train
 
 GROUPS = ["model", "schedule", "data", "hardware", "logger", "optim", "trainer", "paths", "experiment"]
 PAPER = {  # experiment -> (n_layer, lnf step, max_steps) from METHOD.md's table
@@ -69,9 +69,8 @@ def test_fsdp_keeps_fp32_buffers_and_refuses_cpu(tmp_path):
         grad_accumulation(1000, 4, 64, 1)
 
 
-def test_end_to_end_tiny_run_removes_everything_and_exports(tmp_path):
-    cfg = compose_train(tmp_path, *TINY_RUN)
-    summary = train(cfg)
+def test_end_to_end_tiny_run_removes_everything_and_exports(tiny_run):
+    summary, tmp_path = tiny_run
     saved = json.loads((tmp_path / "summary.json").read_text())
     assert saved["all_removed"] and len(saved["removed_sites"]) == 7
     assert [e["site"] for e in saved["events"]] == ["ln2.0", "ln2.1", "ln1qk.0", "ln1qk.1", "ln1v.0",
@@ -97,8 +96,8 @@ class _Crash(RuntimeError):
     pass
 
 
-def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path, monkeypatch):
-    full = train(compose_train(tmp_path / "full", *TINY_RUN))
+def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path, monkeypatch, tiny_run):
+    full, _ = tiny_run
 
     original = LNRemovalCallback.on_train_batch_end
 
@@ -113,7 +112,7 @@ def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path, monkeypatch):
     monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", original)
     ckpt = tmp_path / "part" / "checkpoints" / "on_exception.ckpt"
     assert ckpt.exists()
-    state = torch.load(ckpt, weights_only=False)
+    state = read_checkpoint(ckpt)
     assert state["global_step"] == 12
     done = [a["site"] for a in state["callbacks"]["LNRemovalCallback"]["applied"]]
     assert done == ["ln2.0", "ln2.1", "ln1qk.0", "ln1qk.1", "ln1v.0"]  # mid-schedule
@@ -160,7 +159,7 @@ def test_offline_wandb_run_writes_run_files(tmp_path):
 
 
 @pytest.mark.parametrize("overrides,error,match", [
-    (["model=gpt2"], SourceError, "offline"),
+    (["model=gpt2"], ModelIOError, "offline"),
     (["data.block_size=512"], ConfigError, "exceeds the model's context"),
     (["trainer.max_steps=10"], ScheduleError, "max_steps=10"),
     (["data=local_text", "data.files=[/nonexistent/*.jsonl]"], DataError, "matched no file"),

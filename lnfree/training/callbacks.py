@@ -16,8 +16,8 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.utilities import rank_zero_info
 
-from .model import NORM_KINDS
-from .schedule import Event
+from ..model import NORM_KINDS
+from ..schedule import Event
 
 
 def _all_reduce_sum(t: torch.Tensor):

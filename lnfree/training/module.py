@@ -15,7 +15,8 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from .model import RemovableGPT2LMHeadModel
+from ..io import CKPT_MODEL_CONFIG
+from ..model import RemovableGPT2LMHeadModel
 
 
 def lr_lambda(step: int, warmup: int, decay_steps: int, lr: float, min_lr: float) -> float:
@@ -84,8 +85,8 @@ class LNFreeModule(L.LightningModule):
         self.log("val/ce", ce, prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
 
     def on_save_checkpoint(self, checkpoint):
-        # a checkpoint is loadable on its own (lnfree.eval, lnfree.load): keep the model's config with it
-        checkpoint["lnfree_model_config"] = self.model.config.to_dict()
+        # a checkpoint is loadable on its own (lnfree.io.load): keep the model's config with it
+        checkpoint[CKPT_MODEL_CONFIG] = self.model.config.to_dict()
 
     def configure_optimizers(self):
         o = self.optim

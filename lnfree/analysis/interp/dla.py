@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from ..norm import RemovableLayerNorm
+from ...norm import RemovableLayerNorm
 from .hooks import run_with_hooks
 
 
@@ -76,7 +76,7 @@ def dla_vs_de(model, ids: torch.Tensor, direction: torch.Tensor, pos: int = -1) 
 
 
 def main(argv=None):
-    """python -m lnfree.interp.dla [name=path ...]: DLA vs DE for the correct next token at the last position
+    """python -m lnfree.analysis.interp.dla [name=path ...]: DLA vs DE for the correct next token at the last position
     of validation prompts of the built-in corpus; writes experiments/builtin_interp/dla.{json,png}."""
     import argparse
     import json
@@ -84,8 +84,8 @@ def main(argv=None):
 
     import numpy as np
 
-    from ..data import TextDataModule
-    from ..load import load_any
+    from ...data.datamodule import TextDataModule
+    from ...io import load as load_any
 
     p = argparse.ArgumentParser(description="DLA vs direct effect per model")
     p.add_argument("models", nargs="*", default=["original=builtin:2x128", "vanilla=outputs/builtin/vanilla",

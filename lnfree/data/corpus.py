@@ -9,7 +9,7 @@ Why this and not the standard library's docstrings: it is real, varied English p
 and needs nothing at run time beyond the installed package.
 
 Tokenizer: a GPT-2-style byte-level BPE (vocab 4096, `<|endoftext|>` = id 0) trained on the training split
-with `tokenizers`; regenerate with `python -m lnfree.corpus`.
+with `tokenizers`; regenerate with `python -m lnfree.data.corpus`.
 """
 
 from __future__ import annotations
@@ -48,7 +48,7 @@ def load_tokenizer(path: str | Path = TOKENIZER_DIR):
     from transformers import AutoTokenizer
 
     if not Path(path).exists():
-        raise FileNotFoundError(f"built-in tokenizer {path} missing; run `python -m lnfree.corpus`")
+        raise FileNotFoundError(f"built-in tokenizer {path} missing; run `python -m lnfree.data.corpus`")
     return AutoTokenizer.from_pretrained(str(path))
 
 

@@ -41,14 +41,14 @@ def attention_sinks(model, ids: torch.Tensor, threshold: float = SINK_THRESHOLD)
 
 
 def main(argv=None):
-    """python -m lnfree.interp.residual [name=path ...]: both measures on validation blocks of the built-in
+    """python -m lnfree.analysis.interp.residual [name=path ...]: both measures on validation blocks of the built-in
     corpus; writes experiments/builtin_interp/residual.{json,png}."""
     import argparse
     import json
     from pathlib import Path
 
-    from ..data import TextDataModule
-    from ..load import load_any
+    from ...data.datamodule import TextDataModule
+    from ...io import load as load_any
     from ..plots import _save
 
     p = argparse.ArgumentParser(description="residual norms and attention sinks per model")

@@ -1,6 +1,6 @@
 """Remove every norm of a model at once, without fine-tuning: the baseline that fine-tuning must beat.
 
-    python -m lnfree.remove_now builtin:2x128 outputs/builtin/no_finetune [--blocks 16]
+    python -m lnfree.training.remove_now builtin:2x128 outputs/builtin/no_finetune [--blocks 16]
 
 Calibrates every site's sigma on `--blocks` blocks of the built-in training split, freezes them all and
 writes the verified HF-compatible and folded exports (same layout as a training run's export/).
@@ -14,22 +14,21 @@ from pathlib import Path
 
 import torch
 
-from .data import TextDataModule
-from .export import export_folded, export_hf
-from .load import load_any
-from .model import make_removable
+from ..data.datamodule import TextDataModule
+from ..export import export_folded, export_hf
+from ..io import DEFAULT_CACHE_DIR, load
+from ..model import parse_site_name
 
 
-def remove_now(source: str, out_dir: str, blocks: int = 16, block_size: int = 256, cache_dir="~/.cache/lnfree"):
-    base, tok = load_any(source, cache_dir)
-    model = make_removable(base).eval()
+def remove_now(source: str, out_dir: str, blocks: int = 16, block_size: int = 256, cache_dir=DEFAULT_CACHE_DIR):
+    model, tok = load(source, cache_dir, removable=True)
+    model.eval()
     dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=block_size,
                         micro_batch_size=blocks, val_blocks=4)
     dm.setup()
     model.calibrate(dm.calibration_batch())
     for name in list(model.sites()):
-        kind, _, block = name.partition(".")
-        model.remove(kind, int(block) if block else None)
+        model.remove(*parse_site_name(name))
     out = Path(out_dir)
     check = dm.val_data[:4]
     errors = {"hf": export_hf(model, out / "export" / "hf", tok, input_ids=check),
@@ -46,7 +45,7 @@ def main(argv=None):
     p.add_argument("out_dir")
     p.add_argument("--blocks", type=int, default=16, help="calibration blocks")
     p.add_argument("--block-size", type=int, default=256)
-    p.add_argument("--cache-dir", default="~/.cache/lnfree")
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     a = p.parse_args(argv)
     with torch.no_grad():
         remove_now(a.source, a.out_dir, a.blocks, a.block_size, a.cache_dir)

@@ -1,7 +1,7 @@
 """Data needed to remove LayerNorm vs model size (METHOD.md section 8), from a sweep's run summaries.
 
     python -m lnfree.train -m experiment=data_scaling          # LN-free + vanilla per (size, budget)
-    python -m lnfree.scaling multirun/data_scaling/<time> [--gap 0.01] [--out experiments/data_scaling]
+    python -m lnfree.analysis.scaling multirun/data_scaling/<time> [--gap 0.01] [--out experiments/data_scaling]
 
 For each model size: the relative gap (CE_LN-free - CE_vanilla) / CE_vanilla at every budget, and the smallest
 budget T* at which the gap is within `--gap`, interpolated linearly in log(budget) between the two budgets
@@ -27,19 +27,12 @@ def load_runs(sweep_dir: str | Path) -> list[dict]:
     for f in sorted(Path(sweep_dir).glob("**/summary.json")):
         s = json.loads(f.read_text())
         c = s["config"]
-        n_nonemb = s["n_params"] - (c["model"]["shape"]["n_positions"] + _vocab(s)) * c["model"]["shape"]["n_embd"]
         runs.append({"model": c["model"]["name"], "schedule": c["schedule"]["name"], "removes": c["schedule"]["remove"],
                      "tokens": s["tokens_seen"], "val_ce": s["val_ce"], "n_params": s["n_params"],
-                     "n_nonemb": n_nonemb, "all_removed": s["all_removed"]})
+                     "n_nonemb": s["n_params_non_embedding"], "all_removed": s["all_removed"]})
     if not runs:
         raise FileNotFoundError(f"no summary.json under {sweep_dir}")
     return runs
-
-
-def _vocab(summary) -> int:
-    from .corpus import VOCAB_SIZE
-
-    return summary["config"]["model"]["shape"].get("vocab_size", VOCAB_SIZE)
 
 
 def gaps(runs: list[dict]) -> dict[str, dict]:

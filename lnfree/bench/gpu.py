@@ -2,10 +2,10 @@
 the removal machinery, plus a save-and-resume under FSDP. Needs nothing from the network (random init,
 built-in corpus, GPT-2's vocabulary size) and finishes in a few minutes on one H100.
 
-    python -m lnfree.bench_gpu [--steps 30] [--out experiments/bench/gpu.json]
-    python -m lnfree.bench_gpu --smoke      # the same code path on CPU with a tiny model (CI)
+    python -m lnfree.bench.gpu [--steps 30] [--out experiments/bench/gpu.json]
+    python -m lnfree.bench.gpu --smoke      # the same code path on CPU with a tiny model (CI)
 
-Reports training tokens/s (lnfree.callbacks.Throughput: steps after the third, validation excluded) and
+Reports training tokens/s (lnfree.training.callbacks.Throughput: steps after the third, validation excluded) and
 model FLOPs utilisation, MFU = (6 N + 12 L T d) * tokens/s / peak (N non-embedding parameters, T context).
 """
 
@@ -19,9 +19,9 @@ from pathlib import Path
 import torch
 from hydra import compose, initialize_config_dir
 
-from .train import train
+from ..paths import CONF_DIR
+from ..training.train import train
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
 PEAK_BF16 = {"H100": 989e12, "H200": 989e12, "A100": 312e12}  # dense bf16 FLOP/s
 
 
@@ -33,7 +33,7 @@ def peak_flops() -> float | None:
 
 
 def run(tmp: Path, tag: str, overrides: list[str]) -> dict:
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={tmp / tag}", f"paths.cache_dir={tmp / 'cache'}",
                                           "logger=csv", "trainer.progress_bar=false",
                                           "trainer.validate_before=false", *overrides])
@@ -41,8 +41,7 @@ def run(tmp: Path, tag: str, overrides: list[str]) -> dict:
     s = train(cfg)
     shape = s["config"]["model"]["shape"]
     L, d, T = shape["n_layer"], shape["n_embd"], s["config"]["data"]["block_size"]
-    n_nonemb = s["n_params"] - (shape.get("vocab_size", 4096) + shape["n_positions"]) * d
-    flops_per_token = 6 * n_nonemb + 12 * L * T * d
+    flops_per_token = 6 * s["n_params_non_embedding"] + 12 * L * T * d
     peak = peak_flops()
     tps = s["train_tokens_per_s"]
     return {"tag": tag, "tokens_per_s": tps, "mfu": (flops_per_token * tps / peak) if (peak and tps) else None,

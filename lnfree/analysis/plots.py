@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
+
 # removal events as dotted lines in colours the model curves (default cycle from tab:blue) do not start with
 KIND_COLOURS = {"ln2": "tab:purple", "ln1qk": "tab:olive", "ln1v": "tab:cyan", "lnf": "black",
                 "bos": "tab:gray", "eot": "tab:brown"}
@@ -57,15 +59,6 @@ def plot_ce_by_position(per_token: dict, path: Path):
     _save(fig, path)
 
 
-def find_run_dir(path: str) -> Path | None:
-    """The training run a model path belongs to (a run dir, its export/* or a checkpoint), if any."""
-    p = Path(path).expanduser()
-    for cand in (p, p.parent, p.parent.parent):
-        if (cand / "summary.json").exists():
-            return cand
-    return None
-
-
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
     """Every metric of a run's CSV logs (resumed parts included), as sorted (step, value) lists."""
     series: dict[str, dict[int, float]] = {}
@@ -91,7 +84,7 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
             if key in metrics:
                 steps, vals = zip(*metrics[key])
                 ax.plot(steps, vals, label=name, marker="o" if key == "val/ce" else None, ms=3, lw=1)
-        events = json.loads((run / "summary.json").read_text()).get("events", [])
+        events = json.loads((run / RUN_SUMMARY).read_text()).get("events", [])
         for e in events:
             for ax in axes:
                 ax.axvline(e["step"], color=KIND_COLOURS.get(e["kind"], "k"), alpha=0.5, lw=0.8, ls=":")

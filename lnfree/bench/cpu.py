@@ -1,6 +1,6 @@
 """`make bench`: the cost of the removal machinery and the speed of the LN-free model, on this machine.
 
-    python -m lnfree.bench [--reps 7] [--out experiments/bench/cpu.json] [--quick]
+    python -m lnfree.bench.cpu [--reps 7] [--out experiments/bench/cpu.json] [--quick]
 
 All timings in one process, on the same shapes, alternating A and B in every repetition (so drift and
 noise hit both), reporting medians and the ratio of medians:
@@ -9,7 +9,7 @@ noise hit both), reporting medians and the ratio of medians:
      against stock GPT2LMHeadModel, in fp32 and bf16 autocast;
   b. inference forward of the folded LN-free model against stock GPT-2 with LayerNorm (fp32);
   c. evaluation throughput (tokens/s, bf16 autocast, batch 1 x context) and peak memory;
-  d. host syncs in a training step attributable to the removal machinery (lnfree.syncs).
+  d. host syncs in a training step attributable to the removal machinery (lnfree.bench.syncs).
 Shapes: the built-in default (2 x 128, vocab 4096, 16 x 256 tokens) and GPT-2 small (124M) at a short context.
 """
 
@@ -27,8 +27,8 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from .export import fold
-from .model import make_removable
+from ..export import fold
+from ..model import make_removable, parse_site_name
 from .syncs import count_syncs
 
 SHAPES = {
@@ -50,8 +50,7 @@ def _models(cfg_kw):
         m.calibrate(x)
         names = list(m.sites())
         for n in names[: round(frac * len(names))]:
-            k, _, b = n.partition(".")
-            m.remove(k, int(b) if b else None)
+            m.remove(*parse_site_name(n))
     return stock, {"all_real": real, "mid_schedule": mid, "all_removed": removed}
 
 

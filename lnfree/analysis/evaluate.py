@@ -1,0 +1,101 @@
+"""Cross-entropy tables of original vs vanilla fine-tune vs LN-free (METHOD.md section 7): `make eval`.
+
+    python -m lnfree.eval                                  # the built-in default (what `make eval` runs)
+    python -m lnfree.eval 'models=[{name: a, path: gpt2}, {name: b, path: runs/x}]' datasets=[owt]
+
+Every model is loaded through lnfree.io (so a non-GPT-2 model, a tampered export or an unsafe checkpoint is
+refused before anything is evaluated) and evaluated on the same chunks in turn, so that the Jensen-Shannon
+divergence to the first model (the reference) is computed token by token. Per model and dataset: mean, median,
+95% and 99.9% ranges, a bootstrap 95% CI of the mean over chunks, top-1 accuracy, mean entropy, expected
+calibration error and mean JSD (analysis/metrics.py). Outputs (analysis/tables.py) in `output_dir`: table.md,
+results.json, results.csv, ce_hist.png, ce_by_position.png, training_curves.png.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import hydra
+import torch
+from omegaconf import DictConfig
+from tqdm.auto import tqdm
+
+from ..io import hub_offline, load, logits, resolve
+from ..paths import CONF_DIR
+from .eval_config import SOURCES, EvalError
+from .eval_config import EvalConfig as EvalConfig  # noqa: F401  (registers the schema)
+from .eval_data import eval_chunks
+from .metrics import jsd, summarize, token_stats
+from .tables import write_outputs
+
+
+def check(cfg) -> None:
+    """Unknown models or datasets fail here, before any model is loaded."""
+    if not cfg.models:
+        raise EvalError("eval needs at least one model")
+    names = [m.name for m in cfg.models]
+    if len(set(names)) != len(names):
+        raise EvalError(f"model names must be unique: {names}")
+    for m in cfg.models:
+        resolve(m.path, cfg.cache_dir)  # ModelIOError: missing, not GPT-2, not pretrained yet, offline hub
+    for d in cfg.datasets:
+        if d.source not in SOURCES:
+            raise EvalError(f"dataset {d.name!r}: unknown source {d.source!r}; use one of {SOURCES}")
+        if d.source in ("hf", "owt_nanogpt") and hub_offline():
+            raise EvalError(f"dataset {d.name!r} streams from the hub, which is offline (HF_HUB_OFFLINE=1)")
+        if d.source == "hf" and not d.path:
+            raise EvalError(f"dataset {d.name!r}: source=hf needs a path (dataset repo id)")
+        if d.source == "files" and not d.files:
+            raise EvalError(f"dataset {d.name!r}: source=files needs files")
+    if cfg.precision not in ("bf16", "fp32"):
+        raise EvalError(f"precision must be bf16 or fp32, not {cfg.precision!r}")
+
+
+@torch.inference_mode()
+def evaluate(cfg) -> dict:
+    check(cfg)
+    models, tok = {}, None
+    for m in cfg.models:
+        models[m.name], t = load(m.path, cfg.cache_dir, cfg.device)
+        tok = tok or t
+    if cfg.tokenizer:
+        from transformers import AutoTokenizer
+
+        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+    if tok is None:
+        raise EvalError("no model carries a tokenizer: set `tokenizer`")
+    ref = cfg.models[0].name
+    autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
+    results, per_token_all = {}, {}
+    for d in cfg.datasets:
+        chunks = eval_chunks(d, tok, cfg.context, cfg.tokens)
+        acc = {name: {k: [] for k in ("ce", "entropy", "correct", "maxprob", "jsd")} for name in models}
+        bar = tqdm(range(0, len(chunks), cfg.batch), desc=f"eval {d.name}", unit="batch", mininterval=2)
+        for i in bar:
+            ids = chunks[i : i + cfg.batch].to(cfg.device)
+            ref_logp = None
+            for name, model in models.items():
+                with autocast:
+                    out = logits(model, ids)
+                stats, logp = token_stats(out, ids)
+                if ref_logp is None:
+                    ref_logp = logp
+                stats["jsd"] = jsd(logp, ref_logp)
+                for k, v in stats.items():
+                    acc[name][k].append(v.float().cpu())
+            bar.set_postfix(tokens=(i + len(ids)) * cfg.context)
+        for name in models:
+            per_token = {k: torch.cat(v).numpy() for k, v in acc[name].items()}
+            if name == ref:
+                per_token.pop("jsd")
+            results.setdefault(d.name, {})[name] = summarize(per_token, cfg.bootstrap, cfg.seed)
+            per_token_all[(d.name, name)] = per_token
+    out = Path(cfg.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    write_outputs(results, per_token_all, cfg, out)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
+def main(cfg: DictConfig):
+    evaluate(cfg)

@@ -1,0 +1,57 @@
+"""Evaluation outputs: Markdown tables, results.json / results.csv, and the figures."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+from omegaconf import OmegaConf
+
+
+def markdown_table(results: dict, key: str = "mean") -> str:
+    datasets = list(results)
+    models = list(results[datasets[0]])
+    lines = ["| model | " + " | ".join(datasets) + " |", "|---|" + "---|" * len(datasets)]
+    for m in models:
+        cells = []
+        for d in datasets:
+            best = min(results[d][x][key] for x in models)
+            v = results[d][m][key]
+            cells.append(f"{v:.4f} (best)" if v == best else f"{v:.4f} (+{v - best:.4f})")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def detail_table(results: dict) -> str:
+    cols = ["mean", "ci95_low", "ci95_high", "median", "p2.5", "p97.5", "p0.05", "p99.95", "accuracy",
+            "entropy", "ece", "jsd_to_reference"]
+    lines = ["| dataset | model | " + " | ".join(cols) + " |", "|---|---|" + "---|" * len(cols)]
+    for d, per_model in results.items():
+        for m, s in per_model.items():
+            lines.append(f"| {d} | {m} | " + " | ".join(f"{s[c]:.4f}" if c in s else "-" for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def write_outputs(results, per_token, cfg, out: Path):
+    table = ("## Mean cross-entropy (nats/token), gap to the best model in brackets\n\n" + markdown_table(results)
+             + "\n\n## Median\n\n" + markdown_table(results, "median")
+             + "\n\n## All statistics\n\n" + detail_table(results) + "\n")
+    (out / "table.md").write_text(table)
+    (out / "results.json").write_text(json.dumps(
+        {"results": results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    with open(out / "results.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        keys = sorted({k for per_model in results.values() for s in per_model.values() for k in s})
+        w.writerow(["dataset", "model", *keys])
+        for d, per_model in results.items():
+            for m, s in per_model.items():
+                w.writerow([d, m, *[s.get(k, "") for k in keys]])
+    from .plots import plot_ce_by_position, plot_ce_hist, plot_training_curves
+
+    plot_ce_hist(per_token, out / "ce_hist.png")
+    plot_ce_by_position(per_token, out / "ce_by_position.png")
+    runs = {m.name: m.path for m in cfg.models}
+    plot_training_curves(runs, out / "training_curves.png")
+    print(table)
+    print(f"[lnfree] evaluation written to {out.resolve()}")

@@ -1,0 +1,1 @@
+"""Text data: the built-in corpus and tokenizer (corpus), document streams (streams), the DataModule (datamodule)."""

@@ -1,0 +1,328 @@
+"""Model IO: every model reference is resolved here, once, and loaded safely.
+
+    from lnfree import load
+    model, tok = load("builtin:2x128")                 # the built-in family (shipped, or pretrained into the cache)
+    model, tok = load("gpt2-medium")                   # a hub name (users have the internet)
+    model, tok = load("path/to/hf_dir")                # any GPT-2 Hugging Face dir
+    model, tok = load("outputs/run/export/hf")         # HF-compatible LN-free export (checked against its record)
+    model, tok = load("outputs/run/export/folded")     # folded, truly norm-free form (checked against its record)
+    model, tok = load("path/to/removable_dir")         # save_removable() output: modes and sigmas kept
+    model, tok = load("outputs/run")                   # a training run: its export/hf
+    model, tok = load("outputs/run/checkpoints/last.ckpt")   # a Lightning checkpoint, read with weights_only
+
+Rules (why this module exists):
+- Loading never trains. A built-in model that is not pretrained yet is an error naming the command that
+  makes it.
+- No pickle: checkpoints go through `torch.load(weights_only=True)`; weights are safetensors.
+- GPT-2 only: any other architecture is refused by its config, before weights are read.
+- Exports carry a record (lnfree_export.json: form, eps, sigmas, a logits fingerprint on fixed token ids);
+  loading one recomputes the fingerprint and refuses an export that no longer matches (an edited eps, a
+  swapped weight file). An LN-free HF-compatible export in fp16 is refused: its weights overflow fp16.
+
+This is core: it imports torch, transformers and safetensors only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from .folded import CONFIG_FILE as FOLDED_CONFIG
+from .folded import load_folded
+from .model import LNFREE_FILE, RemovableGPT2LMHeadModel, check_gpt2_config, load_removable, make_removable
+from .paths import DEFAULT_CACHE_DIR, RUN_SUMMARY, SHIPPED_DIR
+
+BUILTIN_PREFIX = "builtin:"
+EXPORT_INFO = "lnfree_export.json"  # the record every export carries
+LNFREE_EPS = 1e6  # a layer_norm_epsilon at or above this marks the HF-compatible LN-free trick (1e12)
+FINGERPRINT_TOL = 1e-4  # relative; an edited eps is off by ~1e5, round-off across machines ~1e-6
+CKPT_MODEL_CONFIG = "lnfree_model_config"  # key under which a training checkpoint keeps the GPT-2 config
+
+
+class ModelIOError(ValueError):
+    pass
+
+
+# -- references ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model reference. kind: hub | hf | hf_lnfree | folded | removable | ckpt."""
+
+    reference: str  # as the user wrote it
+    kind: str
+    location: str  # a local path, or the hub name
+    run_dir: str | None = None  # the training run it belongs to, when it is one's export or checkpoint
+
+
+def hub_offline() -> bool:
+    import huggingface_hub.constants as c
+
+    return bool(c.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def builtin_dir(name: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, shipped: bool = True) -> Path:
+    """A built-in model's dir: shipped with lnfree (lnfree/pretrained/<name>) or in the cache."""
+    if shipped and (SHIPPED_DIR / name).exists():
+        return SHIPPED_DIR / name
+    return Path(cache_dir).expanduser() / "models" / name
+
+
+def find_run_dir(path: str | Path) -> Path | None:
+    """The training run a model path belongs to (a run dir, its export/* or a checkpoint), if any."""
+    p = Path(path).expanduser()
+    for cand in (p, p.parent, p.parent.parent):
+        if (cand / RUN_SUMMARY).exists():
+            return cand
+    return None
+
+
+def pretrain_command(name: str) -> str:
+    return f"python -m lnfree.pretrain model=builtin_{name}"
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise ModelIOError(f"cannot read {path}: {e}") from e
+
+
+def _check_gpt2_dir(d: Path, reference: str):
+    cfg = _read_json(d / "config.json")
+    if cfg.get("model_type") != "gpt2":
+        raise ModelIOError(f"{reference!r} is a {cfg.get('model_type')!r} model ({d / 'config.json'}); lnfree reads "
+                           "GPT-2-architecture models only (model_type 'gpt2')")
+
+
+def _classify_dir(d: Path, reference: str) -> ModelRef:
+    run = find_run_dir(d)
+    run_dir = str(run) if run else None
+    if (d / FOLDED_CONFIG).exists():
+        return ModelRef(reference, "folded", str(d), run_dir)
+    if (d / "config.json").exists():
+        _check_gpt2_dir(d, reference)
+        if (d / LNFREE_FILE).exists():
+            return ModelRef(reference, "removable", str(d), run_dir)
+        record = _read_json(d / EXPORT_INFO) if (d / EXPORT_INFO).exists() else {}
+        eps = _read_json(d / "config.json").get("layer_norm_epsilon", 1e-5)
+        lnfree = record.get("form") == "hf_lnfree" or eps >= LNFREE_EPS
+        return ModelRef(reference, "hf_lnfree" if lnfree else "hf", str(d), run_dir)
+    if (d / "export" / "hf").is_dir():
+        return _classify_dir(d / "export" / "hf", reference)
+    raise ModelIOError(f"{reference!r} is a directory but not a model: no config.json, {FOLDED_CONFIG} or "
+                       "export/hf/ inside")
+
+
+def resolve(reference: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> ModelRef:
+    """What `reference` is, without loading weights; a clear ModelIOError for anything lnfree cannot load."""
+    reference = str(reference)
+    if reference.startswith(BUILTIN_PREFIX):
+        name = reference[len(BUILTIN_PREFIX):]
+        d = builtin_dir(name, cache_dir)
+        if not d.exists():
+            raise ModelIOError(f"built-in model {reference!r} is not pretrained yet (looked in {SHIPPED_DIR / name} "
+                               f"and {d}); make it with `{pretrain_command(name)}`")
+        return _classify_dir(d, reference)
+    p = Path(reference).expanduser()
+    if p.is_file():
+        if p.suffix != ".ckpt":
+            raise ModelIOError(f"{reference!r} is a file but not a Lightning checkpoint (.ckpt); give a model "
+                               "directory, a run directory or a .ckpt")
+        return ModelRef(reference, "ckpt", str(p), str(p.parent.parent))  # <run>/checkpoints/<name>.ckpt
+    if p.is_dir():
+        return _classify_dir(p, reference)
+    if reference.startswith((".", "/", "~")) or reference.endswith(".ckpt") or os.sep in reference.rstrip(os.sep)[:1]:
+        raise ModelIOError(f"model path {reference!r} does not exist")
+    if hub_offline():
+        raise ModelIOError(f"model {reference!r} is not a local path, and the hub is offline (HF_HUB_OFFLINE=1), so "
+                           "it cannot be a hub name; give a local dir, a run dir, a .ckpt or builtin:<name>")
+    return ModelRef(reference, "hub", reference)
+
+
+# -- checkpoints -----------------------------------------------------------------------------------------
+def _safe_globals() -> list:
+    """The few non-tensor types a Lightning checkpoint holds (besides dicts, lists, numbers, tensors)."""
+    import collections
+
+    return [collections.OrderedDict, collections.defaultdict, getattr, torch.Size]
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """A checkpoint's contents with weights_only=True: tensors and plain containers, never code."""
+    try:
+        with torch.serialization.safe_globals(_safe_globals()):
+            return torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001  (torch raises UnpicklingError, RuntimeError, EOFError ...)
+        raise ModelIOError(f"refused to load checkpoint {path}: it is not a plain tensor checkpoint that "
+                           f"weights_only=True accepts ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
+
+
+def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> GPT2Config:
+    if CKPT_MODEL_CONFIG not in ckpt or "state_dict" not in ckpt:
+        raise ModelIOError(f"{path} is not an lnfree training checkpoint (no {CKPT_MODEL_CONFIG} / state_dict)")
+    cfg = GPT2Config.from_dict(ckpt[CKPT_MODEL_CONFIG])
+    check_gpt2_config(cfg)
+    return cfg
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> RemovableGPT2LMHeadModel:
+    """The removable model (weights, modes, sigmas) from a checkpoint read by `read_checkpoint`."""
+    model = RemovableGPT2LMHeadModel(checkpoint_config(ckpt, path))
+    state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
+    model.load_state_dict(state)
+    return model.eval()
+
+
+# -- export records --------------------------------------------------------------------------------------
+def logits(model, ids: torch.Tensor) -> torch.Tensor:
+    """Logits [batch, pos, vocab] of any loaded form (HF models return an output object, folded a tensor)."""
+    out = model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def fingerprint_ids(vocab_size: int, n_positions: int, n: int = 32) -> torch.Tensor:
+    g = torch.Generator().manual_seed(20250702)
+    return torch.randint(0, vocab_size, (1, min(n, n_positions)), generator=g)
+
+
+@torch.no_grad()
+def fingerprint(model, vocab_size: int, n_positions: int) -> dict:
+    """Logits on fixed token ids, compactly: the logsumexp per position (all of the vocabulary) and the first
+    16 logits per position. Computed in fp32 on CPU by whoever writes or checks a record."""
+    ids = fingerprint_ids(vocab_size, n_positions)
+    out = logits(model, ids.to(next(model.parameters()).device)).double().cpu()[0]
+    return {"ids": ids[0].tolist(), "logsumexp": out.logsumexp(-1).tolist(), "logits": out[:, :16].tolist()}
+
+
+def fingerprint_error(a: dict, b: dict) -> float:
+    x = torch.tensor([*a["logsumexp"], *sum(a["logits"], [])], dtype=torch.float64)
+    y = torch.tensor([*b["logsumexp"], *sum(b["logits"], [])], dtype=torch.float64)
+    if x.shape != y.shape:
+        return float("inf")
+    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
+
+
+def write_record(out_dir: str | Path, model, form: str, **fields) -> dict:
+    """Write lnfree_export.json for an export (`model`: the exported model, fp32)."""
+    cfg = model.config
+    vocab, n_pos = cfg.vocab_size, cfg.n_positions
+    record = {"form": form, **fields}
+    fp = fingerprint(model, vocab, n_pos)  # written on one line: numbers nobody reads one by one
+    text = json.dumps(record, indent=1)[:-2] + ',\n "fingerprint": ' + json.dumps(fp) + "\n}\n"
+    (Path(out_dir) / EXPORT_INFO).write_text(text)
+    return {**record, "fingerprint": fp}
+
+
+def verify_record(ref: ModelRef, model) -> None:
+    """Refuse an export that no longer is what its record says."""
+    d = Path(ref.location)
+    if not (d / EXPORT_INFO).exists():
+        if ref.kind == "folded":
+            raise ModelIOError(f"folded export {d} has no {EXPORT_INFO}: it cannot be verified; re-export it")
+        return  # a plain HF dir: nothing recorded, nothing to check
+    record = _read_json(d / EXPORT_INFO)
+    form = "folded" if ref.kind == "folded" else ref.kind
+    if record.get("form") != form:
+        raise ModelIOError(f"export {d} is recorded as {record.get('form')!r} but its files are a {form!r} model: "
+                           "it was altered")
+    if ref.kind in ("hf", "hf_lnfree") and "layer_norm_epsilon" in record:
+        eps = model.config.layer_norm_epsilon
+        if eps != record["layer_norm_epsilon"]:
+            raise ModelIOError(f"export {d}: config.json has layer_norm_epsilon={eps:g} but the export was written "
+                               f"with {record['layer_norm_epsilon']:g}; the LN-free trick needs the recorded value")
+    if "fingerprint" not in record:
+        raise ModelIOError(f"export {d}: {EXPORT_INFO} has no fingerprint; re-export it")
+    got = fingerprint(model, model.config.vocab_size, model.config.n_positions)
+    err = fingerprint_error(got, record["fingerprint"])
+    if not err <= FINGERPRINT_TOL:
+        raise ModelIOError(f"export {d}: logits on the recorded token ids differ from the record (relative error "
+                           f"{err:.2e} > {FINGERPRINT_TOL:.0e}): the weights or config were changed after export")
+
+
+def set_dropout(model, p: float):
+    """Every dropout of a (removable) GPT-2, config included (HF's SDPA path reads attn_dropout.p)."""
+    for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+        setattr(model.config, k, p)
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = p
+
+
+# -- loading ---------------------------------------------------------------------------------------------
+def load_tokenizer(ref: ModelRef):
+    """The tokenizer stored with the model (or its run's export), or None."""
+    from transformers import AutoTokenizer
+
+    where = Path(ref.location)
+    if ref.kind == "ckpt":
+        where = Path(ref.run_dir) / "export" / "hf"
+    if ref.kind == "hub":
+        return AutoTokenizer.from_pretrained(ref.location)
+    if not (where / "tokenizer_config.json").exists():
+        return None
+    return AutoTokenizer.from_pretrained(str(where))
+
+
+def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, revision=None) -> GPT2Config:
+    """The GPT-2 config of a reference without loading weights (for checks before any compute)."""
+    ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
+    if ref.kind == "ckpt":
+        return checkpoint_config(read_checkpoint(ref.location), ref.location)
+    if ref.kind == "folded":
+        raise ModelIOError(f"{ref.reference!r} is a folded export: it has no GPT-2 config (no norms to remove)")
+    from transformers import AutoConfig
+
+    cfg = AutoConfig.from_pretrained(ref.location, revision=revision)
+    try:
+        check_gpt2_config(cfg)
+    except ValueError as e:
+        raise ModelIOError(f"{ref.reference!r}: {e}") from e
+    return cfg
+
+
+def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, device="cpu",
+         dtype: torch.dtype | None = None, removable: bool = False, revision=None,
+         attn_implementation: str | None = None, dropout: float | None = None):
+    """(model, tokenizer or None) for any reference; see the module docstring.
+
+    removable=True returns a RemovableGPT2LMHeadModel ready to fine-tune (from a GPT-2, a removable dir or a
+    checkpoint); exports cannot be made removable again. dropout: overrides the model's resid/embd/attn dropout.
+    """
+    ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
+    if dtype == torch.float16 and ref.kind == "hf_lnfree":
+        raise ModelIOError(f"{ref.reference!r} is an LN-free HF-compatible export: its norms use eps=1e12 and weights "
+                           "of order 1e6/sigma, which overflow fp16 (max 65504). Load it in float32 or bfloat16, or "
+                           "use the folded export")
+    if removable and ref.kind in ("hf_lnfree", "folded"):
+        raise ModelIOError(f"{ref.reference!r} is an LN-free export ({ref.kind}); to fine-tune further, start from "
+                           "the run's checkpoint (.ckpt) instead")
+    if ref.kind == "ckpt":
+        model = model_from_checkpoint(read_checkpoint(ref.location), ref.location)
+    elif ref.kind == "removable":
+        model = load_removable(ref.location).eval()
+    elif ref.kind == "folded":
+        model = load_folded(ref.location)
+        verify_record(ref, model)
+    else:
+        model_config(ref, revision=revision)  # refuses a non-GPT-2 hub model before its weights download
+        kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
+        try:
+            # fp32 first: the record's fingerprint is checked in fp32, the requested dtype applied after
+            model = GPT2LMHeadModel.from_pretrained(ref.location, revision=revision, dtype=torch.float32,
+                                                    **kw).eval()
+        except OSError as e:
+            raise ModelIOError(f"could not load model {ref.reference!r}: {e}") from e
+        if ref.kind in ("hf", "hf_lnfree"):
+            verify_record(ref, model)
+    if removable and not isinstance(model, RemovableGPT2LMHeadModel):
+        model = make_removable(model)
+    if dropout is not None:
+        set_dropout(model, dropout)
+    if dtype is not None:
+        model = model.to(dtype=dtype)
+    return model.to(device), load_tokenizer(ref)

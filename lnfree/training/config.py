@@ -1,0 +1,154 @@
+"""Typed schemas for the Hydra configs in conf/.
+
+`conf/train.yaml` starts its defaults list with `train_schema`, so every group option is merged into the
+dataclass below: a misspelt key or a wrong type fails when the config is composed, before any compute.
+One source of truth: the YAML files hold every value (each group's shared values in its base.yaml, which
+the options inherit); this file holds the fields, their types and their meaning, and no defaults (MISSING),
+except KindSchedule, whose defaults fill the removal kinds a schedule leaves out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class ModelConfig:
+    name: str = MISSING
+    # where the weights come from: a hub name (e.g. gpt2-medium; needs the internet once), a local HF dir,
+    # "builtin:<name>" (the built-in family, pretrained on first use) or "random" (GPT2Config(**shape))
+    source: str = MISSING
+    tokenizer: Optional[str] = MISSING  # HF tokenizer name/dir; default: the source's own
+    revision: Optional[str] = MISSING  # hub revision (commit, tag or branch)
+    shape: Dict[str, Any] = MISSING  # GPT2Config fields for source=random / builtin
+    attn_implementation: str = MISSING  # sdpa | eager
+    gradient_checkpointing: bool = MISSING
+    dropout: Optional[float] = MISSING  # override resid/embd/attn dropout; null keeps the checkpoint's
+    pretrain_steps: Optional[int] = MISSING  # built-in family: optimizer steps of its pretraining
+
+
+@dataclass
+class KindSchedule:
+    start: Optional[int] = None  # optimizer step of block 0's event; null = contiguous with previous kind
+    gap: int = 0  # steps between consecutive blocks; 0 = all blocks at `start`
+
+
+@dataclass
+class ScheduleConfig:
+    name: str = MISSING
+    remove: bool = MISSING  # false: vanilla control (same run, no removal)
+    ln2: KindSchedule = MISSING
+    ln1qk: KindSchedule = MISSING
+    ln1v: KindSchedule = MISSING
+    lnf: KindSchedule = MISSING
+    # optional, off by default: end the special sigma of position 0 / end-of-text tokens; setting one turns
+    # the special sigma on for every site (stages 0..L-1 are the blocks, stage L the final norm)
+    bos: Optional[KindSchedule] = MISSING
+    eot: Optional[KindSchedule] = MISSING
+    aux_weight: float = MISSING  # weight of the residual-std auxiliary loss (METHOD.md section 5)
+    momentum: float = MISSING  # EMA momentum of the std estimate, per optimizer step
+    fit_fraction: Optional[float] = MISSING  # rescale all events so the last is at this fraction of max_steps
+
+
+@dataclass
+class DataConfig:
+    _target_: str = MISSING
+    name: str = MISSING
+    source: str = MISSING  # builtin | hf | files
+    path: Optional[str] = MISSING  # hf: dataset repo id (never a loading script)
+    config_name: Optional[str] = MISSING  # hf: dataset configuration
+    revision: Optional[str] = MISSING
+    split: str = MISSING
+    val_split: Optional[str] = MISSING  # null: hold out the first val_blocks blocks of `split`
+    text_field: str = MISSING
+    files: List[str] = MISSING  # files: .txt / .jsonl / .json / .parquet (globs ok)
+    val_files: List[str] = MISSING
+    block_size: int = MISSING
+    micro_batch_size: int = MISSING
+    val_blocks: int = MISSING
+    num_workers: int = MISSING
+    shuffle_buffer: int = MISSING  # >0: shuffle documents with this buffer (same order on every rank)
+    seed: int = MISSING
+
+
+@dataclass
+class HardwareConfig:
+    name: str = MISSING
+    accelerator: str = MISSING
+    devices: Any = MISSING
+    num_nodes: int = MISSING
+    strategy: str = MISSING  # auto | ddp | fsdp
+    precision: str = MISSING  # 32-true | bf16-mixed
+    micro_batch_size: int = MISSING
+    fsdp_activation_checkpointing: bool = MISSING
+
+
+@dataclass
+class OptimConfig:
+    lr: float = MISSING
+    min_lr: float = MISSING
+    warmup_steps: int = MISSING
+    decay_steps: Optional[int] = MISSING  # cosine length; null = trainer.max_steps
+    weight_decay: float = MISSING
+    decay_embeddings: bool = MISSING  # apply weight decay to wte/wpe (biases and norm gains never decay)
+    betas: List[float] = MISSING
+    eps: float = MISSING
+    grad_clip: float = MISSING
+    tokens_per_step: Optional[int] = MISSING  # reached by gradient accumulation; null = one micro-batch
+
+
+@dataclass
+class TrainerConfig:
+    max_steps: int = MISSING
+    val_every: int = MISSING  # optimizer steps between validations
+    log_every: int = MISSING
+    ckpt_every: int = MISSING  # optimizer steps between periodic checkpoints
+    keep_checkpoints: int = MISSING  # periodic checkpoints kept (-1: all)
+    validate_before: bool = MISSING  # measure validation CE before any fine-tuning
+    progress_bar: bool = MISSING
+    deterministic: bool = MISSING
+
+
+@dataclass
+class LoggerConfig:
+    kind: str = MISSING  # wandb | csv | none
+    project: str = MISSING
+    entity: Optional[str] = MISSING
+    mode: str = MISSING  # wandb: online | offline | disabled
+    group: Optional[str] = MISSING
+    tags: List[str] = MISSING
+
+
+@dataclass
+class PathsConfig:
+    output_dir: str = MISSING
+    cache_dir: str = MISSING  # built-in models and tokenizer
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = MISSING
+    schedule: ScheduleConfig = MISSING
+    data: DataConfig = MISSING
+    hardware: HardwareConfig = MISSING
+    optim: OptimConfig = MISSING
+    trainer: TrainerConfig = MISSING
+    logger: LoggerConfig = MISSING
+    paths: PathsConfig = MISSING
+    experiment: Optional[str] = None  # set by an experiment preset (the one default held here)
+    task_name: str = MISSING
+    seed: int = MISSING
+    ckpt_path: Optional[str] = MISSING  # resume from this Lightning checkpoint
+    export: bool = MISSING  # write export/hf (and export/folded when every site is removed)
+
+
+def register_configs():
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+
+
+register_configs()

@@ -1,0 +1,75 @@
+"""The model and tokenizer a training config asks for (`conf/model/`), through lnfree.io.
+
+model.source is a model reference that lnfree.io resolves (builtin:<name>, hub name, HF dir, removable dir,
+.ckpt) or "random" (a fresh GPT2Config(**model.shape), e.g. to pretrain the built-in family). model.tokenizer
+is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoTokenizer, GPT2Config
+
+from ..data import corpus
+from ..io import ModelIOError, hub_offline, load, model_config, resolve
+from ..io import load_tokenizer as ref_tokenizer
+from ..model import RemovableGPT2LMHeadModel, check_gpt2_config, make_removable
+
+
+def _is_random(model_cfg) -> bool:
+    return model_cfg.source == "random"
+
+
+def check_available(model_cfg, cache_dir) -> None:
+    """Fail before any compute if the model or tokenizer cannot be had (cheap: no weights loaded)."""
+    if _is_random(model_cfg):
+        if not model_cfg.tokenizer:
+            raise ModelIOError("model.source=random needs model.tokenizer (e.g. builtin)")
+    else:
+        resolve(model_cfg.source, cache_dir)
+    tok = model_cfg.tokenizer
+    if tok and tok != "builtin" and hub_offline():
+        if not Path(tok).expanduser().is_dir():
+            raise ModelIOError(f"tokenizer {tok!r} is a hub name but the hub is offline (HF_HUB_OFFLINE=1); "
+                               "use a local dir or model.tokenizer=builtin")
+
+
+def load_tokenizer(model_cfg, cache_dir):
+    name = model_cfg.tokenizer
+    if name == "builtin":
+        return corpus.load_tokenizer()
+    if name:
+        tok = AutoTokenizer.from_pretrained(name)
+    else:
+        tok = ref_tokenizer(resolve(model_cfg.source, cache_dir))
+        if tok is None:
+            raise ModelIOError(f"model {model_cfg.source!r} carries no tokenizer: set model.tokenizer")
+    if tok.eos_token_id is None:
+        raise ModelIOError(f"tokenizer of model={model_cfg.name!r} has no end-of-text (eos) token")
+    return tok
+
+
+def gpt2_config(model_cfg, cache_dir, tokenizer=None) -> GPT2Config:
+    """The model's config without loading weights (for early checks: context length, depth)."""
+    if _is_random(model_cfg):
+        special = {}
+        if tokenizer is not None:
+            special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
+                       "eos_token_id": tokenizer.eos_token_id}
+        cfg = GPT2Config(**{**special, **dict(model_cfg.shape)})
+        check_gpt2_config(cfg)
+        return cfg
+    return model_config(model_cfg.source, cache_dir, revision=model_cfg.revision)
+
+
+def load_model(model_cfg, cache_dir, tokenizer) -> RemovableGPT2LMHeadModel:
+    if _is_random(model_cfg):
+        cfg = gpt2_config(model_cfg, cache_dir, tokenizer)
+        cfg._attn_implementation = model_cfg.attn_implementation
+        p = model_cfg.dropout
+        overrides = {} if p is None else {k: p for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        return make_removable(cfg, **overrides)
+    model, _ = load(model_cfg.source, cache_dir, removable=True, revision=model_cfg.revision,
+                    attn_implementation=model_cfg.attn_implementation, dropout=model_cfg.dropout)
+    return model.train()

@@ -1,0 +1,196 @@
+"""Fine-tune a GPT-2 while removing its norms on a schedule.
+
+    python -m lnfree.train                                   # the built-in default, on CPU
+    python -m lnfree.train model=gpt2_medium schedule=fast hardware=gpu
+    python -m lnfree.train -m schedule=none,fast             # a sweep: one job (and W&B run) each
+
+`train(cfg)` is a plain function (tests call it with a composed config); everything is checked before
+any weights are loaded. A run writes into its output dir: checkpoints/ (periodic, last, on-exception),
+csv/metrics.csv, summary.json, export/hf/ (stock-loadable) and export/folded/ (when every site is removed).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import hydra
+import lightning as L
+import torch
+from hydra.utils import instantiate
+from lightning.pytorch.callbacks import ModelCheckpoint
+from omegaconf import DictConfig, OmegaConf
+
+from ..export import export_folded, export_hf
+from ..io import RUN_SUMMARY, model_from_checkpoint, read_checkpoint
+from ..model import non_embedding_params
+from ..paths import CONF_DIR
+from ..schedule import special_kinds, validate
+from . import config as _config  # noqa: F401  (registers the schemas)
+from .callbacks import CheckpointOnException, LNRemovalCallback, Throughput
+from .hardware import grad_accumulation, make_strategy, world_size
+from .loggers import finish_wandb, make_loggers
+from .model_source import check_available, gpt2_config, load_model, load_tokenizer
+from .module import LNFreeModule
+
+
+class ConfigError(ValueError):
+    pass
+
+
+def check_config(cfg: DictConfig):
+    """Every check that needs no weights and no data: returns (events, n_layer, grad_accumulation)."""
+    check_available(cfg.model, cfg.paths.cache_dir)
+    mcfg = gpt2_config(cfg.model, cfg.paths.cache_dir)
+    if cfg.data.block_size > mcfg.n_positions:
+        raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context "
+                          f"n_positions={mcfg.n_positions}")
+    events = validate(cfg.schedule, mcfg.n_layer, cfg.trainer.max_steps)
+    if cfg.ckpt_path:
+        if not Path(cfg.ckpt_path).exists():
+            raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
+        read_checkpoint(cfg.ckpt_path)  # weights_only: a checkpoint holding code is refused here, unrun
+    accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size,
+                              world_size(cfg.hardware))
+    make_strategy(cfg.hardware)  # raises for an impossible strategy
+    return events, mcfg.n_layer, accum
+
+
+def run_name(cfg) -> str:
+    from hydra.core.hydra_config import HydraConfig
+
+    if HydraConfig.initialized():
+        overrides = HydraConfig.get().job.override_dirname
+        return f"{cfg.task_name}-{overrides}" if overrides else f"{cfg.task_name}-{cfg.model.name}-{cfg.schedule.name}"
+    return f"{cfg.task_name}-{cfg.model.name}-{cfg.schedule.name}"
+
+
+def train(cfg: DictConfig) -> dict:
+    """Run one fine-tuning job; returns the summary (also written to summary.json)."""
+    t0 = time.time()
+    events, n_layer, accum = check_config(cfg)
+    out = Path(cfg.paths.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    print(f"[lnfree] writing to {out.resolve()}")
+    L.seed_everything(cfg.seed, workers=True)
+
+    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    datamodule.setup("fit")  # reads the data now: bad data fails before the model is loaded
+
+    model = load_model(cfg.model, cfg.paths.cache_dir, tokenizer)
+    special = special_kinds(cfg.schedule)
+    model.config.lnfree_special_bos, model.config.lnfree_special_eot = special["bos"], special["eot"]
+    if cfg.model.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tokens_per_step = cfg.data.micro_batch_size * cfg.data.block_size * world_size(cfg.hardware) * accum
+    module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps)
+    removal = LNRemovalCallback(events, momentum=cfg.schedule.momentum)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    loggers = make_loggers(cfg.logger, str(out), run_name(cfg), resolved, resumed=bool(cfg.ckpt_path))
+    ckpt_dir = out / "checkpoints"
+    throughput = Throughput(tokens_per_step)
+    callbacks = [
+        removal,
+        throughput,
+        ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
+                        every_n_train_steps=cfg.trainer.ckpt_every, save_top_k=cfg.trainer.keep_checkpoints,
+                        monitor="train/tokens_seen", mode="max", save_last=True),
+        CheckpointOnException(ckpt_dir / "on_exception.ckpt"),
+    ]
+    trainer = L.Trainer(
+        accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
+        strategy=make_strategy(cfg.hardware), precision=cfg.hardware.precision,
+        max_steps=cfg.trainer.max_steps, accumulate_grad_batches=accum,
+        gradient_clip_val=cfg.optim.grad_clip or None, gradient_clip_algorithm="norm",
+        val_check_interval=cfg.trainer.val_every * accum, check_val_every_n_epoch=None,
+        log_every_n_steps=cfg.trainer.log_every, logger=loggers or False, callbacks=callbacks,
+        enable_progress_bar=cfg.trainer.progress_bar, deterministic=cfg.trainer.deterministic,
+        default_root_dir=str(out), enable_model_summary=False, num_sanity_val_steps=0,
+    )
+    try:
+        val_before = None
+        if cfg.trainer.validate_before and not cfg.ckpt_path:
+            val_before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ce"]
+        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+        if trainer.interrupted:
+            raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; "
+                                    f"resume with ckpt_path={ckpt_dir / 'on_exception.ckpt'}")
+        val_after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ce"]
+        summary = None
+        if trainer.is_global_zero:
+            final = _final_model(trainer, module, cfg, ckpt_dir)
+            exports = _export(final, tokenizer, out, datamodule) if cfg.export else {}
+            summary = {
+                "val_ce": val_after,
+                "val_ce_before": val_before,
+                "n_params": sum(p.numel() for p in final.parameters()),
+                "n_params_non_embedding": non_embedding_params(final),
+                "n_layer": n_layer,
+                "steps": trainer.global_step,
+                "tokens_per_step": tokens_per_step,
+                "tokens_seen": int(module.tokens_seen),
+                "all_removed": not final.real_sites(),
+                "removed_sites": final.removed_sites(),
+                "events": removal.applied,
+                "sigmas": final.sigmas(),
+                "exports": exports,
+                "wall_time_s": round(time.time() - t0, 1),
+                "train_tokens_per_s": throughput.tokens_per_s,
+                "output_dir": str(out.resolve()),
+                "config": resolved,
+            }
+            (out / RUN_SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
+            print(f"[lnfree] val CE {_fmt(val_before)} -> {val_after:.4f}; {len(final.removed_sites())}/"
+                  f"{len(final.sites())} sites removed; summary: {out / RUN_SUMMARY}")
+        return summary
+    finally:
+        finish_wandb()
+
+
+def _fmt(x):
+    return "n/a" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.4f}"
+
+
+def _json_default(o):
+    if isinstance(o, torch.Tensor):
+        return o.tolist()
+    return str(o)
+
+
+def _final_model(trainer, module, cfg, ckpt_dir):
+    """The trained removable model, whole, on CPU in fp32 (from the last checkpoint under FSDP, whose
+    in-memory parameters are sharded)."""
+    if cfg.hardware.strategy != "fsdp":
+        return module.model.to("cpu", torch.float32).eval()
+    path = ckpt_dir / "last.ckpt"
+    return model_from_checkpoint(read_checkpoint(path), path)
+
+
+def _export(model, tokenizer, out: Path, datamodule) -> dict:
+    """export/hf always (plain GPT-2 for a vanilla run, the LN-free trick when every site is removed) and
+    export/folded when every site is removed; each checked on real validation text before writing."""
+    check = datamodule.val_data[:4].cpu()
+    done = {}
+    if model.removed_sites() and model.real_sites():
+        print(f"[lnfree] not exporting: sites still real: {model.real_sites()}")
+        return done
+    done["hf"] = {"path": str(out / "export" / "hf"),
+                  "relative_error": export_hf(model, out / "export" / "hf", tokenizer, input_ids=check)}
+    if not model.real_sites():
+        done["folded"] = {"path": str(out / "export" / "folded"),
+                          "relative_error": export_folded(model, out / "export" / "folded", tokenizer,
+                                                          input_ids=check)}
+    return done
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
+def main(cfg: DictConfig):
+    summary = train(cfg)
+    return summary["val_ce"] if summary else None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Model IO (lnfree/io.py): every reference resolves once, loading never trains, and the loaders refuse
+what they must: pickled code, non-GPT-2 models, tampered exports, fp16 LN-free exports."""
+
+import json
+import pickle
+import subprocess
+import sys
+
+import pytest
+import torch
+from conftest import ROOT, TINY_RUN, compose_train, eval_cfg, tiny_config
+from safetensors.torch import load_file, save_file
+
+from lnfree import load, resolve
+from lnfree.io import ModelIOError, builtin_dir, logits, read_checkpoint
+
+
+class _Boom:
+    """Unpickling this runs os.system: the classic malicious checkpoint."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (__import__("os").system, (f"touch {self.marker}",))
+
+
+def crafted_ckpt(tmp_path):
+    marker = tmp_path / "pwned"
+    path = tmp_path / "evil.ckpt"
+    with open(path, "wb") as f:
+        pickle.dump({"state_dict": {}, "lnfree_model_config": {}, "payload": _Boom(marker)}, f)
+    return path, marker
+
+
+def llama_dir(tmp_path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    d = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(d)
+    return d
+
+
+def copy_export(tiny_run, tmp_path, form="hf"):
+    import shutil
+
+    _, run = tiny_run
+    dst = tmp_path / form
+    shutil.copytree(run / "export" / form, dst)
+    return dst
+
+
+def test_every_form_resolves_to_its_kind(tiny_run, tmp_path):
+    _, run = tiny_run
+    assert resolve(str(run)).kind == "hf_lnfree" and resolve(str(run)).run_dir == str(run)
+    assert resolve(str(run / "export" / "hf")).kind == "hf_lnfree"
+    assert resolve(str(run / "export" / "folded")).kind == "folded"
+    assert resolve(str(run / "checkpoints" / "last.ckpt")).kind == "ckpt"
+    assert resolve("builtin:2x128").kind == "hf"
+    ids = torch.randint(0, 4096, (2, 16))
+    ref = logits(load(str(run / "checkpoints" / "last.ckpt"))[0], ids)
+    for form in (run, run / "export" / "hf", run / "export" / "folded"):
+        model, tok = load(str(form))
+        assert tok is not None
+        assert (logits(model, ids) - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+def test_loading_never_trains_a_missing_builtin(tmp_path):
+    with pytest.raises(ModelIOError, match=r"not pretrained yet.*python -m lnfree.pretrain model=builtin_9x9"):
+        load("builtin:9x9", cache_dir=tmp_path)
+    assert not builtin_dir("9x9", tmp_path).exists()
+
+
+def test_crafted_pickle_checkpoint_runs_nothing_in_the_loader_eval_and_resume(tmp_path):
+    path, marker = crafted_ckpt(tmp_path)
+    with pytest.raises(ModelIOError, match="refused to load checkpoint"):
+        read_checkpoint(path)
+    with pytest.raises(ModelIOError, match="refused"):
+        load(str(path))
+    from lnfree.analysis.evaluate import evaluate
+
+    cfg = eval_cfg(tmp_path, [{"name": "evil", "path": str(path)}], [{"name": "d", "source": "builtin"}])
+    with pytest.raises(ModelIOError, match="refused"):
+        evaluate(cfg)
+    from lnfree.training.train import train
+
+    with pytest.raises(ModelIOError, match="refused"):
+        train(compose_train(tmp_path / "run", *TINY_RUN, f"ckpt_path={path}"))
+    assert not marker.exists()  # nothing ran
+    assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any compute
+
+
+def test_non_gpt2_model_refused_before_weights(tmp_path):
+    d = llama_dir(tmp_path)
+    with pytest.raises(ModelIOError, match=r"'llama' model.*GPT-2"):
+        load(str(d))
+    from lnfree.analysis.evaluate import evaluate
+
+    cfg = eval_cfg(tmp_path, [{"name": "llama", "path": str(d)}], [{"name": "d", "source": "builtin"}])
+    with pytest.raises(ModelIOError, match="llama"):
+        evaluate(cfg)
+    assert not (tmp_path / "eval").exists()  # nothing landed in a results table
+
+
+def test_tampered_exports_refused_with_what_differs(tiny_run, tmp_path):
+    hf = copy_export(tiny_run, tmp_path / "eps")
+    cfg = json.loads((hf / "config.json").read_text())
+    (hf / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": 1e-5}))
+    with pytest.raises(ModelIOError, match=r"layer_norm_epsilon=1e-05.*written with 1e\+12"):
+        load(str(hf))
+    hf = copy_export(tiny_run, tmp_path / "weights")
+    w = load_file(hf / "model.safetensors")
+    w["transformer.h.0.mlp.c_fc.weight"] = w["transformer.h.0.mlp.c_fc.weight"] * 1.5
+    save_file(w, hf / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ModelIOError, match="fingerprint|differ from the record"):
+        load(str(hf))
+    folded = copy_export(tiny_run, tmp_path / "f", form="folded")
+    w = load_file(folded / "folded.safetensors")
+    w["lm_head.bias"] = w["lm_head.bias"] + 1.0 * torch.arange(len(w["lm_head.bias"]))
+    save_file(w, folded / "folded.safetensors")
+    with pytest.raises(ModelIOError, match="differ from the record"):
+        load(str(folded))
+
+
+def test_fp16_load_of_lnfree_export_refused(tiny_run):
+    _, run = tiny_run
+    with pytest.raises(ModelIOError, match="overflow fp16"):
+        load(str(run / "export" / "hf"), dtype=torch.float16)
+    model, _ = load(str(run / "export" / "hf"), dtype=torch.bfloat16)  # bf16 has fp32's range: allowed
+    assert model.dtype == torch.bfloat16
+
+
+def test_removable_only_from_models_with_norms(tiny_run, tmp_path):
+    _, run = tiny_run
+    with pytest.raises(ModelIOError, match="start from the run's checkpoint"):
+        load(str(run / "export" / "hf"), removable=True)
+    model, _ = load(str(run / "checkpoints" / "last.ckpt"), removable=True)
+    assert not model.real_sites()  # modes and sigmas come with the checkpoint
+    from transformers import GPT2LMHeadModel
+
+    GPT2LMHeadModel(tiny_config()).save_pretrained(tmp_path / "plain")
+    fresh, _ = load(str(tmp_path / "plain"), removable=True, dropout=0.25)
+    assert len(fresh.real_sites()) == 7 and fresh.transformer.h[0].attn.resid_dropout.p == 0.25
+
+
+@pytest.mark.parametrize("case", ["tampered", "llama", "pickle"])
+def test_eval_cli_refuses_bad_models(tiny_run, tmp_path, case):
+    if case == "tampered":
+        bad = copy_export(tiny_run, tmp_path)
+        cfg = json.loads((bad / "config.json").read_text())
+        (bad / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": 1e-5}))
+        expect = "layer_norm_epsilon"
+    elif case == "llama":
+        bad, expect = llama_dir(tmp_path), "GPT-2"
+    else:
+        (bad, _), expect = crafted_ckpt(tmp_path), "refused to load checkpoint"
+    out = subprocess.run([sys.executable, "-m", "lnfree.eval", f"models=[{{name: x, path: '{bad}'}}]",
+                          f"output_dir={tmp_path / 'eval'}", f"hydra.run.dir={tmp_path / 'hydra'}"],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and expect in out.stderr, out.stderr[-2000:]
+    assert not (tmp_path / "eval").exists() and not (tmp_path / "pwned").exists()

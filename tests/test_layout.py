@@ -1,0 +1,88 @@
+"""The package's shape, checked: no import cycles (function-level imports included), a light core, and
+tests that share helpers only through conftest."""
+
+import ast
+import subprocess
+import sys
+
+from conftest import ROOT
+
+PKG = ROOT / "lnfree"
+CORE = {"lnfree", "lnfree.norm", "lnfree.model", "lnfree.schedule", "lnfree.export", "lnfree.folded", "lnfree.io",
+        "lnfree.paths"}
+ENTRY_POINTS = {"lnfree.train", "lnfree.eval", "lnfree.pretrain"}
+
+
+def module_name(path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports_of(path) -> set[str]:
+    """Every lnfree module imported anywhere in the file (top level or inside functions)."""
+    name = module_name(path)
+    package = name if path.name == "__init__.py" else name.rsplit(".", 1)[0]
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name for a in node.names if a.name.startswith("lnfree")}
+        elif isinstance(node, ast.ImportFrom):
+            if node.level:
+                base = package.split(".")[: len(package.split(".")) - node.level + 1]
+                mod = ".".join(base + ([node.module] if node.module else []))
+            else:
+                mod = node.module or ""
+            if not mod.startswith("lnfree"):
+                continue
+            for a in node.names:  # `from . import corpus` imports a module, not a name
+                sub = f"{mod}.{a.name}"
+                found.add(sub if (PKG.parent / (sub.replace(".", "/") + ".py")).exists()
+                          or (PKG.parent / sub.replace(".", "/")).is_dir() else mod)
+    return found
+
+
+def graph():
+    return {module_name(p): imports_of(p) - {module_name(p)} for p in PKG.rglob("*.py")}
+
+
+def test_no_import_cycle_among_lnfree_modules():
+    g = graph()
+    state = {}
+
+    def visit(m, stack):
+        state[m] = "open"
+        for n in g.get(m, ()):
+            if n not in g:
+                continue
+            assert state.get(n) != "open", f"import cycle: {' -> '.join(stack + [m, n])}"
+            if n not in state:
+                visit(n, stack + [m])
+        state[m] = "done"
+
+    for m in sorted(g):
+        if m not in state:
+            visit(m, [])
+
+
+def test_core_imports_only_core_and_nothing_imports_an_entry_point():
+    g = graph()
+    for m in CORE:
+        assert g[m] <= CORE, f"{m} imports {g[m] - CORE}"
+    for m, deps in g.items():
+        if m not in ENTRY_POINTS:
+            assert not deps & ENTRY_POINTS, f"{m} imports an entry point: {deps & ENTRY_POINTS}"
+
+
+def test_import_lnfree_pulls_in_no_training_or_plotting_stack():
+    code = ("import sys, lnfree; heavy = ['lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'wandb', 'datasets',"
+            " 'matplotlib']; print([m for m in heavy if m in sys.modules]); "
+            "print(all(hasattr(lnfree, f) for f in ('make_removable', 'export_hf', 'export_folded', 'load')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["[]", "True"], out.stdout
+
+
+def test_tests_share_helpers_only_through_conftest():
+    for f in (ROOT / "tests").glob("test_*.py"):
+        for node in ast.walk(ast.parse(f.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("test_"):
+                raise AssertionError(f"{f.name} imports {node.module}; move shared helpers to conftest.py")
