@@ -49,6 +49,12 @@ def run(tmp: Path, tag: str, overrides: list[str]) -> dict:
             "sigmas": s["sigmas"], "wall_s": round(time.time() - t, 1)}
 
 
+def _write(results: dict, path: str):
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(results, indent=1))
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--steps", type=int, default=30)
@@ -78,6 +84,7 @@ def main(argv=None):
                 tag = f"{shape}-{strat}-{rem_name}"
                 print(f"[bench_gpu] {tag}", flush=True)
                 results["runs"].append(run(tmp, tag, [*st, *so, *common, *rem]))
+                _write(results, a.out)  # after every run: a cut-short session keeps what it measured
     # save and resume (under FSDP on a GPU): resume from the mid-run checkpoint, compare with the full run
     strat = strategies.get("fsdp", strategies["single"])
     shape = next(iter(shapes.values()))
@@ -87,9 +94,7 @@ def main(argv=None):
     full = next(r for r in results["runs"] if r["tag"] == full_tag)
     results["resume"] = {"from": str(ckpt), "val_ce_full": full["val_ce"], "val_ce_resumed": resumed["val_ce"],
                          "same_sigmas": resumed["sigmas"] == full["sigmas"]}
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(results, indent=1))
+    _write(results, a.out)
     for r in results["runs"]:
         mfu = f"{100 * r['mfu']:.1f}%" if r["mfu"] else "n/a"
         print(f"{r['tag']:40s} {r['tokens_per_s'] or 0:12.0f} tok/s  MFU {mfu}  val CE {r['val_ce']:.3f}")
