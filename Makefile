@@ -44,8 +44,10 @@ eval: install
 # loading never pretrains, so the targets that need the family depend on this one
 FAMILY ?= 1x128 2x128 3x192 4x256
 family: install
-	for m in $(FAMILY); do $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('$$m').exists())" \
-	  && $(PY) -m lnfree.pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m || true; done
+	for m in $(FAMILY); do \
+	  if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('$$m').exists())"; then \
+	    $(PY) -m lnfree.pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m overwrite=true || exit 1; \
+	  fi; done
 
 # data needed to remove LayerNorm vs model size on the built-in family (40 short runs), then the fit
 scaling: family

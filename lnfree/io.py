@@ -42,6 +42,7 @@ EXPORT_INFO = "lnfree_export.json"  # the record every export carries
 LNFREE_EPS = 1e6  # a layer_norm_epsilon at or above this marks the HF-compatible LN-free trick (1e12)
 FINGERPRINT_TOL = 1e-4  # relative; an edited eps is off by ~1e5, round-off across machines ~1e-6
 CKPT_MODEL_CONFIG = "lnfree_model_config"  # key under which a training checkpoint keeps the GPT-2 config
+RUN_INFO = "lnfree_run"  # key of what the run was (tokens per step, schedule), checked on resume
 
 
 class ModelIOError(ValueError):

@@ -108,11 +108,15 @@ class RemovableGPT2LMHeadModel(GPT2LMHeadModel):
         return sites[name]
 
     def remove(self, kind: str, block: int | None = None) -> float:
-        """Freeze a site to its current std estimate; returns the frozen sigma."""
-        return self.site(kind, block).freeze(
-            special_bos=getattr(self.config, "lnfree_special_bos", False),
-            special_eot=getattr(self.config, "lnfree_special_eot", False),
-        )
+        """Freeze a site to its current std estimate; returns the frozen sigma. A non-finite or non-positive
+        estimate is refused (FloatingPointError naming the site) and leaves the site real."""
+        try:
+            return self.site(kind, block).freeze(
+                special_bos=getattr(self.config, "lnfree_special_bos", False),
+                special_eot=getattr(self.config, "lnfree_special_eot", False),
+            )
+        except FloatingPointError as e:
+            raise FloatingPointError(f"site {site_name(kind, block)}: {e}") from None
 
     def end_special(self, kind: str, block: int):
         """`bos`/`eot` event for stage `block` (0..L-1 the blocks, L the final norm)."""

@@ -106,8 +106,11 @@ class NormSite(nn.Module):
         if self.is_removed:
             raise RuntimeError("site already removed")
         est = self.running.clone()
-        if est[ORDINARY].isnan():
-            raise RuntimeError("site has no std estimate yet: run a training step or calibrate() first")
+        value = float(est[ORDINARY])  # the one host sync of an event
+        if not (value > 0 and value < float("inf")):  # NaN: never estimated (calibrate() first) or diverged
+            raise FloatingPointError(f"refusing to freeze a sigma of {value}: the running std estimate is "
+                                     "non-finite or non-positive (never calibrated, or the run has diverged); "
+                                     "nothing was frozen")
         want = torch.tensor([special_bos, special_eot], device=est.device)
         # a special category never seen falls back to the ordinary sigma
         want &= ~est[1:].isnan()
@@ -116,7 +119,7 @@ class NormSite(nn.Module):
         self.special.copy_(want)
         self.removed.fill_(True)
         self._refresh_mirror()
-        return float(est[ORDINARY])
+        return value
 
     @torch.no_grad()
     def end_special(self, which: int):

@@ -234,7 +234,7 @@ def test_special_bos_sigma_is_per_position():
 
 def test_remove_errors():
     model = make_removable(tiny_config())
-    with pytest.raises(RuntimeError, match="no std estimate"):
+    with pytest.raises(FloatingPointError, match="never calibrated"):
         model.remove("ln2", 0)
     with pytest.raises(KeyError):
         model.remove("ln3", 0)

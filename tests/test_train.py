@@ -110,7 +110,7 @@ def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path, monkeypatch, ti
     with pytest.raises(_Crash):
         train(compose_train(tmp_path / "part", *TINY_RUN))
     monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", original)
-    ckpt = tmp_path / "part" / "checkpoints" / "on_exception.ckpt"
+    ckpt = tmp_path / "part" / "checkpoints" / "on_exception_step000012.ckpt"
     assert ckpt.exists()
     state = read_checkpoint(ckpt)
     assert state["global_step"] == 12

@@ -35,7 +35,7 @@ def peak_flops() -> float | None:
 def run(tmp: Path, tag: str, overrides: list[str]) -> dict:
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"paths.output_dir={tmp / tag}", f"paths.cache_dir={tmp / 'cache'}",
-                                          "logger=csv", "trainer.progress_bar=false",
+                                          "logger=csv", "trainer.progress_bar=false", "overwrite=true",
                                           "trainer.validate_before=false", *overrides])
     t = time.time()
     s = train(cfg)

@@ -15,14 +15,15 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .streams import DataError, PackedBlocks, open_stream, pack, tokenize
+from .streams import DataError, FaultLog, PackedBlocks, iter_texts, open_stream, pack, read_faults, tokenize
 
 
 class TextDataModule(L.LightningDataModule):
     def __init__(self, tokenizer=None, name: str = "", source: str = "builtin", path=None, config_name=None,
                  revision=None, split: str = "train", val_split=None, text_field: str = "text", files=(),
                  val_files=(), block_size: int = 256, micro_batch_size: int = 8, val_blocks: int = 64,
-                 num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0):
+                 num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0, on_bad_row: str = "fail",
+                 faults_file: str | None = None):
         super().__init__()
         self.tokenizer, self.name, self.source = tokenizer, name, source
         self.path, self.config_name, self.revision = path, config_name, revision
@@ -30,6 +31,8 @@ class TextDataModule(L.LightningDataModule):
         self.files, self.val_files = list(files), list(val_files)
         self.block_size, self.micro_batch_size, self.val_blocks = block_size, micro_batch_size, val_blocks
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
+        self.faults_file = faults_file
+        self.faults = FaultLog(on_bad_row, faults_file)
         self.val_data: torch.Tensor | None = None
         self.skip_docs = 0
         self.resume_batches = 0
@@ -45,11 +48,14 @@ class TextDataModule(L.LightningDataModule):
     def train_docs(self):
         return self._open(self.split, self.files)
 
-    def _check_fields(self, stream, what: str):
+    def _check_fields(self, parts, what: str):
         try:
-            first = next(iter(stream), None)
+            first = next(iter(parts[0][1]), None)
         except StopIteration:  # some builders raise it for an empty file
             first = None
+        except Exception as e:  # noqa: BLE001  (an unreadable first file: name it)
+            raise DataError(f"{what} of data={self.name!r}: cannot read {parts[0][0]} ({type(e).__name__}: "
+                            f"{str(e).splitlines()[0][:200]})") from e
         if first is None:
             raise DataError(f"{what} of data={self.name!r} is empty")
         if self.text_field not in first:
@@ -63,12 +69,13 @@ class TextDataModule(L.LightningDataModule):
         if self.val_split is not None or self.val_files:
             val_stream = self._open(self.val_split or self.split, self.val_files or self.files)
             self._check_fields(val_stream, "validation split")
-            docs = (tokenize(self.tokenizer, d[self.text_field]) + [self.tokenizer.eos_token_id] for d in val_stream)
+            docs = (tokenize(self.tokenizer, t) + [self.tokenizer.eos_token_id]
+                    for t in iter_texts(val_stream, self.text_field, self.faults))
             blocks = list(itertools.islice(pack(docs, self.block_size), self.val_blocks))
         else:  # hold out the first documents of the training split
             blocks, self.skip_docs = [], 0
-            docs = (tokenize(self.tokenizer, d[self.text_field]) + [self.tokenizer.eos_token_id]
-                    for d in self.train_docs())
+            docs = (tokenize(self.tokenizer, t) + [self.tokenizer.eos_token_id]
+                    for t in iter_texts(self.train_docs(), self.text_field, self.faults))
             counted = _Counting(docs)
             for block in pack(counted, self.block_size):
                 blocks.append(block)
@@ -87,7 +94,7 @@ class TextDataModule(L.LightningDataModule):
         return PackedBlocks(self.train_docs, self.tokenizer, self.text_field, self.block_size, rank, world_size,
                             skip_docs=self.skip_docs, skip_batches=skip_batches,
                             micro_batch_size=self.micro_batch_size, shuffle_buffer=self.shuffle_buffer,
-                            seed=self.seed)
+                            seed=self.seed, faults=self.faults)
 
     def train_dataloader(self):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)
@@ -102,6 +109,12 @@ class TextDataModule(L.LightningDataModule):
         """The first training micro-batch (rank 0's view), for initialising the std estimates."""
         it = iter(self._train_dataset(rank=0, world_size=1))
         return torch.stack([b for b, _ in zip(it, range(self.micro_batch_size))])
+
+    def faults_seen(self) -> dict:
+        """Bad rows and unreadable files met by this run (from its data_faults.jsonl), for summary.json."""
+        faults = read_faults(self.faults_file)
+        return {"skipped": sum(f["action"] == "skip" for f in faults),
+                "failed": sum(f["action"] == "fail" for f in faults), "first": faults[:20]}
 
     # -- resume ------------------------------------------------------------------------------------
     def state_dict(self):

@@ -7,13 +7,19 @@ into fixed blocks; documents span block boundaries, nothing is padded.
 
 Sharding: document i goes to shard i mod (world_size * num_workers), shard = rank * num_workers + worker,
 so ranks and dataloader workers read disjoint documents, deterministically. The stream repeats forever
-(epoch e reshuffles with seed + e when shuffle_buffer > 0).
+(epoch e reshuffles with seed + e when shuffle_buffer > 0: a buffer shuffle of the documents).
+
+Faults: a row without text or an unreadable file is named (file and row) and skipped or fatal per
+`data.on_bad_row`, and recorded in the run's data_faults.jsonl (FaultLog).
 """
 
 from __future__ import annotations
 
 import glob
 import itertools
+import json
+import random
+import sys
 from pathlib import Path
 
 import torch
@@ -28,13 +34,19 @@ class DataError(ValueError):
     pass
 
 
+BAD_ROW_POLICIES = ("skip", "fail")
+DATA_FAULTS = "data_faults.jsonl"  # in the run dir: every bad row / unreadable file met, and what was done
+
+
 def open_stream(source: str, split: str, path=None, config_name=None, revision=None, files=()):
-    """A streaming `datasets.IterableDataset` of documents."""
+    """The documents as [(where, streaming `datasets.IterableDataset`)], in order: one part per local file (so
+    that a fault can name its file), one for a hub dataset or the built-in corpus."""
     import datasets
 
     if source == "builtin":
-        return datasets.load_dataset("json", data_files=str(corpus.corpus_file(split)), split="train",
-                                     streaming=True)
+        f = corpus.corpus_file(split)
+        return [(f"built-in corpus {f.name}", datasets.load_dataset("json", data_files=str(f), split="train",
+                                                                    streaming=True))]
     if source == "files":
         paths = sorted(p for pattern in files for p in glob.glob(str(Path(pattern).expanduser())))
         if not paths:
@@ -46,20 +58,80 @@ def open_stream(source: str, split: str, path=None, config_name=None, revision=N
             raise DataError(f"data.files must share one suffix among {sorted(FILE_BUILDERS)}; got {sorted(suffixes)}")
         builder = FILE_BUILDERS[suffixes.pop()]
         kw = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
-        return datasets.load_dataset(builder, data_files=paths, split="train", streaming=True, **kw)
+        return [(p, datasets.load_dataset(builder, data_files=[p], split="train", streaming=True, **kw))
+                for p in paths]
     if source == "hf":
         if not path:
             raise DataError("data.source=hf needs data.path (a dataset repo id)")
-        return datasets.load_dataset(path, config_name, revision=revision, split=split, streaming=True)
+        ds = datasets.load_dataset(path, config_name, revision=revision, split=split, streaming=True)
+        return [(f"{path} [{split}]", ds)]
     raise DataError(f"unknown data.source {source!r}; use builtin, files or hf")
 
 
-def iter_texts(stream, text_field: str, batch_size: int = 64):
-    """The documents' texts, in order. `.iter(batch_size)` rather than `iter(stream)`: inside a DataLoader
-    worker, plain iteration makes `datasets` split *files* among workers (a one-file dataset would leave
-    all but one worker idle); we shard by document ourselves."""
-    for batch in stream.iter(batch_size=batch_size):
-        yield from batch[text_field]
+class FaultLog:
+    """What to do with a row that has no text, or a file that cannot be read: `fail` stops with the file and
+    row named, `skip` goes on; either way the fault is appended to the run's data_faults.jsonl. A fault that
+    an earlier, failed run of the same dir reported is skipped, so a resume never re-hits it."""
+
+    def __init__(self, policy: str = "fail", path: str | None = None):
+        if policy not in BAD_ROW_POLICIES:
+            raise DataError(f"data.on_bad_row={policy!r}; use one of {BAD_ROW_POLICIES}")
+        self.policy, self.path = policy, path
+        self.known = {(f["where"], f["row"]) for f in read_faults(path)}
+
+    def __call__(self, where: str, row: int, what: str):
+        reported = (where, row) in self.known
+        if not reported:
+            self.known.add((where, row))
+            action = "skip" if self.policy == "skip" else "fail"
+            if self.path:
+                Path(self.path).parent.mkdir(parents=True, exist_ok=True)
+                with open(self.path, "a") as f:
+                    f.write(json.dumps({"where": where, "row": row, "what": what, "action": action}) + "\n")
+            if action == "fail":
+                raise DataError(f"{where}, row {row}: {what}. Stopped (data.on_bad_row=fail); the fault is recorded"
+                                f"{' in ' + self.path if self.path else ''} and a resume of this run skips it; "
+                                "data.on_bad_row=skip skips every such row")
+        print(f"[lnfree] skipping {where}, row {row}: {what}", file=sys.stderr, flush=True)
+
+
+def read_faults(path: str | None) -> list[dict]:
+    if not path or not Path(path).exists():
+        return []
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def iter_texts(parts, text_field: str, faults: FaultLog | None = None, batch_size: int = 64):
+    """The documents' texts, in order, each a str; faults handled by `faults` (default: fail, naming file and
+    row). `.iter(batch_size)` rather than `iter(stream)`: inside a DataLoader worker, plain iteration makes
+    `datasets` split *files* among workers (a one-file dataset would leave all but one worker idle); we shard
+    by document ourselves."""
+    faults = faults or FaultLog()
+    for where, stream in parts:
+        row = 0
+        try:
+            for batch in stream.iter(batch_size=batch_size):
+                for text in batch[text_field]:
+                    if isinstance(text, str):
+                        yield text
+                    else:
+                        faults(where, row, f"field {text_field!r} is {text!r}, not text")
+                    row += 1
+        except DataError:
+            raise
+        except Exception as e:  # noqa: BLE001  (undecodable bytes, malformed JSON/parquet: name the file)
+            faults(where, row, f"cannot be read from here on ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def shuffled(items, buffer_size: int, seed: int):
+    """Deterministic buffer shuffle of a stream (the same order on every rank for the same seed)."""
+    rng, buf = random.Random(seed), []
+    for item in items:
+        buf.append(item)
+        if len(buf) >= buffer_size:
+            yield buf.pop(rng.randrange(len(buf)))
+    rng.shuffle(buf)
+    yield from buf
 
 
 def tokenize(tokenizer, text: str) -> list[int]:
@@ -81,8 +153,9 @@ class PackedBlocks(IterableDataset):
 
     def __init__(self, open_docs, tokenizer, text_field: str, block_size: int, rank: int = 0,
                  world_size: int = 1, skip_docs: int = 0, skip_batches: int = 0, micro_batch_size: int = 1,
-                 shuffle_buffer: int = 0, seed: int = 0):
+                 shuffle_buffer: int = 0, seed: int = 0, faults: FaultLog | None = None):
         self.open_docs, self.tokenizer, self.text_field = open_docs, tokenizer, text_field
+        self.faults = faults
         self.block_size, self.rank, self.world_size = block_size, rank, world_size
         self.skip_docs, self.skip_batches, self.micro_batch_size = skip_docs, skip_batches, micro_batch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -90,12 +163,14 @@ class PackedBlocks(IterableDataset):
 
     def _documents(self, shard: int, n_shards: int):
         for epoch in itertools.count():
-            stream = self.open_docs()
+            # the validation hold-out (the first skip_docs documents) is dropped before shuffling, so it never
+            # leaks into training
+            texts = itertools.islice(iter_texts(self.open_docs(), self.text_field, self.faults), self.skip_docs, None)
             if self.shuffle_buffer > 0:
-                stream = stream.shuffle(seed=self.seed + epoch, buffer_size=self.shuffle_buffer)
+                texts = shuffled(texts, self.shuffle_buffer, seed=self.seed + epoch)
             n_mine = 0
-            for i, text in enumerate(iter_texts(stream, self.text_field)):
-                if i < self.skip_docs or (i - self.skip_docs) % n_shards != shard:
+            for i, text in enumerate(texts):
+                if i % n_shards != shard:
                     continue
                 n_mine += 1
                 yield tokenize(self.tokenizer, text) + [self.eot]

@@ -93,20 +93,6 @@ class LNRemovalCallback(L.Callback):
         self.applied = list(state.get("applied", []))
 
 
-class CheckpointOnException(L.Callback):
-    """Nothing lost on a crash or Ctrl-C: save a resumable checkpoint, then let the exception propagate.
-
-    (Lightning's OnExceptionCheckpoint also makes a plain `fit()` resume from `last` when one exists;
-    this one only saves.)"""
-
-    def __init__(self, path):
-        self.path = path
-
-    def on_exception(self, trainer, pl_module, exception):
-        trainer.save_checkpoint(self.path)
-        rank_zero_info(f"[lnfree] {type(exception).__name__} at step {trainer.global_step}; saved {self.path}")
-
-
 class Throughput(L.Callback):
     """Training tokens/s over optimizer steps, skipping the first `skip` (start-up, allocator warm-up) and
     excluding validation time; logged as perf/tokens_per_s and kept for summary.json."""

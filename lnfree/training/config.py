@@ -73,6 +73,7 @@ class DataConfig:
     num_workers: int = MISSING
     shuffle_buffer: int = MISSING  # >0: shuffle documents with this buffer (same order on every rank)
     seed: int = MISSING
+    on_bad_row: str = MISSING  # skip | fail: a row without text, or an undecodable file
 
 
 @dataclass
@@ -111,6 +112,7 @@ class TrainerConfig:
     validate_before: bool = MISSING  # measure validation CE before any fine-tuning
     progress_bar: bool = MISSING
     deterministic: bool = MISSING
+    max_loss: Optional[float] = MISSING  # divergence guard: stop when the training CE exceeds it (null: off)
 
 
 @dataclass
@@ -144,6 +146,7 @@ class TrainConfig:
     seed: int = MISSING
     ckpt_path: Optional[str] = MISSING  # resume from this Lightning checkpoint
     export: bool = MISSING  # write export/hf (and export/folded when every site is removed)
+    overwrite: bool = MISSING  # allow a new run into a directory that holds another run (its files are removed)
 
 
 def register_configs():
@@ -152,3 +155,79 @@ def register_configs():
 
 
 register_configs()
+
+
+# -- limits: every numeric field checked before any data or weights are read ----------------------------
+class LimitError(ValueError):
+    pass
+
+
+def _positive(x):
+    return x > 0
+
+
+def _non_negative(x):
+    return x >= 0
+
+
+def _unit_open(x):  # [0, 1)
+    return 0 <= x < 1
+
+
+LIMITS = {  # key: (test, what it must be); a None value (optional field) is always allowed
+    "trainer.max_steps": (_positive, "> 0"),
+    "trainer.val_every": (_positive, "> 0"),
+    "trainer.log_every": (_positive, "> 0"),
+    "trainer.ckpt_every": (_positive, "> 0"),
+    "trainer.keep_checkpoints": (lambda x: x >= -1, ">= -1 (-1 keeps all)"),
+    "trainer.max_loss": (_positive, "> 0 (or null: only non-finite losses stop the run)"),
+    "optim.lr": (_positive, "> 0"),
+    "optim.min_lr": (_non_negative, ">= 0"),
+    "optim.warmup_steps": (_non_negative, ">= 0"),
+    "optim.decay_steps": (_positive, "> 0 (or null: trainer.max_steps)"),
+    "optim.weight_decay": (_non_negative, ">= 0"),
+    "optim.eps": (_positive, "> 0"),
+    "optim.grad_clip": (_non_negative, ">= 0 (0: no clipping)"),
+    "optim.tokens_per_step": (_positive, "> 0 (or null: one micro-batch)"),
+    "schedule.momentum": (_unit_open, "in [0, 1)"),
+    "schedule.aux_weight": (_non_negative, ">= 0"),
+    "schedule.fit_fraction": (lambda x: 0 < x < 1, "in (0, 1) (or null)"),
+    "data.block_size": (lambda x: x >= 2, ">= 2"),
+    "data.micro_batch_size": (_positive, "> 0"),
+    "data.val_blocks": (_positive, "> 0"),
+    "data.num_workers": (_non_negative, ">= 0"),
+    "data.shuffle_buffer": (_non_negative, ">= 0"),
+    "hardware.micro_batch_size": (_positive, "> 0"),
+    "hardware.num_nodes": (_positive, "> 0"),
+    "model.dropout": (_unit_open, "in [0, 1) (or null)"),
+}
+KIND_KEYS = {"start", "gap"}
+
+
+def check_limits(cfg) -> None:
+    """Every impossible number and unknown nested schedule key, refused with the field's name."""
+    from omegaconf import OmegaConf
+
+    bad = []
+    for key, (ok, what) in LIMITS.items():
+        value = OmegaConf.select(cfg, key, default=None)
+        if value is not None and not ok(value):
+            bad.append(f"{key}={value} (must be {what})")
+    betas = OmegaConf.select(cfg, "optim.betas", default=None)
+    if betas is not None and (len(betas) != 2 or not all(0 <= b < 1 for b in betas)):
+        bad.append(f"optim.betas={list(betas)} (must be two numbers in [0, 1))")
+    min_lr, lr = OmegaConf.select(cfg, "optim.min_lr", default=None), OmegaConf.select(cfg, "optim.lr", default=None)
+    if min_lr is not None and lr is not None and lr > 0 and min_lr > lr:
+        bad.append(f"optim.min_lr={min_lr} exceeds optim.lr={lr}")
+    for kind in ("ln2", "ln1qk", "ln1v", "lnf", "bos", "eot"):
+        entry = OmegaConf.select(cfg, f"schedule.{kind}", default=None)
+        if entry is None:
+            continue
+        unknown = set(entry.keys()) - KIND_KEYS
+        if unknown:
+            bad.append(f"schedule.{kind} has unknown key(s) {sorted(unknown)} (known: {sorted(KIND_KEYS)})")
+        for k in KIND_KEYS & set(entry.keys()):
+            if entry[k] is not None and entry[k] < 0:
+                bad.append(f"schedule.{kind}.{k}={entry[k]} (must be >= 0)")
+    if bad:
+        raise LimitError("impossible config value(s), nothing was run: " + "; ".join(bad))

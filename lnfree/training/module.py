@@ -15,7 +15,7 @@ import lightning as L
 import torch
 import torch.nn.functional as F
 
-from ..io import CKPT_MODEL_CONFIG
+from ..io import CKPT_MODEL_CONFIG, RUN_INFO
 from ..model import RemovableGPT2LMHeadModel
 
 
@@ -46,12 +46,14 @@ def residual_std_aux(h: torch.Tensor, ids: torch.Tensor, eot_id: int | None) -> 
 
 
 class LNFreeModule(L.LightningModule):
-    def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0, max_steps: int = 1):
+    def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0, max_steps: int = 1,
+                 run_info: dict | None = None):
         super().__init__()
         self.model = model
         self.optim = optim
         self.aux_weight = aux_weight
         self.max_steps = max_steps
+        self.run_info = run_info or {}  # saved in every checkpoint and compared with the config on resume
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self._final_resid = None
         # the auxiliary loss needs ln_f's input; a forward pre-hook reads it without touching the model code
@@ -78,7 +80,7 @@ class LNFreeModule(L.LightningModule):
         self.log("train/loss", loss)
         self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
         self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return loss
+        return {"loss": loss, "ce": ce.detach()}  # ce: for the divergence guard (training/safety.py)
 
     def validation_step(self, ids, batch_idx):
         ce = next_token_ce(self(ids), ids)
@@ -87,6 +89,7 @@ class LNFreeModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint):
         # a checkpoint is loadable on its own (lnfree.io.load): keep the model's config with it
         checkpoint[CKPT_MODEL_CONFIG] = self.model.config.to_dict()
+        checkpoint[RUN_INFO] = self.run_info
 
     def configure_optimizers(self):
         o = self.optim

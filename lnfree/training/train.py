@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import time
 from pathlib import Path
 
@@ -23,39 +24,56 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
+from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
 from ..export import export_folded, export_hf
 from ..io import RUN_SUMMARY, model_from_checkpoint, read_checkpoint
 from ..model import non_embedding_params
 from ..paths import CONF_DIR
 from ..schedule import special_kinds, validate
 from . import config as _config  # noqa: F401  (registers the schemas)
-from .callbacks import CheckpointOnException, LNRemovalCallback, Throughput
+from .callbacks import LNRemovalCallback, Throughput
+from .config import check_limits
 from .hardware import grad_accumulation, make_strategy, world_size
 from .loggers import finish_wandb, make_loggers
 from .model_source import check_available, gpt2_config, load_model, load_tokenizer
 from .module import LNFreeModule
+from .safety import CheckpointOnException, DivergenceGuard, SafeCheckpointIO, check_output_dir, check_resume
 
 
 class ConfigError(ValueError):
     pass
 
 
+class ExportFailed(RuntimeError):
+    pass
+
+
 def check_config(cfg: DictConfig):
     """Every check that needs no weights and no data: returns (events, n_layer, grad_accumulation)."""
+    check_limits(cfg)  # impossible numbers first: nothing else is read before they are refused
     check_available(cfg.model, cfg.paths.cache_dir)
-    mcfg = gpt2_config(cfg.model, cfg.paths.cache_dir)
+    # a random-init model takes its vocabulary from the tokenizer (a small local file: no data, no weights)
+    tok = load_tokenizer(cfg.model, cfg.paths.cache_dir) if cfg.model.source == "random" else None
+    mcfg = gpt2_config(cfg.model, cfg.paths.cache_dir, tok)
     if cfg.data.block_size > mcfg.n_positions:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context "
                           f"n_positions={mcfg.n_positions}")
     events = validate(cfg.schedule, mcfg.n_layer, cfg.trainer.max_steps)
+    accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size,
+                              world_size(cfg.hardware))
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
             raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
-        read_checkpoint(cfg.ckpt_path)  # weights_only: a checkpoint holding code is refused here, unrun
-    accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size,
-                              world_size(cfg.hardware))
+        # opened with weights_only (a checkpoint holding code is refused, unrun) and compared with the config
+        check_resume(cfg.ckpt_path, mcfg, tokens_per_step(cfg, accum), events)
     make_strategy(cfg.hardware)  # raises for an impossible strategy
+    if cfg.data.on_bad_row not in BAD_ROW_POLICIES:
+        raise ConfigError(f"data.on_bad_row={cfg.data.on_bad_row!r}; use one of {BAD_ROW_POLICIES}")
     return events, mcfg.n_layer, accum
+
+
+def tokens_per_step(cfg, accum: int) -> int:
+    return cfg.data.micro_batch_size * cfg.data.block_size * world_size(cfg.hardware) * accum
 
 
 def run_name(cfg) -> str:
@@ -72,12 +90,13 @@ def train(cfg: DictConfig) -> dict:
     t0 = time.time()
     events, n_layer, accum = check_config(cfg)
     out = Path(cfg.paths.output_dir)
+    check_output_dir(out, cfg.ckpt_path, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[lnfree] writing to {out.resolve()}")
     L.seed_everything(cfg.seed, workers=True)
 
     tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, _convert_="all")
+    datamodule = instantiate(cfg.data, tokenizer=tokenizer, faults_file=str(out / DATA_FAULTS), _convert_="all")
     datamodule.setup("fit")  # reads the data now: bad data fails before the model is loaded
 
     model = load_model(cfg.model, cfg.paths.cache_dir, tokenizer)
@@ -85,20 +104,23 @@ def train(cfg: DictConfig) -> dict:
     model.config.lnfree_special_bos, model.config.lnfree_special_eot = special["bos"], special["eot"]
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    tokens_per_step = cfg.data.micro_batch_size * cfg.data.block_size * world_size(cfg.hardware) * accum
-    module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps)
+    step_tokens = tokens_per_step(cfg, accum)
+    run_info = {"tokens_per_step": step_tokens, "events": [[e.name, e.step] for e in events]}
+    module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps,
+                          run_info=run_info)
     removal = LNRemovalCallback(events, momentum=cfg.schedule.momentum)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     loggers = make_loggers(cfg.logger, str(out), run_name(cfg), resolved, resumed=bool(cfg.ckpt_path))
     ckpt_dir = out / "checkpoints"
-    throughput = Throughput(tokens_per_step)
+    throughput = Throughput(step_tokens)
     callbacks = [
+        DivergenceGuard(cfg.trainer.max_loss, ckpt_dir),
         removal,
         throughput,
         ModelCheckpoint(dirpath=ckpt_dir, filename="step{step:06d}", auto_insert_metric_name=False,
                         every_n_train_steps=cfg.trainer.ckpt_every, save_top_k=cfg.trainer.keep_checkpoints,
                         monitor="train/tokens_seen", mode="max", save_last=True),
-        CheckpointOnException(ckpt_dir / "on_exception.ckpt"),
+        CheckpointOnException(ckpt_dir, out, cfg.ckpt_path),
     ]
     trainer = L.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
@@ -109,20 +131,24 @@ def train(cfg: DictConfig) -> dict:
         log_every_n_steps=cfg.trainer.log_every, logger=loggers or False, callbacks=callbacks,
         enable_progress_bar=cfg.trainer.progress_bar, deterministic=cfg.trainer.deterministic,
         default_root_dir=str(out), enable_model_summary=False, num_sanity_val_steps=0,
+        plugins=[SafeCheckpointIO()],
     )
     try:
         val_before = None
         if cfg.trainer.validate_before and not cfg.ckpt_path:
             val_before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ce"]
         trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        if trainer.interrupted:
-            raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}; "
-                                    f"resume with ckpt_path={ckpt_dir / 'on_exception.ckpt'}")
+        if trainer.interrupted:  # Lightning handled a Ctrl-C (CheckpointOnException printed how to resume)
+            raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}")
         val_after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ce"]
         summary = None
         if trainer.is_global_zero:
             final = _final_model(trainer, module, cfg, ckpt_dir)
-            exports = _export(final, tokenizer, out, datamodule) if cfg.export else {}
+            export_error = None
+            try:
+                exports = _export(final, tokenizer, out, datamodule) if cfg.export else {}
+            except Exception as e:  # noqa: BLE001  (the summary is written first, then the error is raised)
+                exports, export_error = {}, f"{type(e).__name__}: {e}"
             summary = {
                 "val_ce": val_after,
                 "val_ce_before": val_before,
@@ -130,13 +156,15 @@ def train(cfg: DictConfig) -> dict:
                 "n_params_non_embedding": non_embedding_params(final),
                 "n_layer": n_layer,
                 "steps": trainer.global_step,
-                "tokens_per_step": tokens_per_step,
+                "tokens_per_step": step_tokens,
                 "tokens_seen": int(module.tokens_seen),
                 "all_removed": not final.real_sites(),
                 "removed_sites": final.removed_sites(),
                 "events": removal.applied,
                 "sigmas": final.sigmas(),
                 "exports": exports,
+                "export_error": export_error,
+                "data_faults": datamodule.faults_seen(),
                 "wall_time_s": round(time.time() - t0, 1),
                 "train_tokens_per_s": throughput.tokens_per_s,
                 "output_dir": str(out.resolve()),
@@ -145,6 +173,8 @@ def train(cfg: DictConfig) -> dict:
             (out / RUN_SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
             print(f"[lnfree] val CE {_fmt(val_before)} -> {val_after:.4f}; {len(final.removed_sites())}/"
                   f"{len(final.sites())} sites removed; summary: {out / RUN_SUMMARY}")
+            if export_error:
+                raise ExportFailed(f"export failed (recorded in {out / RUN_SUMMARY}): {export_error}")
         return summary
     finally:
         finish_wandb()
@@ -171,19 +201,21 @@ def _final_model(trainer, module, cfg, ckpt_dir):
 
 def _export(model, tokenizer, out: Path, datamodule) -> dict:
     """export/hf always (plain GPT-2 for a vanilla run, the LN-free trick when every site is removed) and
-    export/folded when every site is removed; each checked on real validation text before writing."""
+    export/folded when every site is removed; each checked on real validation text before writing. Both are
+    written into a temporary dir that replaces export/ only when everything succeeded, so export/ never
+    mixes two runs or holds half an export."""
     check = datamodule.val_data[:4].cpu()
-    done = {}
     if model.removed_sites() and model.real_sites():
         print(f"[lnfree] not exporting: sites still real: {model.real_sites()}")
-        return done
-    done["hf"] = {"path": str(out / "export" / "hf"),
-                  "relative_error": export_hf(model, out / "export" / "hf", tokenizer, input_ids=check)}
+        return {}
+    final, tmp = out / "export", out / ".export.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    errors = {"hf": export_hf(model, tmp / "hf", tokenizer, input_ids=check)}
     if not model.real_sites():
-        done["folded"] = {"path": str(out / "export" / "folded"),
-                          "relative_error": export_folded(model, out / "export" / "folded", tokenizer,
-                                                          input_ids=check)}
-    return done
+        errors["folded"] = export_folded(model, tmp / "folded", tokenizer, input_ids=check)
+    shutil.rmtree(final, ignore_errors=True)  # only a resumed run of this same run can have one
+    tmp.rename(final)
+    return {form: {"path": str(final / form), "relative_error": err} for form, err in errors.items()}
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")

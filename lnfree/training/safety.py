@@ -1,0 +1,202 @@
+"""Runs that cannot silently go wrong: the divergence guard, safe checkpoint files, the output-dir policy, the
+resume check and the resume command.
+
+Why each piece exists (a GPT-2 XL removal run costs hours of several GPUs):
+- DivergenceGuard stops a run whose loss is non-finite or above `trainer.max_loss` within one optimizer step,
+  naming the step and the last good checkpoint, instead of training on garbage to the end.
+- SafeCheckpointIO writes every checkpoint to a temporary file and renames it into place (a crash or a full
+  disk never leaves a truncated checkpoint), refuses to write one whose parameters are non-finite (so none
+  becomes last.ckpt), and reads with weights_only=True (no pickled code).
+- check_output_dir: a run never writes into a directory holding another run unless it resumes that run or
+  `overwrite=true` is given.
+- check_resume: a checkpoint given as ckpt_path is opened and compared with the config (model shape, tokens
+  per step, schedule) before any data or weights are read.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+import lightning as L
+import torch
+from lightning.pytorch.plugins.io import TorchCheckpointIO
+from lightning.pytorch.utilities import rank_zero_info
+
+from ..data.streams import DATA_FAULTS
+from ..io import CKPT_MODEL_CONFIG, RUN_INFO, read_checkpoint
+from ..paths import RUN_SUMMARY
+
+RUN_FILES = (RUN_SUMMARY, "checkpoints", "export", "csv", DATA_FAULTS, "wandb")  # what a run writes
+SITE_STATE = (".running", ".sigma")  # site buffers that are NaN by design (no estimate yet / still real)
+
+
+class DivergenceError(FloatingPointError):
+    pass
+
+
+class RunDirError(ValueError):
+    pass
+
+
+class ResumeError(ValueError):
+    pass
+
+
+# -- checkpoint files ------------------------------------------------------------------------------------
+def non_finite_entries(state_dict: dict) -> list[str]:
+    return [k for k, v in state_dict.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+            and not k.endswith(SITE_STATE) and not bool(torch.isfinite(v).all())]
+
+
+class SafeCheckpointIO(TorchCheckpointIO):
+    """Atomic (temporary file + rename), finite-only checkpoint writes; weights_only reads."""
+
+    def save_checkpoint(self, checkpoint, path, storage_options=None):
+        bad = non_finite_entries(checkpoint.get("state_dict", {}))
+        if bad:
+            raise DivergenceError(f"refusing to write checkpoint {path}: non-finite values in {bad[:3]}"
+                                  f"{' and more' if len(bad) > 3 else ''} (the run has diverged)")
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(checkpoint, tmp)
+            os.replace(tmp, path)  # atomic on one filesystem: the old file or the new one, never half of one
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def load_checkpoint(self, path, map_location=None, weights_only=None):
+        return read_checkpoint(path)
+
+
+def last_good_checkpoint(ckpt_dir: Path) -> Path | None:
+    """The newest periodic checkpoint (on-exception ones are excluded: they may hold the failure's state)."""
+    found = [p for p in Path(ckpt_dir).glob("step*.ckpt")]
+    return max(found, key=lambda p: p.stat().st_mtime) if found else None
+
+
+# -- divergence guard ------------------------------------------------------------------------------------
+class DivergenceGuard(L.Callback):
+    """Stop within one optimizer step of a non-finite loss or a CE above `max_loss`.
+
+    The test runs on device for every micro-batch (no host sync); the flag is read once per optimizer step."""
+
+    def __init__(self, max_loss: float | None, ckpt_dir: Path):
+        self.max_loss, self.ckpt_dir = max_loss, Path(ckpt_dir)
+        self._bad, self._worst, self._last_step = None, None, None
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        loss, ce = outputs["loss"].detach(), outputs["ce"].detach()
+        bad = ~torch.isfinite(loss)
+        if self.max_loss is not None:
+            bad = bad | (ce > self.max_loss)
+        self._bad = bad if self._bad is None else self._bad | bad
+        self._worst = ce if self._worst is None else torch.maximum(self._worst, ce.nan_to_num(float("inf")))
+        if trainer.global_step == self._last_step:
+            return  # inside a gradient-accumulation window
+        self._last_step = trainer.global_step
+        if bool(self._bad):  # one host sync per optimizer step
+            good = last_good_checkpoint(self.ckpt_dir)
+            limit = f" > trainer.max_loss={self.max_loss}" if self.max_loss is not None else ""
+            raise DivergenceError(
+                f"training diverged at step {trainer.global_step}: cross-entropy {float(self._worst):.4g}"
+                f"{limit} or a non-finite loss; stopped. Last good checkpoint: {good or 'none'}. Lower optim.lr "
+                "(or raise trainer.max_loss) and resume from it or start again")
+        self._bad = self._worst = None
+
+
+# -- output dir and resume -------------------------------------------------------------------------------
+def check_output_dir(out: Path, ckpt_path: str | None, overwrite: bool) -> None:
+    """Refuse a directory that holds another run, unless resuming from a checkpoint inside it, or overwrite."""
+    used = [name for name in RUN_FILES if (out / name).exists()]
+    if not used:
+        return
+    resuming_here = ckpt_path is not None and out.resolve() in Path(ckpt_path).resolve().parents
+    if resuming_here:
+        return
+    if not overwrite:
+        raise RunDirError(f"{out} already holds a run ({', '.join(used)}); resume it with "
+                          f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}, choose another hydra.run.dir, or pass "
+                          "overwrite=true to replace it")
+    for name in used:  # overwrite: the old run goes, so that the directory never mixes two runs
+        p = out / name
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    rank_zero_info(f"[lnfree] overwrite=true: removed the previous run's {', '.join(used)} from {out}")
+
+
+def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events) -> dict:
+    """Open the checkpoint (weights_only) and compare it with the config before any compute."""
+    ckpt = read_checkpoint(ckpt_path)
+    if CKPT_MODEL_CONFIG not in ckpt:
+        raise ResumeError(f"ckpt_path {ckpt_path} is not an lnfree training checkpoint")
+    saved = ckpt[CKPT_MODEL_CONFIG]
+    diffs = [f"model.{k}: checkpoint {saved.get(k)} vs config {getattr(model_config, k)}"
+             for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+             if saved.get(k) != getattr(model_config, k)]
+    info = ckpt.get(RUN_INFO, {})
+    if info.get("tokens_per_step") not in (None, tokens_per_step):
+        diffs.append(f"tokens per step: checkpoint {info['tokens_per_step']} vs config {tokens_per_step} "
+                     "(micro-batch x block size x devices x accumulation)")
+    planned = [[e.name, e.step] for e in events]
+    if info.get("events") is not None and info["events"] != planned:
+        diffs.append(f"removal schedule: checkpoint {info['events']} vs config {planned}")
+    if diffs:
+        raise ResumeError(f"ckpt_path {ckpt_path} does not match this config; nothing was run:\n  "
+                          + "\n  ".join(diffs))
+    return ckpt
+
+
+class CheckpointOnException(L.Callback):
+    """Nothing lost on a crash or Ctrl-C, and nothing destroyed: save `on_exception_step<N>.ckpt` (named by
+    step, so never the checkpoint being resumed from), but only if an optimizer step ran since the start or the
+    restore and the state is finite; then print the exact resume command. Lightning exits on Ctrl-C right after
+    the on_exception hooks, so the command is printed here. A failed save never hides the original error."""
+
+    def __init__(self, ckpt_dir: Path, out: Path, resume_from: str | None):
+        self.ckpt_dir, self.out, self.resume_from = Path(ckpt_dir), Path(out), resume_from
+        self.start_step = None
+
+    def on_train_start(self, trainer, pl_module):
+        self.start_step = trainer.global_step  # after a restore: the restored step
+
+    def on_exception(self, trainer, pl_module, exception):
+        step = trainer.global_step
+        resume = Path(self.resume_from) if self.resume_from else last_good_checkpoint(self.ckpt_dir)
+        if isinstance(exception, FloatingPointError):
+            why = "the state is not finite"
+            resume = last_good_checkpoint(self.ckpt_dir) or resume
+        elif self.start_step is None or step == self.start_step:
+            why = "no optimizer step ran since the start or the restore"
+        else:
+            path = self.ckpt_dir / f"on_exception_step{step:06d}.ckpt"
+            try:
+                trainer.save_checkpoint(path)
+                why, resume = None, path
+            except Exception as e:  # noqa: BLE001  (report, then let the original exception propagate)
+                why = f"saving it failed ({type(e).__name__}: {e})"
+        saved = "" if why is None else f"; no on-exception checkpoint written ({why})"
+        msg = f"[lnfree] {type(exception).__name__} at step {step}{saved}."
+        if trainer.is_global_zero:
+            if resume is not None:
+                msg += f"\n[lnfree] resume with:\n  {resume_command(self.out, resume)}"
+            print(msg, file=sys.stderr, flush=True)
+
+
+def resume_command(out: Path, ckpt: Path | str) -> str:
+    """The exact command that resumes this run from `ckpt` (the original overrides, plus where and from what)."""
+    overrides = []
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        if HydraConfig.initialized():
+            overrides = [o for o in HydraConfig.get().overrides.task
+                         if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir", "overwrite")]
+    except ImportError:
+        pass
+    args = [sys.executable.rsplit("/", 1)[-1], "-m", "lnfree.train", *overrides, f"hydra.run.dir={out.resolve()}",
+            f"ckpt_path={Path(ckpt).resolve()}"]
+    return " ".join(shlex.quote(a) for a in args)
