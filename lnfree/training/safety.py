@@ -100,12 +100,13 @@ class DivergenceGuard(L.Callback):
             return  # inside a gradient-accumulation window
         self._last_step = trainer.global_step
         if bool(self._bad):  # one host sync per optimizer step
-            good = last_good_checkpoint(self.ckpt_dir)
-            limit = f" > trainer.max_loss={self.max_loss}" if self.max_loss is not None else ""
-            raise DivergenceError(
-                f"training diverged at step {trainer.global_step}: cross-entropy {float(self._worst):.4g}"
-                f"{limit} or a non-finite loss; stopped. Last good checkpoint: {good or 'none'}. Lower optim.lr "
-                "(or raise trainer.max_loss) and resume from it or start again")
+            good, worst = last_good_checkpoint(self.ckpt_dir), float(self._worst)
+            why = (f"cross-entropy {worst:.4g} > trainer.max_loss={self.max_loss}" if worst < float("inf")
+                   else "a non-finite loss")
+            then = f"resume from {good}" if good else "start again (no checkpoint was written before it)"
+            raise DivergenceError(f"training diverged at step {trainer.global_step}: {why}; stopped. Last good "
+                                  f"checkpoint: {good or 'none'}. Lower optim.lr (or raise trainer.max_loss) and "
+                                  f"{then}")
         self._bad = self._worst = None
 
 
