@@ -42,11 +42,11 @@ eval: install
 
 # the built-in family, pretrained into ~/.cache/lnfree/models (skips those already there or shipped);
 # loading never pretrains, so the targets that need the family depend on this one
-FAMILY ?= 1x128 2x128 3x192 4x256
+FAMILY ?= w48 w64 w96 w128 w192 w256
 family: install
 	for m in $(FAMILY); do \
 	  if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('$$m').exists())"; then \
-	    $(PY) -m lnfree.pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m overwrite=true || exit 1; \
+	    $(PY) -m lnfree.pretrain experiment=family_pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m overwrite=true || exit 1; \
 	  fi; done
 
 # data needed to remove LayerNorm vs model size on the built-in family (40 short runs), then the fit

@@ -1,45 +1,42 @@
-import json
-import math
+"""The data-scaling analysis reads a sweep's summaries (paired by seed) and writes scaling.json."""
 
+import json
+
+import numpy as np
 import pytest
 
-from lnfree.analysis.scaling import analyse, power_law, threshold_budget
+from lnfree.analysis.scaling import analyse
 
 
-def test_threshold_budget_interpolates_in_log_budget():
-    tokens, gap = [100, 200, 400, 800], [0.05, 0.03, 0.005, 0.002]
-    t = threshold_budget(tokens, gap, 0.01)
-    # crossing between 200 (3%) and 400 (0.5%): 0.8 of the way in log space
-    assert t == pytest.approx(math.exp(math.log(200) + 0.8 * math.log(2)))
-    assert threshold_budget(tokens, [0.05, 0.03, 0.02, 0.02], 0.01) is None
-    assert threshold_budget(tokens, [0.005, 0.02, 0.005, 0.002], 0.01) == pytest.approx(
-        math.exp(math.log(200) + (0.02 - 0.01) / 0.015 * math.log(2)))  # must stay within the gap after it
+def write_run(d, model, n, seed, removes, tokens, ce):
+    d.mkdir(parents=True)
+    d.joinpath("summary.json").write_text(json.dumps({
+        "config": {"model": {"name": model}, "seed": seed,
+                   "schedule": {"remove": removes, "fit_fraction": 0.4 if removes else None}},
+        "n_params_non_embedding": n, "tokens_seen": tokens, "val_ce": ce, "all_removed": removes}))
 
 
-def test_power_law_recovers_a_known_exponent():
-    n = [1e5, 4e5, 1.6e6, 6.4e6]
-    fit = power_law(n, [3.0 * x**0.37 for x in n])
-    assert fit["exponent"] == pytest.approx(0.37) and fit["prefactor"] == pytest.approx(3.0)
-    assert fit["stderr"] == pytest.approx(0.0, abs=1e-9)
-    noisy = power_law(n, [3.0 * x**0.5 * f for x, f in zip(n, (1.1, 0.9, 1.05, 0.95))])
-    assert noisy["ci95"][0] < noisy["exponent"] < noisy["ci95"][1]
-
-
-def test_analyse_reads_sweep_summaries(tmp_path):
-    for i, (name, emb, steps, sched, ce) in enumerate([
-        ("a", 64, 10, "none", 4.0), ("a", 64, 10, "scaled", 4.2), ("a", 64, 20, "none", 3.9),
-        ("a", 64, 20, "scaled", 3.91), ("b", 128, 10, "none", 3.5), ("b", 128, 10, "scaled", 3.8),
-        ("b", 128, 20, "none", 3.4), ("b", 128, 20, "scaled", 3.6), ("b", 128, 40, "none", 3.3),
-        ("b", 128, 40, "scaled", 3.31)]):
-        d = tmp_path / str(i)
-        d.mkdir()
-        shape = {"n_positions": 16, "n_embd": emb, "vocab_size": 100}
-        d.joinpath("summary.json").write_text(json.dumps({
-            "config": {"model": {"name": name, "shape": shape}, "schedule": {"name": sched, "remove": sched != "none"}},
-            "n_params": 10 * emb * emb + 116 * emb, "n_params_non_embedding": 10 * emb * emb,
-            "tokens_seen": steps * 100, "val_ce": ce,
-            "all_removed": sched != "none"}))
-    res = analyse(tmp_path, 0.01, tmp_path / "out")
-    assert res["models"]["a"]["gap"] == pytest.approx([0.05, 0.01 / 3.9])
-    assert res["models"]["b"]["tokens"] == [1000, 2000, 4000]
-    assert res["fit"]["points"] == 2 and (tmp_path / "out" / "scaling.png").exists()
+def test_analyse_pairs_by_seed_and_writes_the_result_file(tmp_path):
+    rng = np.random.default_rng(0)
+    i = 0
+    for model, n, t_true in (("a", 10_000, 4e4), ("b", 40_000, 8e4), ("c", 160_000, 1.6e5)):
+        for tokens in (10_000, 20_000, 40_000, 80_000, 160_000, 320_000):
+            for seed in (1, 2, 3):
+                van = 4.0 + rng.normal(0, 0.01)
+                gap = 0.01 * (tokens / t_true) ** -1.0 * np.exp(rng.normal(0, 0.1))
+                write_run(tmp_path / "sweep" / str(i), model, n, seed, False, tokens, van)
+                write_run(tmp_path / "sweep" / str(i + 1), model, n, seed, True, tokens, van * (1 + gap))
+                i += 2
+    write_run(tmp_path / "sweep" / "unpaired", "a", 10_000, 9, True, 10_000, 5.0)  # seed 9 has no control
+    res = analyse(tmp_path / "sweep", 0.01, tmp_path / "out", n_boot=300)
+    saved = json.loads((tmp_path / "out" / "scaling.json").read_text())
+    assert saved["seeds"] == [1, 2, 3]
+    assert [s["non_embedding_params"] for s in saved["sizes"]] == [10_000, 40_000, 160_000]
+    assert set(saved["exponent"]) >= {"value", "ci_low", "ci_high"}
+    assert saved["exponent"]["ci_low"] < 0.5 < saved["exponent"]["ci_high"]  # T* doubles per 4x in N: b = 0.5
+    a = saved["sizes"][0]
+    assert a["t_star"]["value"] == pytest.approx(4e4, rel=0.25)
+    assert a["removal_phase_tokens"]["value"] == pytest.approx(0.4 * a["t_star"]["value"])
+    assert set(a["gap_by_budget"]) == {str(t) for t in (10_000, 20_000, 40_000, 80_000, 160_000, 320_000)}
+    assert (tmp_path / "out" / "scaling.png").stat().st_size > 1000
+    assert res["exponent"] == saved["exponent"]

@@ -191,3 +191,22 @@ def test_multirun_runs_one_job_per_schedule(tmp_path):
     by_schedule = {json.loads(p.read_text())["config"]["schedule"]["name"]: json.loads(p.read_text())
                    for p in summaries}
     assert by_schedule["none"]["removed_sites"] == [] and by_schedule["fast"]["all_removed"]
+
+
+def test_seed_sets_the_data_order_and_the_same_seed_reproduces_a_run(tmp_path, tiny_run):
+    from lnfree.data import corpus
+    from lnfree.data.datamodule import TextDataModule
+
+    def first_batch(seed):
+        dm = TextDataModule(corpus.load_tokenizer(), name="builtin", source="builtin", val_split="validation",
+                            block_size=64, micro_batch_size=4, val_blocks=2, shuffle_buffer=64, seed=seed)
+        dm.setup()
+        return dm.calibration_batch()
+
+    assert torch.equal(first_batch(1), first_batch(1))
+    assert not torch.equal(first_batch(1), first_batch(2))
+    summary, _ = tiny_run  # seed 1234
+    again = train(compose_train(tmp_path / "again", *TINY_RUN))
+    assert again["val_ce"] == summary["val_ce"] and again["sigmas"] == summary["sigmas"]
+    other = train(compose_train(tmp_path / "other", *TINY_RUN, "seed=7"))
+    assert other["val_ce"] != summary["val_ce"]

@@ -51,9 +51,18 @@ class DatasetSpec:
 
 
 @dataclass
+class PairSpec:
+    """A paired comparison: mean CE of `a` minus `b` on the same tokens; a[i] and b[i] share seed i."""
+    name: str = MISSING
+    a: List[str] = MISSING  # model names (one per seed)
+    b: List[str] = MISSING
+
+
+@dataclass
 class EvalConfig:
     models: List[ModelSpec] = MISSING
     datasets: List[DatasetSpec] = MISSING
+    pairs: List[PairSpec] = MISSING  # paired gaps with bootstrap CIs, per seed and over seeds
     tokenizer: Optional[str] = MISSING  # null: the first model that carries one
     tokens: int = MISSING  # per dataset
     context: int = MISSING

@@ -26,6 +26,7 @@ from .eval_config import SOURCES, EvalError
 from .eval_config import EvalConfig as EvalConfig  # noqa: F401  (registers the schema)
 from .eval_data import eval_chunks
 from .metrics import jsd, summarize, token_stats
+from .stats import over_seeds, paired_gap
 from .tables import write_outputs
 
 
@@ -47,6 +48,12 @@ def check(cfg) -> None:
             raise EvalError(f"dataset {d.name!r}: source=hf needs a path (dataset repo id)")
         if d.source == "files" and not d.files:
             raise EvalError(f"dataset {d.name!r}: source=files needs files")
+    names = set(names)
+    for p in cfg.pairs:
+        unknown = [m for m in [*p.a, *p.b] if m not in names]
+        if unknown or len(p.a) != len(p.b) or not p.a:
+            raise EvalError(f"pair {p.name!r}: a and b must be equally long lists of model names; "
+                            f"unknown: {unknown}")
     if cfg.precision not in ("bf16", "fp32"):
         raise EvalError(f"precision must be bf16 or fp32, not {cfg.precision!r}")
 
@@ -66,7 +73,7 @@ def evaluate(cfg) -> dict:
         raise EvalError("no model carries a tokenizer: set `tokenizer`")
     ref = cfg.models[0].name
     autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
-    results, per_token_all = {}, {}
+    results, per_token_all, paired = {}, {}, {}
     for d in cfg.datasets:
         chunks = eval_chunks(d, tok, cfg.context, cfg.tokens)
         acc = {name: {k: [] for k in ("ce", "entropy", "correct", "maxprob", "jsd")} for name in models}
@@ -90,9 +97,16 @@ def evaluate(cfg) -> dict:
                 per_token.pop("jsd")
             results.setdefault(d.name, {})[name] = summarize(per_token, cfg.bootstrap, cfg.seed)
             per_token_all[(d.name, name)] = per_token
+        for p in cfg.pairs:
+            per_seed = [paired_gap(per_token_all[(d.name, a)]["ce"], per_token_all[(d.name, b)]["ce"],
+                                   cfg.bootstrap, cfg.seed) for a, b in zip(p.a, p.b)]
+            paired.setdefault(d.name, {})[p.name] = {
+                "a": list(p.a), "b": list(p.b), "per_seed": per_seed,
+                "gap_over_seeds": over_seeds([r["gap"] for r in per_seed]),
+                "relative_gap_over_seeds": over_seeds([r["relative_gap"] for r in per_seed])}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    write_outputs(results, per_token_all, cfg, out)
+    write_outputs(results, per_token_all, cfg, out, paired)
     return results
 
 

@@ -1,25 +1,24 @@
 """Data needed to remove LayerNorm vs model size (METHOD.md section 8), from a sweep's run summaries.
 
-    python -m lnfree.train -m experiment=data_scaling          # LN-free + vanilla per (size, budget)
-    python -m lnfree.analysis.scaling multirun/data_scaling/<time> [--gap 0.01] [--out experiments/data_scaling]
+    make scaling      # = python -m lnfree.train -m experiment=data_scaling, then this module on the sweep dir
+    python -m lnfree.analysis.scaling multirun/data_scaling/latest [--gap 0.01] [--out experiments/data_scaling]
 
-For each model size: the relative gap (CE_LN-free - CE_vanilla) / CE_vanilla at every budget, and the smallest
-budget T* at which the gap is within `--gap`, interpolated linearly in log(budget) between the two budgets
-that bracket the threshold. Then a least-squares fit log T* = a + b log N (N = non-embedding parameters) with
-the slope's standard error and a 95% interval (t distribution). b < 1 is sublinear.
+Every (size, budget, seed) has an LN-free run and its vanilla control with the same seed (same data order).
+Gap = (CE_LN-free - CE_vanilla) / CE_vanilla. Per size, T* = the budget at which a power-law fit of the
+seed-mean gap against the budget crosses the allowed gap; the removal phase is the schedule's share of it
+(schedule.fit_fraction). Then T* ~ N^b over sizes (N = non-embedding parameters). T* and b get 95% CIs from one
+bootstrap over seeds (analysis/stats.py). Also reported: the gap at every budget against size.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import math
 from pathlib import Path
 
 import numpy as np
 
-# two-sided 95% quantiles of Student's t by degrees of freedom (few points per fit)
-T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306}
+from .stats import over_seeds, scaling_fit
 
 
 def load_runs(sweep_dir: str | Path) -> list[dict]:
@@ -27,97 +26,91 @@ def load_runs(sweep_dir: str | Path) -> list[dict]:
     for f in sorted(Path(sweep_dir).glob("**/summary.json")):
         s = json.loads(f.read_text())
         c = s["config"]
-        runs.append({"model": c["model"]["name"], "schedule": c["schedule"]["name"], "removes": c["schedule"]["remove"],
-                     "tokens": s["tokens_seen"], "val_ce": s["val_ce"], "n_params": s["n_params"],
-                     "n_nonemb": s["n_params_non_embedding"], "all_removed": s["all_removed"]})
+        runs.append({"model": c["model"]["name"], "removes": c["schedule"]["remove"], "seed": c["seed"],
+                     "tokens": s["tokens_seen"], "val_ce": s["val_ce"], "n_nonemb": s["n_params_non_embedding"],
+                     "all_removed": s["all_removed"], "fit_fraction": c["schedule"].get("fit_fraction")})
     if not runs:
         raise FileNotFoundError(f"no summary.json under {sweep_dir}")
+    bad = [r for r in runs if r["removes"] and not r["all_removed"]]
+    if bad:
+        raise ValueError(f"{len(bad)} LN-free run(s) did not remove every site, e.g. {bad[0]}")
     return runs
 
 
-def gaps(runs: list[dict]) -> dict[str, dict]:
-    """{model: {"n_nonemb", "tokens": [...], "gap": [...], "vanilla": [...], "lnfree": [...]}} by budget."""
+def gap_table(runs: list[dict]) -> dict:
+    """{model: {"n", "budgets", "seeds", "gaps": [[gap per seed] per budget], "vanilla", "lnfree"}}, keeping
+    the seeds that have both arms at every budget (pairs only)."""
     out = {}
-    for model in sorted({r["model"] for r in runs}):
+    for model in sorted({r["model"] for r in runs}, key=lambda m: next(r["n_nonemb"] for r in runs if r["model"] == m)):
         mine = [r for r in runs if r["model"] == model]
-        van = {r["tokens"]: r["val_ce"] for r in mine if not r["removes"]}
-        lnf = {r["tokens"]: r["val_ce"] for r in mine if r["removes"] and r["all_removed"]}
-        budgets = sorted(set(van) & set(lnf))
-        out[model] = {"n_nonemb": mine[0]["n_nonemb"], "tokens": budgets,
-                      "vanilla": [van[t] for t in budgets], "lnfree": [lnf[t] for t in budgets],
-                      "gap": [(lnf[t] - van[t]) / van[t] for t in budgets]}
+        arm = {(r["removes"], r["tokens"], r["seed"]): r["val_ce"] for r in mine}
+        budgets = sorted({r["tokens"] for r in mine})
+        seeds = sorted(s for s in {r["seed"] for r in mine}
+                       if all((a, b, s) in arm for a in (True, False) for b in budgets))
+        van = [[arm[(False, b, s)] for s in seeds] for b in budgets]
+        lnf = [[arm[(True, b, s)] for s in seeds] for b in budgets]
+        gaps = [[(x - y) / y for x, y in zip(rl, rv)] for rl, rv in zip(lnf, van)]
+        fractions = {r["fit_fraction"] for r in mine if r["removes"]}
+        out[model] = {"n": mine[0]["n_nonemb"], "budgets": budgets, "seeds": seeds, "gaps": gaps, "vanilla": van,
+                      "lnfree": lnf, "removal_fraction": fractions.pop() if len(fractions) == 1 else None}
     return out
 
 
-def threshold_budget(tokens: list[int], gap: list[float], threshold: float) -> float | None:
-    """Smallest budget with gap <= threshold (staying there at every larger budget), interpolated in log."""
-    ok = [g <= threshold for g in gap]
-    if not ok or not ok[-1]:
-        return None
-    i = len(ok) - 1
-    while i > 0 and ok[i - 1]:
-        i -= 1
-    if i == 0:
-        return float(tokens[0])  # already within the gap at the smallest budget: an upper bound
-    x0, x1 = math.log(tokens[i - 1]), math.log(tokens[i])
-    g0, g1 = gap[i - 1], gap[i]
-    return math.exp(x0 + (g0 - threshold) / (g0 - g1) * (x1 - x0))
-
-
-def power_law(n: list[float], t: list[float]) -> dict:
-    """OLS of log t on log n: exponent b, its standard error and 95% interval."""
-    x, y = np.log(n), np.log(t)
-    b, a = np.polyfit(x, y, 1)
-    out = {"exponent": float(b), "prefactor": float(math.exp(a)), "points": len(n)}
-    if len(n) > 2:
-        resid = y - (a + b * x)
-        se = math.sqrt((resid**2).sum() / (len(n) - 2) / ((x - x.mean()) ** 2).sum())
-        q = T975.get(len(n) - 2, 1.96)
-        out.update({"stderr": se, "ci95": [float(b - q * se), float(b + q * se)]})
-    return out
-
-
-def analyse(sweep_dir, threshold: float, out_dir: str | Path) -> dict:
-    per_model = gaps(load_runs(sweep_dir))
-    for m in per_model.values():
-        m["threshold_tokens"] = threshold_budget(m["tokens"], m["gap"], threshold)
-    found = [(m["n_nonemb"], m["threshold_tokens"]) for m in per_model.values() if m["threshold_tokens"]]
-    fit = power_law(*zip(*found)) if len(found) >= 2 else None
-    res = {"sweep_dir": str(sweep_dir), "threshold": threshold, "models": per_model, "fit": fit}
+def analyse(sweep_dir, threshold: float, out_dir: str | Path, n_boot: int = 2000) -> dict:
+    table = gap_table(load_runs(sweep_dir))
+    usable = {k: v for k, v in table.items() if v["seeds"]}
+    fit = scaling_fit(usable, threshold, n_boot=n_boot)
+    for s in fit["sizes"]:
+        m = table[s["name"]]
+        frac = m["removal_fraction"]
+        s["removal_phase_tokens"] = ({k: (v * frac if v not in (None, float("inf")) else v)
+                                      for k, v in s["t_star"].items()} if frac else None)
+        s["gap_by_budget"] = {str(b): over_seeds(g) for b, g in zip(m["budgets"], m["gaps"])}
+        s["vanilla_ce_by_budget"] = {str(b): float(np.mean(v)) for b, v in zip(m["budgets"], m["vanilla"])}
+    seeds = sorted({s for v in usable.values() for s in v["seeds"]})
+    res = {"sweep_dir": str(sweep_dir), "seeds": seeds, "threshold": threshold, "sizes": fit["sizes"],
+           "exponent": fit["exponent"]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(res, indent=1))
-    _plot(res, out / "scaling.png")
+    _plot(res, table, out / "scaling.png")
     return res
 
 
-def _plot(res, path):
+def _plot(res, table, path):
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
-    for name, m in res["models"].items():
-        ax1.plot(m["tokens"], [100 * g for g in m["gap"]], marker="o", label=f"{name} ({m['n_nonemb'] / 1e6:.2f}M)")
+    for s in res["sizes"]:
+        m = table[s["name"]]
+        g = np.asarray(m["gaps"]) * 100
+        ax1.errorbar(m["budgets"], g.mean(1), yerr=g.std(1, ddof=1) / np.sqrt(g.shape[1]) if g.shape[1] > 1 else None,
+                     marker="o", ms=3, capsize=2, label=f"{s['name']} ({m['n'] / 1e6:.2f}M)")
     ax1.axhline(100 * res["threshold"], color="k", ls=":", lw=1, label=f"{100 * res['threshold']:.0f}% gap")
-    ax1.set(xscale="log", xlabel="fine-tuning tokens", ylabel="LN-free CE gap to vanilla (%)",
+    ax1.set(xscale="log", xlabel="fine-tuning tokens", ylabel="LN-free CE gap to vanilla (%, mean +- s.e. over seeds)",
             title="Gap to the vanilla control vs budget")
-    ax1.legend(fontsize=8)
-    pts = [(m["n_nonemb"], m["threshold_tokens"]) for m in res["models"].values() if m["threshold_tokens"]]
+    ax1.legend(fontsize=7)
+    pts = [(s["non_embedding_params"], s["t_star"]) for s in res["sizes"] if s["t_star"]["value"]]
     if pts:
-        n, t = zip(*pts)
-        ax2.scatter(n, t, zorder=3)
-        fit = res["fit"]
-        if fit:
-            xs = np.geomspace(min(n), max(n), 50)
-            label = f"T* ~ N^{fit['exponent']:.2f}"
-            if "ci95" in fit:
-                label += f" (95% CI {fit['ci95'][0]:.2f} to {fit['ci95'][1]:.2f})"
-            ax2.plot(xs, fit["prefactor"] * xs ** fit["exponent"], label=label)
-            ax2.legend(fontsize=8)
+        n = np.array([p[0] for p in pts], float)
+        t = np.array([p[1]["value"] for p in pts])
+        lo = np.array([p[1]["ci_low"] for p in pts], float)
+        hi = np.array([p[1]["ci_high"] for p in pts], float)
+        hi_plot = np.where(np.isfinite(hi), hi, t * 10)
+        ax2.errorbar(n, t, yerr=[t - lo, hi_plot - t], fmt="o", capsize=3, zorder=3,
+                     label="T* (95% CI, bootstrap over seeds)")
+        e = res["exponent"]
+        if e["value"] is not None:
+            xs = np.geomspace(n.min(), n.max(), 50)
+            a = np.exp(np.mean(np.log(t) - e["value"] * np.log(n)))
+            ax2.plot(xs, a * xs ** e["value"],
+                     label=f"T* ~ N^{e['value']:.2f} (95% CI {e['ci_low']:.2f} to {e['ci_high']:.2f})")
+        ax2.legend(fontsize=7)
     ax2.set(xscale="log", yscale="log", xlabel="non-embedding parameters N",
-            ylabel=f"tokens to reach a {100 * res['threshold']:.0f}% gap", title="Data needed to remove LayerNorm")
+            ylabel=f"tokens to a {100 * res['threshold']:.0f}% gap", title="Data needed to remove LayerNorm")
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -128,12 +121,14 @@ def main(argv=None):
     p.add_argument("sweep_dir")
     p.add_argument("--gap", type=float, default=0.01, help="allowed relative CE gap to vanilla")
     p.add_argument("--out", default="experiments/data_scaling")
+    p.add_argument("--bootstrap", type=int, default=2000)
     a = p.parse_args(argv)
-    res = analyse(a.sweep_dir, a.gap, a.out)
-    for name, m in res["models"].items():
-        gaps_txt = ", ".join(f"{t}:{100 * g:+.2f}%" for t, g in zip(m["tokens"], m["gap"]))
-        print(f"{name}: N={m['n_nonemb']:.0f}  gaps {gaps_txt}  T*={m['threshold_tokens']}")
-    print("fit:", res["fit"])
+    res = analyse(a.sweep_dir, a.gap, a.out, a.bootstrap)
+    for s in res["sizes"]:
+        t = s["t_star"]
+        print(f"{s['name']:16s} N={s['non_embedding_params']:>9d}  T*={t['value']}  "
+              f"95% CI [{t['ci_low']}, {t['ci_high']}]")
+    print("exponent:", res["exponent"])
 
 
 if __name__ == "__main__":

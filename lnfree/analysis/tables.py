@@ -6,6 +6,7 @@ import csv
 import json
 from pathlib import Path
 
+import numpy as np
 from omegaconf import OmegaConf
 
 
@@ -33,13 +34,34 @@ def detail_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def write_outputs(results, per_token, cfg, out: Path):
+def paired_table(paired: dict) -> str:
+    """One row per (dataset, pair): per-seed gaps with their paired-bootstrap CIs, and the mean over seeds."""
+    lines = ["| dataset | pair (a - b) | per seed: gap [95% CI] | over seeds: gap [95% CI, t] | relative |",
+             "|---|---|---|---|---|"]
+    for d, pairs in paired.items():
+        for name, p in pairs.items():
+            seeds = "; ".join(f"{r['gap']:+.4f} [{r['ci95'][0]:+.4f}, {r['ci95'][1]:+.4f}]" for r in p["per_seed"])
+            g, rel = p["gap_over_seeds"], p["relative_gap_over_seeds"]
+            ci = f" [{g['ci95'][0]:+.4f}, {g['ci95'][1]:+.4f}]" if "ci95" in g else ""
+            rci = f" [{100 * rel['ci95'][0]:+.2f}, {100 * rel['ci95'][1]:+.2f}]" if "ci95" in rel else ""
+            lines.append(f"| {d} | {name} | {seeds} | {g['mean']:+.4f}{ci} (n={g['n']}) | "
+                         f"{100 * rel['mean']:+.2f}%{rci} |")
+    return "\n".join(lines)
+
+
+def write_outputs(results, per_token, cfg, out: Path, paired: dict | None = None):
     table = ("## Mean cross-entropy (nats/token), gap to the best model in brackets\n\n" + markdown_table(results)
-             + "\n\n## Median\n\n" + markdown_table(results, "median")
-             + "\n\n## All statistics\n\n" + detail_table(results) + "\n")
+             + "\n\n## Median\n\n" + markdown_table(results, "median"))
+    if paired:
+        table += ("\n\n## Paired gaps (same tokens; CI per seed: bootstrap over chunks; over seeds: Student t)\n\n"
+                  + paired_table(paired))
+    table += "\n\n## All statistics\n\n" + detail_table(results) + "\n"
     (out / "table.md").write_text(table)
     (out / "results.json").write_text(json.dumps(
-        {"results": results, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+        {"results": results, "paired": paired or {}, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    # per-token CE of every model on every dataset (same token order for all), for paired tests later
+    np.savez_compressed(out / "per_token_ce.npz",
+                        **{f"{d}/{m}": v["ce"].astype(np.float32) for (d, m), v in per_token.items()})
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.writer(f)
         keys = sorted({k for per_model in results.values() for s in per_model.values() for k in s})
