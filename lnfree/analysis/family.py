@@ -50,7 +50,8 @@ def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002) -> di
                       "params": s["n_params"], "pretrain_tokens": s["tokens_seen"], "steps": s["steps"],
                       "val_ce": s["val_ce"], "curve": f"curves/{name}.csv",
                       "convergence": converged(sorted(val.items()), s["steps"], tol),
-                      "recipe": {"dropout": c["model"]["dropout"], "lr": c["optim"]["lr"], "min_lr": c["optim"]["min_lr"],
+                      "recipe": {"dropout": c["model"]["dropout"], "lr": c["optim"]["lr"],
+                                 "min_lr": c["optim"]["min_lr"],
                                  "tokens_per_step": s["tokens_per_step"], "shuffle_buffer": c["data"]["shuffle_buffer"],
                                  "seed": c["seed"], "precision": c["hardware"]["precision"]},
                       "wall_time_s": s["wall_time_s"], "hardware": c["hardware"]["name"]})
