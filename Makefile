@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check test-fast train sweep eval family scaling bench bench-gpu clean
+.PHONY: install test check test-fast train sweep eval ablations family scaling bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -31,14 +31,29 @@ train: install
 sweep: install
 	$(PY) -m lnfree.train -m schedule=none,builtin $(ARGS)
 
-# original vs vanilla control vs LN-free (vs all norms removed without fine-tuning) on the built-in default;
-# trains what is missing first. Table and figures: experiments/builtin_eval/
+# original vs vanilla control vs LN-free for seeds 1-3 (vs all norms removed without fine-tuning) on the built-in
+# default, with paired gaps; trains what is missing first. Table and figures: experiments/builtin_eval/
 RUNS ?= outputs/builtin
+SEEDS ?= 1 2 3
 eval: install
-	test -f $(RUNS)/vanilla/summary.json || $(PY) -m lnfree.train schedule=none hydra.run.dir=$(RUNS)/vanilla
-	test -f $(RUNS)/lnfree/summary.json || $(PY) -m lnfree.train hydra.run.dir=$(RUNS)/lnfree
-	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:2x128 $(RUNS)/no_finetune
+	for s in $(SEEDS); do \
+	  test -f $(RUNS)/vanilla_s$$s/summary.json || $(PY) -m lnfree.train schedule=none seed=$$s \
+	    hydra.run.dir=$(RUNS)/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
+	  test -f $(RUNS)/lnfree_s$$s/summary.json || $(PY) -m lnfree.train seed=$$s \
+	    hydra.run.dir=$(RUNS)/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
+	done
+	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:w128 $(RUNS)/no_finetune
 	$(PY) -m lnfree.eval $(ARGS)
+
+# schedule ablations on the built-in default over seeds (after make eval): no auxiliary loss, a slower schedule,
+# special bos/eot sigmas; paired with the vanilla control of each seed. Results: experiments/ablations/
+ABLATIONS ?= builtin_noaux builtin_gradual builtin_special
+ablations: eval
+	for a in $(ABLATIONS); do for s in $(SEEDS); do \
+	  test -f $(RUNS)/$${a}_s$$s/summary.json || $(PY) -m lnfree.train schedule=$$a seed=$$s \
+	    hydra.run.dir=$(RUNS)/$${a}_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
+	done; done
+	$(PY) -m lnfree.eval --config-name eval_ablations $(ARGS)
 
 # the built-in family, pretrained into ~/.cache/lnfree/models (skips those already there or shipped);
 # loading never pretrains, so the targets that need the family depend on this one
@@ -46,7 +61,7 @@ FAMILY ?= w48 w64 w96 w128 w192 w256
 family: install
 	for m in $(FAMILY); do \
 	  if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('$$m').exists())"; then \
-	    $(PY) -m lnfree.pretrain experiment=family_pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m overwrite=true || exit 1; \
+	    $(PY) -m lnfree.pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m overwrite=true || exit 1; \
 	  fi; done
 
 # data needed to remove LayerNorm vs model size on the built-in family (40 short runs), then the fit

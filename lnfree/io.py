@@ -1,7 +1,7 @@
 """Model IO: every model reference is resolved here, once, and loaded safely.
 
     from lnfree import load
-    model, tok = load("builtin:2x128")                 # the built-in family (shipped, or pretrained into the cache)
+    model, tok = load("builtin:w128")                 # the built-in family (shipped, or pretrained into the cache)
     model, tok = load("gpt2-medium")                   # a hub name (users have the internet)
     model, tok = load("path/to/hf_dir")                # any GPT-2 Hugging Face dir
     model, tok = load("outputs/run/export/hf")         # HF-compatible LN-free export (checked against its record)

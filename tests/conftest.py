@@ -100,7 +100,7 @@ def eval_cfg(tmp_path, models, datasets, **kw):
 
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         base = compose("eval")
-    return OmegaConf.merge(base, {"models": models, "datasets": datasets, "tokens": 4 * 32, "context": 32,
+    return OmegaConf.merge(base, {"models": models, "datasets": datasets, "pairs": [], "tokens": 4 * 32, "context": 32,
                                   "batch": 2, "precision": "fp32", "bootstrap": 50,
                                   "output_dir": str(tmp_path / "eval"), "cache_dir": str(tmp_path / "cache"), **kw})
 

@@ -49,7 +49,7 @@ def _val_tokens(tok, n):
 def test_shipped_default_model_loads_with_stock_transformers_and_beats_unigram():
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    path = SHIPPED_DIR / "2x128"
+    path = SHIPPED_DIR / "w128"
     model = GPT2LMHeadModel.from_pretrained(path).eval()
     tok = AutoTokenizer.from_pretrained(path)
     info = json.loads((path / "pretrain_info.json").read_text())

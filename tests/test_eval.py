@@ -94,6 +94,30 @@ def test_every_model_form_gives_the_same_ce(tmp_path, tiny_run):
     assert (tmp_path / "eval" / "training_curves.png").exists()
 
 
+def test_paired_gaps_are_reported_per_seed_and_over_seeds(tmp_path, tiny_run):
+    _, run = tiny_run
+    f = docs_file(tmp_path)
+    models = [{"name": "hf", "path": str(run / "export" / "hf")},
+              {"name": "folded", "path": str(run / "export" / "folded")},
+              {"name": "ckpt", "path": str(run / "checkpoints" / "step000012.ckpt")}]
+    pairs = [{"name": "same", "a": ["hf", "hf"], "b": ["folded", "folded"]},
+             {"name": "later_minus_earlier", "a": ["hf"], "b": ["ckpt"]}]
+    cfg = eval_cfg(tmp_path, models, [{"name": "d", "source": "files", "files": [str(f)]}], pairs=pairs)
+    res = evaluate(cfg)
+    saved = json.loads((tmp_path / "eval" / "results.json").read_text())["paired"]["d"]
+    same = saved["same"]
+    assert abs(same["per_seed"][0]["gap"]) < 1e-4 and same["gap_over_seeds"]["n"] == 2  # two forms of one model
+    later = saved["later_minus_earlier"]["per_seed"][0]
+    assert later["gap"] == pytest.approx(res["d"]["hf"]["mean"] - res["d"]["ckpt"]["mean"], abs=1e-5)
+    assert later["ci95"][0] <= later["gap"] <= later["ci95"][1]
+    assert "Paired gaps" in (tmp_path / "eval" / "table.md").read_text()
+    ce = np.load(tmp_path / "eval" / "per_token_ce.npz")
+    assert ce["d/hf"].shape == ce["d/ckpt"].shape == (4, 31)  # per-token CE kept for later paired tests
+    with pytest.raises(EvalError, match="unknown"):
+        evaluate(eval_cfg(tmp_path, models, [{"name": "d", "source": "builtin"}],
+                          pairs=[{"name": "x", "a": ["nope"], "b": ["hf"]}]))
+
+
 def test_unknown_model_or_dataset_fails_before_loading(tmp_path, monkeypatch):
     import lnfree.analysis.evaluate as ev
 

@@ -53,3 +53,81 @@ def test_attention_sinks_on_uniform_attention():
     assert res["sink_rate"] == 0.0
     assert attention_sinks(stock, ids(2, 2))["sink_rate"] == 1.0  # A[1, 0] = 1/2 > 0.3 in every head
     assert stock.config._attn_implementation != "eager"  # the caller's attention implementation is restored
+
+
+def test_per_head_nmae_with_cis_and_grid():
+    from lnfree.analysis.interp.dla import nmae_with_ci, per_head_grid
+
+    stock, lnfree = calibrated_all_removed()
+    x = ids(24, 16, seed=3)
+    u = stock.lm_head.weight[x[:, -1]]
+    for model, exact in ((stock, False), (lnfree, True)):
+        r = dla_vs_de(model, x, u)
+        per = {k: nmae_with_ci(r["dla"][k], r["de"][k], n_boot=200) for k in r["dla"]}
+        heads, mlps = per_head_grid(per, 2, 2)
+        assert heads.shape == (2, 2) and mlps.shape == (2,)
+        for v in per.values():
+            assert v["ci95"][0] <= v["nmae_percent"] <= v["ci95"][1]
+        if exact:
+            assert heads.max() < 1e-2 and mlps.max() < 1e-2
+        else:
+            assert heads.max() > 1.0
+    # the global number from the stacked components equals mean|DLA-DE| / mean|DE| over everything
+    whole = nmae_with_ci(torch.stack(list(r["dla"].values())), torch.stack(list(r["de"].values())), n_boot=50)
+    assert abs(whole["nmae_percent"] - r["nmae_percent"]) < 1e-6 + 1e-3 * r["nmae_percent"]
+
+
+def _linear_lnfree_model():
+    """A GPT-2 whose residual-to-metric map is affine: norms frozen, attention pattern fixed (Q = K = 0 gives
+    uniform causal attention whatever the input), linear MLP activation."""
+    from conftest import remove_all, tiny_config
+
+    from lnfree.model import make_removable
+
+    model = make_removable(tiny_config(activation_function="linear")).eval()
+    model.calibrate(ids(4, 16))
+    remove_all(model)
+    d = model.config.n_embd
+    with torch.no_grad():
+        for block in model.transformer.h:
+            block.attn.c_attn.weight[:, : 2 * d] = 0
+            block.attn.c_attn.bias[: 2 * d] = 0
+    return model
+
+
+def test_attribution_patching_equals_activation_patching_on_an_affine_model():
+    from lnfree.analysis.interp.patching import activation_patching, attribution_patching, induction_pairs
+
+    model = _linear_lnfree_model()
+    clean, corrupt, correct, wrong = induction_pairs(97, 6, half=6, seed=1)
+    ap_r, ap_h = activation_patching(model, clean, corrupt, correct, wrong)
+    atp_r, atp_h = attribution_patching(model, clean, corrupt, correct, wrong)
+    assert ap_r.abs().max() > 1e-3  # the nodes matter
+    assert torch.allclose(ap_r, atp_r, atol=1e-4 * ap_r.abs().max()) and torch.allclose(ap_h, atp_h, atol=1e-4)
+
+
+def test_patching_is_zero_where_clean_and_corrupted_agree_and_not_exact_on_a_real_model():
+    from lnfree.analysis.interp.patching import activation_patching, attribution_patching, compare, induction_pairs
+
+    stock, _ = stock_and_removable()
+    clean, corrupt, correct, wrong = induction_pairs(97, 8, half=6, seed=2)
+    ap_r, _ = activation_patching(stock, clean, corrupt, correct, wrong)
+    atp_r, _ = attribution_patching(stock, clean, corrupt, correct, wrong)
+    differs = 5  # the only position where the two prompts differ (half - 1)
+    same = [p for p in range(clean.shape[1]) if p != differs]
+    assert ap_r[:, 0, same].abs().max() == 0 and atp_r[:, 0, same].abs().max() == 0
+    assert ap_r[:, 0, differs].abs().max() > 0
+    r = compare(stock, clean, corrupt, correct, wrong, n_boot=50)
+    assert r["nmae_percent"] > 0.1 and -1 <= r["pearson"] <= 1  # LayerNorm and softmax: first order is not exact
+
+
+def test_ioi_generator_builds_aligned_pairs():
+    from lnfree.analysis.interp.patching import ioi_pairs
+    from lnfree.data import corpus
+
+    tok = corpus.load_tokenizer()  # has three single-token names (John, Kate, Anne)
+    clean, corrupt, correct, wrong = ioi_pairs(tok, 4, seed=0)
+    assert clean.shape == corrupt.shape and ((clean != corrupt).sum(1) == 1).all() and (correct != wrong).all()
+    pos = (clean != corrupt).float().argmax(1)  # the second mention of B, replaced by C
+    assert (clean[torch.arange(4), pos] == wrong).all() and (clean[:, :6] == corrupt[:, :6]).all()
+    assert (clean == correct[:, None]).any(1).all()  # the answer A is the name mentioned once

@@ -57,7 +57,7 @@ def test_every_form_resolves_to_its_kind(tiny_run, tmp_path):
     assert resolve(str(run / "export" / "hf")).kind == "hf_lnfree"
     assert resolve(str(run / "export" / "folded")).kind == "folded"
     assert resolve(str(run / "checkpoints" / "last.ckpt")).kind == "ckpt"
-    assert resolve("builtin:2x128").kind == "hf"
+    assert resolve("builtin:w128").kind == "hf"
     ids = torch.randint(0, 4096, (2, 16))
     ref = logits(load(str(run / "checkpoints" / "last.ckpt"))[0], ids)
     for form in (run, run / "export" / "hf", run / "export" / "folded"):

@@ -11,7 +11,7 @@ from lnfree.training.pretrain import pretrain
 def test_pretrain_writes_a_stock_loadable_builtin_model(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("pretrain", overrides=[
-            "model=builtin_1x128", "model.source=builtin:test1x32", "model.shape.n_embd=32",
+            "model=builtin_w48", "model.source=builtin:test1x32", "model.shape.n_embd=32",
             "model.shape.n_head=2", "model.pretrain_steps=6", "data.block_size=32", "data.val_blocks=2",
             "hardware.micro_batch_size=2", "trainer.progress_bar=false", "trainer.val_every=3",
             f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache",

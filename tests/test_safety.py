@@ -201,3 +201,13 @@ def test_ctrl_c_prints_the_exact_resume_command(tmp_path, monkeypatch, capsys):
     err = capsys.readouterr().err
     ckpt = tmp_path / "checkpoints" / "on_exception_step000012.ckpt"
     assert ckpt.exists() and f"hydra.run.dir={tmp_path.resolve()}" in err and f"ckpt_path={ckpt.resolve()}" in err
+
+
+def test_skip_if_done_returns_a_finished_run_and_refuses_a_different_one(tiny_run, tmp_path):
+    summary, _ = tiny_run
+    run = copy_run(tiny_run, tmp_path / "run")
+    before = digest(run)
+    again = train(compose_train(run, *TINY_RUN, "skip_if_done=true"))
+    assert again["val_ce"] == summary["val_ce"] and digest(run) == before  # nothing was rerun or written
+    with pytest.raises(RunDirError, match="different config"):
+        train(compose_train(run, *TINY_RUN, "skip_if_done=true", "seed=5"))

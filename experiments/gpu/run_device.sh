@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The one prepared GPU session (device tool, one H200): pretrain the built-in size family (two dropout recipes,
-# every width in parallel on the one GPU), then the GPU check `python -m lnfree.bench.gpu`.
+# every width in parallel on the one GPU), then the GPU check `python -m lnfree.bench.gpu`. (Run on 2026-11-28 with
+# the recipe as an experiment preset, experiment=family_pretrain; it is now conf/pretrain.yaml itself.)
 # Everything offline; packages missing on the device image travel as wheels in .whl/ (see experiments/gpu/README.md).
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
@@ -11,7 +12,7 @@ nvidia-smi -L; nproc
 python3 -c "import torch, lightning, transformers, hydra, datasets; print('torch', torch.__version__, 'lightning', lightning.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
 t0=$(date +%s)
 for p in 0.1 0.2; do mkdir -p /tmp/fam_$p; for d in 48 64 96 128 192 256; do
-  timeout ${FAMILY_TIMEOUT:-300} python3 -m lnfree.pretrain experiment=family_pretrain model=builtin_w$d model.dropout=$p \
+  timeout ${FAMILY_TIMEOUT:-300} python3 -m lnfree.pretrain model=builtin_w$d model.dropout=$p \
     hardware=gpu hardware.precision=32-true paths.cache_dir=/tmp/fam_$p hydra.run.dir=/tmp/fam_$p/runs/w$d \
     trainer.progress_bar=false > /tmp/fam_$p/w$d.log 2>&1 &
 done; done

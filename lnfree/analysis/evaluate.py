@@ -30,6 +30,17 @@ from .stats import over_seeds, paired_gap
 from .tables import write_outputs
 
 
+def active_pairs(cfg) -> list:
+    """The pairs that name at least one evaluated model: the default pairs drop out, with a note, when the
+    command line replaces the models."""
+    names = {m.name for m in cfg.models}
+    active = [p for p in cfg.pairs if names & {*p.a, *p.b}]
+    for p in cfg.pairs:
+        if p not in active:
+            print(f"[lnfree] pair {p.name!r} skipped: none of its models is evaluated")
+    return active
+
+
 def check(cfg) -> None:
     """Unknown models or datasets fail here, before any model is loaded."""
     if not cfg.models:
@@ -48,8 +59,7 @@ def check(cfg) -> None:
             raise EvalError(f"dataset {d.name!r}: source=hf needs a path (dataset repo id)")
         if d.source == "files" and not d.files:
             raise EvalError(f"dataset {d.name!r}: source=files needs files")
-    names = set(names)
-    for p in cfg.pairs:
+    for p in active_pairs(cfg):
         unknown = [m for m in [*p.a, *p.b] if m not in names]
         if unknown or len(p.a) != len(p.b) or not p.a:
             raise EvalError(f"pair {p.name!r}: a and b must be equally long lists of model names; "
@@ -97,7 +107,7 @@ def evaluate(cfg) -> dict:
                 per_token.pop("jsd")
             results.setdefault(d.name, {})[name] = summarize(per_token, cfg.bootstrap, cfg.seed)
             per_token_all[(d.name, name)] = per_token
-        for p in cfg.pairs:
+        for p in active_pairs(cfg):
             per_seed = [paired_gap(per_token_all[(d.name, a)]["ce"], per_token_all[(d.name, b)]["ce"],
                                    cfg.bootstrap, cfg.seed) for a, b in zip(p.a, p.b)]
             paired.setdefault(d.name, {})[p.name] = {

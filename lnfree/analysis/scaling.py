@@ -2,6 +2,7 @@
 
     make scaling      # = python -m lnfree.train -m experiment=data_scaling, then this module on the sweep dir
     python -m lnfree.analysis.scaling multirun/data_scaling/latest [--gap 0.01] [--out experiments/data_scaling]
+    python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl      # again, from the committed records
 
 Every (size, budget, seed) has an LN-free run and its vanilla control with the same seed (same data order).
 Gap = (CE_LN-free - CE_vanilla) / CE_vanilla. Per size, T* = the budget at which a power-law fit of the
@@ -22,6 +23,9 @@ from .stats import over_seeds, scaling_fit
 
 
 def load_runs(sweep_dir: str | Path) -> list[dict]:
+    """One record per run, from a sweep dir's summary.json files or from a runs.jsonl written by `--records`."""
+    if Path(sweep_dir).is_file():
+        return [json.loads(line) for line in Path(sweep_dir).read_text().splitlines() if line.strip()]
     runs = []
     for f in sorted(Path(sweep_dir).glob("**/summary.json")):
         s = json.loads(f.read_text())
@@ -44,15 +48,20 @@ def gap_table(runs: list[dict]) -> dict:
     for model in sorted({r["model"] for r in runs}, key=lambda m: next(r["n_nonemb"] for r in runs if r["model"] == m)):
         mine = [r for r in runs if r["model"] == model]
         arm = {(r["removes"], r["tokens"], r["seed"]): r["val_ce"] for r in mine}
-        budgets = sorted({r["tokens"] for r in mine})
+        all_budgets = {r["tokens"] for r in mine}
+        # seeds with at least one pair (an LN-free run and its control); a seed without any is dropped
         seeds = sorted(s for s in {r["seed"] for r in mine}
-                       if all((a, b, s) in arm for a in (True, False) for b in budgets))
+                       if any((True, b, s) in arm and (False, b, s) in arm for b in all_budgets))
+        # budgets where every seed has both arms (an unfinished sweep leaves the largest budgets incomplete)
+        budgets = sorted(b for b in all_budgets if all((a, b, s) in arm for a in (True, False) for s in seeds))
+        out_of = sorted(all_budgets - set(budgets))
         van = [[arm[(False, b, s)] for s in seeds] for b in budgets]
         lnf = [[arm[(True, b, s)] for s in seeds] for b in budgets]
         gaps = [[(x - y) / y for x, y in zip(rl, rv)] for rl, rv in zip(lnf, van)]
         fractions = {r["fit_fraction"] for r in mine if r["removes"]}
         out[model] = {"n": mine[0]["n_nonemb"], "budgets": budgets, "seeds": seeds, "gaps": gaps, "vanilla": van,
-                      "lnfree": lnf, "removal_fraction": fractions.pop() if len(fractions) == 1 else None}
+                      "lnfree": lnf, "removal_fraction": fractions.pop() if len(fractions) == 1 else None,
+                      "incomplete_budgets": out_of}
     return out
 
 
@@ -67,6 +76,9 @@ def analyse(sweep_dir, threshold: float, out_dir: str | Path, n_boot: int = 2000
                                       for k, v in s["t_star"].items()} if frac else None)
         s["gap_by_budget"] = {str(b): over_seeds(g) for b, g in zip(m["budgets"], m["gaps"])}
         s["vanilla_ce_by_budget"] = {str(b): float(np.mean(v)) for b, v in zip(m["budgets"], m["vanilla"])}
+        s["incomplete_budgets"] = m["incomplete_budgets"]
+        t = s["t_star"]["value"]
+        s["t_star"]["extrapolated"] = bool(t is not None and t > max(m["budgets"]))
     seeds = sorted({s for v in usable.values() for s in v["seeds"]})
     res = {"sweep_dir": str(sweep_dir), "seeds": seeds, "threshold": threshold, "sizes": fit["sizes"],
            "exponent": fit["exponent"]}
@@ -122,8 +134,11 @@ def main(argv=None):
     p.add_argument("--gap", type=float, default=0.01, help="allowed relative CE gap to vanilla")
     p.add_argument("--out", default="experiments/data_scaling")
     p.add_argument("--bootstrap", type=int, default=2000)
+    p.add_argument("--records", help="also write every run's record to this .jsonl")
     a = p.parse_args(argv)
     res = analyse(a.sweep_dir, a.gap, a.out, a.bootstrap)
+    if a.records:  # the runs themselves, compact, so that the analysis can be redone from a committed file
+        Path(a.records).write_text("".join(json.dumps(r) + "\n" for r in load_runs(a.sweep_dir)))
     for s in res["sizes"]:
         t = s["t_star"]
         print(f"{s['name']:16s} N={s['non_embedding_params']:>9d}  T*={t['value']}  "

@@ -147,6 +147,7 @@ class TrainConfig:
     ckpt_path: Optional[str] = MISSING  # resume from this Lightning checkpoint
     export: bool = MISSING  # write export/hf (and export/folded when every site is removed)
     overwrite: bool = MISSING  # allow a new run into a directory that holds another run (its files are removed)
+    skip_if_done: bool = MISSING  # a finished run with the same config in the directory is returned, not rerun
 
 
 def register_configs():

@@ -1,6 +1,6 @@
 """Pretrain the built-in family: GPT-2-architecture models trained *with* LayerNorm on the built-in corpus.
 
-    python -m lnfree.pretrain model=builtin_4x256
+    python -m lnfree.pretrain model=builtin_w256
 
 Runs the ordinary train() from random init with schedule=none (conf/pretrain.yaml), then saves the result
 as a Hugging Face dir (weights, config, tokenizer, pretrain_info.json) where `model.source=builtin:<name>`

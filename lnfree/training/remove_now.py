@@ -1,6 +1,6 @@
 """Remove every norm of a model at once, without fine-tuning: the baseline that fine-tuning must beat.
 
-    python -m lnfree.training.remove_now builtin:2x128 outputs/builtin/no_finetune [--blocks 16]
+    python -m lnfree.training.remove_now builtin:w128 outputs/builtin/no_finetune [--blocks 16]
 
 Calibrates every site's sigma on `--blocks` blocks of the built-in training split, freezes them all and
 writes the verified HF-compatible and folded exports (same layout as a training run's export/).

@@ -37,7 +37,14 @@ from .hardware import grad_accumulation, make_strategy, world_size
 from .loggers import finish_wandb, make_loggers
 from .model_source import check_available, gpt2_config, load_model, load_tokenizer
 from .module import LNFreeModule
-from .safety import CheckpointOnException, DivergenceGuard, SafeCheckpointIO, check_output_dir, check_resume
+from .safety import (
+    CheckpointOnException,
+    DivergenceGuard,
+    RunDirError,
+    SafeCheckpointIO,
+    check_output_dir,
+    check_resume,
+)
 
 
 class ConfigError(ValueError):
@@ -90,6 +97,10 @@ def train(cfg: DictConfig) -> dict:
     t0 = time.time()
     events, n_layer, accum = check_config(cfg)
     out = Path(cfg.paths.output_dir)
+    done = _finished_run(out, cfg) if cfg.skip_if_done else None
+    if done is not None:
+        print(f"[lnfree] {out} already holds this run, finished (skip_if_done=true): not run again")
+        return done
     check_output_dir(out, cfg.ckpt_path, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     print(f"[lnfree] writing to {out.resolve()}")
@@ -178,6 +189,21 @@ def train(cfg: DictConfig) -> dict:
         return summary
     finally:
         finish_wandb()
+
+
+def _finished_run(out: Path, cfg) -> dict | None:
+    """The summary of a finished run in `out` with this same config (paths aside), or None: lets an
+    interrupted sweep be rerun with only its missing jobs."""
+    f = out / RUN_SUMMARY
+    if not f.exists():
+        return None
+    summary = json.loads(f.read_text())
+    mine = OmegaConf.to_container(cfg, resolve=True)
+    strip = lambda c: {k: v for k, v in c.items() if k not in ("paths", "ckpt_path", "overwrite", "skip_if_done")}  # noqa: E731
+    if strip(summary.get("config", {})) != strip(mine):
+        raise RunDirError(f"{out} holds a finished run with a different config; skip_if_done reruns nothing there: "
+                          "choose another directory or pass overwrite=true")
+    return summary
 
 
 def _fmt(x):

@@ -75,9 +75,36 @@ def dla_vs_de(model, ids: torch.Tensor, direction: torch.Tensor, pos: int = -1) 
     }
 
 
+def nmae_with_ci(dla: torch.Tensor, de: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict:
+    """NMAE (%) of DLA vs DE over prompts (tensors [..., prompt]) with a bootstrap 95% CI over prompts."""
+    import numpy as np
+
+    from ..metrics import bootstrap_ci
+
+    err = (dla - de).abs().reshape(-1, dla.shape[-1]).mean(0).numpy()  # per prompt, averaged over components
+    ref = de.abs().reshape(-1, de.shape[-1]).mean(0).numpy()
+    samples = np.stack([err, ref], axis=1)  # [prompt, 2]
+
+    def stat(x):
+        return float(x[:, 0].mean() / max(x[:, 1].mean(), 1e-30) * 100)
+
+    lo, hi = bootstrap_ci(samples, stat, n_boot=n_boot, seed=seed)
+    return {"nmae_percent": stat(samples), "ci95": [lo, hi]}
+
+
+def per_head_grid(per_component: dict, n_layer: int, n_head: int):
+    """[n_layer, n_head] per-head NMAE and [n_layer] per-MLP NMAE from the per-component table."""
+    import numpy as np
+
+    heads = np.array([[per_component[f"L{i}H{h}"]["nmae_percent"] for h in range(n_head)] for i in range(n_layer)])
+    mlps = np.array([per_component[f"L{i}.mlp"]["nmae_percent"] for i in range(n_layer)])
+    return heads, mlps
+
+
 def main(argv=None):
-    """python -m lnfree.analysis.interp.dla [name=path ...]: DLA vs DE for the correct next token at the last position
-    of validation prompts of the built-in corpus; writes experiments/builtin_interp/dla.{json,png}."""
+    """python -m lnfree.analysis.interp.dla [name=path ...]: DLA vs DE for the correct next token at the last
+    position of validation prompts of the built-in corpus; per component (each head, each MLP, embeddings,
+    attention biases) and global, with bootstrap CIs over prompts; writes experiments/builtin_interp/dla.{json,png}."""
     import argparse
     import json
     from pathlib import Path
@@ -88,8 +115,8 @@ def main(argv=None):
     from ...io import load as load_any
 
     p = argparse.ArgumentParser(description="DLA vs direct effect per model")
-    p.add_argument("models", nargs="*", default=["original=builtin:2x128", "vanilla=outputs/builtin/vanilla",
-                                                 "lnfree=outputs/builtin/lnfree"])
+    p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
+                                                 "lnfree=outputs/builtin/lnfree_s1"])
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--length", type=int, default=64)
     p.add_argument("--out", default="experiments/builtin_interp")
@@ -106,37 +133,44 @@ def main(argv=None):
         dm.setup()
         ids, target = dm.val_data[:, :-1], dm.val_data[:, -1]
         r = dla_vs_de(model, ids, model.lm_head.weight[target])
-        per = r["nmae_per_component"]
-        rng = np.random.default_rng(0)
-        a_all = torch.stack(list(r["dla"].values())).numpy()
-        e_all = torch.stack(list(r["de"].values())).numpy()
-        boots = []
-        for _ in range(1000):  # bootstrap over prompts
-            i = rng.integers(0, a_all.shape[1], a_all.shape[1])
-            boots.append(np.abs(a_all[:, i] - e_all[:, i]).mean() / np.abs(e_all[:, i]).mean() * 100)
-        res[name] = {"path": path, "nmae_percent": r["nmae_percent"],
-                     "ci95": [float(np.percentile(boots, 2.5)), float(np.percentile(boots, 97.5))],
-                     "nmae_per_component": per, "decomposition_error": r["decomposition_error"]}
-        print(f"{name:10s} NMAE(DLA, DE) = {r['nmae_percent']:.4f}% "
-              f"(95% CI {res[name]['ci95'][0]:.4f}-{res[name]['ci95'][1]:.4f})")
+        dla_all, de_all = torch.stack(list(r["dla"].values())), torch.stack(list(r["de"].values()))
+        per = {k: nmae_with_ci(r["dla"][k], r["de"][k]) for k in r["dla"]}
+        res[name] = {"path": path, **nmae_with_ci(dla_all, de_all), "per_component": per,
+                     "decomposition_error": r["decomposition_error"],
+                     "n_layer": model.config.n_layer, "n_head": model.config.n_head}
+        heads, _ = per_head_grid(per, model.config.n_layer, model.config.n_head)
+        print(f"{name:10s} NMAE(DLA, DE) = {res[name]['nmae_percent']:.4f}% (95% CI {res[name]['ci95'][0]:.4f}-"
+              f"{res[name]['ci95'][1]:.4f}); per head median {np.median(heads):.2f}%, range "
+              f"{heads.min():.2f}-{heads.max():.2f}%")
     (out / "dla.json").write_text(json.dumps(res, indent=1))
+    _plot(res, out / "dla.png")
+    print(f"[lnfree] written to {out}")
+
+
+def _plot(res: dict, path):
+    """Per model: a layer x head heatmap of NMAE with the MLPs as a last column (the paper's presentation)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import numpy as np
 
-    fig, ax = plt.subplots(figsize=(9, 3.5))
-    keys = list(next(iter(res.values()))["nmae_per_component"])
-    w = 0.8 / len(res)
-    for j, (name, r) in enumerate(res.items()):
-        ax.bar(np.arange(len(keys)) + j * w, [r["nmae_per_component"][k] for k in keys], w,
-               label=f"{name} (all: {r['nmae_percent']:.2g}%)")
-    ax.set_xticks(np.arange(len(keys)) + 0.4 - w / 2, keys, rotation=60, fontsize=7)
-    ax.set(ylabel="NMAE(DLA, DE) %", title="Direct logit attribution vs direct effect, per component")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "dla.png", dpi=120)
-    print(f"[lnfree] written to {out}")
+    fig, axes = plt.subplots(1, len(res), figsize=(4.2 * len(res), 3.2), squeeze=False)
+    vmax = max(max(v["nmae_percent"] for v in r["per_component"].values()) for r in res.values())
+    for ax, (name, r) in zip(axes[0], res.items()):
+        heads, mlps = per_head_grid(r["per_component"], r["n_layer"], r["n_head"])
+        grid = np.concatenate([heads, mlps[:, None]], axis=1)
+        im = ax.imshow(grid, cmap="viridis", vmin=0, vmax=vmax, aspect="auto")
+        for (i, j), v in np.ndenumerate(grid):
+            ax.text(j, i, f"{v:.0f}" if v >= 1 else f"{v:.1g}", ha="center", va="center", fontsize=7,
+                    color="white" if v < vmax / 2 else "black")
+        ax.set_xticks(range(grid.shape[1]), [f"H{h}" for h in range(r["n_head"])] + ["MLP"], fontsize=8)
+        ax.set_yticks(range(grid.shape[0]), [f"L{i}" for i in range(grid.shape[0])], fontsize=8)
+        ax.set_title(f"{name}: all components {r['nmae_percent']:.2g}%", fontsize=9)
+    fig.colorbar(im, ax=axes[0].tolist(), label="NMAE(DLA, DE) %")
+    fig.suptitle("Direct logit attribution vs direct effect, per head and MLP", fontsize=10)
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
 
 
 if __name__ == "__main__":

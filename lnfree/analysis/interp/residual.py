@@ -52,8 +52,8 @@ def main(argv=None):
     from ..plots import _save
 
     p = argparse.ArgumentParser(description="residual norms and attention sinks per model")
-    p.add_argument("models", nargs="*", default=["original=builtin:2x128", "vanilla=outputs/builtin/vanilla",
-                                                 "lnfree=outputs/builtin/lnfree"])
+    p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
+                                                 "lnfree=outputs/builtin/lnfree_s1"])
     p.add_argument("--blocks", type=int, default=64)
     p.add_argument("--out", default="experiments/builtin_interp")
     a = p.parse_args(argv)

@@ -1,0 +1,260 @@
+"""Attribution patching (AtP) vs activation patching (AP), INTERP.md section 2.
+
+On clean/corrupted prompt pairs with metric M = logit(correct) - logit(wrong) at the last position:
+    AP(a)  = M(corrupted, a set to its clean value) - M(corrupted)            one forward per node
+    AtP(a) = (a_clean - a_corrupted) . dM/da  at the corrupted run            one backward for all nodes
+both divided by M(clean) - M(corrupted) per prompt (1 = full recovery). Nodes: the residual stream at the input
+of every block and of the final norm, per (layer, position); and every head's output (all positions).
+If the map from a node to M is affine (norms frozen, attention pattern fixed, linear MLPs), AtP == AP exactly;
+the paper's finding is that on real models removing LayerNorm does not make AtP markedly more accurate, the
+remaining error coming from attention softmax and GELU.
+
+Tasks: induction on repeated random tokens (which 2-layer models learn; needs no special tokenizer) and an IOI
+prompt generator for GPT-2 tokenizers. Works on any GPT2LMHeadModel (HF exports, the removable model).
+
+    python -m lnfree.analysis.interp.patching [name=path ...]    -> experiments/interp/patching.{json,png}
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import numpy as np
+import torch
+
+
+# -- tasks -----------------------------------------------------------------------------------------------
+def induction_pairs(vocab_size: int, n: int, half: int = 10, seed: int = 0, low: int = 1):
+    """Random tokens A (length `half`) then A again without its last token: the answer at the last position is
+    A[-1] by induction. The corrupted prompt changes A[-1] in the first half to B, so induction says B.
+    Returns clean, corrupted [n, 2*half-1] and correct, wrong [n] token ids."""
+    g = torch.Generator().manual_seed(seed)
+    a = torch.randint(low, vocab_size, (n, half), generator=g)
+    b = torch.randint(low, vocab_size, (n,), generator=g)
+    b = torch.where(b == a[:, -1], (b - low + 1) % (vocab_size - low) + low, b)  # B != A[-1]
+    clean = torch.cat([a, a[:, :-1]], dim=1)
+    corrupt = clean.clone()
+    corrupt[:, half - 1] = b
+    return clean, corrupt, a[:, -1].clone(), b
+
+
+IOI_NAMES = ["Jamie", "Erin", "John", "Mary", "Tom", "James", "Dan", "Sid", "Kate", "Anne", "Paul", "Alex", "Rose",
+             "Sarah", "Mike", "Lisa", "David", "Emma", "Chris", "Laura"]
+IOI_TEMPLATES = ["Then, {A} and {B} went to the house. {B} gave a bone to", "When {A} and {B} got a drink at the bar,"
+                 " {B} decided to give it to", "After {A} and {B} went to the store, {B} gave a book to"]
+
+
+def ioi_pairs(tokenizer, n: int, seed: int = 0):
+    """IOI prompts for GPT-2-style tokenizers: clean '...{A} and {B}... {B} gave ... to' (answer ' A', wrong ' B'),
+    corrupted with the second B replaced by a third name C. Names that are not one token are skipped; prompts of a
+    template tokenize to the same length. Returns clean, corrupted [n, t] and correct, wrong [n]."""
+    rng = np.random.default_rng(seed)
+    names = [x for x in IOI_NAMES if len(tokenizer(" " + x, add_special_tokens=False)["input_ids"]) == 1]
+    if len(names) < 3:
+        raise ValueError(f"the tokenizer has fewer than 3 single-token names among {IOI_NAMES}")
+    template = IOI_TEMPLATES[0]
+    clean, corrupt, correct, wrong = [], [], [], []
+    for _ in range(n):
+        a, b, c = rng.choice(names, 3, replace=False)
+        head, _, tail = template.partition("{B} gave")
+        clean.append(tokenizer(template.format(A=a, B=b), add_special_tokens=False)["input_ids"])
+        corrupt.append(tokenizer(head.format(A=a, B=b) + f"{c} gave" + tail, add_special_tokens=False)["input_ids"])
+        correct.append(tokenizer(" " + a, add_special_tokens=False)["input_ids"][0])
+        wrong.append(tokenizer(" " + b, add_special_tokens=False)["input_ids"][0])
+    return torch.tensor(clean), torch.tensor(corrupt), torch.tensor(correct), torch.tensor(wrong)
+
+
+# -- nodes and hooks -------------------------------------------------------------------------------------
+def _resid_modules(model):
+    """The modules whose input is the residual stream: every block, then the final norm. [L+1]"""
+    t = model.transformer
+    return [*t.h, t.ln_f]
+
+
+@contextlib.contextmanager
+def _hooks(handles):
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def metric(model, ids, correct, wrong) -> torch.Tensor:
+    """Logit difference correct - wrong at the last position, per prompt [n]."""
+    logits = model(input_ids=ids).logits[:, -1]
+    return logits.gather(1, correct[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
+
+
+def capture(model, ids, grad: bool = False):
+    """Residual inputs {layer: [n, t, d]} and head inputs of c_proj {layer: [n, t, d]} of one forward (and, with
+    grad=True, tensors that keep their gradients)."""
+    resid, z, handles = {}, {}, []
+    for layer, m in enumerate(_resid_modules(model)):
+        def pre(mod, args, kwargs=None, layer=layer):
+            x = args[0]
+            if grad:
+                x.retain_grad()
+            resid[layer] = x
+        handles.append(m.register_forward_pre_hook(pre))
+    for layer, block in enumerate(model.transformer.h):
+        def zpre(mod, args, layer=layer):
+            x = args[0]
+            if grad:
+                x.retain_grad()
+            z[layer] = x
+        handles.append(block.attn.c_proj.register_forward_pre_hook(zpre))
+    return resid, z, handles
+
+
+def attribution_patching(model, clean, corrupt, correct, wrong):
+    """AtP for every node: resid [n, L+1, t] and heads [n, L, H] (unnormalised)."""
+    with torch.no_grad(), _hooks((c := capture(model, clean))[2]):
+        metric(model, clean, correct, wrong)
+    resid_c, z_c = c[0], c[1]
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    with torch.enable_grad():
+        for p in trainable:  # gradients for the activations only
+            p.requires_grad_(False)
+        resid_x, z_x, handles = capture(model, corrupt, grad=True)
+        with _hooks(handles):
+            # embeddings must require grad for the block-0 input to carry one
+            emb = model.transformer.wte.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+            with _hooks([emb]):
+                m = metric(model, corrupt, correct, wrong)
+                m.sum().backward()
+    for p in trainable:
+        p.requires_grad_(True)
+    n_layer, n_head = model.config.n_layer, model.config.n_head
+    d_head = model.config.n_embd // n_head
+    resid = torch.stack([((resid_c[layer] - resid_x[layer].detach()) * resid_x[layer].grad).sum(-1)
+                         for layer in range(n_layer + 1)], dim=1)
+    heads = torch.stack([((z_c[layer] - z_x[layer].detach()) * z_x[layer].grad)
+                         .reshape(*z_c[layer].shape[:2], n_head, d_head).sum((1, 3))
+                         for layer in range(n_layer)], dim=1)
+    return resid.detach(), heads.detach()
+
+
+@torch.no_grad()
+def activation_patching(model, clean, corrupt, correct, wrong):
+    """AP for every node: resid [n, L+1, t] and heads [n, L, H] (unnormalised)."""
+    resid_c, z_c, handles = capture(model, clean)
+    with _hooks(handles):
+        metric(model, clean, correct, wrong)
+    base = metric(model, corrupt, correct, wrong)
+    n_layer, n_head, t = model.config.n_layer, model.config.n_head, clean.shape[1]
+    d_head = model.config.n_embd // n_head
+    resid = torch.zeros(len(clean), n_layer + 1, t)
+    for layer, mod in enumerate(_resid_modules(model)):
+        for p in range(t):
+            def patch(m, args, layer=layer, p=p):
+                x = args[0].clone()
+                x[:, p] = resid_c[layer][:, p]
+                return (x, *args[1:])
+            with _hooks([mod.register_forward_pre_hook(patch)]):
+                resid[:, layer, p] = metric(model, corrupt, correct, wrong) - base
+    heads = torch.zeros(len(clean), n_layer, n_head)
+    for layer, block in enumerate(model.transformer.h):
+        for h in range(n_head):
+            sl = slice(h * d_head, (h + 1) * d_head)
+
+            def patch(m, args, layer=layer, sl=sl):
+                x = args[0].clone()
+                x[..., sl] = z_c[layer][..., sl]
+                return (x, *args[1:])
+            with _hooks([block.attn.c_proj.register_forward_pre_hook(patch)]):
+                heads[:, layer, h] = metric(model, corrupt, correct, wrong) - base
+    return resid, heads
+
+
+def compare(model, clean, corrupt, correct, wrong, n_boot: int = 1000, seed: int = 0) -> dict:
+    """AP and AtP normalised by M(clean) - M(corrupted), their agreement (Pearson, Spearman, NMAE) over the
+    prompt-mean nodes, with bootstrap CIs over prompts."""
+    from scipy import stats as sps
+
+    model.eval()
+    with torch.no_grad():
+        m_clean, m_corr = metric(model, clean, correct, wrong), metric(model, corrupt, correct, wrong)
+    denom = (m_clean - m_corr)[:, None, None]
+    ap_r, ap_h = activation_patching(model, clean, corrupt, correct, wrong)
+    atp_r, atp_h = attribution_patching(model, clean, corrupt, correct, wrong)
+    ap = torch.cat([(ap_r / denom).flatten(1), (ap_h / denom).flatten(1)], 1).double().numpy()  # [n, nodes]
+    atp = torch.cat([(atp_r / denom).flatten(1), (atp_h / denom).flatten(1)], 1).double().numpy()
+
+    def agreement(idx):
+        a, b = ap[idx].mean(0), atp[idx].mean(0)
+        return (float(sps.pearsonr(a, b)[0]), float(sps.spearmanr(a, b)[0]),
+                float(np.abs(a - b).mean() / max(np.abs(a).mean(), 1e-30) * 100))
+
+    point = agreement(np.arange(len(ap)))
+    rng = np.random.default_rng(seed)
+    boots = np.array([agreement(rng.integers(0, len(ap), len(ap))) for _ in range(n_boot)])
+    ci = [[float(np.percentile(boots[:, k], 2.5)), float(np.percentile(boots[:, k], 97.5))] for k in range(3)]
+    n_resid = ap_r[0].numel()
+    return {"clean_logit_diff": float(m_clean.mean()), "corrupted_logit_diff": float(m_corr.mean()),
+            "clean_positive_fraction": float((m_clean > 0).float().mean()), "n_prompts": len(clean),
+            "pearson": point[0], "pearson_ci95": ci[0], "spearman": point[1], "spearman_ci95": ci[1],
+            "nmae_percent": point[2], "nmae_ci95": ci[2],
+            "ap_resid": ap[:, :n_resid].mean(0).reshape(ap_r.shape[1:]).tolist(),
+            "atp_resid": atp[:, :n_resid].mean(0).reshape(ap_r.shape[1:]).tolist(),
+            "ap_heads": ap[:, n_resid:].mean(0).reshape(ap_h.shape[1:]).tolist(),
+            "atp_heads": atp[:, n_resid:].mean(0).reshape(ap_h.shape[1:]).tolist()}
+
+
+def main(argv=None):
+    import argparse
+    import json
+    from pathlib import Path
+
+    from ...io import load
+
+    p = argparse.ArgumentParser(description="attribution patching vs activation patching (induction task)")
+    p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
+                                                 "lnfree=outputs/builtin/lnfree_s1"])
+    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--half", type=int, default=10, help="length of the repeated random sequence")
+    p.add_argument("--min-clean-diff", type=float, default=1.0, help="refuse a task the model does not solve")
+    p.add_argument("--out", default="experiments/interp")
+    a = p.parse_args(argv)
+    out, res = Path(a.out), {}
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in a.models:
+        name, path = spec.split("=", 1)
+        model, _ = load(path)
+        clean, corrupt, correct, wrong = induction_pairs(model.config.vocab_size, a.prompts, a.half)
+        r = compare(model, clean, corrupt, correct, wrong)
+        if not r["clean_logit_diff"] > a.min_clean_diff:
+            raise SystemExit(f"{name}: mean clean logit difference {r['clean_logit_diff']:.2f} <= {a.min_clean_diff}:"
+                             " the model does not solve the induction task, so patching it measures nothing")
+        res[name] = {"path": path, **r}
+        print(f"{name:10s} clean M {r['clean_logit_diff']:.2f} (positive in {100 * r['clean_positive_fraction']:.0f}%),"
+              f" corrupted {r['corrupted_logit_diff']:.2f}; AtP vs AP: Pearson {r['pearson']:.3f} "
+              f"[{r['pearson_ci95'][0]:.3f}, {r['pearson_ci95'][1]:.3f}], NMAE {r['nmae_percent']:.1f}% "
+              f"[{r['nmae_ci95'][0]:.1f}, {r['nmae_ci95'][1]:.1f}]")
+    (out / "patching.json").write_text(json.dumps({"task": "induction", "half": a.half, "models": res}, indent=1))
+    _plot(res, out / "patching.png")
+    print(f"[lnfree] written to {out}")
+
+
+def _plot(res, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(2, len(res), figsize=(4.5 * len(res), 5), squeeze=False)
+    for j, (name, r) in enumerate(res.items()):
+        for i, key in enumerate(("ap_resid", "atp_resid")):
+            grid = np.asarray(r[key])
+            v = np.abs(grid).max()
+            axes[i][j].imshow(grid, cmap="RdBu", vmin=-v, vmax=v, aspect="auto")
+            axes[i][j].set(title=f"{name}: {'AP' if i == 0 else 'AtP'} (resid, normalised)", xlabel="position",
+                           ylabel="block input (last: ln_f)")
+    fig.suptitle("Activation vs attribution patching, induction task", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    main()
