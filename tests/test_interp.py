@@ -131,3 +131,21 @@ def test_ioi_generator_builds_aligned_pairs():
     pos = (clean != corrupt).float().argmax(1)  # the second mention of B, replaced by C
     assert (clean[torch.arange(4), pos] == wrong).all() and (clean[:, :6] == corrupt[:, :6]).all()
     assert (clean == correct[:, None]).any(1).all()  # the answer A is the name mentioned once
+
+
+def test_entropy_neuron_total_effect_equals_direct_effect_only_without_layernorm():
+    from lnfree.analysis.interp.neurons import ablation_effects, candidates, summary
+
+    stock, lnfree = calibrated_all_removed()
+    x = ids(4, 24, seed=4)
+    for model, exact in ((stock, False), (lnfree, True), (to_stock_gpt2(lnfree), True)):
+        cands = candidates(model, k=3)
+        assert len(cands) == 3 and all(0 <= c["null_space_fraction"] <= 1 for c in cands)
+        assert cands[0]["w_out_norm"] >= cands[-1]["w_out_norm"]
+        e = ablation_effects(model, x, cands[0]["neuron"])
+        assert e["te_entropy"].abs().max() > 1e-6  # the ablation does something
+        gap = (e["te_entropy"] - e["de_entropy"]).abs().max() / e["te_entropy"].abs().max()
+        if exact:
+            assert gap < 1e-4 and abs(summary(e)["ln_mediated_fraction"]) < 1e-3
+        else:
+            assert gap > 1e-3  # the final norm's scale moves with the ablation

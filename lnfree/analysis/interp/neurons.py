@@ -1,0 +1,136 @@
+"""Confidence (entropy) neurons, INTERP.md section 3: last-layer MLP neurons whose output weight lies in the
+unembedding's (effective) null space act on the logits through the final norm's scale, a temperature.
+
+Candidates (weights only): the last MLP's neurons ranked by output-weight norm ||w_i|| and by the fraction of
+||w_i||^2 in the span of the effective unembedding's smallest singular directions (W_U with ln_f's gain folded
+in). Effect: mean-ablate the neuron (its activation set to its mean over the data) and measure, per token, the
+change in entropy and in CE of the next-token distribution:
+    total effect (TE):  the forward is rerun, so ln_f recomputes its scale
+    direct effect (DE): the final residual moves by (mean - act) w_i but ln_f's scale stays the clean one
+LN-mediated fraction = 1 - mean|DE| / mean|TE|. The neuron is in the last block, so its only path to the logits
+is direct: with ln_f frozen (LN-free) TE == DE exactly.
+
+    python -m lnfree.analysis.interp.neurons [name=path ...]      -> experiments/interp/neurons.{json,png}
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from .dla import _final_scale
+
+
+def _last_mlp(model):
+    return model.transformer.h[-1].mlp
+
+
+def candidates(model, k: int = 8, null_dims: float = 0.1) -> list[dict]:
+    """The k neurons with the largest output-weight norm, each with its null-space fraction."""
+    w_out = _last_mlp(model).c_proj.weight.detach().double()  # Conv1D [d_mlp, d]: row i = neuron i's output weight
+    ln_f = model.transformer.ln_f
+    w_u = model.lm_head.weight.detach().double() * ln_f.weight.detach().double()  # [vocab, d], gain folded in
+    w_u = w_u - w_u.mean(0, keepdim=True)  # softmax ignores a shift common to all tokens: centre over the vocab
+    _, _, vh = torch.linalg.svd(w_u, full_matrices=False)  # rows of vh: right singular directions, largest first
+    n_null = max(1, int(round(null_dims * vh.shape[0])))
+    null = vh[-n_null:]  # [n_null, d]
+    norms = w_out.norm(dim=1)
+    frac = ((w_out @ null.T) ** 2).sum(1) / norms.clamp_min(1e-30) ** 2
+    top = torch.argsort(norms, descending=True)[:k]
+    return [{"neuron": int(i), "w_out_norm": float(norms[i]), "null_space_fraction": float(frac[i])} for i in top]
+
+
+@contextlib.contextmanager
+def _hook(module, fn):
+    h = module.register_forward_hook(fn)
+    try:
+        yield
+    finally:
+        h.remove()
+
+
+def _entropy_ce(logits, ids):
+    logp = torch.log_softmax(logits[:, :-1].double(), -1)
+    ent = -(logp.exp() * logp).sum(-1)
+    ce = -logp.gather(-1, ids[:, 1:, None])[..., 0]
+    return ent, ce
+
+
+@torch.no_grad()
+def ablation_effects(model, ids: torch.Tensor, neuron: int, mean_act: float | None = None) -> dict:
+    """Per-token TE and DE of mean-ablating `neuron` of the last MLP on entropy and CE ([batch, pos-1] each)."""
+    model.eval()
+    mlp, ln_f = _last_mlp(model), model.transformer.ln_f
+    seen = {}
+    with _hook(mlp.act, lambda m, i, o: seen.__setitem__("act", o)), \
+         _hook(ln_f, lambda m, i, o: seen.__setitem__("resid", i[0])):
+        clean = model(input_ids=ids).logits
+    act = seen["act"][..., neuron]  # [batch, pos]
+    mean = float(act.mean()) if mean_act is None else mean_act
+
+    def ablate(m, i, o):
+        o = o.clone()
+        o[..., neuron] = mean
+        return o
+
+    with _hook(mlp.act, ablate):
+        total = model(input_ids=ids).logits
+    # direct: move the final residual, keep the clean scale of ln_f
+    x = seen["resid"]
+    w_i = mlp.c_proj.weight[neuron]  # [d]
+    x_new = x + (mean - act)[..., None] * w_i
+    s = _final_scale(ln_f, x)
+    normed = (x_new - x_new.mean(-1, keepdim=True)) / s * ln_f.weight + ln_f.bias
+    direct = model.lm_head(normed)
+    e0, c0 = _entropy_ce(clean, ids)
+    e_t, c_t = _entropy_ce(total, ids)
+    e_d, c_d = _entropy_ce(direct, ids)
+    return {"mean_act": mean, "te_entropy": e_t - e0, "de_entropy": e_d - e0, "te_ce": c_t - c0, "de_ce": c_d - c0}
+
+
+def summary(effects: dict) -> dict:
+    te, de = effects["te_entropy"].abs(), effects["de_entropy"].abs()
+    return {"median_abs_te_entropy": float(te.median()), "median_abs_de_entropy": float(de.median()),
+            "mean_te_entropy": float(effects["te_entropy"].mean()), "mean_te_ce": float(effects["te_ce"].mean()),
+            "mean_de_ce": float(effects["de_ce"].mean()),
+            "ln_mediated_fraction": float(1 - de.mean() / te.mean().clamp_min(1e-30))}
+
+
+def main(argv=None):
+    import argparse
+    import json
+    from pathlib import Path
+
+    from ...data.datamodule import TextDataModule
+    from ...io import load
+
+    p = argparse.ArgumentParser(description="confidence (entropy) neurons of the last MLP")
+    p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
+                                                 "lnfree=outputs/builtin/lnfree_s1"])
+    p.add_argument("--blocks", type=int, default=32, help="validation blocks of 256 tokens")
+    p.add_argument("--top", type=int, default=8)
+    p.add_argument("--out", default="experiments/interp")
+    a = p.parse_args(argv)
+    out, res = Path(a.out), {}
+    out.mkdir(parents=True, exist_ok=True)
+    for spec in a.models:
+        name, path = spec.split("=", 1)
+        model, tok = load(path)
+        dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
+                            micro_batch_size=8, val_blocks=a.blocks)
+        dm.setup()
+        rows = []
+        for c in candidates(model, a.top):
+            rows.append({**c, **summary(ablation_effects(model, dm.val_data, c["neuron"]))})
+        res[name] = {"path": path, "neurons": rows}
+        best = max(rows, key=lambda r: r["median_abs_te_entropy"])
+        print(f"{name:10s} strongest entropy effect: neuron {best['neuron']} (||w|| {best['w_out_norm']:.2f}, null "
+              f"fraction {best['null_space_fraction']:.3f}): median |dH| TE {best['median_abs_te_entropy']:.4f}, "
+              f"DE {best['median_abs_de_entropy']:.4f}, LN-mediated {100 * best['ln_mediated_fraction']:.1f}%")
+    (out / "neurons.json").write_text(json.dumps(res, indent=1))
+    print(f"[lnfree] written to {out}")
+
+
+if __name__ == "__main__":
+    main()
