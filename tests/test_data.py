@@ -151,3 +151,13 @@ def test_text_and_parquet_files_use_the_same_path(tok, tmp_path):
         dm.setup()
         vals.append(dm.val_data)
     assert torch.equal(vals[0], vals[1])  # one document per .txt file == one per parquet row
+
+
+def test_prepend_bos_puts_end_of_text_at_position_0_of_every_block():
+    dm = TextDataModule(corpus.load_tokenizer(), name="builtin", source="builtin", val_split="validation",
+                        block_size=32, micro_batch_size=4, val_blocks=3, prepend_bos=True)
+    dm.setup()
+    batch = dm.calibration_batch()
+    eot = dm.tokenizer.eos_token_id
+    assert (batch[:, 0] == eot).all() and (dm.val_data[:, 0] == eot).all() and batch.shape == (4, 32)
+    assert list(pack([[1, 2, 3, 4, 5, 6, 7]], 4, bos=0)) == [[0, 1, 2, 3], [0, 4, 5, 6]]

@@ -23,7 +23,7 @@ class TextDataModule(L.LightningDataModule):
                  revision=None, split: str = "train", val_split=None, text_field: str = "text", files=(),
                  val_files=(), block_size: int = 256, micro_batch_size: int = 8, val_blocks: int = 64,
                  num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0, on_bad_row: str = "fail",
-                 faults_file: str | None = None):
+                 faults_file: str | None = None, prepend_bos: bool = False):
         super().__init__()
         self.tokenizer, self.name, self.source = tokenizer, name, source
         self.path, self.config_name, self.revision = path, config_name, revision
@@ -32,6 +32,8 @@ class TextDataModule(L.LightningDataModule):
         self.block_size, self.micro_batch_size, self.val_blocks = block_size, micro_batch_size, val_blocks
         self.num_workers, self.shuffle_buffer, self.seed = num_workers, shuffle_buffer, seed
         self.faults_file = faults_file
+        # prepend_bos: every block starts with end-of-text as a fixed beginning-of-sequence token
+        self.bos = tokenizer.eos_token_id if (prepend_bos and tokenizer is not None) else None
         self.faults = FaultLog(on_bad_row, faults_file)
         self.val_data: torch.Tensor | None = None
         self.skip_docs = 0
@@ -71,13 +73,13 @@ class TextDataModule(L.LightningDataModule):
             self._check_fields(val_stream, "validation split")
             docs = (tokenize(self.tokenizer, t) + [self.tokenizer.eos_token_id]
                     for t in iter_texts(val_stream, self.text_field, self.faults))
-            blocks = list(itertools.islice(pack(docs, self.block_size), self.val_blocks))
+            blocks = list(itertools.islice(pack(docs, self.block_size, self.bos), self.val_blocks))
         else:  # hold out the first documents of the training split
             blocks, self.skip_docs = [], 0
             docs = (tokenize(self.tokenizer, t) + [self.tokenizer.eos_token_id]
                     for t in iter_texts(self.train_docs(), self.text_field, self.faults))
             counted = _Counting(docs)
-            for block in pack(counted, self.block_size):
+            for block in pack(counted, self.block_size, self.bos):
                 blocks.append(block)
                 if len(blocks) == self.val_blocks:
                     break
@@ -94,7 +96,7 @@ class TextDataModule(L.LightningDataModule):
         return PackedBlocks(self.train_docs, self.tokenizer, self.text_field, self.block_size, rank, world_size,
                             skip_docs=self.skip_docs, skip_batches=skip_batches,
                             micro_batch_size=self.micro_batch_size, shuffle_buffer=self.shuffle_buffer,
-                            seed=self.seed, faults=self.faults)
+                            seed=self.seed, faults=self.faults, bos=self.bos)
 
     def train_dataloader(self):
         rank, world = (self.trainer.global_rank, self.trainer.world_size) if self.trainer else (0, 1)

@@ -138,14 +138,16 @@ def tokenize(tokenizer, text: str) -> list[int]:
     return tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
 
-def pack(token_lists, block_size: int):
-    """Concatenate token lists and cut fixed blocks; the tail that does not fill a block is dropped."""
+def pack(token_lists, block_size: int, bos: int | None = None):
+    """Concatenate token lists and cut fixed blocks; the tail that does not fill a block is dropped. With `bos`,
+    every block starts with that token (a fixed beginning-of-sequence token at position 0)."""
     buf: list[int] = []
+    n = block_size - (bos is not None)
     for ids in token_lists:
         buf.extend(ids)
-        while len(buf) >= block_size:
-            yield buf[:block_size]
-            buf = buf[block_size:]
+        while len(buf) >= n:
+            yield ([bos] if bos is not None else []) + buf[:n]
+            buf = buf[n:]
 
 
 class PackedBlocks(IterableDataset):
@@ -153,9 +155,9 @@ class PackedBlocks(IterableDataset):
 
     def __init__(self, open_docs, tokenizer, text_field: str, block_size: int, rank: int = 0,
                  world_size: int = 1, skip_docs: int = 0, skip_batches: int = 0, micro_batch_size: int = 1,
-                 shuffle_buffer: int = 0, seed: int = 0, faults: FaultLog | None = None):
+                 shuffle_buffer: int = 0, seed: int = 0, faults: FaultLog | None = None, bos: int | None = None):
         self.open_docs, self.tokenizer, self.text_field = open_docs, tokenizer, text_field
-        self.faults = faults
+        self.faults, self.bos = faults, bos
         self.block_size, self.rank, self.world_size = block_size, rank, world_size
         self.skip_docs, self.skip_batches, self.micro_batch_size = skip_docs, skip_batches, micro_batch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
@@ -187,6 +189,6 @@ class PackedBlocks(IterableDataset):
         orig = (self.skip_batches + wid) % n_workers
         shard, n_shards = self.rank * n_workers + orig, self.world_size * n_workers
         my_batches = (self.skip_batches - orig + n_workers - 1) // n_workers
-        blocks = pack(self._documents(shard, n_shards), self.block_size)
+        blocks = pack(self._documents(shard, n_shards), self.block_size, self.bos)
         for block in itertools.islice(blocks, my_batches * self.micro_batch_size, None):
             yield torch.tensor(block, dtype=torch.long)

@@ -74,6 +74,7 @@ class DataConfig:
     shuffle_buffer: int = MISSING  # >0: shuffle documents with this buffer (same order on every rank)
     seed: int = MISSING
     on_bad_row: str = MISSING  # skip | fail: a row without text, or an undecodable file
+    prepend_bos: bool = MISSING  # every block starts with end-of-text as a beginning-of-sequence token
 
 
 @dataclass

@@ -55,6 +55,7 @@ def main(argv=None):
     p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
                                                  "lnfree=outputs/builtin/lnfree_s1"])
     p.add_argument("--blocks", type=int, default=64)
+    p.add_argument("--prepend-bos", action="store_true", help="blocks start with end-of-text at position 0")
     p.add_argument("--out", default="experiments/builtin_interp")
     a = p.parse_args(argv)
     res, tok = {}, None
@@ -63,7 +64,7 @@ def main(argv=None):
         model, t = load_any(path)
         tok = tok or t
         dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
-                            micro_batch_size=1, val_blocks=a.blocks)
+                            micro_batch_size=1, val_blocks=a.blocks, prepend_bos=a.prepend_bos)
         dm.setup()
         res[name] = {"path": path, "norms": residual_norms(model, dm.val_data),
                      "sinks": attention_sinks(model, dm.val_data)}
@@ -72,7 +73,7 @@ def main(argv=None):
               f"  sink rate {res[name]['sinks']['sink_rate']:.2f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "residual.json").write_text(json.dumps(res, indent=1))
+    (out / "residual.json").write_text(json.dumps({**res, "prepend_bos": a.prepend_bos}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
