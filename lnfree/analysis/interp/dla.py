@@ -105,28 +105,22 @@ def main(argv=None):
     """python -m lnfree.analysis.interp.dla [name=path ...]: DLA vs DE for the correct next token at the last
     position of validation prompts of the built-in corpus; per component (each head, each MLP, embeddings,
     attention biases) and global, with bootstrap CIs over prompts; writes experiments/builtin_interp/dla.{json,png}."""
-    import argparse
     import json
     from pathlib import Path
 
     import numpy as np
 
     from ...data.datamodule import TextDataModule
-    from ...io import load as load_any
+    from .cli import each_model, parser
 
-    p = argparse.ArgumentParser(description="DLA vs direct effect per model")
-    p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
-                                                 "lnfree=outputs/builtin/lnfree_s1"])
+    p = parser("DLA vs direct effect per model", "experiments/builtin_interp")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--length", type=int, default=64)
-    p.add_argument("--out", default="experiments/builtin_interp")
     a = p.parse_args(argv)
     out, res = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
     tok = None
-    for spec in a.models:
-        name, path = spec.split("=", 1)
-        model, t = load_any(path)
+    for name, path, model, t in each_model(a.models):
         tok = tok or t
         dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=a.length + 1,
                             micro_batch_size=1, val_blocks=a.prompts)

@@ -98,25 +98,19 @@ def summary(effects: dict) -> dict:
 
 
 def main(argv=None):
-    import argparse
     import json
     from pathlib import Path
 
     from ...data.datamodule import TextDataModule
-    from ...io import load
+    from .cli import each_model, parser
 
-    p = argparse.ArgumentParser(description="confidence (entropy) neurons of the last MLP")
-    p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
-                                                 "lnfree=outputs/builtin/lnfree_s1"])
+    p = parser("confidence (entropy) neurons of the last MLP", "experiments/interp")
     p.add_argument("--blocks", type=int, default=32, help="validation blocks of 256 tokens")
     p.add_argument("--top", type=int, default=8)
-    p.add_argument("--out", default="experiments/interp")
     a = p.parse_args(argv)
     out, res = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
-    for spec in a.models:
-        name, path = spec.split("=", 1)
-        model, tok = load(path)
+    for name, path, model, tok in each_model(a.models):
         dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
                             micro_batch_size=8, val_blocks=a.blocks)
         dm.setup()

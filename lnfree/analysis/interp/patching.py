@@ -202,25 +202,19 @@ def compare(model, clean, corrupt, correct, wrong, n_boot: int = 1000, seed: int
 
 
 def main(argv=None):
-    import argparse
     import json
     from pathlib import Path
 
-    from ...io import load
+    from .cli import each_model, parser
 
-    p = argparse.ArgumentParser(description="attribution patching vs activation patching (induction task)")
-    p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
-                                                 "lnfree=outputs/builtin/lnfree_s1"])
+    p = parser("attribution patching vs activation patching (induction task)", "experiments/interp")
     p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--half", type=int, default=10, help="length of the repeated random sequence")
     p.add_argument("--min-clean-diff", type=float, default=1.0, help="refuse a task the model does not solve")
-    p.add_argument("--out", default="experiments/interp")
     a = p.parse_args(argv)
     out, res = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
-    for spec in a.models:
-        name, path = spec.split("=", 1)
-        model, _ = load(path)
+    for name, path, model, _ in each_model(a.models):
         clean, corrupt, correct, wrong = induction_pairs(model.config.vocab_size, a.prompts, a.half)
         r = compare(model, clean, corrupt, correct, wrong)
         if not r["clean_logit_diff"] > a.min_clean_diff:

@@ -43,25 +43,19 @@ def attention_sinks(model, ids: torch.Tensor, threshold: float = SINK_THRESHOLD)
 def main(argv=None):
     """python -m lnfree.analysis.interp.residual [name=path ...]: both measures on validation blocks of the built-in
     corpus; writes experiments/builtin_interp/residual.{json,png}."""
-    import argparse
     import json
     from pathlib import Path
 
     from ...data.datamodule import TextDataModule
-    from ...io import load as load_any
     from ..plots import _save
+    from .cli import each_model, parser
 
-    p = argparse.ArgumentParser(description="residual norms and attention sinks per model")
-    p.add_argument("models", nargs="*", default=["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1",
-                                                 "lnfree=outputs/builtin/lnfree_s1"])
+    p = parser("residual norms and attention sinks per model", "experiments/builtin_interp")
     p.add_argument("--blocks", type=int, default=64)
     p.add_argument("--prepend-bos", action="store_true", help="blocks start with end-of-text at position 0")
-    p.add_argument("--out", default="experiments/builtin_interp")
     a = p.parse_args(argv)
     res, tok = {}, None
-    for spec in a.models:
-        name, path = spec.split("=", 1)
-        model, t = load_any(path)
+    for name, path, model, t in each_model(a.models):
         tok = tok or t
         dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
                             micro_batch_size=1, val_blocks=a.blocks, prepend_bos=a.prepend_bos)

@@ -1,0 +1,25 @@
+"""What every analysis command shares: the models it compares (name=path, default: the built-in default's
+original, vanilla and LN-free models from `make eval`), where it writes, and loading each model through lnfree.io."""
+
+from __future__ import annotations
+
+import argparse
+
+from ...io import load
+
+DEFAULT_MODELS = ["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1", "lnfree=outputs/builtin/lnfree_s1"]
+
+
+def parser(description: str, out: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("models", nargs="*", default=DEFAULT_MODELS, help="name=path (any form lnfree.io loads)")
+    p.add_argument("--out", default=out)
+    return p
+
+
+def each_model(specs: list[str]):
+    """(name, path, model, tokenizer) for every name=path spec, loaded one at a time."""
+    for spec in specs:
+        name, path = spec.split("=", 1)
+        model, tok = load(path)
+        yield name, path, model.eval(), tok
