@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev]'
+	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -64,10 +64,13 @@ family: install
 	    $(PY) -m lnfree.pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m overwrite=true || exit 1; \
 	  fi; done
 
-# data needed to remove LayerNorm vs model size on the built-in family (40 short runs), then the fit
+# data needed to remove LayerNorm vs model size on the built-in family (conf/experiment/data_scaling.yaml: 240 short
+# runs, ~2 h on 2 cores; runs only what experiments/data_scaling/runs.jsonl lacks), then the fit and the records
+SCALING := experiments/data_scaling
 scaling: family
-	$(PY) -m lnfree.train -m experiment=data_scaling hydra.sweep.dir=multirun/data_scaling/latest $(ARGS)
-	$(PY) -m lnfree.analysis.scaling multirun/data_scaling/latest
+	$(PY) $(SCALING)/run_missing.py --workers $(or $(WORKERS),2)
+	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --out $(SCALING) \
+	  --records $(SCALING)/runs.jsonl
 
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install

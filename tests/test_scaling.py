@@ -40,3 +40,24 @@ def test_analyse_pairs_by_seed_and_writes_the_result_file(tmp_path):
     assert set(a["gap_by_budget"]) == {str(t) for t in (10_000, 20_000, 40_000, 80_000, 160_000, 320_000)}
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 1000
     assert res["exponent"] == saved["exponent"]
+
+
+def test_sources_merge_records_and_sweep_dirs_and_refuse_conflicts(tmp_path):
+    """A sweep finished in two sittings: the committed runs.jsonl plus a new sweep dir make one table; the
+    same run in both is counted once; the same run with two different results is an error."""
+    from lnfree.analysis.scaling import gap_table, load_runs, load_sources
+
+    write_run(tmp_path / "first" / "0", "a", 10, 1, False, 100, 4.0)
+    write_run(tmp_path / "first" / "1", "a", 10, 1, True, 100, 4.4)
+    records = tmp_path / "runs.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in load_runs(tmp_path / "first")))
+    write_run(tmp_path / "second" / "0", "a", 10, 1, False, 200, 4.0)
+    write_run(tmp_path / "second" / "1", "a", 10, 1, True, 200, 4.2)
+    runs = load_sources([records, tmp_path / "first", tmp_path / "second"])
+    assert len(runs) == 4
+    t = gap_table(runs)["a"]
+    assert t["budgets"] == [100, 200]
+    assert t["gaps"] == [[pytest.approx(0.1)], [pytest.approx(0.05)]]
+    write_run(tmp_path / "third" / "0", "a", 10, 1, True, 200, 4.3)  # same run, another result
+    with pytest.raises(ValueError, match="two different results"):
+        load_sources([tmp_path / "second", tmp_path / "third"])

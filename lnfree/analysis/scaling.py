@@ -1,8 +1,10 @@
 """Data needed to remove LayerNorm vs model size (METHOD.md section 8), from a sweep's run summaries.
 
-    make scaling      # = python -m lnfree.train -m experiment=data_scaling, then this module on the sweep dir
-    python -m lnfree.analysis.scaling multirun/data_scaling/latest [--gap 0.01] [--out experiments/data_scaling]
+    make scaling      # = the sweep's missing runs (experiments/data_scaling/run_missing.py), then this module
+    python -m lnfree.analysis.scaling SWEEP_DIR [--gap 0.01] [--out experiments/data_scaling]  # any Hydra multirun dir
     python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl      # again, from the committed records
+    python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl multirun/data_scaling/resume \
+        --records experiments/data_scaling/runs.jsonl   # committed records + the runs that finished a sweep
 
 Every (size, budget, seed) has an LN-free run and its vanilla control with the same seed (same data order).
 Gap = (CE_LN-free - CE_vanilla) / CE_vanilla. Per size, T* = the budget at which a power-law fit of the
@@ -20,6 +22,19 @@ from pathlib import Path
 import numpy as np
 
 from .stats import over_seeds, scaling_fit
+
+
+def load_sources(sources) -> list[dict]:
+    """The runs of several sweep dirs / runs.jsonl files, one record per (size, arm, seed, budget). The same run
+    found twice (a records file and the sweep dir it came from) must agree; two different results fail."""
+    seen: dict[tuple, dict] = {}
+    for src in sources:
+        for r in load_runs(src):
+            key = (r["model"], r["removes"], r["seed"], r["tokens"])
+            if key in seen and abs(seen[key]["val_ce"] - r["val_ce"]) > 1e-6:
+                raise ValueError(f"two different results for {key}: {seen[key]['val_ce']} and {r['val_ce']}")
+            seen[key] = r
+    return list(seen.values())
 
 
 def load_runs(sweep_dir: str | Path) -> list[dict]:
@@ -66,7 +81,9 @@ def gap_table(runs: list[dict]) -> dict:
 
 
 def analyse(sweep_dir, threshold: float, out_dir: str | Path, n_boot: int = 2000) -> dict:
-    table = gap_table(load_runs(sweep_dir))
+    """sweep_dir: a sweep dir or runs.jsonl, or a list of them (merged by load_sources)."""
+    sources = list(sweep_dir) if isinstance(sweep_dir, (list, tuple)) else [sweep_dir]
+    table = gap_table(load_sources(sources))
     usable = {k: v for k, v in table.items() if v["seeds"]}
     fit = scaling_fit(usable, threshold, n_boot=n_boot)
     for s in fit["sizes"]:
@@ -80,7 +97,7 @@ def analyse(sweep_dir, threshold: float, out_dir: str | Path, n_boot: int = 2000
         t = s["t_star"]["value"]
         s["t_star"]["extrapolated"] = bool(t is not None and t > max(m["budgets"]))
     seeds = sorted({s for v in usable.values() for s in v["seeds"]})
-    res = {"sweep_dir": str(sweep_dir), "seeds": seeds, "threshold": threshold, "sizes": fit["sizes"],
+    res = {"sources": [str(x) for x in sources], "seeds": seeds, "threshold": threshold, "sizes": fit["sizes"],
            "exponent": fit["exponent"]}
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -130,7 +147,7 @@ def _plot(res, table, path):
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="data-scaling analysis of a sweep")
-    p.add_argument("sweep_dir")
+    p.add_argument("sweep_dir", nargs="+", help="sweep dirs and/or runs.jsonl files, merged")
     p.add_argument("--gap", type=float, default=0.01, help="allowed relative CE gap to vanilla")
     p.add_argument("--out", default="experiments/data_scaling")
     p.add_argument("--bootstrap", type=int, default=2000)
@@ -138,7 +155,8 @@ def main(argv=None):
     a = p.parse_args(argv)
     res = analyse(a.sweep_dir, a.gap, a.out, a.bootstrap)
     if a.records:  # the runs themselves, compact, so that the analysis can be redone from a committed file
-        Path(a.records).write_text("".join(json.dumps(r) + "\n" for r in load_runs(a.sweep_dir)))
+        runs = sorted(load_sources(a.sweep_dir), key=lambda r: (r["n_nonemb"], r["tokens"], r["removes"], r["seed"]))
+        Path(a.records).write_text("".join(json.dumps(r) + "\n" for r in runs))
     for s in res["sizes"]:
         t = s["t_star"]
         print(f"{s['name']:16s} N={s['non_embedding_params']:>9d}  T*={t['value']}  "
