@@ -23,8 +23,10 @@ class TextDataModule(L.LightningDataModule):
                  revision=None, split: str = "train", val_split=None, text_field: str = "text", files=(),
                  val_files=(), block_size: int = 256, micro_batch_size: int = 8, val_blocks: int = 64,
                  num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0, on_bad_row: str = "fail",
-                 faults_file: str | None = None, prepend_bos: bool = False):
+                 faults_file: str | None = None, prepend_bos: bool = False, synthetic: dict | None = None):
         super().__init__()
+        if synthetic is not None:
+            raise DataError(f"data.synthetic is set but data={name!r} reads text: synthetic tasks need data=synthetic")
         self.tokenizer, self.name, self.source = tokenizer, name, source
         self.path, self.config_name, self.revision = path, config_name, revision
         self.split, self.val_split, self.text_field = split, val_split, text_field

@@ -75,6 +75,7 @@ class DataConfig:
     seed: int = MISSING
     on_bad_row: str = MISSING  # skip | fail: a row without text, or an undecodable file
     prepend_bos: bool = MISSING  # every block starts with end-of-text as a beginning-of-sequence token
+    synthetic: Optional[Dict[str, Any]] = MISSING  # data=synthetic: the task's settings (lnfree/data/synthetic.py)
 
 
 @dataclass
