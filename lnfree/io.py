@@ -212,7 +212,9 @@ def write_record(out_dir: str | Path, model, form: str, **fields) -> dict:
     """Write lnfree_export.json for an export (`model`: the exported model, fp32)."""
     cfg = model.config
     vocab, n_pos = cfg.vocab_size, cfg.n_positions
-    record = {"form": form, **fields}
+    # the shape under the names TransformerLens / NNsight users look for (n_ctx is not in a folded config's HF names)
+    shape = {"n_ctx": n_pos, "d_model": cfg.n_embd, "n_layers": cfg.n_layer, "n_heads": cfg.n_head, "d_vocab": vocab}
+    record = {"form": form, **shape, **fields}
     fp = fingerprint(model, vocab, n_pos)  # written on one line: numbers nobody reads one by one
     text = json.dumps(record, indent=1)[:-2] + ',\n "fingerprint": ' + json.dumps(fp) + "\n}\n"
     (Path(out_dir) / EXPORT_INFO).write_text(text)

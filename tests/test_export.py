@@ -36,6 +36,9 @@ print(float((out - d["ref"]).abs().max() / d["ref"].abs().max()))
     assert float(res.stdout.strip().splitlines()[-1]) <= 1e-4
     info = json.loads((tmp_path / "hf" / "lnfree_export.json").read_text())
     assert info["form"] == "hf_lnfree" and info["sigmas"] == model.sigmas()
+    c = model.config  # the shape under TransformerLens' names, for users of other tools
+    assert (info["n_ctx"], info["d_model"], info["n_layers"], info["n_heads"], info["d_vocab"]) == \
+        (c.n_positions, c.n_embd, c.n_layer, c.n_head, c.vocab_size)
 
 
 def test_hf_export_of_all_real_model_is_plain_gpt2(tmp_path):
