@@ -23,3 +23,13 @@ def each_model(specs: list[str]):
         name, path = spec.split("=", 1)
         model, tok = load(path)
         yield name, path, model.eval(), tok
+
+
+def synthetic_task() -> tuple[dict, int]:
+    """(task settings, block_size) of conf/data/synthetic.yaml: the data the positive-control models learned."""
+    from omegaconf import OmegaConf
+
+    from ...paths import CONF_DIR
+
+    cfg = OmegaConf.load(CONF_DIR / "data" / "synthetic.yaml")
+    return OmegaConf.to_container(cfg.synthetic), int(cfg.block_size)

@@ -24,10 +24,11 @@ import torch
 
 
 # -- tasks -----------------------------------------------------------------------------------------------
-def induction_pairs(vocab_size: int, n: int, half: int = 10, seed: int = 0, low: int = 1):
-    """Random tokens A (length `half`) then A again without its last token: the answer at the last position is
-    A[-1] by induction. The corrupted prompt changes A[-1] in the first half to B, so induction says B.
-    Returns clean, corrupted [n, 2*half-1] and correct, wrong [n] token ids."""
+def induction_pairs(vocab_size: int, n: int, half: int = 10, seed: int = 0, low: int = 1, bos: int | None = None):
+    """Random tokens A (length `half`, ids in [low, vocab_size)) then A again without its last token: the answer at
+    the last position is A[-1] by induction. The corrupted prompt changes A[-1] in the first half to B, so
+    induction says B. With `bos`, every prompt starts with that token (for models trained with one).
+    Returns clean, corrupted [n, 2*half-1 (+1)] and correct, wrong [n] token ids."""
     g = torch.Generator().manual_seed(seed)
     a = torch.randint(low, vocab_size, (n, half), generator=g)
     b = torch.randint(low, vocab_size, (n,), generator=g)
@@ -35,6 +36,8 @@ def induction_pairs(vocab_size: int, n: int, half: int = 10, seed: int = 0, low:
     clean = torch.cat([a, a[:, :-1]], dim=1)
     corrupt = clean.clone()
     corrupt[:, half - 1] = b
+    if bos is not None:
+        clean, corrupt = (torch.cat([torch.full((n, 1), bos), x], dim=1) for x in (clean, corrupt))
     return clean, corrupt, a[:, -1].clone(), b
 
 
@@ -205,17 +208,25 @@ def main(argv=None):
     import json
     from pathlib import Path
 
-    from .cli import each_model, parser
+    from .cli import each_model, parser, synthetic_task
 
     p = parser("attribution patching vs activation patching (induction task)", "experiments/interp")
     p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--half", type=int, default=10, help="length of the repeated random sequence")
     p.add_argument("--min-clean-diff", type=float, default=1.0, help="refuse a task the model does not solve")
+    p.add_argument("--synthetic", action="store_true", help="models trained on data=synthetic: BOS first, random "
+                   "tokens from the task's non-trigger ids")
     a = p.parse_args(argv)
     out, res = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
-    for name, path, model, _ in each_model(a.models):
-        clean, corrupt, correct, wrong = induction_pairs(model.config.vocab_size, a.prompts, a.half)
+    for name, path, model, tok in each_model(a.models):
+        if a.synthetic:
+            task = synthetic_task()[0]
+            kw = {"low": task["low"] + task["n_triggers"], "bos": tok.eos_token_id}
+            high = task["low"] + task["vocab"]
+        else:
+            kw, high = {}, model.config.vocab_size
+        clean, corrupt, correct, wrong = induction_pairs(high, a.prompts, a.half, **kw)
         r = compare(model, clean, corrupt, correct, wrong)
         if not r["clean_logit_diff"] > a.min_clean_diff:
             raise SystemExit(f"{name}: mean clean logit difference {r['clean_logit_diff']:.2f} <= {a.min_clean_diff}:"
@@ -225,7 +236,8 @@ def main(argv=None):
               f" corrupted {r['corrupted_logit_diff']:.2f}; AtP vs AP: Pearson {r['pearson']:.3f} "
               f"[{r['pearson_ci95'][0]:.3f}, {r['pearson_ci95'][1]:.3f}], NMAE {r['nmae_percent']:.1f}% "
               f"[{r['nmae_ci95'][0]:.1f}, {r['nmae_ci95'][1]:.1f}]")
-    (out / "patching.json").write_text(json.dumps({"task": "induction", "half": a.half, "models": res}, indent=1))
+    (out / "patching.json").write_text(json.dumps({"task": "induction", "half": a.half, "synthetic": a.synthetic,
+                                                   "models": res}, indent=1))
     _plot(res, out / "patching.png")
     print(f"[lnfree] written to {out}")
 

@@ -47,18 +47,25 @@ def main(argv=None):
     from pathlib import Path
 
     from ...data.datamodule import TextDataModule
+    from ...data.synthetic import SyntheticDataModule
     from ..plots import _save
-    from .cli import each_model, parser
+    from .cli import each_model, parser, synthetic_task
 
     p = parser("residual norms and attention sinks per model", "experiments/builtin_interp")
     p.add_argument("--blocks", type=int, default=64)
     p.add_argument("--prepend-bos", action="store_true", help="blocks start with end-of-text at position 0")
+    p.add_argument("--synthetic", action="store_true", help="validation blocks of data=synthetic (BOS first)")
     a = p.parse_args(argv)
     res, tok = {}, None
     for name, path, model, t in each_model(a.models):
         tok = tok or t
-        dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
-                            micro_batch_size=1, val_blocks=a.blocks, prepend_bos=a.prepend_bos)
+        if a.synthetic:
+            settings, block = synthetic_task()
+            dm = SyntheticDataModule(tok, synthetic=settings, block_size=block, micro_batch_size=1,
+                                     val_blocks=a.blocks)
+        else:
+            dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
+                                micro_batch_size=1, val_blocks=a.blocks, prepend_bos=a.prepend_bos)
         dm.setup()
         res[name] = {"path": path, "norms": residual_norms(model, dm.val_data),
                      "sinks": attention_sinks(model, dm.val_data)}
@@ -67,7 +74,8 @@ def main(argv=None):
               f"  sink rate {res[name]['sinks']['sink_rate']:.2f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "residual.json").write_text(json.dumps({**res, "prepend_bos": a.prepend_bos}, indent=1))
+    meta = {"prepend_bos": a.prepend_bos, "synthetic": a.synthetic}
+    (out / "residual.json").write_text(json.dumps({**res, **meta}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
