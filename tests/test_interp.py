@@ -121,6 +121,17 @@ def test_patching_is_zero_where_clean_and_corrupted_agree_and_not_exact_on_a_rea
     assert r["nmae_percent"] > 0.1 and -1 <= r["pearson"] <= 1  # LayerNorm and softmax: first order is not exact
 
 
+def test_induction_pairs_with_bos_and_a_token_range():
+    from lnfree.analysis.interp.patching import induction_pairs
+
+    clean, corrupt, correct, wrong = induction_pairs(68, 50, half=7, seed=3, low=4, bos=0)
+    assert clean.shape == (50, 14) and (clean[:, 0] == 0).all() and (corrupt[:, 0] == 0).all()
+    assert ((clean[:, 1:] >= 4) & (clean[:, 1:] < 68)).all() and ((wrong >= 4) & (wrong < 68)).all()
+    assert torch.equal(clean[:, 1:8][:, :6], clean[:, 8:])  # the repeat
+    assert ((clean != corrupt).sum(1) == 1).all() and (corrupt[:, 7] == wrong).all() and (clean[:, 7] == correct).all()
+    assert (correct != wrong).all()
+
+
 def test_ioi_generator_builds_aligned_pairs():
     from lnfree.analysis.interp.patching import ioi_pairs
     from lnfree.data import corpus
