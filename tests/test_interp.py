@@ -132,6 +132,19 @@ def test_induction_pairs_with_bos_and_a_token_range():
     assert (correct != wrong).all()
 
 
+def test_backcopy_pairs_ask_for_the_token_before_the_trigger():
+    from lnfree.analysis.interp.patching import backcopy_pairs
+    from lnfree.data.synthetic import BigramBackcopy
+
+    task = BigramBackcopy(vocab=20, n_triggers=3, low=1)
+    clean, corrupt, correct, wrong = backcopy_pairs(task, 40, length=16, seed=0, bos=0)
+    assert clean.shape == (40, 16) and (clean[:, 0] == 0).all()
+    assert ((clean[:, -1] >= 1) & (clean[:, -1] <= 3)).all()  # ends with a trigger
+    assert (clean[:, -2] == correct).all() and (corrupt[:, -2] == wrong).all() and (correct != wrong).all()
+    assert ((clean != corrupt).sum(1) == 1).all()
+    assert ((correct > 3) & (wrong > 3)).all() and (clean[:, -3] > 3).all()  # a, b and the token before: ordinary
+
+
 def test_ioi_generator_builds_aligned_pairs():
     from lnfree.analysis.interp.patching import ioi_pairs
     from lnfree.data import corpus

@@ -7,6 +7,9 @@ produce both in 1-3 layer transformers:
 - Bigram-Backcopy (Guo et al. 2024, arXiv 2410.13835): tokens follow a fixed random bigram chain, except after a
   *trigger* token, where the next token copies the one before the trigger. Heads that serve the copy are useless
   on non-trigger tokens and learn to park their attention on the beginning-of-sequence token: attention sinks.
+  Here triggers come at random (probability trigger_prob after any token), not from the chain: with triggers in
+  a peaked chain the token before a trigger is guessable from the trigger itself, and a model learns that guess
+  instead of the copy (measured: 91% "copy" accuracy on the task's blocks, 16% on prompts where the guess fails).
 - Induction: with probability `repeat_prob` a span of uniformly random tokens appears twice in the block, so that
   the second copy is predictable only by looking back at the first (what `analysis.interp.patching` tests).
 
@@ -29,36 +32,45 @@ VAL_STREAM = -1  # the validation blocks' stream id (training uses the run's see
 
 
 class BigramBackcopy:
-    """The task: a bigram transition matrix over `vocab` tokens (each row a sparse random distribution) and the
-    first `n_triggers` tokens as triggers; `repeat_prob`, `repeat_len` the induction spans."""
+    """The task: a bigram transition matrix over the `vocab` - `n_triggers` ordinary tokens (each row a sparse random
+    distribution); after any ordinary token, a trigger (uniform among the first `n_triggers` tokens) comes with
+    probability `trigger_prob`, whatever the token was, so that the token before a trigger cannot be guessed
+    from the trigger and the model has to copy it. `repeat_prob`, `repeat_len`: the induction spans."""
 
     def __init__(self, vocab: int = 64, n_triggers: int = 3, low: int = 1, task_seed: int = 0,
-                 concentration: float = 0.1, repeat_prob: float = 0.5, repeat_len: tuple = (8, 24)):
-        if vocab < n_triggers + 2 or low < 0:
-            raise DataError(f"synthetic task: vocab={vocab} must exceed n_triggers={n_triggers} + 1, low >= 0")
-        if not 0 <= repeat_prob <= 1 or not 1 <= repeat_len[0] <= repeat_len[1]:
-            raise DataError(f"synthetic task: repeat_prob={repeat_prob} not in [0, 1] or bad repeat_len={repeat_len}")
+                 concentration: float = 0.1, trigger_prob: float = 0.1, repeat_prob: float = 0.0,
+                 repeat_len: tuple = (8, 24)):
+        if vocab < n_triggers + 2 or low < 0 or n_triggers < 1:
+            raise DataError(f"synthetic task: vocab={vocab} must exceed n_triggers={n_triggers} + 1 (>= 1), low >= 0")
+        if not 0 <= repeat_prob <= 1 or not 0 < trigger_prob < 1 or not 1 <= repeat_len[0] <= repeat_len[1]:
+            raise DataError(f"synthetic task: repeat_prob={repeat_prob} not in [0, 1], trigger_prob={trigger_prob} "
+                            f"not in (0, 1), or bad repeat_len={repeat_len}")
         self.vocab, self.n_triggers, self.low = vocab, n_triggers, low
-        self.repeat_prob, self.repeat_len = repeat_prob, tuple(repeat_len)
+        self.trigger_prob, self.repeat_prob, self.repeat_len = trigger_prob, repeat_prob, tuple(repeat_len)
         rng = np.random.default_rng(task_seed)
-        # [vocab, vocab] next-token probabilities; a small Dirichlet concentration makes each row peaked, so the
-        # bigram part is learnable and the copy after a trigger is the hard part
-        self.transition = rng.dirichlet(np.full(vocab, concentration), size=vocab)
+        n = vocab - n_triggers
+        # [n, n] next-token probabilities among ordinary tokens; a small Dirichlet concentration makes each row
+        # peaked, so the bigram part is learnable and the copy after a trigger is the hard part
+        self.transition = rng.dirichlet(np.full(n, concentration), size=n)
         self.cumulative = np.cumsum(self.transition, axis=1)
 
     def sequence(self, rng: np.random.Generator, length: int) -> np.ndarray:
-        """[length] task tokens (0-based, before `low` is added)."""
+        """[length] task tokens (0-based, before `low` is added; triggers are 0 .. n_triggers - 1)."""
+        k = self.n_triggers
         x = np.empty(length, dtype=np.int64)
-        x[0] = rng.integers(self.n_triggers, self.vocab)
-        u = rng.random(length)
+        x[0] = rng.integers(k, self.vocab)
+        u, v = rng.random(length), rng.random(length)
         for t in range(1, length):
-            if x[t - 1] < self.n_triggers and t >= 2:  # after a trigger: copy the token before it
+            if x[t - 1] < k:  # after a trigger: copy the token before it (x[0] is never a trigger)
                 x[t] = x[t - 2]
+            elif v[t] < self.trigger_prob:
+                x[t] = rng.integers(0, k)
             else:
-                x[t] = min(int(np.searchsorted(self.cumulative[x[t - 1]], u[t])), self.vocab - 1)
+                row = self.cumulative[x[t - 1] - k]
+                x[t] = k + min(int(np.searchsorted(row, u[t])), len(row) - 1)
         if length >= 8 and rng.random() < self.repeat_prob:
             n = int(rng.integers(self.repeat_len[0], min(self.repeat_len[1], length // 2 - 1) + 1))
-            span = rng.integers(self.n_triggers, self.vocab, n)  # random, trigger-free tokens
+            span = rng.integers(k, self.vocab, n)  # random, trigger-free tokens
             first = int(rng.integers(0, length - 2 * n + 1))
             second = int(rng.integers(first + n, length - n + 1))
             x[first:first + n] = span

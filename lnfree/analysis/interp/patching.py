@@ -41,6 +41,28 @@ def induction_pairs(vocab_size: int, n: int, half: int = 10, seed: int = 0, low:
     return clean, corrupt, a[:, -1].clone(), b
 
 
+def backcopy_pairs(task, n: int, length: int = 32, seed: int = 0, bos: int = 0):
+    """The Bigram-Backcopy task's copy (lnfree/data/synthetic.py; what data=synthetic models learn): BOS, a chain
+    of `length` - 3 task tokens, a non-trigger token a, a trigger; the answer after a trigger is the token before it,
+    a. The corrupted prompt has b instead of a (both non-triggers), so the copy says b. `task`: a BigramBackcopy.
+    Returns clean, corrupted [n, length] and correct, wrong [n] token ids."""
+    rng = np.random.default_rng(seed)
+    k, lo = task.n_triggers, task.low
+    clean, corrupt, correct, wrong = [], [], [], []
+    for _ in range(n):
+        prefix = task.sequence(rng, length - 3)
+        while prefix[-1] < k:  # a prefix ending in a trigger would make a a copy target itself
+            prefix = task.sequence(rng, length - 3)
+        prefix = (prefix + lo).tolist()
+        a, b = (rng.choice(np.arange(k, task.vocab), 2, replace=False) + lo).tolist()
+        trigger = int(rng.integers(0, k)) + lo
+        clean.append([bos, *prefix, a, trigger])
+        corrupt.append([bos, *prefix, b, trigger])
+        correct.append(a)
+        wrong.append(b)
+    return torch.tensor(clean), torch.tensor(corrupt), torch.tensor(correct), torch.tensor(wrong)
+
+
 IOI_NAMES = ["Jamie", "Erin", "John", "Mary", "Tom", "James", "Dan", "Sid", "Kate", "Anne", "Paul", "Alex", "Rose",
              "Sarah", "Mike", "Lisa", "David", "Emma", "Chris", "Laura"]
 IOI_TEMPLATES = ["Then, {A} and {B} went to the house. {B} gave a bone to", "When {A} and {B} got a drink at the bar,"
@@ -208,41 +230,50 @@ def main(argv=None):
     import json
     from pathlib import Path
 
+    from ...data.synthetic import BigramBackcopy
     from .cli import each_model, parser, synthetic_task
 
-    p = parser("attribution patching vs activation patching (induction task)", "experiments/interp")
+    p = parser("attribution patching vs activation patching", "experiments/interp")
+    p.add_argument("--task", choices=["induction", "backcopy"], default="induction",
+                   help="backcopy: the data=synthetic task (needs --synthetic)")
     p.add_argument("--prompts", type=int, default=128)
-    p.add_argument("--half", type=int, default=10, help="length of the repeated random sequence")
+    p.add_argument("--half", type=int, default=10, help="induction: length of the repeated random sequence")
+    p.add_argument("--length", type=int, default=32, help="backcopy: prompt length")
     p.add_argument("--min-clean-diff", type=float, default=1.0, help="refuse a task the model does not solve")
-    p.add_argument("--synthetic", action="store_true", help="models trained on data=synthetic: BOS first, random "
-                   "tokens from the task's non-trigger ids")
+    p.add_argument("--synthetic", action="store_true", help="models trained on data=synthetic: BOS first, tokens "
+                   "from the task's ids")
     a = p.parse_args(argv)
+    if a.task == "backcopy" and not a.synthetic:
+        p.error("--task backcopy is the data=synthetic task: add --synthetic")
     out, res = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
     for name, path, model, tok in each_model(a.models):
         if a.synthetic:
-            task = synthetic_task()[0]
-            kw = {"low": task["low"] + task["n_triggers"], "bos": tok.eos_token_id}
-            high = task["low"] + task["vocab"]
+            task = BigramBackcopy(**synthetic_task()[0])
+            kw = {"low": task.low + task.n_triggers, "bos": tok.eos_token_id}
+            high = task.low + task.vocab
         else:
             kw, high = {}, model.config.vocab_size
-        clean, corrupt, correct, wrong = induction_pairs(high, a.prompts, a.half, **kw)
+        if a.task == "backcopy":
+            clean, corrupt, correct, wrong = backcopy_pairs(task, a.prompts, a.length, bos=tok.eos_token_id)
+        else:
+            clean, corrupt, correct, wrong = induction_pairs(high, a.prompts, a.half, **kw)
         r = compare(model, clean, corrupt, correct, wrong)
         if not r["clean_logit_diff"] > a.min_clean_diff:
             raise SystemExit(f"{name}: mean clean logit difference {r['clean_logit_diff']:.2f} <= {a.min_clean_diff}:"
-                             " the model does not solve the induction task, so patching it measures nothing")
+                             f" the model does not solve the {a.task} task, so patching it measures nothing")
         res[name] = {"path": path, **r}
         print(f"{name:10s} clean M {r['clean_logit_diff']:.2f} (positive in {100 * r['clean_positive_fraction']:.0f}%),"
               f" corrupted {r['corrupted_logit_diff']:.2f}; AtP vs AP: Pearson {r['pearson']:.3f} "
               f"[{r['pearson_ci95'][0]:.3f}, {r['pearson_ci95'][1]:.3f}], NMAE {r['nmae_percent']:.1f}% "
               f"[{r['nmae_ci95'][0]:.1f}, {r['nmae_ci95'][1]:.1f}]")
-    (out / "patching.json").write_text(json.dumps({"task": "induction", "half": a.half, "synthetic": a.synthetic,
-                                                   "models": res}, indent=1))
-    _plot(res, out / "patching.png")
+    meta = {"task": a.task, "half": a.half, "length": a.length, "synthetic": a.synthetic}
+    (out / "patching.json").write_text(json.dumps({**meta, "models": res}, indent=1))
+    _plot(res, out / "patching.png", a.task)
     print(f"[lnfree] written to {out}")
 
 
-def _plot(res, path):
+def _plot(res, path, task):
     import matplotlib
 
     matplotlib.use("Agg")
@@ -256,7 +287,7 @@ def _plot(res, path):
             axes[i][j].imshow(grid, cmap="RdBu", vmin=-v, vmax=v, aspect="auto")
             axes[i][j].set(title=f"{name}: {'AP' if i == 0 else 'AtP'} (resid, normalised)", xlabel="position",
                            ylabel="block input (last: ln_f)")
-    fig.suptitle("Activation vs attribution patching, induction task", fontsize=10)
+    fig.suptitle(f"Activation vs attribution patching, {task} task", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
