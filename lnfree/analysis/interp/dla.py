@@ -104,7 +104,7 @@ def per_head_grid(per_component: dict, n_layer: int, n_head: int):
 def main(argv=None):
     """python -m lnfree.analysis.interp.dla [name=path ...]: DLA vs DE for the correct next token at the last
     position of validation prompts of the built-in corpus; per component (each head, each MLP, embeddings,
-    attention biases) and global, with bootstrap CIs over prompts; writes experiments/builtin_interp/dla.{json,png}."""
+    attention biases) and global, with bootstrap CIs over prompts; writes experiments/interp/dla.{json,png}."""
     import json
     from pathlib import Path
 
@@ -113,7 +113,7 @@ def main(argv=None):
     from ...data.datamodule import TextDataModule
     from .cli import each_model, parser
 
-    p = parser("DLA vs direct effect per model", "experiments/builtin_interp")
+    p = parser("DLA vs direct effect per model", "experiments/interp")
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--length", type=int, default=64)
     a = p.parse_args(argv)

@@ -42,7 +42,7 @@ def attention_sinks(model, ids: torch.Tensor, threshold: float = SINK_THRESHOLD)
 
 def main(argv=None):
     """python -m lnfree.analysis.interp.residual [name=path ...]: both measures on validation blocks of the built-in
-    corpus; writes experiments/builtin_interp/residual.{json,png}."""
+    corpus (--synthetic: of data=synthetic); writes <out>/sinks.{json,png} (default experiments/interp/builtin)."""
     import json
     from pathlib import Path
 
@@ -51,7 +51,7 @@ def main(argv=None):
     from ..plots import _save
     from .cli import each_model, parser, synthetic_task
 
-    p = parser("residual norms and attention sinks per model", "experiments/builtin_interp")
+    p = parser("residual norms and attention sinks per model", "experiments/interp/builtin")
     p.add_argument("--blocks", type=int, default=64)
     p.add_argument("--prepend-bos", action="store_true", help="blocks start with end-of-text at position 0")
     p.add_argument("--synthetic", action="store_true", help="validation blocks of data=synthetic (BOS first)")
@@ -75,7 +75,7 @@ def main(argv=None):
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
     meta = {"prepend_bos": a.prepend_bos, "synthetic": a.synthetic}
-    (out / "residual.json").write_text(json.dumps({**res, **meta}, indent=1))
+    (out / "sinks.json").write_text(json.dumps({**res, **meta}, indent=1))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -93,7 +93,7 @@ def main(argv=None):
     ax1.legend(fontsize=7)
     ax2.axhline(SINK_THRESHOLD, color="k", ls=":", lw=1)
     ax2.set(ylabel="mean attention to token 0 (queries >= 1)", title="Attention sinks: one dot per head")
-    _save(fig, out / "residual.png")
+    _save(fig, out / "sinks.png")
     print(f"[lnfree] written to {out}")
 
 
