@@ -36,6 +36,25 @@ def test_residual_norms_match_hidden_states():
     assert abs(norms["rest"][1] - float(hidden[1][:, 1:].norm(dim=-1).mean())) < 1e-4
 
 
+def test_sink_alpha_and_massive_ratio_on_hand_made_tensors():
+    from lnfree.analysis.interp.residual import SINK_THRESHOLD, massive_ratio, sink_alpha
+
+    t = 10
+    uniform = torch.tril(torch.ones(t, t)) / torch.arange(1, t + 1)[:, None]  # causal uniform attention
+    sink = torch.zeros(t, t)
+    sink[:, 0] = 0.8
+    sink[torch.arange(t), torch.arange(t)] += 0.2
+    sink[0, 0] = 1.0
+    attn = [torch.stack([uniform, sink])[None]]  # 1 layer, batch 1, heads: uniform, sink
+    alpha = sink_alpha(attn)
+    assert torch.allclose(alpha, torch.tensor([[sum(1 / (i + 1) for i in range(1, t)) / (t - 1), 0.8]]))
+    assert ((alpha > SINK_THRESHOLD).float().mean()) == 0.5
+    x = torch.ones(2, 4, 8)
+    x[1, 0, 3] = 500.0  # one massive feature at position 0
+    x[0, 2, 1] = -7.0
+    assert massive_ratio(x) == (500.0, 7.0)
+
+
 def test_attention_sinks_on_uniform_attention():
     """Q and K weights zeroed: every query attends uniformly, A[i, 0] = 1 / (i + 1) exactly."""
     from lnfree.analysis.interp.residual import attention_sinks

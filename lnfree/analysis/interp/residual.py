@@ -2,6 +2,8 @@
 
 Residual norm: L2 norm of the residual stream at the input of every block and of ln_f, averaged over
 sequences, for position 0 and for positions >= 1 (GPT-2's "massive activation" lives at position 0).
+Massive activation: top |activation| / median |activation| of the residual stream (Sun et al. 2024), per layer,
+at position 0 and at the other positions (the median over every position and feature of the layer).
 Attention sink: alpha_{l,h} = mean over queries i >= 1 of A[i, 0] (query 0 can only attend to itself, so it
 is left out); the sink rate is the fraction of heads with alpha > 0.3 (per-head definition, Gu et al. 2025).
 """
@@ -15,15 +17,32 @@ from .hooks import run_with_hooks
 SINK_THRESHOLD = 0.3
 
 
+def massive_ratio(x: torch.Tensor) -> tuple[float, float]:
+    """x [batch, pos, d] -> (top |x| at position 0, top |x| at positions >= 1), each / median |x| over all."""
+    a = x.abs().float()
+    median = a.flatten().median().clamp_min(1e-30)
+    return float(a[:, 0].max() / median), float(a[:, 1:].max() / median)
+
+
 @torch.no_grad()
 def residual_norms(model, ids: torch.Tensor) -> dict[str, list[float]]:
-    """{"pos0": [L+1], "rest": [L+1]}: mean L2 norm at each block input and at ln_f's input."""
+    """{"pos0", "rest"}: mean L2 norm at each block input and at ln_f's input [L+1]; {"massive_pos0",
+    "massive_rest"}: top/median activation ratio there [L+1]."""
     t = model.transformer
     seen = []
     modules = [*t.h, t.ln_f]
-    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].norm(dim=-1))) for m in modules]
+    hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for m in modules]
     run_with_hooks(model, ids, hooks)
-    return {"pos0": [float(n[:, 0].mean()) for n in seen], "rest": [float(n[:, 1:].mean()) for n in seen]}
+    norms = [x.norm(dim=-1) for x in seen]
+    ratios = [massive_ratio(x) for x in seen]
+    return {"pos0": [float(n[:, 0].mean()) for n in norms], "rest": [float(n[:, 1:].mean()) for n in norms],
+            "massive_pos0": [r[0] for r in ratios], "massive_rest": [r[1] for r in ratios]}
+
+
+def sink_alpha(attentions) -> torch.Tensor:
+    """L x [batch, head, query, key] attention probabilities -> alpha [L, H]: mean over batch and queries >= 1 of
+    the attention to key 0."""
+    return torch.stack([a[:, :, 1:, 0].float().mean(dim=(0, 2)) for a in attentions])
 
 
 @torch.no_grad()
@@ -36,7 +55,7 @@ def attention_sinks(model, ids: torch.Tensor, threshold: float = SINK_THRESHOLD)
         attn = model(ids, output_attentions=True).attentions  # L x [batch, head, query, key]
     finally:
         model.set_attn_implementation(previous)
-    alpha = torch.stack([a[:, :, 1:, 0].mean(dim=(0, 2)) for a in attn])  # [L, H]
+    alpha = sink_alpha(attn)
     return {"alpha": alpha.tolist(), "sink_rate": float((alpha > threshold).float().mean()), "threshold": threshold}
 
 
@@ -71,6 +90,7 @@ def main(argv=None):
                      "sinks": attention_sinks(model, dm.val_data)}
         n = res[name]["norms"]
         print(f"{name:10s} residual norm pos0 {[round(v) for v in n['pos0']]} rest {[round(v) for v in n['rest']]}"
+              f"  top/median pos0 {[round(v) for v in n['massive_pos0']]} rest {[round(v) for v in n['massive_rest']]}"
               f"  sink rate {res[name]['sinks']['sink_rate']:.2f}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
