@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check test-fast train sweep eval ablations family scaling bench bench-gpu clean
+.PHONY: install test check test-fast train sweep eval ablations interp-control family scaling bench bench-gpu clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -54,6 +54,22 @@ ablations: eval
 	    hydra.run.dir=$(RUNS)/$${a}_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done; done
 	$(PY) -m lnfree.eval --config-name eval_ablations $(ARGS)
+
+# interpretability positive control (experiments/interp/): synth_w64, a 2-layer GPT-2 trained on data=synthetic
+# (Bigram-Backcopy; shipped, else pretrained), its vanilla and LN-free fine-tunes, then attention sinks / massive
+# activations and attribution vs activation patching (the copy task) on all three
+CONTROL ?= outputs/interp_control
+CONTROL_MODELS = original=builtin:synth_w64 vanilla=$(CONTROL)/vanilla lnfree=$(CONTROL)/lnfree
+interp-control: install
+	if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('synth_w64').exists())"; then \
+	  $(PY) -m lnfree.pretrain model=synth_w64 data=synthetic model.dropout=0.0 hydra.run.dir=outputs/pretrain/synth_w64 \
+	    overwrite=true || exit 1; fi
+	test -f $(CONTROL)/vanilla/summary.json || $(PY) -m lnfree.train model=synth_w64 data=synthetic schedule=none \
+	  hydra.run.dir=$(CONTROL)/vanilla overwrite=true trainer.progress_bar=false
+	test -f $(CONTROL)/lnfree/summary.json || $(PY) -m lnfree.train model=synth_w64 data=synthetic \
+	  hydra.run.dir=$(CONTROL)/lnfree overwrite=true trainer.progress_bar=false
+	$(PY) -m lnfree.analysis.interp.residual $(CONTROL_MODELS) --synthetic --out experiments/interp
+	$(PY) -m lnfree.analysis.interp.patching $(CONTROL_MODELS) --synthetic --task backcopy --out experiments/interp
 
 # the built-in family, pretrained into ~/.cache/lnfree/models (skips those already there or shipped);
 # loading never pretrains, so the targets that need the family depend on this one
