@@ -112,7 +112,7 @@ def _plot(res, table, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax1, ax3, ax2) = plt.subplots(1, 3, figsize=(16, 4))
     for s in res["sizes"]:
         m = table[s["name"]]
         g = np.asarray(m["gaps"]) * 100
@@ -122,6 +122,18 @@ def _plot(res, table, path):
     ax1.set(xscale="log", xlabel="fine-tuning tokens", ylabel="LN-free CE gap to vanilla (%, mean +- s.e. over seeds)",
             title="Gap to the vanilla control vs budget")
     ax1.legend(fontsize=7)
+    # the gap against size at every budget that every size has (the fixed-budget view)
+    common = sorted(set.intersection(*(set(table[s["name"]]["budgets"]) for s in res["sizes"]))) if res["sizes"] else []
+    cmap = plt.get_cmap("viridis")
+    for i, b in enumerate(common):
+        ns = [table[s["name"]]["n"] for s in res["sizes"]]
+        g = [100 * np.mean(table[s["name"]]["gaps"][table[s["name"]]["budgets"].index(b)]) for s in res["sizes"]]
+        ax3.plot(ns, g, marker="o", ms=3, color=cmap(i / max(len(common) - 1, 1)), label=f"{b / 1e3:.0f}k tokens")
+    ax3.axhline(100 * res["threshold"], color="k", ls=":", lw=1)
+    ax3.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="gap to vanilla (%, seed mean)",
+            title="Gap vs size at fixed budgets")
+    if common:
+        ax3.legend(fontsize=6, ncol=2)
     pts = [(s["non_embedding_params"], s["t_star"]) for s in res["sizes"] if s["t_star"]["value"]]
     if pts:
         n = np.array([p[0] for p in pts], float)
