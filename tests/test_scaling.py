@@ -38,6 +38,9 @@ def test_analyse_pairs_by_seed_and_writes_the_result_file(tmp_path):
     assert a["t_star"]["value"] == pytest.approx(4e4, rel=0.25)
     assert a["removal_phase_tokens"]["value"] == pytest.approx(0.4 * a["t_star"]["value"])
     assert set(a["gap_by_budget"]) == {str(t) for t in (10_000, 20_000, 40_000, 80_000, 160_000, 320_000)}
+    # the direct reading: the smallest budget whose seed-mean gap is within 1% (true crossing 40k; noise 10%)
+    assert a["first_budget_within"]["mean"] in (40_000, 80_000)
+    assert a["first_budget_within"]["ci_upper"] >= a["first_budget_within"]["mean"]
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 1000
     assert res["exponent"] == saved["exponent"]
 

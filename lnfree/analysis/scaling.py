@@ -94,6 +94,12 @@ def analyse(sweep_dir, threshold: float, out_dir: str | Path, n_boot: int = 2000
         s["gap_by_budget"] = {str(b): over_seeds(g) for b, g in zip(m["budgets"], m["gaps"])}
         s["vanilla_ce_by_budget"] = {str(b): float(np.mean(v)) for b, v in zip(m["budgets"], m["vanilla"])}
         s["incomplete_budgets"] = m["incomplete_budgets"]
+        # the direct reading (METHOD.md section 8): the smallest measured budget within the gap, by the seed mean
+        # and, stricter, by the upper end of its 95% CI over seeds
+        within = [(b, g) for b, g in s["gap_by_budget"].items() if g["mean"] <= threshold]
+        strict = [b for b, g in s["gap_by_budget"].items() if g.get("ci95", [None, np.inf])[1] <= threshold]
+        s["first_budget_within"] = {"mean": int(min(int(b) for b, _ in within)) if within else None,
+                                    "ci_upper": int(min(int(b) for b in strict)) if strict else None}
         t = s["t_star"]["value"]
         s["t_star"]["extrapolated"] = bool(t is not None and t > max(m["budgets"]))
     seeds = sorted({s for v in usable.values() for s in v["seeds"]})
@@ -171,8 +177,9 @@ def main(argv=None):
         Path(a.records).write_text("".join(json.dumps(r) + "\n" for r in runs))
     for s in res["sizes"]:
         t = s["t_star"]
+        f = s["first_budget_within"]
         print(f"{s['name']:16s} N={s['non_embedding_params']:>9d}  T*={t['value']}  "
-              f"95% CI [{t['ci_low']}, {t['ci_high']}]")
+              f"95% CI [{t['ci_low']}, {t['ci_high']}]  first budget within: {f['mean']} (CI-strict {f['ci_upper']})")
     print("exponent:", res["exponent"])
 
 
