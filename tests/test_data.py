@@ -161,3 +161,73 @@ def test_prepend_bos_puts_end_of_text_at_position_0_of_every_block():
     eot = dm.tokenizer.eos_token_id
     assert (batch[:, 0] == eot).all() and (dm.val_data[:, 0] == eot).all() and batch.shape == (4, 32)
     assert list(pack([[1, 2, 3, 4, 5, 6, 7]], 4, bos=0)) == [[0, 1, 2, 3], [0, 4, 5, 6]]
+
+
+class _CountingPart:
+    """A stream part that counts the rows read from it (what a shard really opens)."""
+
+    def __init__(self, ds):
+        self.ds, self.rows = ds, 0
+
+    def iter(self, batch_size):
+        for batch in self.ds.iter(batch_size=batch_size):
+            self.rows += len(batch["text"])
+            yield batch
+
+
+def _multi_file(tmp_path, n_files=8, per_file=5):
+    files = [write_jsonl(tmp_path / f"part{j}.jsonl", [f"doc{j}x{i} words here." for i in range(per_file)])
+             for j in range(n_files)]
+    return [str(f) for f in files]
+
+
+def test_each_shard_opens_only_its_own_files(tok, tmp_path, capfd):
+    files = _multi_file(tmp_path)
+    parts = [(w, _CountingPart(ds)) for w, ds in open_stream("files", "train", files=files)]
+    seen = []
+    for shard in range(4):  # 2 ranks x 2 workers
+        ds = PackedBlocks(lambda: parts, tok, "text", 16, rank=shard // 2, world_size=2)
+        texts, interleave = ds._texts(shard, 4)
+        texts = list(texts)
+        assert not interleave
+        assert {t.split("x")[0] for t in texts} == {f"doc{j}" for j in range(8) if j % 4 == shard}
+        seen.append(texts)
+    assert [p.rows for _, p in parts] == [5] * 8  # every file read once in all, by its own shard only
+    assert sorted(sum(seen, [])) == sorted(f"doc{j}x{i} words here." for j in range(8) for i in range(5))
+    assert "opens only its own" in capfd.readouterr().err
+
+
+def test_a_hub_style_dataset_with_data_files_is_split_by_file(tok, tmp_path):
+    import datasets
+
+    files = _multi_file(tmp_path, n_files=4, per_file=3)
+    hub_like = lambda: [("hub-like", datasets.load_dataset("json", data_files=files, split="train",  # noqa: E731
+                                                          streaming=True))]
+    got = [list(PackedBlocks(hub_like, tok, "text", 16)._texts(s, 2)[0]) for s in range(2)]
+    assert {t.split("x")[0] for t in got[0]} == {"doc0", "doc2"}
+    assert {t.split("x")[0] for t in got[1]} == {"doc1", "doc3"}
+
+
+def test_too_few_files_fall_back_to_document_interleaving_and_say_so(tok, tmp_path, capfd):
+    files = _multi_file(tmp_path, n_files=1, per_file=10)
+    ds = PackedBlocks(lambda: open_stream("files", "train", files=files), tok, "text", 16, world_size=2)
+    texts, interleave = ds._texts(0, 2)
+    assert interleave and len(list(texts)) == 10  # reads everything; _documents keeps 1 in 2
+    assert "document interleaving" in capfd.readouterr().err
+
+
+def test_validation_hold_out_is_skipped_per_file_and_resume_is_exact(tok, tmp_path):
+    files = _multi_file(tmp_path, n_files=4, per_file=5)
+    opener = lambda: open_stream("files", "train", files=files)  # noqa: E731
+    ds = PackedBlocks(opener, tok, "text", 16, skip_docs=7)  # the first 7 documents: all of file 0, 2 of file 1
+    texts = [list(ds._texts(s, 2)[0]) for s in range(2)]
+    assert [t.split(" ")[0] for t in texts[0]] == [f"doc2x{i}" for i in range(5)]
+    assert [t.split(" ")[0] for t in texts[1]] == [f"doc1x{i}" for i in range(2, 5)] + [f"doc3x{i}" for i in range(5)]
+
+    def loader(skip):
+        return DataLoader(PackedBlocks(opener, tok, "text", 8, skip_batches=skip, micro_batch_size=2), batch_size=2,
+                          num_workers=2)
+
+    full = [b for b, _ in zip(loader(0), range(8))]
+    resumed = [b for b, _ in zip(loader(5), range(3))]
+    assert all(torch.equal(a, b) for a, b in zip(full[5:], resumed))

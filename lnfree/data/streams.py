@@ -5,9 +5,13 @@ Every source becomes a `datasets` IterableDataset (streaming=True): hub datasets
 its JSONL file. Documents are tokenized, followed by end-of-text (kept as a training target) and packed
 into fixed blocks; documents span block boundaries, nothing is padded.
 
-Sharding: document i goes to shard i mod (world_size * num_workers), shard = rank * num_workers + worker,
-so ranks and dataloader workers read disjoint documents, deterministically. The stream repeats forever
-(epoch e reshuffles with seed + e when shuffle_buffer > 0: a buffer shuffle of the documents).
+Sharding: shard = rank * num_workers + worker, of n_shards = world_size * num_workers. When the source has at
+least n_shards parts (local files, or a hub dataset's data files), each shard opens only its own parts (part j
+goes to shard j mod n_shards; a hub dataset through `IterableDataset.shard`), so at 64 GPUs x 4 workers a process
+reads 1/256 of the data instead of all of it. With fewer parts (the built-in corpus is one file) every shard
+reads the whole stream and keeps document i when i mod n_shards == shard, and says so in the log. Either way
+the shards' documents are disjoint and deterministic. The stream repeats forever (epoch e reshuffles with
+seed + e when shuffle_buffer > 0: a buffer shuffle of the documents).
 
 Faults: a row without text or an unreadable file is named (file and row) and skipped or fatal per
 `data.on_bad_row`, and recorded in the run's data_faults.jsonl (FaultLog).
@@ -150,6 +154,37 @@ def pack(token_lists, block_size: int, bos: int | None = None):
             buf = buf[n:]
 
 
+def n_parts(parts) -> int:
+    """How many independently readable pieces a stream has: its local files, or a hub dataset's data files."""
+    if len(parts) > 1:
+        return len(parts)
+    return int(getattr(parts[0][1], "num_shards", getattr(parts[0][1], "n_shards", 1)) or 1)
+
+
+def shard_parts(parts, shard: int, n_shards: int):
+    """This shard's own parts (see the module docstring), as [(index in the full list, where, stream)]."""
+    if len(parts) > 1:
+        return [(j, where, ds) for j, (where, ds) in enumerate(parts) if j % n_shards == shard]
+    where, ds = parts[0]
+    mine = ds.shard(num_shards=n_shards, index=shard, contiguous=False)  # data files shard, shard + n_shards, ...
+    return [(0, f"{where} (data files {shard}::{n_shards})", mine)]
+
+
+def held_out_per_part(parts, skip_docs: int, text_field: str, faults=None) -> list[int]:
+    """How many of the first `skip_docs` documents (the validation hold-out) each part holds, reading parts in
+    order only until the hold-out is counted."""
+    out, left = [0] * len(parts), skip_docs
+    for j, part in enumerate(parts):
+        if left <= 0:
+            break
+        n = sum(1 for _ in itertools.islice(iter_texts([part], text_field, faults), left))
+        out[j], left = n, left - n
+    return out
+
+
+_told: set = set()  # (source, n_parts, n_shards) already explained in the log
+
+
 class PackedBlocks(IterableDataset):
     """Endless stream of [block_size] token blocks from this rank/worker's shard of the documents."""
 
@@ -163,16 +198,37 @@ class PackedBlocks(IterableDataset):
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.eot = tokenizer.eos_token_id
 
-    def _documents(self, shard: int, n_shards: int):
-        for epoch in itertools.count():
+    def _texts(self, shard: int, n_shards: int):
+        """(this shard's texts for one pass, whether they still need the i mod n_shards filter)."""
+        parts = self.open_docs()
+        # a hub dataset with a hold-out from its own split interleaves: which of its files hold the first documents
+        # is not known without reading them in order
+        by_part = n_shards > 1 and n_parts(parts) >= n_shards and (len(parts) > 1 or self.skip_docs == 0)
+        key = (parts[0][0], n_parts(parts), n_shards)
+        if n_shards > 1 and key not in _told:
+            _told.add(key)
+            how = (f"each of {n_shards} shards (ranks x workers) opens only its own {n_parts(parts)} // {n_shards} "
+                   "parts" if by_part else f"{n_parts(parts)} part(s) for {n_shards} shards (ranks x workers): every "
+                   "shard reads every document and keeps 1 in " + str(n_shards) + " (document interleaving)")
+            print(f"[lnfree] data {parts[0][0]}: {how}", file=sys.stderr, flush=True)
+        if not by_part:
             # the validation hold-out (the first skip_docs documents) is dropped before shuffling, so it never
             # leaks into training
-            texts = itertools.islice(iter_texts(self.open_docs(), self.text_field, self.faults), self.skip_docs, None)
+            return itertools.islice(iter_texts(parts, self.text_field, self.faults), self.skip_docs, None), True
+        held = held_out_per_part(parts, self.skip_docs, self.text_field) if self.skip_docs else [0] * len(parts)
+        mine = shard_parts(parts, shard, n_shards)
+        return itertools.chain.from_iterable(
+            itertools.islice(iter_texts([(where, ds)], self.text_field, self.faults), held[j], None)
+            for j, where, ds in mine), False
+
+    def _documents(self, shard: int, n_shards: int):
+        for epoch in itertools.count():
+            texts, interleave = self._texts(shard, n_shards)
             if self.shuffle_buffer > 0:
                 texts = shuffled(texts, self.shuffle_buffer, seed=self.seed + epoch)
             n_mine = 0
             for i, text in enumerate(texts):
-                if i % n_shards != shard:
+                if interleave and i % n_shards != shard:
                     continue
                 n_mine += 1
                 yield tokenize(self.tokenizer, text) + [self.eot]
