@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop]'
+	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop,cluster]'
 	touch $@
 
 install: $(VENV)/.installed

@@ -134,6 +134,18 @@ class PathsConfig:
 
 
 @dataclass
+class ClusterConfig:
+    """Where a multirun's jobs run (conf/cluster/): nodes and GPUs per node come from `hardware`."""
+    name: str = MISSING  # none (Hydra's basic launcher: one job after another here) | slurm | local (submitit)
+    partition: Optional[str] = MISSING
+    account: Optional[str] = MISSING
+    time_min: int = MISSING  # wall-clock limit per job
+    cpus_per_task: int = MISSING
+    mem_gb: Optional[int] = MISSING
+    array_parallelism: int = MISSING  # most jobs of one multirun running at once
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     schedule: ScheduleConfig = MISSING
@@ -143,6 +155,7 @@ class TrainConfig:
     trainer: TrainerConfig = MISSING
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
+    cluster: ClusterConfig = MISSING
     experiment: Optional[str] = None  # set by an experiment preset (the one default held here)
     task_name: str = MISSING
     seed: int = MISSING
