@@ -20,9 +20,37 @@ from ..model import NORM_KINDS
 from ..schedule import Event
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def _all_reduce_sum(t: torch.Tensor):
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+    if _distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
+
+
+class RankDisagreement(RuntimeError):
+    pass
+
+
+def check_ranks_agree(model, step: int) -> bool:
+    """At an event step, every rank must hold the same removed sites with the same frozen sigmas (they come from
+    all-reduced statistics). Gathers one fixed-size vector per rank (sigma of every site, NaN while real) and
+    raises if any rank differs. Called only at event steps, which every rank reaches at the same step (events
+    follow the optimizer step count); a rank that did not would show up here as a collective timeout."""
+    if not _distributed():
+        return False
+    sites = model.sites()
+    mine = torch.tensor([float(s.sigma[0]) if s.is_removed else float("nan") for s in sites.values()],
+                        dtype=torch.float64, device=next(model.parameters()).device)
+    every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(every, mine)
+    for rank, theirs in enumerate(every):
+        if not torch.equal(torch.isnan(theirs), torch.isnan(mine)) or \
+                not torch.equal(theirs.nan_to_num(0.0), mine.nan_to_num(0.0)):
+            raise RankDisagreement(f"step {step}: rank {rank} has sigmas {theirs.tolist()}, rank "
+                                   f"{dist.get_rank()} has {mine.tolist()} (sites {list(sites)})")
+    return True
 
 
 class LNRemovalCallback(L.Callback):
@@ -30,6 +58,7 @@ class LNRemovalCallback(L.Callback):
         self.events = list(events)
         self.momentum = momentum
         self.applied: list[dict] = []  # {"step", "applied_at", "site", "kind", "block", "sigma"}
+        self.rank_checks = 0  # event steps at which every rank was checked to hold the same sigmas
         self._last_step = None
 
     @staticmethod
@@ -56,6 +85,7 @@ class LNRemovalCallback(L.Callback):
             self.applied.append(rec)
             new.append(rec)
         if new:
+            self.rank_checks += check_ranks_agree(model, step)
             n_removed = len(model.removed_sites())
             metrics = {f"lnfree/sigma/{r['site']}": r["sigma"] for r in new if r["sigma"] is not None}
             metrics["lnfree/n_removed"] = n_removed

@@ -173,6 +173,8 @@ def train(cfg: DictConfig) -> dict:
                 "removed_sites": final.removed_sites(),
                 "events": removal.applied,
                 "sigmas": final.sigmas(),
+                "world_size": trainer.world_size,
+                "rank_checks": removal.rank_checks,  # event steps where every rank held the same sigmas
                 "exports": exports,
                 "export_error": export_error,
                 "data_faults": datamodule.faults_seen(),
