@@ -123,7 +123,39 @@ def main(argv=None):
               f"fraction {best['null_space_fraction']:.3f}): median |dH| TE {best['median_abs_te_entropy']:.4f}, "
               f"DE {best['median_abs_de_entropy']:.4f}, LN-mediated {100 * best['ln_mediated_fraction']:.1f}%")
     (out / "neurons.json").write_text(json.dumps(res, indent=1))
+    plot(res, out / "neurons.png")
     print(f"[lnfree] written to {out}")
+
+
+def plot(res: dict, path):
+    """Per model: total vs direct effect on entropy for each candidate (bars), and the LN-mediated fraction
+    against the null-space fraction (the paper's confidence neurons sit top right)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    fig, axes = plt.subplots(1, len(res) + 1, figsize=(4.2 * (len(res) + 1), 3.6), squeeze=False)
+    for ax, (name, r) in zip(axes[0], res.items()):
+        rows = r["neurons"]
+        x = np.arange(len(rows))
+        ax.bar(x - 0.2, [n["median_abs_te_entropy"] for n in rows], 0.4, label="total effect")
+        ax.bar(x + 0.2, [n["median_abs_de_entropy"] for n in rows], 0.4, label="direct effect (scale frozen)")
+        ax.set_xticks(x, [str(n["neuron"]) for n in rows], fontsize=7)
+        ax.set(title=name, xlabel="neuron (last MLP, by output norm)", ylabel="median |delta entropy| per token")
+        ax.legend(fontsize=7)
+    ax = axes[0][-1]
+    for name, r in res.items():
+        ax.scatter([n["null_space_fraction"] for n in r["neurons"]],
+                   [100 * n["ln_mediated_fraction"] for n in r["neurons"]], label=name, alpha=0.7)
+    ax.axvline(0.1, color="k", ls=":", lw=1)
+    ax.set(xlabel="fraction of ||w_out||^2 in W_U's null space (random: 0.10)", ylabel="LN-mediated effect (%)",
+           title="Confidence-neuron signature")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 if __name__ == "__main__":
