@@ -7,7 +7,9 @@ are in experiments/data_scaling/runs.jsonl and in multirun/data_scaling/resume/;
 runs the seeds without a record as one `python -m lnfree.train -m experiment=data_scaling ...` multirun, several
 at a time, one thread each (on 2 cores that is 1.6x faster than one 2-thread process at a time). Smallest budgets
 first, so that whatever finishes completes whole rows of the gap table. Stopping and rerunning loses at most the
-multiruns in flight. Afterwards:
+multiruns in flight. With --until-within GAP, a size's larger budgets are skipped once one of its budgets has a
+seed-mean gap within GAP (its crossing is bracketed; larger budgets do not move T*): on 2 CPU cores this is what
+makes the sweep fit in about 2 hours. Afterwards:
     python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl multirun/data_scaling/resume \
         --records experiments/data_scaling/runs.jsonl
 """
@@ -56,6 +58,20 @@ def missing_jobs(sources):
     return jobs
 
 
+def within(sources, model: str, budget: int, gap: float, step_tokens: int) -> int | None:
+    """The smallest budget below `budget` at which `model` has every seed of both arms and a seed-mean relative
+    gap <= `gap`; None if there is none."""
+    from lnfree.analysis.scaling import gap_table
+
+    runs = [r for src in sources if Path(src).exists() for r in _load(src) if r["model"] == model]
+    if not runs:
+        return None
+    t = gap_table(runs)[model]
+    done = [b // step_tokens for b, g in zip(t["budgets"], t["gaps"])
+            if b // step_tokens < budget and len(g) == 3 and sum(g) / len(g) <= gap]
+    return min(done) if done else None
+
+
 def _load(src):
     try:
         return load_runs(src)
@@ -63,8 +79,14 @@ def _load(src):
         return []
 
 
-def run(job):
+def run(job, sources=(), until_within=None):
     b, m, arm, seeds = job
+    if until_within is not None:
+        w = within(sources, m, b, until_within, grid()[4])
+        if w is not None:
+            print(f"[{time.strftime('%H:%M:%S')}] {m} {arm} {b} steps: skipped (gap within {until_within:.1%} "
+                  f"at {w} steps)", flush=True)
+            return 0
     d = OUT / f"{m}-{arm}-{b}"
     cmd = [sys.executable, "-m", "lnfree.train", "-m", "experiment=data_scaling", f"model={m}",
            f"schedule={arm}", f"trainer.max_steps={b}", "seed=" + ",".join(map(str, seeds)),
@@ -84,6 +106,8 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--records", nargs="+", default=["experiments/data_scaling/runs.jsonl", str(OUT)])
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--until-within", type=float, default=None,
+                   help="skip a size's budgets beyond one where its seed-mean gap is within this (e.g. 0.01)")
     a = p.parse_args()
     jobs = missing_jobs(a.records)
     print(f"{sum(len(j[3]) for j in jobs)} runs missing in {len(jobs)} multiruns", flush=True)
@@ -92,7 +116,7 @@ def main():
             print(*j)
         return
     with ThreadPoolExecutor(a.workers) as pool:
-        rcs = list(pool.map(run, jobs))
+        rcs = list(pool.map(lambda j: run(j, a.records, a.until_within), jobs))
     sys.exit(max(rcs, default=0))
 
 
