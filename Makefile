@@ -84,7 +84,7 @@ family: install
 # runs, ~2 h on 2 cores; runs only what experiments/data_scaling/runs.jsonl lacks), then the fit and the records
 SCALING := experiments/data_scaling
 scaling: family
-	$(PY) $(SCALING)/run_missing.py --workers $(or $(WORKERS),2)
+	$(PY) $(SCALING)/run_missing.py --workers $(or $(WORKERS),2) --until-within 0.01
 	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --out $(SCALING) \
 	  --records $(SCALING)/runs.jsonl
 
