@@ -42,6 +42,8 @@ def test_analyse_pairs_by_seed_and_writes_the_result_file(tmp_path):
     assert a["first_budget_within"]["mean"] in (40_000, 80_000)
     assert a["first_budget_within"]["ci_upper"] >= a["first_budget_within"]["mean"]
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 1000
+    md = (tmp_path / "out" / "scaling.md").read_text()
+    assert "| a | 0.010M | 4" in md and md.count("\n| ") >= 8  # T* row per size, gap row per size
     assert res["exponent"] == saved["exponent"]
 
 

@@ -108,8 +108,40 @@ def analyse(sweep_dir, threshold: float, out_dir: str | Path, n_boot: int = 2000
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(res, indent=1))
+    (out / "scaling.md").write_text(markdown(res))
     _plot(res, table, out / "scaling.png")
     return res
+
+
+def _k(x) -> str:
+    return "-" if x is None else ("inf" if x == float("inf") else f"{x / 1e3:.0f}k")
+
+
+def markdown(res: dict) -> str:
+    """The result as tables: T* per size, then the seed-mean gap (95% t CI over seeds) at every budget."""
+    e = res["exponent"]
+    lines = [f"Allowed gap {100 * res['threshold']:.0f}%, seeds {res['seeds']}. T* ~ N^b: "
+             + (f"b = {e['value']:.2f} (95% CI {e['ci_low']:.2f} to {e['ci_high']:.2f}, bootstrap over seeds)"
+                if e.get("value") is not None else "no fit"), "",
+             "| size | N (non-emb.) | T* tokens [95% CI] | removal phase | smallest budget within (mean / CI-strict) |",
+             "|---|---|---|---|---|"]
+    for s in res["sizes"]:
+        t, f, rp = s["t_star"], s["first_budget_within"], s.get("removal_phase_tokens") or {}
+        flag = " (extrapolated)" if t.get("extrapolated") else ""
+        lines.append(f"| {s['name']} | {s['non_embedding_params'] / 1e6:.3f}M | {_k(t['value'])} [{_k(t['ci_low'])}, "
+                     f"{_k(t['ci_high'])}]{flag} | {_k(rp.get('value'))} | {_k(f['mean'])} / {_k(f['ci_upper'])} |")
+    budgets = sorted({int(b) for s in res["sizes"] for b in s["gap_by_budget"]})
+    lines += ["", "Gap LN-free vs vanilla (%, seed mean [95% CI]) by budget (tokens):", "",
+              "| size | " + " | ".join(_k(b) for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    for s in res["sizes"]:
+        cells = []
+        for b in budgets:
+            g = s["gap_by_budget"].get(str(b))
+            ci = g.get("ci95") if g else None
+            cells.append("" if g is None else f"{100 * g['mean']:.2f}" + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
+                                                                         if ci else ""))
+        lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def _plot(res, table, path):
