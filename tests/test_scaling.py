@@ -19,7 +19,8 @@ def write_run(d, model, n, seed, removes, tokens, ce):
 def test_analyse_pairs_by_seed_and_writes_the_result_file(tmp_path):
     rng = np.random.default_rng(0)
     i = 0
-    for model, n, t_true in (("a", 10_000, 4e4), ("b", 40_000, 8e4), ("c", 160_000, 1.6e5)):
+    # d crosses far beyond its largest budget: its T* is an extrapolation and stays out of the exponent
+    for model, n, t_true in (("a", 10_000, 4e4), ("b", 40_000, 8e4), ("c", 160_000, 1.6e5), ("d", 640_000, 1e7)):
         for tokens in (10_000, 20_000, 40_000, 80_000, 160_000, 320_000):
             for seed in (1, 2, 3):
                 van = 4.0 + rng.normal(0, 0.01)
@@ -31,7 +32,8 @@ def test_analyse_pairs_by_seed_and_writes_the_result_file(tmp_path):
     res = analyse(tmp_path / "sweep", 0.01, tmp_path / "out", n_boot=300)
     saved = json.loads((tmp_path / "out" / "scaling.json").read_text())
     assert saved["seeds"] == [1, 2, 3]
-    assert [s["non_embedding_params"] for s in saved["sizes"]] == [10_000, 40_000, 160_000]
+    assert [s["non_embedding_params"] for s in saved["sizes"]] == [10_000, 40_000, 160_000, 640_000]
+    assert saved["sizes"][3]["t_star"]["extrapolated"] and saved["exponent"]["sizes"] == ["a", "b", "c"]
     assert set(saved["exponent"]) >= {"value", "ci_low", "ci_high"}
     assert saved["exponent"]["ci_low"] < 0.5 < saved["exponent"]["ci_high"]  # T* doubles per 4x in N: b = 0.5
     a = saved["sizes"][0]

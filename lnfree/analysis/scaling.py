@@ -86,6 +86,16 @@ def analyse(sweep_dir, threshold: float, out_dir: str | Path, n_boot: int = 2000
     table = gap_table(load_sources(sources))
     usable = {k: v for k, v in table.items() if v["seeds"]}
     fit = scaling_fit(usable, threshold, n_boot=n_boot)
+    # the exponent only from sizes whose crossing lies within their measured budgets: an extrapolated T* is not
+    # a measurement (its bootstrap CI reflects seed noise, not the extrapolation)
+    inside = {s["name"] for s in fit["sizes"]
+              if s["t_star"]["value"] is not None and s["t_star"]["value"] <= max(usable[s["name"]]["budgets"])}
+    if len(inside) >= 2:
+        fit["exponent"] = scaling_fit({k: v for k, v in usable.items() if k in inside}, threshold,
+                                      n_boot=n_boot)["exponent"]
+    else:
+        fit["exponent"] = {"value": None, "ci_low": None, "ci_high": None, "bootstrap_valid": 0, "bootstrap": n_boot}
+    fit["exponent"]["sizes"] = sorted(inside, key=lambda k: usable[k]["n"])
     for s in fit["sizes"]:
         m = table[s["name"]]
         frac = m["removal_fraction"]
@@ -120,7 +130,8 @@ def _k(x) -> str:
 def markdown(res: dict) -> str:
     """The result as tables: T* per size, then the seed-mean gap (95% t CI over seeds) at every budget."""
     e = res["exponent"]
-    lines = [f"Allowed gap {100 * res['threshold']:.0f}%, seeds {res['seeds']}. T* ~ N^b: "
+    lines = [f"Allowed gap {100 * res['threshold']:.0f}%, seeds {res['seeds']}. T* ~ N^b over the sizes whose crossing "
+             f"was measured ({', '.join(e.get('sizes', [])) or 'none'}): "
              + (f"b = {e['value']:.2f} (95% CI {e['ci_low']:.2f} to {e['ci_high']:.2f}, bootstrap over seeds)"
                 if e.get("value") is not None else "no fit"), "",
              "| size | N (non-emb.) | T* tokens [95% CI] | removal phase | smallest budget within (mean / CI-strict) |",
@@ -172,7 +183,8 @@ def _plot(res, table, path):
             title="Gap vs size at fixed budgets")
     if common:
         ax3.legend(fontsize=6, ncol=2)
-    pts = [(s["non_embedding_params"], s["t_star"]) for s in res["sizes"] if s["t_star"]["value"]]
+    pts = [(s["non_embedding_params"], s["t_star"]) for s in res["sizes"]
+           if s["t_star"]["value"] and not s["t_star"].get("extrapolated")]  # measured crossings only
     if pts:
         n = np.array([p[0] for p in pts], float)
         t = np.array([p[1]["value"] for p in pts])
