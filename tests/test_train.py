@@ -58,13 +58,19 @@ def test_typos_and_unknown_options_fail_at_compose(tmp_path):
             compose_train(tmp_path, f"{group}=nope")
 
 
-def test_fsdp_keeps_fp32_buffers_and_refuses_cpu(tmp_path):
-    cfg = compose_train(tmp_path, "hardware=gpu_fsdp")
-    strategy = make_strategy(cfg.hardware)
-    mp = strategy.mixed_precision
-    assert (mp.param_dtype, mp.reduce_dtype, mp.buffer_dtype) == (torch.bfloat16, torch.float32, torch.float32)
-    with pytest.raises(HardwareError, match="needs GPUs"):
-        make_strategy(compose_train(tmp_path, "hardware=gpu_fsdp", "hardware.accelerator=cpu").hardware)
+def test_fsdp_is_fsdp2_on_gpus_and_cpu_processes_with_fp32_master_weights(tmp_path):
+    from lightning.pytorch.strategies import ModelParallelStrategy
+
+    from lnfree.training.module import fsdp_policy
+
+    gpu = make_strategy(compose_train(tmp_path, "hardware=gpu_fsdp", "hardware.devices=4").hardware)
+    cpu = make_strategy(compose_train(tmp_path, "hardware=cpu_fsdp").hardware)
+    assert isinstance(gpu, ModelParallelStrategy) and isinstance(cpu, ModelParallelStrategy)  # one code path
+    assert (gpu._data_parallel_size, cpu._data_parallel_size) == (4, 2)
+    assert cpu._process_group_backend == "gloo" and gpu._process_group_backend is None
+    mp = fsdp_policy("bf16-mixed")
+    assert (mp.param_dtype, mp.reduce_dtype) == (torch.bfloat16, torch.float32)  # fp32 master weights + reduction
+    assert fsdp_policy("32-true") is None
     with pytest.raises(HardwareError, match="not a multiple"):
         grad_accumulation(1000, 4, 64, 1)
 

@@ -35,28 +35,22 @@ def grad_accumulation(tokens_per_step: int | None, micro_batch: int, block_size:
 
 
 def make_strategy(hw):
-    """'auto' / 'ddp' as Lightning strings; 'fsdp' as an FSDPStrategy that shards GPT-2 blocks and keeps
-    fp32 master weights and fp32 buffers (the frozen sigmas) under bf16-mixed: parameters are cast to bf16
-    for compute only, gradients are reduced in fp32."""
+    """'auto' / 'ddp' as Lightning strings; 'fsdp' as Lightning's ModelParallelStrategy, i.e. FSDP2
+    (`fully_shard`), one code path for GPUs (NCCL) and CPU processes (gloo). The sharding itself (every GPT2Block,
+    then the root; bf16 compute with fp32 master weights and reduction under bf16-mixed) is
+    LNFreeModule.configure_model. Checkpoints are saved whole (one file, rank 0), so lnfree.io reads them like
+    any other and a sharded run exports like a single-process one."""
     if hw.strategy in ("auto", "ddp", "single_device"):
         if hw.strategy == "ddp" and world_size(hw) == 1:
             return "auto"
         return hw.strategy
     if hw.strategy != "fsdp":
         raise HardwareError(f"unknown hardware.strategy {hw.strategy!r}; use auto, ddp or fsdp")
-    if hw.accelerator == "cpu":
-        raise HardwareError("hardware.strategy=fsdp needs GPUs (Lightning's FSDP refuses CPU); use hardware=cpu")
-    from lightning.pytorch.strategies import FSDPStrategy
-    from torch.distributed.fsdp import MixedPrecision
-    from transformers.models.gpt2.modeling_gpt2 import GPT2Block
+    if hw.fsdp_activation_checkpointing:
+        raise HardwareError("hardware.fsdp_activation_checkpointing is not supported with FSDP2 yet; use "
+                            "model.gradient_checkpointing=true")
+    from lightning.pytorch.strategies import ModelParallelStrategy
 
-    mp = None
-    if hw.precision == "bf16-mixed":
-        mp = MixedPrecision(param_dtype=torch.bfloat16, reduce_dtype=torch.float32, buffer_dtype=torch.float32)
-    return FSDPStrategy(
-        auto_wrap_policy={GPT2Block},
-        activation_checkpointing_policy={GPT2Block} if hw.fsdp_activation_checkpointing else None,
-        mixed_precision=mp,
-        state_dict_type="full",
-        use_orig_params=True,
-    )
+    return ModelParallelStrategy(data_parallel_size=world_size(hw), tensor_parallel_size=1,
+                                 save_distributed_checkpoint=False,
+                                 process_group_backend="gloo" if hw.accelerator == "cpu" else None)

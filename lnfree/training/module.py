@@ -45,6 +45,16 @@ def residual_std_aux(h: torch.Tensor, ids: torch.Tensor, eot_id: int | None) -> 
     return ((s - tau.detach()) ** 2).mean()
 
 
+def fsdp_policy(precision: str):
+    """bf16 compute with fp32 master weights and fp32 gradient reduction under bf16-mixed; None (plain fp32)
+    otherwise. FSDP2 never casts buffers, so the frozen sigmas stay fp32."""
+    if "bf16" not in str(precision):
+        return None
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    return MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+
+
 class LNFreeModule(L.LightningModule):
     def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0, max_steps: int = 1,
                  run_info: dict | None = None):
@@ -85,6 +95,24 @@ class LNFreeModule(L.LightningModule):
     def validation_step(self, ids, batch_idx):
         ce = next_token_ce(self(ids), ids)
         self.log("val/ce", ce, prog_bar=True, sync_dist=True, batch_size=ids.shape[0])
+
+    def configure_model(self):
+        """Under hardware.strategy=fsdp (Lightning's ModelParallelStrategy: FSDP2, on GPUs or CPU processes):
+        shard every GPT2Block, then the rest. Norm-site buffers (running std, frozen sigmas) are not parameters,
+        so FSDP2 leaves them whole and fp32 on every rank, where the removal callback all-reduces them."""
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        policy = fsdp_policy(self.trainer.precision)
+        kw = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
+        for block in self.model.transformer.h:
+            fully_shard(block, **kw)
+        fully_shard(self.model, **kw)
+        self._sharded = True
 
     def on_save_checkpoint(self, checkpoint):
         # a checkpoint is loadable on its own (lnfree.io.load): keep the model's config with it
