@@ -171,12 +171,13 @@ def _plot(res, table, path):
     ax1.set(xscale="log", xlabel="fine-tuning tokens", ylabel="LN-free CE gap to vanilla (%, mean +- s.e. over seeds)",
             title="Gap to the vanilla control vs budget")
     ax1.legend(fontsize=7)
-    # the gap against size at every budget that every size has (the fixed-budget view)
-    common = sorted(set.intersection(*(set(table[s["name"]]["budgets"]) for s in res["sizes"]))) if res["sizes"] else []
+    # the gap against size at every budget that every size of the fit has (the fixed-budget view)
+    fitted = [s for s in res["sizes"] if s["name"] in (res["exponent"].get("sizes") or [])] or res["sizes"]
+    common = sorted(set.intersection(*(set(table[s["name"]]["budgets"]) for s in fitted))) if fitted else []
     cmap = plt.get_cmap("viridis")
     for i, b in enumerate(common):
-        ns = [table[s["name"]]["n"] for s in res["sizes"]]
-        g = [100 * np.mean(table[s["name"]]["gaps"][table[s["name"]]["budgets"].index(b)]) for s in res["sizes"]]
+        ns = [table[s["name"]]["n"] for s in fitted]
+        g = [100 * np.mean(table[s["name"]]["gaps"][table[s["name"]]["budgets"].index(b)]) for s in fitted]
         ax3.plot(ns, g, marker="o", ms=3, color=cmap(i / max(len(common) - 1, 1)), label=f"{b / 1e3:.0f}k tokens")
     ax3.axhline(100 * res["threshold"], color="k", ls=":", lw=1)
     ax3.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="gap to vanilla (%, seed mean)",
