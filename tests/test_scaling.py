@@ -68,3 +68,32 @@ def test_sources_merge_records_and_sweep_dirs_and_refuse_conflicts(tmp_path):
     write_run(tmp_path / "third" / "0", "a", 10, 1, True, 200, 4.3)  # same run, another result
     with pytest.raises(ValueError, match="two different results"):
         load_sources([tmp_path / "second", tmp_path / "third"])
+
+
+def test_sweep_runner_finds_missing_jobs_and_stops_a_size_once_within(tmp_path):
+    """experiments/data_scaling/run_missing.py: the grid comes from the experiment config; a job is missing per
+    seed; --until-within skips a size's budgets beyond one whose seed-mean gap is within the threshold."""
+    import importlib.util
+
+    from conftest import ROOT
+
+    spec = importlib.util.spec_from_file_location("run_missing", ROOT / "experiments/data_scaling/run_missing.py")
+    rm = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(rm)
+    models, budgets, seeds, schedules, step_tokens = rm.grid()
+    assert step_tokens == 16 * 256 and seeds == [1, 2, 3] and set(schedules) == {"none", "scaled"}
+    m, b0, b1 = models[0], budgets[0], budgets[1]
+    rec = []
+    for s in seeds:  # budget b0: gap 0.5% for every seed, both arms; b1: only seed 1's vanilla run
+        rec += [{"model": m, "removes": False, "seed": s, "tokens": b0 * step_tokens, "val_ce": 4.0, "n_nonemb": 10,
+                 "all_removed": False, "fit_fraction": None},
+                {"model": m, "removes": True, "seed": s, "tokens": b0 * step_tokens, "val_ce": 4.02, "n_nonemb": 10,
+                 "all_removed": True, "fit_fraction": 0.4}]
+    rec.append({**rec[0], "tokens": b1 * step_tokens})
+    f = tmp_path / "runs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rec))
+    jobs = {(b, mm, arm): tuple(ss) for b, mm, arm, ss in rm.missing_jobs([f])}
+    assert (b0, m, "none") not in jobs and (b0, m, "scaled") not in jobs
+    assert jobs[(b1, m, "none")] == (2, 3) and jobs[(b1, m, "scaled")] == (1, 2, 3)
+    assert rm.within([f], m, b1, 0.01, step_tokens) == b0  # 0.5% at b0: larger budgets are skipped
+    assert rm.within([f], m, b1, 0.001, step_tokens) is None
