@@ -113,7 +113,8 @@ def main():
     print(f"{sum(len(j[3]) for j in jobs)} runs missing in {len(jobs)} multiruns", flush=True)
     if a.dry_run:
         for j in jobs:
-            print(*j)
+            w = within(a.records, j[1], j[0], a.until_within, grid()[4]) if a.until_within is not None else None
+            print(*j, f"(skipped: within {a.until_within:.1%} at {w} steps)" if w is not None else "")
         return
     with ThreadPoolExecutor(a.workers) as pool:
         rcs = list(pool.map(lambda j: run(j, a.records, a.until_within), jobs))
