@@ -216,3 +216,22 @@ def test_seed_sets_the_data_order_and_the_same_seed_reproduces_a_run(tmp_path, t
     assert again["val_ce"] == summary["val_ce"] and again["sigmas"] == summary["sigmas"]
     other = train(compose_train(tmp_path / "other", *TINY_RUN, "seed=7"))
     assert other["val_ce"] != summary["val_ce"]
+
+
+@pytest.mark.slow
+def test_compiled_forward_equals_eager_before_and_after_removal():
+    """model.compile=true: the module's compiled forward gives the eager logits with every site real, and again
+    after every site is removed (a removal event recompiles); checkpoints keep the plain parameter names."""
+    from conftest import remove_all, stock_and_removable
+
+    from lnfree.training.module import LNFreeModule
+
+    _, model = stock_and_removable()
+    x = torch.randint(0, 97, (2, 32))
+    model.calibrate(x)
+    module = LNFreeModule(model, optim=None, compile=True).eval()
+    with torch.no_grad():
+        assert torch.allclose(module(x), model(input_ids=x).logits, atol=1e-5)
+        remove_all(model)
+        assert torch.allclose(module(x), model(input_ids=x).logits, atol=1e-5)
+    assert module._compiled and all(not k.startswith("_orig_mod") for k in module.state_dict())

@@ -27,6 +27,7 @@ class ModelConfig:
     shape: Dict[str, Any] = MISSING  # GPT2Config fields for source=random / builtin
     attn_implementation: str = MISSING  # sdpa | eager
     gradient_checkpointing: bool = MISSING
+    compile: bool = MISSING  # torch.compile the training/validation forward (recompiles at each removal event)
     dropout: Optional[float] = MISSING  # override resid/embd/attn dropout; null keeps the checkpoint's
     pretrain_steps: Optional[int] = MISSING  # built-in family: optimizer steps of its pretraining
 

@@ -57,9 +57,12 @@ def fsdp_policy(precision: str):
 
 class LNFreeModule(L.LightningModule):
     def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0, max_steps: int = 1,
-                 run_info: dict | None = None):
+                 run_info: dict | None = None, compile: bool = False):
         super().__init__()
         self.model = model
+        self._use_compile = compile  # (not self.compile: that is nn.Module.compile)
+        self._compiled: list = []  # the torch.compile wrapper, made at first use (after any FSDP sharding); a list
+        # so that it is not a registered submodule: checkpoints keep the model's own parameter names
         self.optim = optim
         self.aux_weight = aux_weight
         self.max_steps = max_steps
@@ -74,7 +77,24 @@ class LNFreeModule(L.LightningModule):
             self._final_resid = args[0]
 
     def forward(self, ids):
-        return self.model(input_ids=ids, use_cache=False).logits
+        return self._runner()(input_ids=ids, use_cache=False).logits
+
+    def _runner(self):
+        """The model, or its torch.compile wrapper (model.compile=true). Removal events flip Python-level modes
+        that the compiled graph is guarded on, so each event recompiles (as do train/eval and grad-mode switches);
+        the recompile limit is raised to 4 x (sites + 2) so that a long schedule does not fall back to eager."""
+        if not self._use_compile:
+            return self.model
+        if not self._compiled:
+            import torch._dynamo
+
+            cfg = torch._dynamo.config
+            limit = 4 * (len(self.model.sites()) + 2)
+            for name in ("recompile_limit", "cache_size_limit"):
+                if hasattr(cfg, name):
+                    setattr(cfg, name, max(getattr(cfg, name), limit))
+            self._compiled.append(torch.compile(self.model))
+        return self._compiled[0]
 
     def training_step(self, ids, batch_idx):
         logits = self(ids)

@@ -118,6 +118,7 @@ def train(cfg: DictConfig) -> dict:
     step_tokens = tokens_per_step(cfg, accum)
     run_info = {"tokens_per_step": step_tokens, "events": [[e.name, e.step] for e in events]}
     module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps,
+                          compile=cfg.model.compile,
                           run_info=run_info)
     removal = LNRemovalCallback(events, momentum=cfg.schedule.momentum)
     resolved = OmegaConf.to_container(cfg, resolve=True)
