@@ -86,32 +86,30 @@ def analyse(sweep_dir, threshold: float, out_dir: str | Path, n_boot: int = 2000
     table = gap_table(load_sources(sources))
     usable = {k: v for k, v in table.items() if v["seeds"]}
     fit = scaling_fit(usable, threshold, n_boot=n_boot)
-    # the exponent only from sizes whose crossing lies within their measured budgets: an extrapolated T* is not
-    # a measurement (its bootstrap CI reflects seed noise, not the extrapolation)
-    inside = {s["name"] for s in fit["sizes"]
-              if s["t_star"]["value"] is not None and s["t_star"]["value"] <= max(usable[s["name"]]["budgets"])}
-    if len(inside) >= 2:
-        fit["exponent"] = scaling_fit({k: v for k, v in usable.items() if k in inside}, threshold,
-                                      n_boot=n_boot)["exponent"]
-    else:
-        fit["exponent"] = {"value": None, "ci_low": None, "ci_high": None, "bootstrap_valid": 0, "bootstrap": n_boot}
-    fit["exponent"]["sizes"] = sorted(inside, key=lambda k: usable[k]["n"])
     for s in fit["sizes"]:
         m = table[s["name"]]
+        t = s["t_star"]["value"]
+        s["t_star"]["extrapolated"] = bool(t is not None and t > max(m["budgets"]))
         frac = m["removal_fraction"]
         s["removal_phase_tokens"] = ({k: (v * frac if v not in (None, float("inf")) else v)
-                                      for k, v in s["t_star"].items()} if frac else None)
+                                      for k, v in s["t_star"].items() if k != "extrapolated"} if frac else None)
         s["gap_by_budget"] = {str(b): over_seeds(g) for b, g in zip(m["budgets"], m["gaps"])}
         s["vanilla_ce_by_budget"] = {str(b): float(np.mean(v)) for b, v in zip(m["budgets"], m["vanilla"])}
         s["incomplete_budgets"] = m["incomplete_budgets"]
         # the direct reading (METHOD.md section 8): the smallest measured budget within the gap, by the seed mean
         # and, stricter, by the upper end of its 95% CI over seeds
-        within = [(b, g) for b, g in s["gap_by_budget"].items() if g["mean"] <= threshold]
-        strict = [b for b, g in s["gap_by_budget"].items() if g.get("ci95", [None, np.inf])[1] <= threshold]
-        s["first_budget_within"] = {"mean": int(min(int(b) for b, _ in within)) if within else None,
-                                    "ci_upper": int(min(int(b) for b in strict)) if strict else None}
-        t = s["t_star"]["value"]
-        s["t_star"]["extrapolated"] = bool(t is not None and t > max(m["budgets"]))
+        gaps = dict(zip(m["budgets"], s["gap_by_budget"].values()))
+        within = [b for b, g in gaps.items() if g["mean"] <= threshold]
+        strict = [b for b, g in gaps.items() if g.get("ci95", [None, np.inf])[1] <= threshold]
+        s["first_budget_within"] = {"mean": min(within, default=None), "ci_upper": min(strict, default=None)}
+    # the exponent only from sizes whose crossing lies within their measured budgets: an extrapolated T* is not
+    # a measurement (its bootstrap CI reflects seed noise, not the extrapolation)
+    inside = [s["name"] for s in fit["sizes"] if s["t_star"]["value"] is not None and not s["t_star"]["extrapolated"]]
+    if len(inside) >= 2:
+        fit["exponent"] = scaling_fit({k: usable[k] for k in inside}, threshold, n_boot=n_boot)["exponent"]
+    else:
+        fit["exponent"] = {"value": None, "ci_low": None, "ci_high": None, "bootstrap_valid": 0, "bootstrap": n_boot}
+    fit["exponent"]["sizes"] = inside  # fit["sizes"] is ordered by N
     seeds = sorted({s for v in usable.values() for s in v["seeds"]})
     res = {"sources": [str(x) for x in sources], "seeds": seeds, "threshold": threshold, "sizes": fit["sizes"],
            "exponent": fit["exponent"]}

@@ -197,29 +197,30 @@ class PackedBlocks(IterableDataset):
         self.skip_docs, self.skip_batches, self.micro_batch_size = skip_docs, skip_batches, micro_batch_size
         self.shuffle_buffer, self.seed = shuffle_buffer, seed
         self.eot = tokenizer.eos_token_id
+        self._held: list[int] | None = None  # hold-out documents per part, when shards read their own parts
 
     def _texts(self, shard: int, n_shards: int):
         """(this shard's texts for one pass, whether they still need the i mod n_shards filter)."""
         parts = self.open_docs()
+        n = n_parts(parts)
         # a hub dataset with a hold-out from its own split interleaves: which of its files hold the first documents
         # is not known without reading them in order
-        by_part = n_shards > 1 and n_parts(parts) >= n_shards and (len(parts) > 1 or self.skip_docs == 0)
-        key = (parts[0][0], n_parts(parts), n_shards)
-        if n_shards > 1 and key not in _told:
-            _told.add(key)
-            how = (f"each of {n_shards} shards (ranks x workers) opens only its own {n_parts(parts)} // {n_shards} "
-                   "parts" if by_part else f"{n_parts(parts)} part(s) for {n_shards} shards (ranks x workers): every "
-                   "shard reads every document and keeps 1 in " + str(n_shards) + " (document interleaving)")
+        by_part = n_shards > 1 and n >= n_shards and (len(parts) > 1 or self.skip_docs == 0)
+        if n_shards > 1 and (parts[0][0], n, n_shards) not in _told:
+            _told.add((parts[0][0], n, n_shards))
+            how = (f"each of {n_shards} shards (ranks x workers) opens only its own of {n} parts" if by_part else
+                   f"{n} part(s) for {n_shards} shards (ranks x workers): every shard reads every document and keeps "
+                   f"1 in {n_shards} (document interleaving)")
             print(f"[lnfree] data {parts[0][0]}: {how}", file=sys.stderr, flush=True)
         if not by_part:
             # the validation hold-out (the first skip_docs documents) is dropped before shuffling, so it never
             # leaks into training
             return itertools.islice(iter_texts(parts, self.text_field, self.faults), self.skip_docs, None), True
-        held = held_out_per_part(parts, self.skip_docs, self.text_field) if self.skip_docs else [0] * len(parts)
-        mine = shard_parts(parts, shard, n_shards)
+        if self._held is None:  # counted once, not every epoch
+            self._held = held_out_per_part(parts, self.skip_docs, self.text_field) if self.skip_docs else [0] * n
         return itertools.chain.from_iterable(
-            itertools.islice(iter_texts([(where, ds)], self.text_field, self.faults), held[j], None)
-            for j, where, ds in mine), False
+            itertools.islice(iter_texts([(where, ds)], self.text_field, self.faults), self._held[j], None)
+            for j, where, ds in shard_parts(parts, shard, n_shards)), False
 
     def _documents(self, shard: int, n_shards: int):
         for epoch in itertools.count():

@@ -46,8 +46,7 @@ def check_ranks_agree(model, step: int) -> bool:
     every = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
     dist.all_gather(every, mine)
     for rank, theirs in enumerate(every):
-        if not torch.equal(torch.isnan(theirs), torch.isnan(mine)) or \
-                not torch.equal(theirs.nan_to_num(0.0), mine.nan_to_num(0.0)):
+        if not torch.allclose(theirs, mine, rtol=0.0, atol=0.0, equal_nan=True):  # exactly equal, NaN == NaN
             raise RankDisagreement(f"step {step}: rank {rank} has sigmas {theirs.tolist()}, rank "
                                    f"{dist.get_rank()} has {mine.tolist()} (sites {list(sites)})")
     return True

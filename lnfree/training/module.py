@@ -61,6 +61,7 @@ class LNFreeModule(L.LightningModule):
         super().__init__()
         self.model = model
         self._use_compile = compile  # (not self.compile: that is nn.Module.compile)
+        self._sharded = False  # configure_model may be called more than once
         self._compiled: list = []  # the torch.compile wrapper, made at first use (after any FSDP sharding); a list
         # so that it is not a registered submodule: checkpoints keep the model's own parameter names
         self.optim = optim
@@ -122,7 +123,7 @@ class LNFreeModule(L.LightningModule):
         so FSDP2 leaves them whole and fp32 on every rank, where the removal callback all-reduces them."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        if not isinstance(self.trainer.strategy, ModelParallelStrategy) or getattr(self, "_sharded", False):
+        if self._sharded or not isinstance(self.trainer.strategy, ModelParallelStrategy):
             return
         from torch.distributed.fsdp import fully_shard
 
