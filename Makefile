@@ -4,12 +4,12 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check test-fast train sweep eval ablations interp-control family scaling bench bench-gpu clean
+.PHONY: install test check test-fast train sweep eval ablations lora downstream interp-control family scaling bench bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop,cluster]'
+	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop,cluster,lora,eval]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -55,6 +55,23 @@ ablations: eval
 	done; done
 	$(PY) -m lnfree.eval --config-name eval_ablations $(ARGS)
 
+# LoRA fine-tuning (finetune=lora, peft) on the built-in default over seeds: LoRA LN-free and its vanilla-LoRA
+# control, against the full fine-tunes of make eval. Results: experiments/lora/
+lora: eval
+	for s in $(SEEDS); do \
+	  test -f $(RUNS)/lora_vanilla_s$$s/summary.json || $(PY) -m lnfree.train finetune=lora schedule=none seed=$$s \
+	    hydra.run.dir=$(RUNS)/lora_vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
+	  test -f $(RUNS)/lora_lnfree_s$$s/summary.json || $(PY) -m lnfree.train finetune=lora seed=$$s \
+	    hydra.run.dir=$(RUNS)/lora_lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
+	done
+	$(PY) -m lnfree.eval --config-name eval_lora $(ARGS)
+
+# downstream evals through lm-evaluation-harness (offline: the tasks shipped in lnfree/downstream/tasks) on the
+# runs of make eval and make lora. The paper's tasks on a GPU machine with the hub:
+#   python -m lnfree.downstream --config-name downstream_paper
+downstream: lora
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream $(ARGS)
+
 # interpretability positive control (experiments/interp/): synth_w64, a 2-layer GPT-2 trained on data=synthetic
 # (Bigram-Backcopy; shipped, else pretrained), its vanilla and LN-free fine-tunes, then attention sinks / massive
 # activations and attribution vs activation patching (the copy task) on all three
@@ -91,6 +108,15 @@ scaling: family
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install
 	$(PY) -m lnfree.bench.cpu $(ARGS)
+
+# mutation testing of the core (not part of CI; about an hour on 2 cores): mutmut mutates the modules listed in
+# pyproject.toml [tool.mutmut] and runs, per mutant, the fast tests that execute the mutated function; the
+# report (score, per-module counts, equivalent mutants with reasons, survivors) goes to experiments/quality/
+mutation: install
+	$(VENV)/bin/pip install -q -e '.[mutation]'
+	rm -rf mutants
+	$(VENV)/bin/mutmut run --max-children 2 || true
+	$(PY) experiments/quality/mutation_report.py
 
 # on a machine with a GPU: bf16-mixed, FSDP (1 device), save/resume, tokens/s and MFU
 bench-gpu: install

@@ -15,6 +15,7 @@ lnfree.io.load checks, so an export edited afterwards (e.g. eps set back to 1e-5
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import torch
@@ -75,6 +76,23 @@ def _logits(model, ids):
     return out.logits if hasattr(out, "logits") else out
 
 
+# a tokenizer_config.json class name that transformers 4.x and 5.x both load (5.x writes "TokenizersBackend",
+# a class 4.x does not have; GPT-2's fast tokenizer class reads the same tokenizer.json in both)
+PORTABLE_TOKENIZER_CLASS = "GPT2TokenizerFast"
+
+
+def save_tokenizer(tokenizer, out_dir: str | Path):
+    """save_pretrained, then name a tokenizer class that transformers 4.x knows as well as 5.x."""
+    tokenizer.save_pretrained(out_dir)
+    f = Path(out_dir) / "tokenizer_config.json"
+    cfg = json.loads(f.read_text())
+    if cfg.get("tokenizer_class") in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
+        cfg["tokenizer_class"] = PORTABLE_TOKENIZER_CLASS
+        for key in ("backend", "is_local", "local_files_only"):  # 5.x's load-time keys: 4.x would pass them on
+            cfg.pop(key, None)
+        f.write_text(json.dumps(cfg, indent=2) + "\n")
+
+
 # -- HF-compatible -------------------------------------------------------------------------------------
 @torch.no_grad()
 def to_stock_gpt2(model: RemovableGPT2LMHeadModel, dtype: torch.dtype | None = None) -> GPT2LMHeadModel:
@@ -127,7 +145,7 @@ def export_hf(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenizer=No
     out = Path(out_dir)
     stock.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out)
+        save_tokenizer(tokenizer, out)
     write_record(out, stock.float().cpu(), "hf_lnfree" if model.removed_sites() else "hf",
                  layer_norm_epsilon=stock.config.layer_norm_epsilon, relative_error=err, sigmas=model.sigmas())
     return err
@@ -188,6 +206,6 @@ def export_folded(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenize
         raise ExportError(f"folded export differs from the model: relative error {err:.2e} > {tol:.0e}")
     save_folded(folded.cpu(), out_dir)
     if tokenizer is not None:
-        tokenizer.save_pretrained(out_dir)
+        save_tokenizer(tokenizer, out_dir)
     write_record(out_dir, folded.cpu(), "folded", relative_error=err, sigmas=model.sigmas())
     return err

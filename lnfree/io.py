@@ -173,10 +173,16 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> GPT2Config
 
 def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> RemovableGPT2LMHeadModel:
     """The removable model (weights, modes, sigmas) from a checkpoint read by `read_checkpoint`."""
-    model = RemovableGPT2LMHeadModel(checkpoint_config(ckpt, path))
+    from .lora import LORA_CONFIG_KEY, apply_lora, merged_copy
+
+    config = checkpoint_config(ckpt, path)
+    lora = getattr(config, LORA_CONFIG_KEY, None)
+    model = RemovableGPT2LMHeadModel(config)
+    if lora:  # a LoRA run (finetune=lora): rebuild the adapters, load, merge them into the base weights
+        apply_lora(model, lora)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
     model.load_state_dict(state)
-    return model.eval()
+    return (merged_copy(model) if lora else model).eval()
 
 
 # -- export records --------------------------------------------------------------------------------------

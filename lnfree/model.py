@@ -58,7 +58,7 @@ class RemovableGPT2LMHeadModel(GPT2LMHeadModel):
         d, eps, ctx = config.n_embd, config.layer_norm_epsilon, self.token_context
         for block in self.transformer.h:
             block.ln_1 = SplitLayerNorm(d, eps, ctx)
-            block.attn.c_attn = SplitQKVProjection(d)
+            block.attn.c_attn = SplitQKVProjection(d, block.ln_1)
             block.ln_2 = RemovableLayerNorm(d, eps, ctx)
         self.transformer.ln_f = RemovableLayerNorm(d, eps, ctx)
         self.post_init()

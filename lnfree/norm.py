@@ -188,10 +188,13 @@ class RemovableLayerNorm(_LayerNormParams):
 class SplitLayerNorm(_LayerNormParams):
     """ln_1 with separate query/key and value paths sharing gamma and beta.
 
-    While both paths are in the same real state the output is the usual [batch, pos, d]. Once they differ
-    it is the two normalisations side by side, [batch, pos, 2d] = [x_qk, x_v]; SplitQKVProjection reads
-    Q, K from the first half and V from the second. Keeping the split inside (ln_1, c_attn) leaves
-    Hugging Face's attention (SDPA/eager, masks, KV cache) untouched.
+    While both paths are real the output is the usual LayerNorm, [batch, pos, d]. Once one is frozen the two
+    paths differ only by a per-token factor: x_path = u * f_path + beta with u = (x - mean(x)) * gamma and
+    f = 1/sigma (frozen) or rstd (real). The output is then [batch, pos, d + 2] = [u, f_qk, f_v], and
+    SplitQKVProjection applies the factors after ONE matmul of u (Q, K, V are linear in x_path):
+        x_path @ W + b = f_path * (u @ W) + (beta @ W + b).
+    Keeping the split inside (ln_1, c_attn) leaves Hugging Face's attention (SDPA/eager, masks, KV cache)
+    untouched, and the split costs no second matmul.
     """
 
     def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
@@ -199,42 +202,62 @@ class SplitLayerNorm(_LayerNormParams):
         self.qk = NormSite()
         self.v = NormSite()
 
-    def _path(self, x, site: NormSite, stats: bool):
+    def _factor(self, centred, site: NormSite, stats: bool):  # [batch, pos, d] -> [batch, pos, 1]
         if site.is_removed:
-            return _frozen(x, self.weight, self.bias, site, self.ctx)
-        return _real(x, self.weight, self.bias, self.eps, [site] if stats else [], self.ctx)
+            return (1 / site.divisor(self.ctx.category)).to(centred.dtype).expand(*centred.shape[:-1], 1)
+        rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
+        if stats:
+            site.record(rstd.squeeze(-1).reciprocal(), self.ctx.category)
+        return rstd
 
-    def forward(self, x):  # [batch, pos, d] -> [batch, pos, d] or [batch, pos, 2d]
+    def forward(self, x):  # [batch, pos, d] -> [batch, pos, d] or [batch, pos, d + 2]
         stats = _wants_stats(self, self.ctx)
         qk, v = self.qk, self.v
         if not qk.is_removed and not v.is_removed:
             return _real(x, self.weight, self.bias, self.eps, [qk, v] if stats else [], self.ctx)
-        if qk.is_removed and v.is_removed and not (qk.special_active or v.special_active):
-            # both frozen (the state for most of training): centre once, write both halves in one pass
-            scales = torch.stack([self.weight / qk.sigma[0], self.weight / v.sigma[0]]).to(x.dtype)  # [2, d]
-            out = torch.addcmul(self.bias, (x - x.mean(-1, keepdim=True)).unsqueeze(-2), scales)
-            return out.flatten(-2)  # [batch, pos, 2, d] -> [batch, pos, 2d]
-        return torch.cat([self._path(x, qk, stats), self._path(x, v, stats)], dim=-1)
+        centred = x - x.mean(-1, keepdim=True)
+        factors = [self._factor(centred, site, stats) for site in (qk, v)]
+        return torch.cat([centred * self.weight.to(x.dtype), *factors], dim=-1)
+
+    def paths(self, out):  # forward's output -> (x_qk, x_v), each [batch, pos, d]: for hooks and tests
+        if out.shape[-1] == self.weight.shape[0]:
+            return out, out
+        u, f_qk, f_v = out.split([self.weight.shape[0], 1, 1], dim=-1)
+        return u * f_qk + self.bias, u * f_v + self.bias
 
 
 class SplitQKVProjection(nn.Module):
-    """GPT-2's c_attn (Conv1D, weight [d, 3d]) that also accepts SplitLayerNorm's [x_qk, x_v] input."""
+    """GPT-2's c_attn (Conv1D, weight [d, 3d]) that also accepts SplitLayerNorm's [u, f_qk, f_v] input.
 
-    def __init__(self, n_embd: int):
+    It reads beta from its block's ln_1 (a plain reference, not a submodule: state dicts keep HF's names).
+    """
+
+    def __init__(self, n_embd: int, ln: SplitLayerNorm):
         super().__init__()
         self.nx, self.nf = n_embd, 3 * n_embd
         self.weight = nn.Parameter(torch.empty(n_embd, 3 * n_embd))
         self.bias = nn.Parameter(torch.zeros(3 * n_embd))
         nn.init.normal_(self.weight, std=0.02)
+        self._ln = (ln,)  # tuple: not registered as a child module
 
-    def forward(self, x):  # [batch, pos, d or 2d] -> [batch, pos, 3d]
+    @property
+    def in_features(self) -> int:  # nn.Linear's names, which peft reads to size its LoRA layers (lora.py)
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
+    def forward(self, x):  # [batch, pos, d or d + 2] -> [batch, pos, 3d]
+        lead = x.shape[:-1]
         if x.shape[-1] == self.nx:
-            return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).view(*x.shape[:-1], self.nf)
-        x_qk, x_v = x.split(self.nx, dim=-1)
-        d2 = 2 * self.nx
-        qk = torch.addmm(self.bias[:d2], x_qk.reshape(-1, self.nx), self.weight[:, :d2])
-        v = torch.addmm(self.bias[d2:], x_v.reshape(-1, self.nx), self.weight[:, d2:])
-        return torch.cat([qk, v], dim=-1).view(*x.shape[:-1], self.nf)
+            return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).view(*lead, self.nf)
+        u, f_qk, f_v = x.split([self.nx, 1, 1], dim=-1)
+        y = torch.matmul(u, self.weight).view(*lead, 3, self.nx)  # one matmul for Q, K and V
+        beta = self._ln[0].bias
+        offset = (torch.matmul(beta.unsqueeze(0), self.weight).squeeze(0) + self.bias).view(3, self.nx)
+        f = torch.cat([f_qk, f_qk, f_v], dim=-1).unsqueeze(-1)  # [batch, pos, 3, 1]: Q, K, V
+        return torch.addcmul(offset.to(y.dtype), y, f.to(y.dtype)).view(*lead, self.nf)
 
 
 @contextlib.contextmanager

@@ -147,3 +147,24 @@ def test_eval_configs_compose(name, overrides):
     assert all(d.source in ("builtin", "hf", "files", "owt_nanogpt") for d in cfg.datasets)
     if name == "eval_paper":
         assert cfg.datasets[2].filter.docs == 1_000_000 and cfg.context == 1024
+
+
+def test_eval_pairs_write_the_controls_ce_into_the_lnfree_runs_cards(tmp_path, tiny_run):
+    import shutil
+
+    from lnfree.analysis.evaluate import update_model_cards
+
+    _, run = tiny_run
+    lnfree, vanilla = tmp_path / "lnfree", tmp_path / "vanilla"
+    for d in (lnfree, vanilla):
+        shutil.copytree(run / "export", d / "export")
+        shutil.copy(run / "summary.json", d / "summary.json")
+    control = json.loads((vanilla / "summary.json").read_text())
+    control.update(removed_sites=[], val_ce=9.87654)  # what a vanilla control's summary says
+    (vanilla / "summary.json").write_text(json.dumps(control))
+    models = [{"name": "a", "path": str(lnfree)}, {"name": "b", "path": str(vanilla)}]
+    cfg = eval_cfg(tmp_path, models, [{"name": "d", "source": "builtin"}],
+                   pairs=[{"name": "a_minus_b", "a": ["a"], "b": ["b"]}, {"name": "b_minus_a", "a": ["b"], "b": ["a"]}])
+    written = update_model_cards(cfg)
+    assert sorted(p.parent.name for p in written) == ["folded", "hf"]  # a's cards only: a is not a control
+    assert all(p.is_relative_to(lnfree) and "| vanilla control | 9.8765 |" in p.read_text() for p in written)

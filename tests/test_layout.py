@@ -9,7 +9,7 @@ from conftest import ROOT
 
 PKG = ROOT / "lnfree"
 CORE = {"lnfree", "lnfree.norm", "lnfree.model", "lnfree.schedule", "lnfree.export", "lnfree.folded", "lnfree.io",
-        "lnfree.paths"}
+        "lnfree.lora", "lnfree.paths"}
 ENTRY_POINTS = {"lnfree.train", "lnfree.eval", "lnfree.pretrain"}
 
 

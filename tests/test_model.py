@@ -3,7 +3,7 @@ import torch
 import torch.nn.functional as F
 from conftest import calibrated_all_removed, ids, stock_and_removable, tiny_config
 
-from lnfree.model import load_removable, make_removable, save_removable
+from lnfree.model import load_removable, make_removable, parse_site_name, save_removable
 from lnfree.norm import BOS, ORDINARY
 
 
@@ -75,11 +75,12 @@ def test_removing_one_site_changes_only_its_path(kind, block):
         x, out = seen[b.ln_1]
         qk_removed, v_removed = (kind, block) == ("ln1qk", i), (kind, block) == ("ln1v", i)
         if qk_removed or v_removed:
-            assert out.shape[-1] == 2 * d  # the two paths side by side
+            assert out.shape[-1] == d + 2  # [u, f_qk, f_v]: the shared input and each path's factor
             exp_qk = frozen(x, b.ln_1, sigma) if qk_removed else real(x, b.ln_1)
             exp_v = frozen(x, b.ln_1, sigma) if v_removed else real(x, b.ln_1)
-            assert torch.allclose(out[..., :d], exp_qk, atol=1e-5)
-            assert torch.allclose(out[..., d:], exp_v, atol=1e-5)
+            got_qk, got_v = b.ln_1.paths(out)
+            assert torch.allclose(got_qk, exp_qk, atol=1e-5)
+            assert torch.allclose(got_v, exp_v, atol=1e-5)
         else:
             assert torch.allclose(out, real(x, b.ln_1), atol=1e-5)
         x, out = seen[b.ln_2]
@@ -88,6 +89,29 @@ def test_removing_one_site_changes_only_its_path(kind, block):
     x, out = seen[model.transformer.ln_f]
     lnf = model.transformer.ln_f
     assert torch.allclose(out, frozen(x, lnf, sigma) if kind == "lnf" else real(x, lnf), atol=1e-5)
+
+
+@pytest.mark.parametrize("removed", [["ln1qk.0"], ["ln1v.0"], ["ln1qk.0", "ln1v.0"]])
+def test_split_qkv_projection_reads_q_k_from_the_qk_path_and_v_from_the_v_path(removed):
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32, seed=3))
+    sigmas = {name: model.remove(*parse_site_name(name)) for name in removed}
+    block = model.transformer.h[0]
+    x = torch.randn(2, 16, model.config.n_embd) * 3 + 1
+    ln, w, b = block.ln_1, block.attn.c_attn.weight, block.attn.c_attn.bias
+    real = F.layer_norm(x, x.shape[-1:], ln.weight, ln.bias, ln.eps)
+
+    def path(name):  # written out by hand: frozen (x - mean) / sigma * gamma + beta, or the real LayerNorm
+        if name in sigmas:
+            return (x - x.mean(-1, keepdim=True)) / sigmas[name] * ln.weight + ln.bias
+        return real
+
+    d = model.config.n_embd
+    with torch.no_grad():
+        got = block.attn.c_attn(ln(x))
+        ref = torch.cat([(path("ln1qk.0") @ w + b)[..., :2 * d], (path("ln1v.0") @ w + b)[..., 2 * d:]], -1)
+    assert got.shape == (2, 16, 3 * d)
+    assert torch.allclose(got, ref, atol=1e-5)
 
 
 def _train_step(model, opt, x):

@@ -15,7 +15,7 @@ from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.hardware import HardwareError, grad_accumulation, make_strategy
 from lnfree.training.train import ConfigError, train
 
-GROUPS = ["model", "schedule", "data", "hardware", "logger", "optim", "trainer", "paths", "experiment"]
+GROUPS = ["model", "schedule", "data", "hardware", "logger", "optim", "trainer", "paths", "experiment", "finetune"]
 PAPER = {  # experiment -> (n_layer, lnf step, max_steps) from METHOD.md's table
     "gpt2_small_paper": (12, 104, 300), "gpt2_medium_paper": (24, 188, 500),
     "gpt2_large_paper": (36, 534, 600), "gpt2_xl_paper": (48, 722, 800),
@@ -152,16 +152,44 @@ def test_callback_is_idempotent(tmp_path):
     assert {k: v for k, v in model.sigmas().items() if sig[k] is not None} == {k: v for k, v in sig.items() if v}
 
 
-def test_offline_wandb_run_writes_run_files(tmp_path):
-    cfg = compose_train(tmp_path, *TINY_RUN, "logger=wandb", "logger.mode=offline", "trainer.max_steps=20",
-                        "export=false")
+def test_offline_wandb_run_writes_run_files_name_and_artifacts(tmp_path):
+    cfg = compose_train(tmp_path, *TINY_RUN, "logger=wandb", "logger.mode=offline", "seed=7")
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    assert list(runs[0].glob("*.wandb"))
+    log = next(runs[0].glob("*.wandb")).read_bytes()
     import wandb
 
     assert wandb.run is None  # train() ended the run it started
+    name = "tiny-builtin-s7"  # model-schedule-seed (+ the overrides of the run that are not those)
+    assert name.encode() in log
+    for artifact in (b"-summary", b"-export"):  # summary.json and the exports, logged as artifacts
+        assert artifact in log
+    assert b"trainer/epoch" in log and b"train/lr" in log  # every metric namespaced
+
+
+def test_metrics_are_namespaced_and_run_names_say_what_the_run_is(tiny_run):
+    import csv
+
+    from lnfree.training.loggers import run_name
+
+    _, run = tiny_run
+    header = next(csv.reader((run / "csv" / "metrics.csv").open()))
+    assert "train/lr" in header and "trainer/epoch" in header
+    assert [h for h in header if "/" not in h] == ["step"]
+    assert run_name("gpt2_medium", "fast", 3) == "gpt2_medium-fast-s3"
+    assert run_name("builtin_w128", "none", 1, "lora", "trainer.max_steps=64") == \
+        "builtin_w128-none-lora-s1-trainer.max_steps=64"
+
+
+def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, capfd):
+    train(compose_train(tmp_path, *TINY_RUN, "trainer.progress_bar=true", "export=false",
+                        "optim.tokens_per_step=512"))  # 2 micro-batches per optimizer step
+    cap = capfd.readouterr()
+    err = (cap.out + cap.err).replace("\r", "\n")
+    lines = [line for line in err.splitlines() if line.startswith("train (steps)")]
+    assert lines and "24/24" in lines[-1] and "removed=7/7" in lines[-1] and "tok/s=" in lines[-1]
+    assert "Epoch 0/-2" not in err and "/48 " not in err  # steps, not micro-batches
 
 
 @pytest.mark.parametrize("overrides,error,match", [
@@ -235,3 +263,25 @@ def test_compiled_forward_equals_eager_before_and_after_removal():
         remove_all(model)
         assert torch.allclose(module(x), model(input_ids=x).logits, atol=1e-5)
     assert module._compiled and all(not k.startswith("_orig_mod") for k in module.state_dict())
+
+
+def test_push_to_hub_fails_fast_before_any_compute(tmp_path, monkeypatch):
+    import time
+
+    from lnfree.hub import HubPushError
+
+    t0 = time.time()
+    with pytest.raises(HubPushError, match="offline"):  # the tests run with HF_HUB_OFFLINE=1
+        train(compose_train(tmp_path, *TINY_RUN, "push_to_hub=someone/lnfree-tiny"))
+    with pytest.raises(HubPushError, match="expected <user"):
+        train(compose_train(tmp_path, *TINY_RUN, "push_to_hub=no-slash"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "0")
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
+    with pytest.raises(HubPushError, match="cannot reach"):
+        train(compose_train(tmp_path, *TINY_RUN, "push_to_hub=someone/lnfree-tiny"))
+    with pytest.raises(ConfigError, match="export=true"):
+        train(compose_train(tmp_path, *TINY_RUN, "push_to_hub=someone/lnfree-tiny", "export=false"))
+    assert time.time() - t0 < 30 and not (tmp_path / "checkpoints").exists()

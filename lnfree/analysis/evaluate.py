@@ -117,7 +117,29 @@ def evaluate(cfg) -> dict:
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(results, per_token_all, cfg, out, paired)
+    update_model_cards(cfg)
     return results
+
+
+def update_model_cards(cfg) -> list:
+    """For every pair (a, b) of runs whose b is a vanilla control (no site removed), rewrite a's model cards
+    with b's validation CE (both runs' summaries measure the same held-out text)."""
+    import json
+
+    from ..io import RUN_SUMMARY, find_run_dir
+    from ..model_card import update_cards_with_control
+
+    paths = {m.name: m.path for m in cfg.models}
+    written = []
+    for p in active_pairs(cfg):
+        for a, b in zip(p.a, p.b):
+            da, db = find_run_dir(paths.get(a, "")), find_run_dir(paths.get(b, ""))
+            if da is None or db is None or not (da / "export").is_dir() or not (db / RUN_SUMMARY).exists():
+                continue
+            control = json.loads((db / RUN_SUMMARY).read_text())
+            if not control.get("removed_sites"):
+                written += update_cards_with_control(da, control["val_ce"])
+    return written
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

@@ -1,6 +1,6 @@
 """`make bench`: the cost of the removal machinery and the speed of the LN-free model, on this machine.
 
-    python -m lnfree.bench.cpu [--reps 7] [--out experiments/bench/cpu.json] [--quick]
+    python -m lnfree.bench.cpu [--reps 7] [--shapes builtin_2x128 gpt2_small] [--out experiments/bench/cpu.json]
 
 All timings in one process, on the same shapes, alternating A and B in every repetition (so drift and
 noise hit both), reporting medians and the ratio of medians:
@@ -67,8 +67,8 @@ def _train_step(model, x, opt, autocast, commit):
     return run
 
 
-def alternate(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
-    """Median seconds per call of each fn, calls interleaved A, B, C, A, B, C, ..."""
+def alternate(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds per call of each fn in every repetition, calls interleaved A, B, C, A, B, C, ..."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
@@ -78,24 +78,44 @@ def alternate(fns: dict, reps: int, warmup: int = 2) -> dict[str, float]:
             t = time.perf_counter()
             fn()
             times[k].append(time.perf_counter() - t)
+    return times
+
+
+def medians(times: dict[str, list[float]]) -> dict[str, float]:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
-def bench_train(shape, reps):
+def paired_ratios(times: dict[str, list[float]], base: str = "stock") -> dict[str, dict]:
+    """Per variant: the ratio of medians, and the spread of the per-repetition ratios (each variant's call over
+    the base's call in the same repetition, so slow drift of the machine cancels): quartiles, min and max."""
+    out = {}
+    for k, v in times.items():
+        if k == base:
+            continue
+        r = sorted(a / b for a, b in zip(v, times[base]))
+        q = statistics.quantiles(r, n=4) if len(r) > 1 else [r[0]] * 3
+        out[k] = {"ratio_of_medians": statistics.median(v) / statistics.median(times[base]),
+                  "q25": q[0], "median": q[1], "q75": q[2], "min": r[0], "max": r[-1], "n": len(r)}
+    return out
+
+
+def bench_train(shape, reps, precisions=("fp32", "bf16")):
     s = SHAPES[shape]
     stock, variants = _models(s["cfg"])
     b, t = s["train"]
     x = torch.randint(0, s["cfg"]["vocab_size"], (b, t))
     out = {}
-    for prec in ("fp32", "bf16"):
+    for prec in precisions:
         ac = torch.autocast("cpu", dtype=torch.bfloat16) if prec == "bf16" else nullcontext()
         fns = {"stock": None, **{k: None for k in variants}}
         for name, m in [("stock", stock), *variants.items()]:
             m.train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True)
             fns[name] = _train_step(m, x, opt, ac, commit=name != "stock")
-        med = alternate(fns, reps)
-        out[prec] = {"median_s": med, "ratio_to_stock": {k: med[k] / med["stock"] for k in variants}}
+        times = alternate(fns, reps)
+        med = medians(times)
+        out[prec] = {"median_s": med, "ratio_to_stock": {k: med[k] / med["stock"] for k in variants},
+                     "spread": paired_ratios(times)}
     return out
 
 
@@ -111,8 +131,10 @@ def bench_infer(shape, reps):
     b, t = s["infer"]
     x = torch.randint(0, s["cfg"]["vocab_size"], (b, t))
     # forwards are cheap next to training steps: 5x the repetitions, for a steadier median
-    med = alternate({"stock": lambda: stock(x, use_cache=False), "folded": lambda: folded(x)}, 5 * reps)
-    return {"median_s": med, "ratio_folded_to_stock": med["folded"] / med["stock"]}
+    times = alternate({"stock": lambda: stock(x, use_cache=False), "folded": lambda: folded(x)}, 5 * reps)
+    med = medians(times)
+    return {"median_s": med, "ratio_folded_to_stock": med["folded"] / med["stock"],
+            "spread": paired_ratios(times)["folded"]}
 
 
 @torch.inference_mode()
@@ -129,7 +151,7 @@ def bench_eval(shape, reps):
             torch.nn.functional.log_softmax(logits.float(), -1)  # as the evaluator does
         return run
 
-    med = alternate({"stock": ev(stock), "folded": ev(folded)}, reps)
+    med = medians(alternate({"stock": ev(stock), "folded": ev(folded)}, reps))
     return {"context": ctx, "tokens_per_s": {k: ctx / v for k, v in med.items()},
             "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
@@ -159,24 +181,35 @@ def machine() -> dict:
                 break
     except OSError:
         pass
+    flags = ""
+    try:
+        flags = next((line for line in open("/proc/cpuinfo") if line.startswith("flags")), "")
+    except OSError:
+        pass
+    # without avx512_bf16 / amx_bf16, CPU bf16 matmuls are emulated (much slower than fp32): bf16 ratios then
+    # measure the removal machinery against emulated matmuls, not against what a GPU or a bf16 CPU would do
+    native_bf16 = any(f in flags.split() for f in ("avx512_bf16", "amx_bf16"))
     return {"cpu": cpu, "threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version()}
+            "python": platform.python_version(), "native_bf16": native_bf16}
 
 
 def table(res) -> str:
+    def cell(s):  # ratio of medians [quartiles of the per-repetition ratios]
+        return f"{s['ratio_of_medians']:.3f} [{s['q25']:.3f}, {s['q75']:.3f}]"
+
     lines = ["| shape | precision | all real / stock | mid-schedule / stock | all removed / stock | stock step (ms) |",
              "|---|---|---|---|---|---|"]
     for shape, r in res["train_step"].items():
         for prec, v in r.items():
-            q = v["ratio_to_stock"]
-            lines.append(f"| {shape} | {prec} | {q['all_real']:.3f} | {q['mid_schedule']:.3f} | {q['all_removed']:.3f} "
-                         f"| {1000 * v['median_s']['stock']:.1f} |")
+            q = v["spread"]
+            lines.append(f"| {shape} | {prec} | {cell(q['all_real'])} | {cell(q['mid_schedule'])} "
+                         f"| {cell(q['all_removed'])} | {1000 * v['median_s']['stock']:.1f} |")
     lines += ["",
               "| shape | folded LN-free forward / stock forward | eval tokens/s stock (bf16) | eval tokens/s folded |",
               "|---|---|---|---|"]
     for shape in res["inference"]:
         i, e = res["inference"][shape], res["eval"][shape]
-        lines.append(f"| {shape} | {i['ratio_folded_to_stock']:.3f} | {e['tokens_per_s']['stock']:.0f} "
+        lines.append(f"| {shape} | {cell(i['spread'])} | {e['tokens_per_s']['stock']:.0f} "
                      f"| {e['tokens_per_s']['folded']:.0f} |")
     return "\n".join(lines)
 
@@ -185,19 +218,25 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="lnfree benchmarks (CPU)")
     p.add_argument("--reps", type=int, default=7)
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
+    p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"])
     p.add_argument("--out", default="experiments/bench/cpu.json")
     a = p.parse_args(argv)
     res = {"machine": machine(), "reps": a.reps, "train_step": {}, "inference": {}, "eval": {}, "host_syncs": {}}
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    partial = out.with_suffix(".partial.json")  # written after every part: a long run that stops loses nothing
     for shape in a.shapes:
-        print(f"[bench] {shape}: training step ...", flush=True)
-        res["train_step"][shape] = bench_train(shape, a.reps)
+        for prec in a.precisions:
+            print(f"[bench] {shape}: training step, {prec} ...", flush=True)
+            res["train_step"].setdefault(shape, {}).update(bench_train(shape, a.reps, (prec,)))
+            partial.write_text(json.dumps(res, indent=1))
         print(f"[bench] {shape}: inference ...", flush=True)
         res["inference"][shape] = bench_infer(shape, a.reps)
         res["eval"][shape] = bench_eval(shape, a.reps)
         res["host_syncs"][shape] = bench_syncs(shape)
-    out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+        partial.write_text(json.dumps(res, indent=1))
     out.write_text(json.dumps(res, indent=1))
+    partial.unlink()
     print(table(res))
     print("host syncs per training step (forward + backward + commit):", json.dumps(res["host_syncs"]))
     print(f"[bench] written to {out}")

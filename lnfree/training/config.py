@@ -147,6 +147,19 @@ class ClusterConfig:
 
 
 @dataclass
+class FinetuneConfig:
+    """Which parameters train (conf/finetune/): all of them, or LoRA adapters on a frozen base (lnfree/lora.py)."""
+    name: str = MISSING
+    kind: str = MISSING  # full | lora
+    lr_scale: float = MISSING  # LR of the trained parameters = lr_scale x optim.lr (and min_lr)
+    rank: int = MISSING
+    alpha: float = MISSING
+    dropout: float = MISSING
+    target_modules: List[str] = MISSING
+    train_norms: bool = MISSING
+
+
+@dataclass
 class TrainConfig:
     model: ModelConfig = MISSING
     schedule: ScheduleConfig = MISSING
@@ -157,6 +170,7 @@ class TrainConfig:
     logger: LoggerConfig = MISSING
     paths: PathsConfig = MISSING
     cluster: ClusterConfig = MISSING
+    finetune: FinetuneConfig = MISSING
     experiment: Optional[str] = None  # set by an experiment preset (the one default held here)
     task_name: str = MISSING
     seed: int = MISSING
@@ -164,6 +178,8 @@ class TrainConfig:
     export: bool = MISSING  # write export/hf (and export/folded when every site is removed)
     overwrite: bool = MISSING  # allow a new run into a directory that holds another run (its files are removed)
     skip_if_done: bool = MISSING  # a finished run with the same config in the directory is returned, not rerun
+    push_to_hub: Optional[str] = MISSING  # <user>/<repo>: upload the exports at the end (checked before training)
+    hub_private: bool = MISSING  # the pushed repo is private
 
 
 def register_configs():
@@ -217,7 +233,13 @@ LIMITS = {  # key: (test, what it must be); a None value (optional field) is alw
     "hardware.micro_batch_size": (_positive, "> 0"),
     "hardware.num_nodes": (_positive, "> 0"),
     "model.dropout": (_unit_open, "in [0, 1) (or null)"),
+    "finetune.lr_scale": (_positive, "> 0"),
+    "finetune.rank": (_positive, "> 0"),
+    "finetune.alpha": (_positive, "> 0"),
+    "finetune.dropout": (_unit_open, "in [0, 1)"),
 }
+FINETUNE_KINDS = ("full", "lora")
+LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 KIND_KEYS = {"start", "gap"}
 
 
@@ -246,5 +268,13 @@ def check_limits(cfg) -> None:
         for k in KIND_KEYS & set(entry.keys()):
             if entry[k] is not None and entry[k] < 0:
                 bad.append(f"schedule.{kind}.{k}={entry[k]} (must be >= 0)")
+    kind = OmegaConf.select(cfg, "finetune.kind", default=None)
+    if kind is not None and kind not in FINETUNE_KINDS:
+        bad.append(f"finetune.kind={kind!r} (must be one of {FINETUNE_KINDS})")
+    targets = OmegaConf.select(cfg, "finetune.target_modules", default=None)
+    if kind == "lora" and targets is not None:
+        unknown = [t for t in targets if t not in LORA_TARGETS]
+        if unknown or not targets:
+            bad.append(f"finetune.target_modules={list(targets)} (must be a non-empty subset of {list(LORA_TARGETS)})")
     if bad:
         raise LimitError("impossible config value(s), nothing was run: " + "; ".join(bad))

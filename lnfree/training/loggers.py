@@ -2,7 +2,9 @@
 
 W&B works online, offline (sync later with `wandb sync <run dir>/wandb/offline-run-*`) and disabled. Online
 mode without network makes wandb hang for minutes, so online first checks in 3 s that the W&B host answers
-and otherwise falls back to offline with a warning.
+and otherwise falls back to offline with a warning. Every metric has a namespace (train/, val/, lnfree/,
+perf/, trainer/): Lightning's own un-namespaced `epoch` is logged as trainer/epoch. At the end of a run the
+summary and the exports are logged to W&B as artifacts (`log_run_artifacts`).
 """
 
 from __future__ import annotations
@@ -27,6 +29,58 @@ def wandb_reachable(timeout: float = 3.0) -> bool:
         return False
 
 
+def namespaced(metrics: dict) -> dict:
+    """Metric names without a namespace (Lightning's `epoch`) go under trainer/."""
+    return {(k if "/" in k else f"trainer/{k}"): v for k, v in metrics.items()}
+
+
+class NamespacedCSVLogger(CSVLogger):
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(namespaced(metrics), step)
+
+
+class NamespacedWandbLogger(WandbLogger):
+    def log_metrics(self, metrics, step=None):
+        super().log_metrics(namespaced(metrics), step)
+
+
+def run_name(model: str, schedule: str, seed: int, finetune: str = "full", extra: str = "") -> str:
+    """A W&B run name that says what the run is: model-schedule[-finetune]-s<seed>[-other overrides]."""
+    name = f"{model}-{schedule}" + ("" if finetune == "full" else f"-{finetune}") + f"-s{seed}"
+    return f"{name}-{extra}" if extra else name
+
+
+def log_run_artifacts(loggers, output_dir, name: str) -> list[str]:
+    """summary.json and export/ (hf, folded) as W&B artifacts of the run, when a W&B logger is on; returns the
+    artifact names logged."""
+    from pathlib import Path
+
+    out = Path(output_dir)
+    wb = [lg for lg in loggers if isinstance(lg, WandbLogger)]
+    if not wb:
+        return []
+    import wandb
+
+    run = wb[0].experiment
+    if run is None or getattr(run, "disabled", False) or wandb.run is None:
+        return []
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+    logged = []
+    summary = wandb.Artifact(f"{safe}-summary", type="run-summary")
+    summary.add_file(str(out / "summary.json"))
+    run.log_artifact(summary)
+    logged.append(summary.name)
+    if (out / "export").is_dir():
+        model = wandb.Artifact(f"{safe}-export", type="model", metadata={"forms": sorted(
+            p.name for p in (out / "export").iterdir() if p.is_dir())})
+        for form in (out / "export").iterdir():
+            if form.is_dir():
+                model.add_dir(str(form), name=form.name)
+        run.log_artifact(model)
+        logged.append(model.name)
+    return logged
+
+
 def make_loggers(log_cfg, output_dir: str, run_name: str, config: dict, resumed: bool = False):
     """CSV goes to csv/metrics.csv; a resumed run writes csv/resumed-<time>/metrics.csv beside it (Lightning's
     CSV logger would otherwise delete the first part's file)."""
@@ -35,13 +89,13 @@ def make_loggers(log_cfg, output_dir: str, run_name: str, config: dict, resumed:
     if log_cfg.kind == "none":
         return []
     version = time.strftime("resumed-%Y%m%d-%H%M%S") if resumed else ""
-    loggers = [CSVLogger(save_dir=output_dir, name="csv", version=version)]
+    loggers = [NamespacedCSVLogger(save_dir=output_dir, name="csv", version=version)]
     if log_cfg.kind == "wandb":
         mode = log_cfg.mode
         if mode == "online" and not wandb_reachable():
             rank_zero_warn("W&B host unreachable: logging offline; run `wandb sync` on the run dir later")
             mode = "offline"
-        loggers.append(WandbLogger(project=log_cfg.project, entity=log_cfg.entity, name=run_name,
+        loggers.append(NamespacedWandbLogger(project=log_cfg.project, entity=log_cfg.entity, name=run_name,
                                    group=log_cfg.group, tags=list(log_cfg.tags), save_dir=output_dir,
                                    mode=mode, config=config))
     return loggers

@@ -57,7 +57,7 @@ def fsdp_policy(precision: str):
 
 class LNFreeModule(L.LightningModule):
     def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0, max_steps: int = 1,
-                 run_info: dict | None = None, compile: bool = False):
+                 run_info: dict | None = None, compile: bool = False, lr_scale: float = 1.0):
         super().__init__()
         self.model = model
         self._use_compile = compile  # (not self.compile: that is nn.Module.compile)
@@ -67,6 +67,7 @@ class LNFreeModule(L.LightningModule):
         self.optim = optim
         self.aux_weight = aux_weight
         self.max_steps = max_steps
+        self.lr_scale = lr_scale  # finetune.lr_scale: e.g. LoRA adapters train at a higher LR than full fine-tuning
         self.run_info = run_info or {}  # saved in every checkpoint and compared with the config on resume
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self._final_resid = None
@@ -110,7 +111,7 @@ class LNFreeModule(L.LightningModule):
         self.tokens_seen += ids.numel() * self.trainer.world_size
         self.log("train/loss", loss)
         self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
-        self.log("lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
         return {"loss": loss, "ce": ce.detach()}  # ce: for the divergence guard (training/safety.py)
 
     def validation_step(self, ids, batch_idx):
@@ -152,9 +153,10 @@ class LNFreeModule(L.LightningModule):
             else:  # biases, norm gains (and embeddings when decay_embeddings is off)
                 no_decay.append(p)
         groups = [{"params": decay, "weight_decay": o.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        opt = torch.optim.AdamW(groups, lr=o.lr, betas=tuple(o.betas), eps=o.eps,
+        lr, min_lr = o.lr * self.lr_scale, o.min_lr * self.lr_scale
+        opt = torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps,
                                 fused=self.device.type == "cuda" or None)
         decay_steps = o.decay_steps or self.max_steps
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_lambda(s, o.warmup_steps, decay_steps, o.lr, o.min_lr))
+            opt, lambda s: lr_lambda(s, o.warmup_steps, decay_steps, lr, min_lr))
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -25,18 +25,22 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
-from ..export import export_folded, export_hf
+from ..export import export_folded, export_hf, logits_error
+from ..hub import check_push, push_exports
 from ..io import RUN_SUMMARY, model_from_checkpoint, read_checkpoint
+from ..lora import MERGE_TOL, apply_lora, has_lora, lora_settings, merged_copy, trainable_parameters
 from ..model import non_embedding_params
+from ..model_card import write_model_cards
 from ..paths import CONF_DIR
 from ..schedule import special_kinds, validate
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .callbacks import LNRemovalCallback, Throughput
 from .config import check_limits
 from .hardware import grad_accumulation, make_strategy, world_size
-from .loggers import finish_wandb, make_loggers
+from .loggers import finish_wandb, log_run_artifacts, make_loggers, run_name
 from .model_source import check_available, gpt2_config, load_model, load_tokenizer
 from .module import LNFreeModule
+from .progress import StepProgressBar
 from .safety import (
     CheckpointOnException,
     DivergenceGuard,
@@ -74,6 +78,10 @@ def check_config(cfg: DictConfig):
         # opened with weights_only (a checkpoint holding code is refused, unrun) and compared with the config
         check_resume(cfg.ckpt_path, mcfg, tokens_per_step(cfg, accum), events)
     make_strategy(cfg.hardware)  # raises for an impossible strategy
+    if cfg.push_to_hub:
+        if not cfg.export:
+            raise ConfigError("push_to_hub needs export=true (it uploads the exports)")
+        check_push(cfg.push_to_hub)
     if cfg.data.on_bad_row not in BAD_ROW_POLICIES:
         raise ConfigError(f"data.on_bad_row={cfg.data.on_bad_row!r}; use one of {BAD_ROW_POLICIES}")
     return events, mcfg.n_layer, accum
@@ -83,13 +91,15 @@ def tokens_per_step(cfg, accum: int) -> int:
     return cfg.data.micro_batch_size * cfg.data.block_size * world_size(cfg.hardware) * accum
 
 
-def run_name(cfg) -> str:
+def experiment_name(cfg) -> str:
+    """model-schedule[-finetune]-s<seed>, plus a multirun's other overrides (e.g. trainer.max_steps=64)."""
     from hydra.core.hydra_config import HydraConfig
 
+    extra = ""
     if HydraConfig.initialized():
-        overrides = HydraConfig.get().job.override_dirname
-        return f"{cfg.task_name}-{overrides}" if overrides else f"{cfg.task_name}-{cfg.model.name}-{cfg.schedule.name}"
-    return f"{cfg.task_name}-{cfg.model.name}-{cfg.schedule.name}"
+        named = ("model=", "schedule=", "seed=", "finetune=", "paths.", "hydra.", "overwrite=", "skip_if_done=")
+        extra = ",".join(o for o in HydraConfig.get().overrides.task if not o.startswith(named))
+    return run_name(cfg.model.name, cfg.schedule.name, cfg.seed, cfg.finetune.name, extra)
 
 
 def train(cfg: DictConfig) -> dict:
@@ -113,16 +123,20 @@ def train(cfg: DictConfig) -> dict:
     model = load_model(cfg.model, cfg.paths.cache_dir, tokenizer)
     special = special_kinds(cfg.schedule)
     model.config.lnfree_special_bos, model.config.lnfree_special_eot = special["bos"], special["eot"]
+    if cfg.finetune.kind == "lora":
+        apply_lora(model, lora_settings(cfg.finetune))
+    n_trainable, n_total = trainable_parameters(model)
+    print(f"[lnfree] finetune={cfg.finetune.name}: {n_trainable:,} of {n_total:,} parameters train")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step_tokens = tokens_per_step(cfg, accum)
     run_info = {"tokens_per_step": step_tokens, "events": [[e.name, e.step] for e in events]}
     module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps,
-                          compile=cfg.model.compile,
-                          run_info=run_info)
+                          compile=cfg.model.compile, lr_scale=cfg.finetune.lr_scale, run_info=run_info)
     removal = LNRemovalCallback(events, momentum=cfg.schedule.momentum)
     resolved = OmegaConf.to_container(cfg, resolve=True)
-    loggers = make_loggers(cfg.logger, str(out), run_name(cfg), resolved, resumed=bool(cfg.ckpt_path))
+    name = experiment_name(cfg)
+    loggers = make_loggers(cfg.logger, str(out), name, resolved, resumed=bool(cfg.ckpt_path))
     ckpt_dir = out / "checkpoints"
     throughput = Throughput(step_tokens)
     callbacks = [
@@ -134,6 +148,8 @@ def train(cfg: DictConfig) -> dict:
                         monitor="train/tokens_seen", mode="max", save_last=True),
         CheckpointOnException(ckpt_dir, out, cfg.ckpt_path),
     ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(StepProgressBar(throughput))
     trainer = L.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
         strategy=make_strategy(cfg.hardware), precision=cfg.hardware.precision,
@@ -155,7 +171,7 @@ def train(cfg: DictConfig) -> dict:
         val_after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ce"]
         summary = None
         if trainer.is_global_zero:
-            final = _final_model(trainer, module, cfg, ckpt_dir)
+            final, merge_error = _final_model(trainer, module, cfg, ckpt_dir, datamodule)
             export_error = None
             try:
                 exports = _export(final, tokenizer, out, datamodule) if cfg.export else {}
@@ -170,6 +186,9 @@ def train(cfg: DictConfig) -> dict:
                 "steps": trainer.global_step,
                 "tokens_per_step": step_tokens,
                 "tokens_seen": int(module.tokens_seen),
+                "finetune": cfg.finetune.kind,
+                "trainable_params": n_trainable,
+                "lora_merge_error": merge_error,
                 "all_removed": not final.real_sites(),
                 "removed_sites": final.removed_sites(),
                 "events": removal.applied,
@@ -185,6 +204,10 @@ def train(cfg: DictConfig) -> dict:
                 "config": resolved,
             }
             (out / RUN_SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
+            write_model_cards(out / "export", json.loads(json.dumps(summary, default=_json_default)))
+            log_run_artifacts(loggers, out, name)
+            if cfg.push_to_hub and exports:
+                print(f"[lnfree] pushed the exports to {push_exports(out, cfg.push_to_hub, cfg.hub_private)}")
             print(f"[lnfree] val CE {_fmt(val_before)} -> {val_after:.4f}; {len(final.removed_sites())}/"
                   f"{len(final.sites())} sites removed; summary: {out / RUN_SUMMARY}")
             if export_error:
@@ -202,7 +225,10 @@ def _finished_run(out: Path, cfg) -> dict | None:
         return None
     summary = json.loads(f.read_text())
     mine = OmegaConf.to_container(cfg, resolve=True)
-    strip = lambda c: {k: v for k, v in c.items() if k not in ("paths", "ckpt_path", "overwrite", "skip_if_done")}  # noqa: E731
+    ignored = ("paths", "ckpt_path", "overwrite", "skip_if_done", "push_to_hub", "hub_private")  # not results
+    strip = lambda c: {k: v for k, v in c.items() if k not in ignored}  # noqa: E731
+    if "finetune" not in summary.get("config", {}) and mine["finetune"]["kind"] == "full":
+        mine.pop("finetune")  # a run from before the finetune group existed was a full fine-tune
     if strip(summary.get("config", {})) != strip(mine):
         raise RunDirError(f"{out} holds a finished run with a different config; skip_if_done reruns nothing there: "
                           "choose another directory or pass overwrite=true")
@@ -219,13 +245,22 @@ def _json_default(o):
     return str(o)
 
 
-def _final_model(trainer, module, cfg, ckpt_dir):
-    """The trained removable model, whole, on CPU in fp32 (from the last checkpoint under FSDP, whose
-    in-memory parameters are sharded)."""
-    if cfg.hardware.strategy != "fsdp":
-        return module.model.to("cpu", torch.float32).eval()
-    path = ckpt_dir / "last.ckpt"
-    return model_from_checkpoint(read_checkpoint(path), path)
+def _final_model(trainer, module, cfg, ckpt_dir, datamodule):
+    """(the trained removable model, whole, on CPU in fp32, LoRA adapters merged; the merge's relative logits
+    error or None). Under FSDP, whose in-memory parameters are sharded, from the last checkpoint (the loader
+    merges adapters itself)."""
+    if cfg.hardware.strategy == "fsdp":
+        path = ckpt_dir / "last.ckpt"
+        return model_from_checkpoint(read_checkpoint(path), path), None
+    model = module.model.to("cpu", torch.float32).eval()
+    if not has_lora(model):
+        return model, None
+    merged = merged_copy(model).eval()
+    error = logits_error(model, merged, datamodule.val_data[:4].cpu())
+    if not error <= MERGE_TOL:
+        raise ExportFailed(f"merging the LoRA adapters changed the logits by {error:.2e} (relative; allowed "
+                           f"{MERGE_TOL:.0e})")
+    return merged, error
 
 
 def _export(model, tokenizer, out: Path, datamodule) -> dict:

@@ -1,0 +1,102 @@
+"""experiments/quality/mutation.md from a finished `mutmut run` (make mutation runs this last).
+
+    python experiments/quality/mutation_report.py [--title "..."]
+
+Reads mutmut's results (`mutmut results --all true`, `mutmut show <mutant>`) in the project root, and
+experiments/quality/equivalent.txt (lines `<mutant name>  <reason>`: mutants that cannot change behaviour, each
+with why). Score = killed / (all - equivalent); "no tests", timeouts and survivors count as not killed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).parent
+ROOT = HERE.parent.parent
+MUTMUT = str(Path(sys.executable).parent / "mutmut")
+
+
+def _mutmut(*args) -> str:
+    return subprocess.run([MUTMUT, *args], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+
+
+def statuses() -> dict[str, str]:
+    out = {}
+    for line in _mutmut("results", "--all", "true").splitlines():
+        m = re.match(r"\s*(\S+): (.+)$", line)
+        if m:
+            out[m.group(1)] = m.group(2).strip()
+    return out
+
+
+def equivalents() -> dict[str, str]:
+    f = HERE / "equivalent.txt"
+    out = {}
+    if f.exists():
+        for line in f.read_text().splitlines():
+            if line.strip() and not line.startswith("#"):
+                name, _, reason = line.strip().partition(" ")
+                out[name] = reason.strip()
+    return out
+
+
+def module_of(mutant: str) -> str:
+    # lnfree.norm.x_NormSite__commit__mutmut_3 -> lnfree.norm
+    head = mutant.split("__mutmut_")[0]
+    parts = head.split(".")
+    return ".".join(p for p in parts[:-1]) if len(parts) > 1 else head
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser()
+    p.add_argument("--title", default="Mutation testing of the core")
+    p.add_argument("--note", default="")
+    a = p.parse_args(argv)
+    st, eq = statuses(), equivalents()
+    if not st:
+        raise SystemExit("no mutmut results here: run `make mutation` first")
+    by_mod = collections.defaultdict(collections.Counter)
+    for name, s in st.items():
+        by_mod[module_of(name)]["equivalent" if name in eq and s != "killed" else s] += 1
+    total = collections.Counter()
+    for c in by_mod.values():
+        total.update(c)
+    n_eq = total["equivalent"]
+    scored = sum(total.values()) - n_eq
+    score = total["killed"] / scored if scored else float("nan")
+    survivors = [n for n, s in st.items() if s != "killed" and n not in eq]
+    lines = [f"# {a.title}", "",
+             f"Tool: mutmut {_mutmut('--version').split()[-1]} (`make mutation`; config in pyproject.toml "
+             "`[tool.mutmut]`: the modules mutated and the fast test selection). Report written "
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by experiments/quality/mutation_report.py.",
+             "", a.note, "",
+             f"**Score: {total['killed']} killed of {scored} non-equivalent mutants = {100 * score:.1f}%** "
+             f"({sum(total.values())} generated, {n_eq} equivalent, {len(survivors)} not killed).", "",
+             "| module | generated | killed | equivalent | survived | no tests | timeout | other |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mod in sorted(by_mod):
+        c = by_mod[mod]
+        other = sum(v for k, v in c.items() if k not in ("killed", "equivalent", "survived", "no tests", "timeout"))
+        lines.append(f"| {mod} | {sum(c.values())} | {c['killed']} | {c['equivalent']} | {c['survived']} | "
+                     f"{c['no tests']} | {c['timeout']} | {other} |")
+    if eq:
+        lines += ["", "## Equivalent mutants (cannot change behaviour)", "", "| mutant | why |", "|---|---|"]
+        lines += [f"| `{n}` | {r} |" for n, r in sorted(eq.items()) if n in st]
+    if survivors:
+        lines += ["", "## Not killed", ""]
+        for n in sorted(survivors):
+            diff = "\n".join(line for line in _mutmut("show", n).splitlines()[1:] if line.startswith(("+", "-"))
+                             and not line.startswith(("+++", "---")))
+            lines += [f"- `{n}` ({st[n]})", "", "```diff", diff[:600], "```", ""]
+    (HERE / "mutation.md").write_text("\n".join(lines) + "\n")
+    print(f"score {100 * score:.1f}% ({total['killed']}/{scored}); written {HERE / 'mutation.md'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,63 @@
+"""A training progress bar in optimizer steps: step/max_steps, ETA, tokens/s and how many sites are removed.
+
+Lightning's bar counts batches per epoch; lnfree's runs are step-limited streams (max_epochs=-1), for which it
+shows "Epoch 0/-2" and a per-epoch batch count that never ends. This bar counts trainer.global_step against
+trainer.max_steps from the start (a resumed run starts where it left off), so tqdm's ETA means the run's end.
+"""
+
+from __future__ import annotations
+
+from lightning.pytorch.callbacks import TQDMProgressBar
+
+
+class StepProgressBar(TQDMProgressBar):
+    def __init__(self, throughput=None, refresh_rate: int = 1):
+        super().__init__(refresh_rate=refresh_rate)
+        self.throughput = throughput  # callbacks.Throughput, for tokens/s
+
+    def on_train_start(self, trainer, pl_module):
+        super().on_train_start(trainer, pl_module)
+        self._start(trainer)
+
+    def on_train_epoch_start(self, trainer, *_):  # one bar for the whole run, not one per epoch
+        if self.train_progress_bar.total != trainer.max_steps:
+            self._start(trainer)
+
+    def _start(self, trainer):
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = 0
+        bar.n = trainer.global_step
+        bar.set_description("train (steps)")
+        bar.refresh()
+
+    def postfix(self, trainer, pl_module) -> dict:
+        out = {}
+        metrics = trainer.progress_bar_metrics
+        for k in ("train/ce", "val/ce"):
+            if k in metrics:
+                out[k.replace("/", " ")] = f"{float(metrics[k]):.3f}"
+        tps = self.throughput.tokens_per_s if self.throughput is not None else None
+        if tps:
+            out["tok/s"] = f"{tps:,.0f}"
+        model = getattr(pl_module, "model", None)
+        if model is not None and hasattr(model, "sites"):
+            out["removed"] = f"{len(model.removed_sites())}/{len(model.sites())}"
+        return out
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        bar = self._train_progress_bar
+        if bar is None or bar.disable or trainer.global_step == bar.n:
+            return  # mid gradient accumulation: the optimizer has not stepped
+        bar.n = trainer.global_step
+        bar.set_postfix(self.postfix(trainer, pl_module), refresh=False)
+        bar.refresh()
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        pass  # the bar lives until the run ends
+
+    def on_validation_end(self, trainer, pl_module):
+        super().on_validation_end(trainer, pl_module)
+        bar = self._train_progress_bar  # None in a validation before training
+        if bar is not None and not bar.disable and trainer.state.fn == "fit":
+            bar.set_postfix(self.postfix(trainer, pl_module))

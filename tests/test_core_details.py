@@ -1,0 +1,147 @@
+"""Details of the core that a small bug could change without any other test noticing, each pinned against a
+hand computation: the running std estimate (EMA over several steps, per token category, padding ignored),
+statistics committed once per optimizer step under gradient accumulation, the auxiliary loss's target, the
+LR schedule's first warm-up steps and its cosine, and the next-token CE's shift. (Written against survivors
+of mutation testing, `make mutation`; report in experiments/quality/.)"""
+
+import math
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import ids, stock_and_removable
+
+from lnfree.norm import BOS, EOT, IGNORED, ORDINARY, NormSite
+from lnfree.schedule import build_events
+from lnfree.training.callbacks import LNRemovalCallback
+from lnfree.training.module import lr_lambda, next_token_ce, residual_std_aux
+
+
+def _commit(site, momentum):
+    site.commit(site.acc.clone(), momentum)
+
+
+def test_running_estimate_is_the_ema_of_per_step_means_by_hand():
+    site, m = NormSite(), 0.75
+    steps = [torch.tensor([[1.0, 3.0]]), torch.tensor([[2.0, 2.0, 8.0]]), torch.tensor([[10.0]])]
+    expected = None
+    for stds in steps:
+        site.record(stds, None)
+        mean = float(stds.mean())
+        expected = mean if expected is None else m * expected + (1 - m) * mean  # first step: the mean itself
+        _commit(site, m)
+        assert float(site.running[ORDINARY]) == pytest.approx(expected, rel=1e-6)
+        assert torch.count_nonzero(site.acc) == 0  # the step's accumulators are emptied
+    assert site.running[1:].isnan().all()  # no bos / eot token was seen
+
+
+def test_categories_have_their_own_estimates_and_padding_never_counts():
+    site = NormSite()
+    stds = torch.tensor([[4.0, 1.0, 2.0, 100.0], [6.0, 3.0, 5.0, 7.0]])
+    cat = torch.tensor([[BOS, ORDINARY, EOT, IGNORED], [BOS, ORDINARY, ORDINARY, EOT]])
+    site.record(stds, cat)
+    _commit(site, 0.5)
+    assert site.running.tolist() == pytest.approx([(1 + 3 + 5) / 3, (4 + 6) / 2, (2 + 7) / 2])
+    site.record(torch.tensor([[2.0, 9.0]]), torch.tensor([[ORDINARY, IGNORED]]))
+    _commit(site, 0.5)  # a category absent from a step keeps its estimate
+    assert site.running.tolist() == pytest.approx([0.5 * 3 + 0.5 * 2, 5.0, 4.5])
+
+
+def test_freeze_takes_the_running_estimate_and_special_sigmas_fall_back_when_unseen():
+    site = NormSite()
+    site.record(torch.tensor([[4.0, 2.0]]), torch.tensor([[BOS, ORDINARY]]))
+    _commit(site, 0.9)
+    assert site.freeze(special_bos=True, special_eot=True) == pytest.approx(2.0)
+    assert site.sigma.tolist() == pytest.approx([2.0, 4.0, 2.0])  # eot never seen: the ordinary sigma
+    assert site.special.tolist() == [True, False]
+    cat = torch.tensor([[BOS, ORDINARY, EOT, IGNORED]])
+    assert site.divisor(cat).flatten().tolist() == pytest.approx([4.0, 2.0, 2.0, 2.0])
+    assert float(site.divisor(None)) == pytest.approx(2.0)
+    site.end_special(BOS)
+    assert not site.special_active and float(site.divisor(cat)) == pytest.approx(2.0)  # one scalar again
+    with pytest.raises(RuntimeError, match="already removed"):
+        site.freeze()
+
+
+def test_statistics_are_committed_once_per_optimizer_step_under_accumulation():
+    """Two micro-batches in one optimizer step: the estimate moves once, to the EMA of their pooled mean."""
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32, seed=3))
+    site = model.site("ln2", 0)
+    r0 = float(site.running[ORDINARY])
+    stds = []
+    hook = model.transformer.h[0].ln_2.register_forward_pre_hook(
+        lambda mod, args: stds.append(torch.sqrt(args[0].var(-1, unbiased=False) + mod.eps).flatten()))
+    cb = LNRemovalCallback([], momentum=0.8)
+    trainer = SimpleNamespace(global_step=0, world_size=1, datamodule=None, loggers=[])
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    cb.on_train_start(trainer, module)
+    model.train()
+    for micro, x in enumerate((ids(2, 16, seed=1), ids(3, 16, seed=2))):
+        model(x)  # a training forward (grad enabled) records; no backward needed here
+        if micro == 1:
+            trainer.global_step = 1  # the optimizer steps after the second micro-batch
+        cb.on_train_batch_end(trainer, module, None, x, micro)
+        if micro == 0:  # inside the accumulation window: nothing committed yet
+            assert float(site.running[ORDINARY]) == r0 and float(site.acc[1, ORDINARY]) == 2 * 16
+    hook.remove()
+    pooled = float(torch.cat(stds).mean())
+    assert float(site.running[ORDINARY]) == pytest.approx(0.8 * r0 + 0.2 * pooled, rel=1e-5)
+    cb.on_train_batch_end(trainer, module, None, None, 2)  # the same step again: no second commit
+    assert float(site.running[ORDINARY]) == pytest.approx(0.8 * r0 + 0.2 * pooled, rel=1e-5)
+
+
+def test_events_fire_at_their_step_and_never_twice():
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32))
+    events = build_events({"ln2": {"start": 2, "gap": 1}, "ln1qk": {"gap": 1}, "ln1v": {"gap": 1}, "lnf": {}}, 2)
+    cb = LNRemovalCallback(events)
+    trainer = SimpleNamespace(global_step=0, loggers=[])
+    module = SimpleNamespace(model=model)
+    for step in range(0, 10):
+        trainer.global_step = step
+        new = cb.apply_due(trainer, module)
+        assert [r["site"] for r in new] == [e.name for e in events if e.step == step]
+    assert len(cb.applied) == len(events) == 7 and not model.real_sites()
+
+
+def test_aux_loss_target_is_the_mean_std_of_ordinary_tokens_by_hand():
+    torch.manual_seed(0)
+    h = torch.randn(2, 5, 8) * torch.tensor([3.0, 1, 1, 1, 1]).view(1, 5, 1)  # position 0 is an outlier
+    x = torch.tensor([[7, 1, 2, 9, 3], [7, 9, 4, 5, 6]])  # 9 = end-of-text
+    h.requires_grad_(True)
+    loss = residual_std_aux(h, x, eot_id=9)
+    s = torch.sqrt(h.detach().var(-1, unbiased=False) + 1e-5)
+    ordinary = torch.tensor([[0, 1, 1, 0, 1], [0, 0, 1, 1, 1]], dtype=torch.bool)  # not pos 0, not eot
+    tau = s[ordinary].mean()
+    assert float(loss) == pytest.approx(float(((s - tau) ** 2).mean()), rel=1e-5)
+    # tau is a target, not a path for gradients: d loss / d s_t = 2 (s_t - tau) / N only
+    loss.backward()
+    hs = h.detach().clone().requires_grad_(True)
+    s2 = torch.sqrt(hs.var(-1, unbiased=False) + 1e-5)
+    ((s2 - tau) ** 2).mean().backward()
+    assert torch.allclose(h.grad, hs.grad, atol=1e-6)
+    no_eot = residual_std_aux(h.detach(), x, eot_id=None)  # without an eot id only position 0 is excluded
+    tau_all = s[:, 1:].mean()
+    assert float(no_eot) == pytest.approx(float(((s - tau_all) ** 2).mean()), rel=1e-5)
+
+
+def test_lr_schedule_warm_up_steps_and_cosine_by_hand():
+    lr, min_lr, warm, decay = 6e-4, 6e-5, 4, 20
+    got = [lr * lr_lambda(s, warm, decay, lr, min_lr) for s in range(25)]
+    assert got[:4] == pytest.approx([lr / 4, 2 * lr / 4, 3 * lr / 4, lr])  # never 0 at the first step
+    for s in range(4, 20):
+        p = (s - warm) / (decay - warm)
+        assert got[s] == pytest.approx(min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * p)))
+    assert got[12] == pytest.approx((lr + min_lr) / 2)  # halfway through the cosine
+    assert got[20:] == pytest.approx([min_lr] * 5)  # flat at the floor after decay_steps
+    assert lr_lambda(0, 0, 10, lr, min_lr) == pytest.approx(1.0)  # no warm-up
+
+
+def test_next_token_ce_predicts_the_following_token():
+    torch.manual_seed(0)
+    logits, x = torch.randn(2, 6, 11), torch.randint(0, 11, (2, 6))
+    by_hand = -torch.stack([F.log_softmax(logits[b, t], -1)[x[b, t + 1]] for b in range(2) for t in range(5)])
+    assert float(next_token_ce(logits, x)) == pytest.approx(float(by_hand.mean()), rel=1e-6)
+    assert float(next_token_ce(logits, x, reduction="sum")) == pytest.approx(float(by_hand.sum()), rel=1e-6)

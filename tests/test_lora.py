@@ -1,0 +1,147 @@
+"""finetune=lora: peft adapters on a frozen removable GPT-2 (lnfree/lora.py)."""
+
+import pytest
+import torch
+from conftest import TINY_RUN, calibrated_all_removed, compose_train, ids, stock_and_removable
+
+from lnfree.io import model_from_checkpoint, read_checkpoint
+from lnfree.lora import apply_lora, merged_copy
+from lnfree.model import parse_site_name
+from lnfree.training.callbacks import LNRemovalCallback
+from lnfree.training.config import LimitError
+from lnfree.training.train import train
+
+SETTINGS = dict(r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"], train_norms=True)
+
+
+def _adapted(model, settings=SETTINGS, seed=0):
+    apply_lora(model, settings)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # peft starts B at zero (a no-op adapter); a random B makes a wrong formula show
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return model.eval()
+
+
+def _logits(model, x):
+    with torch.no_grad():
+        return model(x).logits
+
+
+@pytest.mark.parametrize("removed", [[], ["ln1qk.0"], ["ln1v.1"], ["ln2.0", "ln1qk.0", "ln1qk.1", "ln1v.0"]])
+def test_split_qkv_lora_equals_a_lora_on_each_path_and_merges_exactly(removed):
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32, seed=3))
+    for name in removed:
+        model.remove(*parse_site_name(name))
+    _adapted(model)
+    x = ids()
+    adapted = _logits(model, x)
+    # by hand: the base projection plus each path's own low-rank update (Q, K from x_qk; V from x_v)
+    block = model.transformer.h[0]
+    lora = block.attn.c_attn
+    captured = {}
+    h = block.ln_1.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+    model(x)
+    h.remove()
+    x_qk, x_v = block.ln_1.paths(captured["out"])
+    base = lora.get_base_layer()
+    a, b, s = lora.lora_A["default"].weight, lora.lora_B["default"].weight, lora.scaling["default"]
+    d = model.config.n_embd
+    ref = torch.cat([(x_qk @ base.weight + base.bias)[..., :2 * d] + s * (x_qk @ a.T @ b.T)[..., :2 * d],
+                     (x_v @ base.weight + base.bias)[..., 2 * d:] + s * (x_v @ a.T @ b.T)[..., 2 * d:]], -1)
+    with torch.no_grad():
+        assert torch.allclose(lora(captured["out"]), ref, atol=1e-5)
+    # merging folds the same update into the weights: the merged plain model gives the adapted logits
+    merged = merged_copy(model)
+    assert not any("lora" in k for k in merged.state_dict())
+    assert type(merged.transformer.h[0].attn.c_attn).__name__ == "SplitQKVProjection"
+    assert merged.transformer.h[0].attn.c_attn._ln[0] is merged.transformer.h[0].ln_1  # not the original's ln_1
+    assert torch.allclose(_logits(merged, x), adapted, rtol=0, atol=1e-5 * adapted.abs().max())
+    assert not (_logits(merged, x) - _logits(stock_and_removable()[1], x)).abs().max() < 1e-3  # it did change
+
+
+def test_only_adapters_and_norms_train_and_the_base_stays_frozen():
+    _, model = calibrated_all_removed()
+    _adapted(model).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n or ".ln_" in n or "ln_f" in n for n in trainable)
+    assert any(".ln_1.weight" in n for n in trainable) and any("c_attn.lora_A" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    x = ids()
+    model(x, labels=x).loss.backward()
+    opt.step()
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed <= trainable  # the base (embeddings, projections' base_layer, lm_head) did not move
+    assert any("c_attn.lora_B" in n for n in changed) and any("ln_1.weight" in n for n in changed)
+    _, no_norms = calibrated_all_removed()
+    apply_lora(no_norms, {**SETTINGS, "train_norms": False, "target_modules": ["c_fc"]})
+    assert {n.split(".")[-3] for n, p in no_norms.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
+
+
+LORA_RUN = [*TINY_RUN, "finetune=lora", "finetune.rank=4"]
+
+
+@pytest.fixture(scope="module")
+def lora_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("lora_run")
+    return train(compose_train(run, *LORA_RUN)), run
+
+
+def test_lora_run_removes_every_site_and_exports_the_merged_model(lora_run):
+    summary, run = lora_run
+    assert summary["finetune"] == "lora" and summary["all_removed"]
+    assert summary["trainable_params"] < summary["n_params"] / 2
+    assert summary["lora_merge_error"] <= 1e-5
+    assert summary["exports"]["hf"]["relative_error"] <= 1e-4
+    assert summary["exports"]["folded"]["relative_error"] <= 1e-5
+    assert summary["val_ce"] < summary["val_ce_before"]
+    # the checkpoint keeps the adapters; the loader rebuilds, loads and merges them: = the exported model
+    ckpt = read_checkpoint(run / "checkpoints" / "last.ckpt")
+    assert any("lora_A" in k for k in ckpt["state_dict"])
+    from transformers import GPT2LMHeadModel
+
+    loaded = model_from_checkpoint(ckpt)
+    hf = GPT2LMHeadModel.from_pretrained(run / "export" / "hf").eval()
+    x = ids(2, 32)
+    ref = _logits(loaded, x)
+    assert (_logits(hf, x) - ref).abs().max() / ref.abs().max() < 1e-4
+
+
+class _Crash(RuntimeError):
+    pass
+
+
+def test_lora_run_resumes_exactly(lora_run, tmp_path, monkeypatch):
+    full, full_dir = lora_run
+    original = LNRemovalCallback.on_train_batch_end
+
+    def crash_at_12(self, trainer, *args):
+        original(self, trainer, *args)
+        if trainer.global_step == 12:
+            raise _Crash("simulated crash")
+
+    monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", crash_at_12)
+    with pytest.raises(_Crash):
+        train(compose_train(tmp_path, *LORA_RUN))
+    monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", original)
+    ckpt = tmp_path / "checkpoints" / "on_exception_step000012.ckpt"
+    resumed = train(compose_train(tmp_path, *LORA_RUN, f"ckpt_path={ckpt}"))
+    assert resumed["sigmas"] == full["sigmas"]
+    assert resumed["val_ce"] == full["val_ce"]
+    a = read_checkpoint(full_dir / "checkpoints" / "last.ckpt")["state_dict"]
+    b = read_checkpoint(tmp_path / "checkpoints" / "last.ckpt")["state_dict"]
+    adapters = [k for k in a if "lora_" in k]
+    assert adapters and all(torch.equal(a[k], b[k]) for k in adapters)
+
+
+def test_bad_lora_configs_are_refused_before_any_compute(tmp_path):
+    with pytest.raises(LimitError, match="finetune.target_modules"):
+        train(compose_train(tmp_path, *LORA_RUN, "finetune.target_modules=[c_attn,wte]"))
+    with pytest.raises(LimitError, match="finetune.kind"):
+        train(compose_train(tmp_path, *TINY_RUN, "finetune.kind=qlora"))
+    with pytest.raises(LimitError, match="finetune.rank"):
+        train(compose_train(tmp_path, *LORA_RUN, "finetune.rank=0"))
+    assert not (tmp_path / "checkpoints").exists()
