@@ -157,11 +157,18 @@ def test_offline_wandb_run_writes_run_files_name_and_artifacts(tmp_path):
     train(cfg)
     runs = list((tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 1
-    log = next(runs[0].glob("*.wandb")).read_bytes()
+    import time
+
     import wandb
 
     assert wandb.run is None  # train() ended the run it started
     name = "tiny-builtin-s7"  # model-schedule-seed (+ the overrides of the run that are not those)
+    deadline = time.time() + 120  # wandb's service process may still be writing the run's log after finish()
+    while True:
+        log = next(runs[0].glob("*.wandb")).read_bytes()
+        if b"-export" in log or time.time() > deadline:
+            break
+        time.sleep(1)
     assert name.encode() in log
     for artifact in (b"-summary", b"-export"):  # summary.json and the exports, logged as artifacts
         assert artifact in log
