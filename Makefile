@@ -112,10 +112,12 @@ bench: install
 # mutation testing of the core (not part of CI; about an hour on 2 cores): mutmut mutates the modules listed in
 # pyproject.toml [tool.mutmut] and runs, per mutant, the fast tests that execute the mutated function; the
 # report (score, per-module counts, equivalent mutants with reasons, survivors) goes to experiments/quality/
+# MUTANTS: mutant name patterns to run (default: all), e.g. MUTANTS="'lnfree.norm*' 'lnfree.schedule*'";
+# results are kept in mutants/ between runs (an interrupted run continues; changed files are re-mutated)
+MUTANTS ?=
 mutation: install
 	$(VENV)/bin/pip install -q -e '.[mutation]'
-	rm -rf mutants
-	$(VENV)/bin/mutmut run --max-children 2 || true
+	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true
 	$(PY) experiments/quality/mutation_report.py
 
 # on a machine with a GPU: bf16-mixed, FSDP (1 device), save/resume, tokens/s and MFU

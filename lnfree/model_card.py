@@ -30,8 +30,8 @@ def _front_matter(summary: dict, form: str) -> str:
     lines = ["---", "library_name: transformers" if form == "hf" else "library_name: lnfree",
              "tags:", "- gpt2", "- layernorm-free" if summary.get("all_removed") else "- vanilla-finetune",
              f"- {REPO}", "- interpretability", "pipeline_tag: text-generation"]
-    if source and "/" not in source and not source.startswith(("builtin", "random")) and not Path(source).exists():
-        lines.append(f"base_model: {source}")  # a hub name (gpt2, gpt2-medium, ...)
+    if source and not source.startswith(("builtin", "random", "/", ".", "~")) and not Path(source).exists():
+        lines.append(f"base_model: {source}")  # a hub name (gpt2, openai-community/gpt2-medium, ...)
     return "\n".join([*lines, "---", ""])
 
 

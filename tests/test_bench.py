@@ -29,3 +29,14 @@ def test_gpu_bench_script_smoke_on_cpu(tmp_path):
     assert res["runs"][1]["all_removed"] and not res["runs"][0]["all_removed"]
     assert res["resume"]["same_sigmas"]
     assert abs(res["resume"]["val_ce_full"] - res["resume"]["val_ce_resumed"]) < 1e-3
+
+
+def test_alternate_rotates_the_order_and_paired_ratios_pair_repetitions():
+    from lnfree.bench.cpu import alternate, paired_ratios
+
+    order = []
+    times = alternate({k: (lambda k=k: order.append(k)) for k in "ABC"}, reps=3, warmup=0)
+    assert order == list("ABCBCACAB") and {k: len(v) for k, v in times.items()} == {"A": 3, "B": 3, "C": 3}
+    spread = paired_ratios({"stock": [1.0, 2.0, 4.0, 1.0], "x": [1.5, 2.0, 4.0, 3.0]})["x"]
+    assert spread["n"] == 4 and (spread["min"], spread["max"]) == (1.0, 3.0)  # per repetition: 1.5, 1, 1, 3
+    assert spread["median"] == 1.25 and spread["ratio_of_medians"] == 2.5 / 1.5  # medians 2.5 and 1.5

@@ -60,3 +60,20 @@ def test_tokenizer_files_load_with_transformers_4_rules(tiny_run):
         text = next(corpus.iter_texts("validation"))[:2000]
         assert loaded(text).input_ids == builtin(text).input_ids
         assert loaded.eos_token_id == builtin.eos_token_id
+
+
+def test_card_front_matter_names_a_hub_base_model_and_a_vanilla_run_says_so():
+    from lnfree.model_card import card_text
+
+    lnfree = {"all_removed": True, "sigmas": {"lnf": 2.5}, "val_ce": 3.0, "val_ce_before": 2.9,
+              "config": {"model": {"name": "gpt2", "source": "openai-community/gpt2"}, "schedule": {"name": "fast"},
+                         "finetune": {"kind": "lora", "rank": 64, "alpha": 128, "target_modules": ["c_attn"]}}}
+    card = card_text(lnfree, "hf", control_ce=2.95)
+    head = _front_matter(card)
+    assert "base_model: openai-community/gpt2" in head and "layernorm-free" in head
+    assert "LoRA (rank 64" in card and "| vanilla control | 2.9500 |" in card and FP16_WARNING in card
+    vanilla = {**lnfree, "all_removed": False, "sigmas": {},
+               "config": {**lnfree["config"], "model": {"name": "w", "source": "builtin:w128"}}}
+    card = card_text(vanilla, "hf")
+    assert "base_model" not in _front_matter(card) and "vanilla-finetune" in _front_matter(card)
+    assert FP16_WARNING not in card and "vanilla control" in card.split("\n")[card.split("\n").index("---", 1) + 1]

@@ -1,9 +1,14 @@
 """`make bench`: the cost of the removal machinery and the speed of the LN-free model, on this machine.
 
-    python -m lnfree.bench.cpu [--reps 7] [--shapes builtin_2x128 gpt2_small] [--out experiments/bench/cpu.json]
+    python -m lnfree.bench.cpu [--reps 7] [--shapes builtin_2x128 gpt2_small] [--precisions fp32 bf16]
+                               [--out experiments/bench/cpu.json]
 
-All timings in one process, on the same shapes, alternating A and B in every repetition (so drift and
-noise hit both), reporting medians and the ratio of medians:
+All timings in one process, on the same shapes, alternating A and B in every repetition in a rotating order
+(so drift and noise hit both), reporting per variant the median and quartiles of the per-repetition ratios to
+stock (each repetition pairs a variant's call with stock's call in the same repetition), plus medians and the
+ratio of medians in the JSON; repetitions: --reps x the shape's rep_scale. The table shows the paired ratios:
+  python -m lnfree.bench.cpu --precisions fp32     # fp32 only (bf16 is emulated, and slow, on CPUs without
+                                                   # avx512_bf16/amx: machine.native_bf16 in the JSON says which)
   a. training step (forward + backward + AdamW step, plus the per-step statistics commit for the removable
      model) of the removable model with every site real, mid-schedule (half removed) and all removed,
      against stock GPT2LMHeadModel, in fp32 and bf16 autocast;
@@ -31,11 +36,11 @@ from ..export import fold
 from ..model import make_removable, parse_site_name
 from .syncs import count_syncs
 
-SHAPES = {
+SHAPES = {  # rep_scale: repetitions = rep_scale x --reps (the small shape is cheap and its ratios are noisier)
     "builtin_2x128": dict(cfg=dict(n_layer=2, n_head=4, n_embd=128, n_positions=256, vocab_size=4096),
-                          train=(16, 256), infer=(16, 256), eval_ctx=256),
+                          train=(16, 256), infer=(16, 256), eval_ctx=256, rep_scale=2),
     "gpt2_small": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),
-                       train=(4, 128), infer=(4, 128), eval_ctx=1024),
+                       train=(4, 128), infer=(4, 128), eval_ctx=1024, rep_scale=1),
 }
 
 
@@ -68,15 +73,17 @@ def _train_step(model, x, opt, autocast, commit):
 
 
 def alternate(fns: dict, reps: int, warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per call of each fn in every repetition, calls interleaved A, B, C, A, B, C, ..."""
+    """Seconds per call of each fn in every repetition. Calls are interleaved, and the order rotates every
+    repetition (A B C, B C A, C A B, ...) so that no fn always runs first or always follows the same one."""
     for fn in fns.values():
         for _ in range(warmup):
             fn()
+    keys = list(fns)
     times = {k: [] for k in fns}
-    for _ in range(reps):
-        for k, fn in fns.items():
+    for r in range(reps):
+        for k in keys[r % len(keys):] + keys[: r % len(keys)]:
             t = time.perf_counter()
-            fn()
+            fns[k]()
             times[k].append(time.perf_counter() - t)
     return times
 
@@ -101,6 +108,7 @@ def paired_ratios(times: dict[str, list[float]], base: str = "stock") -> dict[st
 
 def bench_train(shape, reps, precisions=("fp32", "bf16")):
     s = SHAPES[shape]
+    reps *= s["rep_scale"]
     stock, variants = _models(s["cfg"])
     b, t = s["train"]
     x = torch.randint(0, s["cfg"]["vocab_size"], (b, t))
@@ -114,7 +122,7 @@ def bench_train(shape, reps, precisions=("fp32", "bf16")):
             fns[name] = _train_step(m, x, opt, ac, commit=name != "stock")
         times = alternate(fns, reps)
         med = medians(times)
-        out[prec] = {"median_s": med, "ratio_to_stock": {k: med[k] / med["stock"] for k in variants},
+        out[prec] = {"reps": reps, "median_s": med, "ratio_to_stock": {k: med[k] / med["stock"] for k in variants},
                      "spread": paired_ratios(times)}
     return out
 
@@ -194,8 +202,8 @@ def machine() -> dict:
 
 
 def table(res) -> str:
-    def cell(s):  # ratio of medians [quartiles of the per-repetition ratios]
-        return f"{s['ratio_of_medians']:.3f} [{s['q25']:.3f}, {s['q75']:.3f}]"
+    def cell(s):  # median [quartiles] of the per-repetition ratios: robust to a slow repetition of either side
+        return f"{s['median']:.3f} [{s['q25']:.3f}, {s['q75']:.3f}]"
 
     lines = ["| shape | precision | all real / stock | mid-schedule / stock | all removed / stock | stock step (ms) |",
              "|---|---|---|---|---|---|"]
