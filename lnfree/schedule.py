@@ -117,7 +117,3 @@ def validate(schedule, n_layer: int, max_steps: int) -> list[Event]:
             if any(norm_steps[s] > e.step for s in sites):
                 raise ScheduleError(f"{kind} event at stage {e.block} (step {e.step}) precedes the removal of {sites}")
     return events
-
-
-def last_event_step(events: list[Event]) -> int | None:
-    return max((e.step for e in events), default=None)

@@ -145,3 +145,45 @@ def test_next_token_ce_predicts_the_following_token():
     by_hand = -torch.stack([F.log_softmax(logits[b, t], -1)[x[b, t + 1]] for b in range(2) for t in range(5)])
     assert float(next_token_ce(logits, x)) == pytest.approx(float(by_hand.mean()), rel=1e-6)
     assert float(next_token_ce(logits, x, reduction="sum")) == pytest.approx(float(by_hand.sum()), rel=1e-6)
+
+
+def test_checkpoints_carry_the_run_info_that_the_resume_check_compares(tiny_run):
+    from lnfree.io import RUN_INFO, read_checkpoint
+
+    summary, run = tiny_run
+    info = read_checkpoint(run / "checkpoints" / "last.ckpt")[RUN_INFO]
+    assert info["tokens_per_step"] == summary["tokens_per_step"] == 4 * 64
+    assert [tuple(e) for e in info["events"]] == [(e["site"], e["step"]) for e in summary["events"]]
+
+
+def test_token_counter_is_an_exact_integer_and_callback_state_round_trips():
+    from types import SimpleNamespace as NS
+
+    from lnfree.training.module import LNFreeModule
+
+    _, model = stock_and_removable()
+    module = LNFreeModule(model, NS())
+    assert module.tokens_seen.dtype == torch.int64  # a float32 counter would stop counting exactly at 2^24 tokens
+    assert module.run_info == {} and module.aux_weight == 0.0 and module.lr_scale == 1.0  # the documented defaults
+    assert module.max_steps == 1 and module._use_compile is False and module._sharded is False
+    cb = LNRemovalCallback([])
+    cb.load_state_dict({})  # a checkpoint written before the log existed
+    assert cb.applied == []
+    cb.load_state_dict({"applied": [{"site": "ln2.0", "step": 4}]})
+    assert cb.state_dict() == {"applied": [{"site": "ln2.0", "step": 4}]}
+
+
+def test_final_residual_is_kept_only_for_a_training_step_with_the_aux_loss():
+    from types import SimpleNamespace as NS
+
+    from lnfree.training.module import LNFreeModule
+
+    _, model = stock_and_removable()
+    x = ids(2, 16)
+    for aux, training, kept in ((0.1, True, True), (0.1, False, False), (0.0, True, False)):
+        module = LNFreeModule(model, NS(), aux_weight=aux)
+        module.train(training)
+        module(x)
+        assert (module._final_resid is not None) == kept, (aux, training)
+        if kept:  # ln_f's input: [batch, pos, d]
+            assert module._final_resid.shape == (2, 16, model.config.n_embd)
