@@ -187,3 +187,34 @@ def test_final_residual_is_kept_only_for_a_training_step_with_the_aux_loss():
         assert (module._final_resid is not None) == kept, (aux, training)
         if kept:  # ln_f's input: [batch, pos, d]
             assert module._final_resid.shape == (2, 16, model.config.n_embd)
+
+
+def test_throughput_counts_optimizer_steps_after_the_warm_up_and_excludes_validation(monkeypatch):
+    from lnfree.training import callbacks
+    from lnfree.training.callbacks import Throughput
+
+    clock = [100.0]
+    monkeypatch.setattr(callbacks.time, "perf_counter", lambda: clock[0])
+    logged = {}
+    module = SimpleNamespace(log=lambda k, v: logged.__setitem__(k, v))
+    trainer = SimpleNamespace(global_step=0)
+    cb = Throughput(tokens_per_step=1000, skip=2)
+
+    def micro_batch(seconds, steps_after):
+        cb.on_train_batch_start(trainer, module, None, 0)
+        clock[0] += seconds
+        trainer.global_step = steps_after
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+
+    micro_batch(9.0, 1)   # step 1: warm-up, not counted
+    micro_batch(9.0, 2)   # step 2: still warm-up (counted only after `skip` steps)
+    assert cb.tokens_per_s is None and not logged
+    micro_batch(1.0, 2)   # a micro-batch inside an accumulation window: no optimizer step yet
+    micro_batch(1.0, 3)   # step 3 completes: 2 s for one step
+    cb.on_validation_start(trainer, module)
+    clock[0] += 50.0      # validation time is not training time
+    micro_batch(2.0, 4)   # step 4: 2 s
+    assert cb.steps == 2 and cb.seconds == pytest.approx(4.0)
+    assert cb.tokens_per_s == pytest.approx(2 * 1000 / 4.0)
+    assert logged == {"perf/tokens_per_s": pytest.approx(500.0)}
+    assert Throughput(1000).skip == 3 and Throughput(1000).tokens_per_s is None  # the default warm-up

@@ -67,24 +67,26 @@ def main(argv=None):
     total = collections.Counter()
     for c in by_mod.values():
         total.update(c)
-    n_eq = total["equivalent"]
-    scored = sum(total.values()) - n_eq
+    n_eq, unrun = total["equivalent"], total["not checked"]  # not checked: a run stopped before reaching them
+    scored = sum(total.values()) - n_eq - unrun
     score = total["killed"] / scored if scored else float("nan")
-    survivors = [n for n, s in st.items() if s != "killed" and n not in eq]
+    survivors = [n for n, s in st.items() if s not in ("killed", "not checked") and n not in eq]
     lines = [f"# {a.title}", "",
              f"Tool: mutmut {_mutmut('--version').split()[-1]} (`make mutation`; config in pyproject.toml "
              "`[tool.mutmut]`: the modules mutated and the fast test selection). Report written "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by experiments/quality/mutation_report.py.",
              "", a.note, "",
-             f"**Score: {total['killed']} killed of {scored} non-equivalent mutants = {100 * score:.1f}%** "
-             f"({sum(total.values())} generated, {n_eq} equivalent, {len(survivors)} not killed).", "",
-             "| module | generated | killed | equivalent | survived | no tests | timeout | other |",
-             "|---|---|---|---|---|---|---|---|"]
+             f"**Score: {total['killed']} killed of {scored} non-equivalent mutants run = {100 * score:.1f}%** "
+             f"({sum(total.values())} generated, {sum(total.values()) - unrun} run, {n_eq} equivalent, "
+             f"{len(survivors)} not killed" + (f"; {unrun} not run yet" if unrun else "") + ").", "",
+             "| module | generated | run | killed | equivalent | survived | no tests | timeout | other |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    known = ("killed", "equivalent", "survived", "no tests", "timeout", "not checked")
     for mod in sorted(by_mod):
         c = by_mod[mod]
-        other = sum(v for k, v in c.items() if k not in ("killed", "equivalent", "survived", "no tests", "timeout"))
-        lines.append(f"| {mod} | {sum(c.values())} | {c['killed']} | {c['equivalent']} | {c['survived']} | "
-                     f"{c['no tests']} | {c['timeout']} | {other} |")
+        other = sum(v for k, v in c.items() if k not in known)
+        lines.append(f"| {mod} | {sum(c.values())} | {sum(c.values()) - c['not checked']} | {c['killed']} | "
+                     f"{c['equivalent']} | {c['survived']} | {c['no tests']} | {c['timeout']} | {other} |")
     if eq:
         lines += ["", "## Equivalent mutants (cannot change behaviour)", "", "| mutant | why |", "|---|---|"]
         lines += [f"| `{n}` | {r} |" for n, r in sorted(eq.items()) if n in st]
