@@ -218,3 +218,29 @@ def test_throughput_counts_optimizer_steps_after_the_warm_up_and_excludes_valida
     assert cb.tokens_per_s == pytest.approx(2 * 1000 / 4.0)
     assert logged == {"perf/tokens_per_s": pytest.approx(500.0)}
     assert Throughput(1000).skip == 3 and Throughput(1000).tokens_per_s is None  # the default warm-up
+
+
+def test_training_starts_from_calibrated_estimates_unless_restored():
+    """A removal event at step 0 freezes the calibration estimate: on_train_start must have made it."""
+    import copy
+
+    _, model = stock_and_removable()
+    batch = ids(4, 32, seed=5)
+    reference = copy.deepcopy(model)
+    reference.calibrate(batch)
+    dm = SimpleNamespace(calibration_batch=lambda: batch)
+    trainer = SimpleNamespace(global_step=0, world_size=1, datamodule=dm, loggers=[])
+    module = SimpleNamespace(model=model, device=torch.device("cpu"))
+    events = build_events({"ln2": {"start": 0, "gap": 0}, "ln1qk": {"gap": 1}, "ln1v": {"gap": 1}, "lnf": {}}, 2)
+    cb = LNRemovalCallback(events)
+    cb.on_train_start(trainer, module)
+    for name, site in model.sites().items():
+        assert torch.equal(site.running.nan_to_num(-1), reference.sites()[name].running.nan_to_num(-1)), name
+        assert torch.isfinite(site.running[ORDINARY])
+    step0 = [e.name for e in events if e.step == 0]
+    assert "ln2.0" in step0 and [r["site"] for r in cb.applied] == step0  # step-0 events, at the calibrated sigma
+    assert cb.applied[0]["sigma"] == pytest.approx(float(reference.site("ln2", 0).running[ORDINARY]))
+    restored = {n: s.running.clone() for n, s in model.sites().items()}
+    dm.calibration_batch = lambda: ids(4, 32, seed=6)  # a restored run keeps its estimates: no recalibration
+    LNRemovalCallback(events).on_train_start(trainer, module)
+    assert all(torch.equal(s.running.nan_to_num(-1), restored[n].nan_to_num(-1)) for n, s in model.sites().items())
