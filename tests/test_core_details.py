@@ -89,7 +89,20 @@ def test_statistics_are_committed_once_per_optimizer_step_under_accumulation():
     pooled = float(torch.cat(stds).mean())
     assert float(site.running[ORDINARY]) == pytest.approx(0.8 * r0 + 0.2 * pooled, rel=1e-5)
     cb.on_train_batch_end(trainer, module, None, None, 2)  # the same step again: no second commit
-    assert float(site.running[ORDINARY]) == pytest.approx(0.8 * r0 + 0.2 * pooled, rel=1e-5)
+    r1 = float(site.running[ORDINARY])
+    assert r1 == pytest.approx(0.8 * r0 + 0.2 * pooled, rel=1e-5)
+    model(ids(2, 16, seed=4))  # the first micro-batch of the next accumulation window (step 1 -> 2)
+    cb.on_train_batch_end(trainer, module, None, None, 3)
+    assert float(site.running[ORDINARY]) == r1 and float(site.acc[1, ORDINARY]) == 2 * 16  # held for the step
+
+
+def test_rank_checks_happen_only_under_data_parallelism(tiny_run):
+    from lnfree.training.callbacks import check_ranks_agree
+
+    summary, _ = tiny_run
+    assert summary["world_size"] == 1 and summary["rank_checks"] == 0  # one process: nothing to compare
+    _, model = stock_and_removable()
+    assert check_ranks_agree(model, 0) is False
 
 
 def test_events_fire_at_their_step_and_never_twice():
