@@ -257,3 +257,24 @@ def test_training_starts_from_calibrated_estimates_unless_restored():
     dm.calibration_batch = lambda: ids(4, 32, seed=6)  # a restored run keeps its estimates: no recalibration
     LNRemovalCallback(events).on_train_start(trainer, module)
     assert all(torch.equal(s.running.nan_to_num(-1), restored[n].nan_to_num(-1)) for n, s in model.sites().items())
+
+
+def test_special_sigma_events_apply_once_and_survive_a_restore():
+    _, model = stock_and_removable()
+    model.config.lnfree_special_bos = model.config.lnfree_special_eot = True
+    model.calibrate(ids(4, 32, seed=3))
+    events = build_events({"ln2": {"start": 0, "gap": 0}, "ln1qk": {"gap": 0}, "ln1v": {"gap": 0}, "lnf": {},
+                           "bos": {"start": 2, "gap": 1}, "eot": {"start": 3, "gap": 1}}, 2)
+    special = [e.name for e in events if e.kind in ("bos", "eot")]
+    assert special and all(e.step >= 2 for e in events if e.kind in ("bos", "eot"))
+    cb, module = LNRemovalCallback(events), SimpleNamespace(model=model)
+    trainer = SimpleNamespace(global_step=0, loggers=[])
+    for step in range(12):
+        trainer.global_step = step
+        new = cb.apply_due(trainer, module)
+        assert [r["site"] for r in new] == [e.name for e in events if e.step == step]
+    assert [r["site"] for r in cb.applied] == [e.name for e in events]  # each exactly once
+    assert not any(s.special_active for s in model.sites().values())
+    restored = LNRemovalCallback(events)  # a resume: the log comes back with the checkpoint
+    restored.load_state_dict(cb.state_dict())
+    assert restored.apply_due(trainer, module) == []
