@@ -83,6 +83,30 @@ def compose_train(tmp_path, *overrides):
                                            f"paths.cache_dir={tmp_path}/cache", *overrides])
 
 
+class SimulatedCrash(RuntimeError):
+    pass
+
+
+def train_until_crash(cfg, monkeypatch, step: int) -> Path:
+    """train(cfg) with the removal callback raising SimulatedCrash right after optimizer step `step`, as a crash
+    would; returns the on-exception checkpoint the run left (what a resume starts from)."""
+    from lnfree.training.callbacks import LNRemovalCallback
+    from lnfree.training.train import train
+
+    original = LNRemovalCallback.on_train_batch_end
+
+    def crash(self, trainer, *args):
+        original(self, trainer, *args)
+        if trainer.global_step == step:
+            raise SimulatedCrash(f"simulated crash at step {step}")
+
+    with monkeypatch.context() as m:
+        m.setattr(LNRemovalCallback, "on_train_batch_end", crash)
+        with pytest.raises(SimulatedCrash):
+            train(cfg)
+    return Path(cfg.paths.output_dir) / "checkpoints" / f"on_exception_step{step:06d}.ckpt"
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One finished TINY_RUN (every site removed, both exports), shared by the tests that only read a run:

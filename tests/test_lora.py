@@ -2,12 +2,11 @@
 
 import pytest
 import torch
-from conftest import TINY_RUN, calibrated_all_removed, compose_train, ids, stock_and_removable
+from conftest import TINY_RUN, calibrated_all_removed, compose_train, ids, stock_and_removable, train_until_crash
 
 from lnfree.io import model_from_checkpoint, read_checkpoint
 from lnfree.lora import apply_lora, merged_copy
 from lnfree.model import parse_site_name
-from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.config import LimitError
 from lnfree.training.train import train
 
@@ -110,24 +109,9 @@ def test_lora_run_removes_every_site_and_exports_the_merged_model(lora_run):
     assert (_logits(hf, x) - ref).abs().max() / ref.abs().max() < 1e-4
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def test_lora_run_resumes_exactly(lora_run, tmp_path, monkeypatch):
     full, full_dir = lora_run
-    original = LNRemovalCallback.on_train_batch_end
-
-    def crash_at_12(self, trainer, *args):
-        original(self, trainer, *args)
-        if trainer.global_step == 12:
-            raise _Crash("simulated crash")
-
-    monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", crash_at_12)
-    with pytest.raises(_Crash):
-        train(compose_train(tmp_path, *LORA_RUN))
-    monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", original)
-    ckpt = tmp_path / "checkpoints" / "on_exception_step000012.ckpt"
+    ckpt = train_until_crash(compose_train(tmp_path, *LORA_RUN), monkeypatch, step=12)
     resumed = train(compose_train(tmp_path, *LORA_RUN, f"ckpt_path={ckpt}"))
     assert resumed["sigmas"] == full["sigmas"]
     assert resumed["val_ce"] == full["val_ce"]

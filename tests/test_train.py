@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, compose_train
+from conftest import ROOT, TINY_RUN, compose_train, train_until_crash
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
@@ -98,25 +98,9 @@ def test_end_to_end_tiny_run_removes_everything_and_exports(tiny_run):
     assert "lnfree/sigma/lnf" in metrics and "val/ce" in metrics and "train/aux" in metrics
 
 
-class _Crash(RuntimeError):
-    pass
-
-
 def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path, monkeypatch, tiny_run):
     full, _ = tiny_run
-
-    original = LNRemovalCallback.on_train_batch_end
-
-    def crash_at_12(self, trainer, *args):
-        original(self, trainer, *args)
-        if trainer.global_step == 12:
-            raise _Crash("simulated crash")
-
-    monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", crash_at_12)
-    with pytest.raises(_Crash):
-        train(compose_train(tmp_path / "part", *TINY_RUN))
-    monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", original)
-    ckpt = tmp_path / "part" / "checkpoints" / "on_exception_step000012.ckpt"
+    ckpt = train_until_crash(compose_train(tmp_path / "part", *TINY_RUN), monkeypatch, step=12)
     assert ckpt.exists()
     state = read_checkpoint(ckpt)
     assert state["global_step"] == 12
