@@ -110,6 +110,6 @@ def save_folded(model: FoldedGPT2, out_dir: str | Path):
 def load_folded(path: str | Path, device="cpu") -> FoldedGPT2:
     cfg = FoldedConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
     model = FoldedGPT2(cfg)
-    model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE), device=str(device)))
-    return model.eval()
+    model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))  # copied into the CPU model's parameters
+    return model.to(device).eval()
 

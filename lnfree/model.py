@@ -220,6 +220,6 @@ def save_removable(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokeniz
 def load_removable(path: str | Path, device="cpu") -> RemovableGPT2LMHeadModel:
     config = GPT2Config.from_pretrained(path)
     model = RemovableGPT2LMHeadModel(config)
-    # load_model goes through load_state_dict, which refreshes every site's mode mirror
-    load_model(model, str(Path(path) / "removable.safetensors"), device=str(device))
-    return model
+    # load_model goes through load_state_dict (copying into the CPU model), which refreshes every site's mode mirror
+    load_model(model, str(Path(path) / "removable.safetensors"))
+    return model.to(device)

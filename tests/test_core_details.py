@@ -278,3 +278,45 @@ def test_special_sigma_events_apply_once_and_survive_a_restore():
     restored = LNRemovalCallback(events)  # a resume: the log comes back with the checkpoint
     restored.load_state_dict(cb.state_dict())
     assert restored.apply_due(trainer, module) == []
+
+
+def test_training_and_validation_steps_compute_and_log_what_the_dashboards_read():
+    from lnfree.training.module import LNFreeModule
+
+    class LogRecorder(LNFreeModule):
+        """Records each self.log call (value and options) instead of handing it to a Trainer."""
+
+        def log(self, name, value, **options):
+            self.logged[name] = (value, options)
+
+    _, model = stock_and_removable()
+    x = ids(2, 16)
+    x[0, 5] = x[1, 9] = model.config.eos_token_id  # end-of-text tokens are left out of the aux target
+    groups = [{"lr": 3e-4}, {"lr": 1.0}]  # the first group's LR is the one logged
+    for aux_weight in (0.0, 0.25):
+        module = LogRecorder(model, SimpleNamespace(), aux_weight=aux_weight)
+        module.logged = {}
+        module.trainer = SimpleNamespace(world_size=3, optimizers=[SimpleNamespace(param_groups=groups)])
+        module.train()
+        logits = module(x)  # the same forward the step makes (no dropout): expected values by hand
+        ce = next_token_ce(logits, x)
+        aux = residual_std_aux(module._final_resid, x, model.config.eos_token_id) if aux_weight else None
+        out = module.training_step(x, 0)
+        module.training_step(x, 1)
+        assert module._final_resid is None  # not kept past its step
+        expected_loss = ce + aux_weight * aux if aux_weight else ce
+        assert float(out["loss"]) == pytest.approx(float(expected_loss), rel=1e-6)
+        assert float(out["ce"]) == pytest.approx(float(ce), rel=1e-6) and not out["ce"].requires_grad
+        names = {"train/ce", "train/loss", "train/tokens_seen", "train/lr"} | ({"train/aux"} if aux_weight else set())
+        assert set(module.logged) == names
+        assert module.logged["train/ce"][1] == {"prog_bar": True}
+        assert float(module.logged["train/loss"][0]) == pytest.approx(float(expected_loss), rel=1e-6)
+        if aux_weight:
+            assert float(module.logged["train/aux"][0]) == pytest.approx(float(aux), rel=1e-6)
+        assert module.logged["train/tokens_seen"] == (pytest.approx(2 * (2 * 16 * 3)), {"reduce_fx": "max"})
+        assert module.logged["train/lr"] == (3e-4, {})
+    module.eval()
+    module.validation_step(x, 0)
+    value, options = module.logged["val/ce"]
+    assert float(value) == pytest.approx(float(next_token_ce(module(x), x)), rel=1e-6)
+    assert options == {"prog_bar": True, "sync_dist": True, "batch_size": 2}  # mean over ranks, weighted by batch

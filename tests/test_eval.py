@@ -1,5 +1,4 @@
 import json
-import math
 
 import numpy as np
 import pytest
@@ -10,7 +9,6 @@ from transformers import GPT2LMHeadModel
 from lnfree.analysis.eval_config import EvalError
 from lnfree.analysis.eval_data import keep_seen, seen_tokens
 from lnfree.analysis.evaluate import evaluate
-from lnfree.analysis.metrics import ece, jsd, summarize
 from lnfree.analysis.tables import markdown_table
 from lnfree.data import corpus
 from lnfree.io import ModelIOError
@@ -54,24 +52,6 @@ def test_filter_drops_exactly_chunks_with_unseen_tokens():
     mask = seen_tokens(iter(["hello world", "goodbye"]), tok, len(tok), max_docs=1)
     ids = tok("hello world")["input_ids"]
     assert mask[ids].all() and mask.sum() == len(set(ids))  # only the first document counted
-
-
-def test_statistics_on_known_inputs():
-    ce = np.arange(1, 101, dtype=float).reshape(10, 10)
-    ones = np.ones_like(ce)
-    s = summarize({"ce": ce, "entropy": ones, "correct": ones, "maxprob": ones}, n_boot=200, seed=0)
-    assert s["mean"] == 50.5 and s["median"] == 50.5
-    assert s["p2.5"] == pytest.approx(np.percentile(ce, 2.5)) and s["p99.95"] == pytest.approx(99.9505)
-    assert s["ci95_low"] < 50.5 < s["ci95_high"]
-    assert s["accuracy"] == 1.0 and s["ece"] == 0.0
-    # ECE: confidence 0.9 but 50% right in one bin, confidence 0.55 and 100% right in another
-    conf = np.array([0.9, 0.9, 0.55, 0.55])
-    correct = np.array([1.0, 0.0, 1.0, 1.0])
-    assert ece(conf, correct) == pytest.approx(0.5 * 0.4 + 0.5 * 0.45)
-    logp = torch.log_softmax(torch.randn(3, 5, 11), -1)
-    assert torch.allclose(jsd(logp, logp), torch.zeros(3, 5), atol=1e-6)
-    p = torch.log(torch.tensor([1.0, 1e-12])), torch.log(torch.tensor([1e-12, 1.0]))
-    assert jsd(*p).item() == pytest.approx(math.log(2), abs=1e-6)  # disjoint supports: the maximum
 
 
 def test_table_marks_gap_to_best():

@@ -102,3 +102,95 @@ def test_bf16_hf_export_allowed(tmp_path):
     stock = to_stock_gpt2(model, torch.bfloat16)
     assert stock.dtype == torch.bfloat16
     assert _rel(stock(ids()).logits.float(), model(ids()).logits) < 0.05
+
+
+class _SavesConfig:
+    """A tokenizer whose save_pretrained writes a given tokenizer_config.json (what transformers 5.x writes)."""
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    def save_pretrained(self, out_dir):
+        (out_dir / "tokenizer_config.json").write_text(json.dumps(self.cfg))
+
+
+@pytest.mark.parametrize("written", ["TokenizersBackend", "PreTrainedTokenizerFast", None])
+def test_save_tokenizer_names_a_class_both_transformers_majors_know(tmp_path, written):
+    from lnfree.export import save_tokenizer
+
+    cfg = {"backend": "tokenizers", "is_local": True, "local_files_only": False, "model_max_length": 1024}
+    if written:
+        cfg["tokenizer_class"] = written
+    else:  # an older save: no class and none of the load-time keys
+        cfg = {"model_max_length": 1024}
+    save_tokenizer(_SavesConfig(cfg), tmp_path)
+    text = (tmp_path / "tokenizer_config.json").read_text()
+    expected = {"model_max_length": 1024, "tokenizer_class": "GPT2TokenizerFast"}  # load-time keys dropped
+    assert json.loads(text) == expected
+    assert text == json.dumps(json.loads(text), indent=2) + "\n"  # readable, diffable
+
+
+def test_save_tokenizer_keeps_a_class_it_did_not_write(tmp_path):
+    from lnfree.export import save_tokenizer
+
+    cfg = {"tokenizer_class": "MyTokenizer", "backend": "custom"}  # a user's own tokenizer: left exactly as saved
+    save_tokenizer(_SavesConfig(cfg), tmp_path)
+    assert json.loads((tmp_path / "tokenizer_config.json").read_text()) == cfg
+
+
+def test_folded_model_masks_padding_keys_and_takes_position_ids():
+    _, model = calibrated_all_removed()
+    folded = fold(model)
+    x = ids(2, 24, seed=5)
+    mask = torch.ones_like(x)
+    mask[0, :6] = 0  # left padding: real tokens must not see the pads, and must start at position 0
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    a = folded(x, attention_mask=mask, position_ids=pos)
+    real = mask.bool()
+    assert _rel(a[real], model(x, attention_mask=mask, position_ids=pos).logits[real]) <= 1e-5
+    assert _rel(a[0, 6:], folded(x[:1, 6:])[0]) <= 1e-5  # = the same tokens without padding
+
+
+def test_folded_model_builds_positions_and_mask_on_the_input_device():
+    _, model = calibrated_all_removed()
+    folded = fold(model).to("meta")  # a device other than the CPU, on a machine without a GPU
+    x = ids(2, 16).to("meta")
+    assert folded(x).device.type == "meta"
+    assert folded(x, attention_mask=torch.ones_like(x)).shape == (2, 16, model.config.vocab_size)
+
+
+def test_folded_model_refuses_an_unknown_activation():
+    from lnfree.folded import ACTIVATIONS, FoldedConfig
+
+    _, model = calibrated_all_removed()
+    cfg = fold(model).config
+    with pytest.raises(ValueError, match=r"activation 'swish' not supported; \['gelu"):
+        FoldedGPT2(FoldedConfig(**{**cfg.__dict__, "activation_function": "swish"}))
+    assert "gelu_new" in ACTIVATIONS
+
+
+def test_folded_export_verifies_on_the_given_ids_writes_its_record_and_overwrites(tmp_path):
+    from lnfree.export import logits_error
+    from lnfree.io import EXPORT_INFO
+
+    _, model = calibrated_all_removed()
+    x = ids(3, 20, seed=9)
+    out = tmp_path / "nested" / "dir" / "folded"  # parents are made
+    err = export_folded(model, out, input_ids=x)
+    assert err == logits_error(model, fold(model), x)
+    record = json.loads((out / EXPORT_INFO).read_text())
+    assert record["form"] == "folded" and record["relative_error"] == err and record["sigmas"] == model.sigmas()
+    assert export_folded(model, out, input_ids=x, tol=err) == err  # the tolerance is inclusive; re-export overwrites
+    with pytest.raises(ExportError, match=r"folded export differs from the model: relative error .* > 0e\+00"):
+        export_folded(model, tmp_path / "strict", input_ids=x, tol=0.0)
+    assert isinstance(load_folded(out), FoldedGPT2)
+
+
+def test_exports_load_onto_the_device_asked_for(tmp_path):
+    from lnfree.model import load_removable, save_removable
+
+    _, model = calibrated_all_removed()
+    export_folded(model, tmp_path / "folded")
+    save_removable(model, tmp_path / "removable")
+    for loaded in (load_folded(tmp_path / "folded", device="meta"), load_removable(tmp_path / "removable", "meta")):
+        assert {p.device.type for p in loaded.parameters()} == {"meta"}

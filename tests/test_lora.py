@@ -129,3 +129,65 @@ def test_bad_lora_configs_are_refused_before_any_compute(tmp_path):
     with pytest.raises(LimitError, match="finetune.rank"):
         train(compose_train(tmp_path, *LORA_RUN, "finetune.rank=0"))
     assert not (tmp_path / "checkpoints").exists()
+
+
+def test_adapter_settings_reach_peft():
+    from lnfree.lora import lora_settings
+
+    _, model = stock_and_removable()
+    settings = dict(r=3, alpha=12.0, dropout=0.25, target_modules=["c_attn", "c_fc"], train_norms=True)
+    apply_lora(model, settings)
+    block = model.transformer.h[1]
+    for module in (block.attn.c_attn, block.mlp.c_fc):
+        assert module.lora_A["default"].weight.shape[0] == 3 and module.scaling["default"] == 12.0 / 3
+        assert module.lora_dropout["default"].p == 0.25
+    assert not hasattr(block.attn.c_proj, "lora_A") and not hasattr(block.mlp.c_proj, "lora_A")  # not targeted
+    assert block.mlp.c_fc.lora_B["default"].bias is None  # bias="none": only A and B train
+    cfg = type("Cfg", (), dict(rank=3, alpha=12, dropout=0.25, target_modules=("c_attn", "c_fc"), train_norms=True))
+    assert lora_settings(cfg) == settings
+    assert lora_settings(type("Cfg", (cfg,), {"train_norms": False}))["train_norms"] is False
+
+
+def test_no_warning_about_lnfree_own_split_projection():
+    import warnings
+
+    _, model = stock_and_removable()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        apply_lora(model, SETTINGS)
+    assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
+
+
+def test_lora_without_peft_says_what_to_install(monkeypatch):
+    import sys
+
+    from lnfree.lora import _peft
+
+    monkeypatch.setitem(sys.modules, "peft", None)  # as if the `lora` extra were not installed
+    with pytest.raises(ImportError, match=r"^finetune=lora needs peft: pip install 'lnfree\[lora\]'$"):
+        _peft()
+
+
+def test_split_qkv_lora_with_fp32_adapters_on_a_bf16_base_and_when_disabled():
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32, seed=3))
+    model.remove("ln1qk", 0)  # block 0's c_attn now reads the split input
+    _adapted(model)
+    x = ids()
+    lora = model.transformer.h[0].attn.c_attn
+    captured = {}
+    h = model.transformer.h[0].ln_1.register_forward_hook(lambda m, i, o: captured.__setitem__("out", o))
+    model(x)
+    h.remove()
+    split = captured["out"]
+    with torch.no_grad():
+        ref = lora(split)
+        base_only = lora.get_base_layer()(split)
+        lora.enable_adapters(False)  # disabled adapters: the base projection alone
+        assert torch.equal(lora(split), base_only)
+        lora.enable_adapters(True)
+        model.to(torch.bfloat16)  # base in bf16, adapters kept in fp32 (mixed precision)
+        lora.lora_A.float(), lora.lora_B.float()
+        out = lora(split.to(torch.bfloat16))
+    assert out.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), ref, atol=0.05 * ref.abs().max())

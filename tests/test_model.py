@@ -304,3 +304,39 @@ def test_no_host_sync_from_the_removal_machinery():
         model.remove(k, int(b) if b else None)
     assert count_syncs(step(model, True)) == base
     assert count_syncs(lambda: model.sigmas()) > 0  # the counter does see a sync (sigmas() reads values)
+
+
+def test_site_names_parse_back():
+    from lnfree.model import site_name
+
+    assert parse_site_name("lnf") == ("lnf", None)
+    assert parse_site_name("ln1qk.3") == ("ln1qk", 3)
+    _, model = stock_and_removable()
+    for name in model.sites():
+        assert site_name(*parse_site_name(name)) == name
+
+
+def test_save_removable_makes_parents_overwrites_and_keeps_the_tokenizer(tmp_path):
+    import json
+
+    from lnfree.data import corpus
+
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32))
+    model.remove("ln2", 0)
+    out = tmp_path / "a" / "b"
+    save_removable(model, out)
+    save_removable(model, out, tokenizer=corpus.load_tokenizer())  # a second save into the same folder
+    assert json.loads((out / "lnfree.json").read_text()) == {"sigmas": model.sigmas()}
+    assert (out / "tokenizer.json").exists()
+    assert load_removable(out).sigmas() == model.sigmas()
+
+
+def test_non_embedding_params_leaves_out_token_and_position_embeddings():
+    from lnfree.model import non_embedding_params
+
+    _, model = stock_and_removable()
+    c = model.config
+    d, L = c.n_embd, c.n_layer
+    per_block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
+    assert non_embedding_params(model) == L * per_block + 2 * d  # + ln_f; the unembedding is tied to wte

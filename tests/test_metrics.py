@@ -1,0 +1,110 @@
+"""The evaluation's metric functions (lnfree/analysis/metrics.py) against hand computations on made-up inputs."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from lnfree.analysis.metrics import bootstrap_ci, ece, jsd, summarize, token_stats
+
+
+def hand_ece(conf, correct, bins):
+    """L1 expected calibration error with `bins` equal-width bins (right-closed, like torchmetrics), in float64."""
+    conf, correct = np.asarray(conf, np.float64), np.asarray(correct, np.float64)
+    which = np.clip(np.ceil(conf * bins) - 1, 0, bins - 1)
+    return sum(abs(conf[which == b].mean() - correct[which == b].mean()) * (which == b).mean()
+               for b in range(bins) if (which == b).any())
+
+
+def test_token_stats_by_hand():
+    torch.manual_seed(0)
+    logit = torch.randn(2, 5, 7)
+    logit[0, 0] = torch.tensor([0.0, 50.0, 0, 0, 0, 0, 0])  # a near-certain, correct prediction: CE ~ 1e-21
+    ids = torch.randint(0, 7, (2, 5))
+    ids[0, 1] = 1
+    stats, logp = token_stats(logit, ids)
+    p = torch.softmax(logit[:, :-1].double(), -1)
+    for b in range(2):
+        for t in range(4):
+            target = ids[b, t + 1]
+            assert stats["ce"][b, t].item() == pytest.approx(-math.log(p[b, t, target]), abs=1e-5)
+            assert stats["entropy"][b, t].item() == pytest.approx(-(p[b, t] * p[b, t].log()).sum().item(), abs=1e-5)
+            assert stats["correct"][b, t].item() == float(p[b, t].argmax() == target)
+            assert stats["maxprob"][b, t].item() == pytest.approx(p[b, t].max().item(), abs=1e-6)
+    assert stats["ce"][0, 0].item() < 1e-6 and stats["correct"][0, 0].item() == 1.0
+    assert stats["ce"].shape == stats["entropy"].shape == (2, 4)
+    assert torch.allclose(logp.exp(), p.float(), atol=1e-6)
+
+
+def test_jsd_bounds():
+    logp = torch.log_softmax(torch.randn(3, 5, 11), -1)
+    assert torch.allclose(jsd(logp, logp), torch.zeros(3, 5), atol=1e-6)
+    p = torch.log(torch.tensor([1.0, 1e-12])), torch.log(torch.tensor([1e-12, 1.0]))
+    assert jsd(*p).item() == pytest.approx(math.log(2), abs=1e-6)  # disjoint supports: the maximum
+
+
+def test_ece_by_hand_with_the_bins_asked_for():
+    # confidence 0.9 but 50% right in one bin, confidence 0.55 and 100% right in another
+    conf, correct = np.array([0.9, 0.9, 0.55, 0.55]), np.array([1.0, 0.0, 1.0, 1.0])
+    assert ece(conf, correct) == pytest.approx(0.5 * 0.4 + 0.5 * 0.45)
+    rng = np.random.default_rng(0)
+    conf, correct = rng.uniform(0.05, 1, 500), rng.integers(0, 2, 500).astype(float)
+    for bins in (10, 4):  # 10 is the default; torchmetrics' own default (15) gives another number
+        assert ece(conf, correct, bins=bins) == pytest.approx(hand_ece(conf, correct, bins), abs=1e-12)
+    assert ece(conf, correct) == pytest.approx(hand_ece(conf, correct, 10), abs=1e-12)
+    assert abs(hand_ece(conf, correct, 10) - hand_ece(conf, correct, 15)) > 1e-4
+
+
+def test_ece_over_millions_of_float32_confidences_is_exact():
+    # per-token maxprob arrives as float32; summed in float32 over ~1e6 tokens a bin's mean would drift
+    conf = np.full(2_000_000, 0.7, np.float32)
+    correct = np.zeros(conf.size)
+    correct[: conf.size // 2] = 1
+    assert ece(conf, correct) == pytest.approx(float(np.float32(0.7)) - 0.5, abs=1e-9)
+
+
+def test_bootstrap_ci_is_the_percentile_bootstrap_over_whole_units():
+    samples = np.random.default_rng(1).normal(size=(40, 3))  # 40 units of 3 correlated values
+    stat = lambda x: float(x.mean())  # noqa: E731
+    lo, hi = bootstrap_ci(samples, stat=stat)
+    rng = np.random.default_rng(0)  # default seed 0, 1000 resamples of whole rows, 95%
+    boots = [stat(samples[rng.integers(0, 40, 40)]) for _ in range(1000)]
+    assert (lo, hi) == pytest.approx((np.percentile(boots, 2.5), np.percentile(boots, 97.5)), abs=1e-12)
+    assert bootstrap_ci(samples, stat=stat) == (lo, hi)  # seeded: the same interval every time
+    lo90 = bootstrap_ci(samples, stat=stat, n_boot=300, seed=5, level=0.9)
+    rng = np.random.default_rng(5)
+    boots = [stat(samples[i]) for i in rng.integers(0, 40, (300, 40))]
+    assert lo90 == pytest.approx((np.percentile(boots, 5), np.percentile(boots, 95)), abs=1e-12)
+    # a unit that is the only outlier must be resampled too (draws include index 0)
+    outlier = np.zeros(5)
+    outlier[0] = 100.0
+    assert bootstrap_ci(outlier, n_boot=200)[1] > 0
+
+
+def test_summarize_by_hand():
+    rng = np.random.default_rng(2)
+    ce = rng.exponential(3.0, size=(12, 9))
+    per_token = {"ce": ce, "entropy": rng.uniform(0, 5, ce.shape), "correct": rng.integers(0, 2, ce.shape) * 1.0,
+                 "maxprob": rng.uniform(0.1, 1, ce.shape), "jsd": rng.uniform(0, 0.1, ce.shape)}
+    s = summarize(per_token, n_boot=50, seed=3)
+    flat = ce.reshape(-1)
+    expected = {
+        "mean": flat.mean(), "median": np.median(flat),
+        "p2.5": np.percentile(flat, 2.5), "p97.5": np.percentile(flat, 97.5),
+        "p0.05": np.percentile(flat, 0.05), "p99.95": np.percentile(flat, 99.95),
+        "accuracy": per_token["correct"].mean(), "entropy": per_token["entropy"].mean(),
+        "ece": hand_ece(per_token["maxprob"].reshape(-1), per_token["correct"].reshape(-1), 10),
+        "n_tokens": ce.size, "jsd_to_reference": per_token["jsd"].mean(),
+    }
+    lo, hi = bootstrap_ci(ce.mean(1), n_boot=50, seed=3)  # per-chunk means are the resampled units
+    expected.update(ci95_low=lo, ci95_high=hi)
+    assert set(s) == set(expected)
+    for k, v in expected.items():
+        assert s[k] == pytest.approx(v, abs=1e-12), k
+    assert (lo, hi) != bootstrap_ci(ce.mean(1), n_boot=1000, seed=3)
+    assert (lo, hi) != bootstrap_ci(ce.mean(1), n_boot=50, seed=0)
+    assert "jsd_to_reference" not in summarize({k: v for k, v in per_token.items() if k != "jsd"}, 50, 3)
+    ones = np.ones_like(ce)
+    perfect = summarize({"ce": ce, "entropy": ones, "correct": ones, "maxprob": ones}, n_boot=50, seed=0)
+    assert perfect["accuracy"] == 1.0 and perfect["ece"] == 0.0
