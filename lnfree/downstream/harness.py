@@ -25,7 +25,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..io import DEFAULT_CACHE_DIR, ModelIOError, load, resolve
+from ..io import ModelIOError, load, resolve
 from ..paths import CONF_DIR
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -194,4 +194,4 @@ def main(cfg: DictConfig):
     run(cfg)
 
 
-__all__ = ["run", "check", "own_token_ce", "TASKS_DIR", "DEFAULT_CACHE_DIR"]
+__all__ = ["run", "check", "own_token_ce", "TASKS_DIR"]
