@@ -320,3 +320,77 @@ def test_training_and_validation_steps_compute_and_log_what_the_dashboards_read(
     value, options = module.logged["val/ce"]
     assert float(value) == pytest.approx(float(next_token_ce(module(x), x)), rel=1e-6)
     assert options == {"prog_bar": True, "sync_dist": True, "batch_size": 2}  # mean over ranks, weighted by batch
+
+
+def _two_rank_worker(rank, port, out_dir):
+    """One of two CPU processes (gloo): the callback's collectives with different data on each rank."""
+    import json
+
+    import torch.distributed as dist
+
+    from lnfree.training.callbacks import RankDisagreement, _all_reduce_sum, check_ranks_agree
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        _, model = stock_and_removable()  # the same weights on both ranks
+        out = {}
+        t = torch.tensor([rank + 1.0, 10.0])
+        _all_reduce_sum(t)
+        out["sum"] = t.tolist()
+        # each rank calibrates on, then trains on, its own data: the callback keeps the estimates identical
+        cb = LNRemovalCallback([], momentum=0.5)
+        trainer = SimpleNamespace(global_step=0, world_size=2, datamodule=SimpleNamespace(
+            calibration_batch=lambda: ids(2, 16, seed=10 + rank)), loggers=[])
+        module = SimpleNamespace(model=model, device=torch.device("cpu"))
+        cb.on_train_start(trainer, module)
+        out["calibrated"] = float(model.site("ln2", 0).running[ORDINARY])
+        model.train()
+        model(ids(2 + rank, 16, seed=20 + rank))
+        out["acc"] = model.site("ln2", 0).acc[:, ORDINARY].tolist()  # this rank's [sum of stds, count]
+        trainer.global_step = 1
+        cb.on_train_batch_end(trainer, module, None, None, 0)
+        out["running"] = {n: s.running.tolist() for n, s in model.sites().items()}
+        model.remove("ln2", 0)
+        out["agree"] = check_ranks_agree(model, 5)
+        if rank == 1:
+            model.site("ln2", 0).sigma.mul_(1.001)  # a rank that froze another sigma
+        try:
+            check_ranks_agree(model, 7)
+            out["disagree"] = None
+        except RankDisagreement as e:
+            out["disagree"] = str(e)
+        (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_different_data_keep_one_estimate_and_a_disagreement_is_caught(tmp_path):
+    """Two real processes (gloo, CPU): calibration is averaged and per-step statistics are summed across ranks
+    so that every rank holds the same running estimate, and check_ranks_agree raises when frozen sigmas differ."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_two_rank_worker, args=(port, tmp_path), nprocs=2, start_method="fork")
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r0["sum"] == r1["sum"] == [3.0, 20.0]
+    assert r0["running"] == r1["running"]  # bit-identical on both ranks, although their data differ
+    alone = []
+    for rank in (0, 1):  # what each rank alone would have estimated from its calibration batch
+        torch.manual_seed(0)
+        _, m = stock_and_removable()
+        m.calibrate(ids(2, 16, seed=10 + rank))
+        alone.append(float(m.site("ln2", 0).running[ORDINARY]))
+    assert alone[0] != pytest.approx(alone[1], rel=1e-4)
+    assert r0["calibrated"] == r1["calibrated"] == pytest.approx((alone[0] + alone[1]) / 2, rel=1e-6)
+    pooled = (r0["acc"][0] + r1["acc"][0]) / (r0["acc"][1] + r1["acc"][1])  # the step's mean over both ranks
+    assert r0["running"]["ln2.0"][ORDINARY] == pytest.approx(0.5 * r0["calibrated"] + 0.5 * pooled, rel=1e-6)
+    assert r0["agree"] is True and r1["agree"] is True
+    for rank, r in enumerate((r0, r1)):
+        assert r["disagree"].startswith(f"step 7: rank {1 - rank} has sigmas [")
+        assert f"rank {rank} has " in r["disagree"] and "'ln2.0'" in r["disagree"]

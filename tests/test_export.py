@@ -194,3 +194,14 @@ def test_exports_load_onto_the_device_asked_for(tmp_path):
     save_removable(model, tmp_path / "removable")
     for loaded in (load_folded(tmp_path / "folded", device="meta"), load_removable(tmp_path / "removable", "meta")):
         assert {p.device.type for p in loaded.parameters()} == {"meta"}
+
+
+def test_the_verification_batch_is_the_same_every_time():
+    from lnfree.export import check_batch
+
+    _, model = calibrated_all_removed()
+    torch.manual_seed(1)
+    a = check_batch(model)
+    torch.manual_seed(2)  # independent of the global RNG: an export's recorded error can be reproduced
+    assert torch.equal(a, check_batch(model))
+    assert a.shape == (2, min(64, model.config.n_positions)) and int(a.max()) < model.config.vocab_size
