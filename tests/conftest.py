@@ -18,14 +18,23 @@ from lnfree.model import NORM_KINDS, make_removable  # noqa: E402
 
 
 def pytest_collection_modifyitems(items):
-    """Under `make mutation` only: run the fastest tests first (durations from mutmut's own stats file), so that
-    a mutant dies at the first cheap test that catches it instead of after a tiny training run. Order only:
+    """Under `make mutation` only: run the cheapest tests first, so that a mutant dies at the first cheap test
+    that catches it instead of after a tiny training run. Cost: tests sharing a module or session fixture (a
+    training run; its time is not in the test's own duration) last, then mutmut's recorded duration. Order only:
     what each test checks is unchanged, and outside mutmut the order is pytest's."""
     stats = Path("mutmut-stats.json")
     if not os.environ.get("MUTANT_UNDER_TEST") or not stats.exists():
         return
     duration = json.loads(stats.read_text()).get("duration_by_test", {})
-    items.sort(key=lambda item: duration.get(item.nodeid, float("inf")))
+    here = Path(__file__).resolve().parent
+
+    def cost(item):
+        defs = getattr(getattr(item, "_fixtureinfo", None), "name2fixturedefs", {})
+        shared = any(d.scope != "function" and here in Path(d.func.__code__.co_filename).parents  # ours, not pytest's
+                     for ds in defs.values() for d in ds)
+        return shared, duration.get(item.nodeid, float("inf"))
+
+    items.sort(key=cost)
 
 
 def tiny_config(**kw) -> GPT2Config:

@@ -394,3 +394,61 @@ def test_ranks_with_different_data_keep_one_estimate_and_a_disagreement_is_caugh
     for rank, r in enumerate((r0, r1)):
         assert r["disagree"].startswith(f"step 7: rank {1 - rank} has sigmas [")
         assert f"rank {rank} has " in r["disagree"] and "'ln2.0'" in r["disagree"]
+
+
+def _fsdp_worker(rank, port, out_dir):
+    """One CPU process (gloo): configure_model under Lightning's ModelParallelStrategy shards with FSDP2."""
+    import json
+
+    import torch.distributed as dist
+    from lightning.pytorch.strategies import ModelParallelStrategy
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import FSDPModule
+
+    from lnfree.training.module import LNFreeModule
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        out = {}
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("data_parallel",))
+        for precision in ("bf16-mixed", "32-true"):
+            torch.manual_seed(0)
+            _, model = stock_and_removable()
+            module = LNFreeModule(model, SimpleNamespace())
+            module._device_mesh = mesh
+            module.trainer = SimpleNamespace(strategy=ModelParallelStrategy(), precision=precision)
+            module.configure_model()
+            module.configure_model()  # Lightning may call it again: the model is sharded once
+            blocks = list(model.transformer.h)
+            with torch.no_grad():
+                logits = model(ids(2, 8)).logits
+            out[precision] = {
+                "sharded": module._sharded,
+                "fsdp": [isinstance(m, FSDPModule) for m in (*blocks, model)],
+                "mesh": [list(m._get_fsdp_state()._fsdp_param_group.mesh_info.mesh.mesh_dim_names)
+                         for m in blocks],
+                "logits_dtype": str(logits.dtype),
+            }
+        (out_dir / "fsdp.json").write_text(json.dumps(out))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_configure_model_shards_every_block_then_the_model_on_the_data_parallel_mesh(tmp_path):
+    """FSDP2 (hardware=*_fsdp): every GPT2Block and then the whole model are sharded on the strategy's
+    data-parallel mesh, with bf16 compute under bf16-mixed and fp32 otherwise, once however often it is called."""
+    import json
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.start_processes(_fsdp_worker, args=(port, tmp_path), nprocs=1, start_method="fork")
+    out = json.loads((tmp_path / "fsdp.json").read_text())
+    for precision, dtype in (("bf16-mixed", "torch.bfloat16"), ("32-true", "torch.float32")):
+        r = out[precision]
+        assert r["sharded"] is True and all(r["fsdp"]) and len(r["fsdp"]) == 3
+        assert r["mesh"] == [["data_parallel"], ["data_parallel"]]
+        assert r["logits_dtype"] == dtype
