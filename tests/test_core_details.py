@@ -138,6 +138,8 @@ def test_aux_loss_target_is_the_mean_std_of_ordinary_tokens_by_hand():
     no_eot = residual_std_aux(h.detach(), x, eot_id=None)  # without an eot id only position 0 is excluded
     tau_all = s[:, 1:].mean()
     assert float(no_eot) == pytest.approx(float(((s - tau_all) ** 2).mean()), rel=1e-5)
+    one = residual_std_aux(h.detach()[:1, :2], x[:1, :2], eot_id=9)  # a single ordinary token: tau is its std
+    assert float(one) == pytest.approx(float(((s[0, :2] - s[0, 1]) ** 2).mean()), rel=1e-5)
 
 
 def test_lr_schedule_warm_up_steps_and_cosine_by_hand():
@@ -150,6 +152,7 @@ def test_lr_schedule_warm_up_steps_and_cosine_by_hand():
     assert got[12] == pytest.approx((lr + min_lr) / 2)  # halfway through the cosine
     assert got[20:] == pytest.approx([min_lr] * 5)  # flat at the floor after decay_steps
     assert lr_lambda(0, 0, 10, lr, min_lr) == pytest.approx(1.0)  # no warm-up
+    assert lr_lambda(4, 4, 4, lr, min_lr) == pytest.approx(min_lr / lr)  # no cosine: the floor right after warm-up
 
 
 def test_next_token_ce_predicts_the_following_token():
@@ -323,7 +326,7 @@ def test_training_and_validation_steps_compute_and_log_what_the_dashboards_read(
 
 
 def _two_rank_worker(rank, port, out_dir):
-    """One of two CPU processes (gloo): the callback's collectives with different data on each rank."""
+    """Rank `rank` of a two-process gloo group: the callback's collectives with different data on each rank."""
     import json
 
     import torch.distributed as dist
@@ -365,18 +368,22 @@ def _two_rank_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_ranks_with_different_data_keep_one_estimate_and_a_disagreement_is_caught(tmp_path):
+def test_two_ranks_with_different_data_keep_one_estimate_and_catch_a_sigma_disagreement(tmp_path):
     """Two real processes (gloo, CPU): calibration is averaged and per-step statistics are summed across ranks
     so that every rank holds the same running estimate, and check_ranks_agree raises when frozen sigmas differ."""
     import json
+    import multiprocessing
     import socket
-
-    import torch.multiprocessing as mp
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_two_rank_worker, args=(port, tmp_path), nprocs=2, start_method="fork")
+    # rank 1 in a forked process, rank 0 here (so that the functions under test run in the test's own process)
+    other = multiprocessing.get_context("fork").Process(target=_two_rank_worker, args=(1, port, tmp_path))
+    other.start()
+    _two_rank_worker(0, port, tmp_path)
+    other.join(60)
+    assert other.exitcode == 0
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["sum"] == r1["sum"] == [3.0, 20.0]
     assert r0["running"] == r1["running"]  # bit-identical on both ranks, although their data differ
@@ -397,7 +404,7 @@ def test_ranks_with_different_data_keep_one_estimate_and_a_disagreement_is_caugh
 
 
 def _fsdp_worker(rank, port, out_dir):
-    """One CPU process (gloo): configure_model under Lightning's ModelParallelStrategy shards with FSDP2."""
+    """A one-process gloo group: configure_model under Lightning's ModelParallelStrategy shards with FSDP2."""
     import json
 
     import torch.distributed as dist
@@ -434,21 +441,55 @@ def _fsdp_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
-def test_configure_model_shards_every_block_then_the_model_on_the_data_parallel_mesh(tmp_path):
+def test_configure_model_shards_blocks_then_model_on_the_data_parallel_mesh(tmp_path):
     """FSDP2 (hardware=*_fsdp): every GPT2Block and then the whole model are sharded on the strategy's
     data-parallel mesh, with bf16 compute under bf16-mixed and fp32 otherwise, once however often it is called."""
     import json
     import socket
 
-    import torch.multiprocessing as mp
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.start_processes(_fsdp_worker, args=(port, tmp_path), nprocs=1, start_method="fork")
+    _fsdp_worker(0, port, tmp_path)  # a one-process group, torn down at the end
     out = json.loads((tmp_path / "fsdp.json").read_text())
     for precision, dtype in (("bf16-mixed", "torch.bfloat16"), ("32-true", "torch.float32")):
         r = out[precision]
         assert r["sharded"] is True and all(r["fsdp"]) and len(r["fsdp"]) == 3
         assert r["mesh"] == [["data_parallel"], ["data_parallel"]]
         assert r["logits_dtype"] == dtype
+
+
+def test_optimizer_groups_decay_only_matrices_and_scale_the_lr():
+    from lnfree.training.module import LNFreeModule
+
+    _, model = stock_and_removable()
+    params = dict(model.named_parameters())
+    matrices = {n for n, p in params.items() if p.ndim >= 2}
+    embeddings = {n for n in params if n.endswith(("wte.weight", "wpe.weight"))}
+    assert len(embeddings) == 2 and {n for n in params if "ln_" in n} <= set(params) - matrices
+    for decay_embeddings in (False, True):
+        optim = SimpleNamespace(weight_decay=0.1, decay_embeddings=decay_embeddings, lr=1e-3, min_lr=1e-4,
+                                betas=[0.9, 0.95], eps=1e-6, warmup_steps=2, decay_steps=None)
+        module = LNFreeModule(model, optim, max_steps=10, lr_scale=2.0)
+        out = module.configure_optimizers()
+        opt, sched = out["optimizer"], out["lr_scheduler"]["scheduler"]
+        decay, no_decay = opt.param_groups
+        names = {id(p): n for n, p in params.items()}
+        expected = matrices if decay_embeddings else matrices - embeddings
+        assert {names[id(p)] for p in decay["params"]} == expected
+        assert {names[id(p)] for p in no_decay["params"]} == set(params) - expected  # biases, norm gains
+        assert (decay["weight_decay"], no_decay["weight_decay"]) == (0.1, 0.0)
+        assert opt.defaults["betas"] == (0.9, 0.95) and opt.defaults["eps"] == 1e-6
+        assert opt.defaults["fused"] is None  # on the CPU
+        assert out["lr_scheduler"]["interval"] == "step"
+        peak = 2e-3  # lr * lr_scale, and min_lr * lr_scale at the end of the cosine (decay_steps = max_steps)
+        assert [g["initial_lr"] for g in opt.param_groups] == [peak, peak]
+        for step in (0, 1, 5, 10, 12):
+            assert sched.lr_lambdas[0](step) == lr_lambda(step, 2, 10, peak, 2e-4)
+    module._device = SimpleNamespace(type="cuda", index=0)  # on CUDA: the fused AdamW (CPU params accept it)
+    assert module.configure_optimizers()["optimizer"].defaults["fused"] is True
+    frozen = LNFreeModule(model, optim)
+    for p in model.transformer.wte.parameters():
+        p.requires_grad_(False)
+    opt = frozen.configure_optimizers()["optimizer"]
+    assert all(p is not model.transformer.wte.weight for g in opt.param_groups for p in g["params"])
