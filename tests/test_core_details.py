@@ -327,13 +327,16 @@ def test_training_and_validation_steps_compute_and_log_what_the_dashboards_read(
 
 def _two_rank_worker(rank, port, out_dir):
     """Rank `rank` of a two-process gloo group: the callback's collectives with different data on each rank."""
+    import datetime
     import json
 
     import torch.distributed as dist
 
     from lnfree.training.callbacks import RankDisagreement, _all_reduce_sum, check_ranks_agree
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    # a short timeout: a rank that fails before a collective must not leave the other waiting for 30 minutes
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=30))
     try:
         torch.manual_seed(0)
         _, model = stock_and_removable()  # the same weights on both ranks
