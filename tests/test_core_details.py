@@ -496,3 +496,28 @@ def test_optimizer_groups_decay_only_matrices_and_scale_the_lr():
         p.requires_grad_(False)
     opt = frozen.configure_optimizers()["optimizer"]
     assert all(p is not model.transformer.wte.weight for g in opt.param_groups for p in g["params"])
+
+
+def test_compile_wraps_the_model_once_and_raises_the_recompile_limit(monkeypatch):
+    """model.compile=true: one torch.compile wrapper, made at first use (compilation itself happens at its first
+    call, which this test never makes), and a recompile limit of 4 x (sites + 2), never lowered."""
+    import torch._dynamo
+
+    from lnfree.training.module import LNFreeModule
+
+    cfg = torch._dynamo.config
+    names = [n for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n)]
+    assert names
+    for n in names:
+        monkeypatch.setattr(cfg, n, 2)  # restored after the test
+    _, model = stock_and_removable()
+    assert LNFreeModule(model, SimpleNamespace())._runner() is model  # compile off: the model itself
+    module = LNFreeModule(model, SimpleNamespace(), compile=True)
+    runner = module._runner()
+    assert runner is not model and runner._orig_mod is model and module._runner() is runner
+    assert [getattr(cfg, n) for n in names] == [4 * (7 + 2)] * len(names)  # 7 sites in a 2-block model
+    for n in names:
+        monkeypatch.setattr(cfg, n, 1000)
+    LNFreeModule(model, SimpleNamespace(), compile=True)._runner()
+    assert [getattr(cfg, n) for n in names] == [1000] * len(names)
+    assert module.state_dict().keys() == LNFreeModule(model, SimpleNamespace()).state_dict().keys()  # no wrapper
