@@ -334,9 +334,9 @@ def _two_rank_worker(rank, port, out_dir):
 
     from lnfree.training.callbacks import RankDisagreement, _all_reduce_sum, check_ranks_agree
 
-    # a short timeout: a rank that fails before a collective must not leave the other waiting for 30 minutes
+    # a short timeout (spawning rank 1 takes seconds): a failed rank must not leave the other waiting 30 min
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=30))
+                            timeout=datetime.timedelta(seconds=90))
     try:
         torch.manual_seed(0)
         _, model = stock_and_removable()  # the same weights on both ranks
@@ -381,11 +381,12 @@ def test_two_ranks_with_different_data_keep_one_estimate_and_catch_a_sigma_disag
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    # rank 1 in a forked process, rank 0 here (so that the functions under test run in the test's own process)
-    other = multiprocessing.get_context("fork").Process(target=_two_rank_worker, args=(1, port, tmp_path))
+    # rank 1 in a fresh (spawned: forking a process that has run other tests' threads can deadlock) process,
+    # rank 0 here, so that the functions under test run in the test's own process
+    other = multiprocessing.get_context("spawn").Process(target=_two_rank_worker, args=(1, port, tmp_path))
     other.start()
     _two_rank_worker(0, port, tmp_path)
-    other.join(60)
+    other.join(120)
     assert other.exitcode == 0
     r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
     assert r0["sum"] == r1["sum"] == [3.0, 20.0]
@@ -498,7 +499,7 @@ def test_optimizer_groups_decay_only_matrices_and_scale_the_lr():
     assert all(p is not model.transformer.wte.weight for g in opt.param_groups for p in g["params"])
 
 
-def test_compile_wraps_the_model_once_and_raises_the_recompile_limit(monkeypatch):
+def test_compile_wraps_the_model_once_and_raises_the_recompile_limit():
     """model.compile=true: one torch.compile wrapper, made at first use (compilation itself happens at its first
     call, which this test never makes), and a recompile limit of 4 x (sites + 2), never lowered."""
     import torch._dynamo
@@ -507,21 +508,25 @@ def test_compile_wraps_the_model_once_and_raises_the_recompile_limit(monkeypatch
 
     cfg = torch._dynamo.config
     names = [n for n in ("recompile_limit", "cache_size_limit") if hasattr(cfg, n)]
-    if not names:  # (seen inside mutmut's worker processes, whose dynamo config lacks both)
-        pytest.skip("this torch's dynamo config has no recompile limit")
-    for n in names:
-        monkeypatch.setattr(cfg, n, 2)  # restored after the test
-    _, model = stock_and_removable()
-    assert LNFreeModule(model, SimpleNamespace())._runner() is model  # compile off: the model itself
-    module = LNFreeModule(model, SimpleNamespace(), compile=True)
-    runner = module._runner()
-    assert runner is not model and runner._orig_mod is model and module._runner() is runner
-    assert [getattr(cfg, n) for n in names] == [4 * (7 + 2)] * len(names)  # 7 sites in a 2-block model
-    for n in names:
-        monkeypatch.setattr(cfg, n, 1000)
-    LNFreeModule(model, SimpleNamespace(), compile=True)._runner()
-    assert [getattr(cfg, n) for n in names] == [1000] * len(names)
-    assert module.state_dict().keys() == LNFreeModule(model, SimpleNamespace()).state_dict().keys()  # no wrapper
+    assert names
+    saved = {n: getattr(cfg, n) for n in names}  # restored by hand: pytest's monkeypatch would delete them
+    try:
+        for n in names:
+            setattr(cfg, n, 2)
+        _, model = stock_and_removable()
+        assert LNFreeModule(model, SimpleNamespace())._runner() is model  # compile off: the model itself
+        module = LNFreeModule(model, SimpleNamespace(), compile=True)
+        runner = module._runner()
+        assert runner is not model and runner._orig_mod is model and module._runner() is runner
+        assert [getattr(cfg, n) for n in names] == [4 * (7 + 2)] * len(names)  # 7 sites in a 2-block model
+        for n in names:
+            setattr(cfg, n, 1000)
+        LNFreeModule(model, SimpleNamespace(), compile=True)._runner()
+        assert [getattr(cfg, n) for n in names] == [1000] * len(names)
+        assert module.state_dict().keys() == LNFreeModule(model, SimpleNamespace()).state_dict().keys()  # no wrapper
+    finally:
+        for n, v in saved.items():
+            setattr(cfg, n, v)
 
 
 def test_apply_due_records_logs_and_announces_each_event(caplog):
