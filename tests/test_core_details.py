@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from conftest import ids, stock_and_removable
 
 from lnfree.norm import BOS, EOT, IGNORED, ORDINARY, NormSite
-from lnfree.schedule import build_events
+from lnfree.schedule import Event, build_events
 from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.module import lr_lambda, next_token_ce, residual_std_aux
 
@@ -357,15 +357,35 @@ def _two_rank_worker(rank, port, out_dir):
         trainer.global_step = 1
         cb.on_train_batch_end(trainer, module, None, None, 0)
         out["running"] = {n: s.running.tolist() for n, s in model.sites().items()}
-        model.remove("ln2", 0)
+        # step 5: both ranks remove ln2.0 (same running estimate) and check that they agree
+        cb.events = [Event(5, "ln2", 0), Event(7, "ln2", 1)]
+        trainer.global_step = 5
+        cb.apply_due(trainer, module)
+        out["rank_checks"] = cb.rank_checks
         out["agree"] = check_ranks_agree(model, 5)
+        # step 7: rank 1 freezes ln2.1 one float32 step away from rank 0 (a small sigma, so that the difference,
+        # 3.7e-9, is below any default tolerance): however small, a difference is a disagreement
+        running = model.site("ln2", 1).running
+        running[ORDINARY] = 0.05
         if rank == 1:
-            model.site("ln2", 0).sigma.mul_(1.001)  # a rank that froze another sigma
+            running[ORDINARY] = torch.nextafter(running[ORDINARY], torch.tensor(1.0))
+        trainer.global_step = 7
         try:
-            check_ranks_agree(model, 7)
+            cb.apply_due(trainer, module)
             out["disagree"] = None
         except RankDisagreement as e:
             out["disagree"] = str(e)
+        # a rank whose ordinary sigma differs while its bos/eot sigmas (special_bos/eot) agree
+        model.site("ln2", 1).sigma.fill_(0.05)  # ln2.1 made to agree again
+        sigma = model.site("ln2", 0).sigma
+        sigma[1:] = 0.5
+        if rank == 1:
+            sigma[ORDINARY] *= 1.5
+        try:
+            check_ranks_agree(model, 9)
+            out["ordinary_differs"] = None
+        except RankDisagreement as e:
+            out["ordinary_differs"] = str(e)
         (out_dir / f"rank{rank}.json").write_text(json.dumps(out))
     finally:
         dist.destroy_process_group()
@@ -402,9 +422,37 @@ def test_two_ranks_with_different_data_keep_one_estimate_and_catch_a_sigma_disag
     pooled = (r0["acc"][0] + r1["acc"][0]) / (r0["acc"][1] + r1["acc"][1])  # the step's mean over both ranks
     assert r0["running"]["ln2.0"][ORDINARY] == pytest.approx(0.5 * r0["calibrated"] + 0.5 * pooled, rel=1e-6)
     assert r0["agree"] is True and r1["agree"] is True
+    assert r0["rank_checks"] == r1["rank_checks"] == 1  # the event step at which the ranks were compared
     for rank, r in enumerate((r0, r1)):
+        assert r["disagree"] is not None, "a one-ulp sigma difference between ranks went unnoticed"
         assert r["disagree"].startswith(f"step 7: rank {1 - rank} has sigmas [")
-        assert f"rank {rank} has " in r["disagree"] and "'ln2.0'" in r["disagree"]
+        assert f"rank {rank} has " in r["disagree"] and "'ln2.1'" in r["disagree"]
+        assert r["ordinary_differs"] is not None and r["ordinary_differs"].startswith("step 9: ")
+
+
+def test_a_one_process_group_has_no_ranks_to_compare_or_sum(tmp_path):
+    """torchrun with one process still initialises a process group: that is not data parallelism."""
+    import socket
+
+    import torch.distributed as dist
+
+    from lnfree.training.callbacks import _all_reduce_sum, _distributed, check_ranks_agree
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        _, model = stock_and_removable()
+        model.calibrate(ids(2, 16))
+        model.remove("ln2", 0)
+        assert _distributed() is False
+        assert check_ranks_agree(model, 3) is False  # nothing compared: no rank check counted
+        t = torch.tensor([1.0, 2.0])
+        _all_reduce_sum(t)
+        assert t.tolist() == [1.0, 2.0]
+    finally:
+        dist.destroy_process_group()
 
 
 def _fsdp_worker(rank, port, out_dir):

@@ -158,6 +158,13 @@ def test_no_warning_about_lnfree_own_split_projection():
     assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
 
 
+def test_peft_warnings_other_than_the_split_projection_one_still_reach_the_user():
+    # lm_head is an nn.Linear, not a Conv1D: peft says it is overriding fan_in_fan_out, which a user should see
+    _, model = stock_and_removable()
+    with pytest.warns(UserWarning, match="fan_in_fan_out is set to True but the target module is"):
+        apply_lora(model, {**SETTINGS, "target_modules": ["c_attn", "lm_head"]})
+
+
 def test_lora_without_peft_says_what_to_install(monkeypatch):
     import sys
 
