@@ -256,6 +256,74 @@ def test_special_bos_sigma_is_per_position():
                           * mod.weight + mod.bias, atol=1e-5)
 
 
+def test_special_bos_sigma_on_the_split_ln1_paths_and_per_category_statistics():
+    _, model = stock_and_removable(lnfree_special_bos=True)
+    x = ids(4, 32)
+    model.calibrate(x)
+    model.remove("ln1qk", 0)  # qk frozen with its own bos sigma; v still real and measured
+    site, v = model.site("ln1qk", 0), model.site("ln1v", 0)
+    assert site.special_active and site.sigma[BOS] != site.sigma[ORDINARY]
+    seen, hooks = _capture(model)
+    model.train()
+    v.acc.zero_()
+    model(x)
+    for h in hooks:
+        h.remove()
+    mod = model.transformer.h[0].ln_1
+    inp, out = seen[mod]
+    x_qk, _ = mod.paths(out)
+    centred = inp - inp.mean(-1, keepdim=True)
+    assert torch.allclose(x_qk[:, 0], centred[:, 0] / site.sigma[BOS] * mod.weight + mod.bias, atol=1e-5)
+    assert torch.allclose(x_qk[:, 1:], centred[:, 1:] / site.sigma[ORDINARY] * mod.weight + mod.bias, atol=1e-5)
+    # the real v path records each token's std under its category: position 0 apart
+    assert v.acc[1, BOS] == 4 and v.acc[1, ORDINARY] == 4 * 31
+    std = (centred.pow(2).mean(-1) + mod.eps).rsqrt().reciprocal().detach()  # [batch, pos]
+    assert float(v.acc[0, BOS]) == pytest.approx(float(std[:, 0].sum()), rel=1e-5)
+    assert float(v.acc[0, ORDINARY]) == pytest.approx(float(std[:, 1:].sum()), rel=1e-5)
+
+
+@pytest.mark.parametrize("removed", [[], ["ln1qk"], ["ln1qk", "ln1v", "ln2", "lnf"]])
+def test_no_statistics_outside_training_unless_recording(removed):
+    # validation/evaluation forwards must not feed the running estimate that the next training step commits
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32, seed=3))
+    for kind in removed:
+        model.remove(kind, None if kind == "lnf" else 0)
+    for s in model.sites().values():
+        s.acc.zero_()
+    model.eval()
+    model(ids())  # eval mode, gradients enabled
+    model.train()
+    with torch.no_grad():
+        model(ids())  # training mode under no_grad
+    assert all(torch.count_nonzero(s.acc) == 0 for s in model.sites().values())
+    model(ids())  # a training forward does record, in every real site
+    assert all((torch.count_nonzero(s.acc) > 0) != s.is_removed for s in model.sites().values())
+
+
+def test_all_real_uses_the_config_eps_in_eval_and_training():
+    stock, model = stock_and_removable(layer_norm_epsilon=0.5)  # far from LayerNorm's default 1e-5
+    x = ids()
+    assert torch.allclose(model(x).logits, stock(x).logits, atol=1e-5)  # no statistics: F.layer_norm
+    model.train(), stock.train()
+    assert torch.allclose(model(x).logits, stock(x).logits, atol=1e-5)  # statistics: native_layer_norm
+
+
+def test_bf16_model_with_special_sigmas_stays_bf16():
+    # per-token fp32 sigmas ([batch, pos, 1]) must not promote a bf16 model's activations to fp32
+    _, model = stock_and_removable(lnfree_special_bos=True)
+    x = ids(4, 32)
+    model.calibrate(x)
+    for name in model.sites():
+        model.remove(*parse_site_name(name))
+    assert model.site("ln2", 0).special_active
+    ref = model(x).logits
+    half = model.to(torch.bfloat16)
+    out = half(x).logits
+    assert out.dtype == torch.bfloat16
+    assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
+
+
 def test_remove_errors():
     model = make_removable(tiny_config())
     with pytest.raises(FloatingPointError, match="never calibrated"):
