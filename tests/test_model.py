@@ -324,6 +324,31 @@ def test_bf16_model_with_special_sigmas_stays_bf16():
     assert (out.float() - ref).abs().max() / ref.abs().max() < 0.05
 
 
+def test_site_state_layout_is_what_checkpoints_and_exports_hold():
+    # the file format of every checkpoint and export: two bool flags and two fp32 [ordinary, bos, eot] vectors
+    _, model = stock_and_removable()
+    state = model.transformer.h[0].ln_2.site.state_dict()
+    assert {k: (v.dtype, tuple(v.shape)) for k, v in state.items()} == {
+        "removed": (torch.bool, ()), "special": (torch.bool, (2,)),
+        "running": (torch.float32, (3,)), "sigma": (torch.float32, (3,))}  # accumulators are not saved
+
+
+def test_sigma_state_follows_device_moves():
+    _, model = calibrated_all_removed()
+    meta = model.to("meta")
+    for s in meta.sites().values():
+        assert {b.device.type for b in (s.running, s.sigma, s.acc)} == {"meta"}
+        assert s.sigma.dtype == torch.float32
+
+
+def test_removable_norms_keep_layernorm_attributes_that_tools_read():
+    stock, model = stock_and_removable(layer_norm_epsilon=1e-3)
+    for ours, theirs in ((model.transformer.h[1].ln_1, stock.transformer.h[1].ln_1),
+                         (model.transformer.ln_f, stock.transformer.ln_f)):
+        assert ours.normalized_shape == theirs.normalized_shape == (model.config.n_embd,)
+        assert ours.eps == theirs.eps == 1e-3
+
+
 def test_remove_errors():
     model = make_removable(tiny_config())
     with pytest.raises(FloatingPointError, match="never calibrated"):
