@@ -349,6 +349,21 @@ def test_removable_norms_keep_layernorm_attributes_that_tools_read():
         assert ours.eps == theirs.eps == 1e-3
 
 
+@pytest.mark.parametrize("removed", [[], ["ln1qk"], ["ln1qk", "ln1v"]])
+def test_split_qkv_projection_under_autocast_returns_the_autocast_dtype(removed):
+    # as a stock c_attn (addmm) does under bf16 autocast, whichever input form ln_1 hands it
+    _, model = stock_and_removable()
+    model.calibrate(ids(4, 32, seed=3))
+    for kind in removed:
+        model.remove(kind, 0)
+    seen = {}
+    hook = model.transformer.h[0].attn.c_attn.register_forward_hook(lambda m, i, o: seen.setdefault("out", o))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        model(ids())
+    hook.remove()
+    assert seen["out"].dtype == torch.bfloat16
+
+
 def test_remove_errors():
     model = make_removable(tiny_config())
     with pytest.raises(FloatingPointError, match="never calibrated"):
