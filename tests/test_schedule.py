@@ -75,6 +75,17 @@ def test_special_event_before_removal_rejected():
         validate(sched(bos={"start": 0, "gap": 0}), 2, max_steps=1000)
 
 
+def test_special_stage_checks_its_own_sites_and_may_share_their_step():
+    # blocks' norms go at step 0, lnf at 50; bos stages 0, 1 end at 2 and 26 (after their blocks' norms, before
+    # lnf: fine) and stage 2, the final norm's, at 50: the same step as lnf's removal, which is applied first
+    s = sched(ln2={"start": 0, "gap": 0}, ln1qk={"gap": 0}, ln1v={"gap": 0}, lnf={"start": 50},
+              bos={"start": 2, "gap": 24})
+    events = validate(s, 2, max_steps=100)
+    assert [(e.step, e.name) for e in events if e.step == 50] == [(50, "lnf"), (50, "bos.2")]
+    with pytest.raises(ScheduleError, match=r"bos event at stage 2 \(step 49\) precedes the removal of \['lnf'\]"):
+        validate({**s, "lnf": {"start": 50}, "bos": {"start": 1, "gap": 24}}, 2, max_steps=100)
+
+
 def test_fit_fraction_rescales_to_the_budget_keeping_order():
     s = sched(fit_fraction=0.4)
     for max_steps in (50, 200, 1000):
@@ -85,3 +96,15 @@ def test_fit_fraction_rescales_to_the_budget_keeping_order():
         assert [e.step for e in events] == sorted(e.step for e in events)
     with pytest.raises(ScheduleError, match="fit_fraction"):
         validate(sched(fit_fraction=1.5), 12, 100)
+
+
+@pytest.mark.parametrize("fraction,max_steps", [(0.0, 100), (1.0, 100), (0.5, None)])
+def test_fit_fraction_outside_the_open_interval_or_without_max_steps_rejected(fraction, max_steps):
+    with pytest.raises(ScheduleError, match=r"fit_fraction must be in \(0, 1\) and needs max_steps"):
+        build_events(sched(fit_fraction=fraction), 4, max_steps)
+
+
+def test_fit_fraction_with_every_event_at_step_zero_keeps_them_there():
+    s = sched(ln2={"start": 0, "gap": 0}, ln1qk={"gap": 0}, ln1v={"gap": 0}, fit_fraction=0.5)
+    events = validate(s, 3, 100)
+    assert len(events) == 10 and {e.step for e in events} == {0}
