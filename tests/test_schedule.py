@@ -86,6 +86,11 @@ def test_special_stage_checks_its_own_sites_and_may_share_their_step():
         validate({**s, "lnf": {"start": 50}, "bos": {"start": 1, "gap": 24}}, 2, max_steps=100)
 
 
+def test_null_start_for_the_first_kind_starts_at_step_zero():
+    starts = kind_starts(sched(ln2={"start": None, "gap": 2}), 3)
+    assert starts == {"ln2": 0, "ln1qk": 6, "ln1v": 12, "lnf": 21}
+
+
 def test_fit_fraction_rescales_to_the_budget_keeping_order():
     s = sched(fit_fraction=0.4)
     for max_steps in (50, 200, 1000):
