@@ -4,7 +4,7 @@ import torch.nn.functional as F
 from conftest import calibrated_all_removed, ids, stock_and_removable, tiny_config
 
 from lnfree.model import load_removable, make_removable, parse_site_name, save_removable
-from lnfree.norm import BOS, ORDINARY
+from lnfree.norm import BOS, EOT, ORDINARY
 
 
 def test_all_real_matches_stock_with_and_without_padding():
@@ -374,6 +374,47 @@ def test_remove_errors():
     model.remove("ln2", 0)
     with pytest.raises(RuntimeError, match="already removed"):
         model.remove("ln2", 0)
+
+
+def test_unknown_sites_are_named_in_the_error():
+    model = make_removable(tiny_config())  # 2 blocks
+    kinds = r"\('ln2', 'ln1qk', 'ln1v', 'lnf'\)"
+    with pytest.raises(KeyError, match=rf"no site 'ln2\.5'; sites are {kinds} x blocks 0\.\.1"):
+        model.site("ln2", 5)
+    with pytest.raises(KeyError, match=r"unknown site kind 'ln3' / block 0; kinds are"):
+        model.site("ln3", 0)
+    with pytest.raises(KeyError, match=r"unknown site kind 'ln2' / block None"):
+        model.site("ln2")
+
+
+def test_remove_freezes_an_eot_sigma_when_the_config_asks():
+    _, model = stock_and_removable(lnfree_special_eot=True)
+    x = ids(4, 32)
+    x[:, 7] = x[:, 19] = model.config.eos_token_id
+    model.calibrate(x)
+    model.remove("ln2", 0)
+    site = model.site("ln2", 0)
+    assert site.special.tolist() == [False, True] and site.sigma[EOT] != site.sigma[ORDINARY]
+
+
+def test_make_removable_from_a_local_hf_dir_and_from_a_saved_removable_dir(tmp_path):
+    stock, _ = stock_and_removable()
+    stock.save_pretrained(tmp_path / "hf")
+    model = make_removable(str(tmp_path / "hf"))  # the hub loader's path, on a local directory
+    x = ids()
+    assert torch.allclose(model.eval()(x).logits, stock(x).logits, atol=1e-5)
+    model.calibrate(ids(4, 32, seed=3))
+    model.remove("ln1v", 1)
+    save_removable(model, tmp_path / "removable")
+    back = make_removable(tmp_path / "removable")  # modes and sigmas come back, not a fresh all-real model
+    assert back.removed_sites() == ["ln1v.1"] and back.sigmas() == model.sigmas()
+
+
+@pytest.mark.parametrize("attn", [None, "eager", "sdpa"])
+def test_make_removable_from_a_config_keeps_its_attention_implementation(attn):
+    cfg = tiny_config()
+    cfg._attn_implementation = attn
+    assert make_removable(cfg).config._attn_implementation == (attn or "sdpa")
 
 
 def test_non_gpt2_config_refused():
