@@ -417,6 +417,45 @@ def test_make_removable_from_a_config_keeps_its_attention_implementation(attn):
     assert make_removable(cfg).config._attn_implementation == (attn or "sdpa")
 
 
+def test_statistics_leave_out_padding_and_follow_the_given_positions():
+    _, model = stock_and_removable(lnfree_special_bos=True)
+    model.train()
+    site = model.site("ln2", 0)
+    x, mask = ids(2, 16), torch.ones(2, 16, dtype=torch.long)
+    mask[0, :5] = 0  # left padding: 5 tokens that are no token's context
+    pos = (mask.cumsum(-1) - 1).clamp_min(0)
+    model(x, attention_mask=mask, position_ids=pos)
+    # position 0 is where position_ids == 0 (token 5 of row 0); padding (position_ids 0 too) counts nowhere
+    assert site.acc[1, BOS] == 2 and site.acc[1, ORDINARY] == 32 - 5 - 2
+    site.acc.zero_()
+    model(x, attention_mask=mask, position_ids=pos + 3)  # a continuation: no token at position 0
+    assert site.acc[1, BOS] == 0 and site.acc[1, ORDINARY] == 32 - 5
+    _, plain = stock_and_removable()  # no special sigmas: padding is still left out
+    plain.train()
+    plain(x, attention_mask=mask)
+    assert plain.site("ln2", 0).acc[1].tolist() == [32 - 5, 0, 0, 5]  # ordinary, bos, eot, ignored
+
+
+def test_statistics_from_inputs_embeds_mark_position_zero():
+    _, model = stock_and_removable(lnfree_special_bos=True)
+    model.train()
+    embeds = model.transformer.wte(ids(2, 16)).detach()
+    model(inputs_embeds=embeds)
+    site = model.site("ln2", 0)
+    assert site.acc[1, BOS] == 2 and site.acc[1, ORDINARY] == 2 * 15
+
+
+def test_make_removable_keeps_dtype_and_refuses_what_is_not_gpt2():
+    stock, _ = stock_and_removable()
+    assert make_removable(stock.to(torch.bfloat16)).transformer.h[0].attn.c_attn.weight.dtype == torch.bfloat16
+    with pytest.raises(TypeError, match="^cannot make a removable GPT-2 from int$"):
+        make_removable(42)
+    stock.transformer.h[1].mlp.c_proj = torch.nn.Identity()  # a GPT2LMHeadModel without some GPT-2 weights
+    missing = r"\['transformer\.h\.1\.mlp\.c_proj\.weight', 'transformer\.h\.1\.mlp\.c_proj\.bias'\]"
+    with pytest.raises(RuntimeError, match=rf"do not match a GPT-2 layout: missing {missing}, unexpected \[\]"):
+        make_removable(stock)
+
+
 def test_non_gpt2_config_refused():
     from transformers import BertConfig
 
