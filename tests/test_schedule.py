@@ -86,6 +86,23 @@ def test_special_stage_checks_its_own_sites_and_may_share_their_step():
         validate({**s, "lnf": {"start": 50}, "bos": {"start": 1, "gap": 24}}, 2, max_steps=100)
 
 
+def test_an_omegaconf_schedule_without_optional_keys_gives_the_same_events():
+    # Hydra hands the schedule over as a DictConfig; "remove" and "gap" may be left out of its yaml
+    from omegaconf import OmegaConf
+
+    s = sched(ln2={"start": 5}, bos={"start": 3})
+    assert build_events(OmegaConf.create(s), 3) == build_events(s, 3)
+    events = build_events(s, 3)
+    assert [e.step for e in events if e.kind == "ln2"] == [5, 5, 5]  # no gap given: every block at start
+    assert [e.step for e in events if e.kind == "bos"] == [3, 3, 3, 3]
+
+
+@pytest.mark.parametrize("bos", [{"start": -1, "gap": 1}, {"start": 2, "gap": -1}, {"start": 2, "gap": None}])
+def test_special_kind_with_a_negative_or_null_start_or_gap_rejected(bos):
+    with pytest.raises(ScheduleError, match="bos needs an explicit start >= 0 and gap >= 0"):
+        build_events(sched(bos=bos), 3)
+
+
 def test_null_start_for_the_first_kind_starts_at_step_zero():
     starts = kind_starts(sched(ln2={"start": None, "gap": 2}), 3)
     assert starts == {"ln2": 0, "ln1qk": 6, "ln1v": 12, "lnf": 21}
