@@ -1,3 +1,5 @@
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -434,6 +436,25 @@ def test_statistics_leave_out_padding_and_follow_the_given_positions():
     plain.train()
     plain(x, attention_mask=mask)
     assert plain.site("ln2", 0).acc[1].tolist() == [32 - 5, 0, 0, 5]  # ordinary, bos, eot, ignored
+
+
+@pytest.mark.parametrize("cache_arg", ["cache", "past_key_values"])  # transformers 5's name, and the old one
+def test_tokens_after_a_kv_cache_are_not_at_position_zero(cache_arg):
+    from lnfree.norm import recording
+
+    _, model = stock_and_removable(lnfree_special_bos=True)
+    x = ids(2, 8)
+    cache = model(x[:, :5], use_cache=True).cache
+    with recording(model.token_context), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # past_key_values is deprecated
+        model(x[:, 5:6], use_cache=True, **{cache_arg: cache})
+    assert model.site("ln2", 0).acc[1].tolist() == [2, 0, 0, 0]  # the 6th tokens: ordinary
+
+
+def test_token_categories_are_built_on_the_input_device():
+    _, model = stock_and_removable(lnfree_special_bos=True)
+    cat = model._token_categories(ids(2, 8).to("meta"), None, None, {})
+    assert cat.device.type == "meta" and cat.dtype == torch.long
 
 
 def test_statistics_from_inputs_embeds_mark_position_zero():
