@@ -393,6 +393,10 @@ def test_remove_freezes_an_eot_sigma_when_the_config_asks():
     _, model = stock_and_removable(lnfree_special_eot=True)
     x = ids(4, 32)
     x[:, 7] = x[:, 19] = model.config.eos_token_id
+    model.train()
+    model(x)
+    assert model.site("ln2", 0).acc[1].tolist() == [4 * 30, 0, 4 * 2, 0]  # ordinary, bos, eot, ignored
+    model.eval()
     model.calibrate(x)
     model.remove("ln2", 0)
     site = model.site("ln2", 0)
