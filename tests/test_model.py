@@ -484,8 +484,19 @@ def test_make_removable_keeps_dtype_and_refuses_what_is_not_gpt2():
 def test_non_gpt2_config_refused():
     from transformers import BertConfig
 
-    with pytest.raises(ValueError, match="GPT-2-architecture"):
+    with pytest.raises(ValueError, match=r"GPT-2-architecture models only; got model_type='bert' \(BertConfig\)$"):
         make_removable(BertConfig())
+
+
+def test_something_without_a_model_type_is_refused_by_name():
+    from types import SimpleNamespace
+
+    from lnfree.model import check_gpt2_config
+
+    with pytest.raises(ValueError, match=r"got model_type=None \(SimpleNamespace\)$"):
+        check_gpt2_config(SimpleNamespace(n_layer=2))
+    with pytest.raises(ValueError, match="cross-attention"):
+        check_gpt2_config(tiny_config(add_cross_attention=True))
 
 
 def test_no_host_sync_from_the_removal_machinery():
