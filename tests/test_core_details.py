@@ -236,6 +236,48 @@ def test_throughput_counts_optimizer_steps_after_the_warm_up_and_excludes_valida
     assert Throughput(1000).skip == 3 and Throughput(1000).tokens_per_s is None  # the default warm-up
 
 
+def test_calibration_batch_goes_to_the_module_device():
+    class Model:  # records where the calibration batch was (a "meta" module on a machine without a GPU)
+        def __init__(self):
+            self._sites = {"ln2.0": NormSite()}
+            self.seen = []
+
+        def sites(self):
+            return self._sites
+
+        def calibrate(self, batch):
+            self.seen.append(batch.device.type)
+
+    model = Model()
+    trainer = SimpleNamespace(global_step=0, world_size=1, loggers=[],
+                              datamodule=SimpleNamespace(calibration_batch=lambda: ids(2, 8)))
+    LNRemovalCallback([]).on_train_start(trainer, SimpleNamespace(model=model, device=torch.device("meta")))
+    assert model.seen == ["meta"]
+
+
+def test_rank_check_gathers_on_the_model_device(monkeypatch):
+    # NCCL gathers only CUDA tensors: the vector must be built where the model lives ("meta" stands in here)
+    import lnfree.training.callbacks as cb_mod
+
+    _, model = stock_and_removable()
+    model.calibrate(ids(2, 16))
+    model.remove("ln2", 0)
+    meta_param = torch.nn.Parameter(torch.empty(1, device="meta"))
+    monkeypatch.setattr(model, "parameters", lambda: iter([meta_param]))
+    gathered = []
+
+    def all_gather(out, t):
+        gathered.append(t.device.type)
+        raise StopIteration  # nothing to compare on meta
+
+    monkeypatch.setattr(cb_mod, "_distributed", lambda: True)
+    monkeypatch.setattr(cb_mod.dist, "get_world_size", lambda: 2)
+    monkeypatch.setattr(cb_mod.dist, "all_gather", all_gather)
+    with pytest.raises(StopIteration):
+        cb_mod.check_ranks_agree(model, 3)
+    assert gathered == ["meta"]
+
+
 def test_training_starts_from_calibrated_estimates_unless_restored():
     """A removal event at step 0 freezes the calibration estimate: on_train_start must have made it."""
     import copy

@@ -155,7 +155,11 @@ def test_folded_model_builds_positions_and_mask_on_the_input_device():
     _, model = calibrated_all_removed()
     folded = fold(model).to("meta")  # a device other than the CPU, on a machine without a GPU
     x = ids(2, 16).to("meta")
+    seen = []
+    hook = folded.wpe.register_forward_pre_hook(lambda m, args: seen.append(args[0].device.type))
     assert folded(x).device.type == "meta"
+    hook.remove()
+    assert seen == ["meta"]  # the position ids too (on a GPU, CPU positions would fail or sync)
     assert folded(x, attention_mask=torch.ones_like(x)).shape == (2, 16, model.config.vocab_size)
 
 
