@@ -190,6 +190,25 @@ def test_folded_export_verifies_on_the_given_ids_writes_its_record_and_overwrite
     assert isinstance(load_folded(out), FoldedGPT2)
 
 
+def test_hf_export_verifies_on_the_given_ids_writes_safetensors_and_its_record(tmp_path):
+    from lnfree.export import HF_EPS, logits_error, to_stock_gpt2
+    from lnfree.io import EXPORT_INFO
+
+    _, model = calibrated_all_removed()
+    x = ids(3, 20, seed=9)
+    err = export_hf(model, tmp_path / "hf", input_ids=x)
+    assert err == logits_error(model, to_stock_gpt2(model), x)
+    assert (tmp_path / "hf" / "model.safetensors").exists() and not list((tmp_path / "hf").glob("*.bin"))
+    record = json.loads((tmp_path / "hf" / EXPORT_INFO).read_text())
+    assert record["form"] == "hf_lnfree" and record["relative_error"] == err
+    assert record["layer_norm_epsilon"] == HF_EPS  # what a reader needs to know: the norms are neutralised
+    assert export_hf(model, tmp_path / "hf", input_ids=x, tol=err) == err  # the tolerance is inclusive
+    _, real = stock_and_removable()  # nothing removed: a plain GPT-2, recorded as such
+    export_hf(real, tmp_path / "plain")
+    plain = json.loads((tmp_path / "plain" / EXPORT_INFO).read_text())
+    assert plain["form"] == "hf" and plain["layer_norm_epsilon"] == real.config.layer_norm_epsilon
+
+
 def test_exports_load_onto_the_device_asked_for(tmp_path):
     from lnfree.model import load_removable, save_removable
 
