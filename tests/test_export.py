@@ -8,6 +8,7 @@ from conftest import calibrated_all_removed, ids, stock_and_removable
 
 from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock_gpt2
 from lnfree.folded import FoldedGPT2, load_folded
+from lnfree.model import parse_site_name
 
 
 def _rel(a, b):
@@ -81,6 +82,36 @@ def test_export_refusals(tmp_path):
     with pytest.raises(ExportError, match="lnf"):
         export_folded(partial, tmp_path / "pf")
     assert not (tmp_path / "p").exists() and not (tmp_path / "pf").exists()
+
+
+def test_export_refusal_lists_six_real_sites_then_counts_the_rest():
+    from lnfree.export import require_all_removed
+
+    _, model = stock_and_removable()  # 7 sites, all real
+    model.calibrate(ids(4, 32))
+    with pytest.raises(ExportError, match=r"^x needs every norm site removed; still real: ln2\.0, ln2\.1, ln1qk\.0, "
+                                          r"ln1qk\.1, ln1v\.0, ln1v\.1 and 1 more$"):
+        require_all_removed(model, "x")
+    model.remove("lnf")
+    with pytest.raises(ExportError, match=r"still real: ln2\.0, ln2\.1, ln1qk\.0, ln1qk\.1, ln1v\.0, ln1v\.1$"):
+        require_all_removed(model, "x")
+
+
+def test_export_refuses_sites_that_still_use_special_sigmas(tmp_path):
+    # per-token (bos/eot) scales have no stock-GPT-2 or folded form: the bos/eot events must come first
+    _, model = stock_and_removable(lnfree_special_bos=True)
+    model.calibrate(ids(4, 32))
+    for name in model.sites():
+        model.remove(*parse_site_name(name))
+    special = r"\['ln2\.0', 'ln2\.1', 'ln1qk\.0', 'ln1qk\.1'\]"
+    for export in (export_hf, export_folded):
+        with pytest.raises(ExportError, match=rf": sites {special} still use special bos/eot sigmas \(per-token "
+                                              r"scales cannot be exported\); apply the bos/eot events first$"):
+            export(model, tmp_path / export.__name__)
+        assert not (tmp_path / export.__name__).exists()
+    for stage in range(model.config.n_layer + 1):
+        model.end_special("bos", stage)
+    assert export_hf(model, tmp_path / "hf") <= 1e-4  # once every bos event is applied
 
 
 def test_export_verification_refuses_a_wrong_model(tmp_path, monkeypatch):
