@@ -109,7 +109,7 @@ scaling: family
 bench: install
 	$(PY) -m lnfree.bench.cpu $(ARGS)
 
-# mutation testing of the core (not part of CI; about an hour on 2 cores): mutmut mutates the modules listed in
+# mutation testing of the core (not part of CI; about two hours on 2 cores): mutmut mutates the modules listed in
 # pyproject.toml [tool.mutmut] and runs, per mutant, the fast tests that execute the mutated function; the
 # report (score, per-module counts, equivalent mutants with reasons, survivors) goes to experiments/quality/
 # MUTANTS: mutant name patterns to run (default: all), e.g. MUTANTS="'lnfree.norm*' 'lnfree.schedule*'";

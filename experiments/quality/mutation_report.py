@@ -53,6 +53,11 @@ def module_of(mutant: str) -> str:
     return ".".join(p for p in parts[:-1]) if len(parts) > 1 else head
 
 
+def percent(score: float) -> str:
+    """Rounded down at 2 decimals, so that a score below 100% never prints as 100.0%."""
+    return f"{int(score * 10000) / 100:.2f}%"
+
+
 def main(argv=None):
     p = argparse.ArgumentParser()
     p.add_argument("--title", default="Mutation testing of the core")
@@ -76,7 +81,7 @@ def main(argv=None):
              "`[tool.mutmut]`: the modules mutated and the fast test selection). Report written "
              f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by experiments/quality/mutation_report.py.",
              "", a.note, "",
-             f"**Score: {total['killed']} killed of {scored} non-equivalent mutants run = {100 * score:.1f}%** "
+             f"**Score: {total['killed']} killed of {scored} non-equivalent mutants run = {percent(score)}** "
              f"({sum(total.values())} generated, {sum(total.values()) - unrun} run, {n_eq} equivalent, "
              f"{len(survivors)} not killed" + (f"; {unrun} not run yet" if unrun else "") + ").", "",
              "| module | generated | run | killed | equivalent | survived | no tests | timeout | other |",
@@ -97,7 +102,7 @@ def main(argv=None):
                              and not line.startswith(("+++", "---")))
             lines += [f"- `{n}` ({st[n]})", "", "```diff", diff[:600], "```", ""]
     (HERE / "mutation.md").write_text("\n".join(lines) + "\n")
-    print(f"score {100 * score:.1f}% ({total['killed']}/{scored}); written {HERE / 'mutation.md'}")
+    print(f"score {percent(score)} ({total['killed']}/{scored}); written {HERE / 'mutation.md'}")
 
 
 if __name__ == "__main__":
