@@ -377,6 +377,15 @@ def test_training_and_validation_steps_compute_and_log_what_the_dashboards_read(
     assert options == {"prog_bar": True, "sync_dist": True, "batch_size": 2}  # mean over ranks, weighted by batch
 
 
+def _free_port() -> int:
+    """A TCP port on localhost that nothing listens on, for a gloo process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _two_rank_worker(rank, port, out_dir):
     """Rank `rank` of a two-process gloo group: the callback's collectives with different data on each rank."""
     import datetime
@@ -448,11 +457,8 @@ def test_two_ranks_with_different_data_keep_one_estimate_and_catch_a_sigma_disag
     so that every rank holds the same running estimate, and check_ranks_agree raises when frozen sigmas differ."""
     import json
     import multiprocessing
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     # rank 1 in a fresh (spawned: forking a process that has run other tests' threads can deadlock) process,
     # rank 0 here, so that the functions under test run in the test's own process
     other = multiprocessing.get_context("spawn").Process(target=_two_rank_worker, args=(1, port, tmp_path))
@@ -484,15 +490,11 @@ def test_two_ranks_with_different_data_keep_one_estimate_and_catch_a_sigma_disag
 
 def test_a_one_process_group_has_no_ranks_to_compare_or_sum(tmp_path):
     """torchrun with one process still initialises a process group: that is not data parallelism."""
-    import socket
-
     import torch.distributed as dist
 
     from lnfree.training.callbacks import _all_reduce_sum, _distributed, check_ranks_agree
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         _, model = stock_and_removable()
@@ -549,11 +551,8 @@ def test_configure_model_shards_blocks_then_model_on_the_data_parallel_mesh(tmp_
     """FSDP2 (hardware=*_fsdp): every GPT2Block and then the whole model are sharded on the strategy's
     data-parallel mesh, with bf16 compute under bf16-mixed and fp32 otherwise, once however often it is called."""
     import json
-    import socket
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     _fsdp_worker(0, port, tmp_path)  # a one-process group, torn down at the end
     out = json.loads((tmp_path / "fsdp.json").read_text())
     for precision, dtype in (("bf16-mixed", "torch.bfloat16"), ("32-true", "torch.float32")):

@@ -4,11 +4,10 @@ import sys
 
 import pytest
 import torch
-from conftest import calibrated_all_removed, ids, stock_and_removable
+from conftest import calibrated_all_removed, ids, remove_all, stock_and_removable
 
 from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock_gpt2
 from lnfree.folded import FoldedGPT2, load_folded
-from lnfree.model import parse_site_name
 
 
 def _rel(a, b):
@@ -101,8 +100,7 @@ def test_export_refuses_sites_that_still_use_special_sigmas(tmp_path):
     # per-token (bos/eot) scales have no stock-GPT-2 or folded form: the bos/eot events must come first
     _, model = stock_and_removable(lnfree_special_bos=True)
     model.calibrate(ids(4, 32))
-    for name in model.sites():
-        model.remove(*parse_site_name(name))
+    remove_all(model)
     special = r"\['ln2\.0', 'ln2\.1', 'ln1qk\.0', 'ln1qk\.1'\]"
     for export in (export_hf, export_folded):
         with pytest.raises(ExportError, match=rf": sites {special} still use special bos/eot sigmas \(per-token "

@@ -3,7 +3,7 @@ import warnings
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import calibrated_all_removed, ids, stock_and_removable, tiny_config
+from conftest import calibrated_all_removed, ids, remove_all, stock_and_removable, tiny_config
 
 from lnfree.model import load_removable, make_removable, parse_site_name, save_removable
 from lnfree.norm import BOS, EOT, ORDINARY
@@ -316,8 +316,7 @@ def test_bf16_model_with_special_sigmas_stays_bf16():
     _, model = stock_and_removable(lnfree_special_bos=True)
     x = ids(4, 32)
     model.calibrate(x)
-    for name in model.sites():
-        model.remove(*parse_site_name(name))
+    remove_all(model)
     assert model.site("ln2", 0).special_active
     ref = model(x).logits
     half = model.to(torch.bfloat16)
