@@ -48,6 +48,38 @@ def test_paper_experiments_reproduce_published_schedules(tmp_path, name):
     assert accum * cfg.data.micro_batch_size * 1024 == 2**19
 
 
+def _set_keys(node, prefix=""):
+    """(dotted key, value) for every leaf an experiment file sets, its defaults list and hydra settings aside."""
+    for k, v in node.items():
+        if not prefix and k in ("defaults", "hydra"):
+            continue
+        if isinstance(v, dict):
+            yield from _set_keys(v, f"{prefix}{k}.")
+        else:
+            yield f"{prefix}{k}", v
+
+
+@pytest.mark.parametrize("name", options("experiment"))
+def test_experiment_configs_apply_every_key_they_set(tmp_path, name):
+    """An experiment's own values win over train.yaml's and the groups' (a sweep of it writes where it says,
+    exports and skips as it says), and every group it overrides is the one the job gets."""
+    from hydra import compose, initialize_config_dir
+
+    raw = OmegaConf.to_container(OmegaConf.load(ROOT / "conf" / "experiment" / f"{name}.yaml"))
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={name}"], return_hydra_config=True)
+    keys = dict(_set_keys(raw))
+    assert keys, f"experiment {name} sets no key"
+    for key, value in keys.items():
+        assert OmegaConf.select(cfg, key) == value, f"experiment={name} sets {key}={value!r}, the job sees " \
+                                                    f"{OmegaConf.select(cfg, key)!r}"
+    for entry in raw["defaults"]:
+        (group, option), = entry.items()
+        group = group.removeprefix("override /")
+        chosen = cfg.hydra.runtime.choices[group]
+        assert chosen == option, f"experiment={name} asks {group}={option}, the job has {chosen}"
+
+
 def test_typos_and_unknown_options_fail_at_compose(tmp_path):
     with pytest.raises(ConfigCompositionException):
         compose_train(tmp_path, "trainer.max_step=5")
