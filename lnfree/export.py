@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from .errors import UserError
 from .folded import FoldedConfig, FoldedGPT2, save_folded
 from .io import write_record
 from .model import RemovableGPT2LMHeadModel
@@ -32,7 +33,7 @@ HF_TOL = 1e-4
 FOLDED_TOL = 1e-5
 
 
-class ExportError(ValueError):
+class ExportError(UserError):
     pass
 
 

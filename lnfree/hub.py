@@ -7,37 +7,25 @@ export/hf at the repo's root (stock transformers loads it from the hub) and expo
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
-from urllib.parse import urlparse
+
+from .errors import UserError
 
 
-class HubPushError(RuntimeError):
+class HubPushError(UserError):
     pass
-
-
-def _endpoint() -> str:
-    from huggingface_hub import constants
-
-    return constants.ENDPOINT
 
 
 def check_push(repo_id: str, timeout: float = 5.0) -> None:
     """Refuse an impossible push before any compute: bad repo id, offline mode, unreachable hub, no token."""
-    from .io import hub_offline
+    from .io import hub_unreachable
 
     if repo_id.count("/") != 1 or not all(repo_id.split("/")):
         raise HubPushError(f"push_to_hub={repo_id!r}: expected <user or org>/<repo name>")
-    if hub_offline():
-        raise HubPushError(f"push_to_hub={repo_id!r} but the hub is offline (HF_HUB_OFFLINE=1): unset it, or push "
-                           "later with `huggingface-cli upload <repo> <run>/export/hf`")
-    url = urlparse(_endpoint())
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            pass
-    except OSError as e:
-        raise HubPushError(f"push_to_hub={repo_id!r}: cannot reach {_endpoint()} ({e}); nothing was trained. "
-                           "Train without push_to_hub and upload export/ later") from None
+    why = hub_unreachable(timeout)
+    if why:
+        raise HubPushError(f"push_to_hub={repo_id!r}: {why}; nothing was trained. Train without push_to_hub and "
+                           "upload later with `huggingface-cli upload <repo> <run>/export/hf`")
     from huggingface_hub import get_token
 
     if get_token() is None:

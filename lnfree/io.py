@@ -26,12 +26,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import urlparse
 
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from .errors import UserError
 from .folded import CONFIG_FILE as FOLDED_CONFIG
 from .folded import load_folded
 from .model import LNFREE_FILE, RemovableGPT2LMHeadModel, check_gpt2_config, load_removable, make_removable
@@ -43,9 +46,10 @@ LNFREE_EPS = 1e6  # a layer_norm_epsilon at or above this marks the HF-compatibl
 FINGERPRINT_TOL = 1e-4  # relative; an edited eps is off by ~1e5, round-off across machines ~1e-6
 CKPT_MODEL_CONFIG = "lnfree_model_config"  # key under which a training checkpoint keeps the GPT-2 config
 RUN_INFO = "lnfree_run"  # key of what the run was (tokens per step, schedule), checked on resume
+HUB_PROBE_S = 5.0  # seconds a hub endpoint has to answer before a hub name is refused
 
 
-class ModelIOError(ValueError):
+class ModelIOError(UserError):
     pass
 
 
@@ -64,6 +68,33 @@ def hub_offline() -> bool:
     import huggingface_hub.constants as c
 
     return bool(c.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+
+
+def hub_unreachable(timeout: float = HUB_PROBE_S) -> str | None:
+    """Why the Hugging Face hub cannot be used now (offline mode, or its endpoint does not answer within
+    `timeout` seconds), or None. One connection attempt: without it, a machine with no network waits through
+    huggingface_hub's retries (23-46 s measured) before an 85-line traceback."""
+    import huggingface_hub.constants as c
+
+    if hub_offline():
+        return "the hub is offline (HF_HUB_OFFLINE=1)"
+    url = urlparse(c.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
+            return None
+    except OSError as e:
+        return f"{c.ENDPOINT} does not answer ({e})"
+
+
+def _hub_cache_dir(name: str) -> Path | None:
+    """The local snapshot of a hub model downloaded earlier (config.json present), or None."""
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        found = try_to_load_from_cache(name, "config.json")
+    except Exception:  # noqa: BLE001  (an invalid repo id is simply not cached)
+        return None
+    return Path(found).parent if isinstance(found, str) else None
 
 
 def builtin_dir(name: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, shipped: bool = True) -> Path:
@@ -139,10 +170,16 @@ def resolve(reference: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> ModelR
         return _classify_dir(p, reference)
     if reference.startswith((".", "/", "~")) or reference.endswith(".ckpt") or os.sep in reference.rstrip(os.sep)[:1]:
         raise ModelIOError(f"model path {reference!r} does not exist")
-    if hub_offline():
-        raise ModelIOError(f"model {reference!r} is not a local path, and the hub is offline (HF_HUB_OFFLINE=1), so "
-                           "it cannot be a hub name; give a local dir, a run dir, a .ckpt or builtin:<name>")
-    return ModelRef(reference, "hub", reference)
+    why = hub_unreachable()
+    if why is None:
+        return ModelRef(reference, "hub", reference)
+    cached = _hub_cache_dir(reference)
+    if cached is not None:  # downloaded before: the local copy, without the network
+        return _classify_dir(cached, reference)
+    raise ModelIOError(f"model {reference!r} is not a local path and not in the local hub cache, and {why}, so it "
+                       "cannot be downloaded. Ways forward: a local GPT-2 dir, training run or .ckpt (for training: "
+                       "model.source=/path/to/dir); builtin:<name>; a random-init model (model=gpt2_small_random or "
+                       "gpt2_medium_random); or run once where the hub is reachable (the download is cached)")
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -286,7 +323,10 @@ def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACH
         raise ModelIOError(f"{ref.reference!r} is a folded export: it has no GPT-2 config (no norms to remove)")
     from transformers import AutoConfig
 
-    cfg = AutoConfig.from_pretrained(ref.location, revision=revision)
+    try:
+        cfg = AutoConfig.from_pretrained(ref.location, revision=revision)
+    except OSError as e:  # a hub name that is not a repo, a revision that does not exist, an unreadable dir
+        raise ModelIOError(f"cannot read the config of model {ref.reference!r}: {str(e).splitlines()[0]}") from None
     try:
         check_gpt2_config(cfg)
     except ValueError as e:

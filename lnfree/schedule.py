@@ -15,10 +15,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from .errors import UserError
 from .model import NORM_KINDS, SPECIAL_KINDS
 
 
-class ScheduleError(ValueError):
+class ScheduleError(UserError):
     pass
 
 

@@ -628,8 +628,7 @@ def test_compile_wraps_the_model_once_and_raises_the_recompile_limit():
             setattr(cfg, n, v)
 
 
-def test_apply_due_records_logs_and_announces_each_event(caplog):
-    import logging
+def test_apply_due_records_logs_and_announces_each_event(capsys):
 
     from lnfree.schedule import Event
 
@@ -646,13 +645,12 @@ def test_apply_due_records_logs_and_announces_each_event(caplog):
     cb = LNRemovalCallback([Event(2, "ln2", 0), Event(2, "eot", 1), Event(3, "lnf", None)])
     cb.rank_checks = 5  # a count carried over from earlier event steps
     trainer = SimpleNamespace(global_step=2, loggers=[logger])
-    with caplog.at_level(logging.INFO):
-        new = cb.apply_due(trainer, SimpleNamespace(model=model))
+    new = cb.apply_due(trainer, SimpleNamespace(model=model))
     sigma = float(model.site("ln2", 0).sigma[0])
     assert new == cb.applied == [
         {"step": 2, "applied_at": 2, "site": "ln2.0", "kind": "ln2", "block": 0, "sigma": sigma},
         {"step": 2, "applied_at": 2, "site": "eot.1", "kind": "eot", "block": 1, "sigma": None}]
     assert logger.calls == [({"lnfree/sigma/ln2.0": sigma, "lnfree/n_removed": 1}, 2)]
-    assert "[lnfree] step 2: removed ln2.0, eot.1 (1/7 sites removed)" in caplog.text
+    assert "[lnfree] step 2: removed ln2.0, eot.1 (1/7 sites removed)\n" in capsys.readouterr().out
     assert cb.rank_checks == 5  # one process: nothing to check
     assert cb.apply_due(trainer, SimpleNamespace(model=model)) == [] and len(logger.calls) == 1

@@ -8,8 +8,8 @@ import sys
 from conftest import ROOT
 
 PKG = ROOT / "lnfree"
-CORE = {"lnfree", "lnfree.norm", "lnfree.model", "lnfree.schedule", "lnfree.export", "lnfree.folded", "lnfree.io",
-        "lnfree.lora", "lnfree.paths"}
+CORE = {"lnfree", "lnfree.errors", "lnfree.norm", "lnfree.model", "lnfree.schedule", "lnfree.export", "lnfree.folded",
+        "lnfree.io", "lnfree.lora", "lnfree.paths"}
 ENTRY_POINTS = {"lnfree.train", "lnfree.eval", "lnfree.pretrain"}
 
 

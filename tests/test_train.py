@@ -303,8 +303,64 @@ def test_push_to_hub_fails_fast_before_any_compute(tmp_path, monkeypatch):
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
     monkeypatch.setattr(constants, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens there: refused at once
-    with pytest.raises(HubPushError, match="cannot reach"):
+    with pytest.raises(HubPushError, match="does not answer"):
         train(compose_train(tmp_path, *TINY_RUN, "push_to_hub=someone/lnfree-tiny"))
     with pytest.raises(ConfigError, match="export=true"):
         train(compose_train(tmp_path, *TINY_RUN, "push_to_hub=someone/lnfree-tiny", "export=false"))
     assert time.time() - t0 < 30 and not (tmp_path / "checkpoints").exists()
+
+
+def test_a_run_logs_its_console_to_train_log_and_ends_naming_its_results(tiny_run):
+    summary, run = tiny_run
+    lines = (run / "train.log").read_text().splitlines()
+    assert lines[0].startswith("[lnfree] writing to")
+    events = [ln for ln in lines if ln.startswith("[lnfree] step ")]
+    assert len(events) == len(summary["events"]) and all(ln.endswith("sites removed)") for ln in events)
+    assert not any("\r" in ln or "\x1b" in ln for ln in lines)  # the bar's redraws are not in the log
+    last = lines[-1]
+    assert last.startswith("[lnfree] done:")
+    for part in (run / "summary.json", run / "export" / "hf", run / "export" / "folded"):
+        assert str(part) in last
+    assert (run / "training_curves.png").stat().st_size > 10_000
+
+
+def test_headline_command_without_the_hub_fails_fast_and_clearly(tmp_path):
+    """No network (an endpoint that refuses): one ModelIOError naming model.source and the ways forward, exit
+    status 2, no traceback, no run dir, in seconds rather than huggingface_hub's retries."""
+    import os
+    import time
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    run = tmp_path / "run"
+    t0 = time.time()
+    out = subprocess.run([sys.executable, "-m", "lnfree.train", "model=gpt2_medium", "schedule=fast",
+                          f"hydra.run.dir={run}"], capture_output=True, text=True, env=env, cwd=ROOT, timeout=120)
+    elapsed = time.time() - t0
+    assert out.returncode == 2, out.stderr
+    assert "ModelIOError" in out.stderr and "model.source='gpt2-medium'" in out.stderr
+    assert "model.source=/path/to/dir" in out.stderr and "gpt2_medium_random" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout
+    assert not run.exists()
+    assert elapsed < 40, f"took {elapsed:.0f} s"  # about 8 s on an idle 2-core machine, imports included
+
+
+def test_a_bug_keeps_its_traceback(tmp_path):
+    """Only the user's errors lose their traceback (and the job dir Hydra made for them); anything else is
+    raised as it is."""
+    from lnfree.errors import UserError
+    from lnfree.training.console import user_errors_as_messages
+
+    with pytest.raises(KeyError):
+        with user_errors_as_messages(tmp_path / "x"):
+            raise KeyError("a bug")
+    (tmp_path / "x" / ".hydra").mkdir(parents=True)
+    with pytest.raises(SystemExit) as e:
+        with user_errors_as_messages(tmp_path / "x"):
+            raise UserError("bad value")
+    assert e.value.code == 2 and not (tmp_path / "x").exists()
+    (tmp_path / "y").mkdir()
+    (tmp_path / "y" / "summary.json").write_text("{}")  # another run's dir is never removed
+    with pytest.raises(SystemExit):
+        with user_errors_as_messages(tmp_path / "y"):
+            raise UserError("bad value")
+    assert (tmp_path / "y" / "summary.json").exists()

@@ -12,10 +12,12 @@ from typing import List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ..errors import UserError
+
 SOURCES = ("builtin", "hf", "files", "owt_nanogpt")
 
 
-class EvalError(ValueError):
+class EvalError(UserError):
     pass
 
 

@@ -25,6 +25,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ..errors import UserError
 from ..io import ModelIOError, load, resolve
 from ..paths import CONF_DIR
 
@@ -57,7 +58,7 @@ class DownstreamConfig:
 ConfigStore.instance().store(name="downstream_schema", node=DownstreamConfig)
 
 
-class DownstreamError(ValueError):
+class DownstreamError(UserError):
     pass
 
 

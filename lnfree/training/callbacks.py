@@ -14,10 +14,10 @@ import time
 import lightning as L
 import torch
 import torch.distributed as dist
-from lightning.pytorch.utilities import rank_zero_info
 
 from ..model import NORM_KINDS
 from ..schedule import Event
+from .console import announce
 
 
 def _distributed() -> bool:
@@ -90,8 +90,8 @@ class LNRemovalCallback(L.Callback):
             metrics["lnfree/n_removed"] = n_removed
             for logger in trainer.loggers:
                 logger.log_metrics(metrics, step=step)
-            rank_zero_info(f"[lnfree] step {step}: removed {', '.join(r['site'] for r in new)} "
-                           f"({n_removed}/{len(model.sites())} sites removed)")
+            announce(f"[lnfree] step {step}: removed {', '.join(r['site'] for r in new)} "
+                     f"({n_removed}/{len(model.sites())} sites removed)")
         return new
 
     def on_train_start(self, trainer, pl_module):

@@ -15,6 +15,8 @@ from typing import Any, Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
+from ..errors import UserError
+
 
 @dataclass
 class ModelConfig:
@@ -191,7 +193,7 @@ register_configs()
 
 
 # -- limits: every numeric field checked before any data or weights are read ----------------------------
-class LimitError(ValueError):
+class LimitError(UserError):
     pass
 
 

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import torch
 
+from ..errors import UserError
 
-class HardwareError(ValueError):
+
+class HardwareError(UserError):
     pass
 
 

@@ -2,7 +2,8 @@
 
 model.source is a model reference that lnfree.io resolves (builtin:<name>, hub name, HF dir, removable dir,
 .ckpt) or "random" (a fresh GPT2Config(**model.shape), e.g. to pretrain the built-in family). model.tokenizer
-is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own).
+is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own: a built-in model's is the built-in
+BPE, a local dir's is the one saved in it).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from pathlib import Path
 from transformers import AutoTokenizer, GPT2Config
 
 from ..data import corpus
-from ..io import ModelIOError, hub_offline, load, model_config, resolve
+from ..io import ModelIOError, hub_unreachable, load, model_config, resolve
 from ..io import load_tokenizer as ref_tokenizer
 from ..model import RemovableGPT2LMHeadModel, check_gpt2_config, make_removable
 
@@ -27,12 +28,14 @@ def check_available(model_cfg, cache_dir) -> None:
         if not model_cfg.tokenizer:
             raise ModelIOError("model.source=random needs model.tokenizer (e.g. builtin)")
     else:
-        resolve(model_cfg.source, cache_dir)
+        try:
+            resolve(model_cfg.source, cache_dir)
+        except ModelIOError as e:
+            raise ModelIOError(f"model.source={model_cfg.source!r} (model={model_cfg.name}): {e}") from None
     tok = model_cfg.tokenizer
-    if tok and tok != "builtin" and hub_offline():
-        if not Path(tok).expanduser().is_dir():
-            raise ModelIOError(f"tokenizer {tok!r} is a hub name but the hub is offline (HF_HUB_OFFLINE=1); "
-                               "use a local dir or model.tokenizer=builtin")
+    if tok and tok != "builtin" and not Path(tok).expanduser().is_dir() and (why := hub_unreachable()):
+        raise ModelIOError(f"model.tokenizer={tok!r} is not a local dir and {why}; use a local dir, "
+                           "model.tokenizer=builtin, or model.tokenizer=null for the model's own")
 
 
 def load_tokenizer(model_cfg, cache_dir):

@@ -3,11 +3,13 @@
 Lightning's bar counts batches per epoch; lnfree's runs are step-limited streams (max_epochs=-1), for which it
 shows "Epoch 0/-2" and a per-epoch batch count that never ends. This bar counts trainer.global_step against
 trainer.max_steps from the start (a resumed run starts where it left off), so tqdm's ETA means the run's end.
+Validation has no bar of its own (a second bar broke the first one's line in logs); its CE shows in this one.
 """
 
 from __future__ import annotations
 
 from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
 
 class StepProgressBar(TQDMProgressBar):
@@ -18,6 +20,9 @@ class StepProgressBar(TQDMProgressBar):
     def on_train_start(self, trainer, pl_module):
         super().on_train_start(trainer, pl_module)
         self._start(trainer)
+
+    def init_validation_tqdm(self):
+        return Tqdm(disable=True)
 
     def on_train_epoch_start(self, trainer, *_):  # one bar for the whole run, not one per epoch
         if self.train_progress_bar.total != trainer.max_steps:

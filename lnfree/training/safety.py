@@ -27,6 +27,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.streams import DATA_FAULTS
+from ..errors import UserError
 from ..io import CKPT_MODEL_CONFIG, RUN_INFO, read_checkpoint
 from ..paths import RUN_SUMMARY
 
@@ -38,11 +39,11 @@ class DivergenceError(FloatingPointError):
     pass
 
 
-class RunDirError(ValueError):
+class RunDirError(UserError):
     pass
 
 
-class ResumeError(ValueError):
+class ResumeError(UserError):
     pass
 
 

@@ -15,6 +15,7 @@ import json
 import math
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import hydra
@@ -25,6 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
+from ..errors import UserError
 from ..export import export_folded, export_hf, logits_error
 from ..hub import check_push, push_exports
 from ..io import RUN_SUMMARY, model_from_checkpoint, read_checkpoint
@@ -36,6 +38,7 @@ from ..schedule import special_kinds, validate
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .callbacks import LNRemovalCallback, Throughput
 from .config import check_limits
+from .console import quiet_third_party, run_console, user_errors_as_messages
 from .hardware import grad_accumulation, make_strategy, world_size
 from .loggers import finish_wandb, log_run_artifacts, make_loggers, run_name
 from .model_source import check_available, gpt2_config, load_model, load_tokenizer
@@ -51,7 +54,7 @@ from .safety import (
 )
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     pass
 
 
@@ -105,6 +108,7 @@ def experiment_name(cfg) -> str:
 def train(cfg: DictConfig) -> dict:
     """Run one fine-tuning job; returns the summary (also written to summary.json)."""
     t0 = time.time()
+    quiet_third_party()
     events, n_layer, accum = check_config(cfg)
     out = Path(cfg.paths.output_dir)
     done = _finished_run(out, cfg) if cfg.skip_if_done else None
@@ -113,6 +117,12 @@ def train(cfg: DictConfig) -> dict:
         return done
     check_output_dir(out, cfg.ckpt_path, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    with run_console(out):
+        return _run(cfg, out, events, n_layer, accum, t0)
+
+
+def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, t0: float) -> dict:
+    """The run itself, once the config, the model reference and the output dir are checked."""
     print(f"[lnfree] writing to {out.resolve()}")
     L.seed_everything(cfg.seed, workers=True)
 
@@ -208,13 +218,37 @@ def train(cfg: DictConfig) -> dict:
             log_run_artifacts(loggers, out, name)
             if cfg.push_to_hub and exports:
                 print(f"[lnfree] pushed the exports to {push_exports(out, cfg.push_to_hub, cfg.hub_private)}")
+            figure = _plot_run(out, name)
             print(f"[lnfree] val CE {_fmt(val_before)} -> {val_after:.4f}; {len(final.removed_sites())}/"
-                  f"{len(final.sites())} sites removed; summary: {out / RUN_SUMMARY}")
+                  f"{len(final.sites())} sites removed" + (f"; training curves: {figure}" if figure else ""))
+            print(_closing_line(out, exports))
             if export_error:
                 raise ExportFailed(f"export failed (recorded in {out / RUN_SUMMARY}): {export_error}")
         return summary
     finally:
         finish_wandb()
+
+
+def _closing_line(out: Path, exports: dict) -> str:
+    """The run's last line: where its results are."""
+    forms = {"hf": "stock transformers", "folded": "norm-free, lnfree.load"}
+    where = [f"{out / RUN_SUMMARY}"] + [f"{e['path']} ({forms[form]})" for form, e in exports.items()]
+    missing = [] if exports else ["no export (export=false, or sites still real)"]
+    return "[lnfree] done: " + "; ".join(where + missing)
+
+
+def _plot_run(out: Path, name: str) -> Path | None:
+    """<run>/training_curves.png: train and validation CE with the removal events (None without a CSV log)."""
+    from ..analysis.plots import plot_training_curves
+
+    path = out / "training_curves.png"
+    try:
+        with warnings.catch_warnings():  # matplotlib's tight_layout notes on a crowded legend
+            warnings.simplefilter("ignore", UserWarning)
+            return path if plot_training_curves({name: str(out)}, path) and path.exists() else None
+    except (OSError, ValueError) as e:  # a figure is never worth a failed run
+        print(f"[lnfree] no training-curve figure: {e}")
+        return None
 
 
 def _finished_run(out: Path, cfg) -> dict | None:
@@ -284,7 +318,8 @@ def _export(model, tokenizer, out: Path, datamodule) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig):
-    summary = train(cfg)
+    with user_errors_as_messages(cfg.paths.output_dir):
+        summary = train(cfg)
     return summary["val_ce"] if summary else None
 
 
