@@ -364,3 +364,61 @@ def test_a_bug_keeps_its_traceback(tmp_path):
         with user_errors_as_messages(tmp_path / "y"):
             raise UserError("bad value")
     assert (tmp_path / "y" / "summary.json").exists()
+
+
+def test_a_multirun_leaves_a_table_of_its_jobs(tmp_path, tiny_run):
+    """results.md / results.csv: a row per job with the overrides that differ, unfinished jobs listed as such;
+    the Hydra config runs the table's callback after every job."""
+    import csv
+    import shutil
+
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import instantiate
+
+    from lnfree.training.sweep_table import SweepTable, write_sweep_table
+
+    summary, run = tiny_run
+    sweep = tmp_path / "sweep"
+    for job, seed in ((0, 1), (1, 2), (2, 3)):
+        (sweep / str(job) / ".hydra").mkdir(parents=True)
+        (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model=tiny\n- seed={seed}\n")
+    for job in (0, 1):
+        shutil.copy(run / "summary.json", sweep / str(job) / "summary.json")
+    md, csv_path = write_sweep_table(sweep)
+    rows = list(csv.DictReader(open(csv_path)))
+    assert [r["overrides"] for r in rows] == ["seed=1", "seed=2", "seed=3"]
+    assert [r["status"] for r in rows] == ["finished", "finished", "not finished"]
+    assert float(rows[0]["val_ce"]) == pytest.approx(summary["val_ce"])
+    assert rows[0]["removed"] == "7/7" and rows[0]["exports"] == "hf, folded"
+    row = f"| 0 | seed=1 | finished | {summary['val_ce_before']:.4f} | {summary['val_ce']:.4f} | 7/7 |"
+    assert row in md.read_text()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", return_hydra_config=True)
+    assert any(isinstance(instantiate(c), SweepTable) for c in cfg.hydra.callbacks.values())
+
+
+def test_keep_at_end_frees_the_checkpoints_of_a_finished_run(tmp_path, capsys):
+    """trainer.keep_at_end=none keeps only the exports (which hold the final weights), =last only last.ckpt;
+    keeping no weights at all is refused before compute; the run says what a checkpoint costs."""
+    from lnfree.io import load
+    from lnfree.training.config import LimitError
+    from lnfree.training.train import _keep_at_end
+
+    summary = train(compose_train(tmp_path, *TINY_RUN, "trainer.keep_at_end=none"))
+    assert not (tmp_path / "checkpoints").exists() and summary["all_removed"]
+    assert load(str(tmp_path / "export" / "folded"))[0] is not None
+    printed = capsys.readouterr().out
+    assert "each checkpoint about 4.5 MB" in printed  # 378,624 parameters x (4 + 8) bytes
+    assert "trainer.keep_at_end=none: removed" in printed
+    ckpts = tmp_path / "c"
+    ckpts.mkdir()
+    for name in ("step000012.ckpt", "step000024.ckpt", "last.ckpt"):
+        (ckpts / name).write_bytes(b"x" * 10)
+    _keep_at_end(ckpts, "last")
+    assert [f.name for f in ckpts.iterdir()] == ["last.ckpt"]
+    _keep_at_end(ckpts, "all")
+    assert [f.name for f in ckpts.iterdir()] == ["last.ckpt"]
+    with pytest.raises(LimitError, match="no weights at all"):
+        train(compose_train(tmp_path / "x", *TINY_RUN, "trainer.keep_at_end=none", "export=false"))
+    with pytest.raises(LimitError, match="keep_at_end='some'"):
+        train(compose_train(tmp_path / "x", *TINY_RUN, "trainer.keep_at_end=some"))

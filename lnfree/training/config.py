@@ -114,6 +114,7 @@ class TrainerConfig:
     log_every: int = MISSING
     ckpt_every: int = MISSING  # optimizer steps between periodic checkpoints
     keep_checkpoints: int = MISSING  # periodic checkpoints kept (-1: all)
+    keep_at_end: str = MISSING  # all | last (only last.ckpt) | none (only the exports): checkpoints/ after success
     validate_before: bool = MISSING  # measure validation CE before any fine-tuning
     progress_bar: bool = MISSING
     deterministic: bool = MISSING
@@ -241,6 +242,7 @@ LIMITS = {  # key: (test, what it must be); a None value (optional field) is alw
     "finetune.dropout": (_unit_open, "in [0, 1)"),
 }
 FINETUNE_KINDS = ("full", "lora")
+KEEP_AT_END = ("all", "last", "none")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 KIND_KEYS = {"start", "gap"}
 
@@ -270,6 +272,11 @@ def check_limits(cfg) -> None:
         for k in KIND_KEYS & set(entry.keys()):
             if entry[k] is not None and entry[k] < 0:
                 bad.append(f"schedule.{kind}.{k}={entry[k]} (must be >= 0)")
+    keep = OmegaConf.select(cfg, "trainer.keep_at_end", default=None)
+    if keep is not None and keep not in KEEP_AT_END:
+        bad.append(f"trainer.keep_at_end={keep!r} (must be one of {KEEP_AT_END})")
+    if keep == "none" and OmegaConf.select(cfg, "export", default=True) is False:
+        bad.append("trainer.keep_at_end=none with export=false would keep no weights at all")
     kind = OmegaConf.select(cfg, "finetune.kind", default=None)
     if kind is not None and kind not in FINETUNE_KINDS:
         bad.append(f"finetune.kind={kind!r} (must be one of {FINETUNE_KINDS})")

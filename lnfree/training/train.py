@@ -136,7 +136,9 @@ def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, t0: float
     if cfg.finetune.kind == "lora":
         apply_lora(model, lora_settings(cfg.finetune))
     n_trainable, n_total = trainable_parameters(model)
-    print(f"[lnfree] finetune={cfg.finetune.name}: {n_trainable:,} of {n_total:,} parameters train")
+    print(f"[lnfree] finetune={cfg.finetune.name}: {n_trainable:,} of {n_total:,} parameters train; each "
+          f"checkpoint about {_gb(checkpoint_bytes(n_total, n_trainable))} (trainer.keep_checkpoints, "
+          "trainer.keep_at_end)")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     step_tokens = tokens_per_step(cfg, accum)
@@ -218,6 +220,8 @@ def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, t0: float
             log_run_artifacts(loggers, out, name)
             if cfg.push_to_hub and exports:
                 print(f"[lnfree] pushed the exports to {push_exports(out, cfg.push_to_hub, cfg.hub_private)}")
+            if not export_error:
+                _keep_at_end(ckpt_dir, cfg.trainer.keep_at_end)
             figure = _plot_run(out, name)
             print(f"[lnfree] val CE {_fmt(val_before)} -> {val_after:.4f}; {len(final.removed_sites())}/"
                   f"{len(final.sites())} sites removed" + (f"; training curves: {figure}" if figure else ""))
@@ -227,6 +231,28 @@ def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, t0: float
         return summary
     finally:
         finish_wandb()
+
+
+def checkpoint_bytes(n_params: int, n_trainable: int) -> int:
+    """A checkpoint's size: fp32 weights plus AdamW's two fp32 moments of each trained parameter."""
+    return 4 * n_params + 8 * n_trainable
+
+
+def _gb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
+
+
+def _keep_at_end(ckpt_dir: Path, keep: str) -> None:
+    """trainer.keep_at_end after a finished run: all, last (last.ckpt only) or none (the exports hold the weights)."""
+    if keep == "all" or not ckpt_dir.is_dir():
+        return
+    drop = [f for f in ckpt_dir.iterdir() if keep == "none" or f.name != "last.ckpt"]
+    freed = sum(f.stat().st_size for f in drop if f.is_file())
+    for f in drop:
+        shutil.rmtree(f) if f.is_dir() else f.unlink()
+    if keep == "none":
+        ckpt_dir.rmdir()
+    print(f"[lnfree] trainer.keep_at_end={keep}: removed {len(drop)} checkpoint file(s), {_gb(freed)}")
 
 
 def _closing_line(out: Path, exports: dict) -> str:
