@@ -422,3 +422,43 @@ def test_keep_at_end_frees_the_checkpoints_of_a_finished_run(tmp_path, capsys):
         train(compose_train(tmp_path / "x", *TINY_RUN, "trainer.keep_at_end=none", "export=false"))
     with pytest.raises(LimitError, match="keep_at_end='some'"):
         train(compose_train(tmp_path / "x", *TINY_RUN, "trainer.keep_at_end=some"))
+
+
+def _own_gpt2(d, vocab_size=512):
+    """A user's own GPT-2 dir: 3 layers, its own BPE (trained here on the built-in text), as save_pretrained
+    writes it."""
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    from lnfree.data import corpus
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    texts = [t for t, _ in zip(corpus.iter_texts("train"), range(200))]
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"]))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=3, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d
+
+
+def test_your_own_gpt2_and_data_by_the_documented_quick_path(tmp_path):
+    """README "Your own model and data": model.source=<dir> with the default model group uses the dir's own
+    tokenizer (a custom 512-token BPE here; the built-in one has 4,096), on the user's .jsonl, in a short run."""
+    from conftest import docs_file
+
+    model_dir = _own_gpt2(tmp_path / "my_gpt2")
+    data = docs_file(tmp_path, n=40)
+    run = tmp_path / "run"
+    summary = train(compose_train(run, f"model.source={model_dir}", "data=local_text", f"data.files=[{data}]",
+                                  "data.block_size=64", "data.val_blocks=2", "hardware.micro_batch_size=4",
+                                  "trainer.max_steps=10", "trainer.val_every=10", "trainer.ckpt_every=10",
+                                  "schedule.fit_fraction=0.5", "trainer.progress_bar=false"))
+    assert summary["all_removed"] and len(summary["removed_sites"]) == 10  # 3 blocks x 3 + ln_f
+    assert max(e["step"] for e in summary["events"]) <= 5
+    from lnfree.io import load
+
+    model, tok = load(str(run / "export" / "hf"))
+    assert len(tok) == model.config.vocab_size == 512
