@@ -326,7 +326,9 @@ def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACH
     try:
         cfg = AutoConfig.from_pretrained(ref.location, revision=revision)
     except OSError as e:  # a hub name that is not a repo, a revision that does not exist, an unreadable dir
-        raise ModelIOError(f"cannot read the config of model {ref.reference!r}: {str(e).splitlines()[0]}") from None
+        raise ModelIOError(f"cannot read the config of model {ref.reference!r}: {str(e).splitlines()[0]} Check the "
+                           "name (hub names look like openai-community/gpt2-medium) and the revision, or give a local "
+                           "dir") from None
     try:
         check_gpt2_config(cfg)
     except ValueError as e:

@@ -160,3 +160,38 @@ def test_eval_cli_refuses_bad_models(tiny_run, tmp_path, case):
                          cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert out.returncode != 0 and expect in out.stderr, out.stderr[-2000:]
     assert not (tmp_path / "eval").exists() and not (tmp_path / "pwned").exists()
+
+
+def test_a_hub_name_that_is_no_repo_is_one_clear_error(tmp_path):
+    """A reachable hub that answers 404 (a local server stands in for it): one ModelIOError naming the model and
+    what to check, in seconds, not transformers' OSError traceback."""
+    import http.server
+    import os
+    import subprocess
+    import sys
+    import threading
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def _404(self):
+            self.send_response(404)
+            self.send_header("X-Error-Code", "RepoNotFound")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        do_GET = do_HEAD = _404
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_HOME": str(tmp_path / "hf"),
+           "HF_ENDPOINT": f"http://127.0.0.1:{server.server_address[1]}"}
+    code = ("from lnfree.io import ModelIOError, model_config\n"
+            "try:\n    model_config('someone/no-such-model')\nexcept ModelIOError as e:\n    print('ERR', e)")
+    try:
+        out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120)
+    finally:
+        server.shutdown()
+    assert out.stdout.startswith("ERR cannot read the config of model 'someone/no-such-model'"), out.stdout + out.stderr
+    assert "local dir" in out.stdout
