@@ -345,24 +345,25 @@ def test_headline_command_without_the_hub_fails_fast_and_clearly(tmp_path):
 
 
 def test_a_bug_keeps_its_traceback(tmp_path):
-    """Only the user's errors lose their traceback (and the job dir Hydra made for them); anything else is
-    raised as it is."""
-    from lnfree.errors import UserError
-    from lnfree.training.console import user_errors_as_messages
+    """Only the user's errors lose their traceback (and the job dir Hydra made for them, when it holds nothing
+    else); anything else is raised as it is."""
+    from hydra.core.hydra_config import HydraConfig
+
+    from lnfree.errors import UserError, _remove_unused_dir, user_errors_as_messages
 
     with pytest.raises(KeyError):
-        with user_errors_as_messages(tmp_path / "x"):
+        with user_errors_as_messages():
             raise KeyError("a bug")
-    (tmp_path / "x" / ".hydra").mkdir(parents=True)
     with pytest.raises(SystemExit) as e:
-        with user_errors_as_messages(tmp_path / "x"):
+        with user_errors_as_messages():
             raise UserError("bad value")
-    assert e.value.code == 2 and not (tmp_path / "x").exists()
+    assert e.value.code == 2 and not HydraConfig.initialized()
+    (tmp_path / "x" / ".hydra").mkdir(parents=True)
+    _remove_unused_dir(tmp_path / "x")
+    assert not (tmp_path / "x").exists()
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "summary.json").write_text("{}")  # another run's dir is never removed
-    with pytest.raises(SystemExit):
-        with user_errors_as_messages(tmp_path / "y"):
-            raise UserError("bad value")
+    _remove_unused_dir(tmp_path / "y")
     assert (tmp_path / "y" / "summary.json").exists()
 
 

@@ -20,6 +20,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
+from ..errors import user_errors_as_messages
 from ..io import hub_offline, load, logits, resolve
 from ..paths import CONF_DIR
 from .eval_config import SOURCES, EvalError
@@ -144,4 +145,5 @@ def update_model_cards(cfg) -> list:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")
 def main(cfg: DictConfig):
-    evaluate(cfg)
+    with user_errors_as_messages():
+        evaluate(cfg)

@@ -25,7 +25,7 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from ..errors import UserError
+from ..errors import UserError, user_errors_as_messages
 from ..io import ModelIOError, load, resolve
 from ..paths import CONF_DIR
 
@@ -192,7 +192,8 @@ def table(results: dict) -> str:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="downstream")
 def main(cfg: DictConfig):
-    run(cfg)
+    with user_errors_as_messages():
+        run(cfg)
 
 
 __all__ = ["run", "check", "own_token_ce", "TASKS_DIR"]

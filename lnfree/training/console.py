@@ -15,20 +15,14 @@ from __future__ import annotations
 import contextlib
 import logging
 import re
-import shutil
 import sys
-import time
 import warnings
 from pathlib import Path
 
 from lightning.pytorch.utilities import rank_zero_only
 from tqdm import tqdm
 
-from ..errors import UserError
-
 LOG_FILE = "train.log"
-HYDRA_FILES = (".hydra",)  # what Hydra writes into a job's dir before lnfree's code runs
-_STARTED = time.time()  # imported before Hydra makes the job's dir
 # loggers that do not propagate to the root logger (Lightning gives its own a handler when imported first)
 _OWN_HANDLER_LOGGERS = ("lightning.pytorch", "lightning.fabric")
 _ANSI = re.compile(r"\x1b\[[0-9;]*[A-Za-z]")
@@ -132,24 +126,3 @@ def run_console(out_dir: str | Path):
         sys.stdout, sys.stderr = stdout, stderr
         log.close()
 
-
-@contextlib.contextmanager
-def user_errors_as_messages(output_dir: str | Path):
-    """A UserError (bad config value, model reference, data, run dir) ends the command with its message and exit
-    status 2, no traceback, and without the run dir Hydra made for the job; any other error keeps its traceback."""
-    try:
-        yield
-    except UserError as e:
-        _remove_unused_dir(Path(output_dir))
-        print(f"[lnfree] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        raise SystemExit(2) from None
-
-
-def _remove_unused_dir(out: Path) -> None:
-    """Remove the job dir Hydra created for a run that never started: new since this process started and
-    holding nothing but Hydra's own files."""
-    if not out.is_dir() or out.stat().st_mtime < _STARTED - 1:
-        return
-    if any(p.name not in HYDRA_FILES for p in out.iterdir()):
-        return
-    shutil.rmtree(out, ignore_errors=True)

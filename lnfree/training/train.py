@@ -26,7 +26,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
 from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
-from ..errors import UserError
+from ..errors import UserError, user_errors_as_messages
 from ..export import export_folded, export_hf, logits_error
 from ..hub import check_push, push_exports
 from ..io import RUN_SUMMARY, model_from_checkpoint, read_checkpoint
@@ -38,7 +38,7 @@ from ..schedule import special_kinds, validate
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .callbacks import LNRemovalCallback, Throughput
 from .config import check_limits
-from .console import quiet_third_party, run_console, user_errors_as_messages
+from .console import quiet_third_party, run_console
 from .hardware import grad_accumulation, make_strategy, world_size
 from .loggers import finish_wandb, log_run_artifacts, make_loggers, run_name
 from .model_source import check_available, gpt2_config, load_model, load_tokenizer
@@ -344,7 +344,7 @@ def _export(model, tokenizer, out: Path, datamodule) -> dict:
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig):
-    with user_errors_as_messages(cfg.paths.output_dir):
+    with user_errors_as_messages():
         summary = train(cfg)
     return summary["val_ce"] if summary else None
 
