@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from transformers import GPT2LMHeadModel
 
-from .io import ModelIOError, ModelRef, load, resolve
+from .io import ModelIOError, ModelRef, check_tokenizer, load, read_record, resolve
 from .paths import DEFAULT_CACHE_DIR
 
 SUPPORTED = {"transformer-lens": ((4, 3), (4, 4)), "nnsight": ((0, 8), (0, 9))}  # [low, high) as in pyproject
@@ -73,11 +73,14 @@ def stock_gpt2(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CAC
             err = logits_error(folded, model, check_batch(model))
             if err > 1e-4:
                 raise BridgeError(f"{ref.run_dir}/export/hf differs from the folded export by {err:.2e}")
-            return model.eval(), tokenizer or tok or tok2
+            tokenizer = tokenizer or tok or tok2
+            if tokenizer is not None:
+                check_tokenizer(model.config, tokenizer, read_record(ref), where=ref.reference)
+            return model.eval(), tokenizer
         model, tok = load(ref, cache_dir)
-        tokenizer = tokenizer or tok
+        tokenizer, record, where = tokenizer or tok, read_record(ref), ref.reference
     else:
-        model = model_or_ref
+        model, record, where = model_or_ref, None, "the model given"
     if isinstance(model, FoldedGPT2):
         raise BridgeError("an in-memory folded model cannot become a stock GPT-2; pass its run or export/hf")
     if isinstance(model, RemovableGPT2LMHeadModel):
@@ -87,6 +90,8 @@ def stock_gpt2(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CAC
             raise BridgeError(f"the stock GPT-2 form differs from the removable model by {err:.2e}")
     if not isinstance(model, GPT2LMHeadModel):
         raise BridgeError(f"not a GPT-2 model: {type(model).__name__}")
+    if tokenizer is not None:  # a tokenizer passed in must fit the model as its own would
+        check_tokenizer(model.config, tokenizer, record, where=where)
     return model.eval(), tokenizer
 
 

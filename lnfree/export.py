@@ -9,13 +9,16 @@
 - `export_folded`: every frozen site folded into the linear layer that reads it; no norm left (folded.py).
 
 Error measure everywhere: max |logits_export - logits_source| / max |logits_source| on a check batch.
-Every export carries lnfree_export.json (lnfree.io.write_record: form, eps, sigmas, a logits fingerprint), which
-lnfree.io.load checks, so an export edited afterwards (e.g. eps set back to 1e-5) is refused, not misread.
+Every export carries lnfree_export.json (lnfree.io.write_record: form, eps, sigmas, the sha256 of every file
+written, the tokenizer's identity, a logits fingerprint), which lnfree.io.load checks, so an export edited or
+damaged afterwards (a weight row, a swapped tokenizer.json, eps set back to 1e-5) is refused, not misread.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -23,7 +26,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 
 from .errors import UserError
 from .folded import FoldedConfig, FoldedGPT2, save_folded
-from .io import write_record
+from .io import raise_storage_error, write_record
 from .model import RemovableGPT2LMHeadModel
 from .norm import ORDINARY
 
@@ -94,6 +97,20 @@ def save_tokenizer(tokenizer, out_dir: str | Path):
         f.write_text(json.dumps(cfg, indent=2) + "\n")
 
 
+@contextmanager
+def staging_dir(tmp: str | Path):
+    """A fresh dir to build exports in, removed if anything fails inside (a failed check, a full disk, a signal),
+    so that no half-written export stays behind; a full disk or a file-size limit is named as such."""
+    tmp = Path(tmp)
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        yield tmp
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise_storage_error(e, f"export {tmp}")
+        raise
+
+
 # -- HF-compatible -------------------------------------------------------------------------------------
 @torch.no_grad()
 def to_stock_gpt2(model: RemovableGPT2LMHeadModel, dtype: torch.dtype | None = None) -> GPT2LMHeadModel:
@@ -147,7 +164,7 @@ def export_hf(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenizer=No
     stock.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         save_tokenizer(tokenizer, out)
-    write_record(out, stock.float().cpu(), "hf_lnfree" if model.removed_sites() else "hf",
+    write_record(out, stock.float().cpu(), "hf_lnfree" if model.removed_sites() else "hf", tokenizer,
                  layer_norm_epsilon=stock.config.layer_norm_epsilon, relative_error=err, sigmas=model.sigmas())
     return err
 
@@ -208,5 +225,5 @@ def export_folded(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenize
     save_folded(folded.cpu(), out_dir)
     if tokenizer is not None:
         save_tokenizer(tokenizer, out_dir)
-    write_record(out_dir, folded.cpu(), "folded", relative_error=err, sigmas=model.sigmas())
+    write_record(out_dir, folded.cpu(), "folded", tokenizer, relative_error=err, sigmas=model.sigmas())
     return err

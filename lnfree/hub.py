@@ -17,11 +17,18 @@ class HubPushError(UserError):
 
 
 def check_push(repo_id: str, timeout: float = 5.0) -> None:
-    """Refuse an impossible push before any compute: bad repo id, offline mode, unreachable hub, no token."""
+    """Refuse an impossible push before any compute: a repo id huggingface_hub's validator refuses, offline
+    mode, unreachable hub, no token."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     from .io import hub_unreachable
 
-    if repo_id.count("/") != 1 or not all(repo_id.split("/")):
+    if repo_id.count("/") != 1:
         raise HubPushError(f"push_to_hub={repo_id!r}: expected <user or org>/<repo name>")
+    try:  # the hub's own rule (allowed characters, length, no '--'), so that the upload cannot fail on the name
+        validate_repo_id(repo_id)
+    except HFValidationError as e:
+        raise HubPushError(f"push_to_hub={repo_id!r} is not a valid repo id: {e}") from None
     why = hub_unreachable(timeout)
     if why:
         raise HubPushError(f"push_to_hub={repo_id!r}: {why}; nothing was trained. Train without push_to_hub and "

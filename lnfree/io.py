@@ -15,18 +15,26 @@ Rules (why this module exists):
   makes it.
 - No pickle: checkpoints go through `torch.load(weights_only=True)`; weights are safetensors.
 - GPT-2 only: any other architecture is refused by its config, before weights are read.
-- Exports carry a record (lnfree_export.json: form, eps, sigmas, a logits fingerprint on fixed token ids);
-  loading one recomputes the fingerprint and refuses an export that no longer matches (an edited eps, a
-  swapped weight file). An LN-free HF-compatible export in fp16 is refused: its weights overflow fp16.
+- Exports carry a record (lnfree_export.json: form, eps, sigmas, the sha256 of every file the export wrote, the
+  tokenizer's identity, a logits fingerprint on fixed token ids). Loading one checks every file against its hash
+  before reading weights (a damaged, edited or replaced file is named) and then recomputes the fingerprint (the
+  semantic check: an edited eps). An LN-free HF-compatible export in fp16 is refused: its weights overflow fp16.
+- Wherever a model meets a tokenizer, `check_tokenizer` refuses a pair that does not belong together (ids past
+  the vocabulary, another end-of-text id, a tokenizer other than the recorded one) before any compute.
+- Nothing loads from a temporary name (a half-written export); a damaged safetensors file is named.
 
 This is core: it imports torch, transformers and safetensors only.
 """
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
+import re
 import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -47,10 +55,44 @@ FINGERPRINT_TOL = 1e-4  # relative; an edited eps is off by ~1e5, round-off acro
 CKPT_MODEL_CONFIG = "lnfree_model_config"  # key under which a training checkpoint keeps the GPT-2 config
 RUN_INFO = "lnfree_run"  # key of what the run was (tokens per step, schedule), checked on resume
 HUB_PROBE_S = 5.0  # seconds a hub endpoint has to answer before a hub name is refused
+EXPORT_TMP = ".export.tmp"  # where a run builds its exports before moving them to export/
+TEMPORARY = re.compile(r"^\.export\.tmp$|.+\.tmp$|^\..+\.tmp-\d+$")  # names of half-written exports / checkpoints
 
 
 class ModelIOError(UserError):
     pass
+
+
+# -- writes that cannot complete: named, so that a full disk does not read as a bug ------------------------
+STORAGE_ERRORS = {
+    errno.ENOSPC: "the disk is full (ENOSPC)",
+    errno.EFBIG: "a file-size limit was hit (EFBIG: `ulimit -f`, or the filesystem's largest file)",
+    errno.EDQUOT: "the disk quota is exceeded (EDQUOT)",
+}
+
+
+def _storage_errno(e: BaseException | None) -> int | None:
+    """The errno of a full disk / size limit / quota behind `e`: its own, a chained OSError's (torch.save raises
+    RuntimeError from it) or the "os error N" in the message (safetensors' Rust writer)."""
+    for _ in range(8):
+        if e is None:
+            return None
+        if isinstance(e, OSError) and e.errno in STORAGE_ERRORS:
+            return e.errno
+        found = re.search(r"os error (\d+)", str(e))
+        if found and int(found.group(1)) in STORAGE_ERRORS:
+            return int(found.group(1))
+        e = e.__cause__ or e.__context__
+    return None
+
+
+def raise_storage_error(e: BaseException, what: str) -> None:
+    """For a full disk, a file-size limit or a quota: raise an OSError of that errno that says so and names what
+    was being written (the caller re-raises anything else as it was)."""
+    code = _storage_errno(e)
+    if code is not None:
+        raise OSError(code, f"{what} not written: {STORAGE_ERRORS[code]} ({os.strerror(code)}); nothing "
+                            "half-written was kept; free space or raise the limit, then run again") from e
 
 
 # -- references ------------------------------------------------------------------------------------------
@@ -161,6 +203,10 @@ def resolve(reference: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> ModelR
                                f"and {d}); make it with `{pretrain_command(name)}`")
         return _classify_dir(d, reference)
     p = Path(reference).expanduser()
+    temporary = [part for part in p.parts if TEMPORARY.match(part)]
+    if temporary:  # a run killed while writing leaves these; what is in them may be half of something
+        raise ModelIOError(f"{reference!r} is under {temporary[0]!r}, a temporary name (an export or checkpoint being "
+                           "written, or left half-written by a killed run): load the finished export/ or .ckpt")
     if p.is_file():
         if p.suffix != ".ckpt":
             raise ModelIOError(f"{reference!r} is a file but not a Lightning checkpoint (.ckpt); give a model "
@@ -251,17 +297,138 @@ def fingerprint_error(a: dict, b: dict) -> float:
     return float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
 
 
-def write_record(out_dir: str | Path, model, form: str, **fields) -> dict:
-    """Write lnfree_export.json for an export (`model`: the exported model, fp32)."""
+# -- whole-file integrity: every file a model is read from, hashed at export and checked at every load ------
+MODEL_FILES = re.compile(r".+\.(safetensors|bin|pt|pth|h5|msgpack)$|config\.json$|generation_config\.json$|"
+                         r"tokenizer.*|vocab\.json$|vocab\.txt$|merges\.txt$|special_tokens_map\.json$|"
+                         r"added_tokens\.json$|chat_template.*|" + re.escape(FOLDED_CONFIG) + "$")
+TOKENIZER_FILES = re.compile(r"tokenizer.*|vocab\.json$|vocab\.txt$|merges\.txt$|special_tokens_map\.json$|"
+                             r"added_tokens\.json$|chat_template.*")
+
+
+def file_sha256(path: str | Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def model_files(d: str | Path) -> list[Path]:
+    """The files of a model dir that weights, config or tokenizer are read from (README.md, info files aside)."""
+    return sorted(p for p in Path(d).iterdir() if p.is_file() and MODEL_FILES.fullmatch(p.name))
+
+
+def tokenizer_sha256(tokenizer) -> str:
+    """The tokenizer's identity: its vocabulary (token -> id, added tokens included) and end-of-text / bos ids.
+    Independent of how the files are formatted, so the same tokenizer hashes alike in every transformers version."""
+    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
+    text = json.dumps({"vocab": vocab, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id})
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def write_record(out_dir: str | Path, model, form: str, tokenizer=None, **fields) -> dict:
+    """Write lnfree_export.json for an export (`model`: the exported model, fp32), after its other files: the
+    sha256 of each of them is part of the record."""
     cfg = model.config
     vocab, n_pos = cfg.vocab_size, cfg.n_positions
     # the shape under the names TransformerLens / NNsight users look for (n_ctx is not in a folded config's HF names)
     shape = {"n_ctx": n_pos, "d_model": cfg.n_embd, "n_layers": cfg.n_layer, "n_heads": cfg.n_head, "d_vocab": vocab}
     record = {"form": form, **shape, **fields}
-    fp = fingerprint(model, vocab, n_pos)  # written on one line: numbers nobody reads one by one
-    text = json.dumps(record, indent=1)[:-2] + ',\n "fingerprint": ' + json.dumps(fp) + "\n}\n"
-    (Path(out_dir) / EXPORT_INFO).write_text(text)
-    return {**record, "fingerprint": fp}
+    if tokenizer is not None:
+        record["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
+    record["files"] = {p.name: file_sha256(p) for p in model_files(out_dir)}
+    record["fingerprint"] = fingerprint(model, vocab, n_pos)
+    (Path(out_dir) / EXPORT_INFO).write_text(record_text(record))
+    return record
+
+
+def record_text(record: dict) -> str:
+    """A record as written: indented, with the fingerprint on one line (numbers nobody reads one by one)."""
+    rest = {k: v for k, v in record.items() if k != "fingerprint"}
+    return json.dumps(rest, indent=1)[:-2] + ',\n "fingerprint": ' + json.dumps(record["fingerprint"]) + "\n}\n"
+
+
+def read_record(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> dict | None:
+    """The export record that speaks for a reference: an export's own, a checkpoint's run's export/hf, else None."""
+    ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
+    d = Path(ref.location)
+    if ref.kind == "ckpt":
+        d = Path(ref.run_dir) / "export" / "hf" if ref.run_dir else d
+    elif ref.kind == "hub":
+        return None
+    f = d / EXPORT_INFO
+    return _read_json(f) if f.is_file() else None
+
+
+def check_files(d: Path, record: dict, only: re.Pattern | None = None) -> None:
+    """Every file the record lists is there with its recorded sha256, and no unrecorded model file sits beside
+    them (`only`: check just the files whose names match, e.g. a checkpoint's tokenizer). A record written before
+    files were hashed is accepted with a warning: its fingerprint is then the only check."""
+    recorded = record.get("files")
+    if recorded is None:
+        warnings.warn(f"{d / EXPORT_INFO} predates whole-file hashes: only its logits fingerprint is checked (it sees "
+                      "32 token ids at positions 0-31); re-export to have every file checked", stacklevel=3)
+        return
+    wanted = (lambda name: only is None or only.fullmatch(name))  # noqa: E731
+    for name, digest in recorded.items():
+        if not wanted(name):
+            continue
+        if not (d / name).is_file():
+            raise ModelIOError(f"export {d}: {name} is missing (the record {EXPORT_INFO} lists it); re-export")
+        if file_sha256(d / name) != digest:
+            raise ModelIOError(f"export {d}: {name} is not the file that was exported (its sha256 differs from the "
+                               f"record {EXPORT_INFO}): it was edited, replaced or damaged after export")
+    extra = [p.name for p in model_files(d) if p.name not in recorded and wanted(p.name)]
+    if extra:
+        raise ModelIOError(f"export {d}: {extra} are not part of the export (not in {EXPORT_INFO}) but would be read "
+                           "with it; remove them or re-export")
+
+
+def check_safetensors(d: Path) -> None:
+    """Open every safetensors file's header, so that a truncated or empty file is named (safetensors' own error
+    does not say which file)."""
+    from safetensors import safe_open
+
+    for f in sorted(Path(d).glob("*.safetensors")):
+        try:
+            with safe_open(str(f), "pt"):
+                pass
+        except Exception as e:  # noqa: BLE001  (SafetensorError, OSError)
+            raise ModelIOError(f"weights file {f} is damaged ({f.stat().st_size} bytes; {type(e).__name__}: "
+                               f"{str(e).splitlines()[0][:200]}): truncated, empty or not safetensors") from e
+
+
+def check_tokenizer(config, tokenizer, record: dict | None = None, where: str = "model") -> None:
+    """Refuse a tokenizer that does not belong to a model (`config`: anything with vocab_size), before compute.
+
+    - every id the tokenizer can emit (its vocabulary, added tokens included) must be < the model's vocab_size,
+      or the embedding lookup fails (IndexError) or reads rows the model never learned;
+    - the model's vocabulary may exceed the tokenizer's only by padding (at most max(128, 1% of vocab_size)
+      unused rows, e.g. GPT-2's 50257 -> 50304); a tokenizer much smaller than the model's vocabulary (44 tokens
+      for a 4096-token model) is another tokenizer, unless the model's record names exactly this one;
+    - the model's end-of-text / bos ids (config) must be the tokenizer's;
+    - where the model's record names its tokenizer (tokenizer_sha256), it must be this one."""
+    vocab = int(config.vocab_size)
+    ids = tokenizer.get_vocab().values()
+    n, top = len(tokenizer), max(ids, default=-1)
+    recorded = (record or {}).get("tokenizer_sha256")
+    same = recorded is not None and recorded == tokenizer_sha256(tokenizer)
+    problem = None
+    if top >= vocab:
+        problem = (f"the tokenizer emits ids up to {top} but the model has vocab_size={vocab} (ids >= {vocab} have no "
+                   "embedding row)")
+    elif recorded is not None and not same:
+        problem = f"the tokenizer is not the one recorded with the model ({EXPORT_INFO}: tokenizer_sha256)"
+    elif vocab - n > max(128, vocab // 100) and not same:
+        problem = (f"the tokenizer has {n} tokens but the model's vocabulary has {vocab} rows: it is not the tokenizer "
+                   "this model was trained with")
+    else:
+        for key in ("eos_token_id", "bos_token_id"):
+            mine, theirs = getattr(config, key, None), getattr(tokenizer, key, None)
+            if mine is not None and theirs is not None and mine != theirs and not same:
+                problem = (f"the model's {key} is {mine} but the tokenizer's is {getattr(tokenizer, key)} (another "
+                           "tokenizer)")
+                break
+    if problem:
+        raise ModelIOError(f"{where}: tokenizer and model do not match: {problem}. Use the model's own tokenizer "
+                           "(model.tokenizer=null / the tokenizer saved with it)")
 
 
 def verify_record(ref: ModelRef, model) -> None:
@@ -311,6 +478,9 @@ def load_tokenizer(ref: ModelRef):
         return AutoTokenizer.from_pretrained(ref.location)
     if not (where / "tokenizer_config.json").exists():
         return None
+    record = read_record(ref)
+    if record is not None:  # the tokenizer files are the exported ones (small: cheap to hash every time)
+        check_files(where, record, only=TOKENIZER_FILES)
     return AutoTokenizer.from_pretrained(str(where))
 
 
@@ -352,6 +522,11 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
     if removable and ref.kind in ("hf_lnfree", "folded"):
         raise ModelIOError(f"{ref.reference!r} is an LN-free export ({ref.kind}); to fine-tune further, start from "
                            "the run's checkpoint (.ckpt) instead")
+    record = read_record(ref)
+    if ref.kind in ("hf", "hf_lnfree", "folded", "removable"):  # every file checked before any weight is read
+        if record is not None:
+            check_files(Path(ref.location), record)
+        check_safetensors(Path(ref.location))
     if ref.kind == "ckpt":
         model = model_from_checkpoint(read_checkpoint(ref.location), ref.location)
     elif ref.kind == "removable":
@@ -376,4 +551,7 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
         set_dropout(model, dropout)
     if dtype is not None:
         model = model.to(dtype=dtype)
-    return model.to(device), load_tokenizer(ref)
+    tokenizer = load_tokenizer(ref)
+    if tokenizer is not None:
+        check_tokenizer(model.config, tokenizer, record, where=ref.reference)
+    return model.to(device), tokenizer

@@ -103,23 +103,39 @@ def test_non_gpt2_model_refused_before_weights(tmp_path):
     assert not (tmp_path / "eval").exists()  # nothing landed in a results table
 
 
-def test_tampered_exports_refused_with_what_differs(tiny_run, tmp_path):
+def rehash(d):
+    """Rewrite an export's recorded file hashes to match its files (what someone editing the record would do)."""
+    from lnfree.io import EXPORT_INFO, file_sha256, model_files, record_text
+
+    record = json.loads((d / EXPORT_INFO).read_text())
+    record["files"] = {p.name: file_sha256(p) for p in model_files(d)}
+    (d / EXPORT_INFO).write_text(record_text(record))
+
+
+@pytest.mark.parametrize("rehashed", [False, True])
+def test_tampered_exports_refused_with_what_differs(tiny_run, tmp_path, rehashed):
+    """Each edit is named by its file's hash; with the hashes rewritten too, the semantic checks (recorded eps,
+    logits fingerprint) still refuse it."""
     hf = copy_export(tiny_run, tmp_path / "eps")
     cfg = json.loads((hf / "config.json").read_text())
     (hf / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": 1e-5}))
-    with pytest.raises(ModelIOError, match=r"layer_norm_epsilon=1e-05.*written with 1e\+12"):
+    rehash(hf) if rehashed else None
+    with pytest.raises(ModelIOError, match=r"layer_norm_epsilon=1e-05.*written with 1e\+12" if rehashed else
+                       r"config\.json is not the file that was exported"):
         load(str(hf))
     hf = copy_export(tiny_run, tmp_path / "weights")
     w = load_file(hf / "model.safetensors")
     w["transformer.h.0.mlp.c_fc.weight"] = w["transformer.h.0.mlp.c_fc.weight"] * 1.5
     save_file(w, hf / "model.safetensors", metadata={"format": "pt"})
-    with pytest.raises(ModelIOError, match="fingerprint|differ from the record"):
+    rehash(hf) if rehashed else None
+    with pytest.raises(ModelIOError, match="differ from the record" if rehashed else "model.safetensors is not"):
         load(str(hf))
     folded = copy_export(tiny_run, tmp_path / "f", form="folded")
     w = load_file(folded / "folded.safetensors")
     w["lm_head.bias"] = w["lm_head.bias"] + 1.0 * torch.arange(len(w["lm_head.bias"]))
     save_file(w, folded / "folded.safetensors")
-    with pytest.raises(ModelIOError, match="differ from the record"):
+    rehash(folded) if rehashed else None
+    with pytest.raises(ModelIOError, match="differ from the record" if rehashed else "folded.safetensors is not"):
         load(str(folded))
 
 
@@ -150,7 +166,7 @@ def test_eval_cli_refuses_bad_models(tiny_run, tmp_path, case):
         bad = copy_export(tiny_run, tmp_path)
         cfg = json.loads((bad / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": 1e-5}))
-        expect = "layer_norm_epsilon"
+        expect = "config.json is not the file that was exported"
     elif case == "llama":
         bad, expect = llama_dir(tmp_path), "GPT-2"
     else:

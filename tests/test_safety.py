@@ -167,12 +167,11 @@ def test_undecodable_file_is_named(tmp_path):
 def test_failed_checkpoint_save_keeps_previous_checkpoints_and_reports_the_original_error(tmp_path, monkeypatch):
     real_save = torch.save
 
-    def full_disk(obj, path, *a, **k):
-        if "step000012" in str(path) or "on_exception" in str(path):
-            with open(path, "wb") as f:
-                f.write(b"partial")  # the write starts, then the disk is full
+    def full_disk(obj, f, *a, **k):
+        if "step000012" in str(f.name) or "on_exception" in str(f.name):
+            f.write(b"partial")  # the write starts, then the disk is full
             raise OSError(28, "No space left on device")
-        return real_save(obj, path, *a, **k)
+        return real_save(obj, f, *a, **k)
 
     monkeypatch.setattr(safety.torch, "save", full_disk)
     with pytest.raises(OSError, match="No space left on device"):

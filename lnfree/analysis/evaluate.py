@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..errors import user_errors_as_messages
-from ..io import hub_offline, load, logits, resolve
+from ..io import check_tokenizer, hub_offline, load, logits, read_record, resolve
 from ..paths import CONF_DIR
 from .eval_config import SOURCES, EvalError
 from .eval_config import EvalConfig as EvalConfig  # noqa: F401  (registers the schema)
@@ -82,6 +82,8 @@ def evaluate(cfg) -> dict:
         tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
     if tok is None:
         raise EvalError("no model carries a tokenizer: set `tokenizer`")
+    for m in cfg.models:  # one tokenizer for every model: each must be able to read its ids (before any compute)
+        check_tokenizer(models[m.name].config, tok, read_record(m.path, cfg.cache_dir), where=f"model {m.name!r}")
     ref = cfg.models[0].name
     autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     results, per_token_all, paired = {}, {}, {}

@@ -15,7 +15,17 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
-from .streams import DataError, FaultLog, PackedBlocks, iter_texts, open_stream, pack, read_faults, tokenize
+from .streams import (
+    DataError,
+    FaultLog,
+    PackedBlocks,
+    iter_texts,
+    open_stream,
+    pack,
+    preflight,
+    read_faults,
+    tokenize,
+)
 
 
 class TextDataModule(L.LightningDataModule):
@@ -70,9 +80,11 @@ class TextDataModule(L.LightningDataModule):
         if self.val_data is not None:
             return
         self._check_fields(self.train_docs(), "training split")
+        preflight(self.train_docs(), self.text_field, self.faults)  # every file readable, before any compute
         if self.val_split is not None or self.val_files:
             val_stream = self._open(self.val_split or self.split, self.val_files or self.files)
             self._check_fields(val_stream, "validation split")
+            preflight(val_stream, self.text_field, self.faults)
             docs = (tokenize(self.tokenizer, t) + [self.tokenizer.eos_token_id]
                     for t in iter_texts(val_stream, self.text_field, self.faults))
             blocks = list(itertools.islice(pack(docs, self.block_size, self.bos), self.val_blocks))

@@ -14,7 +14,8 @@ the shards' documents are disjoint and deterministic. The stream repeats forever
 seed + e when shuffle_buffer > 0: a buffer shuffle of the documents).
 
 Faults: a row without text or an unreadable file is named (file and row) and skipped or fatal per
-`data.on_bad_row`, and recorded in the run's data_faults.jsonl (FaultLog).
+`data.on_bad_row`, and recorded in the run's data_faults.jsonl (FaultLog). Every local file is opened and its
+first rows decoded before training starts (`preflight`); a glob that matches a directory is refused.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import glob
 import itertools
 import json
+import os
 import random
 import sys
 from pathlib import Path
@@ -56,6 +58,13 @@ def open_stream(source: str, split: str, path=None, config_name=None, revision=N
         paths = sorted(p for pattern in files for p in glob.glob(str(Path(pattern).expanduser())))
         if not paths:
             raise DataError(f"data.files matched no file: {list(files)}")
+        dirs = [p for p in paths if Path(p).is_dir()]
+        if dirs:
+            raise DataError(f"data.files {list(files)} match directories {dirs[:3]}: give the files in them (e.g. "
+                            f"{Path(dirs[0]) / '*.jsonl'})")
+        unreadable = [p for p in paths if not os.access(p, os.R_OK)]
+        if unreadable:
+            raise DataError(f"data.files: no permission to read {unreadable[:3]}")
         if all(Path(p).stat().st_size == 0 for p in paths):
             raise DataError(f"data.files are all empty: {paths}")
         suffixes = {Path(p).suffix for p in paths}
@@ -126,6 +135,22 @@ def iter_texts(parts, text_field: str, faults: FaultLog | None = None, batch_siz
             raise
         except Exception as e:  # noqa: BLE001  (undecodable bytes, malformed JSON/parquet: name the file)
             faults(where, row, f"cannot be read from here on ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+
+
+def preflight(parts, text_field: str, faults: FaultLog | None = None) -> None:
+    """Open every part (each local file) and decode its first rows now, so that a file that cannot be read is
+    found before any compute, not when the stream reaches it hours later. A file that fails goes to `faults`
+    (data.on_bad_row: fail stops here, naming it; skip records it now and the stream skips it); rows further in
+    are checked as the stream reaches them."""
+    faults = faults or FaultLog()
+    for where, stream in parts:
+        try:
+            first = next(iter(stream.iter(batch_size=1)), None)
+        except Exception as e:  # noqa: BLE001  (undecodable bytes, malformed JSON/parquet)
+            faults(where, 0, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            continue
+        if first is not None and text_field not in first:
+            faults(where, 0, f"has no field {text_field!r} (its fields: {sorted(first)})")
 
 
 def shuffled(items, buffer_size: int, seed: int):

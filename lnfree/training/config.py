@@ -9,6 +9,7 @@ except KindSchedule, whose defaults fill the removal kinds a schedule leaves out
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
@@ -247,11 +248,21 @@ LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
 KIND_KEYS = {"start", "gap"}
 
 
+def _non_finite(node, prefix: str = "") -> list[str]:
+    """`key=value` of every float in the (unresolved) config that is inf or nan: no field means anything by them
+    (an infinite learning rate would pass `> 0`, and `null` is how a limit is switched off)."""
+    if isinstance(node, dict):
+        return [b for k, v in node.items() for b in _non_finite(v, f"{prefix}{k}.")]
+    if isinstance(node, list):
+        return [b for i, v in enumerate(node) for b in _non_finite(v, f"{prefix[:-1]}[{i}].")]
+    return [f"{prefix[:-1]}={node}"] if isinstance(node, float) and not math.isfinite(node) else []
+
+
 def check_limits(cfg) -> None:
     """Every impossible number and unknown nested schedule key, refused with the field's name."""
     from omegaconf import OmegaConf
 
-    bad = []
+    bad = [f"{b} (must be a finite number)" for b in _non_finite(OmegaConf.to_container(cfg, resolve=False))]
     for key, (ok, what) in LIMITS.items():
         value = OmegaConf.select(cfg, key, default=None)
         if value is not None and not ok(value):

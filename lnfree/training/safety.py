@@ -11,14 +11,26 @@ Why each piece exists (a GPT-2 XL removal run costs hours of several GPUs):
   `overwrite=true` is given.
 - check_resume: a checkpoint given as ckpt_path is opened and compared with the config (model shape, tokens
   per step, schedule) before any data or weights are read.
+- acquire_run_lock: one run per output dir. Two runs started together on one dir would both pass the output-dir
+  check and write into one checkpoints/; the lock file is created atomically (O_CREAT | O_EXCL) and names its
+  holder (pid, host), so the second is refused, and a lock left by a killed run is reported, never taken over.
+- remove_leftovers: a run killed while writing leaves .export.tmp/ or .<name>.ckpt.tmp-<pid>; the next run of
+  the dir (holding the lock, so no other run is writing them) removes them.
+- guarded_run: whatever way train() ends, its lock is released; a signal ends it with the exit code a process
+  killed by that signal has (SIGTERM 143, SIGINT 130), after the on-exception checkpoint, never with 0.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import os
 import shlex
 import shutil
+import signal
+import socket
 import sys
+import time
 from pathlib import Path
 
 import lightning as L
@@ -28,9 +40,11 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.streams import DATA_FAULTS
 from ..errors import UserError
-from ..io import CKPT_MODEL_CONFIG, RUN_INFO, read_checkpoint
+from ..io import CKPT_MODEL_CONFIG, EXPORT_TMP, RUN_INFO, raise_storage_error, read_checkpoint
 from ..paths import RUN_SUMMARY
 
+CKPT_TMP = ".{name}.tmp-{pid}"  # a checkpoint being written (renamed into place when whole)
+LOCK_FILE = ".lnfree.lock"  # in the output dir while a run uses it: {"pid", "host", "started", "command"}
 RUN_FILES = (RUN_SUMMARY, "checkpoints", "export", "csv", DATA_FAULTS, "wandb")  # what a run writes
 SITE_STATE = (".running", ".sigma")  # site buffers that are NaN by design (no estimate yet / still real)
 
@@ -63,10 +77,14 @@ class SafeCheckpointIO(TorchCheckpointIO):
                                   f"{' and more' if len(bad) > 3 else ''} (the run has diverged)")
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp = path.with_name(CKPT_TMP.format(name=path.name, pid=os.getpid()))
         try:
-            torch.save(checkpoint, tmp)
+            with open(tmp, "wb") as f:  # a Python file: a full disk surfaces as its OSError (errno), not only as
+                torch.save(checkpoint, f)  # torch's "unexpected pos" RuntimeError
             os.replace(tmp, path)  # atomic on one filesystem: the old file or the new one, never half of one
+        except Exception as e:
+            raise_storage_error(e, f"checkpoint {path}")
+            raise
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -128,6 +146,131 @@ def check_output_dir(out: Path, ckpt_path: str | None, overwrite: bool) -> None:
         p = out / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     rank_zero_info(f"[lnfree] overwrite=true: removed the previous run's {', '.join(used)} from {out}")
+
+
+# -- one run per directory -------------------------------------------------------------------------------
+_held: list[Path] = []  # the locks this process holds, in order
+
+
+def _first_process() -> bool:
+    """Whether this is the process that owns the run (global rank 0): under DDP every rank runs train() on the
+    same dir, and only one of them may take its lock."""
+    return all(int(os.environ.get(k, "0")) == 0 for k in ("RANK", "LOCAL_RANK", "NODE_RANK", "GROUP_RANK",
+                                                          "SLURM_PROCID"))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, another user's
+        return True
+    return True
+
+
+def lock_holder(lock: Path) -> str:
+    """Why `lock` keeps a run out: who holds it and whether that process still runs, and how to remove it."""
+    out, remove = lock.parent, f"if no run uses {lock.parent}, remove the lock (rm {lock}) and start again"
+    try:
+        held = json.loads(lock.read_text())
+        pid, host = int(held["pid"]), str(held["host"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return (f"{out} has a lock ({lock}) that names no holder: a run is starting right now, or one was killed "
+                f"while starting; {remove}")
+    who = f"pid {pid} on host {host} (since {held.get('started', '?')}: {held.get('command', '?')})"
+    if host != socket.gethostname():
+        return (f"{out} is in use by another run: {who}; that is another machine, so whether it still runs cannot "
+                f"be checked from here; wait for it, choose another hydra.run.dir, or, {remove}")
+    if _alive(pid):
+        return f"{out} is in use by another run: {who}; wait for it to end or choose another hydra.run.dir"
+    return (f"{out} has a stale lock: {who} is no longer running (it was killed before it could release the "
+            f"lock), so nothing was taken over; {remove}")
+
+
+def acquire_run_lock(out: Path) -> Path | None:
+    """Create `out`/.lnfree.lock atomically, naming this process; a RunDirError naming the holder if it exists.
+    The first process of a run only (None elsewhere); released by guarded_run when train() ends."""
+    if not _first_process():
+        return None
+    out.mkdir(parents=True, exist_ok=True)
+    lock = out / LOCK_FILE
+    try:
+        fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+    except FileExistsError:
+        raise RunDirError(lock_holder(lock)) from None
+    with os.fdopen(fd, "w") as f:
+        json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                   "command": " ".join(sys.argv)}, f)
+    _held.append(lock)
+    return lock
+
+
+def release_run_locks(keep: int = 0) -> None:
+    """Remove the locks this process took after its first `keep` ones (only if they still name this process)."""
+    while len(_held) > keep:
+        lock = _held.pop()
+        try:
+            if json.loads(lock.read_text()).get("pid") == os.getpid():
+                lock.unlink()
+        except (OSError, ValueError):
+            pass
+
+
+def remove_leftovers(out: Path) -> list[Path]:
+    """Remove what a killed run of `out` left half-written (call with the dir's lock held): the export being
+    built and checkpoints being written. Returns what was removed."""
+    gone = [p for p in [out / EXPORT_TMP, *(out / "checkpoints").glob(CKPT_TMP.format(name="*", pid="*"))]
+            if p.exists()]
+    for p in gone:
+        shutil.rmtree(p) if p.is_dir() else p.unlink()
+    if gone:
+        rank_zero_info(f"[lnfree] removed what an earlier run left half-written in {out}: "
+                       f"{', '.join(str(p.relative_to(out)) for p in gone)}")
+        ckpts = out / "checkpoints"
+        if ckpts.is_dir() and not any(ckpts.iterdir()):
+            ckpts.rmdir()  # held nothing else: no run there
+    return gone
+
+
+# -- exit codes ------------------------------------------------------------------------------------------
+class RunInterrupted(SystemExit):
+    """A run stopped by SIGTERM (exit 143: what SLURM and most schedulers send before killing a job) or SIGINT
+    (Ctrl-C, exit 130): 128 + the signal's number, as for a process the signal killed, so that a sweep driver,
+    `make` or a shell never reads a pre-empted run as finished."""
+
+
+def interrupted_by(e: BaseException) -> int | None:
+    """The signal that ended a run, from the exception it became: Lightning turns SIGTERM into SIGTERMException
+    (a SystemExit with code None, i.e. exit 0) and Ctrl-C into sys.exit(1) while handling KeyboardInterrupt."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if isinstance(e, SIGTERMException):
+        return signal.SIGTERM
+    if isinstance(e, KeyboardInterrupt) or (isinstance(e, SystemExit) and isinstance(e.__context__, KeyboardInterrupt)):
+        return signal.SIGINT
+    return None
+
+
+def guarded_run(fn):
+    """Wrap train(): release the run-dir lock it took, however it ends; turn a signal into RunInterrupted."""
+
+    @functools.wraps(fn)
+    def run(*args, **kwargs):
+        held = len(_held)
+        try:
+            return fn(*args, **kwargs)
+        except BaseException as e:
+            sig = None if isinstance(e, RunInterrupted) else interrupted_by(e)
+            if sig is None:
+                raise
+            print(f"[lnfree] stopped by {signal.Signals(sig).name}: exit code {128 + sig} (interrupted, not "
+                  "finished)", file=sys.stderr, flush=True)
+            raise RunInterrupted(128 + sig) from e
+        finally:
+            release_run_locks(held)
+
+    return run
 
 
 def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events) -> dict:

@@ -27,9 +27,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
 from ..errors import UserError, user_errors_as_messages
-from ..export import export_folded, export_hf, logits_error
+from ..export import export_folded, export_hf, logits_error, staging_dir
 from ..hub import check_push, push_exports
-from ..io import RUN_SUMMARY, model_from_checkpoint, read_checkpoint
+from ..io import EXPORT_TMP, RUN_SUMMARY, check_tokenizer, model_from_checkpoint, read_checkpoint, read_record
 from ..lora import MERGE_TOL, apply_lora, has_lora, lora_settings, merged_copy, trainable_parameters
 from ..model import non_embedding_params
 from ..model_card import write_model_cards
@@ -49,8 +49,11 @@ from .safety import (
     DivergenceGuard,
     RunDirError,
     SafeCheckpointIO,
+    acquire_run_lock,
     check_output_dir,
     check_resume,
+    guarded_run,
+    remove_leftovers,
 )
 
 
@@ -67,8 +70,10 @@ def check_config(cfg: DictConfig):
     check_limits(cfg)  # impossible numbers first: nothing else is read before they are refused
     check_available(cfg.model, cfg.paths.cache_dir)
     # a random-init model takes its vocabulary from the tokenizer (a small local file: no data, no weights)
-    tok = load_tokenizer(cfg.model, cfg.paths.cache_dir) if cfg.model.source == "random" else None
+    tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     mcfg = gpt2_config(cfg.model, cfg.paths.cache_dir, tok)
+    record = None if cfg.model.source == "random" else read_record(cfg.model.source, cfg.paths.cache_dir)
+    check_tokenizer(mcfg, tok, record, where=f"model={cfg.model.name} ({cfg.model.source})")
     if cfg.data.block_size > mcfg.n_positions:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context "
                           f"n_positions={mcfg.n_positions}")
@@ -105,6 +110,7 @@ def experiment_name(cfg) -> str:
     return run_name(cfg.model.name, cfg.schedule.name, cfg.seed, cfg.finetune.name, extra)
 
 
+@guarded_run  # releases the run-dir lock however train() ends; SIGTERM / SIGINT exit 143 / 130
 def train(cfg: DictConfig) -> dict:
     """Run one fine-tuning job; returns the summary (also written to summary.json)."""
     t0 = time.time()
@@ -115,6 +121,8 @@ def train(cfg: DictConfig) -> dict:
     if done is not None:
         print(f"[lnfree] {out} already holds this run, finished (skip_if_done=true): not run again")
         return done
+    acquire_run_lock(out)  # one run per directory, before the output-dir check (two runs started together)
+    remove_leftovers(out)  # what a killed run left half-written (.export.tmp, .<ckpt>.tmp-<pid>)
     check_output_dir(out, cfg.ckpt_path, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     with run_console(out):
@@ -332,11 +340,11 @@ def _export(model, tokenizer, out: Path, datamodule) -> dict:
     if model.removed_sites() and model.real_sites():
         print(f"[lnfree] not exporting: sites still real: {model.real_sites()}")
         return {}
-    final, tmp = out / "export", out / ".export.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    errors = {"hf": export_hf(model, tmp / "hf", tokenizer, input_ids=check)}
-    if not model.real_sites():
-        errors["folded"] = export_folded(model, tmp / "folded", tokenizer, input_ids=check)
+    final, tmp = out / "export", out / EXPORT_TMP
+    with staging_dir(tmp):  # removed if anything below fails: never half an export left behind
+        errors = {"hf": export_hf(model, tmp / "hf", tokenizer, input_ids=check)}
+        if not model.real_sites():
+            errors["folded"] = export_folded(model, tmp / "folded", tokenizer, input_ids=check)
     shutil.rmtree(final, ignore_errors=True)  # only a resumed run of this same run can have one
     tmp.rename(final)
     return {form: {"path": str(final / form), "relative_error": err} for form, err in errors.items()}
