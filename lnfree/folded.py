@@ -18,6 +18,9 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 CONFIG_FILE = "folded_config.json"
+# A config.json for stock transformers, which cannot build this model: its error message then names the loader
+# ("model type `lnfree_folded (...)` ... not recognized") instead of a generic "Unrecognized model".
+HF_HINT = {"model_type": "lnfree_folded (a norm-free model: load it with lnfree.load(path), not transformers)"}
 WEIGHTS_FILE = "folded.safetensors"
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -104,6 +107,7 @@ def save_folded(model: FoldedGPT2, out_dir: str | Path):
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=1))
+    (out / "config.json").write_text(json.dumps(HF_HINT, indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
 
 

@@ -66,6 +66,13 @@ def test_folded_export_has_no_norm_and_same_logits(tmp_path):
     mask[0, -10:] = 0  # right padding: real tokens unaffected
     a, b = loaded(x, attention_mask=mask), model(x, attention_mask=mask).logits
     assert _rel(a[mask.bool()], b[mask.bool()]) <= 1e-5
+    from transformers import AutoModelForCausalLM
+
+    with pytest.raises(ValueError, match=r"lnfree\.load"):  # stock transformers is pointed to lnfree's loader
+        AutoModelForCausalLM.from_pretrained(tmp_path / "folded")
+    from lnfree.io import load
+
+    assert _rel(load(str(tmp_path / "folded"))[0](x), model(x).logits) <= 1e-5  # config.json is no GPT-2 dir to io
 
 
 def test_export_refusals(tmp_path):
