@@ -319,7 +319,9 @@ class CheckpointOnException(L.Callback):
         else:
             path = self.ckpt_dir / f"on_exception_step{step:06d}.ckpt"
             try:
-                trainer.save_checkpoint(path)
+                # weights_only=False: the full training state, to resume from. Lightning's flag of that name
+                # (save weights only), not torch.load's; said explicitly, Lightning no longer logs its default
+                trainer.save_checkpoint(path, weights_only=False)
                 why, resume = None, path
             except Exception as e:  # noqa: BLE001  (report, then let the original exception propagate)
                 why = f"saving it failed ({type(e).__name__}: {e})"
