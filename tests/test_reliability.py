@@ -312,6 +312,10 @@ def test_the_lock_is_held_during_the_run_and_released_when_it_ends(tiny_run, tmp
         train(compose_train(tmp_path / "run", *TINY_RUN))
     assert held[0]["pid"] == os.getpid() and held[0]["host"] == socket.gethostname()
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released by the failed run
+    lock = safety.acquire_run_lock(tmp_path / "new")
+    assert lock.exists()
+    safety.release_run_locks()
+    assert not (tmp_path / "new").exists()  # a dir the lock made and nothing used is not left behind
     _, run = tiny_run
     assert not (run / LOCK_FILE).exists()  # and by a finished one
 
