@@ -398,15 +398,14 @@ def check_safetensors(d: Path) -> None:
 def check_tokenizer(config, tokenizer, record: dict | None = None, where: str = "model") -> None:
     """Refuse a tokenizer that does not belong to a model (`config`: anything with vocab_size), before compute.
 
-    - every id the tokenizer can emit (its vocabulary, added tokens included) must be < the model's vocab_size,
-      or the embedding lookup fails (IndexError) or reads rows the model never learned;
+    - every id the tokenizer can emit (its vocabulary, added and special tokens such as end-of-text or a pad
+      token included) must be < the model's vocab_size, or the embedding lookup fails (IndexError);
     - the model's vocabulary may exceed the tokenizer's only by padding (at most max(128, 1% of vocab_size)
       unused rows, e.g. GPT-2's 50257 -> 50304); a tokenizer much smaller than the model's vocabulary (44 tokens
       for a 4096-token model) is another tokenizer, unless the model's record names exactly this one;
-    - the model's end-of-text / bos ids (config) must be the tokenizer's;
     - where the model's record names its tokenizer (tokenizer_sha256), it must be this one."""
     vocab = int(config.vocab_size)
-    ids = tokenizer.get_vocab().values()
+    ids = [*tokenizer.get_vocab().values(), *tokenizer.all_special_ids]
     n, top = len(tokenizer), max(ids, default=-1)
     recorded = (record or {}).get("tokenizer_sha256")
     same = recorded is not None and recorded == tokenizer_sha256(tokenizer)
@@ -419,13 +418,6 @@ def check_tokenizer(config, tokenizer, record: dict | None = None, where: str = 
     elif vocab - n > max(128, vocab // 100) and not same:
         problem = (f"the tokenizer has {n} tokens but the model's vocabulary has {vocab} rows: it is not the tokenizer "
                    "this model was trained with")
-    else:
-        for key in ("eos_token_id", "bos_token_id"):
-            mine, theirs = getattr(config, key, None), getattr(tokenizer, key, None)
-            if mine is not None and theirs is not None and mine != theirs and not same:
-                problem = (f"the model's {key} is {mine} but the tokenizer's is {getattr(tokenizer, key)} (another "
-                           "tokenizer)")
-                break
     if problem:
         raise ModelIOError(f"{where}: tokenizer and model do not match: {problem}. Use the model's own tokenizer "
                            "(model.tokenizer=null / the tokenizer saved with it)")

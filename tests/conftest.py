@@ -127,6 +127,25 @@ def train_until_crash(cfg, monkeypatch, step: int) -> Path:
     return Path(cfg.paths.output_dir) / "checkpoints" / f"on_exception_step{step:06d}.ckpt"
 
 
+def copy_export(tiny_run, tmp_path, form="hf"):
+    """A copy of the shared tiny run's export/<form> under tmp_path/<form> (tests edit copies, never the run)."""
+    import shutil
+
+    _, run = tiny_run
+    dst = tmp_path / form
+    shutil.copytree(run / "export" / form, dst)
+    return dst
+
+
+def rehash(d):
+    """Rewrite an export's recorded file hashes to match its files (what someone editing the record would do)."""
+    from lnfree.io import EXPORT_INFO, file_sha256, model_files, record_text
+
+    record = json.loads((d / EXPORT_INFO).read_text())
+    record["files"] = {p.name: file_sha256(p) for p in model_files(d)}
+    (d / EXPORT_INFO).write_text(record_text(record))
+
+
 @pytest.fixture(scope="session")
 def tiny_run(tmp_path_factory):
     """One finished TINY_RUN (every site removed, both exports), shared by the tests that only read a run:

@@ -8,7 +8,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, compose_train, eval_cfg, tiny_config
+from conftest import ROOT, TINY_RUN, compose_train, copy_export, eval_cfg, rehash, tiny_config
 from safetensors.torch import load_file, save_file
 
 from lnfree import load, resolve
@@ -40,15 +40,6 @@ def llama_dir(tmp_path):
     LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
                                  num_attention_heads=2, num_key_value_heads=2)).save_pretrained(d)
     return d
-
-
-def copy_export(tiny_run, tmp_path, form="hf"):
-    import shutil
-
-    _, run = tiny_run
-    dst = tmp_path / form
-    shutil.copytree(run / "export" / form, dst)
-    return dst
 
 
 def test_every_form_resolves_to_its_kind(tiny_run, tmp_path):
@@ -101,15 +92,6 @@ def test_non_gpt2_model_refused_before_weights(tmp_path):
     with pytest.raises(ModelIOError, match="llama"):
         evaluate(cfg)
     assert not (tmp_path / "eval").exists()  # nothing landed in a results table
-
-
-def rehash(d):
-    """Rewrite an export's recorded file hashes to match its files (what someone editing the record would do)."""
-    from lnfree.io import EXPORT_INFO, file_sha256, model_files, record_text
-
-    record = json.loads((d / EXPORT_INFO).read_text())
-    record["files"] = {p.name: file_sha256(p) for p in model_files(d)}
-    (d / EXPORT_INFO).write_text(record_text(record))
 
 
 @pytest.mark.parametrize("rehashed", [False, True])

@@ -15,7 +15,16 @@ import time
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, calibrated_all_removed, compose_train, eval_cfg, tiny_config
+from conftest import (
+    ROOT,
+    TINY_RUN,
+    calibrated_all_removed,
+    compose_train,
+    copy_export,
+    eval_cfg,
+    rehash,
+    tiny_config,
+)
 from safetensors.torch import load_file, save_file
 
 from lnfree import load, resolve
@@ -27,13 +36,6 @@ from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.config import LimitError
 from lnfree.training.safety import LOCK_FILE, RunDirError, RunInterrupted
 from lnfree.training.train import train
-
-
-def copy_export(tiny_run, tmp_path, form="hf"):
-    _, run = tiny_run
-    dst = tmp_path / form
-    shutil.copytree(run / "export" / form, dst)
-    return dst
 
 
 def small_tokenizer(d, n=44):
@@ -162,8 +164,6 @@ def test_eval_with_a_model_smaller_than_the_tokenizer_is_a_clear_error(tmp_path)
 
 def test_a_swapped_tokenizer_is_refused_by_its_recorded_identity(tiny_run, tmp_path):
     """Even with the file hashes rewritten to match, the record's tokenizer_sha256 names the one that belongs."""
-    from test_io import rehash
-
     hf = copy_export(tiny_run, tmp_path)
     for f in hf.glob("tokenizer*"):
         f.unlink()
@@ -185,8 +185,10 @@ def test_check_tokenizer_rule():
         check_tokenizer(GPT2Config(vocab_size=4000, eos_token_id=0, bos_token_id=0), tok)
     with pytest.raises(ModelIOError, match="4096 tokens but the model's vocabulary has 8192 rows"):
         check_tokenizer(GPT2Config(vocab_size=8192, eos_token_id=0, bos_token_id=0), tok)
-    with pytest.raises(ModelIOError, match="eos_token_id is 5 but the tokenizer's is 0"):
-        check_tokenizer(GPT2Config(vocab_size=4096, eos_token_id=5, bos_token_id=0), tok)
+    padded = corpus.load_tokenizer()
+    padded.add_special_tokens({"pad_token": "<pad>"})  # a special token added without resizing the model
+    with pytest.raises(ModelIOError, match="ids up to 4096 but the model has vocab_size=4096"):
+        check_tokenizer(GPT2Config(vocab_size=4096, eos_token_id=0, bos_token_id=0), padded)
     # a model trained on a small tokenizer on purpose: its record names that tokenizer, and then it belongs
     check_tokenizer(GPT2Config(vocab_size=8192, eos_token_id=0, bos_token_id=0), tok,
                     {"tokenizer_sha256": tokenizer_sha256(tok)})
@@ -310,6 +312,10 @@ def test_the_lock_is_held_during_the_run_and_released_when_it_ends(tiny_run, tmp
         train(compose_train(tmp_path / "run", *TINY_RUN))
     assert held[0]["pid"] == os.getpid() and held[0]["host"] == socket.gethostname()
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released by the failed run
+    lock = safety.acquire_run_lock(tmp_path / "new")
+    assert lock.exists()
+    safety.release_run_locks()
+    assert not (tmp_path / "new").exists()  # a dir the lock made and nothing used is not left behind
     _, run = tiny_run
     assert not (run / LOCK_FILE).exists()  # and by a finished one
 

@@ -96,9 +96,11 @@ def run(job, sources=(), until_within=None):
     t0 = time.time()
     with open(d / "run.log", "a") as log:
         rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-    print(f"[{time.strftime('%H:%M:%S')}] {m} {arm} {b} steps seeds {seeds}: rc={rc}, {time.time() - t0:.0f} s",
+    # 143 / 130: lnfree.train stopped by SIGTERM / Ctrl-C (-15 / -2: killed by it): its seeds stay missing
+    state = " (interrupted, not done)" if rc in (143, 130, -15, -2) else ""
+    print(f"[{time.strftime('%H:%M:%S')}] {m} {arm} {b} steps seeds {seeds}: rc={rc}{state}, {time.time() - t0:.0f} s",
           flush=True)
-    return rc
+    return rc if rc >= 0 else 128 - rc  # killed by signal N: the shell's 128 + N, never below 0 (max() would hide it)
 
 
 def main():

@@ -149,7 +149,7 @@ def check_output_dir(out: Path, ckpt_path: str | None, overwrite: bool) -> None:
 
 
 # -- one run per directory -------------------------------------------------------------------------------
-_held: list[Path] = []  # the locks this process holds, in order
+_held: list[tuple[Path, bool]] = []  # the locks this process holds, in order, and whether it made their dir
 
 
 def _first_process() -> bool:
@@ -193,26 +193,30 @@ def acquire_run_lock(out: Path) -> Path | None:
     The first process of a run only (None elsewhere); released by guarded_run when train() ends."""
     if not _first_process():
         return None
+    made = not out.exists()
     out.mkdir(parents=True, exist_ok=True)
     lock = out / LOCK_FILE
     try:
         fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-    except FileExistsError:
+    except FileExistsError:  # (never made here: the lock was in it)
         raise RunDirError(lock_holder(lock)) from None
     with os.fdopen(fd, "w") as f:
         json.dump({"pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
                    "command": " ".join(sys.argv)}, f)
-    _held.append(lock)
+    _held.append((lock, made))
     return lock
 
 
 def release_run_locks(keep: int = 0) -> None:
-    """Remove the locks this process took after its first `keep` ones (only if they still name this process)."""
+    """Remove the locks this process took after its first `keep` ones (only if they still name this process),
+    and a dir the lock made that nothing else was written into (a run refused later leaves no empty dir)."""
     while len(_held) > keep:
-        lock = _held.pop()
+        lock, made = _held.pop()
         try:
             if json.loads(lock.read_text()).get("pid") == os.getpid():
                 lock.unlink()
+            if made:
+                lock.parent.rmdir()  # only if empty
         except (OSError, ValueError):
             pass
 
