@@ -113,6 +113,13 @@ scaling: family
 	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --out $(SCALING) \
 	  --records $(SCALING)/runs.jsonl
 
+# the depth-and-width family's fixed grid (conf/experiment/data_scaling_depth.yaml; protocol in
+# experiments/depth_family/README.md): the family, the LR probe (vanilla control only; writes lr.json), then every
+# job without a record in experiments/depth_family/runs.jsonl (no early stopping; resumable)
+scaling-depth: family-depth
+	$(PY) experiments/depth_family/lr_probe.py --workers $(or $(WORKERS),2)
+	$(PY) $(SCALING)/run_missing.py --experiment data_scaling_depth --workers $(or $(WORKERS),2)
+
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install
 	$(PY) -m lnfree.bench.cpu $(ARGS)

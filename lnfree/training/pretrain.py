@@ -22,7 +22,7 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..analysis.plots import read_metrics
+from ..analysis.family import val_min
 from ..export import export_hf
 from ..io import BUILTIN_PREFIX, ModelIOError, builtin_dir, model_from_checkpoint, read_checkpoint
 from ..paths import CONF_DIR, RUN_SUMMARY
@@ -31,18 +31,6 @@ from .train import ConfigError, train
 
 INFO_FILE = "pretrain_info.json"
 KEEP = ("last", "val_min")
-
-
-def val_min(run_dir: Path, steps: int) -> tuple[int, float]:
-    """(optimizer step, validation CE) of the run's lowest validation. Lightning logs a validation inside training
-    at the index of the batch it follows (step - 1) and the one after training at the last step; both are the
-    weights after `step` optimizer steps, as is the checkpoint step<step>.ckpt. Ties go to the earlier step."""
-    val = read_metrics(run_dir).get("val/ce", [])
-    at = {min(s + 1, steps): v for s, v in val if s > 0}  # step 0 is the random init (validate_before)
-    if not at:
-        raise ModelIOError(f"{run_dir} has no validation after training started")
-    best = min(at, key=lambda s: (at[s], s))
-    return best, at[best]
 
 
 def _resume_point(out: Path, cfg: DictConfig) -> str | None:
