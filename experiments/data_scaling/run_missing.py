@@ -193,23 +193,23 @@ def depth_record(summary: dict, pretrained_ce: float | None = None) -> dict:
             "n_layer": c["model"]["shape"]["n_layer"], "n_embd": c["model"]["shape"]["n_embd"],
             "schedule": c["schedule"]["name"], "removes": c["schedule"]["remove"], "seed": c["seed"],
             "steps": summary["steps"], "tokens": summary["tokens_seen"], "lr": c["optim"]["lr"],
-            "val_ce": summary["val_ce"], "pretrained_val_ce": pretrained_ce,
+            "val_ce": summary["val_ce"], "pretrained_val_ce": pretrained_ce, "hardware": c["hardware"]["name"],
             "n_nonemb": summary["n_params_non_embedding"], "all_removed": summary["all_removed"],
             "fit_fraction": c["schedule"].get("fit_fraction")}
 
 
-def pretrained_ce(name: str) -> float | None:
+def pretrained_ce(name: str, cache_dir=None) -> float | None:
     """The pretrained model's validation CE (same 65k validation tokens) from its pretrain_info.json."""
     from lnfree.io import builtin_dir
 
-    f = builtin_dir(name) / "pretrain_info.json"
+    f = (builtin_dir(name, cache_dir) if cache_dir else builtin_dir(name)) / "pretrain_info.json"
     return json.loads(f.read_text())["val_ce"] if f.exists() else None
 
 
 _LOCK = threading.Lock()
 
 
-def harvest(sweep_root: Path, records: Path) -> int:
+def harvest(sweep_root: Path, records: Path, cache_dir=None) -> int:
     """Append a record for every finished run under sweep_root that records lacks; returns how many."""
     with _LOCK:
         have = {depth_key(r) for r in read_records(records)}
@@ -218,7 +218,7 @@ def harvest(sweep_root: Path, records: Path) -> int:
             s = json.loads(f.read_text())
             if s["config"].get("experiment") != DEPTH:
                 continue
-            r = depth_record(s, pretrained_ce(s["config"]["model"]["source"].removeprefix("builtin:")))
+            r = depth_record(s, pretrained_ce(s["config"]["model"]["source"].removeprefix("builtin:"), cache_dir))
             if depth_key(r) not in have:
                 have.add(depth_key(r))
                 new.append(r)
@@ -234,31 +234,36 @@ def read_records(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
 
 
-def depth_command(job, out: Path) -> tuple[list[str], Path]:
+def depth_command(job, out: Path, extra: tuple = ()) -> tuple[list[str], Path]:
+    """The job's Hydra multirun (one process, its seeds in turn; a subdir per seed, so a rerun with fewer seeds
+    finds each finished seed where it left it) and its sweep dir. extra: overrides that do not change results
+    (hardware=gpu, paths.cache_dir=...)."""
     b, m, rep, arm, lr, seeds = job
     g = depth_grid()
     d = out / f"{size_of(m)}_s{rep}-{arm}-{b}-lr{lr:g}"
     return [sys.executable, "-m", "lnfree.train", "-m", f"experiment={DEPTH}", f"model={m}", f"model.replicate={rep}",
             f"schedule={arm}", f"trainer.max_steps={b}", f"optim.lr={lr:g}", f"optim.min_lr={lr * g['min_lr_ratio']:g}",
-            "seed=" + ",".join(map(str, seeds)), f"hydra.sweep.dir={d}", "hydra.sweep.subdir=s${seed}"], d
+            "seed=" + ",".join(map(str, seeds)), f"hydra.sweep.dir={d}", "hydra.sweep.subdir=s${seed}", *extra], d
 
 
-def run_depth(job, out: Path = DEPTH_OUT, records: Path = DEPTH_RECORDS) -> int:
-    cmd, d = depth_command(job, out)
+def run_depth(job, out: Path = DEPTH_OUT, records: Path = DEPTH_RECORDS, cache_dir=None, extra=()) -> int:
+    extra = (*extra, f"paths.cache_dir={cache_dir}") if cache_dir else tuple(extra)
+    cmd, d = depth_command(job, out, extra)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(d / "run.log", "a") as log:
         rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
-    n = harvest(d, records)
+    n = harvest(d, records, cache_dir)
     print(f"[{time.strftime('%H:%M:%S')}] {d.name} seeds {job[5]}: rc={rc}, {time.time() - t0:.0f} s, {n} recorded",
           flush=True)
     return rc
 
 
-def run_jobs(jobs, workers: int, out: Path = DEPTH_OUT, records: Path = DEPTH_RECORDS) -> int:
+def run_jobs(jobs, workers: int, out: Path = DEPTH_OUT, records: Path = DEPTH_RECORDS, cache_dir=None,
+             extra=()) -> int:
     with ThreadPoolExecutor(workers) as pool:
-        rcs = list(pool.map(lambda j: run_depth(j, out, records), jobs))
+        rcs = list(pool.map(lambda j: run_depth(j, out, records, cache_dir, extra), jobs))
     return max(rcs, default=0)
 
 
@@ -272,14 +277,14 @@ def main_depth(a) -> None:
     if a.until_within is not None:
         raise SystemExit("--until-within is not part of the depth family's protocol: its grid runs whole")
     records = Path(a.records[0]) if a.records else DEPTH_RECORDS
-    harvest(DEPTH_OUT, records)
+    harvest(DEPTH_OUT, records, a.cache_dir)
     jobs = depth_jobs(read_records(records), read_lrs())
     print(f"{sum(len(j[5]) for j in jobs)} runs missing in {len(jobs)} multiruns", flush=True)
     if a.dry_run:
         for j in jobs:
             print(*j)
         return
-    sys.exit(run_jobs(jobs, a.workers, DEPTH_OUT, records))
+    sys.exit(run_jobs(jobs, a.workers, DEPTH_OUT, records, a.cache_dir, a.extra))
 
 
 def main():
@@ -289,6 +294,9 @@ def main():
     p.add_argument("--records", nargs="+", default=None,
                    help=f"default: experiments/data_scaling/runs.jsonl and {OUT} (width); {DEPTH_RECORDS} (depth)")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--cache-dir", default=None, help="depth: where the pretrained models are (paths.cache_dir)")
+    p.add_argument("--extra", nargs="*", default=[],
+                   help="depth: overrides added to every run that do not change results (e.g. hardware=gpu)")
     p.add_argument("--until-within", type=float, default=None,
                    help="width family only: skip a size's budgets beyond one where its seed-mean gap is within this")
     a = p.parse_args()

@@ -56,17 +56,19 @@ def main():
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--records", default=str(rm.DEPTH_RECORDS))
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--cache-dir", default=None, help="where the pretrained models are (paths.cache_dir)")
+    p.add_argument("--extra", nargs="*", default=[], help="overrides that do not change results (hardware=gpu)")
     a = p.parse_args()
     records = Path(a.records)
     g = rm.depth_grid()
-    rm.harvest(rm.DEPTH_OUT, records)
+    rm.harvest(rm.DEPTH_OUT, records, a.cache_dir)
     jobs = probe_jobs(rm.read_records(records), g)
     print(f"{len(jobs)} probe runs missing", flush=True)
     if a.dry_run:
         for j in jobs:
             print(*j)
         return
-    rc = rm.run_jobs(jobs, a.workers, rm.DEPTH_OUT, records)
+    rc = rm.run_jobs(jobs, a.workers, rm.DEPTH_OUT, records, a.cache_dir, a.extra)
     chosen = choose_lr(rm.read_records(records), g)
     missing = [m for m in g["models"] if m not in chosen]
     if rc or missing:

@@ -88,6 +88,7 @@ def main():
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--save", action="store_true", help="copy finished members into experiments/depth_family/models")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--restore-only", action="store_true", help="restore committed members, pretrain nothing")
     a = p.parse_args()
     cache = Path(a.cache_dir).expanduser()
     runs = cache / "pretrain_runs"
@@ -100,6 +101,9 @@ def main():
             continue
         if not a.dry_run and restore(name, cache):
             print(f"{name}: restored from {REPO_MODELS / name}", flush=True)
+            continue
+        if a.restore_only:
+            print(f"{name}: not committed, not in the cache (--restore-only: not pretrained)", flush=True)
             continue
         cmd = pretrain_cmd(option, r, runs / name)
         print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
