@@ -87,8 +87,8 @@ def plan(cost: dict) -> dict:
     ft_h = sum(s["finetune_cpu_h"] for s in sizes.values())
     return {"sizes": sizes, "pretrain_cpu_h": pre_h, "finetune_cpu_h": ft_h, "total_cpu_h": pre_h + ft_h,
             "wall_h_on_2_idle_cores": pre_h + ft_h / 2,
-            "note": "pretraining runs as one one-thread process, the probe and grid as two; the grid's run count "
-                    "is one replicate's probe LR short of the enumerated jobs (shared runs)"}
+            "note": "pretraining runs as one one-thread process, the probe and grid as two; the probe's runs at "
+                    "the chosen LR are the grid's, counted once"}
 
 
 def main():
