@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check test-fast train sweep eval ablations lora downstream interp-control family scaling bench bench-gpu mutation clean
+.PHONY: install test check test-fast train sweep eval ablations lora downstream interp-control family family-depth scaling scaling-depth bench bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -97,6 +97,14 @@ family: install
 	    $(PY) -m lnfree.pretrain model=builtin_$$m hydra.run.dir=outputs/pretrain/$$m overwrite=true || exit 1; \
 	  fi; done
 
+# the depth-and-width family (conf/experiment/data_scaling_depth.yaml's sizes x 2 replicates, smallest first):
+# restores members committed in experiments/depth_family/models/, pretrains the rest into ~/.cache/lnfree/models
+# (one one-thread process; a killed pretraining resumes from its last checkpoint), then the family's record
+family-depth: install
+	$(PY) experiments/depth_family/make_family.py
+	$(PY) -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs --out experiments/depth_family --keep val_min \
+	  --tol 0.003
+
 # data needed to remove LayerNorm vs model size on the built-in family (conf/experiment/data_scaling.yaml: 240 short
 # runs, ~2 h on 2 cores; runs only what experiments/data_scaling/runs.jsonl lacks), then the fit and the records
 SCALING := experiments/data_scaling
@@ -104,6 +112,13 @@ scaling: family
 	$(PY) $(SCALING)/run_missing.py --workers $(or $(WORKERS),2) --until-within 0.01
 	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --out $(SCALING) \
 	  --records $(SCALING)/runs.jsonl
+
+# the depth-and-width family's fixed grid (conf/experiment/data_scaling_depth.yaml; protocol in
+# experiments/depth_family/README.md): the family, the LR probe (vanilla control only; writes lr.json), then every
+# job without a record in experiments/depth_family/runs.jsonl (no early stopping; resumable)
+scaling-depth: family-depth
+	$(PY) experiments/depth_family/lr_probe.py --workers $(or $(WORKERS),2)
+	$(PY) $(SCALING)/run_missing.py --experiment data_scaling_depth --workers $(or $(WORKERS),2)
 
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install

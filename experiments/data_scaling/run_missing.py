@@ -1,6 +1,10 @@
 """Run the data-scaling jobs that are not yet recorded, a few Hydra multiruns at a time, one thread each.
 
     python experiments/data_scaling/run_missing.py [--workers 2] [--dry-run]    (make scaling runs this)
+    python experiments/data_scaling/run_missing.py --experiment data_scaling_depth    (make scaling-depth)
+
+The depth-and-width family's grid (`--experiment data_scaling_depth`, below the width family's code) has no
+early stopping: every job of conf/experiment/data_scaling_depth.yaml runs (--until-within is refused).
 
 The grid is conf/experiment/data_scaling.yaml's hydra.sweeper.params (sizes, budgets, seeds, arms). Finished runs
 are in experiments/data_scaling/runs.jsonl and in multirun/data_scaling/resume/; for every (size, budget, arm) this
@@ -17,9 +21,12 @@ makes the sweep fit in about 2 hours. Afterwards:
 from __future__ import annotations
 
 import argparse
+import functools
+import json
 import os
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -103,14 +110,201 @@ def run(job, sources=(), until_within=None):
     return rc if rc >= 0 else 128 - rc  # killed by signal N: the shell's 128 + N, never below 0 (max() would hide it)
 
 
+# -- the depth-and-width family (experiment=data_scaling_depth) ---------------------------------------------
+# Every fine-tuning run is one record (one line of DEPTH_RECORDS), written by harvest() from its summary.json as
+# soon as its multirun ends (and again at every start, so a run finished but not recorded is never redone). A
+# job is missing when its (pretrained model, budget, schedule, seed, lr) has no record. Each size's LR comes from
+# the LR probe's choice (experiments/depth_family/lr.json, lr_probe.py); the probe's own runs are jobs of the same
+# kind, so its runs at the chosen LR count as the grid's.
+DEPTH = "data_scaling_depth"
+DEPTH_DIR = ROOT / "experiments/depth_family"
+DEPTH_RECORDS = DEPTH_DIR / "runs.jsonl"
+DEPTH_OUT = Path("multirun/data_scaling_depth")
+LR_FILE = DEPTH_DIR / "lr.json"
+
+
+def depth_grid(experiment: str = DEPTH) -> dict:
+    """The grid of conf/experiment/<experiment>.yaml with the protocol's fixed choices (protocol.yaml)."""
+    from omegaconf import OmegaConf
+
+    p = OmegaConf.load(ROOT / "conf/experiment" / f"{experiment}.yaml").hydra.sweeper.params
+    proto = OmegaConf.to_container(OmegaConf.load(DEPTH_DIR / "protocol.yaml"))
+    split = lambda v: str(v).split(",")  # noqa: E731
+    return {"models": split(p.model), "replicates": [int(r) for r in split(p["model.replicate"])],
+            "budgets": [int(b) for b in split(p["trainer.max_steps"])], "seeds": [int(s) for s in split(p.seed)],
+            "schedules": split(p.schedule), "step_tokens": grid()[4], **proto}
+
+
+def size_of(model: str) -> str:
+    """builtin_l4w128 -> l4w128; the pretrained model is then l4w128_s<replicate>."""
+    return model.removeprefix("builtin_")
+
+
+@functools.lru_cache(maxsize=None)
+def _composed(schedule: str, model: str):
+    """(schedule config, n_layer) as a run of the depth grid composes them."""
+    from hydra import compose, initialize_config_dir
+
+    from lnfree.training import config as _config  # noqa: F401  (registers the schemas)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=[f"experiment={DEPTH}", f"schedule={schedule}", f"model={model}"])
+    return cfg.schedule, cfg.model.shape.n_layer
+
+
+def fits(schedule: str, model: str, budget: int) -> bool:
+    """Whether the schedule's removal events all fall before the budget's last step for this model's depth."""
+    from lnfree.schedule import ScheduleError, validate
+
+    sched, n_layer = _composed(schedule, model)
+    try:
+        validate(sched, n_layer, budget)
+    except ScheduleError:
+        return False
+    return True
+
+
+def depth_key(r: dict) -> tuple:
+    return r["pretrained"], r["steps"], r["schedule"], r["seed"], r["lr"]
+
+
+def depth_jobs(records, lrs: dict, g: dict | None = None) -> list[tuple]:
+    """Missing jobs of the grid as (budget, model, replicate, schedule, lr, [seeds]), smallest budgets first;
+    the variant schedule on its replicates only and where it fits; no early stopping."""
+    g = g or depth_grid()
+    done = {depth_key(r) for r in records}
+    jobs = []
+    for b in g["budgets"]:
+        for m in g["models"]:
+            lr = lrs[m]["lr"]
+            for rep in g["replicates"]:
+                for arm in g["schedules"]:
+                    if arm == g["variant_schedule"] and (rep not in g["variant_replicates"] or not fits(arm, m, b)):
+                        continue
+                    todo = [s for s in g["seeds"] if (f"{size_of(m)}_s{rep}", b, arm, s, lr) not in done]
+                    if todo:
+                        jobs.append((b, m, rep, arm, lr, todo))
+    return jobs
+
+
+def depth_record(summary: dict, pretrained_ce: float | None = None) -> dict:
+    """One fine-tuning run as a record: the width family's keys plus the pretrained model, shape, schedule, LR."""
+    c = summary["config"]
+    return {"model": c["model"]["name"], "pretrained": c["model"]["source"].removeprefix("builtin:"),
+            "size": size_of(c["model"]["name"]).rsplit("_s", 1)[0], "replicate": c["model"]["replicate"],
+            "n_layer": c["model"]["shape"]["n_layer"], "n_embd": c["model"]["shape"]["n_embd"],
+            "schedule": c["schedule"]["name"], "removes": c["schedule"]["remove"], "seed": c["seed"],
+            "steps": summary["steps"], "tokens": summary["tokens_seen"], "lr": c["optim"]["lr"],
+            "val_ce": summary["val_ce"], "pretrained_val_ce": pretrained_ce, "hardware": c["hardware"]["name"],
+            "n_nonemb": summary["n_params_non_embedding"], "all_removed": summary["all_removed"],
+            "fit_fraction": c["schedule"].get("fit_fraction")}
+
+
+def pretrained_ce(name: str, cache_dir=None) -> float | None:
+    """The pretrained model's validation CE (same 65k validation tokens) from its pretrain_info.json."""
+    from lnfree.io import builtin_dir
+
+    f = (builtin_dir(name, cache_dir) if cache_dir else builtin_dir(name)) / "pretrain_info.json"
+    return json.loads(f.read_text())["val_ce"] if f.exists() else None
+
+
+_LOCK = threading.Lock()
+
+
+def harvest(sweep_root: Path, records: Path, cache_dir=None) -> int:
+    """Append a record for every finished run under sweep_root that records lacks; returns how many."""
+    with _LOCK:
+        have = {depth_key(r) for r in read_records(records)}
+        new = []
+        for f in sorted(Path(sweep_root).glob("**/summary.json")):
+            s = json.loads(f.read_text())
+            if s["config"].get("experiment") != DEPTH:
+                continue
+            r = depth_record(s, pretrained_ce(s["config"]["model"]["source"].removeprefix("builtin:"), cache_dir))
+            if depth_key(r) not in have:
+                have.add(depth_key(r))
+                new.append(r)
+        if new:
+            records.parent.mkdir(parents=True, exist_ok=True)
+            with open(records, "a") as fh:
+                fh.write("".join(json.dumps(r) + "\n" for r in new))
+        return len(new)
+
+
+def read_records(path: Path) -> list[dict]:
+    path = Path(path)
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def depth_command(job, out: Path, extra: tuple = ()) -> tuple[list[str], Path]:
+    """The job's Hydra multirun (one process, its seeds in turn; a subdir per seed, so a rerun with fewer seeds
+    finds each finished seed where it left it) and its sweep dir. extra: overrides that do not change results
+    (hardware=gpu, paths.cache_dir=...)."""
+    b, m, rep, arm, lr, seeds = job
+    g = depth_grid()
+    d = out / f"{size_of(m)}_s{rep}-{arm}-{b}-lr{lr:g}"
+    return [sys.executable, "-m", "lnfree.train", "-m", f"experiment={DEPTH}", f"model={m}", f"model.replicate={rep}",
+            f"schedule={arm}", f"trainer.max_steps={b}", f"optim.lr={lr:g}", f"optim.min_lr={lr * g['min_lr_ratio']:g}",
+            "seed=" + ",".join(map(str, seeds)), f"hydra.sweep.dir={d}", "hydra.sweep.subdir=s${seed}", *extra], d
+
+
+def run_depth(job, out: Path = DEPTH_OUT, records: Path = DEPTH_RECORDS, cache_dir=None, extra=()) -> int:
+    extra = (*extra, f"paths.cache_dir={cache_dir}") if cache_dir else tuple(extra)
+    cmd, d = depth_command(job, out, extra)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    d.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    with open(d / "run.log", "a") as log:
+        rc = subprocess.call(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+    n = harvest(d, records, cache_dir)
+    print(f"[{time.strftime('%H:%M:%S')}] {d.name} seeds {job[5]}: rc={rc}, {time.time() - t0:.0f} s, {n} recorded",
+          flush=True)
+    return rc
+
+
+def run_jobs(jobs, workers: int, out: Path = DEPTH_OUT, records: Path = DEPTH_RECORDS, cache_dir=None,
+             extra=()) -> int:
+    with ThreadPoolExecutor(workers) as pool:
+        rcs = list(pool.map(lambda j: run_depth(j, out, records, cache_dir, extra), jobs))
+    return max(rcs, default=0)
+
+
+def read_lrs(path: Path = LR_FILE) -> dict:
+    if not Path(path).exists():
+        raise SystemExit(f"{path} does not exist: run the LR probe first (python experiments/depth_family/lr_probe.py)")
+    return json.loads(Path(path).read_text())["sizes"]
+
+
+def main_depth(a) -> None:
+    if a.until_within is not None:
+        raise SystemExit("--until-within is not part of the depth family's protocol: its grid runs whole")
+    records = Path(a.records[0]) if a.records else DEPTH_RECORDS
+    harvest(DEPTH_OUT, records, a.cache_dir)
+    jobs = depth_jobs(read_records(records), read_lrs())
+    print(f"{sum(len(j[5]) for j in jobs)} runs missing in {len(jobs)} multiruns", flush=True)
+    if a.dry_run:
+        for j in jobs:
+            print(*j)
+        return
+    sys.exit(run_jobs(jobs, a.workers, DEPTH_OUT, records, a.cache_dir, a.extra))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--experiment", default="data_scaling", choices=("data_scaling", DEPTH))
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--records", nargs="+", default=["experiments/data_scaling/runs.jsonl", str(OUT)])
+    p.add_argument("--records", nargs="+", default=None,
+                   help=f"default: experiments/data_scaling/runs.jsonl and {OUT} (width); {DEPTH_RECORDS} (depth)")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--cache-dir", default=None, help="depth: where the pretrained models are (paths.cache_dir)")
+    p.add_argument("--extra", nargs="*", default=[],
+                   help="depth: overrides added to every run that do not change results (e.g. hardware=gpu)")
     p.add_argument("--until-within", type=float, default=None,
-                   help="skip a size's budgets beyond one where its seed-mean gap is within this (e.g. 0.01)")
+                   help="width family only: skip a size's budgets beyond one where its seed-mean gap is within this")
     a = p.parse_args()
+    if a.experiment == DEPTH:
+        return main_depth(a)
+    a.records = a.records or ["experiments/data_scaling/runs.jsonl", str(OUT)]
     jobs = missing_jobs(a.records)
     print(f"{sum(len(j[3]) for j in jobs)} runs missing in {len(jobs)} multiruns", flush=True)
     if a.dry_run:

@@ -1,12 +1,18 @@
-"""The built-in size family's record: per model its shape, size, pretraining tokens, validation CE and curve,
+"""A built-in family's record: per model its shape, size, pretraining tokens, validation CE and curve,
 and whether it meets the convergence criterion.
 
-    python -m lnfree.analysis.family outputs/pretrain [--out experiments/builtin_family]
+    python -m lnfree.analysis.family outputs/pretrain [--out experiments/builtin_family]       (the width family)
+    python -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs --out experiments/depth_family --keep val_min \
+        --tol 0.003                                                              (the depth family, make family-depth)
 
 Reads the pretraining runs (`<runs>/<name>/summary.json` and their CSV logs) and writes family.json, one
 curve per model (curves/<name>.csv: step, train CE, validation CE) and family.png.
-Criterion (stated in the output): validation CE not rising over the last 20% of steps (no validation above
-the one before it by more than `tol`) and changing by at most `tol` over the last 10% of steps.
+Criterion with the last weights kept (`--keep last`, the width family): validation CE not rising over the last 20%
+of steps (no validation above the one before it by more than `tol`) and changing by at most `tol` over the last
+10% of steps. With the validation-minimum checkpoint kept (`--keep val_min`, the depth family; fixed before its
+pretraining): the best validation CE improved by at most `tol` nats during the last 10% of steps (a model still
+improving is not converged; one that passed its minimum earlier is, and keeps that minimum). There the record
+groups the independently pretrained replicates of each size (`model.replicate`) and adds family.md.
 """
 
 from __future__ import annotations
@@ -29,7 +35,36 @@ def converged(curve: list[tuple[int, float]], max_steps: int, tol: float) -> dic
             "met": (not rising) and change is not None and change <= tol}
 
 
-def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002) -> dict:
+def val_min(run_dir: Path, steps: int) -> tuple[int, float]:
+    """(optimizer step, validation CE) of a run's lowest validation. Lightning logs a validation inside training
+    at the index of the batch it follows (step - 1) and the one after training at the last step; both are the
+    weights after `step` optimizer steps, as is the checkpoint step<step>.ckpt. Ties go to the earlier step."""
+    at = val_by_step(read_metrics(Path(run_dir)).get("val/ce", []), steps)
+    if not at:
+        raise ValueError(f"{run_dir} has no validation after training started")
+    best = min(at, key=lambda s: (at[s], s))
+    return best, at[best]
+
+
+def val_by_step(logged: list[tuple[int, float]], steps: int) -> dict[int, float]:
+    """Logged validations keyed by the optimizer step of the weights they measured (step 0, the random init
+    measured before training, left out)."""
+    return {min(s + 1, steps): v for s, v in logged if s > 0}
+
+
+def late_gain(curve: dict[int, float], max_steps: int, tol: float) -> dict:
+    """The val_min criterion: how much the best validation CE improved during the last 10% of steps."""
+    early = [v for s, v in curve.items() if s < 0.9 * max_steps]
+    late = [v for s, v in curve.items() if s >= 0.9 * max_steps]
+    gain = (min(early) - min(late)) if early and late else None
+    best = min(curve, key=lambda s: (curve[s], s))
+    return {"late_gain": gain, "kept_step": best, "kept_val_ce": curve[best], "val_ce_last": curve[max(curve)],
+            "overfit": curve[max(curve)] - curve[best] > tol, "met": gain is not None and gain <= tol}
+
+
+def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002, keep: str = "last") -> dict:
+    if keep == "val_min":
+        return collect_replicates(runs_dir, out_dir, tol)
     runs_dir, out = Path(runs_dir), Path(out_dir)
     (out / "curves").mkdir(parents=True, exist_ok=True)
     sizes = []
@@ -65,6 +100,64 @@ def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002) -> di
     return res
 
 
+def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.003) -> dict:
+    """The depth family's record: per size its shape and parameters, per pretrained replicate its seed, kept
+    (validation-minimum) CE and step, last CE, curve and the late_gain criterion. Only finished runs count."""
+    runs_dir, out = Path(runs_dir), Path(out_dir)
+    (out / "curves").mkdir(parents=True, exist_ok=True)
+    sizes: dict[str, dict] = {}
+    for summary_file in sorted(runs_dir.glob(f"*/{RUN_SUMMARY}")):
+        s = json.loads(summary_file.read_text())
+        c = s["config"]
+        name, shape = c["model"]["name"], c["model"]["shape"]
+        metrics = read_metrics(summary_file.parent)
+        val = val_by_step(metrics.get("val/ce", []), s["steps"])
+        tr = {min(k + 1, s["steps"]): v for k, v in metrics.get("train/ce", [])}
+        with open(out / "curves" / f"{name}.csv", "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["step", "train_ce", "val_ce"])
+            for step in sorted(set(val) | set(tr)):
+                w.writerow([step, tr.get(step, ""), val.get(step, "")])
+        size = f"l{shape['n_layer']}w{shape['n_embd']}"
+        entry = sizes.setdefault(size, {
+            "name": size, "n_layer": shape["n_layer"], "n_embd": shape["n_embd"], "n_head": shape["n_head"],
+            "non_embedding_params": s["n_params_non_embedding"], "params": s["n_params"], "pretrained": []})
+        conv = late_gain(val, s["steps"], tol)
+        entry["pretrained"].append({
+            "name": name, "seed": c["seed"], "replicate": c["model"]["replicate"], "val_ce": conv["kept_val_ce"],
+            "kept_step": conv["kept_step"], "val_ce_last": conv["val_ce_last"], "converged": conv["met"],
+            "convergence": conv, "steps": s["steps"], "pretrain_tokens": s["tokens_seen"],
+            "curve": f"curves/{name}.csv", "wall_time_s": s["wall_time_s"], "hardware": c["hardware"]["name"],
+            "recipe": {"dropout": c["model"]["dropout"], "lr": c["optim"]["lr"], "min_lr": c["optim"]["min_lr"],
+                       "weight_decay": c["optim"]["weight_decay"], "tokens_per_step": s["tokens_per_step"],
+                       "val_every": c["trainer"]["val_every"], "precision": c["hardware"]["precision"]}})
+    ordered = sorted(sizes.values(), key=lambda x: x["non_embedding_params"])
+    for x in ordered:
+        x["pretrained"].sort(key=lambda r: r["seed"])
+        x["all_converged"] = all(r["converged"] for r in x["pretrained"])
+    res = {"criterion": f"kept weights: the validation-minimum checkpoint; converged: the best validation CE "
+                        f"improved by at most {tol} nats during the last 10% of steps",
+           "tol": tol, "sizes": ordered}
+    (out / "family.json").write_text(json.dumps(res, indent=1))
+    (out / "family.md").write_text(markdown_replicates(res))
+    _plot([{"name": r["name"], "curve": r["curve"], "non_embedding_params": x["non_embedding_params"],
+            "val_ce": r["val_ce"]} for x in ordered for r in x["pretrained"]], out)
+    return res
+
+
+def markdown_replicates(res: dict) -> str:
+    rows = ["| size | layers x width | non-embedding | replicate (seed) | kept step | val CE (kept) | val CE (last) "
+            "| late gain | converged |", "|---|---|---|---|---|---|---|---|---|"]
+    for x in res["sizes"]:
+        for r in x["pretrained"]:
+            g = r["convergence"]["late_gain"]
+            rows.append(f"| {x['name']} | {x['n_layer']} x {x['n_embd']} | {x['non_embedding_params']:,} | "
+                        f"{r['replicate']} ({r['seed']}) | {r['kept_step']} | {r['val_ce']:.4f} | "
+                        f"{r['val_ce_last']:.4f} | {'n/a' if g is None else f'{g:+.4f}'} | "
+                        f"{'yes' if r['converged'] else '**no**'} |")
+    return f"Criterion: {res['criterion']}.\n\n" + "\n".join(rows) + "\n"
+
+
 def _plot(sizes, out: Path):
     from .plots import _grid, _save
 
@@ -86,8 +179,17 @@ def main(argv=None):
     p.add_argument("runs_dir")
     p.add_argument("--out", default="experiments/builtin_family")
     p.add_argument("--tol", type=float, default=0.002)
+    p.add_argument("--keep", choices=("last", "val_min"), default="last",
+                   help="which pretraining weights the family keeps (its criterion follows)")
     a = p.parse_args(argv)
-    res = collect(a.runs_dir, a.out, a.tol)
+    res = collect(a.runs_dir, a.out, a.tol, a.keep)
+    if a.keep == "val_min":
+        print(res["criterion"])
+        for x in res["sizes"]:
+            for r in x["pretrained"]:
+                print(f"{r['name']:18s} N={x['non_embedding_params']:>9d} val CE {r['val_ce']:.4f} (step "
+                      f"{r['kept_step']}) converged: {r['converged']}")
+        return
     for x in res["sizes"]:
         print(f"{x['name']:14s} N={x['non_embedding_params']:>9d} val CE {x['val_ce']:.4f} converged: "
               f"{x['convergence']['met']}")

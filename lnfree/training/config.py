@@ -33,6 +33,12 @@ class ModelConfig:
     compile: bool = MISSING  # torch.compile the training/validation forward (recompiles at each removal event)
     dropout: Optional[float] = MISSING  # override resid/embd/attn dropout; null keeps the checkpoint's
     pretrain_steps: Optional[int] = MISSING  # built-in family: optimizer steps of its pretraining
+    # built-in family: which of a size's independently pretrained models; it is their pretraining seed (init and
+    # data order; conf/pretrain.yaml). 0: the width family's one model per size
+    replicate: int = 0
+    # built-in family: the pretraining weights kept. last: after the last step; val_min: the checkpoint at the
+    # validation minimum (needs trainer.ckpt_every == trainer.val_every; conf/pretrain_depth.yaml)
+    pretrain_keep: str = "last"
 
 
 @dataclass

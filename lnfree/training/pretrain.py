@@ -6,6 +6,11 @@ Runs the ordinary train() from random init with schedule=none (conf/pretrain.yam
 as a Hugging Face dir (weights, config, tokenizer, pretrain_info.json) where `model.source=builtin:<name>`
 finds it: lnfree/pretrained/<name> (the default model ships there) or <paths.cache_dir>/models/<name>.
 Nothing pretrains implicitly: loading a built-in model that is not there is an error naming this command.
+
+`model.pretrain_keep=val_min` (the depth family, conf/pretrain_depth.yaml) keeps the checkpoint at the validation
+minimum instead of the last weights: a checkpoint is written at every validation, and the one whose step has the
+lowest logged validation CE is exported. A run dir that holds `checkpoints/last.ckpt` but no summary is resumed
+from it (`ckpt_path`); one that holds a finished run is exported again without training.
 """
 
 from __future__ import annotations
@@ -17,23 +22,48 @@ from pathlib import Path
 import hydra
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..io import BUILTIN_PREFIX, ModelIOError, builtin_dir
-from ..paths import CONF_DIR
+from ..analysis.family import val_min
+from ..export import export_hf
+from ..io import BUILTIN_PREFIX, ModelIOError, builtin_dir, model_from_checkpoint, read_checkpoint
+from ..paths import CONF_DIR, RUN_SUMMARY
 from . import config as _config  # noqa: F401  (registers the schemas)
-from .train import train
+from .train import ConfigError, train
 
 INFO_FILE = "pretrain_info.json"
+KEEP = ("last", "val_min")
+
+
+def _resume_point(out: Path, cfg: DictConfig) -> str | None:
+    """The checkpoint to resume an unfinished pretraining from (its last.ckpt), or the configured ckpt_path."""
+    last = out / "checkpoints" / "last.ckpt"
+    if cfg.ckpt_path is None and last.exists() and not (out / RUN_SUMMARY).exists():
+        print(f"[lnfree] resuming the pretraining in {out} from {last}")
+        return str(last)
+    return cfg.ckpt_path
 
 
 def pretrain(cfg: DictConfig) -> Path:
     if not cfg.model.source.startswith(BUILTIN_PREFIX):
         raise ModelIOError(f"pretrain is for the built-in family (model=builtin_*), not {cfg.model.source!r}")
+    keep = cfg.model.pretrain_keep
+    if keep not in KEEP:
+        raise ConfigError(f"model.pretrain_keep must be one of {KEEP}, got {keep!r}")
+    if keep == "val_min" and cfg.trainer.ckpt_every != cfg.trainer.val_every:
+        raise ConfigError("model.pretrain_keep=val_min needs a checkpoint at every validation: trainer.ckpt_every "
+                          f"({cfg.trainer.ckpt_every}) must equal trainer.val_every ({cfg.trainer.val_every})")
     dest = builtin_dir(cfg.model.source[len(BUILTIN_PREFIX):], cfg.paths.cache_dir, shipped=False)
+    out = Path(cfg.paths.output_dir)
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.model.source, run_cfg.model.tokenizer = "random", "builtin"
+        run_cfg.ckpt_path = _resume_point(out, cfg)
+        if (out / RUN_SUMMARY).exists():
+            run_cfg.skip_if_done = True  # a finished run (same config) is not trained again
     summary = train(run_cfg)
     hf_dir = Path(summary["output_dir"]) / "export" / "hf"
+    kept_step, kept_ce = summary["steps"], summary["val_ce"]
+    if keep == "val_min":
+        kept_step, kept_ce = val_min(out, summary["steps"])
     info = {
         "name": cfg.model.name,
         "shape": OmegaConf.to_container(cfg.model.shape),
@@ -42,12 +72,20 @@ def pretrain(cfg: DictConfig) -> Path:
         "steps": summary["steps"],
         "tokens": summary["tokens_seen"],
         "wall_time_s": summary["wall_time_s"],
-        "val_ce": summary["val_ce"],
+        "val_ce": kept_ce,
+        "kept": keep,
+        "kept_step": kept_step,
+        "val_ce_last": summary["val_ce"],
+        "seed": cfg.seed,
         "hardware": OmegaConf.to_container(cfg.hardware),
     }
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(hf_dir, tmp)
+    if kept_step != summary["steps"]:  # the exported weights are the last; write the kept checkpoint's instead
+        ckpt = out / "checkpoints" / f"step{kept_step:06d}.ckpt"
+        export_hf(model_from_checkpoint(read_checkpoint(ckpt), ckpt), tmp)
+        (tmp / "README.md").unlink(missing_ok=True)  # the model card describes the last weights
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # appears whole or not at all

@@ -1,0 +1,126 @@
+"""Make the depth-and-width family: restore committed members into the cache, pretrain the missing ones.
+
+    python experiments/depth_family/make_family.py            (make family-depth runs this)
+    python experiments/depth_family/make_family.py --save      (copy finished members into the repo, to commit)
+    python experiments/depth_family/make_family.py --dry-run   (what it would do)
+
+The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, smallest first. For each one:
+- in the cache (<cache>/models/<name>): nothing to do;
+- committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer,
+  pretrain_info.json);
+- else pretrained by `python -m lnfree.pretrain --config-name pretrain_depth model=<size> model.replicate=<r>`
+  into the run dir <cache>/pretrain_runs/<name>, one one-thread process at a time; a run killed half-way resumes
+  from its last checkpoint (lnfree/training/pretrain.py), so stopping and rerunning loses at most 100 steps.
+Wall time per member is appended to <cache>/pretrain_runs/times.jsonl.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+from lnfree.io import BUILTIN_PREFIX, builtin_dir  # noqa: E402
+from lnfree.paths import DEFAULT_CACHE_DIR, RUN_SUMMARY  # noqa: E402
+
+EXPERIMENT = ROOT / "conf/experiment/data_scaling_depth.yaml"
+REPO_MODELS = ROOT / "experiments/depth_family/models"
+KEEP_FILES = ("config.json", "generation_config.json", "model.safetensors", "lnfree_export.json", "tokenizer.json",
+              "tokenizer_config.json", "pretrain_info.json")
+
+
+def members(experiment: Path = EXPERIMENT) -> list[tuple[str, int, str]]:
+    """(model option, replicate, built-in name) for every member, in the grid's order of sizes, then replicates."""
+    from omegaconf import OmegaConf
+
+    p = OmegaConf.load(experiment).hydra.sweeper.params
+    out = []
+    for option in str(p.model).split(","):
+        source = OmegaConf.to_container(OmegaConf.load(ROOT / "conf/model" / f"{option}.yaml"))["source"]
+        for r in str(p["model.replicate"]).split(","):
+            name = source[len(BUILTIN_PREFIX):].replace("${.replicate}", r)
+            out.append((option, int(r), name))
+    return out
+
+
+def restore(name: str, cache_dir, repo_models: Path = REPO_MODELS) -> bool:
+    """Copy a committed member into the cache (whole or not at all); False if none is committed."""
+    src, dest = repo_models / name, builtin_dir(name, cache_dir, shipped=False)
+    if not (src / "model.safetensors").exists():
+        return False
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(src, tmp)
+    tmp.rename(dest)
+    return True
+
+
+def save(name: str, cache_dir, repo_models: Path = REPO_MODELS) -> bool:
+    """Copy a finished member from the cache into the repo (the files a restore needs); False if not finished."""
+    src = builtin_dir(name, cache_dir, shipped=False)
+    if not (src / "pretrain_info.json").exists():
+        return False
+    dest = repo_models / name
+    dest.mkdir(parents=True, exist_ok=True)
+    for f in KEEP_FILES:
+        shutil.copy2(src / f, dest / f)
+    return True
+
+
+def pretrain_cmd(option: str, replicate: int, run_dir: Path) -> list[str]:
+    cmd = [sys.executable, "-m", "lnfree.pretrain", "--config-name", "pretrain_depth", f"model={option}",
+           f"model.replicate={replicate}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false"]
+    started = run_dir.exists() and any(run_dir.iterdir())
+    if started and not (run_dir / "checkpoints" / "last.ckpt").exists() and not (run_dir / RUN_SUMMARY).exists():
+        cmd.append("overwrite=true")  # killed before its first checkpoint: nothing to resume, start again
+    return cmd
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
+    p.add_argument("--save", action="store_true", help="copy finished members into experiments/depth_family/models")
+    p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--restore-only", action="store_true", help="restore committed members, pretrain nothing")
+    a = p.parse_args()
+    cache = Path(a.cache_dir).expanduser()
+    runs = cache / "pretrain_runs"
+    for option, r, name in members():
+        if a.save:
+            print(f"{name}: {'saved' if save(name, cache) else 'not finished'}", flush=True)
+            continue
+        if builtin_dir(name, cache).exists():
+            print(f"{name}: in the cache", flush=True)
+            continue
+        if not a.dry_run and restore(name, cache):
+            print(f"{name}: restored from {REPO_MODELS / name}", flush=True)
+            continue
+        if a.restore_only:
+            print(f"{name}: not committed, not in the cache (--restore-only: not pretrained)", flush=True)
+            continue
+        cmd = pretrain_cmd(option, r, runs / name)
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
+        if a.dry_run:
+            continue
+        runs.mkdir(parents=True, exist_ok=True)
+        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+        t0 = time.time()
+        rc = subprocess.call(cmd, cwd=ROOT, env=env)
+        wall = time.time() - t0
+        with open(runs / "times.jsonl", "a") as f:
+            f.write(json.dumps({"name": name, "rc": rc, "wall_s": round(wall, 1), "end": time.strftime("%FT%T")})
+                    + "\n")
+        print(f"[{time.strftime('%H:%M:%S')}] {name}: rc={rc}, {wall:.0f} s", flush=True)
+        if rc:
+            sys.exit(rc)
+
+
+if __name__ == "__main__":
+    main()

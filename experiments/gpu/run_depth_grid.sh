@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# The depth-and-width family's fine-tuning grid on one GPU in one call of at most 8 minutes (prepared, not run yet):
+#   run(command="bash experiments/gpu/run_depth_grid.sh", timeout_s=500)
+# The pretrained members travel committed in experiments/depth_family/models/ (make_family.py --save; about 22 MB)
+# and are restored into .famcache; a member that is not committed is not pretrained here (its jobs fail and stay
+# missing). Then the LR probe (experiments/depth_family/lr_probe.py: vanilla control only, writes lr.json) and
+# every job of experiment=data_scaling_depth without a record in experiments/depth_family/runs.jsonl, as
+# Hydra multiruns, WORKERS at a time, fp32 like the CPU runs. Each phase has a time limit so that the records of
+# what finished come back: $OUT/runs.jsonl, $OUT/lr.json (and the logs); the rest is picked up by
+# `make scaling-depth` on the CPU from the same records.
+set -u
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+  && cp -r .whl/antlr4 /tmp/site/ && export PYTHONPATH=/tmp/site:$PWD || exit 1
+OUT=${OUT:-/tmp/out}; mkdir -p $OUT
+WORKERS=${WORKERS:-16}
+CACHE=$PWD/.famcache
+EXTRA="hardware=gpu hardware.precision=32-true"
+nvidia-smi -L
+t0=$(date +%s)
+python3 experiments/depth_family/make_family.py --cache-dir $CACHE --restore-only
+timeout ${PROBE_TIMEOUT:-150} python3 experiments/depth_family/lr_probe.py --workers $WORKERS --cache-dir $CACHE \
+  --extra $EXTRA > $OUT/probe.log 2>&1
+echo "probe: $(( $(date +%s) - t0 )) s"; tail -n 6 $OUT/probe.log
+timeout ${GRID_TIMEOUT:-280} python3 experiments/data_scaling/run_missing.py --experiment data_scaling_depth \
+  --workers $WORKERS --cache-dir $CACHE --extra $EXTRA > $OUT/grid.log 2>&1
+echo "probe + grid: $(( $(date +%s) - t0 )) s"; tail -n 3 $OUT/grid.log
+# records of runs that finished after their multirun was cut off by the time limit
+python3 -c "
+import importlib.util, sys
+s = importlib.util.spec_from_file_location('rm', 'experiments/data_scaling/run_missing.py')
+rm = importlib.util.module_from_spec(s); s.loader.exec_module(rm)
+print(rm.harvest(rm.DEPTH_OUT, rm.DEPTH_RECORDS, sys.argv[1]), 'more recorded')" $CACHE
+cp experiments/depth_family/runs.jsonl experiments/depth_family/lr.json $OUT/ 2>/dev/null
+wc -l $OUT/runs.jsonl; ls -la $OUT

@@ -1,0 +1,191 @@
+"""The depth-and-width family (issue 24): model options, pretraining that keeps the validation minimum and
+resumes, the restore-from-repo path, the fixed fine-tuning grid (no early stopping) and the LR rule."""
+
+import importlib.util
+import json
+
+import pytest
+import torch
+from conftest import ROOT
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+
+from lnfree.analysis.family import late_gain, val_by_step
+from lnfree.io import builtin_dir, load, model_from_checkpoint, read_checkpoint
+from lnfree.training.pretrain import _resume_point, pretrain
+
+
+def _module(path, name):
+    spec = importlib.util.spec_from_file_location(name, ROOT / path)
+    m = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(m)
+    return m
+
+
+rm = _module("experiments/data_scaling/run_missing.py", "run_missing")
+probe = _module("experiments/depth_family/lr_probe.py", "lr_probe")
+fam = _module("experiments/depth_family/make_family.py", "make_family")
+
+
+def _compose(name, *overrides):
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(name, overrides=list(overrides))
+
+
+def test_model_options_select_a_replicate_that_is_the_pretraining_seed():
+    cfg = _compose("train", "model=builtin_l3w96", "model.replicate=2")
+    assert cfg.model.name == "builtin_l3w96_s2" and cfg.model.source == "builtin:l3w96_s2"
+    assert dict(cfg.model.shape) == {"n_layer": 3, "n_head": 3, "n_embd": 96, "n_positions": 256}
+    pre = _compose("pretrain_depth", "model=builtin_l3w96", "model.replicate=2")
+    assert pre.seed == 2 and pre.data.seed == 2 and pre.model.pretrain_keep == "val_min"
+    assert pre.trainer.ckpt_every == pre.trainer.val_every
+    assert _compose("pretrain", "model=builtin_w48").seed == 0  # the width family's one model: replicate 0
+
+
+def test_family_design_meets_the_issue():
+    """>= 4 sizes, >= 3 depths, >= 30x in non-embedding parameters, >= 2 replicates per size."""
+    members = fam.members()
+    shapes = {}
+    for option, _, _ in members:
+        s = _compose("train", f"model={option}").model.shape
+        shapes[option] = (s.n_layer, s.n_embd)
+    nonemb = {o: L * (12 * d * d + 13 * d) + 2 * d for o, (L, d) in shapes.items()}
+    assert len(shapes) >= 4 and len({L for L, _ in shapes.values()}) >= 3
+    assert max(nonemb.values()) / min(nonemb.values()) >= 30
+    assert all(sum(o == opt for o, _, _ in members) >= 2 for opt in shapes)
+    assert len({n for _, _, n in members}) == len(members)
+
+
+def _tiny_pretrain(tmp_path, *extra):
+    cfg = _compose("pretrain_depth", "model=builtin_l1w32", "model.replicate=2", "model.pretrain_steps=4",
+                   "data.block_size=32", "data.val_blocks=2", "hardware.micro_batch_size=2",
+                   "trainer.progress_bar=false", "trainer.val_every=2", "trainer.ckpt_every=2",
+                   f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache", *extra)
+    return cfg, pretrain(cfg)
+
+
+def test_pretrain_keeps_the_validation_minimum_and_resumes(tmp_path):
+    cfg, dest = _tiny_pretrain(tmp_path)
+    run = tmp_path / "run"
+    assert dest == builtin_dir("l1w32_s2", tmp_path / "cache")
+    info = json.loads((dest / "pretrain_info.json").read_text())
+    assert info["seed"] == 2 and info["kept"] == "val_min" and info["steps"] == 4
+    # a later validation minimum at step 2 (logged at batch index 1): the run is exported again, not retrained,
+    # and the kept weights are the step-2 checkpoint's, not the last
+    (run / "csv" / "zz").mkdir()  # read after the run's own log, so its value wins
+    (run / "csv" / "zz" / "metrics.csv").write_text("step,val/ce\n1,0.5\n")
+    dest = pretrain(cfg)
+    info = json.loads((dest / "pretrain_info.json").read_text())
+    assert (info["kept_step"], info["val_ce"]) == (2, 0.5) and info["val_ce_last"] > 0.5
+    kept = load_file(dest / "model.safetensors")
+    step2 = model_from_checkpoint(read_checkpoint(run / "checkpoints/step000002.ckpt")).state_dict()
+    last = model_from_checkpoint(read_checkpoint(run / "checkpoints/last.ckpt")).state_dict()
+    w = "transformer.h.0.mlp.c_fc.weight"
+    assert torch.equal(kept[w], step2[w]) and not torch.equal(kept[w], last[w])
+    # a killed run (checkpoints, no summary) resumes from its last checkpoint; a finished one does not
+    assert _resume_point(run, cfg) is None
+    (run / "summary.json").unlink()
+    assert _resume_point(run, cfg) == str(run / "checkpoints" / "last.ckpt")
+
+
+def test_val_min_needs_a_checkpoint_at_every_validation(tmp_path):
+    with pytest.raises(ValueError, match="ckpt_every"):
+        _tiny_pretrain(tmp_path, "trainer.ckpt_every=4")
+
+
+def test_convergence_criterion_is_the_late_gain_of_the_best_validation():
+    flat = {100 * i: 5.0 - 0.1 * min(i, 5) for i in range(1, 11)}  # minimum reached at 50%: converged
+    assert late_gain(flat, 1000, 0.003)["met"] and late_gain(flat, 1000, 0.003)["kept_step"] == 500
+    falling = {100 * i: 5.0 - 0.01 * i for i in range(1, 11)}  # best 4.92 at step 800, 4.90 at the end
+    r = late_gain(falling, 1000, 0.003)
+    assert not r["met"] and r["late_gain"] == pytest.approx(0.02)
+    overfit = {**flat, 900: 4.6, 1000: 4.7}  # passed its minimum: converged, flagged as overfitting
+    assert late_gain(overfit, 1000, 0.003)["met"] and late_gain(overfit, 1000, 0.003)["overfit"]
+    assert val_by_step([(0, 9.0), (99, 5.0), (199, 4.0), (200, 4.0)], 200) == {100: 5.0, 200: 4.0}
+
+
+def test_members_restore_from_the_repo_into_the_cache(tmp_path):
+    _, dest = _tiny_pretrain(tmp_path)
+    repo = tmp_path / "repo_models"
+    assert fam.save("l1w32_s2", tmp_path / "cache", repo)
+    assert not fam.save("l1w32_s1", tmp_path / "cache", repo)  # not pretrained: nothing to save
+    assert sorted(p.name for p in (repo / "l1w32_s2").iterdir()) == sorted(fam.KEEP_FILES)
+    assert fam.restore("l1w32_s2", tmp_path / "cache2", repo)
+    assert not fam.restore("l1w32_s1", tmp_path / "cache2", repo)
+    model, tok = load("builtin:l1w32_s2", cache_dir=tmp_path / "cache2")
+    ref, _ = load("builtin:l1w32_s2", cache_dir=tmp_path / "cache")
+    assert tok is not None and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),
+                                                                     ref.state_dict().values()))
+
+
+def _record(pre, steps, schedule, seed, lr, val_ce=4.0, pre_ce=4.0):
+    return {"pretrained": pre, "steps": steps, "schedule": schedule, "seed": seed, "lr": lr, "val_ce": val_ce,
+            "pretrained_val_ce": pre_ce}
+
+
+def test_depth_grid_runs_every_budget_no_early_stopping():
+    g = rm.depth_grid()
+    assert len(g["budgets"]) >= 6 and all(b == 2 * a for a, b in zip(g["budgets"], g["budgets"][1:]))
+    assert g["seeds"] == [1, 2, 3] and {"none", "scaled"} <= set(g["schedules"])
+    lrs = {m: {"lr": 3e-4} for m in g["models"]}
+    m, size = g["models"][0], rm.size_of(g["models"][0])
+    # every seed of both arms of replicate 1 at the smallest budget, with a gap within 0.5%: nothing skipped
+    rec = [_record(f"{size}_s1", g["budgets"][0], arm, s, 3e-4, 4.0 + 0.01 * (arm == "scaled"))
+           for arm in ("none", "scaled") for s in g["seeds"]]
+    rec.append(_record(f"{size}_s1", g["budgets"][1], "none", 1, 3e-4))
+    rec.append(_record(f"{size}_s2", g["budgets"][1], "none", 1, 6e-4))  # another LR: not this grid's run
+    jobs = {(b, mm, rep, arm): tuple(ss) for b, mm, rep, arm, lr, ss in rm.depth_jobs(rec, lrs, g)}
+    assert (g["budgets"][0], m, 1, "none") not in jobs and (g["budgets"][0], m, 1, "scaled") not in jobs
+    assert jobs[(g["budgets"][1], m, 1, "none")] == (2, 3) and jobs[(g["budgets"][1], m, 2, "none")] == (1, 2, 3)
+    for mm in g["models"]:  # no early stopping: every budget of every model and replicate runs both arms
+        for b in g["budgets"][1:]:
+            assert all((b, mm, rep, arm) in jobs for rep in g["replicates"] for arm in ("none", "scaled"))
+    variant = [(b, mm, rep) for (b, mm, rep, arm) in jobs if arm == g["variant_schedule"]]
+    assert variant and {rep for _, _, rep in variant} == set(g["variant_replicates"])
+    assert all(rm.fits(g["variant_schedule"], mm, b) for b, mm, _ in variant)
+    deepest = g["models"][-1]  # the fixed schedule does not fit the smallest budgets of the deepest size
+    assert not rm.fits(g["variant_schedule"], deepest, g["budgets"][0])
+    assert (g["budgets"][0], deepest, 1, g["variant_schedule"]) not in jobs
+
+
+def test_depth_grid_refuses_early_stopping(monkeypatch):
+    monkeypatch.setattr("sys.argv", ["run_missing.py", "--experiment", "data_scaling_depth", "--until-within", "0.01"])
+    with pytest.raises(SystemExit, match="until-within"):
+        rm.main()
+
+
+def test_depth_record_keys(tmp_path):
+    summary = {"steps": 8, "tokens_seen": 8 * 4096, "val_ce": 4.1, "n_params_non_embedding": 12768,
+               "all_removed": True, "config": {
+                   "model": {"name": "builtin_l1w32_s2", "source": "builtin:l1w32_s2", "replicate": 2,
+                             "shape": {"n_layer": 1, "n_embd": 32}},
+                   "schedule": {"name": "scaled", "remove": True, "fit_fraction": 0.4}, "seed": 3,
+                   "optim": {"lr": 3e-4}, "hardware": {"name": "cpu"}, "experiment": "data_scaling_depth"}}
+    r = rm.depth_record(summary, 4.0)
+    assert (r["pretrained"], r["size"], r["n_layer"], r["n_embd"], r["replicate"]) == ("l1w32_s2", "l1w32", 1, 32, 2)
+    assert rm.depth_key(r) == ("l1w32_s2", 8, "scaled", 3, 3e-4)
+    (tmp_path / "sweep" / "s3").mkdir(parents=True)
+    (tmp_path / "sweep" / "s3" / "summary.json").write_text(json.dumps(summary))
+    records = tmp_path / "runs.jsonl"
+    assert rm.harvest(tmp_path / "sweep", records) == 1 and rm.harvest(tmp_path / "sweep", records) == 0
+    assert rm.read_records(records)[0]["val_ce"] == 4.1
+
+
+def test_lr_rule_takes_the_highest_lr_whose_vanilla_control_stays_within_tolerance():
+    g = {**rm.depth_grid(), "models": ["builtin_l1w32", "builtin_l2w64", "builtin_l3w96"],
+         "lr_grid": [1e-4, 2e-4, 4e-4], "budgets": [8, 16], "lr_tolerance": 0.001}
+    drift = {"l1w32": {1e-4: 0.0005, 2e-4: 0.0009, 4e-4: 0.002},  # 2e-4 is the highest within 0.1%
+             "l2w64": {1e-4: 0.002, 2e-4: 0.003, 4e-4: 0.004},  # none within: the lowest, flagged
+             "l3w96": {1e-4: -0.0002, 2e-4: -0.0011, 4e-4: 0.0}}  # improving by more than 0.1% also fails
+    rec = [_record(f"{s}_s1", b, "none", 1, lr, 4.0 * (1 + d * (b == 16)))
+           for s, ds in drift.items() for lr, d in ds.items() for b in g["budgets"]]
+    rec += [_record("l1w32_s1", 16, "none", 2, 4e-4, 4.0), _record("l1w32_s1", 16, "scaled", 1, 4e-4, 9.0)]
+    chosen = probe.choose_lr(rec, g)
+    assert chosen["builtin_l1w32"]["lr"] == 2e-4 and chosen["builtin_l1w32"]["rule_met"]
+    assert chosen["builtin_l2w64"]["lr"] == 1e-4 and not chosen["builtin_l2w64"]["rule_met"]
+    assert chosen["builtin_l3w96"]["lr"] == 4e-4
+    incomplete = [r for r in rec if not (r["pretrained"] == "l3w96_s1" and r["steps"] == 16 and r["lr"] == 4e-4)]
+    assert "builtin_l3w96" not in probe.choose_lr(incomplete, g)
+    jobs = probe.probe_jobs(incomplete, {**g, "models": ["builtin_l3w96"]})
+    assert jobs == [(16, "builtin_l3w96", 1, "none", 4e-4, [1])]
+
