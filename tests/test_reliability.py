@@ -130,11 +130,18 @@ def test_a_record_without_hashes_loads_with_a_warning(tiny_run, tmp_path):
 
 
 def test_nothing_loads_from_a_temporary_name(tiny_run, tmp_path):
+    from lnfree.training.safety import ResumeError
+
     _, run = tiny_run
     half = tmp_path / "run" / ".export.tmp" / "hf"
     shutil.copytree(run / "export" / "hf", half)
     with pytest.raises(ModelIOError, match="temporary name"):
         resolve(str(half))
+    ckpt = tmp_path / "run" / "checkpoints" / ".step000012.ckpt.tmp-4242"  # a checkpoint still being written
+    ckpt.parent.mkdir()
+    shutil.copy(run / "checkpoints" / "step000012.ckpt", ckpt)
+    with pytest.raises(ResumeError, match="temporary name"):
+        train(compose_train(tmp_path / "run", *TINY_RUN, f"ckpt_path={ckpt}"))
 
 
 # -- 2. tokenizer and model checked together -------------------------------------------------------------
@@ -232,6 +239,24 @@ def test_a_signal_checkpoints_prints_the_resume_command_and_exits_non_zero(tmp_p
     ckpt = tmp_path / "checkpoints" / "on_exception_step000012.ckpt"
     assert ckpt.exists() and f"ckpt_path={ckpt.resolve()}" in err and f"exit code {code}" in err
     assert not (tmp_path / "summary.json").exists() and not (tmp_path / LOCK_FILE).exists()
+
+
+def test_sigterm_before_training_starts_releases_the_lock_and_exits_143(tmp_path, monkeypatch):
+    """Outside trainer.fit (here: while the data is read) no Lightning handler is installed: the run stops the same
+    way instead of dying with its lock in place."""
+    from lnfree.data.datamodule import TextDataModule
+
+    def setup(self, stage=None):
+        os.kill(os.getpid(), signal.SIGTERM)
+        time.sleep(5)  # the signal arrives before this ends
+        pytest.fail("SIGTERM did not stop the run")
+
+    monkeypatch.setattr(TextDataModule, "setup", setup)
+    handler = signal.getsignal(signal.SIGTERM)
+    with pytest.raises(RunInterrupted) as stopped:
+        train(compose_train(tmp_path / "run", *TINY_RUN))
+    assert stopped.value.code == 143 and not (tmp_path / "run" / LOCK_FILE).exists()
+    assert signal.getsignal(signal.SIGTERM) is handler  # the caller's handler is back
 
 
 @pytest.mark.slow

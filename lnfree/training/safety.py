@@ -30,6 +30,7 @@ import shutil
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -40,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.streams import DATA_FAULTS
 from ..errors import UserError
-from ..io import CKPT_MODEL_CONFIG, EXPORT_TMP, RUN_INFO, raise_storage_error, read_checkpoint
+from ..io import CKPT_MODEL_CONFIG, EXPORT_TMP, RUN_INFO, TEMPORARY, raise_storage_error, read_checkpoint
 from ..paths import RUN_SUMMARY
 
 CKPT_TMP = ".{name}.tmp-{pid}"  # a checkpoint being written (renamed into place when whole)
@@ -256,12 +257,24 @@ def interrupted_by(e: BaseException) -> int | None:
     return None
 
 
+def _sigterm_outside_fit(signum, frame):
+    """SIGTERM while Lightning's own handler is not installed (data setup, export): stop the same way, so the run
+    dir's lock is released and temporary files removed, instead of dying on the spot. Inside trainer.fit Lightning
+    installs its handler (which calls this one after its own): then Lightning stops the loop at a safe point."""
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    if signal.getsignal(signal.SIGTERM) is _sigterm_outside_fit:
+        raise SIGTERMException()
+
+
 def guarded_run(fn):
     """Wrap train(): release the run-dir lock it took, however it ends; turn a signal into RunInterrupted."""
 
     @functools.wraps(fn)
     def run(*args, **kwargs):
         held = len(_held)
+        main = threading.current_thread() is threading.main_thread()
+        previous = signal.signal(signal.SIGTERM, _sigterm_outside_fit) if main else None
         try:
             return fn(*args, **kwargs)
         except BaseException as e:
@@ -272,6 +285,8 @@ def guarded_run(fn):
                   "finished)", file=sys.stderr, flush=True)
             raise RunInterrupted(128 + sig) from e
         finally:
+            if main:
+                signal.signal(signal.SIGTERM, previous)
             release_run_locks(held)
 
     return run
@@ -279,6 +294,9 @@ def guarded_run(fn):
 
 def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events) -> dict:
     """Open the checkpoint (weights_only) and compare it with the config before any compute."""
+    if TEMPORARY.match(Path(ckpt_path).name):
+        raise ResumeError(f"ckpt_path {ckpt_path} is a temporary name (a checkpoint being written, or left "
+                          "half-written by a killed run): resume from a finished checkpoint (step*.ckpt, last.ckpt)")
     ckpt = read_checkpoint(ckpt_path)
     if CKPT_MODEL_CONFIG not in ckpt:
         raise ResumeError(f"ckpt_path {ckpt_path} is not an lnfree training checkpoint")
