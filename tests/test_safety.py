@@ -67,6 +67,7 @@ def test_failed_resume_leaves_the_checkpoint_byte_identical(tiny_run, tmp_path, 
     run = copy_run(tiny_run, tmp_path / "run")
     ckpt = run / "checkpoints" / "step000012.ckpt"
     before = digest(run)
+    log_before = (run / "train.log").read_text()
     error = (LimitError, ResumeError, RuntimeError)
     if bad == ["crash_at_start"]:
         def crash(self, trainer, pl_module):
@@ -77,7 +78,9 @@ def test_failed_resume_leaves_the_checkpoint_byte_identical(tiny_run, tmp_path, 
         train(compose_train(run, *TINY_RUN, *bad, f"ckpt_path={ckpt}"))
     after = digest(run)
     assert after == before or set(after) - set(before) <= {p for p in after if p.startswith(("csv/", ".hydra"))}
-    assert {k: after[k] for k in before} == before  # nothing that was there changed
+    assert (run / "train.log").read_text().startswith(log_before)  # the log only grows: the attempt is in it
+    before.pop("train.log"), after.pop("train.log")
+    assert {k: after[k] for k in before} == before  # nothing else that was there changed
 
 
 def test_second_run_into_a_used_dir_is_refused_and_leaves_it_intact(tiny_run, tmp_path):
