@@ -20,6 +20,7 @@ def sources(run):
     return [(str(r), load(str(r))[0]) for r in refs]
 
 
+@pytest.mark.slow
 def test_transformer_lens_bridge_reproduces_every_source(tiny_run):
     _, run = tiny_run
     ids = torch.randint(0, 4096, (2, 24), generator=torch.Generator().manual_seed(0))

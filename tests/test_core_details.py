@@ -452,6 +452,7 @@ def _two_rank_worker(rank, port, out_dir):
         dist.destroy_process_group()
 
 
+@pytest.mark.slow
 def test_two_ranks_with_different_data_keep_one_estimate_and_catch_a_sigma_disagreement(tmp_path):
     """Two real processes (gloo, CPU): calibration is averaged and per-step statistics are summed across ranks
     so that every rank holds the same running estimate, and check_ranks_agree raises when frozen sigmas differ."""
@@ -598,6 +599,7 @@ def test_optimizer_groups_decay_only_matrices_and_scale_the_lr():
     assert all(p is not model.transformer.wte.weight for g in opt.param_groups for p in g["params"])
 
 
+@pytest.mark.slow
 def test_compile_wraps_the_model_once_and_raises_the_recompile_limit():
     """model.compile=true: one torch.compile wrapper, made at first use (compilation itself happens at its first
     call, which this test never makes), and a recompile limit of 4 x (sites + 2), never lowered."""

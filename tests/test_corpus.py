@@ -46,6 +46,7 @@ def _val_tokens(tok, n):
     return torch.tensor(ids[:n])
 
 
+@pytest.mark.slow
 def test_shipped_default_model_loads_with_stock_transformers_and_beats_unigram():
     from transformers import AutoTokenizer, GPT2LMHeadModel
 

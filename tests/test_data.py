@@ -87,6 +87,7 @@ def test_resume_skips_exactly_the_consumed_batches(tok, tmp_path):
             assert torch.equal(a, b)
 
 
+@pytest.mark.slow
 def test_builtin_validation_is_fixed_and_disjoint_from_training(tok):
     dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=64,
                         micro_batch_size=2, val_blocks=4)

@@ -38,6 +38,7 @@ def test_shipped_task_data_is_what_the_builder_makes():
     assert all(r["n_tokens"] <= build_tasks.MAX_TOKENS for r in fresh["ppl"])
 
 
+@pytest.mark.slow
 def test_harness_ce_matches_lnfree_ce_on_the_same_text(tiny_run, tmp_path):
     _, run_dir = tiny_run
     cfg = ds_cfg(tmp_path, [{"name": "lnfree", "path": str(run_dir / "export" / "hf")},
@@ -74,6 +75,7 @@ def test_shipped_tasks_run_through_lm_evals_own_cli(tiny_run, tmp_path):
     assert abs(result["token_ce,none"] - ours) < 1e-3
 
 
+@pytest.mark.slow
 def test_fp16_folded_and_unknown_tasks_are_refused_before_loading(tiny_run, tmp_path):
     _, run_dir = tiny_run
     hf = [{"name": "m", "path": str(run_dir / "export" / "hf")}]

@@ -60,6 +60,7 @@ def test_table_marks_gap_to_best():
     assert "| a | 3.0000 (best) |" in table and "| b | 3.2500 (+0.2500) |" in table
 
 
+@pytest.mark.slow
 def test_every_model_form_gives_the_same_ce(tmp_path, tiny_run):
     _, run = tiny_run
     forms = {"run_dir": run, "hf_export": run / "export" / "hf", "folded": run / "export" / "folded",
@@ -74,6 +75,7 @@ def test_every_model_form_gives_the_same_ce(tmp_path, tiny_run):
     assert (tmp_path / "eval" / "training_curves.png").exists()
 
 
+@pytest.mark.slow
 def test_paired_gaps_are_reported_per_seed_and_over_seeds(tmp_path, tiny_run):
     _, run = tiny_run
     f = docs_file(tmp_path)

@@ -14,6 +14,7 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().detach())
 
 
+@pytest.mark.slow
 def test_hf_export_reproduces_lnfree_logits_and_loads_without_lnfree(tmp_path):
     _, model = calibrated_all_removed()
     err = export_hf(model, tmp_path / "hf")

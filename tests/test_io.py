@@ -142,6 +142,7 @@ def test_removable_only_from_models_with_norms(tiny_run, tmp_path):
     assert len(fresh.real_sites()) == 7 and fresh.transformer.h[0].attn.resid_dropout.p == 0.25
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", ["tampered", "llama", "pickle"])
 def test_eval_cli_refuses_bad_models(tiny_run, tmp_path, case):
     if case == "tampered":
@@ -160,6 +161,7 @@ def test_eval_cli_refuses_bad_models(tiny_run, tmp_path, case):
     assert not (tmp_path / "eval").exists() and not (tmp_path / "pwned").exists()
 
 
+@pytest.mark.slow
 def test_a_hub_name_that_is_no_repo_is_one_clear_error(tmp_path):
     """A reachable hub that answers 404 (a local server stands in for it): one ModelIOError naming the model and
     what to check, in seconds, not transformers' OSError traceback."""

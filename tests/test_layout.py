@@ -5,6 +5,7 @@ import ast
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT
 
 PKG = ROOT / "lnfree"
@@ -73,6 +74,7 @@ def test_core_imports_only_core_and_nothing_imports_an_entry_point():
             assert not deps & ENTRY_POINTS, f"{m} imports an entry point: {deps & ENTRY_POINTS}"
 
 
+@pytest.mark.slow
 def test_import_lnfree_pulls_in_no_training_or_plotting_stack():
     code = ("import sys, lnfree; heavy = ['lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'wandb', 'datasets',"
             " 'matplotlib']; print([m for m in heavy if m in sys.modules]); "

@@ -89,6 +89,7 @@ def lora_run(tmp_path_factory):
     return train(compose_train(run, *LORA_RUN)), run
 
 
+@pytest.mark.slow
 def test_lora_run_removes_every_site_and_exports_the_merged_model(lora_run):
     summary, run = lora_run
     assert summary["finetune"] == "lora" and summary["all_removed"]
@@ -109,6 +110,7 @@ def test_lora_run_removes_every_site_and_exports_the_merged_model(lora_run):
     assert (_logits(hf, x) - ref).abs().max() / ref.abs().max() < 1e-4
 
 
+@pytest.mark.slow
 def test_lora_run_resumes_exactly(lora_run, tmp_path, monkeypatch):
     full, full_dir = lora_run
     ckpt = train_until_crash(compose_train(tmp_path, *LORA_RUN), monkeypatch, step=12)

@@ -1,5 +1,6 @@
 import json
 
+import pytest
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from transformers import GPT2LMHeadModel
@@ -8,6 +9,7 @@ from lnfree.io import builtin_dir
 from lnfree.training.pretrain import pretrain
 
 
+@pytest.mark.slow
 def test_pretrain_writes_a_stock_loadable_builtin_model(tmp_path):
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("pretrain", overrides=[

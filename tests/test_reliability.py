@@ -224,6 +224,7 @@ def signal_at_step(monkeypatch, sig, step=12):
     monkeypatch.setattr(LNRemovalCallback, "on_train_batch_end", send)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("sig, code", [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_checkpoints_prints_the_resume_command_and_exits_non_zero(tmp_path, monkeypatch, capsys, sig, code):
     signal_at_step(monkeypatch, sig)

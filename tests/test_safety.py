@@ -30,6 +30,7 @@ def copy_run(tiny_run, dst):
     return dst
 
 
+@pytest.mark.slow
 def test_divergence_stops_within_a_few_steps_and_leaves_only_finite_checkpoints(tmp_path, capsys):
     with pytest.raises(FloatingPointError, match=r"step \d+") as err:
         train(compose_train(tmp_path, *TINY_RUN, "optim.lr=1e30", "optim.warmup_steps=1", "trainer.ckpt_every=1"))
@@ -56,6 +57,7 @@ def test_removal_event_refuses_a_non_finite_estimate():
         model.remove("ln2", 1)
 
 
+@pytest.mark.slow
 def test_max_loss_ceiling_stops_the_run(tmp_path):
     with pytest.raises(DivergenceError, match=r"diverged at step 1: .*trainer.max_loss=1.0"):
         train(compose_train(tmp_path, *TINY_RUN, "trainer.max_loss=1.0"))
@@ -63,6 +65,7 @@ def test_max_loss_ceiling_stops_the_run(tmp_path):
 
 @pytest.mark.parametrize("bad", [["optim.lr=-1"], ["data.block_size=32"], ["schedule.ln2.start=2"],
                                  ["model.shape.n_embd=32"], ["crash_at_start"]])
+@pytest.mark.slow
 def test_failed_resume_leaves_the_checkpoint_byte_identical(tiny_run, tmp_path, monkeypatch, bad):
     run = copy_run(tiny_run, tmp_path / "run")
     ckpt = run / "checkpoints" / "step000012.ckpt"
@@ -83,6 +86,7 @@ def test_failed_resume_leaves_the_checkpoint_byte_identical(tiny_run, tmp_path, 
     assert {k: after[k] for k in before} == before  # nothing else that was there changed
 
 
+@pytest.mark.slow
 def test_second_run_into_a_used_dir_is_refused_and_leaves_it_intact(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
     before = digest(run)
@@ -91,6 +95,7 @@ def test_second_run_into_a_used_dir_is_refused_and_leaves_it_intact(tiny_run, tm
     assert digest(run) == before
 
 
+@pytest.mark.slow
 def test_overwrite_replaces_the_old_run_entirely(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path / "run")
     summary = train(compose_train(run, *TINY_RUN, "schedule=none", "overwrite=true", "trainer.max_steps=4",
@@ -131,6 +136,7 @@ def local_data(train_file, val_file):
             "data.val_blocks=4"]
 
 
+@pytest.mark.slow
 def test_null_row_is_skipped_with_file_and_row_named(tmp_path, capsys):
     train_file, val_file = docs_with_null(tmp_path)
     summary = train(compose_train(tmp_path / "run", *TINY_RUN, *local_data(train_file, val_file),
@@ -141,6 +147,7 @@ def test_null_row_is_skipped_with_file_and_row_named(tmp_path, capsys):
     assert f"skipping {train_file}, row 25" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_null_row_fails_with_file_and_row_then_the_resume_completes(tmp_path, capsys):
     train_file, val_file = docs_with_null(tmp_path)
     run = tmp_path / "run"
@@ -167,6 +174,7 @@ def test_undecodable_file_is_named(tmp_path):
     assert json.loads(log.read_text())["where"] == str(bad)
 
 
+@pytest.mark.slow
 def test_failed_checkpoint_save_keeps_previous_checkpoints_and_reports_the_original_error(tmp_path, monkeypatch):
     real_save = torch.save
 
@@ -185,6 +193,7 @@ def test_failed_checkpoint_save_keeps_previous_checkpoints_and_reports_the_origi
     assert read_checkpoint(tmp_path / "checkpoints" / "step000006.ckpt")["global_step"] == 6  # intact
 
 
+@pytest.mark.slow
 def test_ctrl_c_prints_the_exact_resume_command(tmp_path, monkeypatch, capsys):
     original = LNRemovalCallback.on_train_batch_end
 

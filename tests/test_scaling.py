@@ -16,6 +16,7 @@ def write_run(d, model, n, seed, removes, tokens, ce):
         "n_params_non_embedding": n, "tokens_seen": tokens, "val_ce": ce, "all_removed": removes}))
 
 
+@pytest.mark.slow
 def test_analyse_pairs_by_seed_and_writes_the_result_file(tmp_path):
     rng = np.random.default_rng(0)
     i = 0

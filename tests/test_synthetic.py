@@ -80,6 +80,7 @@ def test_resume_and_ranks_and_workers_see_the_right_blocks():
         assert torch.equal(torch.cat(batches), torch.stack(whole[3 * skip:3 * skip + 12]))
 
 
+@pytest.mark.slow
 def test_bad_settings_fail_before_any_compute():
     with pytest.raises(DataError, match="vocab"):
         module(synthetic={"vocab": 3, "n_triggers": 3})

@@ -130,6 +130,7 @@ def test_end_to_end_tiny_run_removes_everything_and_exports(tiny_run):
     assert "lnfree/sigma/lnf" in metrics and "val/ce" in metrics and "train/aux" in metrics
 
 
+@pytest.mark.slow
 def test_resume_mid_schedule_matches_uninterrupted_run(tmp_path, monkeypatch, tiny_run):
     full, _ = tiny_run
     ckpt = train_until_crash(compose_train(tmp_path / "part", *TINY_RUN), monkeypatch, step=12)
@@ -168,6 +169,7 @@ def test_callback_is_idempotent(tmp_path):
     assert {k: v for k, v in model.sigmas().items() if sig[k] is not None} == {k: v for k, v in sig.items() if v}
 
 
+@pytest.mark.slow
 def test_offline_wandb_run_writes_run_files_name_and_artifacts(tmp_path):
     cfg = compose_train(tmp_path, *TINY_RUN, "logger=wandb", "logger.mode=offline", "seed=7")
     train(cfg)
@@ -205,6 +207,7 @@ def test_metrics_are_namespaced_and_run_names_say_what_the_run_is(tiny_run):
         "builtin_w128-none-lora-s1-trainer.max_steps=64"
 
 
+@pytest.mark.slow
 def test_progress_bar_counts_optimizer_steps_to_max_steps(tmp_path, capfd):
     train(compose_train(tmp_path, *TINY_RUN, "trainer.progress_bar=true", "export=false",
                         "optim.tokens_per_step=512"))  # 2 micro-batches per optimizer step
@@ -250,6 +253,7 @@ def test_multirun_runs_one_job_per_schedule(tmp_path):
     assert by_schedule["none"]["removed_sites"] == [] and by_schedule["fast"]["all_removed"]
 
 
+@pytest.mark.slow
 def test_seed_sets_the_data_order_and_the_same_seed_reproduces_a_run(tmp_path, tiny_run):
     from lnfree.data import corpus
     from lnfree.data.datamodule import TextDataModule
@@ -324,6 +328,7 @@ def test_a_run_logs_its_console_to_train_log_and_ends_naming_its_results(tiny_ru
     assert (run / "training_curves.png").stat().st_size > 10_000
 
 
+@pytest.mark.slow
 def test_headline_command_without_the_hub_fails_fast_and_clearly(tmp_path):
     """No network (an endpoint that refuses): one ModelIOError naming model.source and the ways forward, exit
     status 2, no traceback, no run dir, in seconds rather than huggingface_hub's retries."""
@@ -398,6 +403,7 @@ def test_a_multirun_leaves_a_table_of_its_jobs(tmp_path, tiny_run):
     assert any(isinstance(instantiate(c), SweepTable) for c in cfg.hydra.callbacks.values())
 
 
+@pytest.mark.slow
 def test_keep_at_end_frees_the_checkpoints_of_a_finished_run(tmp_path, capsys):
     """trainer.keep_at_end=none keeps only the exports (which hold the final weights), =last only last.ckpt;
     keeping no weights at all is refused before compute; the run says what a checkpoint costs."""
@@ -445,6 +451,7 @@ def _own_gpt2(d, vocab_size=512):
     return d
 
 
+@pytest.mark.slow
 def test_your_own_gpt2_and_data_by_the_documented_quick_path(tmp_path):
     """README "Your own model and data": model.source=<dir> with the default model group uses the dir's own
     tokenizer (a custom 512-token BPE here; the built-in one has 4,096), on the user's .jsonl, in a short run."""
