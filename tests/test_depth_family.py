@@ -10,7 +10,7 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 
-from lnfree.analysis.family import late_gain, val_by_step
+from lnfree.analysis.family import collect, late_gain, val_by_step
 from lnfree.io import builtin_dir, load, model_from_checkpoint, read_checkpoint
 from lnfree.training.pretrain import _resume_point, pretrain
 
@@ -60,13 +60,13 @@ def _tiny_pretrain(tmp_path, *extra):
     cfg = _compose("pretrain_depth", "model=builtin_l1w32", "model.replicate=2", "model.pretrain_steps=4",
                    "data.block_size=32", "data.val_blocks=2", "hardware.micro_batch_size=2",
                    "trainer.progress_bar=false", "trainer.val_every=2", "trainer.ckpt_every=2",
-                   f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache", *extra)
+                   f"paths.output_dir={tmp_path}/runs/l1w32_s2", f"paths.cache_dir={tmp_path}/cache", *extra)
     return cfg, pretrain(cfg)
 
 
 def test_pretrain_keeps_the_validation_minimum_and_resumes(tmp_path):
     cfg, dest = _tiny_pretrain(tmp_path)
-    run = tmp_path / "run"
+    run = tmp_path / "runs" / "l1w32_s2"
     assert dest == builtin_dir("l1w32_s2", tmp_path / "cache")
     info = json.loads((dest / "pretrain_info.json").read_text())
     assert info["seed"] == 2 and info["kept"] == "val_min" and info["steps"] == 4
@@ -86,6 +86,19 @@ def test_pretrain_keeps_the_validation_minimum_and_resumes(tmp_path):
     assert _resume_point(run, cfg) is None
     (run / "summary.json").unlink()
     assert _resume_point(run, cfg) == str(run / "checkpoints" / "last.ckpt")
+
+
+def test_family_record_groups_replicates_with_their_kept_ce_and_flag(tmp_path):
+    _tiny_pretrain(tmp_path)
+    res = collect(tmp_path / "runs", tmp_path / "out", tol=0.003, keep="val_min")
+    (size,) = res["sizes"]
+    assert (size["name"], size["n_layer"], size["n_embd"], size["non_embedding_params"]) == ("l1w32", 1, 32, 12768)
+    (rep,) = size["pretrained"]
+    info = json.loads((builtin_dir("l1w32_s2", tmp_path / "cache") / "pretrain_info.json").read_text())
+    assert (rep["seed"], rep["replicate"], rep["kept_step"]) == (2, 2, info["kept_step"])
+    assert rep["val_ce"] == pytest.approx(info["val_ce"]) and rep["converged"] == rep["convergence"]["met"]
+    assert "| l1w32 | 1 x 32 | 12,768 | 2 (2) |" in (tmp_path / "out" / "family.md").read_text()
+    assert (tmp_path / "out" / rep["curve"]).exists()
 
 
 def test_val_min_needs_a_checkpoint_at_every_validation(tmp_path):
