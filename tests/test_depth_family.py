@@ -9,9 +9,11 @@ import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
+from transformers import GPT2Config, GPT2LMHeadModel
 
 from lnfree.analysis.family import collect, late_gain, val_by_step
 from lnfree.io import builtin_dir, load, model_from_checkpoint, read_checkpoint
+from lnfree.model import non_embedding_params
 from lnfree.training.pretrain import _resume_point, pretrain
 
 
@@ -45,11 +47,11 @@ def test_model_options_select_a_replicate_that_is_the_pretraining_seed():
 def test_family_design_meets_the_issue():
     """>= 4 sizes, >= 3 depths, >= 30x in non-embedding parameters, >= 2 replicates per size."""
     members = fam.members()
-    shapes = {}
+    shapes, nonemb = {}, {}
     for option, _, _ in members:
         s = _compose("train", f"model={option}").model.shape
         shapes[option] = (s.n_layer, s.n_embd)
-    nonemb = {o: L * (12 * d * d + 13 * d) + 2 * d for o, (L, d) in shapes.items()}
+        nonemb[option] = non_embedding_params(GPT2LMHeadModel(GPT2Config(vocab_size=4096, **s)))
     assert len(shapes) >= 4 and len({L for L, _ in shapes.values()}) >= 3
     assert max(nonemb.values()) / min(nonemb.values()) >= 30
     assert all(sum(o == opt for o, _, _ in members) >= 2 for opt in shapes)
