@@ -99,11 +99,11 @@ family: install
 
 # the depth-and-width family (conf/experiment/data_scaling_depth.yaml's sizes x 2 replicates, smallest first):
 # restores members committed in experiments/depth_family/models/, pretrains the rest into ~/.cache/lnfree/models
-# (one one-thread process; a killed pretraining resumes from its last checkpoint), then the family's record
+# (one one-thread process; a killed pretraining resumes from its last checkpoint). The family's record, from the
+# run dirs of members pretrained here: python -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs
+#   --out experiments/depth_family --keep val_min --tol 0.003
 family-depth: install
 	$(PY) experiments/depth_family/make_family.py
-	$(PY) -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs --out experiments/depth_family --keep val_min \
-	  --tol 0.003
 
 # data needed to remove LayerNorm vs model size on the built-in family (conf/experiment/data_scaling.yaml: 240 short
 # runs, ~2 h on 2 cores; runs only what experiments/data_scaling/runs.jsonl lacks), then the fit and the records

@@ -7,7 +7,9 @@
 # every job of experiment=data_scaling_depth without a record in experiments/depth_family/runs.jsonl, as
 # Hydra multiruns, WORKERS at a time, fp32 like the CPU runs. Each phase has a time limit so that the records of
 # what finished come back: $OUT/runs.jsonl, $OUT/lr.json (and the logs); the rest is picked up by
-# `make scaling-depth` on the CPU from the same records.
+# `make scaling-depth` on the CPU from the same records. Needs, like run_sweep.sh, the wheels the device image
+# lacks in .whl/ (carry=[".whl"] when it is git-ignored). Estimate: 452 runs (84 probe, 368 grid) with 69k
+# optimizer steps in all; at 10-20 ms a step and about 15 s per multirun process on 16 streams, 5-7 minutes.
 set -u
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disabled TOKENIZERS_PARALLELISM=false
 python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
