@@ -20,6 +20,7 @@ test: install
 check: install
 	$(VENV)/bin/ruff check lnfree tests
 
+# the unit tests and one shared tiny training run, about 2 minutes; every end-to-end run of its own is marked slow
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
