@@ -156,6 +156,11 @@ def find_run_dir(path: str | Path) -> Path | None:
 
 
 def pretrain_command(name: str) -> str:
+    """The command that makes built-in model `name` (the depth family's replicates: <size>_s<seed>)."""
+    replicate = re.fullmatch(r"(l\d+w\d+)_s(\d+)", name)
+    if replicate:
+        size, seed = replicate.groups()
+        return f"python -m lnfree.pretrain --config-name pretrain_depth model=builtin_{size} model.replicate={seed}"
     return f"python -m lnfree.pretrain model=builtin_{name}"
 
 

@@ -204,3 +204,12 @@ def test_lr_rule_takes_the_highest_lr_whose_vanilla_control_stays_within_toleran
     jobs = probe.probe_jobs(incomplete, {**g, "models": ["builtin_l3w96"]})
     assert jobs == [(16, "builtin_l3w96", 1, "none", 4e-4, [1])]
 
+
+
+def test_a_missing_depth_member_names_the_command_that_makes_it(tmp_path):
+    from lnfree.io import ModelIOError, resolve
+
+    with pytest.raises(ModelIOError, match=r"--config-name pretrain_depth model=builtin_l3w96 model\.replicate=2"):
+        resolve("builtin:l3w96_s2", tmp_path)
+    with pytest.raises(ModelIOError, match=r"`python -m lnfree.pretrain model=builtin_w192`"):
+        resolve("builtin:w192", tmp_path)
