@@ -5,7 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
-CONF_DIR = PACKAGE_DIR.parent / "conf"  # the Hydra configs (train.yaml, eval.yaml, pretrain.yaml and the groups)
+# the Hydra configs (train.yaml, eval.yaml, pretrain.yaml and the groups): inside an installed wheel lnfree/conf,
+# in a source checkout (editable install included) the repository's conf/
+CONF_DIR = PACKAGE_DIR / "conf" if (PACKAGE_DIR / "conf" / "train.yaml").exists() else PACKAGE_DIR.parent / "conf"
 SHIPPED_DIR = PACKAGE_DIR / "pretrained"  # built-in models that ship with lnfree
 DEFAULT_CACHE_DIR = "~/.cache/lnfree"  # built-in models pretrained on this machine: <cache>/models/<name>
 RUN_SUMMARY = "summary.json"  # what marks a training run's output dir
