@@ -16,7 +16,7 @@ from conftest import ROOT
 
 from lnfree.analysis.interp.dla import nmae_with_ci
 from lnfree.analysis.interp.patching import agreement, agreement_ci
-from lnfree.analysis.metrics import bootstrap_ci
+from lnfree.analysis.metrics import bootstrap_ci, chunk_mean_ci
 from lnfree.analysis.scaling import exponent_coverage, gap_table, load_runs, measured_noise
 from lnfree.analysis.simulate import (
     CEStructure,
@@ -60,7 +60,7 @@ def test_paired_gap_mean_ce_and_over_seed_intervals_cover():
     for i in range(n_sim):
         a, b, truth = paired_ce(rng, st)
         per_seed += [covers(paired_gap(a[s], b[s], n_boot=1000, seed=i)["ci95"], truth[s]) for s in range(3)]
-        mean_ce.append(covers(bootstrap_ci(b[0].mean(1), n_boot=1000, seed=i), st.reference_ce))
+        mean_ce.append(covers(chunk_mean_ci(b[0], n_boot=1000, seed=i), st.reference_ce))
         diff = (a - b).mean(2)
         over.append(covers(seeds_and_text(diff)["ci95"], st.gap))
         rel.append(covers(seeds_and_text(diff / b.mean((1, 2))[:, None])["ci95"], st.gap / st.reference_ce))

@@ -67,11 +67,16 @@ def bootstrap_ci(samples: np.ndarray, stat: Callable[[np.ndarray], float] = np.m
     return tuple(percentile_ci(boots, level))
 
 
+def chunk_mean_ci(ce: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% CI of the mean per-token value of arrays [chunks, positions]: a bootstrap over chunks (their means)."""
+    return bootstrap_ci(np.asarray(ce, np.float64).mean(1), n_boot=n_boot, seed=seed)
+
+
 def summarize(per_token: dict, n_boot: int, seed: int) -> dict:
     """per_token: arrays [n_chunks, context-1] of ce, entropy, correct, maxprob (and jsd)."""
     ce = per_token["ce"]
     flat = ce.reshape(-1)
-    lo, hi = bootstrap_ci(ce.mean(1), n_boot=n_boot, seed=seed)
+    lo, hi = chunk_mean_ci(ce, n_boot=n_boot, seed=seed)
     q = np.percentile(flat, [2.5, 97.5, 0.05, 99.95])
     out = {
         "mean": float(flat.mean()), "median": float(np.median(flat)),
