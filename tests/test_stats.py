@@ -129,3 +129,28 @@ def test_verdicts_follow_the_decision_rule():
     assert v["0.01"].startswith("not established: ") and "upper bound 1.20 >= 1" in v["0.01"]
     none = {"value": None, "ci_low": None, "ci_high": None, "sizes": ["a"], "leave_one_out": []}
     assert verdicts({"0.01": none})["0.01"].startswith("not established: 1 size")
+
+
+def test_paired_tables_recompute_the_paired_block_from_the_per_token_ce(tmp_path):
+    """python -m lnfree.analysis.paired_tables: results.json's paired block and table.md's paired section come
+    from per_token_ce.npz with the current statistics; the rest of table.md stays."""
+    import json
+
+    from lnfree.analysis.paired_tables import recompute
+    from lnfree.analysis.tables import PAIRED_HEADER
+
+    rng = np.random.default_rng(4)
+    ce = {f"d/{m}": rng.gamma(2.0, 2.0, (30, 7)).astype(np.float32) for m in ("a1", "a2", "b1", "b2")}
+    np.savez(tmp_path / "per_token_ce.npz", **ce)
+    cfg = {"pairs": [{"name": "a_minus_b", "a": ["a1", "a2"], "b": ["b1", "b2"]}], "bootstrap": 100, "seed": 0}
+    (tmp_path / "results.json").write_text(json.dumps({"results": {"d": {}}, "paired": {"d": {"old": 1}},
+                                                       "config": cfg}))
+    (tmp_path / "table.md").write_text("## Mean\n\nx\n\n## Paired gaps (old)\n\nold rows\n\n## All statistics\n\ny\n")
+    recompute(tmp_path)
+    saved = json.loads((tmp_path / "results.json").read_text())["paired"]["d"]
+    want = paired_over_seeds([ce["d/a1"], ce["d/a2"]], [ce["d/b1"], ce["d/b2"]], 100, 0)
+    got = saved["a_minus_b"]["gap_over_seeds"]
+    assert list(saved) == ["a_minus_b"] and got["ci95"] == pytest.approx(want["gap_over_seeds"]["ci95"])
+    md = (tmp_path / "table.md").read_text()
+    assert PAIRED_HEADER in md and "old rows" not in md and "| d | a_minus_b |" in md
+    assert md.startswith("## Mean\n\nx\n\n") and md.endswith("## All statistics\n\ny\n")

@@ -194,9 +194,14 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
     exps = exponents(table, stars)
     noise = measured_noise(table)
     n_pre = min(len(m["pretrained"]) for m in table.values())
+    # the simulation has this sweep's design: the sizes in the fit at the middle threshold, its pretrained models
+    # per size and seeds, and the seed noise measured here
+    fitted = max((e["sizes"] for e in exps.values()), key=len) if exps else []
+    mid = exps.get(f"{sorted(thresholds)[len(thresholds) // 2]:g}")
+    fitted = mid["sizes"] if mid and len(mid["sizes"]) >= 3 else fitted
     structure = replace(SweepStructure(), n_pretrained=max(n_pre, 1), n_seeds=max(len(m["seeds"]) for m in
                                                                                   table.values()),
-                        sizes_n=tuple(float(m["n"]) for m in table.values()),
+                        sizes_n=tuple(float(table[m]["n"]) for m in (fitted if len(fitted) >= 3 else table)),
                         **{k: v for k, v in noise.items() if k in ("seed_cv", "slope") and v is not None})
     coverage = exponent_coverage(structure, thresholds, absolute, n_sim) if n_sim else None
     fam = _family_entries(family_json)
@@ -344,7 +349,7 @@ def _plot(res, table, path):
         ax2.plot(xs, level * (xs / np.exp(np.mean(np.log(n)))) ** PAPER_EXPONENT, "k--", lw=1,
                  label=f"N^{PAPER_EXPONENT} (paper's released budgets)")
     ax2.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="T*: tokens to the gap threshold",
-            title=f"Data needed to remove LayerNorm ({res['family']})")
+            title=f"Data needed to remove LayerNorm\n{res['family']}")
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
