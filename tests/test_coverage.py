@@ -85,7 +85,10 @@ def test_over_seed_interval_covers_when_seeds_vary_less_than_measured():
 
 
 @pytest.mark.parametrize("shape", [(0.86, 0.70, 0.74, 0.23),  # all components together, builtin:w128
-                                   (0.24, 2.02, 1.20, 0.22)])  # one head (L0H0): heavy right tails
+                                   (0.24, 2.02, 1.20, 0.22),  # one head (L0H0): heavy right tails
+                                   # 13 components sharing a strong prompt scale: resampling (component, prompt)
+                                   # cells instead of prompts would be too narrow
+                                   (0.5, 0.8, 0.8, 0.2, 13, 0.5)])
 def test_dla_interval_covers(shape):
     rng, n_sim, hits = np.random.default_rng(3), 300, []
     for i in range(n_sim):

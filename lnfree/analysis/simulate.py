@@ -101,10 +101,14 @@ def ce_levels(rng: np.random.Generator, st: CEStructure, shape) -> np.ndarray:
 
 
 # -- per-prompt values of the interpretability analyses --------------------------------------------------------
-def dla_errors(rng: np.random.Generator, n_prompts: int, nmae: float, cv_err: float, cv_ref: float, corr: float):
-    """Per prompt |DLA - DE| and |DE| ([prompt] each) whose population NMAE E|DLA - DE| / E|DE| is `nmae` (a
-    fraction), with coefficients of variation cv_err / cv_ref and correlation corr between them: a prompt's
-    scale s (lognormal, mean 1, shared by both: gives the correlation) times independent gamma draws (mean 1).
+def dla_errors(rng: np.random.Generator, n_prompts: int, nmae: float, cv_err: float, cv_ref: float, corr: float,
+               n_components: int = 1, prompt_err_sd: float = 0.0):
+    """Per component and prompt |DLA - DE| and |DE| ([component, prompt] each) whose population NMAE
+    E|DLA - DE| / E|DE| is `nmae` (a fraction), with coefficients of variation cv_err / cv_ref and correlation
+    corr between them: a prompt's scale s (lognormal, mean 1, shared by both and by every component: gives the
+    correlation, and makes the components of one prompt correlated) times independent gamma draws (mean 1);
+    prompt_err_sd: a further lognormal factor (mean 1) on every component's error of a prompt (prompts on which
+    the attribution is worse everywhere), which makes the prompt, not the (component, prompt) cell, the unit.
 
     Realistic values, measured on builtin:w128 over all 1,217 validation prompts of 64 tokens (the DLA of
     `python -m lnfree.analysis.interp.dla`): all components together cv 0.70 / 0.74, corr 0.23; per head up to
@@ -115,9 +119,10 @@ def dla_errors(rng: np.random.Generator, n_prompts: int, nmae: float, cv_err: fl
 
     def gamma(cv):  # mean 1 and, times s, coefficient of variation cv
         k = 1 / ((1 + cv ** 2) / (1 + e_var) - 1)
-        return rng.gamma(k, 1 / k, n_prompts)
+        return rng.gamma(k, 1 / k, (n_components, n_prompts))
 
-    return nmae * s * gamma(cv_err), s * gamma(cv_ref)
+    worse = np.exp(rng.normal(-prompt_err_sd ** 2 / 2, prompt_err_sd, n_prompts))
+    return nmae * s * worse * gamma(cv_err), s * gamma(cv_ref)
 
 
 def patching_values(rng: np.random.Generator, ap_true: np.ndarray, atp_true: np.ndarray, n_prompts: int,
