@@ -51,7 +51,6 @@ def test_the_simulated_evaluation_has_the_measured_structure():
         assert sim[k] == pytest.approx(getattr(st, k), rel=0.25), k
 
 
-@pytest.mark.slow
 def test_paired_gap_mean_ce_and_over_seed_intervals_cover():
     """Per seed, the paired gap's chunk bootstrap covers that seed's true gap; the mean CE's chunk bootstrap (the
     "95% CI of the mean" column) covers the true mean CE; over seeds, seeds_and_text covers the true gap."""
@@ -68,7 +67,6 @@ def test_paired_gap_mean_ce_and_over_seed_intervals_cover():
         assert LOW <= np.mean(hits) <= HIGH, (name, np.mean(hits))
 
 
-@pytest.mark.slow
 def test_over_seed_interval_covers_when_seeds_vary_less_than_measured():
     """3 seeds measure the seed spread poorly. With a 3x smaller spread, or none, the text shared by every seed
     dominates: seeds_and_text still covers; a t interval over the seed values alone does not (no spread)."""
