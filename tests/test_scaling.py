@@ -8,46 +8,83 @@ import pytest
 from lnfree.analysis.scaling import analyse
 
 
-def write_run(d, model, n, seed, removes, tokens, ce):
+def write_run(d, model, n, seed, removes, tokens, ce, source=None):
     d.mkdir(parents=True)
     d.joinpath("summary.json").write_text(json.dumps({
-        "config": {"model": {"name": model}, "seed": seed,
+        "config": {"model": {"name": model, **({"source": source, "shape": {"n_layer": 2, "n_embd": 8}}
+                                               if source else {})}, "seed": seed,
                    "schedule": {"remove": removes, "fit_fraction": 0.4 if removes else None}},
         "n_params_non_embedding": n, "tokens_seen": tokens, "val_ce": ce, "all_removed": removes}))
 
 
 @pytest.mark.slow
-def test_analyse_pairs_by_seed_and_writes_the_result_file(tmp_path):
+def test_analyse_pairs_by_pretrained_model_and_seed_and_writes_the_result_file(tmp_path):
     rng = np.random.default_rng(0)
     i = 0
-    # d crosses far beyond its largest budget: its T* is an extrapolation and stays out of the exponent
+    # d crosses far beyond its largest budget: its T* is an extrapolation and stays out of the exponent.
+    # Two pretrained models per size, the second needing 1.5x the data: a size's T* is their geometric mean.
     for model, n, t_true in (("a", 10_000, 4e4), ("b", 40_000, 8e4), ("c", 160_000, 1.6e5), ("d", 640_000, 1e7)):
-        for tokens in (10_000, 20_000, 40_000, 80_000, 160_000, 320_000):
-            for seed in (1, 2, 3):
-                van = 4.0 + rng.normal(0, 0.01)
-                gap = 0.01 * (tokens / t_true) ** -1.0 * np.exp(rng.normal(0, 0.1))
-                write_run(tmp_path / "sweep" / str(i), model, n, seed, False, tokens, van)
-                write_run(tmp_path / "sweep" / str(i + 1), model, n, seed, True, tokens, van * (1 + gap))
-                i += 2
-    write_run(tmp_path / "sweep" / "unpaired", "a", 10_000, 9, True, 10_000, 5.0)  # seed 9 has no control
-    res = analyse(tmp_path / "sweep", 0.01, tmp_path / "out", n_boot=300)
+        for rep, factor in ((1, 1.0), (2, 1.5)):
+            for tokens in (10_000, 20_000, 40_000, 80_000, 160_000, 320_000, 640_000):
+                for seed in (1, 2, 3):
+                    van = 4.0 + rng.normal(0, 0.01)
+                    gap = 0.01 * (tokens / (t_true * factor)) ** -1.0 * np.exp(rng.normal(0, 0.05))
+                    src = f"builtin:{model}_s{rep}"
+                    write_run(tmp_path / "sweep" / str(i), model, n, seed, False, tokens, van, src)
+                    write_run(tmp_path / "sweep" / str(i + 1), model, n, seed, True, tokens, van * (1 + gap), src)
+                    i += 2
+    write_run(tmp_path / "sweep" / "unpaired", "a", 10_000, 9, True, 10_000, 5.0, "builtin:a_s1")  # no control
+    res = analyse(tmp_path / "sweep", tmp_path / "out", n_boot=100, n_sim=20, family="toy")
     saved = json.loads((tmp_path / "out" / "scaling.json").read_text())
-    assert saved["seeds"] == [1, 2, 3]
+    assert saved["family"] == "toy" and saved["seeds"] == [1, 2, 3] and saved["pretrained_per_size"] == 2
+    assert saved["thresholds"] == [0.005, 0.01, 0.02] and saved["absolute_threshold_nats"] == 0.04
     assert [s["non_embedding_params"] for s in saved["sizes"]] == [10_000, 40_000, 160_000, 640_000]
-    assert saved["sizes"][3]["t_star"]["extrapolated"] and saved["exponent"]["sizes"] == ["a", "b", "c"]
-    assert set(saved["exponent"]) >= {"value", "ci_low", "ci_high"}
-    assert saved["exponent"]["ci_low"] < 0.5 < saved["exponent"]["ci_high"]  # T* doubles per 4x in N: b = 0.5
     a = saved["sizes"][0]
-    assert a["t_star"]["value"] == pytest.approx(4e4, rel=0.25)
-    assert a["removal_phase_tokens"]["value"] == pytest.approx(0.4 * a["t_star"]["value"])
-    assert set(a["gap_by_budget"]) == {str(t) for t in (10_000, 20_000, 40_000, 80_000, 160_000, 320_000)}
-    # the direct reading: the smallest budget whose seed-mean gap is within 1% (true crossing 40k; noise 10%)
-    assert a["first_budget_within"]["mean"] in (40_000, 80_000)
-    assert a["first_budget_within"]["ci_upper"] >= a["first_budget_within"]["mean"]
+    assert [p["id"] for p in a["pretrained"]] == ["a_s1", "a_s2"] and a["n_layer"] == 2 and a["n_embd"] == 8
+    t = a["t_star"]["0.01"]
+    assert t["per_pretrained"] == [pytest.approx(4e4, rel=0.1), pytest.approx(6e4, rel=0.1)]
+    assert t["value"] == pytest.approx(np.sqrt(4e4 * 6e4), rel=0.1) and t["ci_low"] <= t["value"] <= t["ci_high"]
+    # 0.04 nats on CE 4.0 is a 1% gap; 2% needs half the data (slope 1)
+    assert a["t_star"]["0.04nats"]["value"] == pytest.approx(t["value"], rel=0.05)
+    assert a["t_star"]["0.02"]["value"] == pytest.approx(t["value"] / 2, rel=0.1)
+    assert saved["sizes"][3]["t_star"]["0.01"]["extrapolated"]
+    e = saved["exponent"]["0.01"]
+    assert e["sizes"] == ["a", "b", "c"] and len(e["leave_one_out"]) == 3 and e["r2"] > 0.9
+    assert e["ci_low"] < 0.5 < e["ci_high"]  # T* doubles per 4x in N: b = 0.5
+    assert set(saved["verdict"]) == {"0.005", "0.01", "0.02", "0.04nats"}
+    assert saved["verdict"]["0.01"].startswith(("grows with size", "not established"))
+    assert saved["coverage"]["simulations"] == 20 and 0 <= saved["coverage"]["covered"] <= 1
     assert (tmp_path / "out" / "scaling.png").stat().st_size > 1000
     md = (tmp_path / "out" / "scaling.md").read_text()
-    assert "| a | 0.010M | 4" in md and md.count("\n| ") >= 8  # T* row per size, gap row per size
+    assert "| 0.01 | " in md and "| a | 0.010M | " in md and "Tested coverage" in md
     assert res["exponent"] == saved["exponent"]
+
+
+def test_one_pretrained_model_per_size_is_flagged_and_schedules_must_be_chosen(tmp_path):
+    """Old records (no "pretrained" key) are one pretrained model per size: the result says that pretraining
+    variation was not measured. Records with two LN-free schedules (a variant arm) need one picked."""
+    from lnfree.analysis.scaling import gap_table
+
+    rec = []
+    for model, n in (("a", 10), ("b", 40), ("c", 160)):
+        for tokens in (100, 200, 400, 800):
+            for seed in (1, 2):
+                base = {"model": model, "seed": seed, "tokens": tokens, "n_nonemb": n, "fit_fraction": 0.4}
+                rec.append({**base, "removes": False, "val_ce": 4.0, "all_removed": False})
+                rec.append({**base, "removes": True, "val_ce": 4.0 * (1 + 0.01 * 300 / tokens * (1 + seed / 50)),
+                            "all_removed": True})
+    f = tmp_path / "runs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rec))
+    res = analyse(f, tmp_path / "out", n_boot=50, n_sim=0)
+    assert res["pretrained_per_size"] == 1 and res["pretraining_variation"].startswith("not measured")
+    assert res["sizes"][0]["pretrained"] == [{"id": "a"}] and res["coverage"] is None
+    variant = [{**r, "schedule": "scaled"} for r in rec if r["removes"]]
+    variant += [{**r, "schedule": "fixed", "val_ce": r["val_ce"] * 1.01} for r in rec if r["removes"]]
+    both = [r for r in rec if not r["removes"]] + variant
+    with pytest.raises(ValueError, match="several schedules"):
+        gap_table(both)
+    g = gap_table(both, schedule="fixed")["a"]["gaps"]
+    assert g[0][0] == pytest.approx(1.01 * (1 + 0.01 * 3 * 1.02) - 1)
 
 
 def test_sources_merge_records_and_sweep_dirs_and_refuse_conflicts(tmp_path):
@@ -62,7 +99,7 @@ def test_sources_merge_records_and_sweep_dirs_and_refuse_conflicts(tmp_path):
     write_run(tmp_path / "second" / "0", "a", 10, 1, False, 200, 4.0)
     write_run(tmp_path / "second" / "1", "a", 10, 1, True, 200, 4.2)
     runs = load_sources([records, tmp_path / "first", tmp_path / "second"])
-    assert len(runs) == 4
+    assert len(runs) == 4 and runs[0]["pretrained"] == "a"  # no source: the model is its own pretrained model
     t = gap_table(runs)["a"]
     assert t["budgets"] == [100, 200]
     assert t["gaps"] == [[pytest.approx(0.1)], [pytest.approx(0.05)]]

@@ -27,7 +27,7 @@ from .eval_config import SOURCES, EvalError
 from .eval_config import EvalConfig as EvalConfig  # noqa: F401  (registers the schema)
 from .eval_data import eval_chunks
 from .metrics import jsd, summarize, token_stats
-from .stats import over_seeds, paired_gap
+from .stats import paired_over_seeds
 from .tables import write_outputs
 
 
@@ -111,12 +111,10 @@ def evaluate(cfg) -> dict:
             results.setdefault(d.name, {})[name] = summarize(per_token, cfg.bootstrap, cfg.seed)
             per_token_all[(d.name, name)] = per_token
         for p in active_pairs(cfg):
-            per_seed = [paired_gap(per_token_all[(d.name, a)]["ce"], per_token_all[(d.name, b)]["ce"],
-                                   cfg.bootstrap, cfg.seed) for a, b in zip(p.a, p.b)]
             paired.setdefault(d.name, {})[p.name] = {
-                "a": list(p.a), "b": list(p.b), "per_seed": per_seed,
-                "gap_over_seeds": over_seeds([r["gap"] for r in per_seed]),
-                "relative_gap_over_seeds": over_seeds([r["relative_gap"] for r in per_seed])}
+                "a": list(p.a), "b": list(p.b),
+                **paired_over_seeds([per_token_all[(d.name, a)]["ce"] for a in p.a],
+                                    [per_token_all[(d.name, b)]["ce"] for b in p.b], cfg.bootstrap, cfg.seed)}
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     write_outputs(results, per_token_all, cfg, out, paired)

@@ -38,23 +38,45 @@ def ece(conf: np.ndarray, correct: np.ndarray, bins: int = 10) -> float:
                                           torch.as_tensor(correct).long(), n_bins=bins, norm="l1"))
 
 
+def resample_counts(n: int, n_boot: int, seed: int = 0) -> np.ndarray:
+    """How often each of n units is drawn in each of n_boot bootstrap resamples [n_boot, n] (the draws of
+    bootstrap_ci): resampled means are counts @ values / n."""
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    flat = (idx + n * np.arange(n_boot)[:, None]).ravel()  # one bincount for all resamples
+    return np.bincount(flat, minlength=n_boot * n).reshape(n_boot, n).astype(np.float64)
+
+
+def percentile_ci(boots: np.ndarray, level: float = 0.95) -> list[float]:
+    """The percentile interval of bootstrap replicates."""
+    lo = (1 - level) / 2 * 100
+    return [float(np.percentile(boots, lo)), float(np.percentile(boots, 100 - lo))]
+
+
 def bootstrap_ci(samples: np.ndarray, stat: Callable[[np.ndarray], float] = np.mean, n_boot: int = 1000,
                  seed: int = 0, level: float = 0.95) -> tuple[float, float]:
     """Percentile bootstrap CI of stat(samples), resampling the first axis (chunks, prompts, documents).
-    Resample whole units, not tokens: tokens of one chunk are correlated."""
+    Resample whole units, not tokens: tokens of one chunk are correlated. Tested coverage on simulated data
+    with the measured structure (docs/statistics.md): 0.95 for a mean over 256 chunks, 0.94-0.96 for DLA's
+    ratio of means over 256 prompts."""
     samples = np.asarray(samples)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(samples), (n_boot, len(samples)))
-    boots = np.array([stat(samples[i]) for i in idx])
-    lo = (1 - level) / 2 * 100
-    return float(np.percentile(boots, lo)), float(np.percentile(boots, 100 - lo))
+    idx = np.random.default_rng(seed).integers(0, len(samples), (n_boot, len(samples)))
+    if stat is np.mean and samples.ndim == 1:  # every resample's mean at once: the same numbers as the loop
+        boots = samples[idx].mean(1)
+    else:
+        boots = np.array([stat(samples[i]) for i in idx])
+    return tuple(percentile_ci(boots, level))
+
+
+def chunk_mean_ci(ce: np.ndarray, n_boot: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """95% CI of the mean per-token value of arrays [chunks, positions]: a bootstrap over chunks (their means)."""
+    return bootstrap_ci(np.asarray(ce, np.float64).mean(1), n_boot=n_boot, seed=seed)
 
 
 def summarize(per_token: dict, n_boot: int, seed: int) -> dict:
     """per_token: arrays [n_chunks, context-1] of ce, entropy, correct, maxprob (and jsd)."""
     ce = per_token["ce"]
     flat = ce.reshape(-1)
-    lo, hi = bootstrap_ci(ce.mean(1), n_boot=n_boot, seed=seed)
+    lo, hi = chunk_mean_ci(ce, n_boot=n_boot, seed=seed)
     q = np.percentile(flat, [2.5, 97.5, 0.05, 99.95])
     out = {
         "mean": float(flat.mean()), "median": float(np.median(flat)),

@@ -49,12 +49,15 @@ def paired_table(paired: dict) -> str:
     return "\n".join(lines)
 
 
+PAIRED_HEADER = ("## Paired gaps (same tokens; CI per seed: bootstrap over chunks; over seeds: t interval of seeds "
+                 "plus the text they share, docs/statistics.md)")
+
+
 def write_outputs(results, per_token, cfg, out: Path, paired: dict | None = None):
     table = ("## Mean cross-entropy (nats/token), gap to the best model in brackets\n\n" + markdown_table(results)
              + "\n\n## Median\n\n" + markdown_table(results, "median"))
     if paired:
-        table += ("\n\n## Paired gaps (same tokens; CI per seed: bootstrap over chunks; over seeds: Student t)\n\n"
-                  + paired_table(paired))
+        table += "\n\n" + PAIRED_HEADER + "\n\n" + paired_table(paired)
     table += "\n\n## All statistics\n\n" + detail_table(results) + "\n"
     (out / "table.md").write_text(table)
     (out / "results.json").write_text(json.dumps(

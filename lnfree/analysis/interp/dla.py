@@ -76,20 +76,17 @@ def dla_vs_de(model, ids: torch.Tensor, direction: torch.Tensor, pos: int = -1) 
 
 
 def nmae_with_ci(dla: torch.Tensor, de: torch.Tensor, n_boot: int = 1000, seed: int = 0) -> dict:
-    """NMAE (%) of DLA vs DE over prompts (tensors [..., prompt]) with a bootstrap 95% CI over prompts."""
+    """NMAE (%) of DLA vs DE over prompts (tensors [..., prompt]) with a percentile bootstrap 95% CI over prompts
+    (tested coverage 0.94-0.96 on simulated prompts with the measured spread, docs/statistics.md)."""
     import numpy as np
 
-    from ..metrics import bootstrap_ci
+    from ..metrics import percentile_ci, resample_counts
 
-    err = (dla - de).abs().reshape(-1, dla.shape[-1]).mean(0).numpy()  # per prompt, averaged over components
-    ref = de.abs().reshape(-1, de.shape[-1]).mean(0).numpy()
-    samples = np.stack([err, ref], axis=1)  # [prompt, 2]
-
-    def stat(x):
-        return float(x[:, 0].mean() / max(x[:, 1].mean(), 1e-30) * 100)
-
-    lo, hi = bootstrap_ci(samples, stat, n_boot=n_boot, seed=seed)
-    return {"nmae_percent": stat(samples), "ci95": [lo, hi]}
+    err = (dla - de).abs().reshape(-1, dla.shape[-1]).mean(0).double().numpy()  # per prompt, over components
+    ref = de.abs().reshape(-1, de.shape[-1]).mean(0).double().numpy()
+    w = resample_counts(len(err), n_boot, seed)  # [n_boot, prompt]: the same resample for both sums
+    boots = (w @ err) / np.maximum(w @ ref, 1e-30) * 100
+    return {"nmae_percent": float(err.mean() / max(ref.mean(), 1e-30) * 100), "ci95": percentile_ci(boots)}
 
 
 def per_head_grid(per_component: dict, n_layer: int, n_head: int):
