@@ -109,17 +109,22 @@ family-depth: install
 # data needed to remove LayerNorm vs model size on the built-in family (conf/experiment/data_scaling.yaml: 240 short
 # runs, ~2 h on 2 cores; runs only what experiments/data_scaling/runs.jsonl lacks), then the fit and the records
 SCALING := experiments/data_scaling
+# (the width-only study, kept as a second, labelled result: experiments/data_scaling/width_only/)
 scaling: family
 	$(PY) $(SCALING)/run_missing.py --workers $(or $(WORKERS),2) --until-within 0.01
-	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --out $(SCALING) \
-	  --records $(SCALING)/runs.jsonl
+	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --out $(SCALING)/width_only \
+	  --records $(SCALING)/runs.jsonl --family "builtin width-only (depth 2, widths 48-256)" \
+	  --family-json experiments/builtin_family/family.json
 
 # the depth-and-width family's fixed grid (conf/experiment/data_scaling_depth.yaml; protocol in
 # experiments/depth_family/README.md): the family, the LR probe (vanilla control only; writes lr.json), then every
 # job without a record in experiments/depth_family/runs.jsonl (no early stopping; resumable)
+# then the statistics (issue 24's scaling.json, scaling.md, scaling.png) into experiments/data_scaling/
 scaling-depth: family-depth
 	$(PY) experiments/depth_family/lr_probe.py --workers $(or $(WORKERS),2)
 	$(PY) $(SCALING)/run_missing.py --experiment data_scaling_depth --workers $(or $(WORKERS),2)
+	$(PY) -m lnfree.analysis.scaling experiments/depth_family/runs.jsonl --out $(SCALING) \
+	  --family "builtin depth-and-width (1x32 to 4x128)" --family-json experiments/depth_family/family.json
 
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install
