@@ -1,6 +1,8 @@
 """The benchmark scripts themselves must keep working (their timings are not asserted: `make bench`)."""
 
 import json
+import logging
+import warnings
 
 import pytest
 
@@ -18,17 +20,77 @@ def test_cpu_bench_runs_and_counts_no_syncs(tmp_path):
     assert syncs["all_real"] == syncs["all_removed"] == syncs["stock"]
 
 
-@pytest.mark.slow
-def test_gpu_bench_script_smoke_on_cpu(tmp_path):
+def test_gpu_bench_dry_run_records_every_part_and_a_failing_one(tmp_path):
+    """`python -m lnfree.bench.gpu --dry-run`: every part of the GPU check (bf16-mixed single device and FSDP2,
+    removal on / off, save + resume, folded inference) runs on CPU, and a part that fails is recorded with its
+    error while the parts after it still run."""
     from lnfree.bench import gpu as bench_gpu
 
+    parts = bench_gpu.plan(dry_run=True, steps=8)
+    broken = bench_gpu.Part("train:broken", "train", 60, [*parts[0].overrides, "data.block_size=100000"])
     out = tmp_path / "gpu.json"
-    bench_gpu.main(["--smoke", "--out", str(out), "--tmp", str(tmp_path / "runs")])
+    bench_gpu.main(["--dry-run", "--out", str(out), "--tmp", str(tmp_path / "runs")], parts=[broken, *parts])
     res = json.loads(out.read_text())
-    assert len(res["runs"]) == 2 and all(r["tokens_per_s"] > 0 for r in res["runs"])
-    assert res["runs"][1]["all_removed"] and not res["runs"][0]["all_removed"]
-    assert res["resume"]["same_sigmas"]
-    assert abs(res["resume"]["val_ce_full"] - res["resume"]["val_ce_resumed"]) < 1e-3
+    assert res["finished"] and res["mode"] == "dry-run"
+    assert list(res["parts"]) == [broken.name, *(p.name for p in parts)]
+    assert res["parts"]["train:broken"]["status"] == "error" and "block_size" in res["parts"]["train:broken"]["error"]
+    ok = {k: v for k, v in res["parts"].items() if k != "train:broken"}
+    assert all(v["status"] == "ok" and v["error"] is None for v in ok.values()), {k: v["error"] for k, v in ok.items()}
+    train = {k.split(":")[1]: v["result"] for k, v in ok.items() if v["kind"] == "train"}
+    assert set(train) == {"tiny-single-no_removal", "tiny-single-removal", "tiny-fsdp-no_removal", "tiny-fsdp-removal"}
+    for name, r in train.items():
+        assert r["precision"] == "bf16-mixed" and r["strategy"] == ("fsdp" if "fsdp" in name else "auto")
+        assert r["all_removed"] == name.endswith("-removal") and r["tokens_per_s"] > 0
+        assert r["mfu"] == pytest.approx(r["flops_per_token"] * r["tokens_per_s"] / bench_gpu.PEAK_FLOPS["cpu"]["bf16"])
+    resume = ok["resume"]["result"]
+    assert resume["same_sigmas"] and resume["val_ce_resumed"] == pytest.approx(resume["val_ce_full"], abs=1e-3)
+    folded = ok["folded:tiny"]["result"]["fp32"]
+    assert set(folded["tokens_per_s"]) == {"stock", "folded"} and all(v > 0 for v in folded["tokens_per_s"].values())
+
+
+def test_gpu_bench_real_plan_composes_and_passes_the_config_checks(tmp_path):
+    """Every training part of the real GPU run composes (no misspelt override) and passes the checks that need
+    no weights and no data; the parts' time limits fit the budget of a 15-minute device session."""
+    from lnfree.bench import gpu as bench_gpu
+    from lnfree.training.train import check_config
+
+    parts = bench_gpu.plan(dry_run=False, steps=30)
+    for p in parts:
+        if p.kind in ("train", "resume"):
+            cfg = bench_gpu.compose_part(tmp_path, p, p.overrides)
+            assert cfg.hardware.accelerator == "gpu" and cfg.hardware.precision == "bf16-mixed"
+            check_config(cfg)
+    assert {p.name for p in parts} >= {"train:gpt2_medium-fsdp-removal", "resume", "folded:gpt2_small"}
+    assert bench_gpu.BUDGET_S < 8 * 60 and all(p.timeout_s < bench_gpu.BUDGET_S for p in parts)
+
+
+def test_mfu_uses_the_stated_peak_and_the_model_flops():
+    from lnfree.bench.gpu import PEAK_FLOPS, flops_per_token, mfu, peak_flops
+
+    assert peak_flops("NVIDIA H200", "bf16") == PEAK_FLOPS["H200"]["bf16"] and peak_flops("TPU", "bf16") is None
+    # GPT-2 small at 1024 tokens: 6 x (85M non-embedding + 38.6M unembedding) + 12 x 12 x 1024 x 768 per token
+    f = flops_per_token(12, 768, 1024, 50257, 85_056_000, training=True)
+    assert f == 6 * (85_056_000 + 50257 * 768) + 12 * 12 * 1024 * 768
+    assert flops_per_token(12, 768, 1024, 50257, 85_056_000, training=False) * 3 == f  # a forward: a third
+    assert mfu(f, 1e5, 1e15) == f * 1e5 / 1e15 and mfu(f, None, 1e15) is None and mfu(f, 1e5, None) is None
+
+
+def test_bench_models_build_without_warnings(caplog):
+    """The benchmark's configs are self-consistent: bos/eos inside the vocabulary, no warning while building."""
+    from lnfree.bench.cpu import SHAPES, bench_config, build_models
+
+    logging.getLogger("transformers").addHandler(caplog.handler)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for s in SHAPES.values():
+                c = bench_config(s["cfg"])
+                assert 0 <= c.bos_token_id < c.vocab_size and 0 <= c.eos_token_id < c.vocab_size
+            build_models(SHAPES["builtin_2x128"]["cfg"])
+            build_models(SHAPES["builtin_2x128"]["cfg"], folded=True)
+    finally:
+        logging.getLogger("transformers").removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING], caplog.text
 
 
 def test_alternate_rotates_the_order_and_paired_ratios_pair_repetitions():

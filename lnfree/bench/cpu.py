@@ -44,19 +44,32 @@ SHAPES = {  # rep_scale: repetitions = rep_scale x --reps (the small shape is ch
 }
 
 
-def _models(cfg_kw):
-    cfg = GPT2Config(**cfg_kw, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+def bench_config(cfg_kw) -> GPT2Config:
+    """A random-init GPT-2 config for the benchmarks: no dropout, and bos/eos at the last id of the vocabulary
+    (GPT-2's convention, 50256 in its own vocabulary; GPT2Config's default 50256 lies outside a smaller one)."""
+    v = cfg_kw["vocab_size"]
+    return GPT2Config(**cfg_kw, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=v - 1, eos_token_id=v - 1)
+
+
+def build_models(cfg_kw, device="cpu", folded=False):
+    """Stock GPT-2 (seed 0) and the removable model with every site real, half removed and all removed (sigmas
+    calibrated on random tokens), or with folded=True stock and the folded LN-free model of the all-removed one."""
+    cfg = bench_config(cfg_kw)
     torch.manual_seed(0)
-    stock = GPT2LMHeadModel(cfg)
-    real = make_removable(stock)
-    x = torch.randint(0, cfg.vocab_size, (4, 64))
-    mid, removed = make_removable(stock), make_removable(stock)
-    for m, frac in ((mid, 0.5), (removed, 1.0)):
-        m.calibrate(x)
-        names = list(m.sites())
-        for n in names[: round(frac * len(names))]:
-            m.remove(*parse_site_name(n))
-    return stock, {"all_real": real, "mid_schedule": mid, "all_removed": removed}
+    stock = GPT2LMHeadModel(cfg).to(device)
+    x = torch.randint(0, cfg.vocab_size, (4, 64), device=device)
+    fracs = {"all_removed": 1.0} if folded else {"all_real": 0.0, "mid_schedule": 0.5, "all_removed": 1.0}
+    variants = {}
+    for name, frac in fracs.items():
+        m = variants[name] = make_removable(stock)
+        if frac:
+            m.calibrate(x)
+            names = list(m.sites())
+            for n in names[: round(frac * len(names))]:
+                m.remove(*parse_site_name(n))
+    if folded:
+        return stock.eval(), fold(variants["all_removed"]).to(device)
+    return stock, variants
 
 
 def _train_step(model, x, opt, autocast, commit):
@@ -109,7 +122,7 @@ def paired_ratios(times: dict[str, list[float]], base: str = "stock") -> dict[st
 def bench_train(shape, reps, precisions=("fp32", "bf16")):
     s = SHAPES[shape]
     reps *= s["rep_scale"]
-    stock, variants = _models(s["cfg"])
+    stock, variants = build_models(s["cfg"])
     b, t = s["train"]
     x = torch.randint(0, s["cfg"]["vocab_size"], (b, t))
     out = {}
@@ -129,8 +142,7 @@ def bench_train(shape, reps, precisions=("fp32", "bf16")):
 
 def _stock_and_folded(shape):
     s = SHAPES[shape]
-    stock, variants = _models(s["cfg"])
-    return s, stock.eval(), fold(variants["all_removed"])
+    return (s, *build_models(s["cfg"], folded=True))
 
 
 @torch.inference_mode()
@@ -166,7 +178,7 @@ def bench_eval(shape, reps):
 
 def bench_syncs(shape):
     s = SHAPES[shape]
-    stock, variants = _models(s["cfg"])
+    stock, variants = build_models(s["cfg"])
     x = torch.randint(0, s["cfg"]["vocab_size"], (2, 32))
     out = {}
     for name, m in [("stock", stock), *variants.items()]:
