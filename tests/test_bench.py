@@ -102,3 +102,36 @@ def test_alternate_rotates_the_order_and_paired_ratios_pair_repetitions():
     spread = paired_ratios({"stock": [1.0, 2.0, 4.0, 1.0], "x": [1.5, 2.0, 4.0, 3.0]})["x"]
     assert spread["n"] == 4 and (spread["min"], spread["max"]) == (1.0, 3.0)  # per repetition: 1.5, 1, 1, 3
     assert spread["median"] == 1.25 and spread["ratio_of_medians"] == 2.5 / 1.5  # medians 2.5 and 1.5
+
+
+def test_passes_agree_when_each_median_is_inside_the_others_quartiles():
+    from lnfree.bench.cpu import passes_agree
+
+    a, b = {"q25": 0.90, "median": 0.95, "q75": 1.00}, {"q25": 0.93, "median": 0.97, "q75": 0.99}
+    assert passes_agree([a, b]) and passes_agree([a])
+    assert not passes_agree([a, {"q25": 0.99, "median": 1.01, "q75": 1.02}])  # 1.01 is above a's q75
+    assert not passes_agree([{"q25": 0.96, "median": 0.97, "q75": 0.98}, a])  # a's median is below its q25
+
+
+def test_readme_table_is_rewritten_from_the_json_between_its_markers(tmp_path):
+    from lnfree.bench.cpu import TABLE_BEGIN, TABLE_END, main
+
+    spread = {"q25": 0.9, "median": 0.95, "q75": 1.0, "n": 10, "ratio_of_medians": 0.95, "min": 0.8, "max": 1.1}
+    res = {"machine": {"cpu": "X", "cores": 2, "threads": 1, "torch": "t", "native_bf16": False,
+                       "loadavg_before": [1.0, 1.0, 1.0], "loadavg_after": [2.0, 2.0, 2.0]}, "clock": "thread",
+           "train_step": {"s": {"fp32": {"reps": 3, "median_s": {"stock": 0.5},
+                                         "spread": {k: spread for k in ("all_real", "mid_schedule", "all_removed")}}}},
+           "inference": {"s": {"batch": 2, "context": 8,
+                               "passes_agree": {"spread": True, "spread_vs_fused_gelu": False},
+                               "passes": [{"median_s": {"stock": 0.25}, "spread": spread,
+                                           "spread_vs_fused_gelu": spread}]}},
+           "eval": {"s": {"batch": 2, "context": 8, "fp32": {"tokens_per_s": {"stock": 100.0, "folded": 150.0}}}}}
+    (tmp_path / "r.json").write_text(json.dumps(res))
+    readme = tmp_path / "README.md"
+    readme.write_text(f"before\n{TABLE_BEGIN}\nold table\n{TABLE_END}\nafter\n")
+    main(["--table", str(tmp_path / "r.json"), "--readme", str(readme)])
+    text = readme.read_text()
+    assert text.startswith(f"before\n{TABLE_BEGIN}\n") and text.endswith(f"{TABLE_END}\nafter\n")
+    assert "old table" not in text and "| s | fp32 | 3 | 0.950 [0.900, 1.000] |" in text
+    assert "| s | 2 x 8 | fp32 | 100 | 150 | 1.50 |" in text and "| s | | passes agree | | yes | no | |" in text
+    assert "CPU time of the one compute thread" in text and "load average 1.00 before, 2.00 after" in text
