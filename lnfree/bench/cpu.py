@@ -37,12 +37,14 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..analysis.metrics import token_stats
 from ..export import fold
 from ..io import logits
 from ..model import make_removable, parse_site_name
+from ..paths import CONF_DIR
 from .syncs import count_syncs
 
 # rep_scale: repetitions = rep_scale x --reps (the small shape is cheap and its ratios are noisier); infer_scale:
@@ -51,7 +53,7 @@ from .syncs import count_syncs
 SHAPES = {
     "builtin_2x128": dict(cfg=dict(n_layer=2, n_head=4, n_embd=128, n_positions=256, vocab_size=4096),
                           train=(16, 256), infer=(16, 256), eval=(8, 256), rep_scale=2, infer_scale=5),
-    "gpt2_small": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),
+    "gpt2_small": dict(cfg=OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model/gpt2_small_random.yaml").shape),
                        train=(4, 128), infer=(4, 128), eval=(1, 1024), rep_scale=1, infer_scale=2),
 }
 
@@ -260,6 +262,7 @@ def machine() -> dict:
             "python": platform.python_version(), "native_bf16": native_bf16}
 
 
+PARTS = ["train", "inference", "eval", "syncs"]
 OUT, README = Path("experiments/bench/cpu.json"), Path("experiments/bench/README.md")
 TABLE_BEGIN, TABLE_END = "<!-- table: python -m lnfree.bench.cpu --table -->", "<!-- end of table -->"
 
@@ -271,13 +274,19 @@ def cell(s):  # median [quartiles] of the per-repetition ratios: robust to a slo
     return f"{s['median']:.3f} [{s['q25']:.3f}, {s['q75']:.3f}]"
 
 
-def table(res) -> str:
+def _load(m) -> str:
+    return (f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after"
+            if "loadavg_after" in m else "load average not recorded")
+
+
+def table(res, more: list[dict] = ()) -> str:
+    """The README table of one run; `more`: further runs (e.g. of the inference part only) whose forward
+    passes are listed with this run's, and agreement is judged over the passes of all of them."""
     m = res["machine"]
-    la = (f"load average {m['loadavg_before'][0]:.2f} before, {m['loadavg_after'][0]:.2f} after"
-          if "loadavg_after" in m else "load average not recorded")
     lines = [f"Machine: {m['cpu']}, {m.get('cores', '?')} cores, {m['threads']} thread(s) used, torch {m['torch']}, "
-             f"native bf16: {'yes' if m['native_bf16'] else 'no'}; {la} (1-minute); times: "
-             f"{CLOCK_WORDS[res.get('clock', 'wall')]}.", "",
+             f"native bf16: {'yes' if m['native_bf16'] else 'no'}; {_load(m)} (1-minute); times: "
+             f"{CLOCK_WORDS[res.get('clock', 'wall')]}."
+             + "".join(f" Run {n}: {_load(r['machine'])}." for n, r in enumerate(more, 2)), "",
              "Training step, per-repetition ratio to stock GPT-2: median [quartiles].", "",
              "| shape | precision | reps | all real / stock | mid-schedule / stock | all removed / stock "
              "| stock step (ms) |", "|---|---|---|---|---|---|---|"]
@@ -291,11 +300,14 @@ def table(res) -> str:
               "| shape | batch x context | pass | reps | folded / stock | folded / stock with fused GELU "
               "| stock forward (ms) |", "|---|---|---|---|---|---|---|"]
     for shape, i in res["inference"].items():
-        for n, p in enumerate(i["passes"], 1):
-            lines.append(f"| {shape} | {i['batch']} x {i['context']} | {n} | {p['spread']['n']} "
+        runs = [(f"{n}" if not more else f"run 1, {n}", p) for n, p in enumerate(i["passes"], 1)]
+        runs += [(f"run {k}, {n}", p) for k, r in enumerate(more, 2) if shape in r["inference"]
+                 for n, p in enumerate(r["inference"][shape]["passes"], 1)]
+        for name, p in runs:
+            lines.append(f"| {shape} | {i['batch']} x {i['context']} | {name} | {p['spread']['n']} "
                          f"| {cell(p['spread'])} | {cell(p['spread_vs_fused_gelu'])} "
                          f"| {1000 * p['median_s']['stock']:.1f} |")
-        agree = i["passes_agree"]
+        agree = {k: passes_agree([p[k] for _, p in runs]) for k in ("spread", "spread_vs_fused_gelu")}
         lines.append(f"| {shape} | | passes agree | | {'yes' if agree['spread'] else 'no'} "
                      f"| {'yes' if agree['spread_vs_fused_gelu'] else 'no'} | |")
     lines += ["", "Evaluation throughput (the evaluator's forward and token statistics), tokens/s, median of "
@@ -311,11 +323,11 @@ def table(res) -> str:
     return "\n".join(lines)
 
 
-def write_table(res, readme: Path = README):
-    """Replace the table between the markers in `readme` with the one generated from `res`."""
+def write_table(res, readme: Path = README, more: list[dict] = ()):
+    """Replace the table between the markers in `readme` with the one generated from `res` (and `more`)."""
     head, rest = readme.read_text().split(TABLE_BEGIN, 1)
     _, tail = rest.split(TABLE_END, 1)
-    readme.write_text(f"{head}{TABLE_BEGIN}\n{table(res)}\n{TABLE_END}{tail}")
+    readme.write_text(f"{head}{TABLE_BEGIN}\n{table(res, more)}\n{TABLE_END}{tail}")
 
 
 def main(argv=None):
@@ -330,10 +342,14 @@ def main(argv=None):
     p.add_argument("--out", default=str(OUT))
     p.add_argument("--readme", default=None, help=f"rewrite this file's table (default: {README} when --out is "
                                                   f"{OUT}, the committed JSON; otherwise none)")
-    p.add_argument("--table", metavar="JSON", help="only rewrite the table of --readme (default: README) from JSON")
+    p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
+    p.add_argument("--table", metavar="JSON", nargs="+",
+                   help="only rewrite the table of --readme (default: README) from JSON (and the forward passes of "
+                        "further JSONs)")
     a = p.parse_args(argv)
     if a.table:
-        write_table(json.loads(Path(a.table).read_text()), Path(a.readme or README))
+        runs = [json.loads(Path(f).read_text()) for f in a.table]
+        write_table(runs[0], Path(a.readme or README), runs[1:])
         return
     clock_name = a.clock or ("thread" if a.threads == 1 else "wall")
     if clock_name == "thread" and a.threads != 1:
@@ -341,22 +357,25 @@ def main(argv=None):
     clock = CLOCKS[clock_name]
     torch.set_num_threads(a.threads)
     res = {"machine": {**machine(), "loadavg_before": os.getloadavg()}, "clock": clock_name, "reps": a.reps,
-           "passes": a.passes,
+           "passes": a.passes, "parts": a.parts,
            "train_step": {}, "inference": {}, "eval": {}, "host_syncs": {}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")  # written after every part: a long run that stops loses nothing
     for shape in a.shapes:
-        for prec in a.precisions:
+        for prec in a.precisions if "train" in a.parts else []:
             print(f"[bench] {shape}: training step, {prec} ...", flush=True)
             res["train_step"].setdefault(shape, {}).update(bench_train(shape, a.reps, (prec,), clock))
             partial.write_text(json.dumps(res, indent=1))
-        print(f"[bench] {shape}: inference ...", flush=True)
-        res["inference"][shape] = bench_infer(shape, a.reps, a.passes, clock)
-        partial.write_text(json.dumps(res, indent=1))
-        print(f"[bench] {shape}: evaluation ...", flush=True)
-        res["eval"][shape] = bench_eval(shape, a.reps, res["machine"]["native_bf16"], clock)
-        res["host_syncs"][shape] = bench_syncs(shape)
+        if "inference" in a.parts:
+            print(f"[bench] {shape}: inference ...", flush=True)
+            res["inference"][shape] = bench_infer(shape, a.reps, a.passes, clock)
+            partial.write_text(json.dumps(res, indent=1))
+        if "eval" in a.parts:
+            print(f"[bench] {shape}: evaluation ...", flush=True)
+            res["eval"][shape] = bench_eval(shape, a.reps, res["machine"]["native_bf16"], clock)
+        if "syncs" in a.parts:
+            res["host_syncs"][shape] = bench_syncs(shape)
         partial.write_text(json.dumps(res, indent=1))
     res["machine"]["loadavg_after"] = os.getloadavg()
     out.write_text(json.dumps(res, indent=1))

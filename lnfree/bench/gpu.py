@@ -84,6 +84,15 @@ REMOVAL = ["schedule=fast", "schedule.ln2.start=2", "schedule.ln2.gap=0", "sched
 NO_REMOVAL = ["schedule=none"]
 
 
+def model_shape(option: str) -> dict:
+    """GPT2Config fields of a random-init model option (conf/model/<option>.yaml)."""
+    from omegaconf import OmegaConf
+
+    from ..paths import CONF_DIR
+
+    return OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model" / f"{option}.yaml").shape)
+
+
 def plan(dry_run: bool, steps: int) -> list[Part]:
     if dry_run:
         shapes = {"tiny": (["model=tiny", "data.block_size=64", "hardware.micro_batch_size=2"], 120)}
@@ -97,28 +106,27 @@ def plan(dry_run: bool, steps: int) -> list[Part]:
                   "gpt2_medium": (["model=gpt2_medium_random", "data.block_size=1024",
                                    "hardware.micro_batch_size=8"], 100)}
         strategies = {"single": ["hardware=gpu"], "fsdp": ["hardware=gpu_fsdp", "hardware.devices=1"]}
-        folded = {"gpt2_small": dict(cfg=dict(n_layer=12, n_head=12, n_embd=768, n_positions=1024, vocab_size=50257),
-                                     batch=8, ctx=1024, precisions=["bf16", "fp32"], reps=10),
-                  "gpt2_medium": dict(cfg=dict(n_layer=24, n_head=16, n_embd=1024, n_positions=1024,
-                                               vocab_size=50257), batch=8, ctx=1024, precisions=["bf16", "fp32"],
-                                      reps=10)}
-    # checkpoints at mid-run and at the end, no export, no validation before training: the parts measure
-    # training, not the run's bookkeeping
-    common = [f"trainer.max_steps={steps}", f"trainer.val_every={steps}", f"trainer.ckpt_every={steps // 2}",
-              "data.val_blocks=8", "model.dropout=0.0", "export=false"]
+        folded = {name: dict(cfg=model_shape(f"{name}_random"), batch=8, ctx=1024, precisions=["bf16", "fp32"],
+                             reps=10) for name in shapes}
+    # no export, no validation before training: the parts measure training, not the run's bookkeeping; one
+    # checkpoint at the end (the resume's source also keeps one at mid-run, which the resume starts from)
+    common = [f"trainer.max_steps={steps}", f"trainer.val_every={steps}", "data.val_blocks=8", "model.dropout=0.0",
+              "export=false"]
+    at_end = [f"trainer.ckpt_every={steps}", "trainer.keep_checkpoints=1"]
     first = next(iter(shapes))
-    source = f"train:{first}-fsdp-removal"  # the resume's source keeps its mid-run checkpoint; the others keep one
-    parts = []
+    source = f"train:{first}-fsdp-removal"
+    parts = []  # the first shape's parts, its resume and its folded model first: what a cut-short session keeps
     for shape, (so, timeout) in shapes.items():
         for strat, st in strategies.items():
             for rem_name, rem in (("no_removal", NO_REMOVAL), ("removal", REMOVAL)):
                 name = f"train:{shape}-{strat}-{rem_name}"
-                keep = f"trainer.keep_checkpoints={-1 if name == source else 1}"
-                parts.append(Part(name, "train", timeout, [*st, *so, *common, keep, *rem]))
-    parts.append(Part("resume", "resume", shapes[first][1],
-                      [*strategies["fsdp"], *shapes[first][0], *common, "trainer.keep_checkpoints=1", *REMOVAL],
-                      needs=source))
-    parts += [Part(f"folded:{name}", "folded", 60 if dry_run else 90, shape=s) for name, s in folded.items()]
+                ckpt = [f"trainer.ckpt_every={steps // 2}", "trainer.keep_checkpoints=-1"] if name == source else at_end
+                parts.append(Part(name, "train", timeout, [*st, *so, *common, *ckpt, *rem]))
+        if shape == first:
+            parts.append(Part("resume", "resume", timeout, [*strategies["fsdp"], *so, *common, *at_end, *REMOVAL],
+                              needs=source))
+        if shape in folded:
+            parts.append(Part(f"folded:{shape}", "folded", 60 if dry_run else 90, shape=folded[shape]))
     return parts
 
 
