@@ -144,3 +144,32 @@ def test_readme_table_is_rewritten_from_the_json_between_its_markers(tmp_path):
     text = readme.read_text()
     assert "| s | 2 x 8 | run 1, 1 | 10 |" in text and "| s | 2 x 8 | run 2, 1 | 10 | 0.950" in text
     assert "| s | | passes agree | | yes | no | |" in text and "Run 2: load average 3.00 before" in text
+
+
+def test_profile_separates_the_models_operators_and_times_the_norm_paths(tmp_path):
+    """`python -m lnfree.bench.profile`: per-operator profiles of stock, stock with the fused GELU and the folded
+    model (which runs no LayerNorm and no unfused GELU chain), the training step of stock and all removed, and
+    the norm paths' timing; its README tables are rewritten between their markers."""
+    from lnfree.bench import profile as prof
+
+    readme = tmp_path / "README.md"
+    readme.write_text(f"x\n{prof.TABLE_BEGIN}\n{prof.TABLE_END}\ny\n")
+    out = tmp_path / "profile.json"
+    prof.main(["--shapes", "builtin_2x128", "--train", "builtin_2x128", "--steps", "1", "--norm-reps", "2",
+               "--out", str(out), "--readme", str(readme)])
+    res = json.loads(out.read_text())
+    ops = res["forward"]["builtin_2x128"]["ops"]
+    assert "aten::native_layer_norm" in ops["stock"] and "aten::native_layer_norm" not in ops["folded"]
+    assert "aten::tanh" in ops["stock"] and "aten::tanh" not in ops["stock_fused_gelu"]
+    assert "aten::gelu" in ops["stock_fused_gelu"] and "aten::gelu" in ops["folded"]
+    train = res["train_step"]["builtin_2x128"]["ops"]
+    assert "aten::native_layer_norm_backward" in train["stock"]
+    assert "aten::native_layer_norm_backward" not in train["all_removed"]
+    n = res["norm_paths"]["builtin_2x128"]
+    assert n["n_layer"] == 2 and all(v > 0 for v in n["median_s"].values())
+    m = n["median_s"]
+    assert n["extra_s_per_step"] == pytest.approx(2 * (m["removed_block"] - m["stock_block"])
+                                                  + m["removed_lnf"] - m["stock_lnf"])
+    text = readme.read_text()
+    assert text.startswith(f"x\n{prof.TABLE_BEGIN}\n") and text.endswith(f"{prof.TABLE_END}\ny\n")
+    assert "| builtin_2x128 | forward | folded |" in text and "ms per block in stock GPT-2" in text

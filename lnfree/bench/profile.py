@@ -1,12 +1,16 @@
 """Where the time of a forward (or a training step) goes, per operator: stock GPT-2 against the folded LN-free
-model, and stock against the all-removed removable model in a training step. Explains `make bench`'s ratios.
+model (and against stock with the folded model's fused GELU), and stock against the all-removed removable model
+in a training step; plus the removal's own cost in a step, timed apart. Explains `make bench`'s ratios.
 
-    python -m lnfree.bench.profile [--shapes builtin_2x128 gpt2_small] [--steps 3] [--train gpt2_small]
-                                   [--out experiments/bench/profile.json]
+    python -m lnfree.bench.profile [--shapes builtin_2x128 gpt2_small] [--train gpt2_small] [--steps 3]
+                                   [--norm-reps 40] [--out experiments/bench/profile.json]
+    python -m lnfree.bench.profile --table experiments/bench/profile.json   # rewrite the README tables
 
 torch.profiler on CPU, fp32, one thread, the shapes of lnfree.bench.cpu. Per model, per operator (aten ops, self
-time): calls and milliseconds per forward (or step), and each operator's share of the model's total. Operators
-are grouped into what they do (GROUPS), so that the README can say which part of the model differs.
+time): calls and milliseconds per forward (or step), grouped into what they do (GROUPS), and the operators that
+differ most between two models. The profiler's times are elapsed times, so on a shared machine they carry its
+noise; `norm_paths` times only what the removal changes (ln_1 -> c_attn and ln_2 per block, and ln_f) by the
+thread's CPU time, interleaved, and scales it to a training step.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .cpu import README, SHAPES, _train_step, build_models, fused_gelu_twin, machine
+from .cpu import CLOCKS, README, SHAPES, _train_step, alternate, build_models, fused_gelu_twin, machine, medians
 
 # operator -> what it is part of in these models (anything else: "other")
 GROUPS = {
@@ -82,6 +86,35 @@ def profile_train(shape: str, steps: int) -> dict:
     return out
 
 
+def norm_paths(shape: str, reps: int) -> dict:
+    """Forward + backward of only what the removal changes in a training step, stock against all removed, timed
+    by the thread's CPU time (interleaved, like the bench): per block ln_1 -> c_attn (the split LayerNorm's
+    frozen paths and the projection that applies their factors) and ln_2, and once ln_f; inputs of the training
+    step's shape. Times the number of blocks, the difference is the removal's cost in a step."""
+    s = SHAPES[shape]
+    stock, variants = build_models(s["cfg"])
+    removed = variants["all_removed"]
+    b, t = s["train"]
+    x = torch.randn(b, t, s["cfg"]["n_embd"], requires_grad=True)
+
+    def paths(m):
+        blk, ln_f = m.transformer.h[0], m.transformer.ln_f
+
+        def run():
+            y = blk.attn.c_attn(blk.ln_1(x)).sum() + blk.ln_2(x).sum()
+            y.backward()
+        return run, lambda: ln_f(x).sum().backward()
+
+    for m in (stock, removed):
+        m.train()
+    (sb, sf), (rb, rf) = paths(stock), paths(removed)
+    med = medians(alternate({"stock_block": sb, "removed_block": rb, "stock_lnf": sf, "removed_lnf": rf}, reps,
+                            clock=CLOCKS["thread"]))
+    n = s["cfg"]["n_layer"]
+    extra = n * (med["removed_block"] - med["stock_block"]) + med["removed_lnf"] - med["stock_lnf"]
+    return {"batch": b, "context": t, "n_layer": n, "median_s": med, "extra_s_per_step": extra}
+
+
 def table(res: dict) -> str:
     lines = [f"Self CPU time per forward (training step), ms, by what the operators do; torch.profiler, fp32, "
              f"{res['machine']['threads']} thread, {res['steps']} calls each (load average "
@@ -110,6 +143,14 @@ def table(res: dict) -> str:
                 va, vb = oa.get(k, zero), ob.get(k, zero)
                 lines.append(f"| {shape} | {kind.replace('_', ' ')} | {a} -> {b} | `{k.removeprefix('aten::')}` "
                              f"| {va['ms']:.1f} | {vb['ms']:.1f} | {va['calls']:.0f} | {vb['calls']:.0f} |")
+    for shape, r in res.get("norm_paths", {}).items():
+        m = r["median_s"]
+        lines += ["", f"{shape}, training step's shape ({r['batch']} x {r['context']}): ln_1 -> c_attn and ln_2, "
+                  f"forward + backward, {1000 * m['stock_block']:.2f} ms per block in stock GPT-2 and "
+                  f"{1000 * m['removed_block']:.2f} ms with every site removed; ln_f {1000 * m['stock_lnf']:.2f} -> "
+                  f"{1000 * m['removed_lnf']:.2f} ms; over the {r['n_layer']} blocks and ln_f "
+                  f"{1000 * r['extra_s_per_step']:+.0f} ms per training step (CPU time of the thread, "
+                  f"median of {res['norm_reps']} interleaved repetitions)."]
     return "\n".join(lines)
 
 
@@ -124,17 +165,26 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--train", nargs="*", default=["gpt2_small"], help="shapes whose training step is profiled")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--norm-reps", type=int, default=40, help="repetitions of the norm paths' timing")
     p.add_argument("--out", default="experiments/bench/profile.json")
     p.add_argument("--readme", default=str(README))
     p.add_argument("--table", metavar="JSON", help="only rewrite the README's profile table from JSON")
+    p.add_argument("--only-norm-paths", action="store_true", help="time the norm paths only, into --out's JSON")
     a = p.parse_args(argv)
     if a.table:
         write_table(json.loads(Path(a.table).read_text()), Path(a.readme))
         return
     torch.set_num_threads(1)
+    if a.only_norm_paths:
+        res = json.loads(Path(a.out).read_text())
+        res.update(norm_paths={s: norm_paths(s, a.norm_reps) for s in a.train}, norm_reps=a.norm_reps)
+        Path(a.out).write_text(json.dumps(res, indent=1))
+        print(table(res))
+        return
     res = {"machine": machine(), "loadavg": os.getloadavg(), "steps": a.steps,
            "forward": {s: profile_forward(s, a.steps) for s in a.shapes},
-           "train_step": {s: profile_train(s, a.steps) for s in a.train}}
+           "train_step": {s: profile_train(s, a.steps) for s in a.train},
+           "norm_paths": {s: norm_paths(s, a.norm_reps) for s in a.train}, "norm_reps": a.norm_reps}
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(table(res))
     if a.readme:
