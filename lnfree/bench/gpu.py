@@ -248,9 +248,11 @@ def _isolated(part: Part, tmp: Path, results: dict, timeout: float, argv: list[s
         try:
             rc = proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
             raise TimeoutError(f"killed after {timeout:.0f} s; log tail: {_tail(log)}") from None
+        finally:  # a time limit, or this process told to stop (SIGTERM, Ctrl-C): the child does not outlive it
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
     if rc != 0 or not res_file.exists():
         raise RuntimeError(f"exit code {rc}; log tail: {_tail(log)}")
     return json.loads(res_file.read_text())
@@ -338,6 +340,10 @@ def main(argv=None, parts: list[Part] | None = None):
                "python": platform.python_version(), "steps": steps, "budget_s": a.budget_s,
                "peak_flops_table": PEAK_FLOPS, "plan": [asdict(x) for x in parts], "parts": {}, "finished": False}
     isolate = (not a.dry_run) if a.isolate is None else a.isolate
+    # stopped from outside (e.g. `timeout`): unwind, so the running part's child is killed; the JSON already
+    # names that part as running
+    if isolate:
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     results = run_parts(parts, Path(a.out), tmp, results, isolate, a.budget_s, child_argv)
     print("\n".join(summary_lines(results)))
     print(f"[bench_gpu] written to {a.out}")
