@@ -130,7 +130,9 @@ def test_readme_table_is_rewritten_from_the_json_between_its_markers(tmp_path):
                                          "spread": {k: spread for k in ("all_real", "mid_schedule", "all_removed")}}}},
            "eval": {"s": {"batch": 2, "context": 8, "fp32": {"tokens_per_s": {"stock": 100.0, "folded": 150.0}}}}}
     (tmp_path / "r.json").write_text(json.dumps(res))
-    (tmp_path / "r2.json").write_text(json.dumps({**run(3.0, [other]), "train_step": {}, "eval": {}}))
+    (tmp_path / "r2.json").write_text(json.dumps({**run(3.0, [other]), "eval": {},
+                                                  "train_step": {"s": {"fp32": {**res["train_step"]["s"]["fp32"],
+                                                                                "reps": 5}}}}))
     readme = tmp_path / "README.md"
     readme.write_text(f"before\n{TABLE_BEGIN}\nold table\n{TABLE_END}\nafter\n")
     main(["--table", str(tmp_path / "r.json"), "--readme", str(readme)])
@@ -144,6 +146,7 @@ def test_readme_table_is_rewritten_from_the_json_between_its_markers(tmp_path):
     text = readme.read_text()
     assert "| s | 2 x 8 | run 1, 1 | 10 |" in text and "| s | 2 x 8 | run 2, 1 | 10 | 0.950" in text
     assert "| s | | passes agree | | yes | no | |" in text and "Run 2: load average 3.00 before" in text
+    assert "| s (run 1) | fp32 | 3 |" in text and "| s (run 2) | fp32 | 5 |" in text
 
 
 def test_profile_separates_the_models_operators_and_times_the_norm_paths(tmp_path):

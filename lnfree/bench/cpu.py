@@ -280,8 +280,8 @@ def _load(m) -> str:
 
 
 def table(res, more: list[dict] = ()) -> str:
-    """The README table of one run; `more`: further runs (e.g. of the inference part only) whose forward
-    passes are listed with this run's, and agreement is judged over the passes of all of them."""
+    """The README table of one run; `more`: further runs (e.g. of one part only) whose training steps and forward
+    passes are listed with this run's; agreement is judged over the forward passes of all of them."""
     m = res["machine"]
     lines = [f"Machine: {m['cpu']}, {m.get('cores', '?')} cores, {m['threads']} thread(s) used, torch {m['torch']}, "
              f"native bf16: {'yes' if m['native_bf16'] else 'no'}; {_load(m)} (1-minute); times: "
@@ -290,11 +290,12 @@ def table(res, more: list[dict] = ()) -> str:
              "Training step, per-repetition ratio to stock GPT-2: median [quartiles].", "",
              "| shape | precision | reps | all real / stock | mid-schedule / stock | all removed / stock "
              "| stock step (ms) |", "|---|---|---|---|---|---|---|"]
-    for shape, r in res["train_step"].items():
-        for prec, v in r.items():
-            q = v["spread"]
-            lines.append(f"| {shape} | {prec} | {v['reps']} | {cell(q['all_real'])} | {cell(q['mid_schedule'])} "
-                         f"| {cell(q['all_removed'])} | {1000 * v['median_s']['stock']:.1f} |")
+    for k, r in enumerate([res, *more], 1):
+        for shape, steps in r["train_step"].items():
+            for prec, v in steps.items():
+                q, name = v["spread"], shape if not more else f"{shape} (run {k})"
+                lines.append(f"| {name} | {prec} | {v['reps']} | {cell(q['all_real'])} | {cell(q['mid_schedule'])} "
+                             f"| {cell(q['all_removed'])} | {1000 * v['median_s']['stock']:.1f} |")
     lines += ["", "Inference forward, fp32, per-repetition ratio of the folded LN-free model's time: median "
               "[quartiles]; `passes agree`: each pass's median inside the other passes' quartiles.", "",
               "| shape | batch x context | pass | reps | folded / stock | folded / stock with fused GELU "
