@@ -54,6 +54,9 @@ class RemovableGPT2LMHeadModel(GPT2LMHeadModel):
     def __init__(self, config: GPT2Config):
         check_gpt2_config(config)
         super().__init__(config)
+        # transformers 5 maps no loss to GPT-2's class name and warns at every call with labels= (stock GPT-2 too);
+        # the loss it then falls back to is this one
+        self.loss_type = "ForCausalLM"
         self.token_context = TokenContext()
         d, eps, ctx = config.n_embd, config.layer_norm_epsilon, self.token_context
         for block in self.transformer.h:

@@ -564,3 +564,22 @@ def test_non_embedding_params_leaves_out_token_and_position_embeddings():
     d, L = c.n_embd, c.n_layer
     per_block = 2 * 2 * d + (d * 3 * d + 3 * d) + (d * d + d) + (d * 4 * d + 4 * d) + (4 * d * d + d)
     assert non_embedding_params(model) == L * per_block + 2 * d  # + ln_f; the unembedding is tied to wte
+
+
+def test_a_call_with_labels_is_quiet_and_its_loss_is_the_causal_lm_loss(recwarn):
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    stock, model = stock_and_removable()
+    x = ids()
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    hf_logging.get_logger().addHandler(handler)
+    try:
+        loss = model(x, labels=x).loss
+    finally:
+        hf_logging.get_logger().removeHandler(handler)
+    assert not [r for r in records if "loss_type" in r.getMessage()]
+    assert torch.allclose(loss, stock(x, labels=x).loss, atol=1e-6)
