@@ -4,12 +4,12 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check test-fast train sweep eval ablations lora downstream interp-control family family-depth scaling scaling-depth bench bench-gpu mutation clean
+.PHONY: install test check docs test-fast train sweep eval ablations lora downstream interp-control family family-depth scaling scaling-depth bench bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop,cluster,lora,eval]'
+	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop,cluster,lora,eval,docs]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -19,6 +19,10 @@ test: install
 
 check: install
 	$(VENV)/bin/ruff check lnfree tests
+
+# the docs site (mkdocs.yml, docs/) into site/; --strict fails on a broken link, a missing anchor or a page not in the nav
+docs: install
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
 # the unit tests and one shared tiny training run, about 2 minutes; every end-to-end run of its own is marked slow
 test-fast: install

@@ -1,7 +1,7 @@
 """LoRA fine-tuning of a removable GPT-2 (finetune=lora), through peft.
 
 The base weights stay frozen; low-rank adapters on the chosen Conv1D projections (c_attn, c_proj, c_fc) learn
-to compensate for the norms as they are removed, as in the authors' LoRA variant (METHOD.md). Norm gains and
+to compensate for the norms as they are removed, as in the authors' LoRA variant (Baroni et al. 2025). Norm gains and
 biases can be trained too (finetune.train_norms). peft adapts HF's Conv1D out of the box; lnfree's c_attn is a
 SplitQKVProjection (it reads the two ln_1 paths, see norm.py), so it gets its own LoRA layer, registered with
 peft's custom-module mapping.

@@ -1,6 +1,6 @@
 """The removable-norm GPT-2: a GPT2LMHeadModel whose every norm path can be frozen to a constant scale.
 
-Sites, in removal order (METHOD.md section 2): for each block i `ln2.i` (MLP input), `ln1qk.i` (attention
+Sites, in removal order (docs/method.md, 'Norm sites'): for each block i `ln2.i` (MLP input), `ln1qk.i` (attention
 input, query/key path), `ln1v.i` (attention input, value path), then `lnf`. The class subclasses Hugging
 Face's GPT2LMHeadModel and only swaps modules (ln_1, ln_2, ln_f and c_attn), so generation, KV cache,
 attention masks, SDPA/eager attention, gradient checkpointing and output_hidden_states are Hugging Face's own.

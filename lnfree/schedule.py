@@ -1,7 +1,7 @@
 """The removal schedule: a pure function from (schedule config, n_layer) to an ordered list of events.
 
 Block i of kind k is removed at optimizer step start_k + i * gap_k (gap 0: all blocks at start_k); lnf is
-one event. A start left null follows the contiguous rule of METHOD.md section 4:
+one event. A start left null follows the contiguous rule (docs/method.md#the-removal-schedule):
     start_ln1qk = start_ln2 + L * gap_ln2,  start_ln1v = start_ln1qk + L * gap_ln1qk,
     start_lnf = start_ln1v + L * gap_ln1v
 so one schedule fits every depth. Optional kinds bos/eot end the special sigmas over stages 0..L
@@ -59,7 +59,7 @@ def kind_starts(schedule, n_layer: int) -> dict[str, int]:
 
 
 def build_events(schedule, n_layer: int, max_steps: int | None = None) -> list[Event]:
-    """Every event in application order (by step, then METHOD.md's kind order, then block)."""
+    """Every event in application order (by step, then kind in NORM_KINDS + SPECIAL_KINDS order, then block)."""
     known = set(NORM_KINDS) | set(SPECIAL_KINDS) | {"name", "remove", "aux_weight", "momentum", "fit_fraction"}
     keys = schedule.keys() if isinstance(schedule, dict) else list(schedule)
     unknown = [k for k in keys if k not in known]

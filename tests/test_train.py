@@ -16,7 +16,7 @@ from lnfree.training.hardware import HardwareError, grad_accumulation, make_stra
 from lnfree.training.train import ConfigError, train
 
 GROUPS = ["model", "schedule", "data", "hardware", "logger", "optim", "trainer", "paths", "experiment", "finetune"]
-PAPER = {  # experiment -> (n_layer, lnf step, max_steps) from METHOD.md's table
+PAPER = {  # experiment -> (n_layer, lnf step, max_steps) from the paper's published schedules (Baroni et al. 2025)
     "gpt2_small_paper": (12, 104, 300), "gpt2_medium_paper": (24, 188, 500),
     "gpt2_large_paper": (36, 534, 600), "gpt2_xl_paper": (48, 722, 800),
 }

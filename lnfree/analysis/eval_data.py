@@ -1,6 +1,6 @@
 """Evaluation data: a dataset spec -> fixed [n_chunks, context] token chunks, optionally token-filtered.
 
-Protocol (METHOD.md section 7): documents tokenized, end-of-text appended and kept as a target, packed into
+Protocol (docs/method.md, evaluation): documents tokenized, end-of-text appended and kept as a target, packed into
 `context`-token chunks, no BOS prepended. The filter drops chunks containing any token that never occurs in
 a reference set's first `docs` documents (the paper's "Pile-filtered").
 """
@@ -41,7 +41,7 @@ def seen_tokens(texts, tokenizer, vocab_size: int, max_docs: int) -> torch.Tenso
 
 
 def keep_seen(blocks, seen: torch.Tensor):
-    """The blocks (each [context] token ids) whose every token is in `seen` (METHOD.md's token-filtered Pile)."""
+    """The blocks (each [context] token ids) whose every token is in `seen` (the paper's token-filtered Pile)."""
     return (b for b in blocks if bool(seen[b].all()))
 
 

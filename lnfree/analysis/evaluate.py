@@ -1,4 +1,4 @@
-"""Cross-entropy tables of original vs vanilla fine-tune vs LN-free (METHOD.md section 7): `make eval`.
+"""Cross-entropy tables of original vs vanilla fine-tune vs LN-free (docs/method.md#evaluation-protocol): `make eval`.
 
     python -m lnfree.eval                                  # the built-in default (what `make eval` runs)
     python -m lnfree.eval 'models=[{name: a, path: gpt2}, {name: b, path: runs/x}]' datasets=[owt]

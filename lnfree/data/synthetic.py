@@ -1,7 +1,7 @@
 """Synthetic token data for positive controls of the interpretability analyses (data=synthetic).
 
 Small models pretrained on the built-in Shakespeare neither form attention sinks nor learn induction on random
-tokens, so the analyses that need those (INTERP.md sections 2 and 4) would measure nothing. This task is known to
+tokens, so the analyses that need those (docs/interpretability.md) would measure nothing. This task is known to
 produce both in 1-3 layer transformers:
 
 - Bigram-Backcopy (Guo et al. 2024, arXiv 2410.13835): tokens follow a fixed random bigram chain, except after a

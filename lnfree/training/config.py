@@ -59,7 +59,7 @@ class ScheduleConfig:
     # the special sigma on for every site (stages 0..L-1 are the blocks, stage L the final norm)
     bos: Optional[KindSchedule] = MISSING
     eot: Optional[KindSchedule] = MISSING
-    aux_weight: float = MISSING  # weight of the residual-std auxiliary loss (METHOD.md section 5)
+    aux_weight: float = MISSING  # weight of the residual-std auxiliary loss (docs/method.md#the-auxiliary-loss)
     momentum: float = MISSING  # EMA momentum of the std estimate, per optimizer step
     fit_fraction: Optional[float] = MISSING  # rescale all events so the last is at this fraction of max_steps
 

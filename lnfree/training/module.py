@@ -3,7 +3,7 @@
 Loss = CE + aux_weight * mean_t (s_t - tau)^2, with s_t the per-token std of the final residual stream
 (the input of ln_f) and tau the detached mean of s_t over ordinary tokens (not position 0, not end-of-text):
 it pulls the outlier residual norms toward the typical norm, which is what ln_f used to do
-(METHOD.md section 5). CE and the auxiliary term are logged apart; validation is CE only.
+(docs/method.md, 'The auxiliary loss'). CE and the auxiliary term are logged apart; validation is CE only.
 The removal itself (events, frozen sigmas) is the callback's job (callbacks.py).
 """
 

@@ -1,1 +1,1 @@
-"""Interpretability analyses that LN-free models make exact (../INTERP.md-style, on plain HF GPT-2 hooks)."""
+"""Interpretability analyses that LN-free models make exact (docs/interpretability.md), on HF GPT-2 hooks."""

@@ -1,4 +1,4 @@
-"""Confidence (entropy) neurons, INTERP.md section 3: last-layer MLP neurons whose output weight lies in the
+"""Confidence (entropy) neurons (docs/interpretability.md): last-layer MLP neurons whose output weight lies in the
 unembedding's (effective) null space act on the logits through the final norm's scale, a temperature.
 
 Candidates (weights only): the last MLP's neurons ranked by output-weight norm ||w_i|| and by the fraction of

@@ -1,4 +1,4 @@
-"""Attribution patching (AtP) vs activation patching (AP), INTERP.md section 2.
+"""Attribution patching (AtP) vs activation patching (AP); definitions: docs/interpretability.md.
 
 On clean/corrupted prompt pairs with metric M = logit(correct) - logit(wrong) at the last position:
     AP(a)  = M(corrupted, a set to its clean value) - M(corrupted)            one forward per node

@@ -1,4 +1,4 @@
-"""Residual-stream norms per layer (position 0 vs the rest) and attention sinks (INTERP.md sections 4-5).
+"""Residual-stream norms per layer (position 0 vs the rest) and attention sinks (docs/interpretability.md).
 
 Residual norm: L2 norm of the residual stream at the input of every block and of ln_f, averaged over
 sequences, for position 0 and for positions >= 1 (GPT-2's "massive activation" lives at position 0).
