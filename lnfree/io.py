@@ -400,7 +400,8 @@ def check_safetensors(d: Path) -> None:
                                f"{str(e).splitlines()[0][:200]}): truncated, empty or not safetensors") from e
 
 
-def check_tokenizer(config, tokenizer, record: dict | None = None, where: str = "model") -> None:
+def check_tokenizer(config, tokenizer, record: dict | None = None, where: str = "model",
+                    untrained: bool = False) -> None:
     """Refuse a tokenizer that does not belong to a model (`config`: anything with vocab_size), before compute.
 
     - every id the tokenizer can emit (its vocabulary, added and special tokens such as end-of-text or a pad
@@ -408,7 +409,9 @@ def check_tokenizer(config, tokenizer, record: dict | None = None, where: str = 
     - the model's vocabulary may exceed the tokenizer's only by padding (at most max(128, 1% of vocab_size)
       unused rows, e.g. GPT-2's 50257 -> 50304); a tokenizer much smaller than the model's vocabulary (44 tokens
       for a 4096-token model) is another tokenizer, unless the model's record names exactly this one;
-    - where the model's record names its tokenizer (tokenizer_sha256), it must be this one."""
+    - where the model's record names its tokenizer (tokenizer_sha256), it must be this one.
+    An untrained (random-init) model was trained with no tokenizer: only the first rule applies (a larger
+    vocabulary than the tokenizer's, e.g. GPT-2 small's shape with the built-in BPE for a benchmark, is fine)."""
     vocab = int(config.vocab_size)
     ids = [*tokenizer.get_vocab().values(), *tokenizer.all_special_ids]
     n, top = len(tokenizer), max(ids, default=-1)
@@ -420,7 +423,7 @@ def check_tokenizer(config, tokenizer, record: dict | None = None, where: str = 
                    "embedding row)")
     elif recorded is not None and not same:
         problem = f"the tokenizer is not the one recorded with the model ({EXPORT_INFO}: tokenizer_sha256)"
-    elif vocab - n > max(128, vocab // 100) and not same:
+    elif vocab - n > max(128, vocab // 100) and not same and not untrained:
         problem = (f"the tokenizer has {n} tokens but the model's vocabulary has {vocab} rows: it is not the tokenizer "
                    "this model was trained with")
     if problem:

@@ -46,6 +46,9 @@ def test_gpu_bench_dry_run_records_every_part_and_a_failing_one(tmp_path):
     assert resume["same_sigmas"] and resume["val_ce_resumed"] == pytest.approx(resume["val_ce_full"], abs=1e-3)
     folded = ok["folded:tiny"]["result"]["fp32"]
     assert set(folded["tokens_per_s"]) == {"stock", "folded"} and all(v > 0 for v in folded["tokens_per_s"].values())
+    import torch.distributed as dist
+
+    assert not dist.is_initialized()  # the FSDP parts' process group does not outlive them
 
 
 def test_gpu_bench_real_plan_composes_and_passes_the_config_checks(tmp_path):

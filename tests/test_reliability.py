@@ -199,6 +199,10 @@ def test_check_tokenizer_rule():
     # a model trained on a small tokenizer on purpose: its record names that tokenizer, and then it belongs
     check_tokenizer(GPT2Config(vocab_size=8192, eos_token_id=0, bos_token_id=0), tok,
                     {"tokenizer_sha256": tokenizer_sha256(tok)})
+    # a random-init model was trained with no tokenizer: a larger vocabulary is fine, ids past it are not
+    check_tokenizer(GPT2Config(vocab_size=50257, eos_token_id=0, bos_token_id=0), tok, untrained=True)
+    with pytest.raises(ModelIOError, match="ids up to 4095"):
+        check_tokenizer(GPT2Config(vocab_size=4000, eos_token_id=0, bos_token_id=0), tok, untrained=True)
 
 
 def test_bridges_refuse_a_tokenizer_that_does_not_fit(tiny_run, tmp_path):

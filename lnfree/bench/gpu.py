@@ -231,7 +231,15 @@ def _write(results: dict, path: Path):
 
 
 def _in_process(part: Part, tmp: Path, results: dict) -> dict:
-    return KINDS[part.kind](tmp, part, results)
+    """The part in this process; the process group an FSDP part set up is taken down after it, so that the next
+    part (or whatever else this process runs, e.g. the test suite) starts without one."""
+    import torch.distributed as dist
+
+    try:
+        return KINDS[part.kind](tmp, part, results)
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
 
 
 def _isolated(part: Part, tmp: Path, results: dict, timeout: float, argv: list[str]) -> dict:

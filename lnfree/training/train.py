@@ -72,8 +72,9 @@ def check_config(cfg: DictConfig):
     # a random-init model takes its vocabulary from the tokenizer (a small local file: no data, no weights)
     tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     mcfg = gpt2_config(cfg.model, cfg.paths.cache_dir, tok)
-    record = None if cfg.model.source == "random" else read_record(cfg.model.source, cfg.paths.cache_dir)
-    check_tokenizer(mcfg, tok, record, where=f"model={cfg.model.name} ({cfg.model.source})")
+    random_init = cfg.model.source == "random"
+    record = None if random_init else read_record(cfg.model.source, cfg.paths.cache_dir)
+    check_tokenizer(mcfg, tok, record, where=f"model={cfg.model.name} ({cfg.model.source})", untrained=random_init)
     if cfg.data.block_size > mcfg.n_positions:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context "
                           f"n_positions={mcfg.n_positions}")
