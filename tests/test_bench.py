@@ -20,6 +20,7 @@ def test_cpu_bench_runs_and_counts_no_syncs(tmp_path):
     assert syncs["all_real"] == syncs["all_removed"] == syncs["stock"]
 
 
+@pytest.mark.slow
 def test_gpu_bench_dry_run_records_every_part_and_a_failing_one(tmp_path):
     """`python -m lnfree.bench.gpu --dry-run`: every part of the GPU check (bf16-mixed single device and FSDP2,
     removal on / off, save + resume, folded inference) runs on CPU, and a part that fails is recorded with its
@@ -152,6 +153,7 @@ def test_readme_table_is_rewritten_from_the_json_between_its_markers(tmp_path):
     assert "| s (run 1) | fp32 | 3 |" in text and "| s (run 2) | fp32 | 5 |" in text
 
 
+@pytest.mark.slow
 def test_profile_separates_the_models_operators_and_times_the_norm_paths(tmp_path):
     """`python -m lnfree.bench.profile`: per-operator profiles of stock, stock with the fused GELU and the folded
     model (which runs no LayerNorm and no unfused GELU chain), the training step of stock and all removed, and

@@ -51,6 +51,7 @@ def test_the_simulated_evaluation_has_the_measured_structure():
         assert sim[k] == pytest.approx(getattr(st, k), rel=0.25), k
 
 
+@pytest.mark.slow
 def test_paired_gap_mean_ce_and_over_seed_intervals_cover():
     """Per seed, the paired gap's chunk bootstrap covers that seed's true gap; the mean CE's chunk bootstrap (the
     "95% CI of the mean" column) covers the true mean CE; over seeds, seeds_and_text covers the true gap."""
@@ -67,6 +68,7 @@ def test_paired_gap_mean_ce_and_over_seed_intervals_cover():
         assert LOW <= np.mean(hits) <= HIGH, (name, np.mean(hits))
 
 
+@pytest.mark.slow
 def test_over_seed_interval_covers_when_seeds_vary_less_than_measured():
     """3 seeds measure the seed spread poorly. With a 3x smaller spread, or none, the text shared by every seed
     dominates: seeds_and_text still covers; a t interval over the seed values alone does not (no spread)."""
@@ -96,6 +98,7 @@ def test_dla_interval_covers(shape):
     assert LOW <= np.mean(hits) <= HIGH
 
 
+@pytest.mark.slow
 def test_patching_nmae_interval_covers():
     """The AtP-vs-AP NMAE interval over 128 prompts, around the committed prompt-mean effects of the positive
     control's original model (the README's 45.5% [42.9, 47.8])."""
@@ -122,6 +125,7 @@ def test_scaling_exponent_interval_covers():
     assert c["covered"] >= 0.93 and max(c["per_threshold"].values()) <= HIGH
 
 
+@pytest.mark.slow
 def test_resampling_tokens_or_positions_is_visibly_narrower():
     """With strong chunk correlation, an interval that treats tokens or positions as independent units is much
     narrower than the width the gap's sampling error needs; the project's (chunks) is not."""

@@ -66,6 +66,7 @@ def _tiny_pretrain(tmp_path, *extra):
     return cfg, pretrain(cfg)
 
 
+@pytest.mark.slow
 def test_pretrain_keeps_the_validation_minimum_and_resumes(tmp_path):
     cfg, dest = _tiny_pretrain(tmp_path)
     run = tmp_path / "runs" / "l1w32_s2"
@@ -90,6 +91,7 @@ def test_pretrain_keeps_the_validation_minimum_and_resumes(tmp_path):
     assert _resume_point(run, cfg) == str(run / "checkpoints" / "last.ckpt")
 
 
+@pytest.mark.slow
 def test_family_record_groups_replicates_with_their_kept_ce_and_flag(tmp_path):
     _tiny_pretrain(tmp_path)
     res = collect(tmp_path / "runs", tmp_path / "out", tol=0.003, keep="val_min")
@@ -119,6 +121,7 @@ def test_convergence_criterion_is_the_late_gain_of_the_best_validation():
     assert val_by_step([(0, 9.0), (99, 5.0), (199, 4.0), (200, 4.0)], 200) == {100: 5.0, 200: 4.0}
 
 
+@pytest.mark.slow
 def test_members_restore_from_the_repo_into_the_cache(tmp_path):
     _, dest = _tiny_pretrain(tmp_path)
     repo = tmp_path / "repo_models"
