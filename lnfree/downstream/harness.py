@@ -42,6 +42,7 @@ class DownstreamModel:
 
 @dataclass
 class DownstreamConfig:
+    runs: str = MISSING  # conf/runs.yaml: where make eval / make lora train the runs named ${runs}/<run>
     models: List[DownstreamModel] = MISSING
     tasks: List[str] = MISSING  # shipped (lnfree_builtin_*) or any lm-eval task name (hellaswag, mmlu, pile_10k)
     num_fewshot: Optional[int] = MISSING  # null: each task's default
