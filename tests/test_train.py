@@ -256,11 +256,11 @@ def test_multirun_runs_one_job_per_schedule(tmp_path):
 @pytest.mark.slow
 def test_seed_sets_the_data_order_and_the_same_seed_reproduces_a_run(tmp_path, tiny_run):
     from lnfree.data import corpus
-    from lnfree.data.datamodule import TextDataModule
+    from lnfree.training.config import data_module
 
     def first_batch(seed):
-        dm = TextDataModule(corpus.load_tokenizer(), name="builtin", source="builtin", val_split="validation",
-                            block_size=64, micro_batch_size=4, val_blocks=2, shuffle_buffer=64, seed=seed)
+        dm = data_module(corpus.load_tokenizer(), "builtin", block_size=64, micro_batch_size=4, val_blocks=2,
+                         shuffle_buffer=64, seed=seed)
         dm.setup()
         return dm.calibration_batch()
 

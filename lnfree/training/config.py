@@ -304,3 +304,18 @@ def check_limits(cfg) -> None:
             bad.append(f"finetune.target_modules={list(targets)} (must be a non-empty subset of {list(LORA_TARGETS)})")
     if bad:
         raise LimitError("impossible config value(s), nothing was run: " + "; ".join(bad))
+
+
+def data_module(tokenizer, data: str = "builtin", **overrides):
+    """The data module of conf/data/<data>.yaml as training composes it (conf/train.yaml's seed and micro-batch
+    size), each of `overrides` replacing its value: outside a training run too, the YAML is the one source of every
+    data value. Built directly (not hydra.utils.instantiate), so a DataError reaches the caller as it is."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from ..paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        values = OmegaConf.to_container(compose("train", overrides=[f"data={data}"]).data, resolve=True)
+    return get_class(values.pop("_target_"))(tokenizer, **{**values, **overrides})

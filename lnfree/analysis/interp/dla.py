@@ -107,7 +107,7 @@ def main(argv=None):
 
     import numpy as np
 
-    from ...data.datamodule import TextDataModule
+    from ...training.config import data_module
     from .cli import each_model, parser
 
     p = parser("DLA vs direct effect per model", "experiments/interp")
@@ -119,8 +119,7 @@ def main(argv=None):
     tok = None
     for name, path, model, t in each_model(a.models):
         tok = tok or t
-        dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=a.length + 1,
-                            micro_batch_size=1, val_blocks=a.prompts)
+        dm = data_module(tok, "builtin", block_size=a.length + 1, micro_batch_size=1, val_blocks=a.prompts)
         dm.setup()
         ids, target = dm.val_data[:, :-1], dm.val_data[:, -1]
         r = dla_vs_de(model, ids, model.lm_head.weight[target])

@@ -101,7 +101,7 @@ def main(argv=None):
     import json
     from pathlib import Path
 
-    from ...data.datamodule import TextDataModule
+    from ...training.config import data_module
     from .cli import each_model, parser
 
     p = parser("confidence (entropy) neurons of the last MLP", "experiments/interp")
@@ -111,8 +111,7 @@ def main(argv=None):
     out, res = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
     for name, path, model, tok in each_model(a.models):
-        dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
-                            micro_batch_size=8, val_blocks=a.blocks)
+        dm = data_module(tok, "builtin", block_size=256, micro_batch_size=8, val_blocks=a.blocks)
         dm.setup()
         rows = []
         for c in candidates(model, a.top):
