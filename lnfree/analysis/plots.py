@@ -13,6 +13,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
+from ..model import NORM_KINDS  # noqa: E402
 
 # removal events as dotted lines in colours the model curves (default cycle from tab:blue) do not start with
 KIND_COLOURS = {"ln2": "tab:purple", "ln1qk": "tab:olive", "ln1v": "tab:cyan", "lnf": "black",
@@ -92,7 +93,7 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
         ax.set(title=title + " (vertical lines: removal events)", xlabel="optimizer step", ylabel="nats/token")
         ax.legend(fontsize=8)
     handles = [plt.Line2D([], [], color=c, ls=":", label=f"{k} removed") for k, c in KIND_COLOURS.items()
-               if k in ("ln2", "ln1qk", "ln1v", "lnf")]
+               if k in NORM_KINDS]
     axes[0].legend(handles=axes[0].get_legend_handles_labels()[0] + handles, fontsize=8)
     _save(fig, path)
     return True

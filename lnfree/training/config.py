@@ -251,7 +251,6 @@ LIMITS = {  # key: (test, what it must be); a None value (optional field) is alw
 FINETUNE_KINDS = ("full", "lora")
 KEEP_AT_END = ("all", "last", "none")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
-KIND_KEYS = {"start", "gap"}
 
 
 def _non_finite(node, prefix: str = "") -> list[str]:
@@ -268,6 +267,8 @@ def check_limits(cfg) -> None:
     """Every impossible number and unknown nested schedule key, refused with the field's name."""
     from omegaconf import OmegaConf
 
+    from ..schedule import kind_problems
+
     bad = [f"{b} (must be a finite number)" for b in _non_finite(OmegaConf.to_container(cfg, resolve=False))]
     for key, (ok, what) in LIMITS.items():
         value = OmegaConf.select(cfg, key, default=None)
@@ -279,16 +280,9 @@ def check_limits(cfg) -> None:
     min_lr, lr = OmegaConf.select(cfg, "optim.min_lr", default=None), OmegaConf.select(cfg, "optim.lr", default=None)
     if min_lr is not None and lr is not None and lr > 0 and min_lr > lr:
         bad.append(f"optim.min_lr={min_lr} exceeds optim.lr={lr}")
-    for kind in ("ln2", "ln1qk", "ln1v", "lnf", "bos", "eot"):
-        entry = OmegaConf.select(cfg, f"schedule.{kind}", default=None)
-        if entry is None:
-            continue
-        unknown = set(entry.keys()) - KIND_KEYS
-        if unknown:
-            bad.append(f"schedule.{kind} has unknown key(s) {sorted(unknown)} (known: {sorted(KIND_KEYS)})")
-        for k in KIND_KEYS & set(entry.keys()):
-            if entry[k] is not None and entry[k] < 0:
-                bad.append(f"schedule.{kind}.{k}={entry[k]} (must be >= 0)")
+    schedule = OmegaConf.select(cfg, "schedule", default=None)
+    if schedule is not None:
+        bad += [f"schedule.{b}" for b in kind_problems(schedule)]
     keep = OmegaConf.select(cfg, "trainer.keep_at_end", default=None)
     if keep is not None and keep not in KEEP_AT_END:
         bad.append(f"trainer.keep_at_end={keep!r} (must be one of {KEEP_AT_END})")
