@@ -23,7 +23,8 @@ from ..errors import UserError
 class ModelConfig:
     name: str = MISSING
     # where the weights come from: a hub name (e.g. gpt2-medium; needs the internet once), a local HF dir,
-    # "builtin:<name>" (the built-in family, pretrained on first use) or "random" (GPT2Config(**shape))
+    # "builtin:<name>" (the built-in family: shipped, or pretrained by `make family`; loading never trains) or
+    # "random" (GPT2Config(**shape))
     source: str = MISSING
     tokenizer: Optional[str] = MISSING  # HF tokenizer name/dir; default: the source's own
     revision: Optional[str] = MISSING  # hub revision (commit, tag or branch)
