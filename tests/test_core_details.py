@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from conftest import ids, stock_and_removable
 
+from lnfree.model import next_token_ce
 from lnfree.norm import BOS, EOT, IGNORED, ORDINARY, NormSite
 from lnfree.schedule import Event, build_events
 from lnfree.training.callbacks import LNRemovalCallback
-from lnfree.training.module import lr_lambda, next_token_ce, residual_std_aux
+from lnfree.training.module import lr_lambda, residual_std_aux
 
 
 def _commit(site, momentum):

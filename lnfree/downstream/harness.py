@@ -110,7 +110,7 @@ def load_lm(path: str, cfg):
 def own_token_ce(model, tokenizer, texts: list[str]) -> float:
     """lnfree's CE (nats per token) of each passage after an end-of-text prefix, pooled over all tokens: what the
     shipped perplexity task asks lm-eval for, computed by lnfree's training loss function."""
-    from ..training.module import next_token_ce
+    from ..model import next_token_ce
 
     dev = next(model.parameters()).device
     nll, n = 0.0, 0
