@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from .dla import _final_scale
+from .dla import final_scale
 
 
 def _last_mlp(model):
@@ -80,7 +80,7 @@ def ablation_effects(model, ids: torch.Tensor, neuron: int, mean_act: float | No
     x = seen["resid"]
     w_i = mlp.c_proj.weight[neuron]  # [d]
     x_new = x + (mean - act)[..., None] * w_i
-    s = _final_scale(ln_f, x)
+    s = final_scale(ln_f, x)
     normed = (x_new - x_new.mean(-1, keepdim=True)) / s * ln_f.weight + ln_f.bias
     direct = model.lm_head(normed)
     e0, c0 = _entropy_ce(clean, ids)

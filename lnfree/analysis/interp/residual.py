@@ -66,7 +66,7 @@ def main(argv=None):
     from pathlib import Path
 
     from ...training.config import data_module
-    from ..plots import _save
+    from ..plots import save_figure
     from .cli import each_model, parser
 
     p = parser("residual norms and attention sinks per model", "experiments/interp/builtin")
@@ -110,7 +110,7 @@ def main(argv=None):
     ax1.legend(fontsize=7)
     ax2.axhline(SINK_THRESHOLD, color="k", ls=":", lw=1)
     ax2.set(ylabel="mean attention to token 0 (queries >= 1)", title="Attention sinks: one dot per head")
-    _save(fig, out / "sinks.png")
+    save_figure(fig, out / "sinks.png")
     print(f"[lnfree] written to {out}")
 
 
