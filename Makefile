@@ -38,7 +38,7 @@ sweep: install
 
 # original vs vanilla control vs LN-free for seeds 1-3 (vs all norms removed without fine-tuning) on the built-in
 # default, with paired gaps; trains what is missing first. Table and figures: experiments/builtin_eval/
-RUNS ?= outputs/builtin
+RUNS ?= $(shell sed -n 's/^runs: *//p' conf/runs.yaml)
 SEEDS ?= 1 2 3
 eval: install
 	for s in $(SEEDS); do \
@@ -48,7 +48,7 @@ eval: install
 	    hydra.run.dir=$(RUNS)/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:w128 $(RUNS)/no_finetune
-	$(PY) -m lnfree.eval $(ARGS)
+	$(PY) -m lnfree.eval runs=$(RUNS) $(ARGS)
 
 # schedule ablations on the built-in default over seeds (after make eval): no auxiliary loss, a slower schedule,
 # special bos/eot sigmas; paired with the vanilla control of each seed. Results: experiments/ablations/
@@ -58,7 +58,7 @@ ablations: eval
 	  test -f $(RUNS)/$${a}_s$$s/summary.json || $(PY) -m lnfree.train schedule=$$a seed=$$s \
 	    hydra.run.dir=$(RUNS)/$${a}_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done; done
-	$(PY) -m lnfree.eval --config-name eval_ablations $(ARGS)
+	$(PY) -m lnfree.eval --config-name eval_ablations runs=$(RUNS) $(ARGS)
 
 # LoRA fine-tuning (finetune=lora, peft) on the built-in default over seeds: LoRA LN-free and its vanilla-LoRA
 # control, against the full fine-tunes of make eval. Results: experiments/lora/
@@ -69,13 +69,13 @@ lora: eval
 	  test -f $(RUNS)/lora_lnfree_s$$s/summary.json || $(PY) -m lnfree.train finetune=lora seed=$$s \
 	    hydra.run.dir=$(RUNS)/lora_lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done
-	$(PY) -m lnfree.eval --config-name eval_lora $(ARGS)
+	$(PY) -m lnfree.eval --config-name eval_lora runs=$(RUNS) $(ARGS)
 
 # downstream evals through lm-evaluation-harness (offline: the tasks shipped in lnfree/downstream/tasks) on the
 # runs of make eval and make lora. The paper's tasks on a GPU machine with the hub:
 #   python -m lnfree.downstream --config-name downstream_paper
 downstream: lora
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream $(ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream runs=$(RUNS) $(ARGS)
 
 # interpretability positive control (experiments/interp/): synth_w64, a 2-layer GPT-2 trained on data=synthetic
 # (Bigram-Backcopy; shipped, else pretrained), its vanilla and LN-free fine-tunes, then attention sinks / massive

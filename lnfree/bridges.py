@@ -31,7 +31,6 @@ from .io import ModelIOError, ModelRef, check_tokenizer, load, read_record, reso
 from .paths import DEFAULT_CACHE_DIR
 
 SUPPORTED = {"transformer-lens": ((4, 3), (4, 4)), "nnsight": ((0, 8), (0, 9))}  # [low, high) as in pyproject
-BRIDGE_TOL = 1e-5  # relative logits error of a bridged model vs its source (export/hf's own error is separate)
 
 
 class BridgeError(ModelIOError):
@@ -57,7 +56,7 @@ def _max_rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
 
 def stock_gpt2(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CACHE_DIR):
     """(GPT2LMHeadModel in eval mode, tokenizer) computing the source's logits; see the module docstring."""
-    from .export import check_batch, logits_error, to_stock_gpt2
+    from .export import HF_TOL, check_batch, logits_error, to_stock_gpt2
     from .folded import FoldedGPT2
     from .model import RemovableGPT2LMHeadModel
 
@@ -71,7 +70,7 @@ def stock_gpt2(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CAC
             folded, tok = load(ref, cache_dir)
             model, tok2 = load(str(Path(ref.run_dir) / "export" / "hf"), cache_dir)
             err = logits_error(folded, model, check_batch(model))
-            if err > 1e-4:
+            if not err <= HF_TOL:  # the stock form's tolerance, as export/hf's own check
                 raise BridgeError(f"{ref.run_dir}/export/hf differs from the folded export by {err:.2e}")
             tokenizer = tokenizer or tok or tok2
             if tokenizer is not None:
@@ -86,7 +85,7 @@ def stock_gpt2(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CAC
     if isinstance(model, RemovableGPT2LMHeadModel):
         source, model = model.eval(), to_stock_gpt2(model)
         err = logits_error(source, model, check_batch(model))
-        if err > 1e-4:
+        if not err <= HF_TOL:  # the stock form's tolerance, as export/hf's own check
             raise BridgeError(f"the stock GPT-2 form differs from the removable model by {err:.2e}")
     if not isinstance(model, GPT2LMHeadModel):
         raise BridgeError(f"not a GPT-2 model: {type(model).__name__}")

@@ -161,6 +161,13 @@ class RemovableGPT2LMHeadModel(GPT2LMHeadModel):
         self.commit_norm_stats(momentum=0.0)
 
 
+def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """CE of predicting ids[:, 1:] from logits[:, :-1]; end-of-text tokens are ordinary targets. The training
+    loss, and the CE every evaluation reports."""
+    return torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(),
+                                             reduction=reduction)
+
+
 def parse_site_name(name: str) -> tuple[str, int | None]:
     """'ln1qk.3' -> ('ln1qk', 3); 'lnf' -> ('lnf', None). The inverse of site_name."""
     kind, _, block = name.partition(".")

@@ -40,31 +40,52 @@ def _get(cfg, key, default=None):
     return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
 
+KINDS = NORM_KINDS + SPECIAL_KINDS  # every removal kind a schedule may set, in application order within a step
+KIND_KEYS = ("start", "gap")  # what each kind's entry sets (training.config.KindSchedule)
+
+
+def kind_problems(schedule) -> list[str]:
+    """What is wrong in the kinds' entries (unknown keys, a negative or null gap, a negative start), one line each;
+    both build_events and the config's limit check (training.config.check_limits) refuse them."""
+    bad = []
+    for kind in KINDS:
+        entry = _get(schedule, kind)
+        if entry is None:
+            continue
+        unknown = sorted(set(entry.keys() if isinstance(entry, dict) else list(entry)) - set(KIND_KEYS))
+        if unknown:
+            bad.append(f"{kind} has unknown key(s) {unknown} (known: {list(KIND_KEYS)})")
+        start, gap = _get(entry, "start"), _get(entry, "gap", 0)
+        if gap is None or gap < 0:
+            bad.append(f"{kind}.gap must be >= 0, got {gap}")
+        if start is not None and start < 0:
+            bad.append(f"{kind}.start must be >= 0, got {start}")
+    return bad
+
+
 def kind_starts(schedule, n_layer: int) -> dict[str, int]:
     """Start step of each norm kind, filling null starts with the contiguous rule."""
+    bad = kind_problems(schedule)
+    if bad:
+        raise ScheduleError("; ".join(bad))
     starts, prev_end = {}, 0
     for kind in NORM_KINDS:
         k = _get(schedule, kind)
         if k is None:
             raise ScheduleError(f"schedule has no entry for {kind!r}")
         start, gap = _get(k, "start"), _get(k, "gap", 0)
-        if gap is None or gap < 0:
-            raise ScheduleError(f"{kind}.gap must be >= 0, got {gap}")
-        start = prev_end if start is None else start
-        if start < 0:
-            raise ScheduleError(f"{kind}.start must be >= 0, got {start}")
-        starts[kind] = start
-        prev_end = start + (1 if kind == "lnf" else n_layer) * gap
+        starts[kind] = prev_end if start is None else start
+        prev_end = starts[kind] + (1 if kind == "lnf" else n_layer) * gap
     return starts
 
 
 def build_events(schedule, n_layer: int, max_steps: int | None = None) -> list[Event]:
-    """Every event in application order (by step, then kind in NORM_KINDS + SPECIAL_KINDS order, then block)."""
-    known = set(NORM_KINDS) | set(SPECIAL_KINDS) | {"name", "remove", "aux_weight", "momentum", "fit_fraction"}
+    """Every event in application order (by step, then kind in KINDS order, then block)."""
+    known = set(KINDS) | {"name", "remove", "aux_weight", "momentum", "fit_fraction"}
     keys = schedule.keys() if isinstance(schedule, dict) else list(schedule)
     unknown = [k for k in keys if k not in known]
     if unknown:
-        raise ScheduleError(f"unknown schedule kind(s) {unknown}; kinds are {NORM_KINDS + SPECIAL_KINDS}")
+        raise ScheduleError(f"unknown schedule kind(s) {unknown}; kinds are {KINDS}")
     if not _get(schedule, "remove", True):
         return []
     events = []
@@ -76,11 +97,11 @@ def build_events(schedule, n_layer: int, max_steps: int | None = None) -> list[E
         k = _get(schedule, kind)
         if k is None:
             continue
-        start, gap = _get(k, "start"), _get(k, "gap", 0)
-        if start is None or start < 0 or gap is None or gap < 0:
+        start, gap = _get(k, "start"), _get(k, "gap", 0)  # kind_problems (in kind_starts) checked their signs
+        if start is None:
             raise ScheduleError(f"{kind} needs an explicit start >= 0 and gap >= 0, got {start}/{gap}")
         events += [Event(start + j * gap, kind, j) for j in range(n_layer + 1)]
-    order = {k: i for i, k in enumerate(NORM_KINDS + SPECIAL_KINDS)}
+    order = {k: i for i, k in enumerate(KINDS)}
     events = sorted(events, key=lambda e: (e.step, order[e.kind], -1 if e.block is None else e.block))
     return _fit(events, _get(schedule, "fit_fraction"), max_steps)
 

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lnfree.bridges import BRIDGE_TOL, BridgeError, require, stock_gpt2, to_nnsight, to_transformer_lens
+from lnfree.bridges import BridgeError, require, stock_gpt2, to_nnsight, to_transformer_lens
+from lnfree.export import HF_TOL
 from lnfree.io import load, logits
 
 pytest.importorskip("transformer_lens")
@@ -28,14 +29,14 @@ def test_transformer_lens_bridge_reproduces_every_source(tiny_run):
         bridge = to_transformer_lens(ref)
         with torch.no_grad():
             out = bridge(ids)
-        assert rel(logits(model, ids), out) < BRIDGE_TOL, ref
+        assert rel(logits(model, ids), out) < HF_TOL, ref
         _, cache = bridge.run_with_cache(ids)  # hooks work: the residual stream is there
         assert cache["blocks.0.hook_resid_pre"].shape == (2, 24, model.config.n_embd)
     # the folded export goes through its run's export/hf, checked against the folded logits
     folded = load(str(run / "export" / "folded"))[0]
     with torch.no_grad():
         out = to_transformer_lens(str(run / "export" / "folded"))(ids)
-    assert rel(logits(folded, ids), out) < 1e-4  # export/hf vs folded: the eps approximation, within HF_TOL
+    assert rel(logits(folded, ids), out) < HF_TOL  # export/hf vs folded: the eps approximation
 
 
 def test_the_bridge_keeps_the_lnfree_eps(tiny_run):
@@ -59,16 +60,16 @@ def test_in_memory_models_and_nnsight(tiny_run):
     ref = logits(removable, ids)
     bridge = to_transformer_lens(removable, load(str(run))[1])
     with torch.no_grad():
-        assert rel(ref, bridge(ids)) < BRIDGE_TOL
+        assert rel(ref, bridge(ids)) < HF_TOL
     for src in (str(run), removable):
         lm = to_nnsight(src, tokenizer=load(str(run))[1])
         with lm.trace(ids):
             out = lm.lm_head.output.save()
-        assert rel(ref, out.detach()) < BRIDGE_TOL
+        assert rel(ref, out.detach()) < HF_TOL
     folded_lm = to_nnsight(str(run / "export" / "folded"))
     with folded_lm.trace(ids):
         out = folded_lm.output.save()
-    assert rel(ref, out.detach()) < 1e-4
+    assert rel(ref, out.detach()) < HF_TOL
 
 
 def test_half_removed_models_and_missing_tools_are_refused(tiny_run, monkeypatch):

@@ -12,10 +12,11 @@ import torch
 import torch.nn.functional as F
 from conftest import ids, stock_and_removable
 
+from lnfree.model import next_token_ce
 from lnfree.norm import BOS, EOT, IGNORED, ORDINARY, NormSite
 from lnfree.schedule import Event, build_events
 from lnfree.training.callbacks import LNRemovalCallback
-from lnfree.training.module import lr_lambda, next_token_ce, residual_std_aux
+from lnfree.training.module import lr_lambda, residual_std_aux
 
 
 def _commit(site, momentum):
@@ -109,7 +110,7 @@ def test_events_fire_at_their_step_and_never_twice():
     _, model = stock_and_removable()
     model.calibrate(ids(4, 32))
     events = build_events({"ln2": {"start": 2, "gap": 1}, "ln1qk": {"gap": 1}, "ln1v": {"gap": 1}, "lnf": {}}, 2)
-    cb = LNRemovalCallback(events)
+    cb = LNRemovalCallback(events, momentum=0.9)
     trainer = SimpleNamespace(global_step=0, loggers=[])
     module = SimpleNamespace(model=model)
     for step in range(0, 10):
@@ -182,7 +183,7 @@ def test_token_counter_is_an_exact_integer_and_callback_state_round_trips():
     assert module.tokens_seen.dtype == torch.int64  # a float32 counter would stop counting exactly at 2^24 tokens
     assert module.run_info == {} and module.aux_weight == 0.0 and module.lr_scale == 1.0  # the documented defaults
     assert module.max_steps == 1 and module._use_compile is False and module._sharded is False
-    cb = LNRemovalCallback([])
+    cb = LNRemovalCallback([], momentum=0.9)
     cb.load_state_dict({})  # a checkpoint written before the log existed
     assert cb.applied == []
     cb.load_state_dict({"applied": [{"site": "ln2.0", "step": 4}]})
@@ -236,16 +237,6 @@ def test_throughput_counts_optimizer_steps_after_the_warm_up_and_excludes_valida
     assert Throughput(1000).skip == 3 and Throughput(1000).tokens_per_s is None  # the default warm-up
 
 
-def test_callback_built_without_momentum_uses_the_configured_default():
-    # the Python API's default and the schedule config's (Hydra) must not drift apart
-    from pathlib import Path
-
-    from omegaconf import OmegaConf
-
-    base = OmegaConf.load(Path(__file__).parents[1] / "conf" / "schedule" / "base.yaml")
-    assert LNRemovalCallback([]).momentum == base.momentum == 0.9
-
-
 def test_calibration_batch_goes_to_the_module_device():
     class Model:  # records where the calibration batch was (a "meta" module on a machine without a GPU)
         def __init__(self):
@@ -261,7 +252,8 @@ def test_calibration_batch_goes_to_the_module_device():
     model = Model()
     trainer = SimpleNamespace(global_step=0, world_size=1, loggers=[],
                               datamodule=SimpleNamespace(calibration_batch=lambda: ids(2, 8)))
-    LNRemovalCallback([]).on_train_start(trainer, SimpleNamespace(model=model, device=torch.device("meta")))
+    cb = LNRemovalCallback([], momentum=0.9)
+    cb.on_train_start(trainer, SimpleNamespace(model=model, device=torch.device("meta")))
     assert model.seen == ["meta"]
 
 
@@ -300,7 +292,7 @@ def test_training_starts_from_calibrated_estimates_unless_restored():
     trainer = SimpleNamespace(global_step=0, world_size=1, datamodule=dm, loggers=[])
     module = SimpleNamespace(model=model, device=torch.device("cpu"))
     events = build_events({"ln2": {"start": 0, "gap": 0}, "ln1qk": {"gap": 1}, "ln1v": {"gap": 1}, "lnf": {}}, 2)
-    cb = LNRemovalCallback(events)
+    cb = LNRemovalCallback(events, momentum=0.9)
     cb.on_train_start(trainer, module)
     for name, site in model.sites().items():
         assert torch.equal(site.running.nan_to_num(-1), reference.sites()[name].running.nan_to_num(-1)), name
@@ -310,7 +302,7 @@ def test_training_starts_from_calibrated_estimates_unless_restored():
     assert cb.applied[0]["sigma"] == pytest.approx(float(reference.site("ln2", 0).running[ORDINARY]))
     restored = {n: s.running.clone() for n, s in model.sites().items()}
     dm.calibration_batch = lambda: ids(4, 32, seed=6)  # a restored run keeps its estimates: no recalibration
-    LNRemovalCallback(events).on_train_start(trainer, module)
+    LNRemovalCallback(events, momentum=0.9).on_train_start(trainer, module)
     assert all(torch.equal(s.running.nan_to_num(-1), restored[n].nan_to_num(-1)) for n, s in model.sites().items())
 
 
@@ -322,7 +314,7 @@ def test_special_sigma_events_apply_once_and_survive_a_restore():
                            "bos": {"start": 2, "gap": 1}, "eot": {"start": 3, "gap": 1}}, 2)
     special = [e.name for e in events if e.kind in ("bos", "eot")]
     assert special and all(e.step >= 2 for e in events if e.kind in ("bos", "eot"))
-    cb, module = LNRemovalCallback(events), SimpleNamespace(model=model)
+    cb, module = LNRemovalCallback(events, momentum=0.9), SimpleNamespace(model=model)
     trainer = SimpleNamespace(global_step=0, loggers=[])
     for step in range(12):
         trainer.global_step = step
@@ -330,7 +322,7 @@ def test_special_sigma_events_apply_once_and_survive_a_restore():
         assert [r["site"] for r in new] == [e.name for e in events if e.step == step]
     assert [r["site"] for r in cb.applied] == [e.name for e in events]  # each exactly once
     assert not any(s.special_active for s in model.sites().values())
-    restored = LNRemovalCallback(events)  # a resume: the log comes back with the checkpoint
+    restored = LNRemovalCallback(events, momentum=0.9)  # a resume: the log comes back with the checkpoint
     restored.load_state_dict(cb.state_dict())
     assert restored.apply_due(trainer, module) == []
 
@@ -644,7 +636,7 @@ def test_apply_due_records_logs_and_announces_each_event(capsys):
     _, model = stock_and_removable()
     model.calibrate(ids(4, 32))
     logger = Recorder()
-    cb = LNRemovalCallback([Event(2, "ln2", 0), Event(2, "eot", 1), Event(3, "lnf", None)])
+    cb = LNRemovalCallback([Event(2, "ln2", 0), Event(2, "eot", 1), Event(3, "lnf", None)], momentum=0.9)
     cb.rank_checks = 5  # a count carried over from earlier event steps
     trainer = SimpleNamespace(global_step=2, loggers=[logger])
     new = cb.apply_due(trainer, SimpleNamespace(model=model))

@@ -6,8 +6,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lnfree.data import corpus
-from lnfree.data.datamodule import TextDataModule
 from lnfree.data.streams import DataError, PackedBlocks, open_stream, pack
+from lnfree.training.config import data_module
 
 
 @pytest.fixture(scope="module")
@@ -28,8 +28,8 @@ def test_pack_concatenates_and_cuts_blocks():
 def test_eot_after_every_document_and_kept(tok, tmp_path):
     docs = [f"document number {i} says hello." for i in range(6)]
     f = write_jsonl(tmp_path / "d.jsonl", docs)
-    dm = TextDataModule(tok, name="t", source="files", files=[str(f)], val_files=[str(f)], block_size=8,
-                        micro_batch_size=2, val_blocks=1)
+    dm = data_module(tok, "base", name="t", source="files", files=[str(f)], val_files=[str(f)], block_size=8,
+                     micro_batch_size=2, val_blocks=1)
     dm.setup()
     stream = dm._train_dataset(0, 1)
     flat = torch.cat(list(_take(stream, 3)))
@@ -89,11 +89,9 @@ def test_resume_skips_exactly_the_consumed_batches(tok, tmp_path):
 
 @pytest.mark.slow
 def test_builtin_validation_is_fixed_and_disjoint_from_training(tok):
-    dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=64,
-                        micro_batch_size=2, val_blocks=4)
+    dm = data_module(tok, "builtin", block_size=64, micro_batch_size=2, val_blocks=4)
     dm.setup()
-    dm2 = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=64,
-                         micro_batch_size=2, val_blocks=4)
+    dm2 = data_module(tok, "builtin", block_size=64, micro_batch_size=2, val_blocks=4)
     dm2.setup()
     assert torch.equal(dm.val_data, dm2.val_data)
     train_titles = {json.loads(line)["title"] for line in _lines("train")}
@@ -111,8 +109,8 @@ def _lines(split):
 def test_held_out_validation_documents_are_skipped_by_training(tok, tmp_path):
     docs = [" ".join([f"doc{i:03d}"] * 20) for i in range(20)]
     f = write_jsonl(tmp_path / "d.jsonl", docs)
-    dm = TextDataModule(tok, name="t", source="files", files=[str(f)], block_size=16, micro_batch_size=2,
-                        val_blocks=3)
+    dm = data_module(tok, "base", name="t", source="files", files=[str(f)], block_size=16, micro_batch_size=2,
+                     val_blocks=3)
     dm.setup()
     val_words = _markers(tok, [dm.val_data])
     train_words = _markers(tok, [list(_take(dm._train_dataset(0, 1), 20))])
@@ -121,20 +119,20 @@ def test_held_out_validation_documents_are_skipped_by_training(tok, tmp_path):
 
 def test_missing_text_field_and_short_data_rejected(tok, tmp_path):
     f = write_jsonl(tmp_path / "d.jsonl", ["hello"] * 3, field="content")
-    dm = TextDataModule(tok, name="x", source="files", files=[str(f)], block_size=8, val_blocks=1)
+    dm = data_module(tok, "base", name="x", source="files", files=[str(f)], block_size=8, val_blocks=1)
     with pytest.raises(DataError, match="no field 'text'.*content"):
         dm.setup()
     g = write_jsonl(tmp_path / "short.jsonl", ["hi there"])
-    dm = TextDataModule(tok, name="short", source="files", files=[str(g)], block_size=64, val_blocks=2)
+    dm = data_module(tok, "base", name="short", source="files", files=[str(g)], block_size=64, val_blocks=2)
     with pytest.raises(DataError, match="too short"):
         dm.setup()
     empty = tmp_path / "empty.jsonl"
     empty.write_text("")
-    dm = TextDataModule(tok, name="empty", source="files", files=[str(empty)], block_size=8, val_blocks=1)
+    dm = data_module(tok, "base", name="empty", source="files", files=[str(empty)], block_size=8, val_blocks=1)
     with pytest.raises(DataError, match="empty"):
         dm.setup()
     with pytest.raises(DataError, match="matched no file"):
-        TextDataModule(tok, name="none", source="files", files=[str(tmp_path / "nope*.txt")]).setup()
+        data_module(tok, "base", name="none", source="files", files=[str(tmp_path / "nope*.txt")]).setup()
 
 
 def test_text_and_parquet_files_use_the_same_path(tok, tmp_path):
@@ -147,16 +145,16 @@ def test_text_and_parquet_files_use_the_same_path(tok, tmp_path):
     pq.write_table(pa.table({"text": docs}), tmp_path / "d.parquet")
     vals = []
     for files in ([str(tmp_path / "*.txt")], [str(tmp_path / "d.parquet")]):
-        dm = TextDataModule(tok, name="x", source="files", files=files, block_size=16, micro_batch_size=2,
-                            val_blocks=2)
+        dm = data_module(tok, "base", name="x", source="files", files=files, block_size=16, micro_batch_size=2,
+                         val_blocks=2)
         dm.setup()
         vals.append(dm.val_data)
     assert torch.equal(vals[0], vals[1])  # one document per .txt file == one per parquet row
 
 
 def test_prepend_bos_puts_end_of_text_at_position_0_of_every_block():
-    dm = TextDataModule(corpus.load_tokenizer(), name="builtin", source="builtin", val_split="validation",
-                        block_size=32, micro_batch_size=4, val_blocks=3, prepend_bos=True)
+    dm = data_module(corpus.load_tokenizer(), "builtin", block_size=32, micro_batch_size=4, val_blocks=3,
+                     prepend_bos=True)
     dm.setup()
     batch = dm.calibration_batch()
     eot = dm.tokenizer.eos_token_id

@@ -131,6 +131,36 @@ def test_eval_configs_compose(name, overrides):
         assert cfg.datasets[2].filter.docs == 1_000_000 and cfg.context == 1024
 
 
+@pytest.mark.parametrize("name", ["eval", "eval_ablations", "eval_lora", "downstream"])
+def test_runs_moves_every_trained_model_of_a_config(name):
+    from hydra import compose, initialize_config_dir
+
+    import lnfree.analysis.eval_config  # noqa: F401  (the schemas these configs extend)
+    import lnfree.downstream.harness  # noqa: F401
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        default, moved = compose(name), compose(name, overrides=["runs=/x"])
+    trained = [m.path for m in moved.models if not m.path.startswith("builtin:")]
+    assert len(trained) == len(moved.models) - 1 and all(p.startswith("/x/") for p in trained)
+    assert [m.path.replace(default.runs, "/x") for m in default.models] == [m.path for m in moved.models]
+
+
+def test_make_eval_evaluates_the_runs_it_trains(tmp_path):
+    import shutil
+    import subprocess
+
+    from lnfree.analysis.interp.cli import default_models
+
+    if shutil.which("make") is None:
+        pytest.skip("no make")
+    for runs in ("/x", None):  # RUNS given, and its default (conf/runs.yaml)
+        cmd = ["make", "-n", "eval", f"VENV={tmp_path}"] + ([f"RUNS={runs}"] if runs else [])
+        text = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, check=True).stdout
+        runs = runs or "outputs/builtin"
+        assert f"lnfree.eval runs={runs}" in text and f"hydra.run.dir={runs}/lnfree_s$s" in text
+    assert default_models("/x") == ["original=builtin:w128", "vanilla=/x/vanilla_s1", "lnfree=/x/lnfree_s1"]
+
+
 def test_eval_pairs_write_the_controls_ce_into_the_lnfree_runs_cards(tmp_path, tiny_run):
     import shutil
 

@@ -97,9 +97,13 @@ def test_an_omegaconf_schedule_without_optional_keys_gives_the_same_events():
     assert [e.step for e in events if e.kind == "bos"] == [3, 3, 3, 3]
 
 
-@pytest.mark.parametrize("bos", [{"start": -1, "gap": 1}, {"start": 2, "gap": -1}, {"start": 2, "gap": None}])
-def test_special_kind_with_a_negative_or_null_start_or_gap_rejected(bos):
-    with pytest.raises(ScheduleError, match="bos needs an explicit start >= 0 and gap >= 0"):
+@pytest.mark.parametrize("bos,message", [({"start": -1, "gap": 1}, r"bos\.start must be >= 0"),
+                                         ({"start": 2, "gap": -1}, r"bos\.gap must be >= 0"),
+                                         ({"start": 2, "gap": None}, r"bos\.gap must be >= 0"),
+                                         ({"start": None, "gap": 1}, "bos needs an explicit start"),
+                                         ({"start": 2, "gap": 1, "strat": 3}, r"bos has unknown key\(s\) \['strat'\]")])
+def test_special_kind_with_a_negative_or_null_start_or_gap_rejected(bos, message):
+    with pytest.raises(ScheduleError, match=message):
         build_events(sched(bos=bos), 3)
 
 

@@ -8,7 +8,8 @@ import torch
 from torch.utils.data import DataLoader
 
 from lnfree.data.streams import DataError
-from lnfree.data.synthetic import BigramBackcopy, SyntheticBlocks, SyntheticDataModule
+from lnfree.data.synthetic import BigramBackcopy, SyntheticBlocks
+from lnfree.training.config import data_module
 
 
 class Tok:  # what the module uses of a tokenizer
@@ -19,10 +20,10 @@ class Tok:  # what the module uses of a tokenizer
 
 
 def module(**kw):
-    args = dict(tokenizer=Tok(), synthetic={"vocab": 16, "n_triggers": 2}, seed=1, block_size=64,
-                micro_batch_size=3, val_blocks=5)
+    """data=synthetic (conf/data/synthetic.yaml) with these values instead of its own."""
+    args = dict(synthetic={"vocab": 16, "n_triggers": 2}, seed=1, block_size=64, micro_batch_size=3, val_blocks=5)
     args.update(kw)
-    return SyntheticDataModule(**args)
+    return data_module(Tok(), "synthetic", **args)
 
 
 def test_blocks_follow_the_task_rules():
@@ -88,7 +89,5 @@ def test_bad_settings_fail_before_any_compute():
         module(synthetic={"vocab": 16, "low": 0})
     with pytest.raises(DataError, match="fit the tokenizer"):
         module(synthetic={"vocab": 5000})
-    from lnfree.data.datamodule import TextDataModule
-
     with pytest.raises(DataError, match="need data=synthetic"):
-        TextDataModule(tokenizer=Tok(), name="builtin", synthetic={"vocab": 16})
+        data_module(Tok(), "builtin", synthetic={"vocab": 16})

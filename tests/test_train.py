@@ -156,7 +156,7 @@ def test_callback_is_idempotent(tmp_path):
     model = make_removable(tiny_config())
     model.calibrate(torch.randint(0, 97, (2, 16)))
     cb = LNRemovalCallback(build_events({"ln2": {"start": 0, "gap": 1}, "ln1qk": {"gap": 1},
-                                         "ln1v": {"gap": 1}, "lnf": {}}, 2))
+                                         "ln1v": {"gap": 1}, "lnf": {}}, 2), momentum=0.9)
     trainer = SimpleNamespace(global_step=3, loggers=[])
     module = SimpleNamespace(model=model)
     first = cb.apply_due(trainer, module)  # steps 0..3 all due at once (as after a resume)
@@ -256,11 +256,11 @@ def test_multirun_runs_one_job_per_schedule(tmp_path):
 @pytest.mark.slow
 def test_seed_sets_the_data_order_and_the_same_seed_reproduces_a_run(tmp_path, tiny_run):
     from lnfree.data import corpus
-    from lnfree.data.datamodule import TextDataModule
+    from lnfree.training.config import data_module
 
     def first_batch(seed):
-        dm = TextDataModule(corpus.load_tokenizer(), name="builtin", source="builtin", val_split="validation",
-                            block_size=64, micro_batch_size=4, val_blocks=2, shuffle_buffer=64, seed=seed)
+        dm = data_module(corpus.load_tokenizer(), "builtin", block_size=64, micro_batch_size=4, val_blocks=2,
+                         shuffle_buffer=64, seed=seed)
         dm.setup()
         return dm.calibration_batch()
 

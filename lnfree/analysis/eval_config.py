@@ -62,6 +62,7 @@ class PairSpec:
 
 @dataclass
 class EvalConfig:
+    runs: str = MISSING  # conf/runs.yaml: where make eval trains the runs that `models` names as ${runs}/<run>
     models: List[ModelSpec] = MISSING
     datasets: List[DatasetSpec] = MISSING
     pairs: List[PairSpec] = MISSING  # paired gaps with bootstrap CIs, per seed and over seeds

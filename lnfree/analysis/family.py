@@ -159,9 +159,9 @@ def markdown_replicates(res: dict) -> str:
 
 
 def _plot(sizes, out: Path):
-    from .plots import _grid, _save
+    from .plots import figure_row, save_figure
 
-    fig, (ax1, ax2) = _grid(2)
+    fig, (ax1, ax2) = figure_row(2)
     for x in sizes:
         rows = list(csv.DictReader(open(out / x["curve"])))
         pts = [(int(r["step"]), float(r["val_ce"])) for r in rows if r["val_ce"]]
@@ -171,7 +171,7 @@ def _plot(sizes, out: Path):
     ax2.plot([x["non_embedding_params"] for x in sizes], [x["val_ce"] for x in sizes], marker="o")
     ax2.set(xscale="log", xlabel="non-embedding parameters", ylabel="final validation CE",
             title="Validation CE vs size")
-    _save(fig, out / "family.png")
+    save_figure(fig, out / "family.png")
 
 
 def main(argv=None):

@@ -13,18 +13,21 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
+from ..model import NORM_KINDS  # noqa: E402
 
 # removal events as dotted lines in colours the model curves (default cycle from tab:blue) do not start with
 KIND_COLOURS = {"ln2": "tab:purple", "ln1qk": "tab:olive", "ln1v": "tab:cyan", "lnf": "black",
                 "bos": "tab:gray", "eot": "tab:brown"}
 
 
-def _grid(n):
+def figure_row(n):
+    """A figure of n side-by-side axes, the size every lnfree plot uses."""
     fig, axes = plt.subplots(1, n, figsize=(5.5 * n, 4), squeeze=False)
     return fig, axes[0]
 
 
-def _save(fig, path):
+def save_figure(fig, path):
+    """Write and close the figure (so a long analysis does not accumulate open figures)."""
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
@@ -33,7 +36,7 @@ def _save(fig, path):
 def plot_ce_hist(per_token: dict, path: Path):
     """Per-token CE histograms, one panel per dataset, one line per model (log counts: the tail matters)."""
     datasets = list(dict.fromkeys(d for d, _ in per_token))
-    fig, axes = _grid(len(datasets))
+    fig, axes = figure_row(len(datasets))
     for ax, d in zip(axes, datasets):
         arrays = {m: a["ce"].reshape(-1) for (dd, m), a in per_token.items() if dd == d}
         hi = max(np.percentile(a, 99.99) for a in arrays.values())
@@ -43,12 +46,12 @@ def plot_ce_hist(per_token: dict, path: Path):
         ax.set_yscale("log")
         ax.set(title=d, xlabel="per-token cross-entropy (nats)", ylabel="tokens")
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_ce_by_position(per_token: dict, path: Path):
     datasets = list(dict.fromkeys(d for d, _ in per_token))
-    fig, axes = _grid(len(datasets))
+    fig, axes = figure_row(len(datasets))
     for ax, d in zip(axes, datasets):
         for (dd, m), a in per_token.items():
             if dd == d:
@@ -56,7 +59,7 @@ def plot_ce_by_position(per_token: dict, path: Path):
         ax.set_xscale("log")
         ax.set(title=d, xlabel="position of the predicted token", ylabel="mean cross-entropy (nats)")
         ax.legend(fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
@@ -77,7 +80,7 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
     runs = {m: r for m, p in models.items() if (r := find_run_dir(p)) is not None}
     if not runs:
         return False
-    fig, axes = _grid(2)
+    fig, axes = figure_row(2)
     for name, run in runs.items():
         metrics = read_metrics(run)
         for ax, key in zip(axes, ("train/ce", "val/ce")):
@@ -92,7 +95,7 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
         ax.set(title=title + " (vertical lines: removal events)", xlabel="optimizer step", ylabel="nats/token")
         ax.legend(fontsize=8)
     handles = [plt.Line2D([], [], color=c, ls=":", label=f"{k} removed") for k, c in KIND_COLOURS.items()
-               if k in ("ln2", "ln1qk", "ln1v", "lnf")]
+               if k in NORM_KINDS]
     axes[0].legend(handles=axes[0].get_legend_handles_labels()[0] + handles, fontsize=8)
-    _save(fig, path)
+    save_figure(fig, path)
     return True

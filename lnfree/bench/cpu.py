@@ -43,7 +43,7 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..analysis.metrics import token_stats
 from ..export import fold
 from ..io import logits
-from ..model import make_removable, parse_site_name
+from ..model import make_removable, next_token_ce, parse_site_name
 from ..paths import CONF_DIR
 from .syncs import count_syncs
 
@@ -86,15 +86,11 @@ def build_models(cfg_kw, device="cpu", folded=False):
     return stock, variants
 
 
-def next_token_loss(logit, x):  # computed here, not through `labels=`, the same for every model
-    return torch.nn.functional.cross_entropy(logit[:, :-1].flatten(0, 1).float(), x[:, 1:].flatten())
-
-
 def _train_step(model, x, opt, autocast, commit):
     def run():
         with autocast:
             out = model(input_ids=x, use_cache=False).logits
-        next_token_loss(out, x).backward()
+        next_token_ce(out, x).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if commit:
@@ -234,7 +230,7 @@ def bench_syncs(shape):
         m.train()
 
         def run(m=m, commit=name != "stock"):
-            next_token_loss(m(input_ids=x).logits, x).backward()
+            next_token_ce(m(input_ids=x).logits, x).backward()
             if commit:
                 m.commit_norm_stats(0.9)
         out[name] = count_syncs(run)

@@ -29,11 +29,11 @@ from .streams import (
 
 
 class TextDataModule(L.LightningDataModule):
-    def __init__(self, tokenizer=None, name: str = "", source: str = "builtin", path=None, config_name=None,
-                 revision=None, split: str = "train", val_split=None, text_field: str = "text", files=(),
-                 val_files=(), block_size: int = 256, micro_batch_size: int = 8, val_blocks: int = 64,
-                 num_workers: int = 0, shuffle_buffer: int = 0, seed: int = 0, on_bad_row: str = "fail",
-                 faults_file: str | None = None, prepend_bos: bool = False, synthetic: dict | None = None):
+    # no defaults: every value comes from conf/data (Hydra; outside training: training.config.data_module)
+    def __init__(self, tokenizer, *, name: str, source: str, path, config_name, revision, split: str, val_split,
+                 text_field: str, files, val_files, block_size: int, micro_batch_size: int, val_blocks: int,
+                 num_workers: int, shuffle_buffer: int, seed: int, on_bad_row: str, prepend_bos: bool,
+                 synthetic: dict | None, faults_file: str | None = None):
         super().__init__()
         if synthetic is not None:
             raise DataError(f"data.synthetic is set but data={name!r} reads text: synthetic tasks need data=synthetic")

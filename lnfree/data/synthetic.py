@@ -108,9 +108,9 @@ class SyntheticDataModule(TextDataModule):
     """TextDataModule's interface (validation tensor, resume by micro-batches, calibration batch) over the
     synthetic task instead of text. The text fields of data/base.yaml are accepted and unused."""
 
-    def __init__(self, tokenizer=None, synthetic: dict | None = None, seed: int = 0, **kw):
-        kw.pop("prepend_bos", None)  # every synthetic block starts with BOS
-        super().__init__(tokenizer=tokenizer, seed=seed, **kw)
+    def __init__(self, tokenizer, *, synthetic: dict, seed: int, **kw):
+        kw["prepend_bos"] = False  # every synthetic block starts with BOS (set below)
+        super().__init__(tokenizer, synthetic=None, seed=seed, **kw)
         if seed < 0:
             raise DataError(f"data=synthetic needs seed >= 0 (stream {VAL_STREAM} is validation), got {seed}")
         self.task = BigramBackcopy(**(synthetic or {}))

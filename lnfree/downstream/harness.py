@@ -42,6 +42,7 @@ class DownstreamModel:
 
 @dataclass
 class DownstreamConfig:
+    runs: str = MISSING  # conf/runs.yaml: where make eval / make lora train the runs named ${runs}/<run>
     models: List[DownstreamModel] = MISSING
     tasks: List[str] = MISSING  # shipped (lnfree_builtin_*) or any lm-eval task name (hellaswag, mmlu, pile_10k)
     num_fewshot: Optional[int] = MISSING  # null: each task's default
@@ -109,7 +110,7 @@ def load_lm(path: str, cfg):
 def own_token_ce(model, tokenizer, texts: list[str]) -> float:
     """lnfree's CE (nats per token) of each passage after an end-of-text prefix, pooled over all tokens: what the
     shipped perplexity task asks lm-eval for, computed by lnfree's training loss function."""
-    from ..training.module import next_token_ce
+    from ..model import next_token_ce
 
     dev = next(model.parameters()).device
     nll, n = 0.0, 0

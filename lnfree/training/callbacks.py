@@ -53,7 +53,7 @@ def check_ranks_agree(model, step: int) -> bool:
 
 
 class LNRemovalCallback(L.Callback):
-    def __init__(self, events: list[Event], momentum: float = 0.9):
+    def __init__(self, events: list[Event], momentum: float):  # momentum: conf/schedule (schedule.momentum)
         self.events = list(events)
         self.momentum = momentum
         self.applied: list[dict] = []  # {"step", "applied_at", "site", "kind", "block", "sigma"}

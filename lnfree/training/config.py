@@ -23,7 +23,8 @@ from ..errors import UserError
 class ModelConfig:
     name: str = MISSING
     # where the weights come from: a hub name (e.g. gpt2-medium; needs the internet once), a local HF dir,
-    # "builtin:<name>" (the built-in family, pretrained on first use) or "random" (GPT2Config(**shape))
+    # "builtin:<name>" (the built-in family: shipped, or pretrained by `make family`; loading never trains) or
+    # "random" (GPT2Config(**shape))
     source: str = MISSING
     tokenizer: Optional[str] = MISSING  # HF tokenizer name/dir; default: the source's own
     revision: Optional[str] = MISSING  # hub revision (commit, tag or branch)
@@ -251,7 +252,6 @@ LIMITS = {  # key: (test, what it must be); a None value (optional field) is alw
 FINETUNE_KINDS = ("full", "lora")
 KEEP_AT_END = ("all", "last", "none")
 LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
-KIND_KEYS = {"start", "gap"}
 
 
 def _non_finite(node, prefix: str = "") -> list[str]:
@@ -268,6 +268,8 @@ def check_limits(cfg) -> None:
     """Every impossible number and unknown nested schedule key, refused with the field's name."""
     from omegaconf import OmegaConf
 
+    from ..schedule import kind_problems
+
     bad = [f"{b} (must be a finite number)" for b in _non_finite(OmegaConf.to_container(cfg, resolve=False))]
     for key, (ok, what) in LIMITS.items():
         value = OmegaConf.select(cfg, key, default=None)
@@ -279,16 +281,9 @@ def check_limits(cfg) -> None:
     min_lr, lr = OmegaConf.select(cfg, "optim.min_lr", default=None), OmegaConf.select(cfg, "optim.lr", default=None)
     if min_lr is not None and lr is not None and lr > 0 and min_lr > lr:
         bad.append(f"optim.min_lr={min_lr} exceeds optim.lr={lr}")
-    for kind in ("ln2", "ln1qk", "ln1v", "lnf", "bos", "eot"):
-        entry = OmegaConf.select(cfg, f"schedule.{kind}", default=None)
-        if entry is None:
-            continue
-        unknown = set(entry.keys()) - KIND_KEYS
-        if unknown:
-            bad.append(f"schedule.{kind} has unknown key(s) {sorted(unknown)} (known: {sorted(KIND_KEYS)})")
-        for k in KIND_KEYS & set(entry.keys()):
-            if entry[k] is not None and entry[k] < 0:
-                bad.append(f"schedule.{kind}.{k}={entry[k]} (must be >= 0)")
+    schedule = OmegaConf.select(cfg, "schedule", default=None)
+    if schedule is not None:
+        bad += [f"schedule.{b}" for b in kind_problems(schedule)]
     keep = OmegaConf.select(cfg, "trainer.keep_at_end", default=None)
     if keep is not None and keep not in KEEP_AT_END:
         bad.append(f"trainer.keep_at_end={keep!r} (must be one of {KEEP_AT_END})")
@@ -304,3 +299,18 @@ def check_limits(cfg) -> None:
             bad.append(f"finetune.target_modules={list(targets)} (must be a non-empty subset of {list(LORA_TARGETS)})")
     if bad:
         raise LimitError("impossible config value(s), nothing was run: " + "; ".join(bad))
+
+
+def data_module(tokenizer, data: str = "builtin", **overrides):
+    """The data module of conf/data/<data>.yaml as training composes it (conf/train.yaml's seed and micro-batch
+    size), each of `overrides` replacing its value: outside a training run too, the YAML is the one source of every
+    data value. Built directly (not hydra.utils.instantiate), so a DataError reaches the caller as it is."""
+    from hydra import compose, initialize_config_dir
+    from hydra.utils import get_class
+    from omegaconf import OmegaConf
+
+    from ..paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        values = OmegaConf.to_container(compose("train", overrides=[f"data={data}"]).data, resolve=True)
+    return get_class(values.pop("_target_"))(tokenizer, **{**values, **overrides})

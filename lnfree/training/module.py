@@ -13,10 +13,9 @@ import math
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 
 from ..io import CKPT_MODEL_CONFIG, RUN_INFO
-from ..model import RemovableGPT2LMHeadModel
+from ..model import RemovableGPT2LMHeadModel, next_token_ce
 
 
 def lr_lambda(step: int, warmup: int, decay_steps: int, lr: float, min_lr: float) -> float:
@@ -27,11 +26,6 @@ def lr_lambda(step: int, warmup: int, decay_steps: int, lr: float, min_lr: float
         return min_lr / lr
     progress = (step - warmup) / max(1, decay_steps - warmup)
     return (min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))) / lr
-
-
-def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
-    """CE of predicting ids[:, 1:] from logits[:, :-1]; end-of-text tokens are ordinary targets."""
-    return F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten(), reduction=reduction)
 
 
 def residual_std_aux(h: torch.Tensor, ids: torch.Tensor, eot_id: int | None) -> torch.Tensor:

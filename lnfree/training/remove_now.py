@@ -14,17 +14,22 @@ from pathlib import Path
 
 import torch
 
-from ..data.datamodule import TextDataModule
 from ..export import export_folded, export_hf
 from ..io import DEFAULT_CACHE_DIR, load
 from ..model import parse_site_name
+from .config import data_module
+
+
+def data_for_calibration(tok, block_size: int, blocks: int):
+    """conf/data/builtin.yaml, calibrating on the first `blocks` training blocks in file order (no shuffle) and
+    checking the exports on 4 validation blocks."""
+    return data_module(tok, "builtin", block_size=block_size, micro_batch_size=blocks, val_blocks=4, shuffle_buffer=0)
 
 
 def remove_now(source: str, out_dir: str, blocks: int = 16, block_size: int = 256, cache_dir=DEFAULT_CACHE_DIR):
     model, tok = load(source, cache_dir, removable=True)
     model.eval()
-    dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=block_size,
-                        micro_batch_size=blocks, val_blocks=4)
+    dm = data_for_calibration(tok, block_size, blocks)
     dm.setup()
     model.calibrate(dm.calibration_batch())
     for name in list(model.sites()):

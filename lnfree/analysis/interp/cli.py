@@ -7,12 +7,25 @@ import argparse
 
 from ...io import load
 
-DEFAULT_MODELS = ["original=builtin:w128", "vanilla=outputs/builtin/vanilla_s1", "lnfree=outputs/builtin/lnfree_s1"]
+# the models of conf/eval.yaml (name there -> name here) that the analyses compare by default
+DEFAULT_MODELS = {"original": "original", "vanilla_s1": "vanilla", "lnfree_s1": "lnfree"}
+
+
+def default_models(runs: str | None = None) -> list[str]:
+    """name=path of DEFAULT_MODELS as conf/eval.yaml gives them (under `runs`, default conf/runs.yaml's)."""
+    from hydra import compose, initialize_config_dir
+
+    from ...paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
+        cfg = compose("eval", overrides=[f"runs={runs}"] if runs else [])
+    paths = {m.name: m.path for m in cfg.models}
+    return [f"{ours}={paths[theirs]}" for theirs, ours in DEFAULT_MODELS.items()]
 
 
 def parser(description: str, out: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("models", nargs="*", default=DEFAULT_MODELS, help="name=path (any form lnfree.io loads)")
+    p.add_argument("models", nargs="*", default=default_models(), help="name=path (any form lnfree.io loads)")
     p.add_argument("--out", default=out)
     return p
 

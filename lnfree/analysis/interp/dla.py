@@ -18,7 +18,7 @@ from ...norm import RemovableLayerNorm
 from .hooks import run_with_hooks
 
 
-def _final_scale(ln_f, x: torch.Tensor) -> torch.Tensor:
+def final_scale(ln_f, x: torch.Tensor) -> torch.Tensor:
     """The scale ln_f divides x [..., d] by: the frozen sigma of a removed site, else sqrt(var + eps)."""
     if isinstance(ln_f, RemovableLayerNorm) and ln_f.site.is_removed:
         return ln_f.site.sigma[0].to(x.dtype).expand(x.shape[:-1]).unsqueeze(-1)
@@ -61,7 +61,7 @@ def dla_vs_de(model, ids: torch.Tensor, direction: torch.Tensor, pos: int = -1) 
     def f(y):  # [batch, d] -> [batch]
         return (ln_f(y.unsqueeze(1)).squeeze(1) * u).sum(-1)
 
-    s = _final_scale(ln_f, resid.unsqueeze(1)).squeeze(1)  # [batch, 1]
+    s = final_scale(ln_f, resid.unsqueeze(1)).squeeze(1)  # [batch, 1]
     dla = {k: (((c - c.mean(-1, keepdim=True)) * g / s) * u).sum(-1) for k, c in comps.items()}
     de = {k: f(resid) - f(resid - c) for k, c in comps.items()}
     a, e = torch.stack(list(dla.values())), torch.stack(list(de.values()))  # [component, batch]
@@ -107,7 +107,7 @@ def main(argv=None):
 
     import numpy as np
 
-    from ...data.datamodule import TextDataModule
+    from ...training.config import data_module
     from .cli import each_model, parser
 
     p = parser("DLA vs direct effect per model", "experiments/interp")
@@ -119,8 +119,7 @@ def main(argv=None):
     tok = None
     for name, path, model, t in each_model(a.models):
         tok = tok or t
-        dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=a.length + 1,
-                            micro_batch_size=1, val_blocks=a.prompts)
+        dm = data_module(tok, "builtin", block_size=a.length + 1, micro_batch_size=1, val_blocks=a.prompts)
         dm.setup()
         ids, target = dm.val_data[:, :-1], dm.val_data[:, -1]
         r = dla_vs_de(model, ids, model.lm_head.weight[target])

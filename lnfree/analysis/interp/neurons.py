@@ -19,7 +19,7 @@ import contextlib
 
 import torch
 
-from .dla import _final_scale
+from .dla import final_scale
 
 
 def _last_mlp(model):
@@ -80,7 +80,7 @@ def ablation_effects(model, ids: torch.Tensor, neuron: int, mean_act: float | No
     x = seen["resid"]
     w_i = mlp.c_proj.weight[neuron]  # [d]
     x_new = x + (mean - act)[..., None] * w_i
-    s = _final_scale(ln_f, x)
+    s = final_scale(ln_f, x)
     normed = (x_new - x_new.mean(-1, keepdim=True)) / s * ln_f.weight + ln_f.bias
     direct = model.lm_head(normed)
     e0, c0 = _entropy_ce(clean, ids)
@@ -101,7 +101,7 @@ def main(argv=None):
     import json
     from pathlib import Path
 
-    from ...data.datamodule import TextDataModule
+    from ...training.config import data_module
     from .cli import each_model, parser
 
     p = parser("confidence (entropy) neurons of the last MLP", "experiments/interp")
@@ -111,8 +111,7 @@ def main(argv=None):
     out, res = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
     for name, path, model, tok in each_model(a.models):
-        dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
-                            micro_batch_size=8, val_blocks=a.blocks)
+        dm = data_module(tok, "builtin", block_size=256, micro_batch_size=8, val_blocks=a.blocks)
         dm.setup()
         rows = []
         for c in candidates(model, a.top):

@@ -65,10 +65,9 @@ def main(argv=None):
     import json
     from pathlib import Path
 
-    from ...data.datamodule import TextDataModule
-    from ...data.synthetic import SyntheticDataModule
-    from ..plots import _save
-    from .cli import each_model, parser, synthetic_task
+    from ...training.config import data_module
+    from ..plots import save_figure
+    from .cli import each_model, parser
 
     p = parser("residual norms and attention sinks per model", "experiments/interp/builtin")
     p.add_argument("--blocks", type=int, default=64)
@@ -79,12 +78,10 @@ def main(argv=None):
     for name, path, model, t in each_model(a.models):
         tok = tok or t
         if a.synthetic:
-            settings, block = synthetic_task()
-            dm = SyntheticDataModule(tok, synthetic=settings, block_size=block, micro_batch_size=1,
-                                     val_blocks=a.blocks)
+            dm = data_module(tok, "synthetic", micro_batch_size=1, val_blocks=a.blocks)
         else:
-            dm = TextDataModule(tok, name="builtin", source="builtin", val_split="validation", block_size=256,
-                                micro_batch_size=1, val_blocks=a.blocks, prepend_bos=a.prepend_bos)
+            dm = data_module(tok, "builtin", block_size=256, micro_batch_size=1, val_blocks=a.blocks,
+                            prepend_bos=a.prepend_bos)
         dm.setup()
         res[name] = {"path": path, "norms": residual_norms(model, dm.val_data),
                      "sinks": attention_sinks(model, dm.val_data)}
@@ -113,7 +110,7 @@ def main(argv=None):
     ax1.legend(fontsize=7)
     ax2.axhline(SINK_THRESHOLD, color="k", ls=":", lw=1)
     ax2.set(ylabel="mean attention to token 0 (queries >= 1)", title="Attention sinks: one dot per head")
-    _save(fig, out / "sinks.png")
+    save_figure(fig, out / "sinks.png")
     print(f"[lnfree] written to {out}")
 
 
