@@ -2,6 +2,7 @@
 
 import json
 import logging
+import os
 import warnings
 
 import pytest
@@ -49,7 +50,8 @@ def test_gpu_bench_dry_run_records_every_part_and_a_failing_one(tmp_path):
     assert set(folded["tokens_per_s"]) == {"stock", "folded"} and all(v > 0 for v in folded["tokens_per_s"].values())
     import torch.distributed as dist
 
-    assert not dist.is_initialized()  # the FSDP parts' process group does not outlive them
+    assert not dist.is_initialized()  # the FSDP parts' process group does not outlive them,
+    assert "MASTER_PORT" not in os.environ  # nor its address, which child processes would try to join
 
 
 def test_gpu_bench_real_plan_composes_and_passes_the_config_checks(tmp_path):

@@ -231,15 +231,19 @@ def _write(results: dict, path: Path):
 
 
 def _in_process(part: Part, tmp: Path, results: dict) -> dict:
-    """The part in this process; the process group an FSDP part set up is taken down after it, so that the next
-    part (or whatever else this process runs, e.g. the test suite) starts without one."""
+    """The part in this process. What an FSDP part sets up for its one-process group (the group itself, and
+    MASTER_ADDR / MASTER_PORT / WORLD_SIZE ... in the environment, which child processes would inherit and try to
+    join) is taken down after it, so that the next part, or whatever else this process runs, starts clean."""
     import torch.distributed as dist
 
+    environ = dict(os.environ)
     try:
         return KINDS[part.kind](tmp, part, results)
     finally:
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()
+        os.environ.clear()
+        os.environ.update(environ)
 
 
 def _isolated(part: Part, tmp: Path, results: dict, timeout: float, argv: list[str]) -> dict:
