@@ -66,10 +66,11 @@ class ExportFailed(RuntimeError):
 
 
 def check_config(cfg: DictConfig):
-    """Every check that needs no weights and no data: returns (events, n_layer, grad_accumulation)."""
+    """Every check that needs no weights and no data: returns (events, n_layer, grad_accumulation, tokenizer)."""
     check_limits(cfg)  # impossible numbers first: nothing else is read before they are refused
     check_available(cfg.model, cfg.paths.cache_dir)
-    # a random-init model takes its vocabulary from the tokenizer (a small local file: no data, no weights)
+    # the tokenizer (small files: no data, no weights) is checked against the model here and used by the run;
+    # a random-init model takes its vocabulary from it
     tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     mcfg = gpt2_config(cfg.model, cfg.paths.cache_dir, tok)
     random_init = cfg.model.source == "random"
@@ -93,7 +94,7 @@ def check_config(cfg: DictConfig):
         check_push(cfg.push_to_hub)
     if cfg.data.on_bad_row not in BAD_ROW_POLICIES:
         raise ConfigError(f"data.on_bad_row={cfg.data.on_bad_row!r}; use one of {BAD_ROW_POLICIES}")
-    return events, mcfg.n_layer, accum
+    return events, mcfg.n_layer, accum, tok
 
 
 def tokens_per_step(cfg, accum: int) -> int:
@@ -116,7 +117,7 @@ def train(cfg: DictConfig) -> dict:
     """Run one fine-tuning job; returns the summary (also written to summary.json)."""
     t0 = time.time()
     quiet_third_party()
-    events, n_layer, accum = check_config(cfg)
+    events, n_layer, accum, tokenizer = check_config(cfg)
     out = Path(cfg.paths.output_dir)
     done = _finished_run(out, cfg) if cfg.skip_if_done else None
     if done is not None:
@@ -127,15 +128,14 @@ def train(cfg: DictConfig) -> dict:
     check_output_dir(out, cfg.ckpt_path, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
     with run_console(out):
-        return _run(cfg, out, events, n_layer, accum, t0)
+        return _run(cfg, out, events, n_layer, accum, tokenizer, t0)
 
 
-def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, t0: float) -> dict:
+def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, tokenizer, t0: float) -> dict:
     """The run itself, once the config, the model reference and the output dir are checked."""
     print(f"[lnfree] writing to {out.resolve()}")
     L.seed_everything(cfg.seed, workers=True)
 
-    tokenizer = load_tokenizer(cfg.model, cfg.paths.cache_dir)
     datamodule = instantiate(cfg.data, tokenizer=tokenizer, faults_file=str(out / DATA_FAULTS), _convert_="all")
     datamodule.setup("fit")  # reads the data now: bad data fails before the model is loaded
 
