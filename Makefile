@@ -108,7 +108,7 @@ family: install
 # run dirs of members pretrained here: python -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs
 #   --out experiments/depth_family --keep val_min --tol 0.003
 family-depth: install
-	$(PY) experiments/depth_family/make_family.py
+	$(PY) experiments/depth_family/make_family.py --jobs $(or $(JOBS),2)
 
 # data needed to remove LayerNorm vs model size on the built-in family (conf/experiment/data_scaling.yaml: 240 short
 # runs, ~2 h on 2 cores; runs only what experiments/data_scaling/runs.jsonl lacks), then the fit and the records

@@ -86,9 +86,9 @@ def plan(cost: dict) -> dict:
     pre_h = sum(s["pretrain_cpu_h"] for s in sizes.values())
     ft_h = sum(s["finetune_cpu_h"] for s in sizes.values())
     return {"sizes": sizes, "pretrain_cpu_h": pre_h, "finetune_cpu_h": ft_h, "total_cpu_h": pre_h + ft_h,
-            "wall_h_on_2_idle_cores": pre_h + ft_h / 2,
-            "note": "pretraining runs as one one-thread process, the probe and grid as two; the probe's runs at "
-                    "the chosen LR are the grid's, counted once"}
+            "wall_h_on_2_idle_cores": pre_h / 2 + ft_h / 2,
+            "note": "pretraining runs two one-thread processes at a time (make family-depth), the probe and grid "
+                    "two; the probe's runs at the chosen LR are the grid's, counted once"}
 
 
 def main():

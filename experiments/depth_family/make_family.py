@@ -9,7 +9,7 @@ The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, sm
 - committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer,
   pretrain_info.json);
 - else pretrained by `python -m lnfree.pretrain --config-name pretrain_depth model=<size> model.replicate=<r>`
-  into the run dir <cache>/pretrain_runs/<name>, one one-thread process at a time; a run killed half-way resumes
+  into the run dir <cache>/pretrain_runs/<name>, one-thread processes, `--jobs` at a time; a run killed half-way resumes
   from its last checkpoint (lnfree/training/pretrain.py), so stopping and rerunning loses at most 100 steps.
 Wall time per member is appended to <cache>/pretrain_runs/times.jsonl.
 """
@@ -89,9 +89,11 @@ def main():
     p.add_argument("--save", action="store_true", help="copy finished members into experiments/depth_family/models")
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--restore-only", action="store_true", help="restore committed members, pretrain nothing")
+    p.add_argument("--jobs", type=int, default=1, help="members pretrained at once (one thread each)")
     a = p.parse_args()
     cache = Path(a.cache_dir).expanduser()
     runs = cache / "pretrain_runs"
+    todo = []
     for option, r, name in members():
         if a.save:
             print(f"{name}: {'saved' if save(name, cache) else 'not finished'}", flush=True)
@@ -105,21 +107,39 @@ def main():
         if a.restore_only:
             print(f"{name}: not committed, not in the cache (--restore-only: not pretrained)", flush=True)
             continue
-        cmd = pretrain_cmd(option, r, runs / name)
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
-        if a.dry_run:
-            continue
-        runs.mkdir(parents=True, exist_ok=True)
-        env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-        t0 = time.time()
-        rc = subprocess.call(cmd, cwd=ROOT, env=env)
-        wall = time.time() - t0
-        with open(runs / "times.jsonl", "a") as f:
-            f.write(json.dumps({"name": name, "rc": rc, "wall_s": round(wall, 1), "end": time.strftime("%FT%T")})
-                    + "\n")
-        print(f"[{time.strftime('%H:%M:%S')}] {name}: rc={rc}, {wall:.0f} s", flush=True)
-        if rc:
-            sys.exit(rc)
+        todo.append((name, pretrain_cmd(option, r, runs / name)))
+    if a.dry_run:
+        for name, cmd in todo:
+            print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+        return
+    sys.exit(pretrain_all(todo, runs, max(1, a.jobs)))
+
+
+def pretrain_all(todo: list[tuple[str, list[str]]], runs: Path, jobs: int) -> int:
+    """Run the pretraining commands, `jobs` at a time, smallest first; stop starting new ones after a failure."""
+    runs.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed = 0
+    while todo or running:
+        while todo and len(running) < jobs and not failed:
+            name, cmd = todo.pop(0)
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: {' '.join(cmd[1:])}", flush=True)
+            running[name] = (subprocess.Popen(cmd, cwd=ROOT, env=env), time.time())
+        if failed and not running:
+            break
+        time.sleep(2)
+        for name, (proc, t0) in list(running.items()):
+            if (rc := proc.poll()) is None:
+                continue
+            del running[name]
+            wall = time.time() - t0
+            with open(runs / "times.jsonl", "a") as f:
+                f.write(json.dumps({"name": name, "rc": rc, "wall_s": round(wall, 1), "jobs": jobs,
+                                    "end": time.strftime("%FT%T")}) + "\n")
+            print(f"[{time.strftime('%H:%M:%S')}] {name}: rc={rc}, {wall:.0f} s", flush=True)
+            failed = failed or rc
+    return failed
 
 
 if __name__ == "__main__":
