@@ -216,3 +216,23 @@ def test_a_missing_depth_member_names_the_command_that_makes_it(tmp_path):
         resolve("builtin:l3w96_s2", tmp_path)
     with pytest.raises(ModelIOError, match=r"`python -m lnfree.pretrain model=builtin_w192`"):
         resolve("builtin:w192", tmp_path)
+
+
+@pytest.mark.slow
+def test_members_are_pretrained_jobs_at_a_time_and_a_failure_stops_new_starts(tmp_path):
+    import sys
+    import time
+
+    def cmd(code):
+        return [sys.executable, "-c", code]
+
+    t0 = time.time()
+    todo = [("a", cmd("import time; time.sleep(1.5)")), ("b", cmd("import time; time.sleep(1.5)"))]
+    assert fam.pretrain_all(todo, tmp_path, jobs=2) == 0
+    assert time.time() - t0 < 2.9  # the two ran at once
+    times = [json.loads(x) for x in (tmp_path / "times.jsonl").read_text().splitlines()]
+    assert sorted(t["name"] for t in times) == ["a", "b"] and all(t["rc"] == 0 and t["jobs"] == 2 for t in times)
+    marker = tmp_path / "c_ran"
+    todo = [("bad", cmd("raise SystemExit(3)")), ("c", cmd(f"open({str(marker)!r}, 'w')"))]
+    assert fam.pretrain_all(todo, tmp_path, jobs=1) == 3
+    assert not marker.exists()  # not started after the failure

@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -74,9 +75,9 @@ def save(name: str, cache_dir, repo_models: Path = REPO_MODELS) -> bool:
     return True
 
 
-def pretrain_cmd(option: str, replicate: int, run_dir: Path) -> list[str]:
+def pretrain_cmd(option: str, replicate: int, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "lnfree.pretrain", "--config-name", "pretrain_depth", f"model={option}",
-           f"model.replicate={replicate}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false"]
+           f"model.replicate={replicate}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *extra]
     started = run_dir.exists() and any(run_dir.iterdir())
     if started and not (run_dir / "checkpoints" / "last.ckpt").exists() and not (run_dir / RUN_SUMMARY).exists():
         cmd.append("overwrite=true")  # killed before its first checkpoint: nothing to resume, start again
@@ -90,6 +91,7 @@ def main():
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--restore-only", action="store_true", help="restore committed members, pretrain nothing")
     p.add_argument("--jobs", type=int, default=1, help="members pretrained at once (one thread each)")
+    p.add_argument("--extra", nargs="*", default=[], help="more overrides for the pretraining (e.g. hardware=gpu)")
     a = p.parse_args()
     cache = Path(a.cache_dir).expanduser()
     runs = cache / "pretrain_runs"
@@ -107,7 +109,7 @@ def main():
         if a.restore_only:
             print(f"{name}: not committed, not in the cache (--restore-only: not pretrained)", flush=True)
             continue
-        todo.append((name, pretrain_cmd(option, r, runs / name)))
+        todo.append((name, pretrain_cmd(option, r, runs / name, tuple(a.extra))))
     if a.dry_run:
         for name, cmd in todo:
             print(f"{name}: {' '.join(cmd[1:])}", flush=True)
@@ -120,6 +122,21 @@ def pretrain_all(todo: list[tuple[str, list[str]]], runs: Path, jobs: int) -> in
     runs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     running: dict[str, tuple[subprocess.Popen, float]] = {}
+    failed = 0
+    # a time limit (timeout's SIGTERM) ends the members in flight too (they save a checkpoint and resume later)
+    previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        failed = _run(todo, runs, jobs, env, running)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        for proc, _ in running.values():
+            proc.terminate()
+        for proc, _ in running.values():
+            proc.wait()
+    return failed
+
+
+def _run(todo, runs: Path, jobs: int, env: dict, running: dict) -> int:
     failed = 0
     while todo or running:
         while todo and len(running) < jobs and not failed:

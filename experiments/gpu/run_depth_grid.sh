@@ -2,8 +2,11 @@
 # The depth-and-width family's fine-tuning grid on one GPU in one call of at most 8 minutes (prepared, not run yet):
 #   run(command="bash experiments/gpu/run_depth_grid.sh", timeout_s=500)
 # The pretrained members travel committed in experiments/depth_family/models/ (make_family.py --save; about 22 MB)
-# and are restored into .famcache; a member that is not committed is not pretrained here (its jobs fail and stay
-# missing). Then the LR probe (experiments/depth_family/lr_probe.py: vanilla control only, writes lr.json) and
+# and are restored into .famcache; the members that are not committed are pretrained here first, 8 at a time on
+# the one GPU, fp32, within PRETRAIN_TIMEOUT (8000 steps took the width family's recipe about 6 minutes on the
+# H200 for 3000 steps x 12 runs at once, so budget ~6 minutes: then the grid is left for the next call); the
+# finished ones come back in $OUT/models/ (to commit into experiments/depth_family/models/) with their run dirs'
+# records in $OUT/pretrain_runs/ (`python -m lnfree.analysis.family` reads them). Then the LR probe (experiments/depth_family/lr_probe.py: vanilla control only, writes lr.json) and
 # every job of experiment=data_scaling_depth without a record in experiments/depth_family/runs.jsonl, as
 # Hydra multiruns, WORKERS at a time, fp32 like the CPU runs. Each phase has a time limit so that the records of
 # what finished come back: $OUT/runs.jsonl, $OUT/lr.json (and the logs); the rest is picked up by
@@ -20,7 +23,14 @@ CACHE=$PWD/.famcache
 EXTRA="hardware=gpu hardware.precision=32-true"
 nvidia-smi -L
 t0=$(date +%s)
-python3 experiments/depth_family/make_family.py --cache-dir $CACHE --restore-only
+timeout ${PRETRAIN_TIMEOUT:-400} python3 experiments/depth_family/make_family.py --cache-dir $CACHE --jobs 8 \
+  --extra $EXTRA > $OUT/pretrain.log 2>&1
+echo "pretraining: $(( $(date +%s) - t0 )) s"; grep -E "rc=|in the cache|restored" $OUT/pretrain.log
+for d in $CACHE/models/*/; do n=$(basename $d)
+  [ -f $d/pretrain_info.json ] && [ ! -d experiments/depth_family/models/$n ] && mkdir -p $OUT/models && cp -r $d $OUT/models/
+done
+mkdir -p $OUT/pretrain_runs && for d in $CACHE/pretrain_runs/*/; do n=$(basename $d); mkdir -p $OUT/pretrain_runs/$n
+  cp $d/summary.json $OUT/pretrain_runs/$n/ 2>/dev/null; cp -r $d/csv $OUT/pretrain_runs/$n/ 2>/dev/null; done
 timeout ${PROBE_TIMEOUT:-150} python3 experiments/depth_family/lr_probe.py --workers $WORKERS --cache-dir $CACHE \
   --extra $EXTRA > $OUT/probe.log 2>&1
 echo "probe: $(( $(date +%s) - t0 )) s"; tail -n 6 $OUT/probe.log
