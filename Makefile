@@ -1,7 +1,7 @@
 # One virtualenv, created and filled on first use by any target that needs it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
+# torch pinned to the CPU wheel on a fresh machine; GPU machines: docs/reference/gpus_and_clusters.md.
 TORCH ?= torch==2.13.0
 
 .PHONY: install test check docs test-fast train sweep eval ablations lora downstream interp interp-control family \
