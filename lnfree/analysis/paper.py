@@ -12,6 +12,8 @@ interpretability figures) are made only by their experiments' commands.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from .doc_tables import ROOT, write
@@ -24,9 +26,9 @@ FAMILIES = ("experiments/builtin_family", "experiments/builtin_family/dropout_0.
             "experiments/depth_family/recipe_4000_steps")
 
 
-def main(argv=None):
+def regenerate(root: Path = ROOT):
     for rel in EVALUATIONS:
-        out = ROOT / rel
+        out = root / rel
         if not (out / "per_token_ce.npz").exists():
             continue
         recompute(out)
@@ -36,11 +38,15 @@ def main(argv=None):
         plot_ce_by_position(per_token, out / "ce_by_position.png")
         print(f"[lnfree] {rel}: paired gaps, table.md and per-token figures regenerated")
     for rel in FAMILIES:
-        if (ROOT / rel / "family.json").exists():
-            redraw(ROOT / rel)
+        if (root / rel / "family.json").exists():
+            redraw(root / rel)
             print(f"[lnfree] {rel}: family.png regenerated")
-    changed = write()
+    changed = write(root)
     print("\n".join(f"[lnfree] rewrote {c}" for c in changed) or "[lnfree] every marked table matches its JSON")
+
+
+def main(argv=None):
+    regenerate()
 
 
 if __name__ == "__main__":
