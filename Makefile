@@ -1,10 +1,11 @@
 # One virtualenv, created and filled on first use by any target that needs it.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-# torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
+# torch pinned to the CPU wheel on a fresh machine; GPU machines: docs/reference/gpus_and_clusters.md.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check docs test-fast train sweep eval ablations lora downstream interp-control family family-depth scaling scaling-depth bench bench-gpu mutation clean
+.PHONY: install test check docs test-fast train sweep eval ablations lora downstream interp interp-control family \
+  family-depth scaling scaling-analysis scaling-depth scaling-depth-analysis tables paper bench bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -77,6 +78,13 @@ lora: eval
 downstream: lora
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream runs=$(RUNS) $(ARGS)
 
+# the interpretability analyses on the built-in default and its seed-1 fine-tunes (after make eval): DLA vs direct
+# effect and entropy neurons into experiments/interp/, residual norms and sinks into experiments/interp/builtin/
+interp: eval
+	$(PY) -m lnfree.analysis.interp.dla
+	$(PY) -m lnfree.analysis.interp.neurons
+	$(PY) -m lnfree.analysis.interp.residual
+
 # interpretability positive control (experiments/interp/): synth_w64, a 2-layer GPT-2 trained on data=synthetic
 # (Bigram-Backcopy; shipped, else pretrained), its vanilla and LN-free fine-tunes, then attention sinks / massive
 # activations and attribution vs activation patching (the copy task) on all three
@@ -114,11 +122,16 @@ family-depth: install
 # runs, ~2 h on 2 cores; runs only what experiments/data_scaling/runs.jsonl lacks), then the fit and the records
 SCALING := experiments/data_scaling
 # (the width-only study, kept as a second, labelled result: experiments/data_scaling/width_only/)
+WIDTH_ONLY = --out $(SCALING)/width_only --family "builtin width-only (depth 2, widths 48-256)" \
+  --family-json experiments/builtin_family/family.json
 scaling: family
 	$(PY) $(SCALING)/run_missing.py --workers $(or $(WORKERS),2) --until-within 0.01
-	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --out $(SCALING)/width_only \
-	  --records $(SCALING)/runs.jsonl --family "builtin width-only (depth 2, widths 48-256)" \
-	  --family-json experiments/builtin_family/family.json
+	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --records $(SCALING)/runs.jsonl \
+	  $(WIDTH_ONLY)
+
+# the width-only study's fit, verdict and figure again from its committed records (seconds)
+scaling-analysis: install
+	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl $(WIDTH_ONLY)
 
 # the depth-and-width family's fixed grid (conf/experiment/data_scaling_depth.yaml; protocol in
 # experiments/depth_family/README.md): the family, the LR probe (vanilla control only; writes lr.json), then every
@@ -127,12 +140,46 @@ scaling: family
 scaling-depth: family-depth
 	$(PY) experiments/depth_family/lr_probe.py --workers $(or $(WORKERS),2)
 	$(PY) $(SCALING)/run_missing.py --experiment data_scaling_depth --workers $(or $(WORKERS),2)
+	$(MAKE) scaling-depth-analysis
+
+scaling-depth-analysis: install
 	$(PY) -m lnfree.analysis.scaling experiments/depth_family/runs.jsonl --out $(SCALING) \
 	  --family "builtin depth-and-width (1x32 to 4x128)" --family-json experiments/depth_family/family.json
+
+# every result table of the README, docs/ and experiments/*/README.md, rewritten from the committed JSON between
+# its <!-- table:NAME --> markers (lnfree/analysis/doc_tables.py; tests/test_doc_tables.py fails on a stale one)
+tables: install
+	$(PY) -m lnfree.analysis.doc_tables
+
+# make paper: every experiment below whose record is missing (each target is resumable and trains only what it
+# lacks), then every table and figure that the committed records make; with every record present it only
+# regenerates (about a minute on 2 cores). `make paper DRY_RUN=1` lists what would run. Fields: make target,
+# record, CPU hours on this project's 2-core CPU machine (from each experiments/ README; wall time about half
+# that on 2 idle cores). Records made once on particular hardware are not rerun here: experiments/builtin_family
+# (pretrained on a GPU), experiments/distributed, experiments/bench (their READMEs give their commands).
+PAPER = \
+  eval:experiments/builtin_eval/results.json:0.3 \
+  ablations:experiments/ablations/results.json:0.5 \
+  lora:experiments/lora/results.json:0.3 \
+  downstream:experiments/downstream/results.json:0.2 \
+  interp:experiments/interp/neurons.json:0.1 \
+  interp-control:experiments/interp/patching.json:0.1 \
+  scaling:experiments/data_scaling/width_only/scaling.json:4 \
+  scaling-depth:experiments/data_scaling/scaling.json:26
+paper: install
+	@for e in $(PAPER); do t=$${e%%:*}; r=$${e#*:}; h=$${r##*:}; r=$${r%:*}; \
+	  if test -f $$r; then echo "[paper] $$t: record present ($$r)"; \
+	  elif test -n "$(DRY_RUN)"; then echo "[paper] $$t: no record ($$r): would run make $$t, about $$h CPU h"; \
+	  else echo "[paper] $$t: no record ($$r): make $$t, about $$h CPU h"; $(MAKE) $$t || exit 1; fi; done
+	@if test -n "$(DRY_RUN)"; then echo "[paper] then: make scaling-analysis, scaling-depth-analysis (when $(SCALING)/scaling.json" \
+	  "exists), python -m lnfree.analysis.paper (every table and figure)"; else \
+	  $(MAKE) scaling-analysis && { test ! -f $(SCALING)/scaling.json || $(MAKE) scaling-depth-analysis; } \
+	  && $(PY) -m lnfree.analysis.paper; fi
 
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install
 	$(PY) -m lnfree.bench.cpu $(ARGS)
+	$(PY) -m lnfree.analysis.doc_tables
 
 # mutation testing of the core (not part of CI; about two hours on 2 cores): mutmut mutates the modules listed in
 # pyproject.toml [tool.mutmut] and runs, per mutant, the fast tests that execute the mutated function; the

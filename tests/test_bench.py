@@ -119,8 +119,8 @@ def test_passes_agree_when_each_median_is_inside_the_others_quartiles():
     assert not passes_agree([{"q25": 0.96, "median": 0.97, "q75": 0.98}, a])  # a's median is below its q25
 
 
-def test_readme_table_is_rewritten_from_the_json_between_its_markers(tmp_path):
-    from lnfree.bench.cpu import TABLE_BEGIN, TABLE_END, main
+def test_readme_table_is_made_from_the_json_of_one_or_more_runs():
+    from lnfree.bench.cpu import table
 
     spread = {"q25": 0.9, "median": 0.95, "q75": 1.0, "n": 10, "ratio_of_medians": 0.95, "min": 0.8, "max": 1.1}
     other = {**spread, "q25": 1.05, "median": 1.1, "q75": 1.2}
@@ -135,21 +135,14 @@ def test_readme_table_is_rewritten_from_the_json_between_its_markers(tmp_path):
            "train_step": {"s": {"fp32": {"reps": 3, "median_s": {"stock": 0.5},
                                          "spread": {k: spread for k in ("all_real", "mid_schedule", "all_removed")}}}},
            "eval": {"s": {"batch": 2, "context": 8, "fp32": {"tokens_per_s": {"stock": 100.0, "folded": 150.0}}}}}
-    (tmp_path / "r.json").write_text(json.dumps(res))
-    (tmp_path / "r2.json").write_text(json.dumps({**run(3.0, [other]), "eval": {},
-                                                  "train_step": {"s": {"fp32": {**res["train_step"]["s"]["fp32"],
-                                                                                "reps": 5}}}}))
-    readme = tmp_path / "README.md"
-    readme.write_text(f"before\n{TABLE_BEGIN}\nold table\n{TABLE_END}\nafter\n")
-    main(["--table", str(tmp_path / "r.json"), "--readme", str(readme)])
-    text = readme.read_text()
-    assert text.startswith(f"before\n{TABLE_BEGIN}\n") and text.endswith(f"{TABLE_END}\nafter\n")
-    assert "old table" not in text and "| s | fp32 | 3 | 0.950 [0.900, 1.000] |" in text
+    r2 = {**run(3.0, [other]), "eval": {},
+          "train_step": {"s": {"fp32": {**res["train_step"]["s"]["fp32"], "reps": 5}}}}
+    text = table(res)
+    assert "| s | fp32 | 3 | 0.950 [0.900, 1.000] |" in text
     assert "| s | 2 x 8 | fp32 | 100 | 150 | 1.50 |" in text and "| s | | passes agree | | yes | yes | |" in text
     assert "CPU time of the one compute thread" in text and "load average 1.00 before, 2.00 after" in text
     # a second run's forward passes join the table, and agreement is judged over all of them
-    main(["--table", str(tmp_path / "r.json"), str(tmp_path / "r2.json"), "--readme", str(readme)])
-    text = readme.read_text()
+    text = table(res, [r2])
     assert "| s | 2 x 8 | run 1, 1 | 10 |" in text and "| s | 2 x 8 | run 2, 1 | 10 | 0.950" in text
     assert "| s | | passes agree | | yes | no | |" in text and "Run 2: load average 3.00 before" in text
     assert "| s (run 1) | fp32 | 3 |" in text and "| s (run 2) | fp32 | 5 |" in text
@@ -159,14 +152,12 @@ def test_readme_table_is_rewritten_from_the_json_between_its_markers(tmp_path):
 def test_profile_separates_the_models_operators_and_times_the_norm_paths(tmp_path):
     """`python -m lnfree.bench.profile`: per-operator profiles of stock, stock with the fused GELU and the folded
     model (which runs no LayerNorm and no unfused GELU chain), the training step of stock and all removed, and
-    the norm paths' timing; its README tables are rewritten between their markers."""
+    the norm paths' timing; the README's tables are made from its JSON."""
     from lnfree.bench import profile as prof
 
-    readme = tmp_path / "README.md"
-    readme.write_text(f"x\n{prof.TABLE_BEGIN}\n{prof.TABLE_END}\ny\n")
     out = tmp_path / "profile.json"
     prof.main(["--shapes", "builtin_2x128", "--train", "builtin_2x128", "--steps", "1", "--norm-reps", "2",
-               "--out", str(out), "--readme", str(readme)])
+               "--out", str(out)])
     res = json.loads(out.read_text())
     ops = res["forward"]["builtin_2x128"]["ops"]
     assert "aten::native_layer_norm" in ops["stock"] and "aten::native_layer_norm" not in ops["folded"]
@@ -180,6 +171,5 @@ def test_profile_separates_the_models_operators_and_times_the_norm_paths(tmp_pat
     m = n["median_s"]
     assert n["extra_s_per_step"] == pytest.approx(2 * (m["removed_block"] - m["stock_block"])
                                                   + m["removed_lnf"] - m["stock_lnf"])
-    text = readme.read_text()
-    assert text.startswith(f"x\n{prof.TABLE_BEGIN}\n") and text.endswith(f"{prof.TABLE_END}\ny\n")
+    text = prof.table(res)
     assert "| builtin_2x128 | forward | folded |" in text and "ms per block in stock GPT-2" in text

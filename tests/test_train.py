@@ -453,8 +453,9 @@ def _own_gpt2(d, vocab_size=512):
 
 @pytest.mark.slow
 def test_your_own_gpt2_and_data_by_the_documented_quick_path(tmp_path):
-    """README "Your own model and data": model.source=<dir> with the default model group uses the dir's own
-    tokenizer (a custom 512-token BPE here; the built-in one has 4,096), on the user's .jsonl, in a short run."""
+    """docs/reference/training.md "Your own model and data": model.source=<dir> with the default model group uses
+    the dir's own tokenizer (a custom 512-token BPE here; the built-in one has 4,096), on the user's .jsonl, in a
+    short run."""
     from conftest import docs_file
 
     model_dir = _own_gpt2(tmp_path / "my_gpt2")

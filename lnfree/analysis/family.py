@@ -174,6 +174,16 @@ def _plot(sizes, out: Path):
     save_figure(fig, out / "family.png")
 
 
+
+def redraw(out_dir: str | Path):
+    """family.png again from a committed family.json and its curves/ (no run dir needed): make paper's figures."""
+    out = Path(out_dir)
+    sizes = json.loads((out / "family.json").read_text())["sizes"]
+    if sizes and "curve" not in sizes[0]:  # the depth family: one curve per pretrained replicate
+        sizes = [{"name": r["name"], "curve": r["curve"], "non_embedding_params": x["non_embedding_params"],
+                  "val_ce": r["val_ce"]} for x in sizes for r in x["pretrained"]]
+    _plot(sizes, out)
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs_dir")

@@ -2,7 +2,9 @@
 
     python -m lnfree.bench.cpu [--reps 7] [--passes 2] [--threads 1] [--shapes builtin_2x128 gpt2_small]
                                [--precisions fp32 bf16] [--out experiments/bench/cpu.json]
-    python -m lnfree.bench.cpu --table experiments/bench/cpu.json   # rewrite the README table from the JSON
+
+The table of experiments/bench/README.md is generated from the committed JSON by `make tables`
+(lnfree.analysis.doc_tables, with the further runs cpu_run2-4.json); a run only writes its JSON and prints the table.
 
 All timings in one process, on the same shapes, alternating the variants in every repetition in a rotating order
 (so drift and noise hit all of them), reporting per variant the median and quartiles of the per-repetition
@@ -259,8 +261,7 @@ def machine() -> dict:
 
 
 PARTS = ["train", "inference", "eval", "syncs"]
-OUT, README = Path("experiments/bench/cpu.json"), Path("experiments/bench/README.md")
-TABLE_BEGIN, TABLE_END = "<!-- table: python -m lnfree.bench.cpu --table -->", "<!-- end of table -->"
+OUT = Path("experiments/bench/cpu.json")
 
 
 CLOCK_WORDS = {"wall": "elapsed (wall-clock) time", "thread": "CPU time of the one compute thread"}
@@ -320,13 +321,6 @@ def table(res, more: list[dict] = ()) -> str:
     return "\n".join(lines)
 
 
-def write_table(res, readme: Path = README, more: list[dict] = ()):
-    """Replace the table between the markers in `readme` with the one generated from `res` (and `more`)."""
-    head, rest = readme.read_text().split(TABLE_BEGIN, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    readme.write_text(f"{head}{TABLE_BEGIN}\n{table(res, more)}\n{TABLE_END}{tail}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="lnfree benchmarks (CPU)")
     p.add_argument("--reps", type=int, default=7)
@@ -337,17 +331,8 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
     p.add_argument("--precisions", nargs="+", default=["fp32", "bf16"], help="of the training step")
     p.add_argument("--out", default=str(OUT))
-    p.add_argument("--readme", default=None, help=f"rewrite this file's table (default: {README} when --out is "
-                                                  f"{OUT}, the committed JSON; otherwise none)")
     p.add_argument("--parts", nargs="+", default=PARTS, choices=PARTS)
-    p.add_argument("--table", metavar="JSON", nargs="+",
-                   help="only rewrite the table of --readme (default: README) from JSON (and the forward passes of "
-                        "further JSONs)")
     a = p.parse_args(argv)
-    if a.table:
-        runs = [json.loads(Path(f).read_text()) for f in a.table]
-        write_table(runs[0], Path(a.readme or README), runs[1:])
-        return
     clock_name = a.clock or ("thread" if a.threads == 1 else "wall")
     if clock_name == "thread" and a.threads != 1:
         p.error("--clock thread counts the calling thread only: use it with --threads 1")
@@ -379,9 +364,6 @@ def main(argv=None):
     partial.unlink()
     print(table(res))
     print("host syncs per training step (forward + backward + commit):", json.dumps(res["host_syncs"]))
-    readme = a.readme or (README if out == OUT else None)
-    if readme:
-        write_table(res, Path(readme))
     print(f"[bench] written to {out}")
 
 

@@ -4,7 +4,8 @@ in a training step; plus the removal's own cost in a step, timed apart. Explains
 
     python -m lnfree.bench.profile [--shapes builtin_2x128 gpt2_small] [--train gpt2_small] [--steps 3]
                                    [--norm-reps 40] [--out experiments/bench/profile.json]
-    python -m lnfree.bench.profile --table experiments/bench/profile.json   # rewrite the README tables
+
+Its tables in experiments/bench/README.md are generated from profile.json by `make tables` (lnfree.analysis.doc_tables).
 
 torch.profiler on CPU, fp32, one thread, the shapes of lnfree.bench.cpu. Per model, per operator (aten ops, self
 time): calls and milliseconds per forward (or step), grouped into what they do (GROUPS), and the operators that
@@ -24,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .cpu import CLOCKS, README, SHAPES, _train_step, alternate, build_models, fused_gelu_twin, machine, medians
+from .cpu import CLOCKS, SHAPES, _train_step, alternate, build_models, fused_gelu_twin, machine, medians
 
 # operator -> what it is part of in these models (anything else: "other")
 GROUPS = {
@@ -37,7 +38,6 @@ GROUPS = {
     "aten::copy_": "copy", "aten::cat": "copy", "aten::clone": "copy", "aten::contiguous": "copy",
 }
 TOP = 6  # operators listed per comparison
-TABLE_BEGIN, TABLE_END = "<!-- profile: python -m lnfree.bench.profile -->", "<!-- end of profile -->"
 
 
 def per_op(fn, steps: int) -> dict:
@@ -154,12 +154,6 @@ def table(res: dict) -> str:
     return "\n".join(lines)
 
 
-def write_table(res: dict, readme: Path = README):
-    head, rest = readme.read_text().split(TABLE_BEGIN, 1)
-    _, tail = rest.split(TABLE_END, 1)
-    readme.write_text(f"{head}{TABLE_BEGIN}\n{table(res)}\n{TABLE_END}{tail}")
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--shapes", nargs="+", default=list(SHAPES))
@@ -167,13 +161,8 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--norm-reps", type=int, default=40, help="repetitions of the norm paths' timing")
     p.add_argument("--out", default="experiments/bench/profile.json")
-    p.add_argument("--readme", default=str(README))
-    p.add_argument("--table", metavar="JSON", help="only rewrite the README's profile table from JSON")
     p.add_argument("--only-norm-paths", action="store_true", help="time the norm paths only, into --out's JSON")
     a = p.parse_args(argv)
-    if a.table:
-        write_table(json.loads(Path(a.table).read_text()), Path(a.readme))
-        return
     torch.set_num_threads(1)
     if a.only_norm_paths:
         res = json.loads(Path(a.out).read_text())
@@ -187,8 +176,6 @@ def main(argv=None):
            "norm_paths": {s: norm_paths(s, a.norm_reps) for s in a.train}, "norm_reps": a.norm_reps}
     Path(a.out).write_text(json.dumps(res, indent=1))
     print(table(res))
-    if a.readme:
-        write_table(res, Path(a.readme))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,351 @@
+"""Every result table of README.md, docs/ and experiments/*/README.md, generated from the committed JSON records:
+
+    python -m lnfree.analysis.doc_tables           # rewrite every marked table (`make tables`)
+    python -m lnfree.analysis.doc_tables --check   # change nothing; exit 1 naming each table its JSON disagrees with
+
+A table sits between `<!-- table:NAME -->` and `<!-- /table -->` (lnfree.analysis.table_markers); NAME is a key of
+TABLES, a function of the repository root that reads the records and returns the Markdown. The same NAME may
+appear in several files (the README's headline table is also in docs/results.md), and is the same text in each.
+tests/test_doc_tables.py fails when a committed table differs from what its JSON gives.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+from pathlib import Path
+
+from ..paths import PACKAGE_DIR
+from .table_markers import marked, replaced
+
+ROOT = PACKAGE_DIR.parent  # the source checkout: experiments/ and docs/ are not part of an installed wheel
+
+
+def _json(root: Path, rel: str) -> dict:
+    return json.loads((root / rel).read_text())
+
+
+def _seedless(name: str) -> str:
+    return re.sub(r"_s\d+$", "", name)
+
+
+def _groups(names) -> dict[str, list[str]]:
+    """Model names grouped by their name without the seed suffix, in first-seen order: vanilla_s1..3 -> vanilla."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        groups.setdefault(_seedless(n), []).append(n)
+    return groups
+
+
+def _ci(lo, hi, digits=4) -> str:
+    return f"[{lo:+.{digits}f}, {hi:+.{digits}f}]"
+
+
+def _gap(p) -> tuple[str, str]:
+    """(gap over seeds with its 95% CI in nats, the same relative in %) of a paired block of results.json."""
+    g, r = p["gap_over_seeds"], p["relative_gap_over_seeds"]
+    gap = f"{g['mean']:+.4f}" + (f" {_ci(*g['ci95'])}" if "ci95" in g else "")
+    rel = f"{100 * r['mean']:+.2f}%" + (f" {_ci(100 * r['ci95'][0], 100 * r['ci95'][1], 2)}" if "ci95" in r else "")
+    return gap, rel
+
+
+# what each group of models in an evaluation is, for the tables' first column
+MODEL_LABELS = {"vanilla": "vanilla fine-tune", "lnfree": "LN-free", "removed_no_finetune": "all norms removed, "
+                "no fine-tuning", "lora_vanilla": "LoRA vanilla", "lora_lnfree": "LoRA LN-free"}
+
+
+def _label(group: str, paths: dict) -> str:
+    if group == "original":
+        return f"original (`{paths['original']}`)"
+    return MODEL_LABELS.get(group, group)
+
+
+def _models_table(res: dict) -> str:
+    """One row per model group (seeds joined by /): the statistics of every model on the first dataset."""
+    results = next(iter(res["results"].values()))
+    paths = {m["name"]: m["path"] for m in res["config"]["models"]}
+    lines = ["| model | mean CE | median | 95% CI of the mean | top-1 acc. | entropy | ECE | JSD to original |",
+             "|---|---|---|---|---|---|---|---|"]
+    for group, names in _groups(results).items():
+        rs = [results[n] for n in names]
+
+        def col(key, fmt):
+            return " / ".join("-" if key not in r else format(r[key], fmt) for r in rs)
+        seeds = f", seeds {' / '.join(n.rsplit('_s', 1)[1] for n in names)}" if len(names) > 1 else ""
+        ci = f"{rs[0]['ci95_low']:.3f}-{rs[0]['ci95_high']:.3f}" if len(rs) == 1 else ""
+        median = col("median", ".4f" if len(rs) == 1 else ".3f")
+        lines.append(f"| {_label(group, paths)}{seeds} | {col('mean', '.4f')} | {median} "
+                     f"| {ci} | {col('accuracy', '.3f')} | {col('entropy', '.3f')} | {col('ece', '.3f')} "
+                     f"| {col('jsd_to_reference', '.3f')} |")
+    return "\n".join(lines)
+
+
+def _pair_label(name: str) -> str:
+    a, b = name.split("_minus_")
+    words = {**MODEL_LABELS, "original": "original"}
+    return f"{words.get(a, a)} - {words.get(b, b)}"
+
+
+def eval_models(root: Path) -> str:
+    return _models_table(_json(root, "experiments/builtin_eval/results.json"))
+
+
+def eval_gaps(root: Path) -> str:
+    """The paired gaps of `make eval`: per seed (bootstrap over chunks) and over seeds (t interval)."""
+    paired = next(iter(_json(root, "experiments/builtin_eval/results.json")["paired"].values()))
+    n = max(len(p["per_seed"]) for p in paired.values())
+    lines = ["| pair | " + " | ".join(f"seed {i}" for i in range(1, n + 1)) + " | over seeds (95% CI) | relative |",
+             "|---|" + "---|" * (n + 2)]
+    for name, p in paired.items():
+        seeds = " | ".join(f"{r['gap']:+.4f} {_ci(*r['ci95'])}" for r in p["per_seed"])
+        lines.append(f"| {_pair_label(name)} | {seeds} | " + " | ".join(_gap(p)) + " |")
+    return "\n".join(lines)
+
+
+ABLATION_ARMS = {"builtin": "default (`schedule=builtin`)", "noaux": "no auxiliary loss (`builtin_noaux`)",
+                 "gradual": "slower removal (`builtin_gradual`)",
+                 "special": "special bos/eot sigmas (`builtin_special`)"}
+
+
+def ablations(root: Path) -> str:
+    paired = next(iter(_json(root, "experiments/ablations/results.json")["paired"].values()))
+    lines = ["| arm (3 seeds each) | minus vanilla (95% CI) | relative | minus the default LN-free run (95% CI) |",
+             "|---|---|---|---|"]
+    for arm, label in ABLATION_ARMS.items():
+        gap, rel = _gap(paired[f"{arm}_minus_vanilla"])
+        other = _gap(paired[f"{arm}_minus_builtin"])[0] if f"{arm}_minus_builtin" in paired else "-"
+        lines.append(f"| {label} | {gap} | {rel} | {other} |")
+    return "\n".join(lines)
+
+
+def lora_gaps(root: Path) -> str:
+    paired = next(iter(_json(root, "experiments/lora/results.json")["paired"].values()))
+    lines = ["| pair (a - b), same tokens, over seeds | gap, nats (95% CI) | relative |", "|---|---|---|"]
+    lines += [f"| {_pair_label(name)} | " + " | ".join(_gap(p)) + " |" for name, p in paired.items()]
+    return "\n".join(lines)
+
+
+def lora_models(root: Path) -> str:
+    return _models_table(_json(root, "experiments/lora/results.json"))
+
+
+def downstream(root: Path) -> str:
+    res = _json(root, "experiments/downstream/results.json")["models"]
+    paths = {n: m["path"] for n, m in res.items()}
+    lines = ["| model | CE, nats/token | cloze acc | cloze acc (PMI) |", "|---|---|---|---|"]
+    for group, names in _groups(res).items():
+        def col(task, key, fmt):
+            return " / ".join(format(res[n]["metrics"][task][key], fmt) for n in names)
+        lines.append(f"| {_label(group, paths)} | {col('lnfree_builtin_ppl', 'token_ce', '.4f')} "
+                     f"| {col('lnfree_builtin_cloze', 'acc', '.4f')} "
+                     f"| {col('lnfree_builtin_cloze', 'acc_mutual_info', '.4f')} |")
+    return "\n".join(lines)
+
+
+def _threshold(key: str) -> str:
+    return key.replace("nats", " nats") if key.endswith("nats") else f"{100 * float(key):g}%"
+
+
+def _tokens(t: float) -> str:
+    return f"{t / 1e3:.0f}k"
+
+
+def scaling_width(root: Path) -> str:
+    """The width-only data-scaling study: T* per size, the exponent b of T* ~ N^b and the pre-registered verdict."""
+    s = _json(root, "experiments/data_scaling/width_only/scaling.json")
+    fit = {n for e in s["exponent"].values() for n in e["sizes"]}
+    sizes = [z for z in s["sizes"] if z["name"] in fit]
+    lines = ["| threshold | T* per size (" + " / ".join(z["name"].removeprefix("builtin_") for z in sizes)
+             + ", tokens) | b [95% CI] | R^2 | leave-one-size-out b | verdict |", "|---|---|---|---|---|---|"]
+    for key, e in s["exponent"].items():
+        ts = [z["t_star"][key] for z in sizes]
+        tstar = " / ".join(f"beyond {_tokens(z['budgets'][-1])}" if t["extrapolated"] else _tokens(t["value"])
+                           for z, t in zip(sizes, ts))
+        b = "-" if e["value"] is None else (f"{e['value']:+.2f} {_ci(e['ci_low'], e['ci_high'], 2)}"
+                                            if e["ci_low"] is not None else f"{e['value']:+.2f}")
+        r2 = "-" if e["r2"] is None else f"{e['r2']:.2f}"
+        loo = [x["value"] for x in e["leave_one_out"]]
+        loo = f"{min(loo):+.2f} to {max(loo):+.2f}" if loo else "-"
+        lines.append(f"| {_threshold(key)} | {tstar} | {b} | {r2} | {loo} | {s['verdict'][key].split(':')[0]} |")
+    return "\n".join(lines)
+
+
+def family(root: Path) -> str:
+    """The built-in width family (recipe dropout 0.1) with the dropout-0.2 recipe's validation CE beside it."""
+    f = _json(root, "experiments/builtin_family/family.json")
+    other = {z["name"]: z for z in _json(root, "experiments/builtin_family/dropout_0.2/family.json")["sizes"]}
+    lines = ["| model | layers x width | parameters | non-embedding | pretraining tokens | validation CE "
+             "| change over the last 10% | dropout 0.2 instead |", "|---|---|---|---|---|---|---|---|"]
+    for z in f["sizes"]:
+        alt = f"{other[z['name']]['val_ce']:.4f}" if z["name"] in other else "-"
+        lines.append(f"| {z['name']} | {z['n_layer']} x {z['n_embd']} | {z['params'] / 1e6:.2f}M "
+                     f"| {z['non_embedding_params'] / 1e6:.3f}M | {z['pretrain_tokens'] / 1e6:.1f}M "
+                     f"| {z['val_ce']:.4f} | {z['convergence']['change_last_10pct']:.4f} | {alt} |")
+    return "\n".join(lines)
+
+
+def distributed(root: Path) -> str:
+    runs = _json(root, "experiments/distributed/default_runs.json")["runs"]
+    single = runs["cpu"]["val_ce"]
+    lines = [f"| hardware | processes | every site removed | val CE (before {runs['cpu']['val_ce_before']:.4f}) "
+             "| vs single process | export errors hf / folded | event steps checked across ranks |",
+             "|---|---|---|---|---|---|---|"]
+    for name, r in runs.items():
+        vs = "-" if r["world_size"] == 1 else f"{r['val_ce'] - single:+.4f}"
+        checks = "-" if r["world_size"] == 1 else f"{r['rank_checks']} of {len(r['removed_sites'])}"
+        lines.append(f"| `{name}` | {r['world_size']} | {'yes' if r['all_removed'] else 'no'} | {r['val_ce']:.4f} "
+                     f"| {vs} | {r['exports']['hf']:.1e} / {r['exports']['folded']:.1e} | {checks} |")
+    return "\n".join(lines)
+
+
+DLA_LABELS = {"original": "original", "vanilla": "vanilla fine-tune", "lnfree": "LN-free"}
+
+
+def _pct(v: float) -> str:  # one decimal, or four where the error is exactly what LN removal makes vanish
+    return f"{v:.1f}" if v >= 0.05 else f"{v:.4f}"
+
+
+def dla_builtin(root: Path) -> str:
+    """NMAE(DLA, DE) of the built-in default and its fine-tunes: global, per head, per MLP (experiments/interp)."""
+    d = _json(root, "experiments/interp/dla.json")
+    n_layer = d["original"]["n_layer"]
+    lines = ["| model | NMAE(DLA, DE), all components | 95% CI | per head: median (range) | "
+             + " / ".join(f"MLP layer {i}" for i in range(n_layer)) + " |", "|---|---|---|---|---|"]
+    for key, m in d.items():
+        comp = m["per_component"]
+        heads = sorted(v["nmae_percent"] for k, v in comp.items() if re.fullmatch(r"L\d+H\d+", k))
+        med = statistics.median(heads)
+        lines.append(f"| {DLA_LABELS.get(key, key)} (`{m['path']}`) | {_pct(m['nmae_percent'])}% "
+                     f"| {_pct(m['ci95'][0])}-{_pct(m['ci95'][1])}% "
+                     f"| {_pct(med)}% ({_pct(heads[0])}-{_pct(heads[-1])}%) | "
+                     + " / ".join(f"{_pct(comp[f'L{i}.mlp']['nmae_percent'])}%" for i in range(n_layer)) + " |")
+    return "\n".join(lines)
+
+
+def _heads(comp: dict) -> list[float]:
+    return sorted(v["nmae_percent"] for k, v in comp.items() if re.fullmatch(r"L\d+H\d+", k))
+
+
+# the paper's numbers (Baroni et al. 2025, GPT-2 small), quoted for comparison: not measured here
+PAPER_INTERP = {"dla": "10-40%, up to ~150% in the last layer; LN-free 0%",
+                "patching": "not markedly better without LN (IOI)", "sinks": "present in GPT-2",
+                "norms": "~3000 vs 50-500 with LN; < ~300 without", "neurons": "11.584: 0.052 / 0.012 / ~0"}
+
+
+def interp_summary(root: Path) -> str:
+    """The interpretability analyses next to the paper's numbers: original / vanilla / LN-free in each cell."""
+    dla = _json(root, "experiments/interp/dla.json")
+    patch = _json(root, "experiments/interp/patching.json")["models"]
+    sinks = _json(root, "experiments/interp/sinks.json")
+    builtin_sinks = _json(root, "experiments/interp/builtin/sinks.json")
+    neurons = _json(root, "experiments/interp/neurons.json")
+    models = ("original", "vanilla", "lnfree")
+
+    def per_model(f):
+        return " / ".join(f(m) for m in models)
+
+    heads = {m: _heads(dla[m]["per_component"]) for m in models}
+    dla_cell = "built-in: median " + per_model(lambda m: f"{_pct(statistics.median(heads[m]))}% "
+                                                         f"({_pct(heads[m][0])}-{_pct(heads[m][-1])}%)")
+    patch_cell = ("positive control, back-copy task: "
+                  + per_model(lambda m: f"{patch[m]['nmae_percent']:.1f}% [{patch[m]['nmae_ci95'][0]:.1f}, "
+                                        f"{patch[m]['nmae_ci95'][1]:.1f}]")
+                  + "; Pearson " + per_model(lambda m: f"{patch[m]['pearson']:.3f}"))
+    sink_heads = {m: [(layer, a) for layer, row in enumerate(sinks[m]["sinks"]["alpha"]) for a in row
+                      if a > sinks[m]["sinks"]["threshold"]] for m in models}
+    n_heads = sum(len(row) for row in sinks["original"]["sinks"]["alpha"])
+    counts = {len(v) for v in sink_heads.values()}
+    layers = sorted({layer for v in sink_heads.values() for layer, _ in v})
+    count = (f"{counts.pop()} of {n_heads} heads in all three" if len(counts) == 1
+             else per_model(lambda m: f"{len(sink_heads[m])} of {n_heads} heads"))
+    builtin_max = max(a for m in models for row in builtin_sinks[m]["sinks"]["alpha"] for a in row)
+    sink_cell = (f"positive control: {count} (layer {', '.join(map(str, layers))}, alpha "
+                 + per_model(lambda m: f"{min(a for _, a in sink_heads[m]):.2f}-{max(a for _, a in sink_heads[m]):.2f}")
+                 + f"); built-in models: none (every alpha <= {builtin_max:.3f})")
+    norms = {m: sinks[m]["norms"] for m in models}
+    norm_cell = ("positive control: " + per_model(lambda m: f"{norms[m]['pos0'][-1]:.1f} vs {norms[m]['rest'][-1]:.1f}")
+                 + "; top/median activation " + per_model(lambda m: f"{norms[m]['massive_pos0'][-1]:.1f}"))
+    strongest = {m: max(neurons[m]["neurons"], key=lambda r: r["median_abs_te_entropy"]) for m in models}
+    neuron_cell = ("built-in: none of GPT-2's kind; strongest entropy neuron "
+                   + per_model(lambda m: f"{strongest[m]['median_abs_te_entropy']:.3f}") + ", LN-mediated "
+                   + per_model(lambda m: f"{100 * strongest[m]['ln_mediated_fraction']:.1f}%"))
+    rows = [("DLA vs DE, per-head NMAE", PAPER_INTERP["dla"], dla_cell, "`dla.json`, `dla.png`"),
+            ("AtP vs AP (residual x position and heads), NMAE", PAPER_INTERP["patching"], patch_cell,
+             "`patching.json`, `patching.png`"),
+            ("attention sinks (heads with alpha > 0.3)", PAPER_INTERP["sinks"], sink_cell,
+             "`sinks.json`, `sinks.png`; `builtin/`"),
+            ("position-0 residual norm (ln_f input) vs the other positions", PAPER_INTERP["norms"], norm_cell,
+             "`sinks.json`"),
+            ("confidence neurons, median abs delta entropy", PAPER_INTERP["neurons"], neuron_cell,
+             "`neurons.json`, `neurons.png`")]
+    return "\n".join(["| analysis | paper (GPT-2 small) | here: original / vanilla / LN-free | file |",
+                      "|---|---|---|---|", *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)])
+
+
+def bench_cpu(root: Path) -> str:
+    from ..bench.cpu import table
+
+    runs = [_json(root, f"experiments/bench/{f}.json") for f in ("cpu", "cpu_run2", "cpu_run3", "cpu_run4")]
+    return table(runs[0], runs[1:])
+
+
+def bench_profile(root: Path) -> str:
+    from ..bench.profile import table
+
+    return table(_json(root, "experiments/bench/profile.json"))
+
+
+TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, lora_models, downstream, scaling_width,
+                                   family, distributed, dla_builtin, interp_summary, bench_cpu,
+                                   bench_profile)}
+
+
+def pages(root: Path = ROOT) -> list[Path]:
+    """Every Markdown file that may hold a generated table."""
+    return [p for p in [root / "README.md", *sorted((root / "docs").rglob("*.md")),
+                        *sorted((root / "experiments").rglob("README.md"))] if p.exists()]
+
+
+def stale(page: Path, root: Path = ROOT, cache: dict | None = None) -> list[str]:
+    """Names of the marked tables of `page` whose committed text differs from what the JSON gives."""
+    cache = {} if cache is None else cache
+    bad = []
+    for name, text in marked(page.read_text()).items():
+        if name not in TABLES:
+            raise KeyError(f"{page}: unknown table {name!r} (known: {', '.join(TABLES)})")
+        if name not in cache:
+            cache[name] = TABLES[name](root)
+        if text != cache[name]:
+            bad.append(name)
+    return bad
+
+
+def write(root: Path = ROOT) -> list[str]:
+    """Rewrite every marked table of every page from the JSON; returns the 'page: table' entries that changed."""
+    cache, changed = {}, []
+    for page in pages(root):
+        names = stale(page, root, cache)
+        if names:
+            page.write_text(replaced(page.read_text(), {n: cache[n] for n in names}))
+            changed += [f"{page.relative_to(root)}: {n}" for n in names]
+    return changed
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="regenerate the result tables of the README, docs/ and experiments/")
+    p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a committed table is stale")
+    a = p.parse_args(argv)
+    if a.check:
+        cache = {}
+        bad = [f"{page.relative_to(ROOT)}: {n}" for page in pages() for n in stale(page, ROOT, cache)]
+        print("\n".join(f"[lnfree] stale table {b}" for b in bad) or f"[lnfree] all {len(cache)} tables up to date")
+        sys.exit(1 if bad else 0)
+    changed = write()
+    print("\n".join(f"[lnfree] rewrote {c}" for c in changed) or "[lnfree] every table already matches its JSON")
+
+
+if __name__ == "__main__":
+    main()
