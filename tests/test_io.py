@@ -71,7 +71,7 @@ def test_random_is_a_reference_kind_made_for_the_tokenizer_it_is_loaded_with():
     torch.manual_seed(0)
     model, got = load(ref, removable=True, tokenizer=tok, dropout=0.25)
     assert isinstance(model, RemovableGPT2LMHeadModel) and got is tok
-    assert model.config.vocab_size == len(tok) and model.config.eos_token_id == tok.eos_token_id
+    assert model.config.vocab_size == len(tok) and model.config.eos_token_id == model.config.bos_token_id == 0
     assert model.config.n_layer == 2 and model.config.attn_pdrop == 0.25
     torch.manual_seed(0)  # the same initialisation as the config made by hand
     by_hand = make_removable(GPT2Config(vocab_size=len(tok), bos_token_id=0, eos_token_id=0, attn_pdrop=0.25,
