@@ -203,11 +203,14 @@ def _classify_dir(d: Path, reference: str) -> ModelRef:
 
 def resolve(reference: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, shape=None) -> ModelRef:
     """What `reference` is, without loading weights; a clear ModelIOError for anything lnfree cannot load.
-    "random" is a fresh random-init GPT-2 of `shape` (GPT2Config fields; unused by every other reference); its
-    vocabulary is the tokenizer's it is loaded with (a local dir named random: ./random)."""
+    "random" is a fresh random-init GPT-2 of `shape` (GPT2Config fields, required; unused by every other
+    reference), whose vocabulary is that of the tokenizer it is loaded with."""
     reference = str(reference)
     if reference == RANDOM:
-        return ModelRef(reference, RANDOM, RANDOM, shape=tuple(dict(shape or {}).items()))
+        if shape is None:  # e.g. `random` given to eval: nothing to evaluate, not GPT-2 small's shape by default
+            raise ModelIOError("'random' is a fresh random-init model and needs its shape: resolve('random', "
+                               "shape={...}), in training model.shape (a local dir named random: ./random)")
+        return ModelRef(reference, RANDOM, RANDOM, shape=tuple(dict(shape).items()))
     if reference.startswith(BUILTIN_PREFIX):
         name = reference[len(BUILTIN_PREFIX):]
         d = builtin_dir(name, cache_dir)

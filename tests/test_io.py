@@ -67,6 +67,8 @@ def test_random_is_a_reference_kind_made_for_the_tokenizer_it_is_loaded_with():
     ref = resolve("random", shape=shape)
     assert ref.kind == "random" and dict(ref.shape) == shape
     assert load_tokenizer(ref) is None and read_record(ref) is None  # nothing is read: it has neither
+    with pytest.raises(ModelIOError, match="needs its shape"):
+        resolve("random")  # e.g. given to eval: refused, not a GPT-2 small by default
     tok = load_tokenizer("builtin")
     torch.manual_seed(0)
     model, got = load(ref, removable=True, tokenizer=tok, dropout=0.25)
