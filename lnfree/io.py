@@ -575,7 +575,7 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
     if ref.kind == RANDOM:
         config = _random_config(ref, tokenizer)
         config._attn_implementation = attn_implementation
-        model = make_removable(config) if removable else GPT2LMHeadModel(config)
+        model = (make_removable(config) if removable else GPT2LMHeadModel(config)).eval()  # as every form loads
     elif ref.kind == "ckpt":
         model = model_from_checkpoint(read_checkpoint(ref.location), ref.location)
     elif ref.kind == "removable":
