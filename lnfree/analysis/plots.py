@@ -14,7 +14,6 @@ import numpy as np  # noqa: E402
 
 from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
 from ..model import NORM_KINDS  # noqa: E402
-from ..training.loggers import read_metrics  # noqa: E402
 from .stats import interval_text  # noqa: E402
 
 # removal events as dotted lines in colours the model curves (default cycle from tab:blue) do not start with
@@ -66,6 +65,8 @@ def plot_ce_by_position(per_token: dict, path: Path):
 
 def plot_training_curves(models: dict[str, str], path: Path) -> bool:
     """Train and validation CE of every model that is a training run, removal events marked."""
+    from ..training.loggers import read_metrics  # the CSV logger's reader (imports Lightning: only when plotting runs)
+
     runs = {m: r for m, p in models.items() if (r := find_run_dir(p)) is not None}
     if not runs:
         return False
