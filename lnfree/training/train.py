@@ -77,6 +77,7 @@ class Plan:
     events: list  # the removal schedule
     accum: int  # gradient accumulation
     step_tokens: int  # tokens per optimizer step
+    n_layer: int  # the model's depth
 
 
 def check_config(cfg: DictConfig) -> Plan:
@@ -92,7 +93,7 @@ def check_config(cfg: DictConfig) -> Plan:
     events = validate(cfg.schedule, mcfg.n_layer, cfg.trainer.max_steps)
     accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size,
                               world_size(cfg.hardware))
-    plan = Plan(source, events, accum, tokens_per_step(cfg, accum))
+    plan = Plan(source, events, accum, tokens_per_step(cfg, accum), mcfg.n_layer)
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
             raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
@@ -291,7 +292,7 @@ def _summary(plan: Plan, run: Run, final, val_before, val_after, merge_error, ex
         "val_ce_before": val_before,
         "n_params": sum(p.numel() for p in final.parameters()),
         "n_params_non_embedding": non_embedding_params(final),
-        "n_layer": plan.source.config.n_layer,
+        "n_layer": plan.n_layer,
         "steps": run.trainer.global_step,
         "tokens_per_step": plan.step_tokens,
         "tokens_seen": int(run.module.tokens_seen),
