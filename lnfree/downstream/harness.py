@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..errors import UserError, user_errors_as_messages
-from ..io import ModelIOError, ModelRef, load, resolve
+from ..io import ModelIOError, ModelRef, load, logits, resolve
 from ..paths import CONF_DIR
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -119,9 +119,7 @@ def own_token_ce(model, tokenizer, texts: list[str]) -> float:
     nll, n = 0.0, 0
     for text in texts:
         ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer(text).input_ids]], device=dev)
-        out = model(ids)
-        logits = out.logits if hasattr(out, "logits") else out
-        nll += float(next_token_ce(logits.float(), ids, reduction="sum"))
+        nll += float(next_token_ce(logits(model, ids).float(), ids, reduction="sum"))
         n += ids.shape[1] - 1
     return nll / n
 
