@@ -24,7 +24,6 @@ from __future__ import annotations
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
-import torch
 from transformers import GPT2LMHeadModel
 
 from .io import ModelIOError, ModelRef, check_tokenizer, load, read_record, resolve
@@ -48,10 +47,6 @@ def require(package: str):
     if not low <= parts < high:
         raise BridgeError(f"{package} {v} is not supported (need >= {'.'.join(map(str, low))}, < "
                           f"{'.'.join(map(str, high))}): pip install 'lnfree[interop]'")
-
-
-def _max_rel_error(ref: torch.Tensor, out: torch.Tensor) -> float:
-    return ((out.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
 def stock_gpt2(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CACHE_DIR):

@@ -9,6 +9,7 @@
     model, tok = load("path/to/removable_dir")         # save_removable() output: modes and sigmas kept
     model, tok = load("outputs/run")                   # a training run: its export/hf
     model, tok = load("outputs/run/checkpoints/last.ckpt")   # a Lightning checkpoint, read with weights_only
+    model, tok = load(resolve("random", shape={"n_layer": 2}), tokenizer=load_tokenizer("builtin"))  # random init
 
 Rules (why this module exists):
 - Loading never trains. A built-in model that is not pretrained yet is an error naming the command that
@@ -46,9 +47,11 @@ from .errors import UserError
 from .folded import CONFIG_FILE as FOLDED_CONFIG
 from .folded import load_folded
 from .model import LNFREE_FILE, RemovableGPT2LMHeadModel, check_gpt2_config, load_removable, make_removable
-from .paths import DEFAULT_CACHE_DIR, RUN_SUMMARY, SHIPPED_DIR
+from .paths import BUILTIN_TOKENIZER_DIR, DEFAULT_CACHE_DIR, RUN_SUMMARY, SHIPPED_DIR
 
 BUILTIN_PREFIX = "builtin:"
+RANDOM = "random"  # the reference of a fresh, randomly initialised GPT-2 of a given shape (nothing is read)
+BUILTIN_TOKENIZER = "builtin"  # load_tokenizer's name of the built-in BPE
 EXPORT_INFO = "lnfree_export.json"  # the record every export carries
 LNFREE_EPS = 1e6  # a layer_norm_epsilon at or above this marks the HF-compatible LN-free trick (1e12)
 FINGERPRINT_TOL = 1e-4  # relative; an edited eps is off by ~1e5, round-off across machines ~1e-6
@@ -98,12 +101,13 @@ def raise_storage_error(e: BaseException, what: str) -> None:
 # -- references ------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class ModelRef:
-    """A resolved model reference. kind: hub | hf | hf_lnfree | folded | removable | ckpt."""
+    """A resolved model reference. kind: hub | hf | hf_lnfree | folded | removable | ckpt | random."""
 
     reference: str  # as the user wrote it
     kind: str
     location: str  # a local path, or the hub name
     run_dir: str | None = None  # the training run it belongs to, when it is one's export or checkpoint
+    shape: tuple = ()  # random: the GPT2Config fields of the model, as (name, value) pairs
 
 
 def hub_offline() -> bool:
@@ -197,9 +201,16 @@ def _classify_dir(d: Path, reference: str) -> ModelRef:
                        "export/hf/ inside")
 
 
-def resolve(reference: str, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> ModelRef:
-    """What `reference` is, without loading weights; a clear ModelIOError for anything lnfree cannot load."""
+def resolve(reference: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, shape=None) -> ModelRef:
+    """What `reference` is, without loading weights; a clear ModelIOError for anything lnfree cannot load.
+    "random" is a fresh random-init GPT-2 of `shape` (GPT2Config fields, required; unused by every other
+    reference), whose vocabulary is that of the tokenizer it is loaded with."""
     reference = str(reference)
+    if reference == RANDOM:
+        if shape is None:  # e.g. `random` given to eval: nothing to evaluate, not GPT-2 small's shape by default
+            raise ModelIOError("'random' is a fresh random-init model and needs its shape: resolve('random', "
+                               "shape={...}), in training model.shape (a local dir named random: ./random)")
+        return ModelRef(reference, RANDOM, RANDOM, shape=tuple(dict(shape).items()))
     if reference.startswith(BUILTIN_PREFIX):
         name = reference[len(BUILTIN_PREFIX):]
         d = builtin_dir(name, cache_dir)
@@ -356,7 +367,7 @@ def read_record(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE
     d = Path(ref.location)
     if ref.kind == "ckpt":
         d = Path(ref.run_dir) / "export" / "hf" if ref.run_dir else d
-    elif ref.kind == "hub":
+    elif ref.kind in ("hub", RANDOM):
         return None
     f = d / EXPORT_INFO
     return _read_json(f) if f.is_file() else None
@@ -467,16 +478,21 @@ def set_dropout(model, p: float):
 
 
 # -- loading ---------------------------------------------------------------------------------------------
-def load_tokenizer(ref: ModelRef):
-    """The tokenizer stored with the model (or its run's export), or None."""
+def load_tokenizer(source: ModelRef | str):
+    """The one tokenizer loader. A resolved model reference: the tokenizer stored with the model (or its run's
+    export), its files checked against the model's record, or None where it carries none (a random-init model).
+    A name: "builtin" (the built-in BPE), a tokenizer dir or a hub name."""
     from transformers import AutoTokenizer
 
+    if not isinstance(source, ModelRef):
+        return AutoTokenizer.from_pretrained(_tokenizer_location(str(source)))
+    ref = source
     where = Path(ref.location)
     if ref.kind == "ckpt":
         where = Path(ref.run_dir) / "export" / "hf"
     if ref.kind == "hub":
         return AutoTokenizer.from_pretrained(ref.location)
-    if not (where / "tokenizer_config.json").exists():
+    if ref.kind == RANDOM or not (where / "tokenizer_config.json").exists():
         return None
     record = read_record(ref)
     if record is not None:  # the tokenizer files are the exported ones (small: cheap to hash every time)
@@ -484,9 +500,36 @@ def load_tokenizer(ref: ModelRef):
     return AutoTokenizer.from_pretrained(str(where))
 
 
-def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, revision=None) -> GPT2Config:
-    """The GPT-2 config of a reference without loading weights (for checks before any compute)."""
+def _tokenizer_location(name: str) -> str:
+    """Where a tokenizer name is loaded from: refused at once when it needs the hub and the hub cannot answer."""
+    if name == BUILTIN_TOKENIZER:
+        if not BUILTIN_TOKENIZER_DIR.exists():
+            raise FileNotFoundError(f"built-in tokenizer {BUILTIN_TOKENIZER_DIR} missing; run "
+                                    "`python -m lnfree.data.corpus`")
+        return str(BUILTIN_TOKENIZER_DIR)
+    if not Path(name).expanduser().is_dir() and (why := hub_unreachable()):
+        raise ModelIOError(f"tokenizer {name!r} is not a local dir and {why}")
+    return name
+
+
+def _random_config(ref: ModelRef, tokenizer=None) -> GPT2Config:
+    """A random-init model's config: its shape, with the tokenizer's vocabulary and end-of-text id."""
+    special = {}
+    if tokenizer is not None:
+        special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
+                   "eos_token_id": tokenizer.eos_token_id}
+    cfg = GPT2Config(**{**special, **dict(ref.shape)})
+    check_gpt2_config(cfg)
+    return cfg
+
+
+def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, revision=None,
+                 tokenizer=None) -> GPT2Config:
+    """The GPT-2 config of a reference without loading weights (for checks before any compute); `tokenizer`:
+    the one a random-init model is made for."""
     ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
+    if ref.kind == RANDOM:
+        return _random_config(ref, tokenizer)
     if ref.kind == "ckpt":
         return checkpoint_config(read_checkpoint(ref.location), ref.location)
     if ref.kind == "folded":
@@ -508,11 +551,13 @@ def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACH
 
 def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, device="cpu",
          dtype: torch.dtype | None = None, removable: bool = False, revision=None,
-         attn_implementation: str | None = None, dropout: float | None = None):
+         attn_implementation: str | None = None, dropout: float | None = None, tokenizer=None):
     """(model, tokenizer or None) for any reference; see the module docstring.
 
-    removable=True returns a RemovableGPT2LMHeadModel ready to fine-tune (from a GPT-2, a removable dir or a
-    checkpoint); exports cannot be made removable again. dropout: overrides the model's resid/embd/attn dropout.
+    removable=True returns a RemovableGPT2LMHeadModel ready to fine-tune (from a GPT-2, a removable dir, a
+    checkpoint or random init); exports cannot be made removable again. dropout: overrides the model's
+    resid/embd/attn dropout. tokenizer: the one to use instead of the model's own (checked against the model; a
+    random-init model takes its vocabulary from it).
     """
     ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
     if dtype == torch.float16 and ref.kind == "hf_lnfree":
@@ -527,7 +572,11 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
         if record is not None:
             check_files(Path(ref.location), record)
         check_safetensors(Path(ref.location))
-    if ref.kind == "ckpt":
+    if ref.kind == RANDOM:
+        config = _random_config(ref, tokenizer)
+        config._attn_implementation = attn_implementation
+        model = (make_removable(config) if removable else GPT2LMHeadModel(config)).eval()  # as every form loads
+    elif ref.kind == "ckpt":
         model = model_from_checkpoint(read_checkpoint(ref.location), ref.location)
     elif ref.kind == "removable":
         model = load_removable(ref.location).eval()
@@ -551,7 +600,7 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
         set_dropout(model, dropout)
     if dtype is not None:
         model = model.to(dtype=dtype)
-    tokenizer = load_tokenizer(ref)
+    tokenizer = load_tokenizer(ref) if tokenizer is None else tokenizer
     if tokenizer is not None:
-        check_tokenizer(model.config, tokenizer, record, where=ref.reference)
+        check_tokenizer(model.config, tokenizer, record, where=ref.reference, untrained=ref.kind == RANDOM)
     return model.to(device), tokenizer

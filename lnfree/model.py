@@ -190,19 +190,16 @@ def site_name(kind: str, block: int | None = None) -> str:
 
 # -- construction, save, load --------------------------------------------------------------------------
 def make_removable(source, **config_overrides) -> RemovableGPT2LMHeadModel:
-    """A removable model (all sites real) from a GPT2LMHeadModel, a GPT2Config (random init), a local
-    HF dir / hub name, or a directory written by `save_removable` (which keeps modes and sigmas)."""
-    if isinstance(source, (str, Path)) and (Path(source) / LNFREE_FILE).exists():
-        return load_removable(source)
+    """A removable model (all sites real) from a GPT2LMHeadModel or a GPT2Config (random init). A path or hub
+    name is a model reference: `lnfree.load(reference, removable=True)` checks it, then comes here."""
+    if isinstance(source, (str, Path)):
+        raise TypeError(f"make_removable takes a GPT2LMHeadModel or a GPT2Config, not the reference {str(source)!r}: "
+                        "load it with lnfree.load(reference, removable=True), which checks it first")
     if isinstance(source, PretrainedConfig):
         check_gpt2_config(source)
         cfg = GPT2Config.from_dict({**source.to_dict(), **config_overrides})
         cfg._attn_implementation = source._attn_implementation or "sdpa"
         return RemovableGPT2LMHeadModel(cfg)
-    if isinstance(source, (str, Path)):
-        config = GPT2Config.from_pretrained(source)  # fails fast for a non-GPT-2 model
-        check_gpt2_config(config)
-        source = GPT2LMHeadModel.from_pretrained(source)
     if not isinstance(source, GPT2LMHeadModel):
         raise TypeError(f"cannot make a removable GPT-2 from {type(source).__name__}")
     cfg = GPT2Config.from_dict({**source.config.to_dict(), **config_overrides})

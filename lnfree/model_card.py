@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from .io import BUILTIN_PREFIX, RANDOM
+
 CARD = "README.md"
 PAPER = "Baroni et al. 2025, Transformers Don't Need LayerNorm at Inference Time (arXiv:2507.02559)"
 REPO = "lnfree"
@@ -30,7 +32,8 @@ def _front_matter(summary: dict, form: str) -> str:
     lines = ["---", "library_name: transformers" if form == "hf" else "library_name: lnfree",
              "tags:", "- gpt2", "- layernorm-free" if summary.get("all_removed") else "- vanilla-finetune",
              f"- {REPO}", "- interpretability", "pipeline_tag: text-generation"]
-    if source and not source.startswith(("builtin", "random", "/", ".", "~")) and not Path(source).exists():
+    local = source == RANDOM or source.startswith((BUILTIN_PREFIX, "/", ".", "~")) or Path(source).exists()
+    if source and not local:
         lines.append(f"base_model: {source}")  # a hub name (gpt2, openai-community/gpt2-medium, ...)
     return "\n".join([*lines, "---", ""])
 

@@ -57,6 +57,42 @@ def test_every_form_resolves_to_its_kind(tiny_run, tmp_path):
         assert (logits(model, ids) - ref).abs().max() / ref.abs().max() < 1e-4
 
 
+def test_random_is_a_reference_kind_made_for_the_tokenizer_it_is_loaded_with():
+    from transformers import GPT2Config
+
+    from lnfree.io import load_tokenizer, read_record
+    from lnfree.model import RemovableGPT2LMHeadModel, make_removable
+
+    shape = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+    ref = resolve("random", shape=shape)
+    assert ref.kind == "random" and dict(ref.shape) == shape
+    assert load_tokenizer(ref) is None and read_record(ref) is None  # nothing is read: it has neither
+    with pytest.raises(ModelIOError, match="needs its shape"):
+        resolve("random")  # e.g. given to eval: refused, not a GPT-2 small by default
+    tok = load_tokenizer("builtin")
+    torch.manual_seed(0)
+    model, got = load(ref, removable=True, tokenizer=tok, dropout=0.25)
+    assert isinstance(model, RemovableGPT2LMHeadModel) and got is tok and not model.training  # as every form loads
+    assert model.config.vocab_size == len(tok) and model.config.eos_token_id == model.config.bos_token_id == 0
+    assert model.config.n_layer == 2 and model.config.attn_pdrop == 0.25
+    torch.manual_seed(0)  # the same initialisation as the config made by hand
+    by_hand = make_removable(GPT2Config(vocab_size=len(tok), bos_token_id=0, eos_token_id=0, attn_pdrop=0.25,
+                                        resid_pdrop=0.25, embd_pdrop=0.25, **shape))
+    torch.testing.assert_close(model.state_dict(), by_hand.state_dict(), rtol=0, atol=0, equal_nan=True)
+    with pytest.raises(ModelIOError, match="ids up to 4095 but the model has vocab_size=97"):
+        load(resolve("random", shape={**shape, "vocab_size": 97}), tokenizer=tok)  # the shape's vocabulary wins
+
+
+def test_one_tokenizer_loader_names_what_it_cannot_reach(monkeypatch):
+    from lnfree.data import corpus
+    from lnfree.io import load_tokenizer, tokenizer_sha256
+
+    assert tokenizer_sha256(load_tokenizer("builtin")) == tokenizer_sha256(corpus.load_tokenizer())
+    assert len(load_tokenizer(str(corpus.TOKENIZER_DIR))) == 4096  # a dir
+    with pytest.raises(ModelIOError, match=r"tokenizer 'someone/tok' is not a local dir and the hub is offline"):
+        load_tokenizer("someone/tok")  # refused at once, not after huggingface_hub's retries
+
+
 def test_loading_never_trains_a_missing_builtin(tmp_path):
     with pytest.raises(ModelIOError, match=r"not pretrained yet.*python -m lnfree.pretrain model=builtin_9x9"):
         load("builtin:9x9", cache_dir=tmp_path)

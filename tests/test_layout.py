@@ -74,6 +74,25 @@ def test_core_imports_only_core_and_nothing_imports_an_entry_point():
             assert not deps & ENTRY_POINTS, f"{m} imports an entry point: {deps & ENTRY_POINTS}"
 
 
+def test_no_module_imports_another_modules_private_name():
+    found = [f"{p.relative_to(ROOT)}:{node.lineno} imports {a.name}"
+             for p in PKG.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+             if isinstance(node, ast.ImportFrom) and (node.level or (node.module or "").startswith("lnfree"))
+             for a in node.names if a.name.startswith("_") and not a.name.startswith("__")]
+    assert not found, found
+
+
+def test_tokenizers_are_loaded_by_io_only():
+    """One tokenizer loader (lnfree.io.load_tokenizer): no other module calls a tokenizer's from_pretrained."""
+    found = []
+    for p in PKG.rglob("*.py"):
+        for node in ast.walk(ast.parse(p.read_text())):
+            if (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)
+                    and node.func.attr == "from_pretrained" and "Tokenizer" in ast.unparse(node.func.value)):
+                found.append(f"{p.relative_to(ROOT)}:{node.lineno}")
+    assert found and all(f.startswith("lnfree/io.py:") for f in found), found
+
+
 @pytest.mark.slow
 def test_import_lnfree_pulls_in_no_training_or_plotting_stack():
     code = ("import sys, lnfree; heavy = ['lightning', 'pytorch_lightning', 'hydra', 'omegaconf', 'wandb', 'datasets',"

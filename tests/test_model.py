@@ -402,16 +402,20 @@ def test_remove_freezes_an_eot_sigma_when_the_config_asks():
     assert site.special.tolist() == [False, True] and site.sigma[EOT] != site.sigma[ORDINARY]
 
 
-def test_make_removable_from_a_local_hf_dir_and_from_a_saved_removable_dir(tmp_path):
+def test_a_reference_is_made_removable_through_io_from_an_hf_dir_and_from_a_saved_removable_dir(tmp_path):
+    from lnfree.io import load
+
     stock, _ = stock_and_removable()
     stock.save_pretrained(tmp_path / "hf")
-    model = make_removable(str(tmp_path / "hf"))  # the hub loader's path, on a local directory
+    with pytest.raises(TypeError, match=r"lnfree\.load\(reference, removable=True\)"):
+        make_removable(str(tmp_path / "hf"))  # a path is a reference: io checks it, make_removable never reads one
+    model, _ = load(str(tmp_path / "hf"), removable=True)
     x = ids()
     assert torch.allclose(model.eval()(x).logits, stock(x).logits, atol=1e-5)
     model.calibrate(ids(4, 32, seed=3))
     model.remove("ln1v", 1)
     save_removable(model, tmp_path / "removable")
-    back = make_removable(tmp_path / "removable")  # modes and sigmas come back, not a fresh all-real model
+    back, _ = load(tmp_path / "removable", removable=True)  # modes and sigmas come back, not a fresh all-real model
     assert back.removed_sites() == ["ln1v.1"] and back.sigmas() == model.sigmas()
 
 

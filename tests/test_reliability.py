@@ -446,7 +446,7 @@ def test_preflight_finds_an_unreadable_file_before_compute(tmp_path, monkeypatch
 def test_non_finite_numbers_are_refused_by_the_limit_check(tmp_path, monkeypatch, override):
     import lnfree.training.train as tr
 
-    monkeypatch.setattr(tr, "check_available", lambda *a, **k: pytest.fail("the model was looked up"))
+    monkeypatch.setattr(tr, "open_source", lambda *a, **k: pytest.fail("the model was looked up"))
     key = override.lstrip("+").split("=")[0]
     with pytest.raises(LimitError, match=rf"{key}=(inf|nan) \(must be a finite number\)"):
         train(compose_train(tmp_path, *TINY_RUN, override))

@@ -112,8 +112,7 @@ def test_overwrite_replaces_the_old_run_entirely(tiny_run, tmp_path):
 def test_impossible_numbers_refused_before_any_data_or_weights(tmp_path, monkeypatch, override):
     import lnfree.training.train as tr
 
-    monkeypatch.setattr(tr, "load_tokenizer", lambda *a, **k: pytest.fail("data/weights were read"))
-    monkeypatch.setattr(tr, "check_available", lambda *a, **k: pytest.fail("the model was looked up"))
+    monkeypatch.setattr(tr, "open_source", lambda *a, **k: pytest.fail("the model or its tokenizer was looked up"))
     key = override.lstrip("+").split("=")[0]
     with pytest.raises(LimitError, match=key.split(".")[-1]):
         train(compose_train(tmp_path, *TINY_RUN, override))

@@ -232,6 +232,29 @@ def test_bad_inputs_rejected_before_compute(tmp_path, overrides, error, match):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@pytest.mark.parametrize("model", ["builtin_w48", "tiny"])  # a shipped model dir; random init
+def test_a_run_resolves_its_model_reference_once_and_loads_what_was_checked(tmp_path, monkeypatch, model):
+    import lnfree.io as io
+    import lnfree.training.model_source as model_source
+    from lnfree.training.train import check_config
+
+    seen = []
+
+    def counting(reference, *a, **k):
+        seen.append(reference)
+        return resolve(reference, *a, **k)
+
+    resolve = io.resolve
+    monkeypatch.setattr(io, "resolve", counting)
+    monkeypatch.setattr(model_source, "resolve", counting)
+    cfg = compose_train(tmp_path, *TINY_RUN, f"model={model}")
+    plan = check_config(cfg)
+    loaded = model_source.load_model(plan.source, cfg.model)
+    assert seen == [cfg.model.source]  # io's other functions were handed the resolved reference, never the string
+    assert loaded.config.n_layer == plan.source.config.n_layer and loaded.training
+    assert loaded.config.vocab_size == plan.source.config.vocab_size == len(plan.source.tokenizer)
+
+
 def test_dataset_without_text_field_rejected(tmp_path):
     f = tmp_path / "d.jsonl"
     f.write_text("".join(json.dumps({"body": f"doc {i} " * 50}) + "\n" for i in range(5)))

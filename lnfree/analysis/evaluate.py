@@ -21,7 +21,7 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..errors import user_errors_as_messages
-from ..io import check_tokenizer, hub_offline, load, logits, read_record, resolve
+from ..io import check_tokenizer, hub_offline, load, load_tokenizer, logits, read_record, resolve
 from ..paths import CONF_DIR
 from .eval_config import SOURCES, EvalError
 from .eval_config import EvalConfig as EvalConfig  # noqa: F401  (registers the schema)
@@ -42,15 +42,16 @@ def active_pairs(cfg) -> list:
     return active
 
 
-def check(cfg) -> None:
-    """Unknown models or datasets fail here, before any model is loaded."""
+def check(cfg) -> dict:
+    """Unknown models or datasets fail here, before any model is loaded; returns each model's resolved reference
+    by name (resolved once: evaluate loads what was checked)."""
     if not cfg.models:
         raise EvalError("eval needs at least one model")
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise EvalError(f"model names must be unique: {names}")
-    for m in cfg.models:
-        resolve(m.path, cfg.cache_dir)  # ModelIOError: missing, not GPT-2, not pretrained yet, offline hub
+    # ModelIOError: missing, not GPT-2, not pretrained yet, offline hub
+    refs = {m.name: resolve(m.path, cfg.cache_dir) for m in cfg.models}
     for d in cfg.datasets:
         if d.source not in SOURCES:
             raise EvalError(f"dataset {d.name!r}: unknown source {d.source!r}; use one of {SOURCES}")
@@ -67,23 +68,22 @@ def check(cfg) -> None:
                             f"unknown: {unknown}")
     if cfg.precision not in ("bf16", "fp32"):
         raise EvalError(f"precision must be bf16 or fp32, not {cfg.precision!r}")
+    return refs
 
 
 @torch.inference_mode()
 def evaluate(cfg) -> dict:
-    check(cfg)
+    refs = check(cfg)
     models, tok = {}, None
     for m in cfg.models:
-        models[m.name], t = load(m.path, cfg.cache_dir, cfg.device)
+        models[m.name], t = load(refs[m.name], device=cfg.device)
         tok = tok or t
     if cfg.tokenizer:
-        from transformers import AutoTokenizer
-
-        tok = AutoTokenizer.from_pretrained(cfg.tokenizer)
+        tok = load_tokenizer(cfg.tokenizer)
     if tok is None:
         raise EvalError("no model carries a tokenizer: set `tokenizer`")
     for m in cfg.models:  # one tokenizer for every model: each must be able to read its ids (before any compute)
-        check_tokenizer(models[m.name].config, tok, read_record(m.path, cfg.cache_dir), where=f"model {m.name!r}")
+        check_tokenizer(models[m.name].config, tok, read_record(refs[m.name]), where=f"model {m.name!r}")
     ref = cfg.models[0].name
     autocast = torch.autocast(torch.device(cfg.device).type, dtype=torch.bfloat16, enabled=cfg.precision == "bf16")
     results, per_token_all, paired = {}, {}, {}

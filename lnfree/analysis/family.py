@@ -23,7 +23,7 @@ import json
 from pathlib import Path
 
 from ..paths import RUN_SUMMARY
-from .plots import read_metrics
+from ..training.loggers import read_metrics
 
 
 def converged(curve: list[tuple[int, float]], max_steps: int, tol: float) -> dict:
@@ -96,7 +96,9 @@ def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002, keep:
                         f"steps, and changing by at most {tol} nats over the last 10%",
            "strictly_decreasing_with_size": all(b < a for a, b in zip(ces, ces[1:])), "sizes": sizes}
     (out / "family.json").write_text(json.dumps(res, indent=1))
-    _plot(sizes, out)
+    from .plots import plot_family  # matplotlib only when a figure is drawn
+
+    plot_family(sizes, out)
     return res
 
 
@@ -140,7 +142,9 @@ def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = 0
            "tol": tol, "sizes": ordered}
     (out / "family.json").write_text(json.dumps(res, indent=1))
     (out / "family.md").write_text(markdown_replicates(res))
-    _plot([{"name": r["name"], "curve": r["curve"], "non_embedding_params": x["non_embedding_params"],
+    from .plots import plot_family
+
+    plot_family([{"name": r["name"], "curve": r["curve"], "non_embedding_params": x["non_embedding_params"],
             "val_ce": r["val_ce"]} for x in ordered for r in x["pretrained"]], out)
     return res
 
@@ -158,31 +162,17 @@ def markdown_replicates(res: dict) -> str:
     return f"Criterion: {res['criterion']}.\n\n" + "\n".join(rows) + "\n"
 
 
-def _plot(sizes, out: Path):
-    from .plots import figure_row, save_figure
-
-    fig, (ax1, ax2) = figure_row(2)
-    for x in sizes:
-        rows = list(csv.DictReader(open(out / x["curve"])))
-        pts = [(int(r["step"]), float(r["val_ce"])) for r in rows if r["val_ce"]]
-        ax1.plot(*zip(*pts), marker="o", ms=2, lw=1, label=f"{x['name']} ({x['non_embedding_params'] / 1e6:.2f}M)")
-    ax1.set(xlabel="pretraining step", ylabel="validation CE (nats)", title="Pretraining curves", ylim=(4.2, 5.6))
-    ax1.legend(fontsize=7)
-    ax2.plot([x["non_embedding_params"] for x in sizes], [x["val_ce"] for x in sizes], marker="o")
-    ax2.set(xscale="log", xlabel="non-embedding parameters", ylabel="final validation CE",
-            title="Validation CE vs size")
-    save_figure(fig, out / "family.png")
-
-
-
 def redraw(out_dir: str | Path):
     """family.png again from a committed family.json and its curves/ (no run dir needed): make paper's figures."""
+    from .plots import plot_family
+
     out = Path(out_dir)
     sizes = json.loads((out / "family.json").read_text())["sizes"]
     if sizes and "curve" not in sizes[0]:  # the depth family: one curve per pretrained replicate
         sizes = [{"name": r["name"], "curve": r["curve"], "non_embedding_params": x["non_embedding_params"],
                   "val_ce": r["val_ce"]} for x in sizes for r in x["pretrained"]]
-    _plot(sizes, out)
+    plot_family(sizes, out)
+
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])

@@ -14,6 +14,7 @@ import numpy as np  # noqa: E402
 
 from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
 from ..model import NORM_KINDS  # noqa: E402
+from .stats import interval_text  # noqa: E402
 
 # removal events as dotted lines in colours the model curves (default cycle from tab:blue) do not start with
 KIND_COLOURS = {"ln2": "tab:purple", "ln1qk": "tab:olive", "ln1v": "tab:cyan", "lnf": "black",
@@ -62,21 +63,10 @@ def plot_ce_by_position(per_token: dict, path: Path):
     save_figure(fig, path)
 
 
-def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
-    """Every metric of a run's CSV logs (resumed parts included), as sorted (step, value) lists."""
-    series: dict[str, dict[int, float]] = {}
-    for f in sorted(run_dir.glob("csv/**/metrics.csv")):
-        with open(f) as fh:
-            for row in csv.DictReader(fh):
-                step = int(float(row["step"]))
-                for k, v in row.items():
-                    if k not in ("step", "epoch") and v not in ("", None):
-                        series.setdefault(k, {})[step] = float(v)
-    return {k: sorted(v.items()) for k, v in series.items()}
-
-
 def plot_training_curves(models: dict[str, str], path: Path) -> bool:
     """Train and validation CE of every model that is a training run, removal events marked."""
+    from ..training.loggers import read_metrics  # the CSV logger's reader (imports Lightning: only when plotting runs)
+
     runs = {m: r for m, p in models.items() if (r := find_run_dir(p)) is not None}
     if not runs:
         return False
@@ -99,3 +89,63 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
     axes[0].legend(handles=axes[0].get_legend_handles_labels()[0] + handles, fontsize=8)
     save_figure(fig, path)
     return True
+
+
+def plot_family(sizes: list[dict], out: Path):
+    """<out>/family.png: each model's pretraining curve (its CSV, relative to `out`) and validation CE vs size."""
+    fig, (ax1, ax2) = figure_row(2)
+    for x in sizes:
+        rows = list(csv.DictReader(open(out / x["curve"])))
+        pts = [(int(r["step"]), float(r["val_ce"])) for r in rows if r["val_ce"]]
+        ax1.plot(*zip(*pts), marker="o", ms=2, lw=1, label=f"{x['name']} ({x['non_embedding_params'] / 1e6:.2f}M)")
+    ax1.set(xlabel="pretraining step", ylabel="validation CE (nats)", title="Pretraining curves", ylim=(4.2, 5.6))
+    ax1.legend(fontsize=7)
+    ax2.plot([x["non_embedding_params"] for x in sizes], [x["val_ce"] for x in sizes], marker="o")
+    ax2.set(xscale="log", xlabel="non-embedding parameters", ylabel="final validation CE",
+            title="Validation CE vs size")
+    save_figure(fig, out / "family.png")
+
+
+def plot_scaling(res: dict, table: dict, path: Path, reference_exponent: float):
+    """The data-scaling figure: the gap to the vanilla control vs fine-tuning tokens per size, and T* vs N with
+    each threshold's fit and a reference line N^reference_exponent."""
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    for s in res["sizes"]:
+        m = table[s["name"]]
+        g = np.asarray(m["gaps"]) * 100
+        ax1.errorbar(m["budgets"], g.mean(1), yerr=g.std(1, ddof=1) / np.sqrt(g.shape[1]) if g.shape[1] > 1 else None,
+                     marker="o", ms=3, capsize=2, label=f"{s['name']} ({m['n'] / 1e6:.2f}M)")
+    for t in res["thresholds"]:
+        ax1.axhline(100 * t, color="k", ls=":", lw=0.8)
+    ax1.set(xscale="log", yscale="log", xlabel="fine-tuning tokens",
+            ylabel="LN-free CE gap to vanilla (%, mean +- s.e. over seeds)", title="Gap to the vanilla control")
+    ax1.legend(fontsize=7)
+    colors = plt.get_cmap("tab10")
+    ref_at = None
+    for i, (key, e) in enumerate(res["exponent"].items()):
+        pts = [(s["non_embedding_params"], s["t_star"].get(key)) for s in res["sizes"]]
+        pts = [(n, t) for n, t in pts if t and t["value"] is not None and not t["extrapolated"]]
+        if not pts:
+            continue
+        n = np.array([p[0] for p in pts], float)
+        t = np.array([p[1]["value"] for p in pts])
+        lo = np.array([p[1].get("ci_low", v) for p, v in zip(pts, t)], float)
+        hi = np.array([p[1].get("ci_high", v) for p, v in zip(pts, t)], float)
+        hi = np.where(np.isfinite(hi), hi, t * 3)
+        ax2.errorbar(n * (1 + 0.03 * i), t, yerr=[t - lo, hi - t], fmt="o", ms=4, capsize=3, color=colors(i))
+        if e["value"] is not None:
+            xs = np.geomspace(n.min(), n.max(), 50)
+            a = np.exp(np.mean(np.log(t) - e["value"] * np.log(n)))
+            ax2.plot(xs, a * xs ** e["value"], color=colors(i),
+                     label=f"{key}: b = {e['value']:.2f} {interval_text(e)}")
+        if ref_at is None:
+            ref_at = (n, float(np.exp(np.mean(np.log(t)))))
+    if ref_at is not None:
+        n, level = ref_at
+        xs = np.geomspace(n.min(), n.max(), 50)
+        ax2.plot(xs, level * (xs / np.exp(np.mean(np.log(n)))) ** reference_exponent, "k--", lw=1,
+                 label=f"N^{reference_exponent} (paper's released budgets)")
+    ax2.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="T*: tokens to the gap threshold",
+            title=f"Data needed to remove LayerNorm\n{res['family']}")
+    ax2.legend(fontsize=7)
+    save_figure(fig, path)

@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from .simulate import SweepStructure, sweep
-from .stats import exponent, over_seeds, size_t_star, t_star_interval, verdicts
+from .stats import exponent, interval_text, over_seeds, size_t_star, t_star_interval, verdicts
 
 THRESHOLDS = (0.005, 0.01, 0.02)  # relative gaps
 ABSOLUTE_NATS = 0.04  # about 1% of the families' CE (4.3-4.6 nats)
@@ -231,7 +231,9 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
     out.mkdir(parents=True, exist_ok=True)
     (out / "scaling.json").write_text(json.dumps(res, indent=1))
     (out / "scaling.md").write_text(markdown(res))
-    _plot(res, table, out / "scaling.png")
+    from .plots import plot_scaling  # matplotlib only when a figure is drawn
+
+    plot_scaling(res, table, out / "scaling.png", PAPER_EXPONENT)
     return res
 
 
@@ -253,10 +255,6 @@ def _k(x) -> str:
     return "-" if x is None else ("inf" if x == float("inf") else f"{x / 1e3:,.0f}k")
 
 
-def _ci(e) -> str:
-    return "-" if e.get("ci_low") is None else f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}]"
-
-
 def markdown(res: dict) -> str:
     """The result as tables: the verdict and exponent per threshold, T* per size, the gap at every budget."""
     keys = list(res["exponent"])
@@ -266,11 +264,12 @@ def markdown(res: dict) -> str:
              "|---|---|---|---|---|---|"]
     for k in keys:
         e = res["exponent"][k]
-        loo = "; ".join(f"w/o {x['dropped']}: " + ("-" if x["value"] is None else f"{x['value']:.2f}") + f" {_ci(x)}"
-                        for x in e["leave_one_out"]) or "-"
+        loo = "; ".join(f"w/o {x['dropped']}: " + ("-" if x["value"] is None else f"{x['value']:.2f}")
+                        + f" {interval_text(x)}" for x in e["leave_one_out"]) or "-"
         val = "-" if e["value"] is None else f"{e['value']:.2f}"
         r2 = "-" if e["r2"] is None else f"{e['r2']:.2f}"
-        lines.append(f"| {k} | {res['verdict'][k]} | {val} {_ci(e)} | {r2} | {', '.join(e['sizes'])} | {loo} |")
+        lines.append(f"| {k} | {res['verdict'][k]} | {val} {interval_text(e)} | {r2} | {', '.join(e['sizes'])} "
+                     f"| {loo} |")
     c = res.get("coverage")
     if c:
         lines += ["", f"Tested coverage of the exponent's nominal 95% interval: {c['covered']:.3f} (lowest over "
@@ -304,56 +303,6 @@ def markdown(res: dict) -> str:
                                                                          if ci else ""))
         lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def _plot(res, table, path):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
-    for s in res["sizes"]:
-        m = table[s["name"]]
-        g = np.asarray(m["gaps"]) * 100
-        ax1.errorbar(m["budgets"], g.mean(1), yerr=g.std(1, ddof=1) / np.sqrt(g.shape[1]) if g.shape[1] > 1 else None,
-                     marker="o", ms=3, capsize=2, label=f"{s['name']} ({m['n'] / 1e6:.2f}M)")
-    for t in res["thresholds"]:
-        ax1.axhline(100 * t, color="k", ls=":", lw=0.8)
-    ax1.set(xscale="log", yscale="log", xlabel="fine-tuning tokens",
-            ylabel="LN-free CE gap to vanilla (%, mean +- s.e. over seeds)", title="Gap to the vanilla control")
-    ax1.legend(fontsize=7)
-    colors = plt.get_cmap("tab10")
-    ref_at = None
-    for i, (key, e) in enumerate(res["exponent"].items()):
-        pts = [(s["non_embedding_params"], s["t_star"].get(key)) for s in res["sizes"]]
-        pts = [(n, t) for n, t in pts if t and t["value"] is not None and not t["extrapolated"]]
-        if not pts:
-            continue
-        n = np.array([p[0] for p in pts], float)
-        t = np.array([p[1]["value"] for p in pts])
-        lo = np.array([p[1].get("ci_low", v) for p, v in zip(pts, t)], float)
-        hi = np.array([p[1].get("ci_high", v) for p, v in zip(pts, t)], float)
-        hi = np.where(np.isfinite(hi), hi, t * 3)
-        ax2.errorbar(n * (1 + 0.03 * i), t, yerr=[t - lo, hi - t], fmt="o", ms=4, capsize=3, color=colors(i))
-        if e["value"] is not None:
-            xs = np.geomspace(n.min(), n.max(), 50)
-            a = np.exp(np.mean(np.log(t) - e["value"] * np.log(n)))
-            ax2.plot(xs, a * xs ** e["value"], color=colors(i),
-                     label=f"{key}: b = {e['value']:.2f} {_ci(e)}")
-        if ref_at is None:
-            ref_at = (n, float(np.exp(np.mean(np.log(t)))))
-    if ref_at is not None:
-        n, level = ref_at
-        xs = np.geomspace(n.min(), n.max(), 50)
-        ax2.plot(xs, level * (xs / np.exp(np.mean(np.log(n)))) ** PAPER_EXPONENT, "k--", lw=1,
-                 label=f"N^{PAPER_EXPONENT} (paper's released budgets)")
-    ax2.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="T*: tokens to the gap threshold",
-            title=f"Data needed to remove LayerNorm\n{res['family']}")
-    ax2.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def main(argv=None):

@@ -204,3 +204,8 @@ def verdicts(exponents: dict) -> dict:
         out[thr] = (" and ".join(said) if said else "not established") + f": {b}" + (
             f"; not established: {'; '.join(fails)}" if fails and said else (f"; {'; '.join(fails)}" if fails else ""))
     return out
+
+
+def interval_text(e: dict) -> str:
+    """An estimate's 95% interval as text: [low, high], or - where it has none."""
+    return "-" if e.get("ci_low") is None else f"[{e['ci_low']:.2f}, {e['ci_high']:.2f}]"

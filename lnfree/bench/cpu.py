@@ -88,7 +88,7 @@ def build_models(cfg_kw, device="cpu", folded=False):
     return stock, variants
 
 
-def _train_step(model, x, opt, autocast, commit):
+def train_step(model, x, opt, autocast, commit):
     def run():
         with autocast:
             out = model(input_ids=x, use_cache=False).logits
@@ -152,7 +152,7 @@ def bench_train(shape, reps, precisions=("fp32", "bf16"), clock=time.perf_counte
         for name, m in [("stock", stock), *variants.items()]:
             m.train()
             opt = torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True)
-            fns[name] = _train_step(m, x, opt, ac, commit=name != "stock")
+            fns[name] = train_step(m, x, opt, ac, commit=name != "stock")
         times = alternate(fns, reps, clock=clock)
         med = medians(times)
         out[prec] = {"reps": reps, "median_s": med, "ratio_to_stock": {k: med[k] / med["stock"] for k in variants},

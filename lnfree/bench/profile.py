@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from .cpu import CLOCKS, SHAPES, _train_step, alternate, build_models, fused_gelu_twin, machine, medians
+from .cpu import CLOCKS, SHAPES, alternate, build_models, fused_gelu_twin, machine, medians, train_step
 
 # operator -> what it is part of in these models (anything else: "other")
 GROUPS = {
@@ -82,7 +82,7 @@ def profile_train(shape: str, steps: int) -> dict:
     for name, m in (("stock", stock), ("all_removed", variants["all_removed"])):
         m.train()
         opt = torch.optim.AdamW(m.parameters(), lr=1e-5, foreach=True)
-        out["ops"][name] = per_op(_train_step(m, x, opt, nullcontext(), commit=name != "stock"), steps)
+        out["ops"][name] = per_op(train_step(m, x, opt, nullcontext(), commit=name != "stock"), steps)
     return out
 
 

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-CORPUS_DIR = Path(__file__).parent / "corpus_data"
-TOKENIZER_DIR = CORPUS_DIR / "tokenizer"
+from ..paths import BUILTIN_TOKENIZER_DIR as TOKENIZER_DIR
+from ..paths import CORPUS_DIR
+
 SPLITS = ("train", "validation")
 EOT = "<|endoftext|>"
 VOCAB_SIZE = 4096
@@ -44,12 +45,11 @@ def iter_texts(split: str):
             yield json.loads(line)["text"]
 
 
-def load_tokenizer(path: str | Path = TOKENIZER_DIR):
-    from transformers import AutoTokenizer
+def load_tokenizer():
+    """The built-in BPE, through lnfree.io's one tokenizer loader."""
+    from ..io import BUILTIN_TOKENIZER, load_tokenizer
 
-    if not Path(path).exists():
-        raise FileNotFoundError(f"built-in tokenizer {path} missing; run `python -m lnfree.data.corpus`")
-    return AutoTokenizer.from_pretrained(str(path))
+    return load_tokenizer(BUILTIN_TOKENIZER)
 
 
 def train_tokenizer(out_dir: str | Path = TOKENIZER_DIR, vocab_size: int = VOCAB_SIZE):

@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..errors import UserError, user_errors_as_messages
-from ..io import ModelIOError, load, resolve
+from ..io import ModelIOError, ModelRef, load, logits, resolve
 from ..paths import CONF_DIR
 
 TASKS_DIR = Path(__file__).parent / "tasks"
@@ -70,16 +70,18 @@ def _require_lm_eval():
         raise ImportError("downstream evaluation needs lm-eval: pip install 'lnfree[eval]'") from e
 
 
-def check(cfg) -> None:
-    """Everything that can be refused before a model is loaded."""
+def check(cfg) -> dict:
+    """Everything that can be refused before a model is loaded; returns each model's resolved reference by name
+    (resolved once: run loads what was checked)."""
     _require_lm_eval()
     if cfg.dtype not in DTYPES:
         raise DownstreamError(f"dtype={cfg.dtype!r}; use one of {sorted(DTYPES)}")
     names = [m.name for m in cfg.models]
     if len(set(names)) != len(names):
         raise DownstreamError(f"model names must be unique: {names}")
+    refs = {}
     for m in cfg.models:
-        ref = resolve(m.path, cfg.cache_dir)  # a missing run / export fails here, by name
+        ref = refs[m.name] = resolve(m.path, cfg.cache_dir)  # a missing run / export fails here, by name
         if ref.kind == "folded":
             raise DownstreamError(f"{m.name}: {m.path!r} is a folded export, which lm-eval cannot run (it is not a "
                                   "transformers model); use the run's export/hf")
@@ -92,15 +94,16 @@ def check(cfg) -> None:
     unknown = [t for t in cfg.tasks if t not in known]
     if unknown:
         raise DownstreamError(f"unknown lm-eval task(s) {unknown} (shipped: lnfree_builtin_ppl, lnfree_builtin_cloze)")
+    return refs
 
 
-def load_lm(path: str, cfg):
-    """(lm-eval HFLM wrapping the model, model, tokenizer) for a model reference."""
+def load_lm(ref: ModelRef, cfg):
+    """(lm-eval HFLM wrapping the model, model, tokenizer) for a resolved model reference."""
     from lm_eval.models.huggingface import HFLM
 
-    model, tok = load(path, cfg.cache_dir, device=cfg.device, dtype=DTYPES[cfg.dtype])
+    model, tok = load(ref, device=cfg.device, dtype=DTYPES[cfg.dtype])
     if tok is None:
-        raise DownstreamError(f"{path!r} carries no tokenizer; lm-eval needs one")
+        raise DownstreamError(f"{ref.reference!r} carries no tokenizer; lm-eval needs one")
     lm = HFLM(pretrained=model.eval(), tokenizer=tok, batch_size=cfg.batch_size,
               max_length=model.config.n_positions)
     return lm, model, tok
@@ -116,9 +119,7 @@ def own_token_ce(model, tokenizer, texts: list[str]) -> float:
     nll, n = 0.0, 0
     for text in texts:
         ids = torch.tensor([[tokenizer.eos_token_id, *tokenizer(text).input_ids]], device=dev)
-        out = model(ids)
-        logits = out.logits if hasattr(out, "logits") else out
-        nll += float(next_token_ce(logits.float(), ids, reduction="sum"))
+        nll += float(next_token_ce(logits(model, ids).float(), ids, reduction="sum"))
         n += ids.shape[1] - 1
     return nll / n
 
@@ -146,12 +147,12 @@ def evaluate_model(lm, tasks, cfg) -> dict:
 
 
 def run(cfg) -> dict:
-    check(cfg)
+    refs = check(cfg)
     results = {"config": OmegaConf.to_container(cfg, resolve=True), "models": {}}
     for m in cfg.models:
         t0 = time.time()
         print(f"[downstream] {m.name}: {m.path}", flush=True)
-        lm, model, tok = load_lm(m.path, cfg)
+        lm, model, tok = load_lm(refs[m.name], cfg)
         metrics = evaluate_model(lm, cfg.tasks, cfg)
         if PPL_TASK in cfg.tasks and cfg.check_ce_tol is not None:
             own = own_token_ce(model, tok, _ppl_texts(cfg.limit))

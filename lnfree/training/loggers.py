@@ -9,15 +9,18 @@ summary and the exports are logged to W&B as artifacts (`log_run_artifacts`).
 
 from __future__ import annotations
 
+import csv
 import os
 import socket
 import time
+from pathlib import Path
 from urllib.parse import urlparse
 
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.utilities import rank_zero_warn
 
 LOGGER_KINDS = ("wandb", "csv", "none")
+CSV_DIR = "csv"  # <run>/csv/metrics.csv, and csv/resumed-<time>/metrics.csv for each resumed part
 
 
 def wandb_reachable(timeout: float = 3.0) -> bool:
@@ -89,7 +92,7 @@ def make_loggers(log_cfg, output_dir: str, run_name: str, config: dict, resumed:
     if log_cfg.kind == "none":
         return []
     version = time.strftime("resumed-%Y%m%d-%H%M%S") if resumed else ""
-    loggers = [NamespacedCSVLogger(save_dir=output_dir, name="csv", version=version)]
+    loggers = [NamespacedCSVLogger(save_dir=output_dir, name=CSV_DIR, version=version)]
     if log_cfg.kind == "wandb":
         mode = log_cfg.mode
         if mode == "online" and not wandb_reachable():
@@ -99,6 +102,19 @@ def make_loggers(log_cfg, output_dir: str, run_name: str, config: dict, resumed:
                                    group=log_cfg.group, tags=list(log_cfg.tags), save_dir=output_dir,
                                    mode=mode, config=config))
     return loggers
+
+
+def read_metrics(run_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    """Every metric of a run's CSV logs (resumed parts included), as sorted (step, value) lists."""
+    series: dict[str, dict[int, float]] = {}
+    for f in sorted(Path(run_dir).glob(f"{CSV_DIR}/**/metrics.csv")):
+        with open(f) as fh:
+            for row in csv.DictReader(fh):
+                step = int(float(row["step"]))
+                for k, v in row.items():
+                    if k not in ("step", "epoch") and v not in ("", None):
+                        series.setdefault(k, {})[step] = float(v)
+    return {k: sorted(v.items()) for k, v in series.items()}
 
 
 def finish_wandb():

@@ -1,78 +1,78 @@
-"""The model and tokenizer a training config asks for (`conf/model/`), through lnfree.io.
+"""The model a training config asks for (`conf/model/`), resolved once through lnfree.io.
 
-model.source is a model reference that lnfree.io resolves (builtin:<name>, hub name, HF dir, removable dir,
-.ckpt) or "random" (a fresh GPT2Config(**model.shape), e.g. to pretrain the built-in family). model.tokenizer
-is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own: a built-in model's is the built-in
-BPE, a local dir's is the one saved in it).
+model.source is a model reference that lnfree.io resolves: builtin:<name>, a hub name, an HF dir, a removable
+dir, a .ckpt, or "random" (a fresh GPT2Config(**model.shape), e.g. to pretrain the built-in family).
+model.tokenizer is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own: a built-in
+model's is the built-in BPE, a local dir's is the one saved in it; a random-init model has none).
+
+`open_source` resolves the reference, loads the tokenizer and reads the model's config, each once and before
+any weight is read; `load_model` loads the weights of that same resolved reference. Neither reads model.source
+again, so nothing downstream re-resolves it.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Any
 
-from transformers import AutoTokenizer, GPT2Config
+from transformers import GPT2Config
 
-from ..data import corpus
-from ..io import ModelIOError, hub_unreachable, load, model_config, resolve
-from ..io import load_tokenizer as ref_tokenizer
-from ..model import RemovableGPT2LMHeadModel, check_gpt2_config, make_removable
-
-
-def _is_random(model_cfg) -> bool:
-    return model_cfg.source == "random"
-
-
-def check_available(model_cfg, cache_dir) -> None:
-    """Fail before any compute if the model or tokenizer cannot be had (cheap: no weights loaded)."""
-    if _is_random(model_cfg):
-        if not model_cfg.tokenizer:
-            raise ModelIOError("model.source=random needs model.tokenizer (e.g. builtin)")
-    else:
-        try:
-            resolve(model_cfg.source, cache_dir)
-        except ModelIOError as e:
-            raise ModelIOError(f"model.source={model_cfg.source!r} (model={model_cfg.name}): {e}") from None
-    tok = model_cfg.tokenizer
-    if tok and tok != "builtin" and not Path(tok).expanduser().is_dir() and (why := hub_unreachable()):
-        raise ModelIOError(f"model.tokenizer={tok!r} is not a local dir and {why}; use a local dir, "
-                           "model.tokenizer=builtin, or model.tokenizer=null for the model's own")
+from ..io import (
+    RANDOM,
+    ModelIOError,
+    ModelRef,
+    check_tokenizer,
+    load,
+    load_tokenizer,
+    model_config,
+    read_record,
+    resolve,
+)
+from ..model import RemovableGPT2LMHeadModel
 
 
-def load_tokenizer(model_cfg, cache_dir):
+@dataclass(frozen=True)
+class ModelSource:
+    """A training run's model, checked and not yet loaded."""
+
+    ref: ModelRef  # model.source, resolved
+    tokenizer: Any  # the run's tokenizer, checked against the model
+    config: GPT2Config  # the model's config: depth, context length, vocabulary
+
+
+def open_source(model_cfg, cache_dir) -> ModelSource:
+    """Fail before any compute if the model or its tokenizer cannot be had or do not belong together (cheap:
+    no weights loaded)."""
+    try:
+        ref = resolve(model_cfg.source, cache_dir, shape=model_cfg.shape)
+    except ModelIOError as e:
+        raise ModelIOError(f"model.source={model_cfg.source!r} (model={model_cfg.name}): {e}") from None
+    tokenizer = _tokenizer(model_cfg, ref)
+    config = model_config(ref, revision=model_cfg.revision, tokenizer=tokenizer)
+    check_tokenizer(config, tokenizer, read_record(ref), where=f"model={model_cfg.name} ({model_cfg.source})",
+                    untrained=ref.kind == RANDOM)
+    return ModelSource(ref, tokenizer, config)
+
+
+def _tokenizer(model_cfg, ref: ModelRef):
     name = model_cfg.tokenizer
-    if name == "builtin":
-        return corpus.load_tokenizer()
     if name:
-        tok = AutoTokenizer.from_pretrained(name)
+        try:
+            tok = load_tokenizer(name)
+        except ModelIOError as e:
+            raise ModelIOError(f"model.tokenizer={name!r}: {e}; use a local dir, model.tokenizer=builtin, or "
+                               "model.tokenizer=null for the model's own") from None
     else:
-        tok = ref_tokenizer(resolve(model_cfg.source, cache_dir))
+        tok = load_tokenizer(ref)
         if tok is None:
-            raise ModelIOError(f"model {model_cfg.source!r} carries no tokenizer: set model.tokenizer")
+            raise ModelIOError(f"model {model_cfg.source!r} carries no tokenizer: set model.tokenizer (e.g. builtin)")
     if tok.eos_token_id is None:
         raise ModelIOError(f"tokenizer of model={model_cfg.name!r} has no end-of-text (eos) token")
     return tok
 
 
-def gpt2_config(model_cfg, cache_dir, tokenizer=None) -> GPT2Config:
-    """The model's config without loading weights (for early checks: context length, depth)."""
-    if _is_random(model_cfg):
-        special = {}
-        if tokenizer is not None:
-            special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
-                       "eos_token_id": tokenizer.eos_token_id}
-        cfg = GPT2Config(**{**special, **dict(model_cfg.shape)})
-        check_gpt2_config(cfg)
-        return cfg
-    return model_config(model_cfg.source, cache_dir, revision=model_cfg.revision)
-
-
-def load_model(model_cfg, cache_dir, tokenizer) -> RemovableGPT2LMHeadModel:
-    if _is_random(model_cfg):
-        cfg = gpt2_config(model_cfg, cache_dir, tokenizer)
-        cfg._attn_implementation = model_cfg.attn_implementation
-        p = model_cfg.dropout
-        overrides = {} if p is None else {k: p for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
-        return make_removable(cfg, **overrides)
-    model, _ = load(model_cfg.source, cache_dir, removable=True, revision=model_cfg.revision,
+def load_model(source: ModelSource, model_cfg) -> RemovableGPT2LMHeadModel:
+    """The removable model to fine-tune, in training mode (a random-init model: initialised now)."""
+    model, _ = load(source.ref, removable=True, revision=model_cfg.revision, tokenizer=source.tokenizer,
                     attn_implementation=model_cfg.attn_implementation, dropout=model_cfg.dropout)
     return model.train()

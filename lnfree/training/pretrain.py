@@ -24,7 +24,15 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..analysis.family import val_min
 from ..export import export_hf
-from ..io import BUILTIN_PREFIX, ModelIOError, builtin_dir, model_from_checkpoint, read_checkpoint
+from ..io import (
+    BUILTIN_PREFIX,
+    BUILTIN_TOKENIZER,
+    RANDOM,
+    ModelIOError,
+    builtin_dir,
+    model_from_checkpoint,
+    read_checkpoint,
+)
 from ..paths import CONF_DIR, RUN_SUMMARY
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .train import ConfigError, train
@@ -55,7 +63,7 @@ def pretrain(cfg: DictConfig) -> Path:
     out = Path(cfg.paths.output_dir)
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
-        run_cfg.model.source, run_cfg.model.tokenizer = "random", "builtin"
+        run_cfg.model.source, run_cfg.model.tokenizer = RANDOM, BUILTIN_TOKENIZER
         run_cfg.ckpt_path = _resume_point(out, cfg)
         if (out / RUN_SUMMARY).exists():
             run_cfg.skip_if_done = True  # a finished run (same config) is not trained again

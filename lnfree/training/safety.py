@@ -43,10 +43,11 @@ from ..data.streams import DATA_FAULTS
 from ..errors import UserError
 from ..io import CKPT_MODEL_CONFIG, EXPORT_TMP, RUN_INFO, TEMPORARY, raise_storage_error, read_checkpoint
 from ..paths import RUN_SUMMARY
+from .loggers import CSV_DIR
 
 CKPT_TMP = ".{name}.tmp-{pid}"  # a checkpoint being written (renamed into place when whole)
 LOCK_FILE = ".lnfree.lock"  # in the output dir while a run uses it: {"pid", "host", "started", "command"}
-RUN_FILES = (RUN_SUMMARY, "checkpoints", "export", "csv", DATA_FAULTS, "wandb")  # what a run writes
+RUN_FILES = (RUN_SUMMARY, "checkpoints", "export", CSV_DIR, DATA_FAULTS, "wandb")  # what a run writes
 SITE_STATE = (".running", ".sigma")  # site buffers that are NaN by design (no estimate yet / still real)
 
 

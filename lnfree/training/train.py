@@ -4,9 +4,11 @@
     python -m lnfree.train model=gpt2_medium schedule=fast hardware=gpu
     python -m lnfree.train -m schedule=none,fast             # a sweep: one job (and W&B run) each
 
-`train(cfg)` is a plain function (tests call it with a composed config); everything is checked before
-any weights are loaded. A run writes into its output dir: checkpoints/ (periodic, last, on-exception),
-csv/metrics.csv, summary.json, export/hf/ (stock-loadable) and export/folded/ (when every site is removed).
+`train(cfg)` is a plain function (tests call it with a composed config): check_config (everything that needs no
+weights and no data; the model reference is resolved once, there), claim_output_dir (the run-dir policy),
+build (assembly), fit and finalize (exports, summary, model cards, hub push). A run writes into its output dir:
+checkpoints/ (periodic, last, on-exception), csv/metrics.csv, summary.json, export/hf/ (stock-loadable) and
+export/folded/ (when every site is removed).
 """
 
 from __future__ import annotations
@@ -16,7 +18,9 @@ import math
 import shutil
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import hydra
 import lightning as L
@@ -29,7 +33,7 @@ from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
 from ..errors import UserError, user_errors_as_messages
 from ..export import export_folded, export_hf, logits_error, staging_dir
 from ..hub import check_push, push_exports
-from ..io import EXPORT_TMP, RUN_SUMMARY, check_tokenizer, model_from_checkpoint, read_checkpoint, read_record
+from ..io import EXPORT_TMP, RUN_SUMMARY, model_from_checkpoint, read_checkpoint
 from ..lora import MERGE_TOL, apply_lora, has_lora, lora_settings, merged_copy, trainable_parameters
 from ..model import non_embedding_params
 from ..model_card import write_model_cards
@@ -41,7 +45,7 @@ from .config import check_limits
 from .console import quiet_third_party, run_console
 from .hardware import grad_accumulation, make_strategy, world_size
 from .loggers import finish_wandb, log_run_artifacts, make_loggers, run_name
-from .model_source import check_available, gpt2_config, load_model, load_tokenizer
+from .model_source import ModelSource, load_model, open_source
 from .module import LNFreeModule
 from .progress import StepProgressBar
 from .safety import (
@@ -65,28 +69,36 @@ class ExportFailed(RuntimeError):
     pass
 
 
-def check_config(cfg: DictConfig):
-    """Every check that needs no weights and no data: returns (events, n_layer, grad_accumulation, tokenizer)."""
+@dataclass(frozen=True)
+class Plan:
+    """What check_config found, before any weight or data is read."""
+
+    source: ModelSource  # the model reference, resolved once, with its tokenizer and config
+    events: list  # the removal schedule
+    accum: int  # gradient accumulation
+    step_tokens: int  # tokens per optimizer step
+    n_layer: int  # the model's depth
+
+
+def check_config(cfg: DictConfig) -> Plan:
+    """Every check that needs no weights and no data."""
     check_limits(cfg)  # impossible numbers first: nothing else is read before they are refused
-    check_available(cfg.model, cfg.paths.cache_dir)
     # the tokenizer (small files: no data, no weights) is checked against the model here and used by the run;
     # a random-init model takes its vocabulary from it
-    tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
-    mcfg = gpt2_config(cfg.model, cfg.paths.cache_dir, tok)
-    random_init = cfg.model.source == "random"
-    record = None if random_init else read_record(cfg.model.source, cfg.paths.cache_dir)
-    check_tokenizer(mcfg, tok, record, where=f"model={cfg.model.name} ({cfg.model.source})", untrained=random_init)
+    source = open_source(cfg.model, cfg.paths.cache_dir)
+    mcfg = source.config
     if cfg.data.block_size > mcfg.n_positions:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context "
                           f"n_positions={mcfg.n_positions}")
     events = validate(cfg.schedule, mcfg.n_layer, cfg.trainer.max_steps)
     accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size,
                               world_size(cfg.hardware))
+    plan = Plan(source, events, accum, tokens_per_step(cfg, accum), mcfg.n_layer)
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
             raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
         # opened with weights_only (a checkpoint holding code is refused, unrun) and compared with the config
-        check_resume(cfg.ckpt_path, mcfg, tokens_per_step(cfg, accum), events)
+        check_resume(cfg.ckpt_path, mcfg, plan.step_tokens, events)
     make_strategy(cfg.hardware)  # raises for an impossible strategy
     if cfg.push_to_hub:
         if not cfg.export:
@@ -94,7 +106,7 @@ def check_config(cfg: DictConfig):
         check_push(cfg.push_to_hub)
     if cfg.data.on_bad_row not in BAD_ROW_POLICIES:
         raise ConfigError(f"data.on_bad_row={cfg.data.on_bad_row!r}; use one of {BAD_ROW_POLICIES}")
-    return events, mcfg.n_layer, accum, tok
+    return plan
 
 
 def tokens_per_step(cfg, accum: int) -> int:
@@ -112,34 +124,81 @@ def experiment_name(cfg) -> str:
     return run_name(cfg.model.name, cfg.schedule.name, cfg.seed, cfg.finetune.name, extra)
 
 
+# -- the run: checked, its directory claimed, built, fitted, finalized -----------------------------------
 @guarded_run  # releases the run-dir lock however train() ends; SIGTERM / SIGINT exit 143 / 130
 def train(cfg: DictConfig) -> dict:
     """Run one fine-tuning job; returns the summary (also written to summary.json)."""
     t0 = time.time()
     quiet_third_party()
-    events, n_layer, accum, tokenizer = check_config(cfg)
+    plan = check_config(cfg)
     out = Path(cfg.paths.output_dir)
     done = _finished_run(out, cfg) if cfg.skip_if_done else None
     if done is not None:
         print(f"[lnfree] {out} already holds this run, finished (skip_if_done=true): not run again")
         return done
-    acquire_run_lock(out)  # one run per directory, before the output-dir check (two runs started together)
-    remove_leftovers(out)  # what a killed run left half-written (.export.tmp, .<ckpt>.tmp-<pid>)
+    claim_output_dir(out, cfg)
+    with run_console(out):
+        run = build(cfg, plan, out)
+        try:
+            val_before, val_after = fit(cfg, run)
+            return finalize(cfg, plan, run, val_before, val_after, t0) if run.trainer.is_global_zero else None
+        finally:
+            finish_wandb()
+
+
+def claim_output_dir(out: Path, cfg) -> None:
+    """The run-dir policy: one run per directory, what a killed run left half-written removed, and a directory
+    holding another run refused unless this run resumes it or overwrite=true."""
+    acquire_run_lock(out)  # before the output-dir check (two runs started together)
+    remove_leftovers(out)  # .export.tmp, .<ckpt>.tmp-<pid>
     check_output_dir(out, cfg.ckpt_path, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
-    with run_console(out):
-        return _run(cfg, out, events, n_layer, accum, tokenizer, t0)
 
 
-def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, tokenizer, t0: float) -> dict:
-    """The run itself, once the config, the model reference and the output dir are checked."""
+@dataclass
+class Run:
+    """A run assembled by `build`: what `fit` and `finalize` work on."""
+
+    out: Path
+    name: str
+    resolved: dict  # the config with every interpolation resolved (the summary's and the loggers' record)
+    datamodule: Any
+    module: LNFreeModule
+    trainer: L.Trainer
+    removal: LNRemovalCallback
+    throughput: Throughput
+    loggers: list
+    n_trainable: int
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out / "checkpoints"
+
+
+def build(cfg: DictConfig, plan: Plan, out: Path) -> Run:
+    """Assembly: the data (read now: bad data fails before the model is loaded), the model, the Lightning module,
+    loggers, callbacks and trainer."""
     print(f"[lnfree] writing to {out.resolve()}")
     L.seed_everything(cfg.seed, workers=True)
+    datamodule = instantiate(cfg.data, tokenizer=plan.source.tokenizer, faults_file=str(out / DATA_FAULTS),
+                             _convert_="all")
+    datamodule.setup("fit")
+    model, n_trainable = _model(cfg, plan)
+    run_info = {"tokens_per_step": plan.step_tokens, "events": [[e.name, e.step] for e in plan.events]}
+    module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps,
+                          compile=cfg.model.compile, lr_scale=cfg.finetune.lr_scale, run_info=run_info)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    name = experiment_name(cfg)
+    loggers = make_loggers(cfg.logger, str(out), name, resolved, resumed=bool(cfg.ckpt_path))
+    removal = LNRemovalCallback(plan.events, momentum=cfg.schedule.momentum)
+    throughput = Throughput(plan.step_tokens)
+    trainer = _trainer(cfg, plan.accum, out, loggers, _callbacks(cfg, out, removal, throughput))
+    return Run(out, name, resolved, datamodule, module, trainer, removal, throughput, loggers, n_trainable)
 
-    datamodule = instantiate(cfg.data, tokenizer=tokenizer, faults_file=str(out / DATA_FAULTS), _convert_="all")
-    datamodule.setup("fit")  # reads the data now: bad data fails before the model is loaded
 
-    model = load_model(cfg.model, cfg.paths.cache_dir, tokenizer)
+def _model(cfg: DictConfig, plan: Plan):
+    """(the removable model to fine-tune, its number of trained parameters)."""
+    model = load_model(plan.source, cfg.model)
     special = special_kinds(cfg.schedule)
     model.config.lnfree_special_bos, model.config.lnfree_special_eot = special["bos"], special["eot"]
     if cfg.finetune.kind == "lora":
@@ -150,16 +209,11 @@ def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, tokenizer
           "trainer.keep_at_end)")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    step_tokens = tokens_per_step(cfg, accum)
-    run_info = {"tokens_per_step": step_tokens, "events": [[e.name, e.step] for e in events]}
-    module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps,
-                          compile=cfg.model.compile, lr_scale=cfg.finetune.lr_scale, run_info=run_info)
-    removal = LNRemovalCallback(events, momentum=cfg.schedule.momentum)
-    resolved = OmegaConf.to_container(cfg, resolve=True)
-    name = experiment_name(cfg)
-    loggers = make_loggers(cfg.logger, str(out), name, resolved, resumed=bool(cfg.ckpt_path))
+    return model, n_trainable
+
+
+def _callbacks(cfg: DictConfig, out: Path, removal, throughput) -> list:
     ckpt_dir = out / "checkpoints"
-    throughput = Throughput(step_tokens)
     callbacks = [
         DivergenceGuard(cfg.trainer.max_loss, ckpt_dir),
         removal,
@@ -171,7 +225,11 @@ def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, tokenizer
     ]
     if cfg.trainer.progress_bar:
         callbacks.append(StepProgressBar(throughput))
-    trainer = L.Trainer(
+    return callbacks
+
+
+def _trainer(cfg: DictConfig, accum: int, out: Path, loggers: list, callbacks: list) -> L.Trainer:
+    return L.Trainer(
         accelerator=cfg.hardware.accelerator, devices=cfg.hardware.devices, num_nodes=cfg.hardware.num_nodes,
         strategy=make_strategy(cfg.hardware), precision=cfg.hardware.precision,
         max_steps=cfg.trainer.max_steps, accumulate_grad_batches=accum,
@@ -182,64 +240,79 @@ def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, tokenizer
         default_root_dir=str(out), enable_model_summary=False, num_sanity_val_steps=0,
         plugins=[SafeCheckpointIO()],
     )
+
+
+def fit(cfg: DictConfig, run: Run) -> tuple[float | None, float]:
+    """Fitting: (validation CE before (trainer.validate_before; not on a resumed run), validation CE after)."""
+    val_before = None
+    if cfg.trainer.validate_before and not cfg.ckpt_path:
+        val_before = _validate(run)
+    run.trainer.fit(run.module, datamodule=run.datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
+    if run.trainer.interrupted:  # Lightning handled a Ctrl-C (CheckpointOnException printed how to resume)
+        raise KeyboardInterrupt(f"training interrupted at step {run.trainer.global_step}")
+    return val_before, _validate(run)
+
+
+def _validate(run: Run) -> float:
+    return run.trainer.validate(run.module, datamodule=run.datamodule, verbose=False)[0]["val/ce"]
+
+
+def finalize(cfg: DictConfig, plan: Plan, run: Run, val_before, val_after: float, t0: float) -> dict:
+    """On rank 0 after fitting: the final model, its exports, summary.json, the model cards, the loggers'
+    artifacts, the hub push, the checkpoints kept and the training-curve figure. An export error is raised
+    after the summary (which records it) is written."""
+    out = run.out
+    final, merge_error = _final_model(run.trainer, run.module, cfg, run.ckpt_dir, run.datamodule)
+    exports, export_error = {}, None
     try:
-        val_before = None
-        if cfg.trainer.validate_before and not cfg.ckpt_path:
-            val_before = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ce"]
-        trainer.fit(module, datamodule=datamodule, ckpt_path=cfg.ckpt_path, weights_only=True)
-        if trainer.interrupted:  # Lightning handled a Ctrl-C (CheckpointOnException printed how to resume)
-            raise KeyboardInterrupt(f"training interrupted at step {trainer.global_step}")
-        val_after = trainer.validate(module, datamodule=datamodule, verbose=False)[0]["val/ce"]
-        summary = None
-        if trainer.is_global_zero:
-            final, merge_error = _final_model(trainer, module, cfg, ckpt_dir, datamodule)
-            export_error = None
-            try:
-                exports = _export(final, tokenizer, out, datamodule) if cfg.export else {}
-            except Exception as e:  # noqa: BLE001  (the summary is written first, then the error is raised)
-                exports, export_error = {}, f"{type(e).__name__}: {e}"
-            summary = {
-                "val_ce": val_after,
-                "val_ce_before": val_before,
-                "n_params": sum(p.numel() for p in final.parameters()),
-                "n_params_non_embedding": non_embedding_params(final),
-                "n_layer": n_layer,
-                "steps": trainer.global_step,
-                "tokens_per_step": step_tokens,
-                "tokens_seen": int(module.tokens_seen),
-                "finetune": cfg.finetune.kind,
-                "trainable_params": n_trainable,
-                "lora_merge_error": merge_error,
-                "all_removed": not final.real_sites(),
-                "removed_sites": final.removed_sites(),
-                "events": removal.applied,
-                "sigmas": final.sigmas(),
-                "world_size": trainer.world_size,
-                "rank_checks": removal.rank_checks,  # event steps where every rank held the same sigmas
-                "exports": exports,
-                "export_error": export_error,
-                "data_faults": datamodule.faults_seen(),
-                "wall_time_s": round(time.time() - t0, 1),
-                "train_tokens_per_s": throughput.tokens_per_s,
-                "output_dir": str(out.resolve()),
-                "config": resolved,
-            }
-            (out / RUN_SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
-            write_model_cards(out / "export", json.loads(json.dumps(summary, default=_json_default)))
-            log_run_artifacts(loggers, out, name)
-            if cfg.push_to_hub and exports:
-                print(f"[lnfree] pushed the exports to {push_exports(out, cfg.push_to_hub, cfg.hub_private)}")
-            if not export_error:
-                _keep_at_end(ckpt_dir, cfg.trainer.keep_at_end)
-            figure = _plot_run(out, name)
-            print(f"[lnfree] val CE {_fmt(val_before)} -> {val_after:.4f}; {len(final.removed_sites())}/"
-                  f"{len(final.sites())} sites removed" + (f"; training curves: {figure}" if figure else ""))
-            print(_closing_line(out, exports))
-            if export_error:
-                raise ExportFailed(f"export failed (recorded in {out / RUN_SUMMARY}): {export_error}")
-        return summary
-    finally:
-        finish_wandb()
+        exports = _export(final, plan.source.tokenizer, out, run.datamodule) if cfg.export else {}
+    except Exception as e:  # noqa: BLE001  (the summary is written first, then the error is raised)
+        export_error = f"{type(e).__name__}: {e}"
+    summary = _summary(plan, run, final, val_before, val_after, merge_error, exports, export_error, t0)
+    (out / RUN_SUMMARY).write_text(json.dumps(summary, indent=1, default=_json_default))
+    write_model_cards(out / "export", json.loads(json.dumps(summary, default=_json_default)))
+    log_run_artifacts(run.loggers, out, run.name)
+    if cfg.push_to_hub and exports:
+        print(f"[lnfree] pushed the exports to {push_exports(out, cfg.push_to_hub, cfg.hub_private)}")
+    if not export_error:
+        _keep_at_end(run.ckpt_dir, cfg.trainer.keep_at_end)
+    figure = _plot_run(out, run.name)
+    print(f"[lnfree] val CE {_fmt(val_before)} -> {val_after:.4f}; {len(final.removed_sites())}/"
+          f"{len(final.sites())} sites removed" + (f"; training curves: {figure}" if figure else ""))
+    print(_closing_line(out, exports))
+    if export_error:
+        raise ExportFailed(f"export failed (recorded in {out / RUN_SUMMARY}): {export_error}")
+    return summary
+
+
+def _summary(plan: Plan, run: Run, final, val_before, val_after, merge_error, exports, export_error,
+             t0: float) -> dict:
+    return {
+        "val_ce": val_after,
+        "val_ce_before": val_before,
+        "n_params": sum(p.numel() for p in final.parameters()),
+        "n_params_non_embedding": non_embedding_params(final),
+        "n_layer": plan.n_layer,
+        "steps": run.trainer.global_step,
+        "tokens_per_step": plan.step_tokens,
+        "tokens_seen": int(run.module.tokens_seen),
+        "finetune": run.resolved["finetune"]["kind"],
+        "trainable_params": run.n_trainable,
+        "lora_merge_error": merge_error,
+        "all_removed": not final.real_sites(),
+        "removed_sites": final.removed_sites(),
+        "events": run.removal.applied,
+        "sigmas": final.sigmas(),
+        "world_size": run.trainer.world_size,
+        "rank_checks": run.removal.rank_checks,  # event steps where every rank held the same sigmas
+        "exports": exports,
+        "export_error": export_error,
+        "data_faults": run.datamodule.faults_seen(),
+        "wall_time_s": round(time.time() - t0, 1),
+        "train_tokens_per_s": run.throughput.tokens_per_s,
+        "output_dir": str(run.out.resolve()),
+        "config": run.resolved,
+    }
 
 
 def checkpoint_bytes(n_params: int, n_trainable: int) -> int:
