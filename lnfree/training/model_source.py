@@ -1,21 +1,22 @@
 """The model and tokenizer a training config asks for (`conf/model/`), through lnfree.io.
 
 model.source is a model reference that lnfree.io resolves (builtin:<name>, hub name, HF dir, removable dir,
-.ckpt) or "random" (a fresh GPT2Config(**model.shape), e.g. to pretrain the built-in family). model.tokenizer
-is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own: a built-in model's is the built-in
-BPE, a local dir's is the one saved in it).
+.ckpt) or "random" (a fresh config from model.shape, whose model_type names the family: e.g. to pretrain the
+built-in family). model.tokenizer is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own: a
+built-in model's is the built-in BPE, a local dir's is the one saved in it).
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from transformers import AutoTokenizer, GPT2Config
+from transformers import AutoConfig, AutoTokenizer, PretrainedConfig
 
 from ..data import corpus
+from ..families import family
 from ..io import ModelIOError, hub_unreachable, load, model_config, resolve
 from ..io import load_tokenizer as ref_tokenizer
-from ..model import RemovableGPT2LMHeadModel, check_gpt2_config, make_removable
+from ..model import RemovableModel, make_removable
 
 
 def _is_random(model_cfg) -> bool:
@@ -53,25 +54,27 @@ def load_tokenizer(model_cfg, cache_dir):
     return tok
 
 
-def gpt2_config(model_cfg, cache_dir, tokenizer=None) -> GPT2Config:
-    """The model's config without loading weights (for early checks: context length, depth)."""
+def source_config(model_cfg, cache_dir, tokenizer=None) -> PretrainedConfig:
+    """The model's config without loading weights (for early checks: context length, depth). For source=random,
+    model.shape holds the config fields, with `model_type` (default gpt2) naming the family (lnfree.families)."""
     if _is_random(model_cfg):
         special = {}
         if tokenizer is not None:
             special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
                        "eos_token_id": tokenizer.eos_token_id}
-        cfg = GPT2Config(**{**special, **dict(model_cfg.shape)})
-        check_gpt2_config(cfg)
+        fields = {**special, **dict(model_cfg.shape)}
+        cfg = AutoConfig.for_model(fields.pop("model_type", "gpt2"), **fields)
+        family(cfg)  # refuses an unsupported family, naming the supported ones
         return cfg
     return model_config(model_cfg.source, cache_dir, revision=model_cfg.revision)
 
 
-def load_model(model_cfg, cache_dir, tokenizer) -> RemovableGPT2LMHeadModel:
+def load_model(model_cfg, cache_dir, tokenizer) -> RemovableModel:
     if _is_random(model_cfg):
-        cfg = gpt2_config(model_cfg, cache_dir, tokenizer)
+        cfg = source_config(model_cfg, cache_dir, tokenizer)
         cfg._attn_implementation = model_cfg.attn_implementation
         p = model_cfg.dropout
-        overrides = {} if p is None else {k: p for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop")}
+        overrides = {} if p is None else {k: p for k in family(cfg).dropout_fields()}
         return make_removable(cfg, **overrides)
     model, _ = load(model_cfg.source, cache_dir, removable=True, revision=model_cfg.revision,
                     attn_implementation=model_cfg.attn_implementation, dropout=model_cfg.dropout)

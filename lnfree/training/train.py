@@ -28,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
 from ..errors import UserError, user_errors_as_messages
 from ..export import export_folded, export_hf, logits_error, staging_dir
+from ..families import family
 from ..hub import check_push, push_exports
 from ..io import EXPORT_TMP, RUN_SUMMARY, check_tokenizer, model_from_checkpoint, read_checkpoint, read_record
 from ..lora import MERGE_TOL, apply_lora, has_lora, lora_settings, merged_copy, trainable_parameters
@@ -41,7 +42,7 @@ from .config import check_limits
 from .console import quiet_third_party, run_console
 from .hardware import grad_accumulation, make_strategy, world_size
 from .loggers import finish_wandb, log_run_artifacts, make_loggers, run_name
-from .model_source import check_available, gpt2_config, load_model, load_tokenizer
+from .model_source import check_available, load_model, load_tokenizer, source_config
 from .module import LNFreeModule
 from .progress import StepProgressBar
 from .safety import (
@@ -72,14 +73,15 @@ def check_config(cfg: DictConfig):
     # the tokenizer (small files: no data, no weights) is checked against the model here and used by the run;
     # a random-init model takes its vocabulary from it
     tok = load_tokenizer(cfg.model, cfg.paths.cache_dir)
-    mcfg = gpt2_config(cfg.model, cfg.paths.cache_dir, tok)
+    mcfg = source_config(cfg.model, cfg.paths.cache_dir, tok)
+    dims = family(mcfg).dims(mcfg)
     random_init = cfg.model.source == "random"
     record = None if random_init else read_record(cfg.model.source, cfg.paths.cache_dir)
     check_tokenizer(mcfg, tok, record, where=f"model={cfg.model.name} ({cfg.model.source})", untrained=random_init)
-    if cfg.data.block_size > mcfg.n_positions:
+    if cfg.data.block_size > dims.n_ctx:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context "
-                          f"n_positions={mcfg.n_positions}")
-    events = validate(cfg.schedule, mcfg.n_layer, cfg.trainer.max_steps)
+                          f"n_positions={dims.n_ctx}")
+    events = validate(cfg.schedule, dims.n_layer, cfg.trainer.max_steps)
     accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size,
                               world_size(cfg.hardware))
     if cfg.ckpt_path:
@@ -94,7 +96,7 @@ def check_config(cfg: DictConfig):
         check_push(cfg.push_to_hub)
     if cfg.data.on_bad_row not in BAD_ROW_POLICIES:
         raise ConfigError(f"data.on_bad_row={cfg.data.on_bad_row!r}; use one of {BAD_ROW_POLICIES}")
-    return events, mcfg.n_layer, accum, tok
+    return events, dims.n_layer, accum, tok
 
 
 def tokens_per_step(cfg, accum: int) -> int:

@@ -1,0 +1,108 @@
+"""GPT-2 (GPT2LMHeadModel): LayerNorm with beta; ln_1 read by the fused c_attn (Conv1D [d, 3d]: Q | K | V)."""
+
+from __future__ import annotations
+
+from transformers import GPT2Config, GPT2LMHeadModel
+
+from ..norm import RemovableLayerNorm, SplitLayerNorm, SplitQKVProjection
+from .base import GPT2_ALIASES, Dims, Family, RemovableMixin, sigma
+
+
+def check_gpt2_config(config):
+    if getattr(config, "model_type", None) != "gpt2":
+        raise ValueError(
+            f"not a GPT-2-architecture config; got model_type={getattr(config, 'model_type', None)!r} "
+            f"({type(config).__name__})"
+        )
+    if getattr(config, "add_cross_attention", False):
+        raise ValueError("GPT-2 with cross-attention is not supported")
+
+
+class GPT2Family(Family):
+    name = "gpt2"
+    model_types = ("gpt2",)
+    centre = True
+    eps_field = "layer_norm_epsilon"
+    site_names = {generic: alias for alias, generic in GPT2_ALIASES.items()}  # ln2, ln1qk, ln1v, lnf
+    shape_fields = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+    lora_targets = ("c_attn", "c_proj", "c_fc")
+    block_class = "GPT2Block"
+
+    def check(self, config):
+        check_gpt2_config(config)
+
+    def dims(self, c) -> Dims:
+        return Dims(c.n_layer, c.n_embd, c.n_head, c.n_positions, c.layer_norm_epsilon)
+
+    def dropout_fields(self):
+        return ("resid_pdrop", "embd_pdrop", "attn_pdrop")
+
+    def stock_class(self, config):
+        return GPT2LMHeadModel
+
+    def removable_class(self, config):
+        return RemovableGPT2LMHeadModel
+
+    def blocks(self, model):
+        return list(model.transformer.h)
+
+    def attn_norm(self, block):
+        return block.ln_1
+
+    def mlp_norm(self, block):
+        return block.ln_2
+
+    def final_norm(self, model):
+        return model.transformer.ln_f
+
+    def install(self, model, ctx):
+        d, eps = model.config.n_embd, model.config.layer_norm_epsilon
+        for block in model.transformer.h:
+            block.ln_1 = SplitLayerNorm(d, eps, ctx)
+            block.attn.c_attn = SplitQKVProjection(d, block.ln_1)
+            block.ln_2 = RemovableLayerNorm(d, eps, ctx)
+        model.transformer.ln_f = RemovableLayerNorm(d, eps, ctx)
+
+    def embedding_params(self, model):
+        t = model.transformer  # wte is tied to the unembedding
+        return t.wte.weight.numel() + t.wpe.weight.numel()
+
+    def stock_state_dict(self, model, sd, scale):
+        d = model.config.n_embd
+        for i, block in enumerate(model.transformer.h):
+            p = f"transformer.h.{i}."
+            s_qk, s_v = sigma(block.ln_1.qk), sigma(block.ln_1.v)
+            sd[p + "ln_1.weight"] *= scale / s_v
+            # the one ln_1 now divides by s_v; rescale Q,K columns by r = s_v / s_qk and correct the bias
+            # so that (x_v-form) @ (r W_qk) + b' == (x_qk-form) @ W_qk + b   exactly
+            r = s_v / s_qk
+            w_qk = sd[p + "attn.c_attn.weight"][:, : 2 * d]
+            sd[p + "attn.c_attn.bias"][: 2 * d] += (1 - r) * (sd[p + "ln_1.bias"] @ w_qk)
+            sd[p + "attn.c_attn.weight"][:, : 2 * d] = r * w_qk
+            sd[p + "ln_2.weight"] *= scale / sigma(block.ln_2.site)
+        sd["transformer.ln_f.weight"] *= scale / sigma(model.transformer.ln_f.site)
+
+    def fold(self, model):
+        from ..export import fold_gpt2
+
+        return fold_gpt2(model)
+
+
+GPT2 = GPT2Family()
+
+
+class RemovableGPT2LMHeadModel(RemovableMixin, GPT2LMHeadModel):
+    """GPT-2 with removable norms. Extra config fields (saved with the model):
+    lnfree_special_bos / lnfree_special_eot: give position 0 / end-of-text tokens their own frozen sigma
+    until a `bos` / `eot` event (default False, as in the published runs).
+    """
+
+    family = GPT2
+
+    def __init__(self, config: GPT2Config):
+        check_gpt2_config(config)
+        super().__init__(config)
+        self._setup_removable()
+        self.post_init()
+
+
