@@ -275,3 +275,28 @@ def test_unsupported_families_are_refused_naming_the_supported_ones(config):
 def test_a_llama_option_the_adapter_does_not_cover_is_refused():
     with pytest.raises(UnsupportedFamily, match="mlp_bias"):
         make_removable(LlamaConfig(**SMALL, **LLAMA_LIKE, mlp_bias=True))
+
+
+# -- training: a whole run per family, and a resume across removal events ---------------------------------
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["tiny_llama", "tiny_neox"])
+def test_training_run_removes_every_site_exports_and_resumes_exactly(name, tmp_path, monkeypatch):
+    from conftest import TINY_RUN, compose_train, train_until_crash
+
+    from lnfree.io import read_checkpoint
+    from lnfree.training.train import train
+
+    args = [a for a in TINY_RUN if not a.startswith("model=")] + [f"model={name}"]
+    full = train(compose_train(tmp_path / "full", *args))
+    assert full["all_removed"] and full["removed_sites"][-1] == "final"
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "full" / "export" / "hf")
+    assert getattr(stock.config, "rms_norm_eps", getattr(stock.config, "layer_norm_eps", None)) == HF_EPS
+    assert (tmp_path / "full" / "export" / "folded" / "folded.safetensors").exists()
+
+    ckpt = train_until_crash(compose_train(tmp_path / "part", *args), monkeypatch, step=12)
+    done = [a["site"] for a in read_checkpoint(ckpt)["callbacks"]["LNRemovalCallback"]["applied"]]
+    assert done == ["pre_mlp.0", "pre_mlp.1", "attn_qk.0", "attn_qk.1", "attn_v.0"]  # mid-schedule
+    resumed = train(compose_train(tmp_path / "part", *args, f"ckpt_path={ckpt}"))
+    assert [(e["site"], e["step"]) for e in resumed["events"]] == [(e["site"], e["step"]) for e in full["events"]]
+    assert resumed["sigmas"] == pytest.approx(full["sigmas"], rel=1e-5)
+    assert resumed["val_ce"] == pytest.approx(full["val_ce"], abs=1e-4)
