@@ -25,10 +25,12 @@ from lnfree.export import HF_EPS, export_folded, export_hf
 from lnfree.families import UnsupportedFamily
 from lnfree.io import load
 from lnfree.model import make_removable
+from lnfree.norm import recording
 
 V = 97
 SMALL = dict(vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-             max_position_embeddings=64, bos_token_id=96, eos_token_id=96, tie_word_embeddings=False)
+             max_position_embeddings=64, bos_token_id=96, eos_token_id=96, tie_word_embeddings=False,
+             initializer_range=0.15)  # sharp attention: a wrong query/key scale shows in the logits
 LLAMA_LIKE = dict(num_key_value_heads=2, rms_norm_eps=1e-6, attention_dropout=0.0)
 NEOX = dict(rotary_pct=0.25, hidden_dropout=0.0, attention_dropout=0.0, layer_norm_eps=1e-5)
 CASES = {  # name: (stock class, config)
@@ -133,10 +135,20 @@ def removable(case):
     return model
 
 
+def advance(model, seed):
+    """New statistics for the sites still real (as training steps would bring), so that sigma_qk != sigma_v."""
+    with recording(model.token_context):
+        model(ids(4, 32, seed=seed) * (1 + seed % 3) % V)
+    model.commit_norm_stats(momentum=0.5)
+
+
 def all_removed(case):
     model = removable(case)
-    for name in model.sites():
+    for i, name in enumerate(model.sites()):
         model.remove(*_parse(name))
+        advance(model, seed=10 + i)
+    sig = model.sigmas()
+    assert sig["attn_qk.0"] != pytest.approx(sig["attn_v.0"], rel=1e-3)  # the QK/V ratio is not 1
     return model
 
 
@@ -154,8 +166,9 @@ def test_every_removal_stage_equals_the_by_hand_reference(case):
     assert names == [f"{k}.{i}" for k in ("pre_mlp", "attn_qk", "attn_v") for i in range(L)] + ["final"]
     x = ids()
     assert rel_err(logits(model, x), logits(reference(case, {}), x)) < 1e-5  # every site real
-    for name in names:  # one site more at each stage, in removal order
+    for i, name in enumerate(names):  # one site more at each stage, in removal order
         model.remove(*_parse(name))
+        advance(model, seed=10 + i)
         ref = reference(case, {n: s for n, s in model.sigmas().items() if s is not None})
         err = rel_err(logits(model, x), logits(ref, x))
         assert err < 1e-5, (name, err)
