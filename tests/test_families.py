@@ -313,3 +313,33 @@ def test_training_run_removes_every_site_exports_and_resumes_exactly(name, tmp_p
     assert [(e["site"], e["step"]) for e in resumed["events"]] == [(e["site"], e["step"]) for e in full["events"]]
     assert resumed["sigmas"] == pytest.approx(full["sigmas"], rel=1e-5)
     assert resumed["val_ce"] == pytest.approx(full["val_ce"], abs=1e-4)
+
+
+@pytest.mark.parametrize("case", ["llama", "qwen2", "neox"])
+def test_lora_on_the_attention_input_readers_reads_each_path_and_merges_exactly(case):
+    from lnfree.lora import apply_lora, merged_copy
+
+    model = all_removed(case) if case != "neox" else removable(case)
+    if case == "neox":  # a mid-removal model: the q/k path removed, the value path real
+        model.remove("attn_qk", 0)
+    targets = {"llama": ["q_proj", "k_proj", "v_proj", "down_proj"], "qwen2": ["q_proj", "v_proj"],
+               "neox": ["query_key_value", "dense_h_to_4h"]}[case]
+    before = {n: p.clone() for n, p in model.named_parameters()}
+    apply_lora(model, dict(r=4, alpha=8.0, dropout=0.0, target_modules=targets, train_norms=True))
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # peft starts B at zero (a no-op adapter); a random B makes a wrong formula show
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert any("lora_A" in n for n in trainable) and any("layernorm.weight" in n for n in trainable)
+    assert not trainable & set(before) - {n for n in before if "norm" in n}  # base weights frozen
+    x = ids()
+    adapted = logits(model.eval(), x)
+    merged = merged_copy(model)
+    assert rel_err(logits(merged, x), adapted) < 1e-5
+    # the update is real, and the merged model is a plain removable model again
+    assert rel_err(adapted, logits(make_removable(stock_model(case)), x)) > 1e-3
+    assert not any("lora" in n for n, _ in merged.named_parameters())
+    with pytest.raises(ValueError, match="not .* modules; this family's are"):
+        apply_lora(removable(case), dict(r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn"], train_norms=False))
