@@ -24,21 +24,16 @@ from pathlib import Path
 
 import torch
 
-from .errors import UserError
+from .errors import ExportError
 from .families import family
-from .families.base import sigma as _sigma
-from .folded import FoldedConfig, FoldedGPT2, save_folded
+from .folded import save_folded
 from .io import raise_storage_error, write_record
-from .model import RemovableGPT2LMHeadModel, RemovableModel
+from .model import RemovableModel
 
 HF_EPS = 1e12
 HF_SCALE = 1e6  # = sqrt(HF_EPS)
 HF_TOL = 1e-4
 FOLDED_TOL = 1e-5
-
-
-class ExportError(UserError):
-    pass
 
 
 def require_all_removed(model: RemovableModel, what: str):
@@ -162,54 +157,11 @@ def export_hf(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_
 
 
 # -- folded ------------------------------------------------------------------------------------------
-def _fold(weight, bias, gamma, beta, sigma):
-    """Fold (x - mean) / sigma * gamma + beta into a reader x @ W + b (Conv1D layout W: [d, out]).
-
-    W' = P diag(gamma / sigma) W   with P = I - 11^T/d the centring projector;  b' = b + beta W.
-    Returns the nn.Linear layout: weight [out, d], bias [out].
-    """
-    wg = (gamma / sigma)[:, None] * weight
-    w = wg - wg.mean(0, keepdim=True)  # P @ wg
-    b = beta @ weight + (0 if bias is None else bias)
-    return w.T, b
-
-
 @torch.no_grad()
 def fold(model: RemovableModel):
     """The truly norm-free form of an all-removed model (computed in float64, returned in fp32)."""
     require_all_removed(model, "folded export")
     return family(model.config).fold(model).float().eval()
-
-
-@torch.no_grad()
-def fold_gpt2(model: RemovableGPT2LMHeadModel) -> FoldedGPT2:
-    """GPT-2's folded form (FoldedGPT2, plain torch), in float64."""
-    c = model.config
-    if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn:
-        raise ExportError("folded export supports GPT-2's default attention only (scale 1/sqrt(d_head))")
-    d = c.n_embd
-    cfg = FoldedConfig(c.vocab_size, c.n_positions, d, c.n_layer, c.n_head, c.n_inner or 4 * d,
-                       c.activation_function)
-    folded = FoldedGPT2(cfg).double()
-    t = model.transformer
-    folded.wte.weight.copy_(t.wte.weight)
-    folded.wpe.weight.copy_(t.wpe.weight)
-    for src, dst in zip(t.h, folded.blocks):
-        ln1, attn, mlp = src.ln_1, src.attn, src.mlp
-        g, b = ln1.weight.double(), ln1.bias.double()
-        w, bias = attn.c_attn.weight.double(), attn.c_attn.bias.double()
-        wq, bq = _fold(w[:, : 2 * d], bias[: 2 * d], g, b, _sigma(ln1.qk))
-        wv, bv = _fold(w[:, 2 * d :], bias[2 * d :], g, b, _sigma(ln1.v))
-        dst.attn.qkv.weight.copy_(torch.cat([wq, wv])), dst.attn.qkv.bias.copy_(torch.cat([bq, bv]))
-        dst.attn.proj.weight.copy_(attn.c_proj.weight.T), dst.attn.proj.bias.copy_(attn.c_proj.bias)
-        wf, bf = _fold(mlp.c_fc.weight.double(), mlp.c_fc.bias.double(), src.ln_2.weight.double(),
-                       src.ln_2.bias.double(), _sigma(src.ln_2.site))
-        dst.mlp.fc.weight.copy_(wf), dst.mlp.fc.bias.copy_(bf)
-        dst.mlp.proj.weight.copy_(mlp.c_proj.weight.T), dst.mlp.proj.bias.copy_(mlp.c_proj.bias)
-    w_u = model.lm_head.weight.double().T  # [d, vocab]; tied to wte in GPT-2, untied here
-    wu, bu = _fold(w_u, None, t.ln_f.weight.double(), t.ln_f.bias.double(), _sigma(t.ln_f.site))
-    folded.lm_head.weight.copy_(wu), folded.lm_head.bias.copy_(bu)
-    return folded
 
 
 def export_folded(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_ids=None,

@@ -105,11 +105,32 @@ class FoldedGPT2(nn.Module):
         return self.lm_head(x)
 
 
+def _hf_folded(saved: dict) -> nn.Module:
+    """The HF class of a saved folded model, every norm named in `identity` an nn.Identity."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = dict(saved["hf_config"])
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = AutoModelForCausalLM.from_config(config)
+    for name in saved["identity"]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+    if saved["lm_head_bias"]:
+        model.set_output_embeddings(nn.Linear(config.hidden_size, config.vocab_size, bias=True))
+    return model
+
+
 def save_folded(model, out_dir: str | Path):
-    """A FoldedGPT2, or another family's folded HF model (its config is written under `hf_config`)."""
+    """A FoldedGPT2, or another family's folded HF model: its config, the names of its identity norms and whether
+    its unembedding has a bias, which is all load_folded needs to rebuild it (no lnfree family code)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    cfg = asdict(model.config) if isinstance(model, FoldedGPT2) else {"hf_config": model.config.to_dict()}
+    if isinstance(model, FoldedGPT2):
+        cfg = asdict(model.config)
+    else:
+        cfg = {"hf_config": model.config.to_dict(),
+               "identity": [name for name, m in model.named_modules() if isinstance(m, nn.Identity)],
+               "lm_head_bias": model.get_output_embeddings().bias is not None}
     (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
     (out / "config.json").write_text(json.dumps(HF_HINT, indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
@@ -118,13 +139,7 @@ def save_folded(model, out_dir: str | Path):
 def load_folded(path: str | Path, device="cpu"):
     saved = json.loads((Path(path) / CONFIG_FILE).read_text())
     if "hf_config" in saved:  # another family: its HF class with identity norms
-        from transformers import AutoConfig
-
-        from .families import family
-
-        hf = dict(saved["hf_config"])
-        config = AutoConfig.for_model(hf.pop("model_type"), **hf)
-        model = family(config).folded_model(config)
+        model = _hf_folded(saved)
     else:
         model = FoldedGPT2(FoldedConfig(**saved))
     model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))  # copied into the CPU model's parameters

@@ -343,3 +343,36 @@ def test_lora_on_the_attention_input_readers_reads_each_path_and_merges_exactly(
     assert not any("lora" in n for n, _ in merged.named_parameters())
     with pytest.raises(ValueError, match="not .* modules; this family's are"):
         apply_lora(removable(case), dict(r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn"], train_norms=False))
+
+
+# -- hub options --------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("name,n_layer", [("pythia_160m", 12), ("smollm_135m", 30)])
+def test_hub_experiments_follow_the_contiguous_rule(tmp_path, name, n_layer):
+    from conftest import compose_train
+
+    from lnfree.schedule import build_events
+    from lnfree.training import config as _config  # noqa: F401  (registers the schemas)
+
+    cfg = compose_train(tmp_path, f"experiment={name}")
+    events = build_events(cfg.schedule, n_layer, cfg.trainer.max_steps)
+    # standard: ln2 from 20 every 2, then ln1qk every 2, ln1v every 3, lnf right after, each kind over every block
+    assert events[-1].kind == "lnf" and events[-1].step == 20 + n_layer * (2 + 2 + 3)
+    assert events[-1].step < 0.4 * cfg.trainer.max_steps
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,source", [("pythia_160m", "EleutherAI/pythia-160m"),
+                                         ("smollm_135m", "HuggingFaceTB/SmolLM-135M")])
+def test_hub_options_fail_clearly_offline(tmp_path, name, source):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    out = subprocess.run([sys.executable, "-m", "lnfree.train", f"model={name}", f"hydra.run.dir={tmp_path / 'run'}"],
+                         capture_output=True, text=True, env=env, cwd=ROOT, timeout=300)
+    assert out.returncode == 2, out.stderr
+    assert "ModelIOError" in out.stderr and f"model.source='{source}'" in out.stderr
+    assert "Traceback" not in out.stderr + out.stdout and not (tmp_path / "run").exists()

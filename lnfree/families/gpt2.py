@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from ..errors import ExportError
+from ..folded import FoldedConfig, FoldedGPT2
 from ..norm import RemovableLayerNorm, SplitLayerNorm, SplitQKVProjection
 from .base import GPT2_ALIASES, Dims, Family, RemovableMixin, sigma
 
@@ -83,9 +86,51 @@ class GPT2Family(Family):
         sd["transformer.ln_f.weight"] *= scale / sigma(model.transformer.ln_f.site)
 
     def fold(self, model):
-        from ..export import fold_gpt2
-
         return fold_gpt2(model)
+
+
+# -- folded form -----------------------------------------------------------------------------------------
+def _fold(weight, bias, gamma, beta, sigma):
+    """Fold (x - mean) / sigma * gamma + beta into a reader x @ W + b (Conv1D layout W: [d, out]).
+
+    W' = P diag(gamma / sigma) W   with P = I - 11^T/d the centring projector;  b' = b + beta W.
+    Returns the nn.Linear layout: weight [out, d], bias [out].
+    """
+    wg = (gamma / sigma)[:, None] * weight
+    w = wg - wg.mean(0, keepdim=True)  # P @ wg
+    b = beta @ weight + (0 if bias is None else bias)
+    return w.T, b
+
+
+@torch.no_grad()
+def fold_gpt2(model: "RemovableGPT2LMHeadModel") -> FoldedGPT2:
+    """GPT-2's folded form (FoldedGPT2, plain torch), in float64."""
+    c = model.config
+    if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn:
+        raise ExportError("folded export supports GPT-2's default attention only (scale 1/sqrt(d_head))")
+    d = c.n_embd
+    cfg = FoldedConfig(c.vocab_size, c.n_positions, d, c.n_layer, c.n_head, c.n_inner or 4 * d,
+                       c.activation_function)
+    folded = FoldedGPT2(cfg).double()
+    t = model.transformer
+    folded.wte.weight.copy_(t.wte.weight)
+    folded.wpe.weight.copy_(t.wpe.weight)
+    for src, dst in zip(t.h, folded.blocks):
+        ln1, attn, mlp = src.ln_1, src.attn, src.mlp
+        g, b = ln1.weight.double(), ln1.bias.double()
+        w, bias = attn.c_attn.weight.double(), attn.c_attn.bias.double()
+        wq, bq = _fold(w[:, : 2 * d], bias[: 2 * d], g, b, sigma(ln1.qk))
+        wv, bv = _fold(w[:, 2 * d :], bias[2 * d :], g, b, sigma(ln1.v))
+        dst.attn.qkv.weight.copy_(torch.cat([wq, wv])), dst.attn.qkv.bias.copy_(torch.cat([bq, bv]))
+        dst.attn.proj.weight.copy_(attn.c_proj.weight.T), dst.attn.proj.bias.copy_(attn.c_proj.bias)
+        wf, bf = _fold(mlp.c_fc.weight.double(), mlp.c_fc.bias.double(), src.ln_2.weight.double(),
+                       src.ln_2.bias.double(), sigma(src.ln_2.site))
+        dst.mlp.fc.weight.copy_(wf), dst.mlp.fc.bias.copy_(bf)
+        dst.mlp.proj.weight.copy_(mlp.c_proj.weight.T), dst.mlp.proj.bias.copy_(mlp.c_proj.bias)
+    w_u = model.lm_head.weight.double().T  # [d, vocab]; tied to wte in GPT-2, untied here
+    wu, bu = _fold(w_u, None, t.ln_f.weight.double(), t.ln_f.bias.double(), sigma(t.ln_f.site))
+    folded.lm_head.weight.copy_(wu), folded.lm_head.bias.copy_(bu)
+    return folded
 
 
 GPT2 = GPT2Family()
