@@ -376,3 +376,22 @@ def test_hub_options_fail_clearly_offline(tmp_path, name, source):
     assert out.returncode == 2, out.stderr
     assert "ModelIOError" in out.stderr and f"model.source='{source}'" in out.stderr
     assert "Traceback" not in out.stderr + out.stdout and not (tmp_path / "run").exists()
+
+
+# -- interpretability -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("case", ["llama", "qwen2", "neox", "neox_sequential"])
+def test_dla_equals_the_direct_effect_once_the_final_norm_is_frozen(case, tmp_path):
+    from lnfree.analysis.interp.dla import dla_vs_de
+
+    x = ids(4, 16, seed=9)
+    real = removable(case)
+    u = real.lm_head.weight[x[:, -1]]  # each prompt's own last token, as the CLI does
+    r = dla_vs_de(real, x, u)
+    assert r["decomposition_error"] < 1e-4  # the components sum to the final residual, norm real or not
+    assert r["nmae_percent"] > 0.1  # a real final norm: DLA is not the direct effect
+    model = all_removed(case)
+    r = dla_vs_de(model, x, u)
+    assert r["decomposition_error"] < 1e-4 and r["nmae_percent"] < 1e-3
+    export_hf(model, tmp_path / "hf")  # the stock LN-free export (eps trick) reads the same
+    stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    assert dla_vs_de(stock, x, u)["nmae_percent"] < 1e-2

@@ -93,6 +93,18 @@ class Family:
     def final_norm(self, model) -> RemovableLayerNorm:
         raise NotImplementedError
 
+    # -- what interpretability reads (lnfree.analysis.interp.dla); stock and removable models alike -------------
+    def embed(self, model, ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream's first term [batch, pos, d] (token + learned position embeddings)."""
+        raise NotImplementedError
+
+    def attn_out(self, block) -> tuple[nn.Module, torch.Tensor]:
+        """The attention output projection and its weight as [d_in = heads x d_head, d_out]."""
+        raise NotImplementedError
+
+    def mlp(self, block) -> nn.Module:
+        raise NotImplementedError
+
     def install(self, model, ctx: TokenContext) -> None:
         """Swap the stock norms (and the attention-input readers) for removable ones, in place."""
         raise NotImplementedError

@@ -66,6 +66,16 @@ class GPT2Family(Family):
             block.ln_2 = RemovableLayerNorm(d, eps, ctx)
         model.transformer.ln_f = RemovableLayerNorm(d, eps, ctx)
 
+    def embed(self, model, ids):
+        t = model.transformer
+        return t.wte(ids) + t.wpe(torch.arange(ids.shape[1], device=ids.device))
+
+    def attn_out(self, block):
+        return block.attn.c_proj, block.attn.c_proj.weight  # Conv1D: already [d_in, d_out]
+
+    def mlp(self, block):
+        return block.mlp
+
     def embedding_params(self, model):
         t = model.transformer  # wte is tied to the unembedding
         return t.wte.weight.numel() + t.wpe.weight.numel()

@@ -65,6 +65,15 @@ class LlamaFamily(Family):
             block.post_attention_layernorm = RemovableLayerNorm(d, eps, ctx, centre=False)
         model.model.norm = RemovableLayerNorm(d, eps, ctx, centre=False)
 
+    def embed(self, model, ids):
+        return model.model.embed_tokens(ids)  # positions are rotary: nothing added to the residual
+
+    def attn_out(self, block):
+        return block.self_attn.o_proj, block.self_attn.o_proj.weight.T
+
+    def mlp(self, block):
+        return block.mlp
+
     def embedding_params(self, model):
         n = model.model.embed_tokens.weight.numel()
         return n if model.config.tie_word_embeddings else n + model.lm_head.weight.numel()

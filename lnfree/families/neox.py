@@ -72,6 +72,15 @@ class NeoXFamily(Family):
             block.post_attention_layernorm = RemovableLayerNorm(d, eps, ctx)
         model.gpt_neox.final_layer_norm = RemovableLayerNorm(d, eps, ctx)
 
+    def embed(self, model, ids):
+        return model.gpt_neox.embed_in(ids)  # positions are rotary: nothing added to the residual
+
+    def attn_out(self, block):
+        return block.attention.dense, block.attention.dense.weight.T
+
+    def mlp(self, block):
+        return block.mlp
+
     def embedding_params(self, model):
         n = model.gpt_neox.embed_in.weight.numel()
         return n if model.config.tie_word_embeddings else n + model.lm_head.weight.numel()
