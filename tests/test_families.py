@@ -395,3 +395,13 @@ def test_dla_equals_the_direct_effect_once_the_final_norm_is_frozen(case, tmp_pa
     export_hf(model, tmp_path / "hf")  # the stock LN-free export (eps trick) reads the same
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert dla_vs_de(stock, x, u)["nmae_percent"] < 1e-2
+
+
+def test_model_card_names_the_family_class_and_its_sites():
+    from lnfree.model_card import card_text
+
+    summary = {"family": "llama", "hf_class": "LlamaForCausalLM", "all_removed": True, "sigmas": {"final": 2.0},
+               "config": {"model": {"name": "builtin_llama_w128", "source": "builtin:llama_w128"}}}
+    card = card_text(summary, "hf")
+    assert "- llama\n" in card and "model = LlamaForCausalLM.from_pretrained(path)" in card
+    assert "GPT2" not in card and "ln_1" not in card and "| final | 2 |" in card

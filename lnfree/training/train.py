@@ -200,7 +200,10 @@ def _run(cfg: DictConfig, out: Path, events, n_layer: int, accum: int, tokenizer
                 exports = _export(final, tokenizer, out, datamodule) if cfg.export else {}
             except Exception as e:  # noqa: BLE001  (the summary is written first, then the error is raised)
                 exports, export_error = {}, f"{type(e).__name__}: {e}"
+            fam = family(final.config)
             summary = {
+                "family": fam.name,  # lnfree.families; the hf export's class is hf_class
+                "hf_class": fam.stock_class(final.config).__name__,
                 "val_ce": val_after,
                 "val_ce_before": val_before,
                 "n_params": sum(p.numel() for p in final.parameters()),
