@@ -405,3 +405,25 @@ def test_model_card_names_the_family_class_and_its_sites():
     card = card_text(summary, "hf")
     assert "- llama\n" in card and "model = LlamaForCausalLM.from_pretrained(path)" in card
     assert "GPT2" not in card and "ln_1" not in card and "| final | 2 |" in card
+
+
+@pytest.mark.parametrize("case", ["llama", "neox"])
+def test_io_loads_every_form_of_a_family(case, tmp_path):
+    from lnfree.model import save_removable
+
+    model = all_removed(case)
+    x = ids()
+    export_hf(model, tmp_path / "hf")
+    hf, _ = load(str(tmp_path / "hf"))  # the record (files, eps, fingerprint) checked
+    assert type(hf) is CASES[case][0] and rel_err(logits(hf, x), logits(model, x)) < 1e-4
+    save_removable(model, tmp_path / "removable")
+    back, _ = load(str(tmp_path / "removable"), removable=True)
+    assert back.sigmas() == model.sigmas() and rel_err(logits(back, x), logits(model, x)) < 1e-6
+    stock = stock_model(case)
+    stock.save_pretrained(tmp_path / "stock")
+    fresh, _ = load(str(tmp_path / "stock"), removable=True, dropout=0.25)
+    assert fresh.real_sites() == list(fresh.sites()) and type(fresh).__name__ == f"Removable{type(stock).__name__}"
+    block = fresh.family.blocks(fresh)[1]
+    attn = block.self_attn if case == "llama" else block.attention
+    assert attn.attention_dropout == 0.25  # the float the attention reads, not only the config
+    assert rel_err(logits(fresh.eval(), x), logits(stock, x)) < 1e-6
