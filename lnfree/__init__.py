@@ -1,4 +1,5 @@
-"""lnfree: remove every LayerNorm from GPT-2-class models by fine-tuning, then study the LN-free models.
+"""lnfree: remove every norm from GPT-2, Llama-architecture and GPT-NeoX models by fine-tuning, then study the
+norm-free models (the families: lnfree.families, docs/families.md).
 
 The core (this package's top-level modules) needs torch, transformers and safetensors only:
 
@@ -12,7 +13,7 @@ lnfree.analysis; the entry points are `python -m lnfree.train`, `python -m lnfre
 
 from .export import export_folded, export_hf
 from .io import ModelIOError, load, resolve
-from .model import RemovableGPT2LMHeadModel, load_removable, make_removable, save_removable
+from .model import RemovableGPT2LMHeadModel, RemovableModel, load_removable, make_removable, save_removable
 
 __all__ = ["make_removable", "export_hf", "export_folded", "load", "resolve", "ModelIOError",
-           "RemovableGPT2LMHeadModel", "save_removable", "load_removable"]
+           "RemovableGPT2LMHeadModel", "RemovableModel", "save_removable", "load_removable"]

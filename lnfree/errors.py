@@ -21,6 +21,10 @@ class UserError(ValueError):
     pass
 
 
+class ExportError(UserError):
+    """An export that cannot be written (sites still real, a dtype that cannot hold it, a failed check)."""
+
+
 @contextlib.contextmanager
 def user_errors_as_messages():
     """Around a Hydra entry point: a UserError ends the command with its message and exit status 2, no traceback,

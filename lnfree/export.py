@@ -1,11 +1,12 @@
-"""Exports of a removable GPT-2, each verified against the source model's logits before anything is written.
+"""Exports of a removable model, each verified against the source model's logits before anything is written.
 
-- `export_hf`: a directory that stock `GPT2LMHeadModel.from_pretrained` loads with no lnfree code.
-  For an LN-free model every LayerNorm gets eps = 1e12 and weight = gamma * 1e6 / sigma, so that
-  sqrt(var + 1e12) ~ 1e6 and the module computes (x - mean) * gamma / sigma + beta (relative error about
-  var / 2e12; in fp32 an eps of 1e12 swallows any var below 2^16 outright). Stock GPT-2 has one ln_1 per
-  block, so the QK path's different sigma is folded into the Q and K columns of c_attn (exact).
-  A model with every site real exports as an ordinary GPT-2 (the vanilla control).
+- `export_hf`: a directory that the family's stock class (GPT2LMHeadModel, LlamaForCausalLM, GPTNeoXForCausalLM,
+  or AutoModelForCausalLM) loads with no lnfree code. For an LN-free model every norm gets eps = 1e12 and
+  weight = gamma * 1e6 / sigma, so that sqrt(var + 1e12) ~ 1e6 and the module computes
+  (x - mean) * gamma / sigma + beta (x * gamma / sigma for RMSNorm; relative error about var / 2e12; in fp32 an
+  eps of 1e12 swallows any var below 2^16 outright). The stock block has one attention-input norm, so the QK
+  path's different sigma is folded into the query and key rows of its readers (exact; the family adapter's
+  stock_state_dict). A model with every site real exports as an ordinary stock model (the vanilla control).
 - `export_folded`: every frozen site folded into the linear layer that reads it; no norm left (folded.py).
 
 Error measure everywhere: max |logits_export - logits_source| / max |logits_source| on a check batch.
@@ -22,13 +23,12 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
 
-from .errors import UserError
-from .folded import FoldedConfig, FoldedGPT2, save_folded
+from .errors import ExportError
+from .families import family
+from .folded import save_folded
 from .io import raise_storage_error, write_record
-from .model import RemovableGPT2LMHeadModel
-from .norm import ORDINARY
+from .model import RemovableModel
 
 HF_EPS = 1e12
 HF_SCALE = 1e6  # = sqrt(HF_EPS)
@@ -36,15 +36,7 @@ HF_TOL = 1e-4
 FOLDED_TOL = 1e-5
 
 
-class ExportError(UserError):
-    pass
-
-
-def _sigma(site) -> torch.Tensor:
-    return site.sigma[ORDINARY].double()
-
-
-def require_all_removed(model: RemovableGPT2LMHeadModel, what: str):
+def require_all_removed(model: RemovableModel, what: str):
     real = model.real_sites()
     if real:
         shown = ", ".join(real[:6]) + (f" and {len(real) - 6} more" if len(real) > 6 else "")
@@ -59,7 +51,7 @@ def require_all_removed(model: RemovableGPT2LMHeadModel, what: str):
 
 def check_batch(model, n_batch: int = 2, n_pos: int = 64, seed: int = 0) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed)
-    t = min(n_pos, model.config.n_positions)
+    t = min(n_pos, family(model.config).dims(model.config).n_ctx)
     return torch.randint(0, model.config.vocab_size, (n_batch, t), generator=g)
 
 
@@ -113,49 +105,43 @@ def staging_dir(tmp: str | Path):
 
 # -- HF-compatible -------------------------------------------------------------------------------------
 @torch.no_grad()
-def to_stock_gpt2(model: RemovableGPT2LMHeadModel, dtype: torch.dtype | None = None) -> GPT2LMHeadModel:
-    """The stock-GPT2LMHeadModel equivalent of `model` (all sites real, or all removed), in memory."""
+def to_stock(model: RemovableModel, dtype: torch.dtype | None = None):
+    """The stock-HF equivalent of `model` (all sites real, or all removed), in memory: a GPT2LMHeadModel,
+    LlamaForCausalLM, GPTNeoXForCausalLM, ... as the model's family says."""
     dtype = dtype or model.dtype
     if dtype == torch.float16:
         raise ExportError(
             "fp16 HF-compatible export refused: the LN-free trick stores eps = 1e12 and weights of order "
             "1e6 / sigma, which overflow fp16 (max 65504). Export in float32 or bfloat16."
         )
+    fam = family(model.config)
     removed = model.removed_sites()
     if removed:
         require_all_removed(model, "HF-compatible LN-free export")
     cfg_dict = {k: v for k, v in model.config.to_dict().items() if not k.startswith("lnfree_")}
     if removed:
-        cfg_dict["layer_norm_epsilon"] = HF_EPS
+        cfg_dict[fam.eps_field] = HF_EPS
     cfg_dict.pop("architectures", None)
-    cfg = GPT2Config.from_dict(cfg_dict)
-    cfg.architectures = ["GPT2LMHeadModel"]
+    cfg = model.config.__class__.from_dict(cfg_dict)
+    stock_class = fam.stock_class(cfg)
+    cfg.architectures = [stock_class.__name__]
     cfg._attn_implementation = model.config._attn_implementation
-    stock = GPT2LMHeadModel(cfg)
+    stock = stock_class(cfg)
     sd = {k: v.detach().clone().double() for k, v in model.state_dict().items() if k in stock.state_dict()}
     if removed:
-        d = model.config.n_embd
-        for i, block in enumerate(model.transformer.h):
-            p = f"transformer.h.{i}."
-            s_qk, s_v = _sigma(block.ln_1.qk), _sigma(block.ln_1.v)
-            sd[p + "ln_1.weight"] *= HF_SCALE / s_v
-            # the one ln_1 now divides by s_v; rescale Q,K columns by r = s_v / s_qk and correct the bias
-            # so that (x_v-form) @ (r W_qk) + b' == (x_qk-form) @ W_qk + b   exactly
-            r = s_v / s_qk
-            w_qk = sd[p + "attn.c_attn.weight"][:, : 2 * d]
-            sd[p + "attn.c_attn.bias"][: 2 * d] += (1 - r) * (sd[p + "ln_1.bias"] @ w_qk)
-            sd[p + "attn.c_attn.weight"][:, : 2 * d] = r * w_qk
-            sd[p + "ln_2.weight"] *= HF_SCALE / _sigma(block.ln_2.site)
-        sd["transformer.ln_f.weight"] *= HF_SCALE / _sigma(model.transformer.ln_f.site)
+        fam.stock_state_dict(model, sd, HF_SCALE)
     stock.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=False)
     stock.tie_weights()
     return stock.to(device=model.device, dtype=dtype).eval()
 
 
-def export_hf(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenizer=None, input_ids=None,
+to_stock_gpt2 = to_stock  # the name from before other families
+
+
+def export_hf(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_ids=None,
               dtype: torch.dtype | None = None, tol: float = HF_TOL) -> float:
     """Verify, then write a stock-loadable HF dir (safetensors + config [+ tokenizer]). Returns the error."""
-    stock = to_stock_gpt2(model, dtype)
+    stock = to_stock(model, dtype)
     ids = check_batch(model) if input_ids is None else input_ids
     err = logits_error(model, stock, ids)
     if not err <= tol:
@@ -165,56 +151,20 @@ def export_hf(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenizer=No
     if tokenizer is not None:
         save_tokenizer(tokenizer, out)
     write_record(out, stock.float().cpu(), "hf_lnfree" if model.removed_sites() else "hf", tokenizer,
-                 layer_norm_epsilon=stock.config.layer_norm_epsilon, relative_error=err, sigmas=model.sigmas())
+                 **{family(model.config).eps_field: getattr(stock.config, family(model.config).eps_field)},
+                 relative_error=err, sigmas=model.sigmas())
     return err
 
 
 # -- folded ------------------------------------------------------------------------------------------
-def _fold(weight, bias, gamma, beta, sigma):
-    """Fold (x - mean) / sigma * gamma + beta into a reader x @ W + b (Conv1D layout W: [d, out]).
-
-    W' = P diag(gamma / sigma) W   with P = I - 11^T/d the centring projector;  b' = b + beta W.
-    Returns the nn.Linear layout: weight [out, d], bias [out].
-    """
-    wg = (gamma / sigma)[:, None] * weight
-    w = wg - wg.mean(0, keepdim=True)  # P @ wg
-    b = beta @ weight + (0 if bias is None else bias)
-    return w.T, b
-
-
 @torch.no_grad()
-def fold(model: RemovableGPT2LMHeadModel) -> FoldedGPT2:
+def fold(model: RemovableModel):
     """The truly norm-free form of an all-removed model (computed in float64, returned in fp32)."""
     require_all_removed(model, "folded export")
-    c = model.config
-    if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn:
-        raise ExportError("folded export supports GPT-2's default attention only (scale 1/sqrt(d_head))")
-    d = c.n_embd
-    cfg = FoldedConfig(c.vocab_size, c.n_positions, d, c.n_layer, c.n_head, c.n_inner or 4 * d,
-                       c.activation_function)
-    folded = FoldedGPT2(cfg).double()
-    t = model.transformer
-    folded.wte.weight.copy_(t.wte.weight)
-    folded.wpe.weight.copy_(t.wpe.weight)
-    for src, dst in zip(t.h, folded.blocks):
-        ln1, attn, mlp = src.ln_1, src.attn, src.mlp
-        g, b = ln1.weight.double(), ln1.bias.double()
-        w, bias = attn.c_attn.weight.double(), attn.c_attn.bias.double()
-        wq, bq = _fold(w[:, : 2 * d], bias[: 2 * d], g, b, _sigma(ln1.qk))
-        wv, bv = _fold(w[:, 2 * d :], bias[2 * d :], g, b, _sigma(ln1.v))
-        dst.attn.qkv.weight.copy_(torch.cat([wq, wv])), dst.attn.qkv.bias.copy_(torch.cat([bq, bv]))
-        dst.attn.proj.weight.copy_(attn.c_proj.weight.T), dst.attn.proj.bias.copy_(attn.c_proj.bias)
-        wf, bf = _fold(mlp.c_fc.weight.double(), mlp.c_fc.bias.double(), src.ln_2.weight.double(),
-                       src.ln_2.bias.double(), _sigma(src.ln_2.site))
-        dst.mlp.fc.weight.copy_(wf), dst.mlp.fc.bias.copy_(bf)
-        dst.mlp.proj.weight.copy_(mlp.c_proj.weight.T), dst.mlp.proj.bias.copy_(mlp.c_proj.bias)
-    w_u = model.lm_head.weight.double().T  # [d, vocab]; tied to wte in GPT-2, untied here
-    wu, bu = _fold(w_u, None, t.ln_f.weight.double(), t.ln_f.bias.double(), _sigma(t.ln_f.site))
-    folded.lm_head.weight.copy_(wu), folded.lm_head.bias.copy_(bu)
-    return folded.float().eval()
+    return family(model.config).fold(model).float().eval()
 
 
-def export_folded(model: RemovableGPT2LMHeadModel, out_dir: str | Path, tokenizer=None, input_ids=None,
+def export_folded(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_ids=None,
                   tol: float = FOLDED_TOL) -> float:
     """Verify, then write the folded model (safetensors + JSON config [+ tokenizer]). Returns the error."""
     folded = fold(model)

@@ -1,4 +1,6 @@
-"""A truly norm-free GPT-2: plain torch, no normalisation module anywhere.
+"""A truly norm-free model: no normalisation module anywhere. GPT-2's is plain torch (FoldedGPT2, below); the other
+families' is their Hugging Face class with every norm an nn.Identity and an untied unembedding (the family
+adapter's folded_model, lnfree.families), saved the same way: folded_config.json + folded.safetensors.
 
 Every frozen norm site has been folded into the linear layer that reads it (see export.fold), so a block is
     x = x + attn(x) ;  x = x + mlp(x)                  and   logits = x @ W_U' + b_U'
@@ -103,17 +105,43 @@ class FoldedGPT2(nn.Module):
         return self.lm_head(x)
 
 
-def save_folded(model: FoldedGPT2, out_dir: str | Path):
+def _hf_folded(saved: dict) -> nn.Module:
+    """The HF class of a saved folded model, every norm named in `identity` an nn.Identity."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    hf = dict(saved["hf_config"])
+    config = AutoConfig.for_model(hf.pop("model_type"), **hf)
+    model = AutoModelForCausalLM.from_config(config)
+    for name in saved["identity"]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, nn.Identity())
+    if saved["lm_head_bias"]:
+        model.set_output_embeddings(nn.Linear(config.hidden_size, config.vocab_size, bias=True))
+    return model
+
+
+def save_folded(model, out_dir: str | Path):
+    """A FoldedGPT2, or another family's folded HF model: its config, the names of its identity norms and whether
+    its unembedding has a bias, which is all load_folded needs to rebuild it (no lnfree family code)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / CONFIG_FILE).write_text(json.dumps(asdict(model.config), indent=1))
+    if isinstance(model, FoldedGPT2):
+        cfg = asdict(model.config)
+    else:
+        cfg = {"hf_config": model.config.to_dict(),
+               "identity": [name for name, m in model.named_modules() if isinstance(m, nn.Identity)],
+               "lm_head_bias": model.get_output_embeddings().bias is not None}
+    (out / CONFIG_FILE).write_text(json.dumps(cfg, indent=1))
     (out / "config.json").write_text(json.dumps(HF_HINT, indent=1))
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(out / WEIGHTS_FILE))
 
 
-def load_folded(path: str | Path, device="cpu") -> FoldedGPT2:
-    cfg = FoldedConfig(**json.loads((Path(path) / CONFIG_FILE).read_text()))
-    model = FoldedGPT2(cfg)
+def load_folded(path: str | Path, device="cpu"):
+    saved = json.loads((Path(path) / CONFIG_FILE).read_text())
+    if "hf_config" in saved:  # another family: its HF class with identity norms
+        model = _hf_folded(saved)
+    else:
+        model = FoldedGPT2(FoldedConfig(**saved))
     model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))  # copied into the CPU model's parameters
     return model.to(device).eval()
 

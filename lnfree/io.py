@@ -41,12 +41,13 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, PretrainedConfig
 
 from .errors import UserError
+from .families import Dims, UnsupportedFamily, family
 from .folded import CONFIG_FILE as FOLDED_CONFIG
-from .folded import load_folded
-from .model import LNFREE_FILE, RemovableGPT2LMHeadModel, check_gpt2_config, load_removable, make_removable
+from .folded import FoldedConfig, load_folded
+from .model import LNFREE_FILE, RemovableModel, load_removable, make_removable
 from .paths import BUILTIN_TOKENIZER_DIR, DEFAULT_CACHE_DIR, RUN_SUMMARY, SHIPPED_DIR
 
 BUILTIN_PREFIX = "builtin:"
@@ -175,11 +176,13 @@ def _read_json(path: Path) -> dict:
         raise ModelIOError(f"cannot read {path}: {e}") from e
 
 
-def _check_gpt2_dir(d: Path, reference: str):
+def _check_family_dir(d: Path, reference: str):
+    """Refuse a model of an unsupported family from its config.json alone, before any weight is read."""
     cfg = _read_json(d / "config.json")
-    if cfg.get("model_type") != "gpt2":
-        raise ModelIOError(f"{reference!r} is a {cfg.get('model_type')!r} model ({d / 'config.json'}); lnfree reads "
-                           "GPT-2-architecture models only (model_type 'gpt2')")
+    try:
+        return family(cfg), cfg
+    except UnsupportedFamily as e:
+        raise ModelIOError(f"{reference!r} ({d / 'config.json'}): {e}") from None
 
 
 def _classify_dir(d: Path, reference: str) -> ModelRef:
@@ -188,11 +191,11 @@ def _classify_dir(d: Path, reference: str) -> ModelRef:
     if (d / FOLDED_CONFIG).exists():
         return ModelRef(reference, "folded", str(d), run_dir)
     if (d / "config.json").exists():
-        _check_gpt2_dir(d, reference)
+        fam, cfg = _check_family_dir(d, reference)
         if (d / LNFREE_FILE).exists():
             return ModelRef(reference, "removable", str(d), run_dir)
         record = _read_json(d / EXPORT_INFO) if (d / EXPORT_INFO).exists() else {}
-        eps = _read_json(d / "config.json").get("layer_norm_epsilon", 1e-5)
+        eps = cfg.get(fam.eps_field, 1e-5)
         lnfree = record.get("form") == "hf_lnfree" or eps >= LNFREE_EPS
         return ModelRef(reference, "hf_lnfree" if lnfree else "hf", str(d), run_dir)
     if (d / "export" / "hf").is_dir():
@@ -262,21 +265,32 @@ def read_checkpoint(path: str | Path) -> dict:
                            f"weights_only=True accepts ({type(e).__name__}: {str(e).splitlines()[0][:300]})") from e
 
 
-def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> GPT2Config:
-    if CKPT_MODEL_CONFIG not in ckpt or "state_dict" not in ckpt:
-        raise ModelIOError(f"{path} is not an lnfree training checkpoint (no {CKPT_MODEL_CONFIG} / state_dict)")
-    cfg = GPT2Config.from_dict(ckpt[CKPT_MODEL_CONFIG])
-    check_gpt2_config(cfg)
+def config_from_dict(d: dict) -> PretrainedConfig:
+    """The HF config of a supported family from its dict (config.json, a checkpoint); refuses any other family."""
+    try:
+        family(d)
+    except UnsupportedFamily as e:
+        raise ModelIOError(str(e)) from None
+    d = dict(d)
+    cfg = AutoConfig.for_model(d.pop("model_type"), **d)
+    family(cfg)  # the family's own checks
     return cfg
 
 
-def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> RemovableGPT2LMHeadModel:
+def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> PretrainedConfig:
+    if CKPT_MODEL_CONFIG not in ckpt or "state_dict" not in ckpt:
+        raise ModelIOError(f"{path} is not an lnfree training checkpoint (no {CKPT_MODEL_CONFIG} / state_dict)")
+    cfg = config_from_dict(ckpt[CKPT_MODEL_CONFIG])
+    return cfg
+
+
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> RemovableModel:
     """The removable model (weights, modes, sigmas) from a checkpoint read by `read_checkpoint`."""
     from .lora import LORA_CONFIG_KEY, apply_lora, merged_copy
 
     config = checkpoint_config(ckpt, path)
     lora = getattr(config, LORA_CONFIG_KEY, None)
-    model = RemovableGPT2LMHeadModel(config)
+    model = family(config).removable_class(config)(config)
     if lora:  # a LoRA run (finetune=lora): rebuild the adapters, load, merge them into the base weights
         apply_lora(model, lora)
     state = {k.removeprefix("model."): v for k, v in ckpt["state_dict"].items() if k.startswith("model.")}
@@ -339,13 +353,22 @@ def tokenizer_sha256(tokenizer) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
+def shape_of(config) -> Dims:
+    """The shape of any loaded form's config: an HF config of a supported family, or GPT-2's FoldedConfig."""
+    if isinstance(config, FoldedConfig):
+        return Dims(config.n_layer, config.n_embd, config.n_head, config.n_positions, 0.0)
+    return family(config).dims(config)
+
+
 def write_record(out_dir: str | Path, model, form: str, tokenizer=None, **fields) -> dict:
     """Write lnfree_export.json for an export (`model`: the exported model, fp32), after its other files: the
     sha256 of each of them is part of the record."""
     cfg = model.config
-    vocab, n_pos = cfg.vocab_size, cfg.n_positions
+    dims = shape_of(cfg)
+    vocab, n_pos = cfg.vocab_size, dims.n_ctx
     # the shape under the names TransformerLens / NNsight users look for (n_ctx is not in a folded config's HF names)
-    shape = {"n_ctx": n_pos, "d_model": cfg.n_embd, "n_layers": cfg.n_layer, "n_heads": cfg.n_head, "d_vocab": vocab}
+    shape = {"n_ctx": n_pos, "d_model": dims.d_model, "n_layers": dims.n_layer, "n_heads": dims.n_head,
+             "d_vocab": vocab}
     record = {"form": form, **shape, **fields}
     if tokenizer is not None:
         record["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
@@ -461,7 +484,7 @@ def verify_record(ref: ModelRef, model) -> None:
                                f"with {record['layer_norm_epsilon']:g}; the LN-free trick needs the recorded value")
     if "fingerprint" not in record:
         raise ModelIOError(f"export {d}: {EXPORT_INFO} has no fingerprint; re-export it")
-    got = fingerprint(model, model.config.vocab_size, model.config.n_positions)
+    got = fingerprint(model, model.config.vocab_size, shape_of(model.config).n_ctx)
     err = fingerprint_error(got, record["fingerprint"])
     if not err <= FINGERPRINT_TOL:
         raise ModelIOError(f"export {d}: logits on the recorded token ids differ from the record (relative error "
@@ -469,12 +492,15 @@ def verify_record(ref: ModelRef, model) -> None:
 
 
 def set_dropout(model, p: float):
-    """Every dropout of a (removable) GPT-2, config included (HF's SDPA path reads attn_dropout.p)."""
-    for k in ("resid_pdrop", "embd_pdrop", "attn_pdrop"):
+    """Every dropout of a (removable) model, config included (HF's SDPA path reads attn_dropout.p; Llama's
+    attention reads a float `attention_dropout`)."""
+    for k in family(model.config).dropout_fields():
         setattr(model.config, k, p)
     for m in model.modules():
         if isinstance(m, torch.nn.Dropout):
             m.p = p
+        elif isinstance(getattr(m, "attention_dropout", None), float):
+            m.attention_dropout = p
 
 
 # -- loading ---------------------------------------------------------------------------------------------
@@ -512,28 +538,28 @@ def _tokenizer_location(name: str) -> str:
     return name
 
 
-def _random_config(ref: ModelRef, tokenizer=None) -> GPT2Config:
-    """A random-init model's config: its shape, with the tokenizer's vocabulary and end-of-text id."""
+def _random_config(ref: ModelRef, tokenizer=None) -> PretrainedConfig:
+    """A random-init model's config: its shape (whose model_type, default gpt2, names the family), with the
+    tokenizer's vocabulary and end-of-text id."""
     special = {}
     if tokenizer is not None:
         special = {"vocab_size": len(tokenizer), "bos_token_id": tokenizer.eos_token_id,
                    "eos_token_id": tokenizer.eos_token_id}
-    cfg = GPT2Config(**{**special, **dict(ref.shape)})
-    check_gpt2_config(cfg)
-    return cfg
+    fields = {**special, **dict(ref.shape)}
+    return config_from_dict({"model_type": "gpt2", **fields})  # refuses an unsupported family, naming the supported
 
 
 def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, revision=None,
-                 tokenizer=None) -> GPT2Config:
-    """The GPT-2 config of a reference without loading weights (for checks before any compute); `tokenizer`:
-    the one a random-init model is made for."""
+                 tokenizer=None) -> PretrainedConfig:
+    """The HF config of a reference without loading weights (for checks before any compute); a family lnfree does
+    not cover is refused here. `tokenizer`: the one a random-init model is made for."""
     ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
     if ref.kind == RANDOM:
         return _random_config(ref, tokenizer)
     if ref.kind == "ckpt":
         return checkpoint_config(read_checkpoint(ref.location), ref.location)
     if ref.kind == "folded":
-        raise ModelIOError(f"{ref.reference!r} is a folded export: it has no GPT-2 config (no norms to remove)")
+        raise ModelIOError(f"{ref.reference!r} is a folded export: it has no model config (no norms to remove)")
     from transformers import AutoConfig
 
     try:
@@ -543,7 +569,7 @@ def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACH
                            "name (hub names look like openai-community/gpt2-medium) and the revision, or give a local "
                            "dir") from None
     try:
-        check_gpt2_config(cfg)
+        family(cfg)
     except ValueError as e:
         raise ModelIOError(f"{ref.reference!r}: {e}") from e
     return cfg
@@ -554,10 +580,10 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
          attn_implementation: str | None = None, dropout: float | None = None, tokenizer=None):
     """(model, tokenizer or None) for any reference; see the module docstring.
 
-    removable=True returns a RemovableGPT2LMHeadModel ready to fine-tune (from a GPT-2, a removable dir, a
-    checkpoint or random init); exports cannot be made removable again. dropout: overrides the model's
-    resid/embd/attn dropout. tokenizer: the one to use instead of the model's own (checked against the model; a
-    random-init model takes its vocabulary from it).
+    removable=True returns a removable model ready to fine-tune (from a stock model, a removable dir, a checkpoint
+    or random init); exports cannot be made removable again. dropout: overrides the model's resid/embd/attn
+    dropout. tokenizer: the one to use instead of the model's own (checked against the model; a random-init model
+    takes its vocabulary from it).
     """
     ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
     if dtype == torch.float16 and ref.kind == "hf_lnfree":
@@ -575,7 +601,8 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
     if ref.kind == RANDOM:
         config = _random_config(ref, tokenizer)
         config._attn_implementation = attn_implementation
-        model = (make_removable(config) if removable else GPT2LMHeadModel(config)).eval()  # as every form loads
+        stock = family(config).stock_class(config)
+        model = (make_removable(config) if removable else stock(config)).eval()  # as every form loads
     elif ref.kind == "ckpt":
         model = model_from_checkpoint(read_checkpoint(ref.location), ref.location)
     elif ref.kind == "removable":
@@ -584,17 +611,17 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
         model = load_folded(ref.location)
         verify_record(ref, model)
     else:
-        model_config(ref, revision=revision)  # refuses a non-GPT-2 hub model before its weights download
+        cfg = model_config(ref, revision=revision)  # refuses an unsupported hub model before its weights download
         kw = {"attn_implementation": attn_implementation} if attn_implementation else {}
         try:
             # fp32 first: the record's fingerprint is checked in fp32, the requested dtype applied after
-            model = GPT2LMHeadModel.from_pretrained(ref.location, revision=revision, dtype=torch.float32,
+            model = family(cfg).stock_class(cfg).from_pretrained(ref.location, revision=revision, dtype=torch.float32,
                                                     **kw).eval()
         except OSError as e:
             raise ModelIOError(f"could not load model {ref.reference!r}: {e}") from e
         if ref.kind in ("hf", "hf_lnfree"):
             verify_record(ref, model)
-    if removable and not isinstance(model, RemovableGPT2LMHeadModel):
+    if removable and not isinstance(model, RemovableModel):
         model = make_removable(model)
     if dropout is not None:
         set_dropout(model, dropout)

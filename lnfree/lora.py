@@ -19,11 +19,11 @@ import warnings
 import torch
 from torch import nn
 
-from .norm import SplitQKVProjection
+from .families import FAMILIES, family
+from .norm import SplitInputLinear, SplitQKVProjection, NormParams
 
 LORA_CONFIG_KEY = "lnfree_lora"  # model.config field holding the adapter settings
 MERGE_TOL = 1e-5  # relative logits error allowed between the adapted model and its merge (fp32 round-off)
-NORM_PARAM_SUFFIXES = (".ln_1.weight", ".ln_1.bias", ".ln_2.weight", ".ln_2.bias", "ln_f.weight", "ln_f.bias")
 
 
 def _peft():
@@ -66,6 +66,31 @@ def _lora_split_qkv_class():
     return LoraSplitQKV
 
 
+def _lora_split_input_class():
+    """The LoRA layer for SplitInputLinear (Llama's q/k/v_proj, NeoX's query_key_value): as LoraSplitQKV, each
+    output column's update reads its own path (value columns x_v, the others x_qk)."""
+    from peft.tuners.lora.layer import Linear
+
+    class LoraSplitInput(Linear):
+        def forward(self, x, *args, **kwargs):
+            base: SplitInputLinear = self.get_base_layer()
+            if x.shape[-1] == base.in_features or self.disable_adapters or self.merged:
+                return super().forward(x, *args, **kwargs)
+            result = base(x)
+            x_qk, x_v = base._ln[0].paths(x)
+            for name in self.active_adapters:
+                if name not in self.lora_A:
+                    continue
+                a, b = self.lora_A[name], self.lora_B[name]
+                drop, s = self.lora_dropout[name], self.scaling[name]
+                dt = a.weight.dtype
+                delta = torch.where(base.v_cols, b(a(drop(x_v.to(dt)))), b(a(drop(x_qk.to(dt)))))
+                result = result + delta.to(result.dtype) * s
+            return result
+
+    return LoraSplitInput
+
+
 def lora_settings(cfg) -> dict:
     """The finetune config's adapter settings as a plain dict (what is stored in the model config)."""
     return {"r": int(cfg.rank), "alpha": float(cfg.alpha), "dropout": float(cfg.dropout),
@@ -75,14 +100,24 @@ def lora_settings(cfg) -> dict:
 def apply_lora(model, settings: dict):
     """Inject LoRA adapters into `model` in place (base frozen) and record the settings in its config."""
     peft = _peft()
+    fam = family(model.config)
+    others = {t for f in FAMILIES for t in f.lora_targets} - set(fam.lora_targets)
+    foreign = [t for t in settings["target_modules"] if t in others]  # another family's module names
+    if foreign:
+        raise ValueError(f"LoRA target(s) {foreign} are not {fam.name} modules; this family's are "
+                         f"{list(fam.lora_targets)} (finetune.target_modules)")
+    # GPT-2's Conv1D stores [in, out] (fan_in_fan_out); the other families' nn.Linear [out, in]
     cfg = peft.LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
-                          target_modules=list(settings["target_modules"]), fan_in_fan_out=True, bias="none")
-    cfg._register_custom_module({SplitQKVProjection: _lora_split_qkv_class()})
+                          target_modules=list(settings["target_modules"]), fan_in_fan_out=fam.name == "gpt2",
+                          bias="none")
+    cfg._register_custom_module({SplitQKVProjection: _lora_split_qkv_class(),
+                                 SplitInputLinear: _lora_split_input_class()})
     with warnings.catch_warnings():  # peft warns that it does not know SplitQKVProjection; its LoRA layer is ours
         warnings.filterwarnings("ignore", message="Unsupported layer type")
         peft.inject_adapter_in_model(cfg, model)
+    norms = {id(p) for m in model.modules() if isinstance(m, NormParams) for p in m.parameters(recurse=False)}
     for name, p in model.named_parameters():  # peft froze everything but the adapters
-        p.requires_grad = "lora_" in name or (settings["train_norms"] and name.endswith(NORM_PARAM_SUFFIXES))
+        p.requires_grad = "lora_" in name or (settings["train_norms"] and id(p) in norms)
     model.config.update({LORA_CONFIG_KEY: dict(settings)})
     return model
 

@@ -30,7 +30,8 @@ def _fmt(x, spec=".4f"):
 def _front_matter(summary: dict, form: str) -> str:
     source = summary.get("config", {}).get("model", {}).get("source", "")
     lines = ["---", "library_name: transformers" if form == "hf" else "library_name: lnfree",
-             "tags:", "- gpt2", "- layernorm-free" if summary.get("all_removed") else "- vanilla-finetune",
+             "tags:", f"- {summary.get('family', 'gpt2')}",
+             "- layernorm-free" if summary.get("all_removed") else "- vanilla-finetune",
              f"- {REPO}", "- interpretability", "pipeline_tag: text-generation"]
     local = source == RANDOM or source.startswith((BUILTIN_PREFIX, "/", ".", "~")) or Path(source).exists()
     if source and not local:
@@ -42,7 +43,10 @@ def card_text(summary: dict, form: str, control_ce: float | None = None) -> str:
     cfg = summary.get("config", {})
     model, schedule, ft = cfg.get("model", {}), cfg.get("schedule", {}), cfg.get("finetune", {}) or {}
     lnfree = bool(summary.get("all_removed"))
-    what = ("a GPT-2 with every LayerNorm removed by fine-tuning" if lnfree
+    hf_class = summary.get("hf_class", "GPT2LMHeadModel")  # runs from before other families have no hf_class
+    gpt2 = hf_class == "GPT2LMHeadModel"
+    what = (f"a {'GPT-2' if gpt2 else hf_class} with every {'LayerNorm' if gpt2 else 'norm'} removed by fine-tuning"
+            if lnfree
             else "the vanilla fine-tuning control (same data and steps, norms kept)")
     title = f"{model.get('name', 'gpt2')} {'LN-free' if lnfree else 'vanilla control'} ({form} export)"
     sig = summary.get("sigmas") or {}
@@ -54,16 +58,21 @@ def card_text(summary: dict, form: str, control_ce: float | None = None) -> str:
     rows = [("original (before fine-tuning)", summary.get("val_ce_before")), ("this model", summary.get("val_ce")),
             ("vanilla control", control_ce)]
     ce = "\n".join(f"| {k} | {_fmt(v)} |" for k, v in rows)
-    hf_load = ("from transformers import GPT2LMHeadModel, AutoTokenizer\n"
-               "model = GPT2LMHeadModel.from_pretrained(path)          # float32 or bfloat16, never float16\n"
+    hf_load = (f"from transformers import {hf_class}, AutoTokenizer\n"
+               f"model = {hf_class}.from_pretrained(path)          # float32 or bfloat16, never float16\n"
                "tok = AutoTokenizer.from_pretrained(path)")
-    folded_load = "from lnfree.folded import load_folded\nmodel = load_folded(path)  # plain torch, no norm at all"
+    folded_load = ("from lnfree.folded import load_folded\nmodel = load_folded(path)  # "
+                   + ("plain torch, no norm at all" if gpt2 else f"{hf_class} with every norm an identity"))
+    sites = ("ln_2, the query/key and value paths of ln_1, ln_f" if gpt2 else
+             "the MLP-input norm, the query/key and value paths of the attention-input norm, the final norm")
+    norm_math = ("each LayerNorm computes (x - mean) * gamma / sigma + beta" if gpt2 else
+                 "each norm computes its affine frozen form, docs/families.md")
     body = f"""# {title}
 
 This is {what}, made with {REPO} following {PAPER}.
-Each norm site (ln_2, the query/key and value paths of ln_1, ln_f) was frozen to a constant scale sigma,
+Each norm site ({sites}) was frozen to a constant scale sigma,
 measured as a running mean of its per-token std, on a step schedule while the model was fine-tuned.
-The `hf` form is stock `GPT2LMHeadModel` (each LayerNorm computes (x - mean) * gamma / sigma + beta through
+The `hf` form is stock `{hf_class}` ({norm_math} through
 eps = 1e12); the `folded` form has no norm at all (the scales are folded into the next linear layers).
 
 - source model: `{model.get('source')}`; schedule: `{schedule.get('name')}`; fine-tuning: {finetune}

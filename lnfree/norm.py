@@ -1,8 +1,10 @@
-"""LayerNorms whose per-token scale can be swapped for a frozen scalar, one path at a time.
+"""Norms whose per-token scale can be swapped for a frozen scalar, one path at a time.
 
-A LayerNorm is  LN(x) = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta.  Only the division by the
-per-token std is non-linear. A *site* (one normalisation path) is either real, or "removed": it divides by
-a constant sigma that was frozen from a running estimate of the mean per-token std at the moment of removal.
+A LayerNorm is  LN(x) = (x - mean(x)) / sqrt(var(x) + eps) * gamma + beta;  an RMSNorm (Llama) is
+RMS(x) = x / sqrt(mean(x^2) + eps) * gamma: no centring, no beta. One class covers both (`centre`): only the
+division by the per-token std (the rms for RMSNorm) is non-linear. A *site* (one normalisation path) is either
+real, or "removed": it divides by a constant sigma that was frozen from a running estimate of the mean per-token
+std at the moment of removal.
 
 Design notes (why, not what):
 - All state lives in buffers (mode, running estimate, frozen sigma) so it round-trips through state_dict.
@@ -140,8 +142,20 @@ def _wants_stats(module: nn.Module, ctx: TokenContext) -> bool:
     return ctx.record or (module.training and torch.is_grad_enabled())
 
 
-def _real(x, weight, bias, eps, sites, ctx: TokenContext):
-    """Real LayerNorm; feeds the per-token std to every site in `sites` when statistics are wanted."""
+def _real_rms(x, weight, eps, sites, ctx: TokenContext):
+    """Real RMSNorm, computed as Hugging Face's LlamaRMSNorm does (in fp32, cast back before the scale)."""
+    xf = x.float()
+    rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # [batch, pos, 1]
+    for site in sites:
+        site.record(rstd.squeeze(-1).reciprocal(), ctx.category)
+    return weight * (xf * rstd).to(x.dtype)
+
+
+def _real(x, weight, bias, eps, sites, ctx: TokenContext, centre: bool = True):
+    """Real LayerNorm (or RMSNorm when not `centre`); feeds the per-token std to every site in `sites` when
+    statistics are wanted."""
+    if not centre:
+        return _real_rms(x, weight, eps, sites, ctx)
     if not sites:
         return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
     # native_layer_norm returns the per-token rstd it already computed: the statistics cost nothing extra
@@ -152,41 +166,46 @@ def _real(x, weight, bias, eps, sites, ctx: TokenContext):
     return out
 
 
-def _frozen(x, weight, bias, site: NormSite, ctx: TokenContext):
-    """(x - mean(x)) / sigma * gamma + beta with a frozen sigma: affine in x."""
+def _frozen(x, weight, bias, site: NormSite, ctx: TokenContext, centre: bool = True):
+    """(x - mean(x)) / sigma * gamma + beta with a frozen sigma (x / sigma * gamma for RMSNorm): affine in x."""
     scale = weight / site.divisor(ctx.category)  # [d], or [batch, pos, d] with special sigmas
+    if not centre:
+        return x * scale.to(x.dtype)
     return torch.addcmul(bias, x - x.mean(-1, keepdim=True), scale.to(x.dtype))
 
 
-class _LayerNormParams(nn.Module):
+class NormParams(nn.Module):
     """What every removable norm shares with nn.LayerNorm: gamma (`weight`), beta (`bias`), eps, and the
-    model's token context. Same parameter names, so Hugging Face GPT-2 state dicts load unchanged."""
+    model's token context. Same parameter names, so Hugging Face state dicts load unchanged.
+    centre=False makes it an RMSNorm: no centring and no beta (`bias` is None)."""
 
-    def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
+    def __init__(self, n_embd: int, eps: float, ctx: TokenContext, centre: bool = True):
         super().__init__()
         self.normalized_shape = (n_embd,)
         self.eps = eps
+        self.centre = centre
         self.weight = nn.Parameter(torch.ones(n_embd))
-        self.bias = nn.Parameter(torch.zeros(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if centre else None
         self.ctx = ctx
 
 
-class RemovableLayerNorm(_LayerNormParams):
-    """Drop-in for nn.LayerNorm with one removable site: ln_2 and ln_f."""
+class RemovableLayerNorm(NormParams):
+    """Drop-in for nn.LayerNorm (or an RMSNorm, centre=False) with one removable site: the MLP-input and final
+    norms (GPT-2's ln_2 and ln_f)."""
 
-    def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
-        super().__init__(n_embd, eps, ctx)
+    def __init__(self, n_embd: int, eps: float, ctx: TokenContext, centre: bool = True):
+        super().__init__(n_embd, eps, ctx, centre)
         self.site = NormSite()
 
     def forward(self, x):  # [batch, pos, d] -> [batch, pos, d]
         if self.site.is_removed:
-            return _frozen(x, self.weight, self.bias, self.site, self.ctx)
+            return _frozen(x, self.weight, self.bias, self.site, self.ctx, self.centre)
         sites = [self.site] if _wants_stats(self, self.ctx) else []
-        return _real(x, self.weight, self.bias, self.eps, sites, self.ctx)
+        return _real(x, self.weight, self.bias, self.eps, sites, self.ctx, self.centre)
 
 
-class SplitLayerNorm(_LayerNormParams):
-    """ln_1 with separate query/key and value paths sharing gamma and beta.
+class SplitLayerNorm(NormParams):
+    """The attention-input norm (GPT-2's ln_1) with separate query/key and value paths sharing gamma and beta.
 
     While both paths are real the output is the usual LayerNorm, [batch, pos, d]. Once one is frozen the two
     paths differ only by a per-token factor: x_path = u * f_path + beta with u = (x - mean(x)) * gamma and
@@ -194,11 +213,12 @@ class SplitLayerNorm(_LayerNormParams):
     SplitQKVProjection applies the factors after ONE matmul of u (Q, K, V are linear in x_path):
         x_path @ W + b = f_path * (u @ W) + (beta @ W + b).
     Keeping the split inside (ln_1, c_attn) leaves Hugging Face's attention (SDPA/eager, masks, KV cache)
-    untouched, and the split costs no second matmul.
+    untouched, and the split costs no second matmul. For an RMSNorm (centre=False) u = x * gamma and there is
+    no beta; the readers (SplitQKVProjection for GPT-2, SplitInputLinear for the other families) apply f.
     """
 
-    def __init__(self, n_embd: int, eps: float, ctx: TokenContext):
-        super().__init__(n_embd, eps, ctx)
+    def __init__(self, n_embd: int, eps: float, ctx: TokenContext, centre: bool = True):
+        super().__init__(n_embd, eps, ctx, centre)
         self.qk = NormSite()
         self.v = NormSite()
 
@@ -214,8 +234,8 @@ class SplitLayerNorm(_LayerNormParams):
         stats = _wants_stats(self, self.ctx)
         qk, v = self.qk, self.v
         if not qk.is_removed and not v.is_removed:
-            return _real(x, self.weight, self.bias, self.eps, [qk, v] if stats else [], self.ctx)
-        centred = x - x.mean(-1, keepdim=True)
+            return _real(x, self.weight, self.bias, self.eps, [qk, v] if stats else [], self.ctx, self.centre)
+        centred = x - x.mean(-1, keepdim=True) if self.centre else x
         factors = [self._factor(centred, site, stats) for site in (qk, v)]
         return torch.cat([centred * self.weight.to(x.dtype), *factors], dim=-1)
 
@@ -223,7 +243,8 @@ class SplitLayerNorm(_LayerNormParams):
         if out.shape[-1] == self.weight.shape[0]:
             return out, out
         u, f_qk, f_v = out.split([self.weight.shape[0], 1, 1], dim=-1)
-        return u * f_qk + self.bias, u * f_v + self.bias
+        beta = 0 if self.bias is None else self.bias
+        return u * f_qk + beta, u * f_v + beta
 
 
 class SplitQKVProjection(nn.Module):
@@ -258,6 +279,32 @@ class SplitQKVProjection(nn.Module):
         offset = (torch.matmul(beta.unsqueeze(0), self.weight).squeeze(0) + self.bias).view(3, self.nx)
         f = torch.cat([f_qk, f_qk, f_v], dim=-1).unsqueeze(-1)  # [batch, pos, 3, 1]: Q, K, V
         return torch.addcmul(offset.to(y.dtype), y, f.to(y.dtype)).view(*lead, self.nf)
+
+
+class SplitInputLinear(nn.Linear):
+    """An nn.Linear reading the attention-input norm (Llama's q_proj/k_proj/v_proj, NeoX's fused query_key_value)
+    that also accepts SplitLayerNorm's [u, f_qk, f_v] input. `v_cols` [out] marks the output columns that are
+    values (they take f_v; the others f_qk): all or none for a separate projection, per head for a fused one.
+    Same parameter names as nn.Linear, so Hugging Face state dicts load unchanged; beta is read from the norm.
+        (u * f + beta) @ W^T + b = f * (u @ W^T) + (beta @ W^T + b)   per output column.
+    """
+
+    def __init__(self, linear: nn.Linear, ln: SplitLayerNorm, v_cols: torch.Tensor):
+        super().__init__(linear.in_features, linear.out_features, bias=linear.bias is not None,
+                         device=linear.weight.device, dtype=linear.weight.dtype)
+        self.weight, self.bias = linear.weight, linear.bias
+        self.register_buffer("v_cols", v_cols.bool(), persistent=False)  # [out]
+        self._ln = (ln,)  # tuple: not registered as a child module
+
+    def forward(self, x):  # [batch, pos, d or d + 2] -> [batch, pos, out]
+        if x.shape[-1] == self.in_features:
+            return F.linear(x, self.weight, self.bias)
+        u, f_qk, f_v = x.split([self.in_features, 1, 1], dim=-1)
+        y = F.linear(u, self.weight)  # one matmul for every path
+        f = torch.where(self.v_cols, f_v, f_qk)  # [batch, pos, out]
+        beta = self._ln[0].bias
+        offset = self.bias if beta is None else F.linear(beta, self.weight, self.bias)
+        return y * f.to(y.dtype) if offset is None else torch.addcmul(offset.to(y.dtype), y, f.to(y.dtype))
 
 
 @contextlib.contextmanager

@@ -16,6 +16,7 @@ from lnfree.analysis.table_markers import marked, replaced, write_table
 # Markdown tables in the scanned pages that are not results (design, definitions, options), each with the reason
 NOT_RESULTS = {
     "docs/method.md": "the site kinds (a definition)",
+    "docs/families.md": "the families and their site kinds (definitions)",
     "docs/statistics.md": "which interval is used where, with the coverage the tests' simulations measure",
     "docs/reference/configuration.md": "config groups and entry points",
     "docs/reference/gpus_and_clusters.md": "hardware options",

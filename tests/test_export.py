@@ -128,7 +128,7 @@ def test_export_verification_refuses_a_wrong_model(tmp_path, monkeypatch):
 
     with torch.no_grad():
         stock.transformer.ln_f.weight.mul_(1.01)
-    monkeypatch.setattr(ex, "to_stock_gpt2", lambda m, dtype=None: stock)
+    monkeypatch.setattr(ex, "to_stock", lambda m, dtype=None: stock)
     with pytest.raises(ExportError, match="relative error"):
         ex.export_hf(model, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()

@@ -33,12 +33,14 @@ def crafted_ckpt(tmp_path):
     return path, marker
 
 
-def llama_dir(tmp_path):
-    from transformers import LlamaConfig, LlamaForCausalLM
+def unsupported_dir(tmp_path):
+    """A Qwen3 model (QK-norm: no adapter) whose weights file is garbage: reading it would fail differently."""
+    from transformers import Qwen3Config
 
-    d = tmp_path / "llama"
-    LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                 num_attention_heads=2, num_key_value_heads=2)).save_pretrained(d)
+    d = tmp_path / "qwen3"
+    Qwen3Config(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2,
+                num_key_value_heads=2).save_pretrained(d)
+    (d / "model.safetensors").write_bytes(b"not weights")
     return d
 
 
@@ -118,14 +120,14 @@ def test_crafted_pickle_checkpoint_runs_nothing_in_the_loader_eval_and_resume(tm
     assert not (tmp_path / "run" / "checkpoints").exists()  # refused before any compute
 
 
-def test_non_gpt2_model_refused_before_weights(tmp_path):
-    d = llama_dir(tmp_path)
-    with pytest.raises(ModelIOError, match=r"'llama' model.*GPT-2"):
+def test_unsupported_family_refused_before_weights(tmp_path):
+    d = unsupported_dir(tmp_path)
+    with pytest.raises(ModelIOError, match=r"model_type='qwen3'.*supported families are gpt2 .*llama .*gpt_neox"):
         load(str(d))
     from lnfree.analysis.evaluate import evaluate
 
-    cfg = eval_cfg(tmp_path, [{"name": "llama", "path": str(d)}], [{"name": "d", "source": "builtin"}])
-    with pytest.raises(ModelIOError, match="llama"):
+    cfg = eval_cfg(tmp_path, [{"name": "qwen3", "path": str(d)}], [{"name": "d", "source": "builtin"}])
+    with pytest.raises(ModelIOError, match="qwen3"):
         evaluate(cfg)
     assert not (tmp_path / "eval").exists()  # nothing landed in a results table
 
@@ -179,15 +181,15 @@ def test_removable_only_from_models_with_norms(tiny_run, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("case", ["tampered", "llama", "pickle"])
+@pytest.mark.parametrize("case", ["tampered", "unsupported", "pickle"])
 def test_eval_cli_refuses_bad_models(tiny_run, tmp_path, case):
     if case == "tampered":
         bad = copy_export(tiny_run, tmp_path)
         cfg = json.loads((bad / "config.json").read_text())
         (bad / "config.json").write_text(json.dumps({**cfg, "layer_norm_epsilon": 1e-5}))
         expect = "config.json is not the file that was exported"
-    elif case == "llama":
-        bad, expect = llama_dir(tmp_path), "GPT-2"
+    elif case == "unsupported":
+        bad, expect = unsupported_dir(tmp_path), "supported families are"
     else:
         (bad, _), expect = crafted_ckpt(tmp_path), "refused to load checkpoint"
     out = subprocess.run([sys.executable, "-m", "lnfree.eval", f"models=[{{name: x, path: '{bad}'}}]",

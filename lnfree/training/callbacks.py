@@ -79,7 +79,8 @@ class LNRemovalCallback(L.Callback):
             else:
                 model.end_special(e.kind, e.block)
                 sigma = None
-            rec = {"step": e.step, "applied_at": step, "site": e.name, "kind": e.kind, "block": e.block,
+            name = model.site_name(e.kind, e.block) if e.kind in NORM_KINDS else e.name  # the family's site name
+            rec = {"step": e.step, "applied_at": step, "site": name, "kind": e.kind, "block": e.block,
                    "sigma": sigma}
             self.applied.append(rec)
             new.append(rec)

@@ -17,6 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ..errors import UserError
+from ..families import FAMILIES
 
 
 @dataclass
@@ -251,7 +252,7 @@ LIMITS = {  # key: (test, what it must be); a None value (optional field) is alw
 }
 FINETUNE_KINDS = ("full", "lora")
 KEEP_AT_END = ("all", "last", "none")
-LORA_TARGETS = ("c_attn", "c_proj", "c_fc")
+LORA_TARGETS = tuple(dict.fromkeys(t for f in FAMILIES for t in f.lora_targets))  # each family's (lnfree.families)
 
 
 def _non_finite(node, prefix: str = "") -> list[str]:

@@ -38,8 +38,8 @@ def grad_accumulation(tokens_per_step: int | None, micro_batch: int, block_size:
 
 def make_strategy(hw):
     """'auto' / 'ddp' as Lightning strings; 'fsdp' as Lightning's ModelParallelStrategy, i.e. FSDP2
-    (`fully_shard`), one code path for GPUs (NCCL) and CPU processes (gloo). The sharding itself (every GPT2Block,
-    then the root; bf16 compute with fp32 master weights and reduction under bf16-mixed) is
+    (`fully_shard`), one code path for GPUs (NCCL) and CPU processes (gloo). The sharding itself (every block of
+    the model's family, then the root; bf16 compute with fp32 master weights and reduction under bf16-mixed) is
     LNFreeModule.configure_model. Checkpoints are saved whole (one file, rank 0), so lnfree.io reads them like
     any other and a sharded run exports like a single-process one."""
     if hw.strategy in ("auto", "ddp", "single_device"):

@@ -1,7 +1,8 @@
 """The model a training config asks for (`conf/model/`), resolved once through lnfree.io.
 
 model.source is a model reference that lnfree.io resolves: builtin:<name>, a hub name, an HF dir, a removable
-dir, a .ckpt, or "random" (a fresh GPT2Config(**model.shape), e.g. to pretrain the built-in family).
+dir, a .ckpt, or "random" (a fresh config from model.shape, whose model_type names the family: e.g. to pretrain
+the built-in family).
 model.tokenizer is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own: a built-in
 model's is the built-in BPE, a local dir's is the one saved in it; a random-init model has none).
 
@@ -15,7 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from transformers import GPT2Config
+from transformers import PretrainedConfig
 
 from ..io import (
     RANDOM,
@@ -28,7 +29,7 @@ from ..io import (
     read_record,
     resolve,
 )
-from ..model import RemovableGPT2LMHeadModel
+from ..model import RemovableModel
 
 
 @dataclass(frozen=True)
@@ -37,7 +38,7 @@ class ModelSource:
 
     ref: ModelRef  # model.source, resolved
     tokenizer: Any  # the run's tokenizer, checked against the model
-    config: GPT2Config  # the model's config: depth, context length, vocabulary
+    config: PretrainedConfig  # the model's config: depth, context length, vocabulary
 
 
 def open_source(model_cfg, cache_dir) -> ModelSource:
@@ -71,7 +72,7 @@ def _tokenizer(model_cfg, ref: ModelRef):
     return tok
 
 
-def load_model(source: ModelSource, model_cfg) -> RemovableGPT2LMHeadModel:
+def load_model(source: ModelSource, model_cfg) -> RemovableModel:
     """The removable model to fine-tune, in training mode (a random-init model: initialised now)."""
     model, _ = load(source.ref, removable=True, revision=model_cfg.revision, tokenizer=source.tokenizer,
                     attn_implementation=model_cfg.attn_implementation, dropout=model_cfg.dropout)

@@ -15,7 +15,7 @@ import lightning as L
 import torch
 
 from ..io import CKPT_MODEL_CONFIG, RUN_INFO
-from ..model import RemovableGPT2LMHeadModel, next_token_ce
+from ..model import RemovableModel, next_token_ce
 
 
 def lr_lambda(step: int, warmup: int, decay_steps: int, lr: float, min_lr: float) -> float:
@@ -50,7 +50,7 @@ def fsdp_policy(precision: str):
 
 
 class LNFreeModule(L.LightningModule):
-    def __init__(self, model: RemovableGPT2LMHeadModel, optim, aux_weight: float = 0.0, max_steps: int = 1,
+    def __init__(self, model: RemovableModel, optim, aux_weight: float = 0.0, max_steps: int = 1,
                  run_info: dict | None = None, compile: bool = False, lr_scale: float = 1.0):
         super().__init__()
         self.model = model
@@ -66,7 +66,7 @@ class LNFreeModule(L.LightningModule):
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
         self._final_resid = None
         # the auxiliary loss needs ln_f's input; a forward pre-hook reads it without touching the model code
-        model.transformer.ln_f.register_forward_pre_hook(self._grab_final_residual)
+        model.family.final_norm(model).register_forward_pre_hook(self._grab_final_residual)
 
     def _grab_final_residual(self, module, args):
         if self.training and self.aux_weight > 0:
@@ -114,8 +114,9 @@ class LNFreeModule(L.LightningModule):
 
     def configure_model(self):
         """Under hardware.strategy=fsdp (Lightning's ModelParallelStrategy: FSDP2, on GPUs or CPU processes):
-        shard every GPT2Block, then the rest. Norm-site buffers (running std, frozen sigmas) are not parameters,
-        so FSDP2 leaves them whole and fp32 on every rank, where the removal callback all-reduces them."""
+        shard every block of the model's family (GPT2Block, LlamaDecoderLayer, GPTNeoXLayer), then the rest. Norm-site
+        buffers (running std, frozen sigmas) are not parameters, so FSDP2 leaves them whole and fp32 on every rank,
+        where the removal callback all-reduces them."""
         from lightning.pytorch.strategies import ModelParallelStrategy
 
         if self._sharded or not isinstance(self.trainer.strategy, ModelParallelStrategy):
@@ -125,7 +126,7 @@ class LNFreeModule(L.LightningModule):
         mesh = self.device_mesh["data_parallel"]
         policy = fsdp_policy(self.trainer.precision)
         kw = {"mesh": mesh, **({"mp_policy": policy} if policy is not None else {})}
-        for block in self.model.transformer.h:
+        for block in self.model.family.blocks(self.model):
             fully_shard(block, **kw)
         fully_shard(self.model, **kw)
         self._sharded = True

@@ -41,6 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.streams import DATA_FAULTS
 from ..errors import UserError
+from ..families import family
 from ..io import CKPT_MODEL_CONFIG, EXPORT_TMP, RUN_INFO, TEMPORARY, raise_storage_error, read_checkpoint
 from ..paths import RUN_SUMMARY
 from .loggers import CSV_DIR
@@ -302,9 +303,9 @@ def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events) -> 
     if CKPT_MODEL_CONFIG not in ckpt:
         raise ResumeError(f"ckpt_path {ckpt_path} is not an lnfree training checkpoint")
     saved = ckpt[CKPT_MODEL_CONFIG]
+    fields = ("model_type", *family(model_config).shape_fields)
     diffs = [f"model.{k}: checkpoint {saved.get(k)} vs config {getattr(model_config, k)}"
-             for k in ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
-             if saved.get(k) != getattr(model_config, k)]
+             for k in fields if saved.get(k) != getattr(model_config, k)]
     info = ckpt.get(RUN_INFO, {})
     if info.get("tokens_per_step") not in (None, tokens_per_step):
         diffs.append(f"tokens per step: checkpoint {info['tokens_per_step']} vs config {tokens_per_step} "

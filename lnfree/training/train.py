@@ -32,6 +32,7 @@ from omegaconf import DictConfig, OmegaConf
 from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
 from ..errors import UserError, user_errors_as_messages
 from ..export import export_folded, export_hf, logits_error, staging_dir
+from ..families import family
 from ..hub import check_push, push_exports
 from ..io import EXPORT_TMP, RUN_SUMMARY, model_from_checkpoint, read_checkpoint
 from ..lora import MERGE_TOL, apply_lora, has_lora, lora_settings, merged_copy, trainable_parameters
@@ -87,13 +88,14 @@ def check_config(cfg: DictConfig) -> Plan:
     # a random-init model takes its vocabulary from it
     source = open_source(cfg.model, cfg.paths.cache_dir)
     mcfg = source.config
-    if cfg.data.block_size > mcfg.n_positions:
+    dims = family(mcfg).dims(mcfg)
+    if cfg.data.block_size > dims.n_ctx:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context "
-                          f"n_positions={mcfg.n_positions}")
-    events = validate(cfg.schedule, mcfg.n_layer, cfg.trainer.max_steps)
+                          f"n_positions={dims.n_ctx}")
+    events = validate(cfg.schedule, dims.n_layer, cfg.trainer.max_steps)
     accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size,
                               world_size(cfg.hardware))
-    plan = Plan(source, events, accum, tokens_per_step(cfg, accum), mcfg.n_layer)
+    plan = Plan(source, events, accum, tokens_per_step(cfg, accum), dims.n_layer)
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
             raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
@@ -287,7 +289,10 @@ def finalize(cfg: DictConfig, plan: Plan, run: Run, val_before, val_after: float
 
 def _summary(plan: Plan, run: Run, final, val_before, val_after, merge_error, exports, export_error,
              t0: float) -> dict:
+    fam = family(final.config)
     return {
+        "family": fam.name,  # lnfree.families; the hf export's class is hf_class
+        "hf_class": fam.stock_class(final.config).__name__,
         "val_ce": val_after,
         "val_ce_before": val_before,
         "n_params": sum(p.numel() for p in final.parameters()),

@@ -5,46 +5,54 @@ position decomposes into components c: embeddings, each head's output z_{l,h} W_
 attention output bias and each MLP's output. With f(y) = ln_f(y) . u:
     DLA_c = ((c - mean(c)) * gamma / s) . u       s = ln_f's scale on the clean pass (sum over c + beta.u = logit)
     DE_c  = f(x_L) - f(x_L - c)                    ln_f recomputed, so its scale moves with c
-With LayerNorm, DE != DLA; with ln_f frozen to a constant sigma, f is affine and DLA == DE up to round-off.
-NMAE = mean |DLA - DE| / mean |DE| * 100.
-Works on a stock GPT2LMHeadModel (real LN or the HF-compatible LN-free export) and on the removable model.
+(for an RMSNorm final norm, Llama: no centring and no beta). With a real norm, DE != DLA; with the final norm
+frozen to a constant sigma, f is affine and DLA == DE up to round-off. NMAE = mean |DLA - DE| / mean |DE| * 100.
+Works on a stock model of any supported family (real norms or the HF-compatible LN-free export) and on the
+removable model; the family adapter (lnfree.families) names the modules.
 """
 
 from __future__ import annotations
 
 import torch
 
+from ...families import family
 from ...norm import RemovableLayerNorm
 from .hooks import run_with_hooks
 
 
-def final_scale(ln_f, x: torch.Tensor) -> torch.Tensor:
-    """The scale ln_f divides x [..., d] by: the frozen sigma of a removed site, else sqrt(var + eps)."""
+def final_scale(ln_f, x: torch.Tensor, centre: bool = True) -> torch.Tensor:
+    """The scale ln_f divides x [..., d] by: the frozen sigma of a removed site, else sqrt(var + eps)
+    (sqrt(mean(x^2) + eps) for an RMSNorm, centre=False)."""
     if isinstance(ln_f, RemovableLayerNorm) and ln_f.site.is_removed:
         return ln_f.site.sigma[0].to(x.dtype).expand(x.shape[:-1]).unsqueeze(-1)
-    return torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + ln_f.eps)
+    eps = ln_f.eps if hasattr(ln_f, "eps") else ln_f.variance_epsilon
+    if not centre:
+        return torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + eps)
 
 
 @torch.no_grad()
 def components(model, ids: torch.Tensor, pos: int = -1) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """Components of the final residual at `pos` ({name: [batch, d]}) and the residual itself [batch, d]."""
-    t = model.transformer
-    n_head, d = model.config.n_head, model.config.n_embd
+    fam = family(model.config)
+    n_head = fam.dims(model.config).n_head
+    blocks = fam.blocks(model)
     seen = {}
-    hooks = [t.ln_f.register_forward_pre_hook(lambda m, a: seen.__setitem__("resid", a[0]))]
-    for i, block in enumerate(t.h):
-        hooks.append(block.attn.c_proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(f"z{i}", a[0])))
-        hooks.append(block.mlp.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(f"mlp{i}", o)))
+    hooks = [fam.final_norm(model).register_forward_pre_hook(lambda m, a: seen.__setitem__("resid", a[0]))]
+    for i, block in enumerate(blocks):
+        proj, _ = fam.attn_out(block)
+        hooks.append(proj.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(f"z{i}", a[0])))
+        hooks.append(fam.mlp(block).register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(f"mlp{i}", o)))
     run_with_hooks(model, ids, hooks)
-    positions = torch.arange(ids.shape[1], device=ids.device)
-    comps = {"embed": (t.wte(ids) + t.wpe(positions))[:, pos]}
-    for i, block in enumerate(t.h):
-        z = seen[f"z{i}"][:, pos]  # [batch, d] = heads side by side
-        w_o = block.attn.c_proj.weight  # Conv1D [d_in, d_out]
-        dh = d // n_head
+    comps = {"embed": fam.embed(model, ids)[:, pos]}
+    for i, block in enumerate(blocks):
+        z = seen[f"z{i}"][:, pos]  # [batch, heads x d_head] = heads side by side
+        proj, w_o = fam.attn_out(block)  # w_o: [d_in, d_out]
+        dh = w_o.shape[0] // n_head
         for h in range(n_head):
             comps[f"L{i}H{h}"] = z[:, h * dh:(h + 1) * dh] @ w_o[h * dh:(h + 1) * dh]
-        comps[f"L{i}.attn_bias"] = block.attn.c_proj.bias.expand_as(comps["embed"])
+        if proj.bias is not None:
+            comps[f"L{i}.attn_bias"] = proj.bias.expand_as(comps["embed"])
         comps[f"L{i}.mlp"] = seen[f"mlp{i}"][:, pos]
     return comps, seen["resid"][:, pos]
 
@@ -53,16 +61,18 @@ def components(model, ids: torch.Tensor, pos: int = -1) -> tuple[dict[str, torch
 def dla_vs_de(model, ids: torch.Tensor, direction: torch.Tensor, pos: int = -1) -> dict:
     """Per component DLA and DE [batch] for `direction` [d], their NMAE (%) and the decomposition check."""
     comps, resid = components(model, ids, pos)
-    ln_f = model.transformer.ln_f
-    g, b = ln_f.weight, ln_f.bias
+    fam = family(model.config)
+    ln_f = fam.final_norm(model)
+    g, b = ln_f.weight, getattr(ln_f, "bias", None)  # an RMSNorm has no beta
+    b = torch.zeros_like(g) if b is None else b
 
     u = direction.expand_as(resid)  # [d] (one direction) or [batch, d] (e.g. each prompt's answer)
 
     def f(y):  # [batch, d] -> [batch]
         return (ln_f(y.unsqueeze(1)).squeeze(1) * u).sum(-1)
 
-    s = final_scale(ln_f, resid.unsqueeze(1)).squeeze(1)  # [batch, 1]
-    dla = {k: (((c - c.mean(-1, keepdim=True)) * g / s) * u).sum(-1) for k, c in comps.items()}
+    s = final_scale(ln_f, resid.unsqueeze(1), fam.centre).squeeze(1)  # [batch, 1]
+    dla = {k: (((c - c.mean(-1, keepdim=True) if fam.centre else c) * g / s) * u).sum(-1) for k, c in comps.items()}
     de = {k: f(resid) - f(resid - c) for k, c in comps.items()}
     a, e = torch.stack(list(dla.values())), torch.stack(list(de.values()))  # [component, batch]
     return {
@@ -123,12 +133,13 @@ def main(argv=None):
         dm.setup()
         ids, target = dm.val_data[:, :-1], dm.val_data[:, -1]
         r = dla_vs_de(model, ids, model.lm_head.weight[target])
+        dims = family(model.config).dims(model.config)
         dla_all, de_all = torch.stack(list(r["dla"].values())), torch.stack(list(r["de"].values()))
         per = {k: nmae_with_ci(r["dla"][k], r["de"][k]) for k in r["dla"]}
         res[name] = {"path": path, **nmae_with_ci(dla_all, de_all), "per_component": per,
                      "decomposition_error": r["decomposition_error"],
-                     "n_layer": model.config.n_layer, "n_head": model.config.n_head}
-        heads, _ = per_head_grid(per, model.config.n_layer, model.config.n_head)
+                     "n_layer": dims.n_layer, "n_head": dims.n_head}
+        heads, _ = per_head_grid(per, dims.n_layer, dims.n_head)
         print(f"{name:10s} NMAE(DLA, DE) = {res[name]['nmae_percent']:.4f}% (95% CI {res[name]['ci95'][0]:.4f}-"
               f"{res[name]['ci95'][1]:.4f}); per head median {np.median(heads):.2f}%, range "
               f"{heads.min():.2f}-{heads.max():.2f}%")
