@@ -77,21 +77,24 @@ lora: eval
 downstream: lora
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream runs=$(RUNS) $(ARGS)
 
-# interpretability positive control (experiments/interp/): synth_w64, a 2-layer GPT-2 trained on data=synthetic
-# (Bigram-Backcopy; shipped, else pretrained), its vanilla and LN-free fine-tunes, then attention sinks / massive
-# activations and attribution vs activation patching (the copy task) on all three
+# interpretability positive controls (experiments/interp/): 3 replicates r of synth_w64_1k, a 2-layer GPT-2
+# pretrained with seed r on data=synthetic (Bigram-Backcopy), each with its vanilla and LN-free fine-tune (seed r + 1);
+# then AtP vs AP (back-copy and trigger-switch tasks, with a frozen-LN arm), sinks / position-0 norms per layer and
+# entropy neurons, per replicate and over replicates. Resumable: every step skips what is already there.
 CONTROL ?= outputs/interp_control
-CONTROL_MODELS = original=builtin:synth_w64 vanilla=$(CONTROL)/vanilla lnfree=$(CONTROL)/lnfree
+CONTROL_REPLICATES ?= 0 1 2
 interp-control: install
-	if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('synth_w64').exists())"; then \
-	  $(PY) -m lnfree.pretrain model=synth_w64 data=synthetic model.dropout=0.0 hydra.run.dir=outputs/pretrain/synth_w64 \
-	    overwrite=true || exit 1; fi
-	test -f $(CONTROL)/vanilla/summary.json || $(PY) -m lnfree.train model=synth_w64 data=synthetic schedule=none \
-	  hydra.run.dir=$(CONTROL)/vanilla overwrite=true trainer.progress_bar=false
-	test -f $(CONTROL)/lnfree/summary.json || $(PY) -m lnfree.train model=synth_w64 data=synthetic \
-	  hydra.run.dir=$(CONTROL)/lnfree overwrite=true trainer.progress_bar=false
-	$(PY) -m lnfree.analysis.interp.residual $(CONTROL_MODELS) --synthetic --out experiments/interp
-	$(PY) -m lnfree.analysis.interp.patching $(CONTROL_MODELS) --synthetic --task backcopy --out experiments/interp
+	for r in $(CONTROL_REPLICATES); do s=$$((r + 1)); \
+	  if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('synth_w64_1k_s'+'$$r').exists())"; then \
+	    $(PY) -m lnfree.pretrain model=synth_w64_1k data=synthetic model.replicate=$$r \
+	      hydra.run.dir=outputs/pretrain/synth_w64_1k_s$$r trainer.progress_bar=false || exit 1; fi; \
+	  test -f $(CONTROL)/r$$r/vanilla/summary.json || $(PY) -m lnfree.train model=synth_w64_1k model.replicate=$$r \
+	    data=synthetic schedule=none seed=$$s hydra.run.dir=$(CONTROL)/r$$r/vanilla overwrite=true \
+	    trainer.progress_bar=false || exit 1; \
+	  test -f $(CONTROL)/r$$r/lnfree/summary.json || $(PY) -m lnfree.train model=synth_w64_1k model.replicate=$$r \
+	    data=synthetic seed=$$s hydra.run.dir=$(CONTROL)/r$$r/lnfree overwrite=true trainer.progress_bar=false || exit 1; \
+	done
+	$(PY) -m lnfree.analysis.interp.controls_cli --replicates $(CONTROL_REPLICATES) --runs $(CONTROL) --out experiments/interp
 
 # the built-in family, pretrained into ~/.cache/lnfree/models (skips those already there or shipped);
 # loading never pretrains, so the targets that need the family depend on this one
