@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; see README "Install" for GPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check docs test-fast train sweep eval ablations lora downstream interp-control family family-depth scaling scaling-depth bench bench-gpu mutation clean
+.PHONY: install test check docs test-fast train sweep eval-runs eval shift ablations lora downstream interp-control family family-depth scaling scaling-depth bench bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -40,15 +40,24 @@ sweep: install
 # default, with paired gaps; trains what is missing first. Table and figures: experiments/builtin_eval/
 RUNS ?= $(shell sed -n 's/^runs: *//p' conf/runs.yaml)
 SEEDS ?= 1 2 3
-eval: install
+# the built-in default's vanilla and LN-free fine-tunes of every seed (what eval, shift and the interp commands read)
+eval-runs: install
 	for s in $(SEEDS); do \
 	  test -f $(RUNS)/vanilla_s$$s/summary.json || $(PY) -m lnfree.train schedule=none seed=$$s \
 	    hydra.run.dir=$(RUNS)/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	  test -f $(RUNS)/lnfree_s$$s/summary.json || $(PY) -m lnfree.train seed=$$s \
 	    hydra.run.dir=$(RUNS)/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done
+
+eval: eval-runs
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:w128 $(RUNS)/no_finetune
 	$(PY) -m lnfree.eval runs=$(RUNS) $(ARGS)
+
+# claim 1 under distribution shift (experiments/shift/): the same runs on in-domain, near- and far-domain text
+# (lnfree/data/shift.py builds the held-out corpora offline)
+shift: eval-runs
+	$(PY) -m lnfree.data.shift --out outputs/shift_corpora
+	$(PY) -m lnfree.eval --config-name eval_shift runs=$(RUNS) $(ARGS)
 
 # schedule ablations on the built-in default over seeds (after make eval): no auxiliary loss, a slower schedule,
 # special bos/eot sigmas; paired with the vanilla control of each seed. Results: experiments/ablations/
