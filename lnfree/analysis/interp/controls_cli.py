@@ -51,6 +51,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0, help="prompts and bootstrap")
     p.add_argument("--val-blocks", type=int, default=32, help="validation blocks of data=synthetic (sinks, neurons)")
     p.add_argument("--k", type=int, default=16, help="entropy-neuron candidates of each ranking")
+    p.add_argument("--measure-only", action="store_true", help="write the replicates' files, not the summaries "
+                   "(to measure replicates in parallel; a last run without it writes the summaries)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
     out = Path(a.out)
@@ -64,6 +66,8 @@ def main(argv=None):
             f.write_text(json.dumps(measure(r, a), indent=1))
             print(f"[lnfree] replicate {r} -> {f}")
         reps[r] = json.loads(f.read_text())
+    if a.measure_only:
+        return
     summary = controls.aggregate(reps)
     for key in ("patching", "sinks", "neurons"):
         (out / f"{key}.json").write_text(json.dumps({"replicates": summary["replicates"], "settings": settings(a),

@@ -72,15 +72,16 @@ def sinks_table(d: dict) -> str:
             rows.append(f"| {ARM_NAMES[arm]} | {name} | {heads} | {fmt(_elem(r['pos0_ratio'], layer))} | "
                         f"{fmt(_elem(r['pos0_norm'], layer), digits=1)} | "
                         f"{fmt(_elem(r['massive_pos0'], layer), digits=1)} |")
-    per = "; ".join(f"r{r}: " + ", ".join(str(v) for v in vals)
+    per = "; ".join(f"r{r}: " + ", ".join(str(int(v)) for v in vals)
                     for r, vals in zip(d["replicates"], s["original"]["sink_heads"]["values"]))
     return "\n".join(rows + ["", f"Sink heads per layer, original, per replicate: {per}."])
 
 
 def neurons_table(d: dict) -> str:
     n = d["neurons"]
+    k = d.get("settings", {}).get("neuron_candidates", "k")
     rows = [f"The top entropy neuron of the last MLP (largest median |delta entropy| under mean ablation in the "
-            f"original, among its 16 largest-norm and 16 largest null-space-fraction neurons; neuron "
+            f"original, among its {k} largest-norm and {k} largest null-space-fraction neurons; neuron "
             f"{', '.join(map(str, n['top_neuron']))} in replicates {', '.join(map(str, d['replicates']))}), the same "
             "unit in each arm; a random direction's null-space fraction is 0.10.", "",
             "| arm | median abs delta H, total | direct (scale kept) | LN-mediated fraction | null-space fraction |",
