@@ -4,8 +4,9 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; GPU machines: docs/reference/gpus_and_clusters.md.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check docs test-fast train sweep eval ablations lora downstream interp interp-control family \
-  family-depth scaling scaling-analysis scaling-depth scaling-depth-analysis tables paper bench bench-gpu mutation clean
+.PHONY: install test check docs test-fast train sweep eval-runs eval shift ablations lora downstream interp \
+  interp-control family family-depth scaling scaling-analysis scaling-depth scaling-depth-analysis tables paper bench \
+  bench-gpu mutation clean
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -41,15 +42,24 @@ sweep: install
 # default, with paired gaps; trains what is missing first. Table and figures: experiments/builtin_eval/
 RUNS ?= $(shell sed -n 's/^runs: *//p' conf/runs.yaml)
 SEEDS ?= 1 2 3
-eval: install
+# the built-in default's vanilla and LN-free fine-tunes of every seed (what eval, shift and the interp commands read)
+eval-runs: install
 	for s in $(SEEDS); do \
 	  test -f $(RUNS)/vanilla_s$$s/summary.json || $(PY) -m lnfree.train schedule=none seed=$$s \
 	    hydra.run.dir=$(RUNS)/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	  test -f $(RUNS)/lnfree_s$$s/summary.json || $(PY) -m lnfree.train seed=$$s \
 	    hydra.run.dir=$(RUNS)/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done
+
+eval: eval-runs
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:w128 $(RUNS)/no_finetune
 	$(PY) -m lnfree.eval runs=$(RUNS) $(ARGS)
+
+# claim 1 under distribution shift (experiments/shift/): the same runs on in-domain, near- and far-domain text
+# (lnfree/data/shift.py builds the held-out corpora offline)
+shift: eval-runs
+	$(PY) -m lnfree.data.shift --out outputs/shift_corpora
+	$(PY) -m lnfree.eval --config-name eval_shift runs=$(RUNS) $(ARGS)
 
 # schedule ablations on the built-in default over seeds (after make eval): no auxiliary loss, a slower schedule,
 # special bos/eot sigmas; paired with the vanilla control of each seed. Results: experiments/ablations/
@@ -85,21 +95,24 @@ interp: eval
 	$(PY) -m lnfree.analysis.interp.neurons
 	$(PY) -m lnfree.analysis.interp.residual
 
-# interpretability positive control (experiments/interp/): synth_w64, a 2-layer GPT-2 trained on data=synthetic
-# (Bigram-Backcopy; shipped, else pretrained), its vanilla and LN-free fine-tunes, then attention sinks / massive
-# activations and attribution vs activation patching (the copy task) on all three
+# interpretability positive controls (experiments/interp/): 3 replicates r of synth_w64_1k, a 2-layer GPT-2
+# pretrained with seed r on data=synthetic (Bigram-Backcopy), each with its vanilla and LN-free fine-tune (seed r + 1);
+# then AtP vs AP (back-copy and trigger-switch tasks, with a frozen-LN arm), sinks / position-0 norms per layer and
+# entropy neurons, per replicate and over replicates. Resumable: every step skips what is already there.
 CONTROL ?= outputs/interp_control
-CONTROL_MODELS = original=builtin:synth_w64 vanilla=$(CONTROL)/vanilla lnfree=$(CONTROL)/lnfree
+CONTROL_REPLICATES ?= 0 1 2
 interp-control: install
-	if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('synth_w64').exists())"; then \
-	  $(PY) -m lnfree.pretrain model=synth_w64 data=synthetic model.dropout=0.0 hydra.run.dir=outputs/pretrain/synth_w64 \
-	    overwrite=true || exit 1; fi
-	test -f $(CONTROL)/vanilla/summary.json || $(PY) -m lnfree.train model=synth_w64 data=synthetic schedule=none \
-	  hydra.run.dir=$(CONTROL)/vanilla overwrite=true trainer.progress_bar=false
-	test -f $(CONTROL)/lnfree/summary.json || $(PY) -m lnfree.train model=synth_w64 data=synthetic \
-	  hydra.run.dir=$(CONTROL)/lnfree overwrite=true trainer.progress_bar=false
-	$(PY) -m lnfree.analysis.interp.residual $(CONTROL_MODELS) --synthetic --out experiments/interp
-	$(PY) -m lnfree.analysis.interp.patching $(CONTROL_MODELS) --synthetic --task backcopy --out experiments/interp
+	for r in $(CONTROL_REPLICATES); do s=$$((r + 1)); \
+	  if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('synth_w64_1k_s'+'$$r').exists())"; then \
+	    $(PY) -m lnfree.pretrain model=synth_w64_1k data=synthetic model.replicate=$$r \
+	      hydra.run.dir=outputs/pretrain/synth_w64_1k_s$$r trainer.progress_bar=false || exit 1; fi; \
+	  test -f $(CONTROL)/r$$r/vanilla/summary.json || $(PY) -m lnfree.train model=synth_w64_1k model.replicate=$$r \
+	    data=synthetic schedule=none seed=$$s hydra.run.dir=$(CONTROL)/r$$r/vanilla overwrite=true \
+	    trainer.progress_bar=false || exit 1; \
+	  test -f $(CONTROL)/r$$r/lnfree/summary.json || $(PY) -m lnfree.train model=synth_w64_1k model.replicate=$$r \
+	    data=synthetic seed=$$s hydra.run.dir=$(CONTROL)/r$$r/lnfree overwrite=true trainer.progress_bar=false || exit 1; \
+	done
+	$(PY) -m lnfree.analysis.interp.controls_cli --replicates $(CONTROL_REPLICATES) --runs $(CONTROL) --out experiments/interp
 
 # the built-in family, pretrained into ~/.cache/lnfree/models (skips those already there or shipped);
 # loading never pretrains, so the targets that need the family depend on this one

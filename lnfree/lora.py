@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from .families import FAMILIES, family
-from .norm import SplitInputLinear, SplitQKVProjection, NormParams
+from .norm import NormParams, SplitInputLinear, SplitQKVProjection
 
 LORA_CONFIG_KEY = "lnfree_lora"  # model.config field holding the adapter settings
 MERGE_TOL = 1e-5  # relative logits error allowed between the adapted model and its merge (fp32 round-off)

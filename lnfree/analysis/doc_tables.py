@@ -105,6 +105,20 @@ def eval_gaps(root: Path) -> str:
     return "\n".join(lines)
 
 
+SHIFT_LABELS = {"in_domain_shakespeare_val": "in-domain", "near_license_prose": "near (license prose)",
+                "far_python_docs": "far (Python docs)"}
+
+
+def shift_gaps(root: Path) -> str:
+    """Claim 1 under shift: the paired gaps of `make shift` per dataset (experiments/shift)."""
+    paired = _json(root, "experiments/shift/results.json")["paired"]
+    lines = ["| dataset | LN-free - vanilla, nats | relative | vanilla - original, relative |", "|---|---|---|---|"]
+    for ds, label in SHIFT_LABELS.items():
+        gap, rel = _gap(paired[ds]["lnfree_minus_vanilla"])
+        lines.append(f"| {label} | {gap} | {rel} | {_gap(paired[ds]['vanilla_minus_original'])[1]} |")
+    return "\n".join(lines)
+
+
 ABLATION_ARMS = {"builtin": "default (`schedule=builtin`)", "noaux": "no auxiliary loss (`builtin_noaux`)",
                  "gradual": "slower removal (`builtin_gradual`)",
                  "special": "special bos/eot sigmas (`builtin_special`)"}
@@ -238,10 +252,10 @@ PAPER_INTERP = {"dla": "10-40%, up to ~150% in the last layer; LN-free 0%",
 def interp_summary(root: Path) -> str:
     """The interpretability analyses next to the paper's numbers: original / vanilla / LN-free in each cell."""
     dla = _json(root, "experiments/interp/dla.json")
-    patch = _json(root, "experiments/interp/patching.json")["models"]
-    sinks = _json(root, "experiments/interp/sinks.json")
+    patch = _json(root, "experiments/interp/synth_w64/patching.json")["models"]
+    sinks = _json(root, "experiments/interp/synth_w64/sinks.json")
     builtin_sinks = _json(root, "experiments/interp/builtin/sinks.json")
-    neurons = _json(root, "experiments/interp/neurons.json")
+    neurons = _json(root, "experiments/interp/builtin/neurons.json")
     models = ("original", "vanilla", "lnfree")
 
     def per_model(f):
@@ -274,15 +288,79 @@ def interp_summary(root: Path) -> str:
                    + per_model(lambda m: f"{100 * strongest[m]['ln_mediated_fraction']:.1f}%"))
     rows = [("DLA vs DE, per-head NMAE", PAPER_INTERP["dla"], dla_cell, "`dla.json`, `dla.png`"),
             ("AtP vs AP (residual x position and heads), NMAE", PAPER_INTERP["patching"], patch_cell,
-             "`patching.json`, `patching.png`"),
+             "`synth_w64/patching.json`, `synth_w64/patching.png`"),
             ("attention sinks (heads with alpha > 0.3)", PAPER_INTERP["sinks"], sink_cell,
-             "`sinks.json`, `sinks.png`; `builtin/`"),
+             "`synth_w64/sinks.json`, `synth_w64/sinks.png`; `builtin/`"),
             ("position-0 residual norm (ln_f input) vs the other positions", PAPER_INTERP["norms"], norm_cell,
-             "`sinks.json`"),
+             "`synth_w64/sinks.json`"),
             ("confidence neurons, median abs delta entropy", PAPER_INTERP["neurons"], neuron_cell,
-             "`neurons.json`, `neurons.png`")]
+             "`builtin/neurons.json`, `builtin/neurons.png`")]
     return "\n".join(["| analysis | paper (GPT-2 small) | here: original / vanilla / LN-free | file |",
                       "|---|---|---|---|", *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)])
+
+
+RANDOM_NULL_FRACTION = 0.10  # a random direction's null-space fraction at these widths (experiments/interp)
+
+
+def _small(rel: dict, limit: float = 0.01) -> str:
+    """Claim 1's verdict on a relative gap: below `limit` (1%) with its whole interval, above it, or neither."""
+    lo, hi = rel["ci95"]
+    return "**reproduced**" if hi < limit else "**contradicted**" if lo > limit else "**not established**"
+
+
+def _mci(o: dict, digits: int, scale: float = 1.0, unit: str = "") -> str:
+    return (f"{scale * o['mean']:.{digits}f}{unit} [{scale * o['ci95'][0]:.{digits}f}, "
+            f"{scale * o['ci95'][1]:.{digits}f}]")
+
+
+def interp_verdicts(root: Path) -> str:
+    """A verdict per claim, each decided from its interval by the rule written in its row."""
+    shift = _json(root, "experiments/shift/results.json")["paired"]
+    rel = {ds: shift[ds]["lnfree_minus_vanilla"]["relative_gap_over_seeds"] for ds in SHIFT_LABELS}
+    dla = _json(root, "experiments/interp/dla.json")
+    heads = {k: statistics.median(v["nmae_percent"] for c, v in m["per_component"].items()
+                                  if re.fullmatch(r"L\d+H\d+", c)) for k, m in dla.items()}
+    sw = _json(root, "experiments/interp/patching.json")["patching"]["switch"]
+    po, pl = sw["original"]["pearson"], sw["lnfree"]["pearson"]
+    no, nl = sw["original"]["nmae_percent"], sw["lnfree"]["nmae_percent"]
+    overlap = po["ci95"][1] >= pl["ci95"][0] and pl["ci95"][1] >= po["ci95"][0]
+    null = _json(root, "experiments/interp/neurons.json")["neurons"]["original"]["null_space_fraction"]
+    sinks = _json(root, "experiments/interp/sinks.json")["sinks"]["original"]["sink_heads"]
+    shifted = ", ".join(f"{SHIFT_LABELS[ds].split(' ')[0]} {100 * r['mean']:+.2f}% "
+                        f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]" for ds, r in rel.items())
+    rows = [
+        ("1. removing LN costs little CE (below 1%), also off-distribution", "small gaps on OpenWebText and the Pile",
+         f"built-in default, LN-free - vanilla over 3 seeds (`../shift/`): {shifted}",
+         "; ".join(f"{SHIFT_LABELS[ds].split(' ')[0]}: {_small(r)}" for ds, r in rel.items())
+         + " (this 2-layer model and 100-step recipe)"),
+        ("3. DLA equals the direct effect without LN", "per-head NMAE 10-40%, ~0% LN-free",
+         f"built-in, per-head median NMAE: {heads['original']:.1f}% / {heads['vanilla']:.1f}% / "
+         f"{heads['lnfree']:.4f}%", "**reproduced**" if heads["lnfree"] < 0.1 < heads["original"]
+         else "**not established**"),
+        ("4. AtP is not markedly more accurate without LN", "IOI on GPT-2 (a correlation of AtP with AP)",
+         f"switch task: Pearson {_mci(po, 3)} original vs {_mci(pl, 3)} LN-free; NMAE {_mci(no, 1, unit='%')} vs "
+         f"{_mci(nl, 1, unit='%')}",
+         ("correlation: **not established** (intervals overlap; consistent with the paper)" if overlap
+          else "correlation: **contradicted**") + "; NMAE: "
+         + ("**contradicted on this control**" if nl["ci95"][1] < no["ci95"][0] else "**not established**")),
+        ("5. confidence neurons stop working without LN", "11.584: median abs delta H 0.052 -> ~0",
+         f"top entropy neuron's null-space fraction {_mci(null, 3)} (a random direction's: {RANDOM_NULL_FRACTION})",
+         "**not tested** (no control has a confidence neuron)" if null["ci95"][1] < RANDOM_NULL_FRACTION
+         else "see neurons.json"),
+        ("attention sinks stay, position-0 peak goes", "sinks; pos-0 norm ~3000 -> < ~300",
+         f"sink heads per layer in the 3 originals: {sinks['values']}",
+         "**not established** over seeds (no sinks in the controls)" if not any(map(any, sinks["values"]))
+         else "see sinks.json"),
+    ]
+    return "\n".join(["| claim | paper (GPT-2 small) | here | verdict |", "|---|---|---|---|",
+                      *(f"| {a} | {b} | {c} | {d} |" for a, b, c, d in rows)])
+
+
+def interp_controls(root: Path) -> str:
+    """The positive controls over replicates: patching, sinks, entropy neurons (experiments/interp/*.json)."""
+    from .interp.controls_plot import tables
+
+    return tables(root / "experiments/interp")
 
 
 def bench_cpu(root: Path) -> str:
@@ -299,8 +377,8 @@ def bench_profile(root: Path) -> str:
 
 
 TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, lora_models, downstream, scaling_width,
-                                   family, distributed, dla_builtin, interp_summary, bench_cpu,
-                                   bench_profile)}
+                                   family, distributed, dla_builtin, interp_summary, interp_controls, interp_verdicts,
+                                   shift_gaps, bench_cpu, bench_profile)}
 
 
 def pages(root: Path = ROOT) -> list[Path]:

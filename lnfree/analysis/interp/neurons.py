@@ -26,18 +26,29 @@ def _last_mlp(model):
     return model.transformer.h[-1].mlp
 
 
-def candidates(model, k: int = 8, null_dims: float = 0.1) -> list[dict]:
-    """The k neurons with the largest output-weight norm, each with its null-space fraction."""
+def weight_signature(model, null_dims: float = 0.1, tokens: torch.Tensor | None = None):
+    """Every last-MLP neuron's output-weight norm [d_mlp] and the fraction of its squared norm in the span of the
+    smallest `null_dims` of the effective unembedding's singular directions [d_mlp]. `tokens`: the ids the model
+    ever has to predict (a synthetic task's), whose unembedding rows alone make the effective one; default all."""
     w_out = _last_mlp(model).c_proj.weight.detach().double()  # Conv1D [d_mlp, d]: row i = neuron i's output weight
     ln_f = model.transformer.ln_f
     w_u = model.lm_head.weight.detach().double() * ln_f.weight.detach().double()  # [vocab, d], gain folded in
+    if tokens is not None:
+        w_u = w_u[tokens]
     w_u = w_u - w_u.mean(0, keepdim=True)  # softmax ignores a shift common to all tokens: centre over the vocab
-    _, _, vh = torch.linalg.svd(w_u, full_matrices=False)  # rows of vh: right singular directions, largest first
+    _, _, vh = torch.linalg.svd(w_u, full_matrices=True)  # rows of vh: right singular directions, largest first
     n_null = max(1, int(round(null_dims * vh.shape[0])))
     null = vh[-n_null:]  # [n_null, d]
     norms = w_out.norm(dim=1)
-    frac = ((w_out @ null.T) ** 2).sum(1) / norms.clamp_min(1e-30) ** 2
-    top = torch.argsort(norms, descending=True)[:k]
+    return norms, ((w_out @ null.T) ** 2).sum(1) / norms.clamp_min(1e-30) ** 2
+
+
+def candidates(model, k: int = 8, null_dims: float = 0.1, tokens: torch.Tensor | None = None,
+               by: str = "norm") -> list[dict]:
+    """The k neurons with the largest output-weight norm (by="norm") or null-space fraction (by="null"), each
+    with both."""
+    norms, frac = weight_signature(model, null_dims, tokens)
+    top = torch.argsort(norms if by == "norm" else frac, descending=True)[:k]
     return [{"neuron": int(i), "w_out_norm": float(norms[i]), "null_space_fraction": float(frac[i])} for i in top]
 
 

@@ -9,8 +9,17 @@ If the map from a node to M is affine (norms frozen, attention pattern fixed, li
 the paper's finding is that on real models removing LayerNorm does not make AtP markedly more accurate, the
 remaining error coming from attention softmax and GELU.
 
-Tasks: induction on repeated random tokens (which 2-layer models learn; needs no special tokenizer) and an IOI
-prompt generator for GPT-2 tokenizers. Works on any GPT2LMHeadModel (HF exports, the removable model).
+Tasks: induction on repeated random tokens (which 2-layer models learn; needs no special tokenizer), an IOI
+prompt generator for GPT-2 tokenizers, and two tasks of the data=synthetic control: the back-copy (the corruption
+changes the copied token; the copy head keeps attending to the previous position) and the trigger switch (the
+corruption replaces the trigger by an ordinary token: the copy heads move their attention from the previous
+token to BOS, `attention_shift` measures it). Works on any GPT2LMHeadModel (HF exports, the removable model).
+
+Agreement of AtP with AP is measured on the live nodes only: a residual node at a position before the first one
+where the two prompts differ is exactly 0 in both (causal attention), and counting those zeros inflates Pearson.
+Reported: Pearson, Spearman, NMAE, the least-squares scale of AtP against AP (AtP ~ scale * AP) and the NMAE of
+AtP / scale (what is left once the scale is fitted). `compare(..., freeze=True)` runs everything with every norm
+frozen at its clean-run scale (`frozen.py`): the frozen-LN arm.
 
     python -m lnfree.analysis.interp.patching [name=path ...]    -> experiments/interp/patching.{json,png}
 """
@@ -21,6 +30,8 @@ import contextlib
 
 import numpy as np
 import torch
+
+from .frozen import norms_frozen_at
 
 
 # -- tasks -----------------------------------------------------------------------------------------------
@@ -62,6 +73,57 @@ def backcopy_pairs(task, n: int, length: int = 32, seed: int = 0, bos: int = 0):
         wrong.append(b)
     return torch.tensor(clean), torch.tensor(corrupt), torch.tensor(correct), torch.tensor(wrong)
 
+
+def switch_pairs(task, n: int, length: int = 32, seed: int = 0, bos: int = 0, max_prob: float = 0.01):
+    """The trigger switch of the Bigram-Backcopy task: clean = BOS, a chain of `length` - 3 task tokens, a
+    non-trigger a, a trigger (answer: a, copied); corrupted = the same with the trigger replaced by an ordinary
+    token x (answer: x's most likely bigram successor c, never a). Only the last token differs, and it is the query
+    position: the copy heads attend to the previous token from a trigger and park on BOS from any other token, so
+    the corruption moves their attention. x is drawn among the tokens after which a is unlikely (bigram probability
+    below `max_prob`), so that the corrupted prompt does not ask for a. Metric: logit(a) - logit(c).
+    Returns clean, corrupted [n, length] and correct, wrong [n] token ids."""
+    rng = np.random.default_rng(seed)
+    k, lo = task.n_triggers, task.low
+    clean, corrupt, correct, wrong = [], [], [], []
+    while len(clean) < n:
+        prefix = task.sequence(rng, length - 3)
+        if prefix[-1] < k:
+            continue
+        a = int(rng.integers(k, task.vocab))
+        options = [x for x in range(k, task.vocab) if task.transition[x - k, a - k] < max_prob]
+        x = int(rng.choice(options))
+        row = task.transition[x - k].copy()
+        row[a - k] = -1
+        c = int(np.argmax(row)) + k
+        trigger = int(rng.integers(0, k))
+        head = [bos, *(prefix + lo).tolist(), a + lo]
+        clean.append([*head, trigger + lo])
+        corrupt.append([*head, x + lo])
+        correct.append(a + lo)
+        wrong.append(c + lo)
+    return torch.tensor(clean), torch.tensor(corrupt), torch.tensor(correct), torch.tensor(wrong)
+
+
+@torch.no_grad()
+def attention_shift(model, clean, corrupt) -> dict:
+    """How far the corruption moves each head's attention at the last query (the one the metric reads):
+    total-variation distance between its clean and corrupted attention rows, mean over prompts [L, H], and the
+    attention to BOS (key 0) and to the previous token, clean and corrupted [L, H]."""
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")  # attention weights are only materialised by eager attention
+    try:
+        a_c = model(input_ids=clean, output_attentions=True).attentions  # L x [n, H, t, t]
+        a_x = model(input_ids=corrupt, output_attentions=True).attentions
+    finally:
+        model.set_attn_implementation(previous)
+    rows_c = torch.stack([a[:, :, -1] for a in a_c], 1).float()  # [n, L, H, t]
+    rows_x = torch.stack([a[:, :, -1] for a in a_x], 1).float()
+    return {"tv": (rows_c - rows_x).abs().sum(-1).mean(0).div(2).tolist(),
+            "bos_clean": rows_c[..., 0].mean(0).tolist(), "bos_corrupted": rows_x[..., 0].mean(0).tolist(),
+            "prev_clean": rows_c[..., -2].mean(0).tolist(), "prev_corrupted": rows_x[..., -2].mean(0).tolist()}
+
+
+SYNTHETIC_TASKS = {"backcopy": backcopy_pairs, "switch": switch_pairs}  # the data=synthetic control's tasks
 
 IOI_NAMES = ["Jamie", "Erin", "John", "Mary", "Tom", "James", "Dan", "Sid", "Kate", "Anne", "Paul", "Alex", "Rose",
              "Sarah", "Mike", "Lisa", "David", "Emma", "Chris", "Laura"]
@@ -107,7 +169,7 @@ def _hooks(handles):
 
 def metric(model, ids, correct, wrong) -> torch.Tensor:
     """Logit difference correct - wrong at the last position, per prompt [n]."""
-    logits = model(input_ids=ids).logits[:, -1]
+    logits = model(input_ids=ids, logits_to_keep=1).logits[:, -1]  # the unembedding of the last position only
     return logits.gather(1, correct[:, None])[:, 0] - logits.gather(1, wrong[:, None])[:, 0]
 
 
@@ -192,9 +254,13 @@ def activation_patching(model, clean, corrupt, correct, wrong):
     return resid, heads
 
 
+AGREEMENT = ("pearson", "spearman", "nmae_percent", "scale", "nmae_scaled_percent")
+
+
 def agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Pearson, Spearman and NMAE (%) between prompt-mean AP and AtP node vectors, for any batch of them:
-    a, b [..., node] -> [..., 3]."""
+    """AGREEMENT between prompt-mean AP (a) and AtP (b) node vectors, for any batch of them: a, b [..., node] ->
+    [..., 5]: Pearson, Spearman, NMAE (%), the least-squares scale of b against a through 0 and the NMAE (%) of
+    b / scale."""
     from scipy import stats as sps
 
     def pearson(x, y):
@@ -202,40 +268,50 @@ def agreement(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (x * y).sum(-1) / np.sqrt((x ** 2).sum(-1) * (y ** 2).sum(-1))
 
     spearman = pearson(sps.rankdata(a, axis=-1), sps.rankdata(b, axis=-1))
-    nmae = np.abs(a - b).mean(-1) / np.maximum(np.abs(a).mean(-1), 1e-30) * 100
-    return np.stack([pearson(a, b), spearman, nmae], -1)
+    def nmae(x, y):
+        return np.abs(x - y).mean(-1) / np.maximum(np.abs(x).mean(-1), 1e-30) * 100
+
+    scale = (a * b).sum(-1) / np.maximum((a * a).sum(-1), 1e-30)
+    scaled = b / np.where(np.abs(scale) > 1e-30, scale, 1e-30)[..., None]
+    return np.stack([pearson(a, b), spearman, nmae(a, b), scale, nmae(a, scaled)], -1)
 
 
 def agreement_ci(ap: np.ndarray, atp: np.ndarray, n_boot: int = 1000, seed: int = 0):
     """agreement() of per-prompt AP and AtP [prompt, node] and its 95% percentile bootstrap CIs over prompts
     (whole prompts, AP and AtP together: the nodes of one prompt are correlated). Tested coverage on simulated
-    prompts: docs/statistics.md. Returns [pearson, spearman, nmae] and their [low, high]."""
+    prompts: docs/statistics.md. Returns the AGREEMENT values and their [low, high]."""
     from ..metrics import percentile_ci, resample_counts
 
     w = resample_counts(len(ap), n_boot, seed) / len(ap)  # [n_boot, prompt]: each resample's weights
-    boots = agreement(w @ ap, w @ atp)  # [n_boot, 3]
+    boots = agreement(w @ ap, w @ atp)  # [n_boot, len(AGREEMENT)]
     point = agreement(ap.mean(0), atp.mean(0))
-    return [float(v) for v in point], [percentile_ci(boots[:, k]) for k in range(3)]
+    return [float(v) for v in point], [percentile_ci(boots[:, k]) for k in range(len(AGREEMENT))]
 
 
-def compare(model, clean, corrupt, correct, wrong, n_boot: int = 1000, seed: int = 0) -> dict:
-    """AP and AtP normalised by M(clean) - M(corrupted), their agreement (Pearson, Spearman, NMAE) over the
-    prompt-mean nodes, with bootstrap CIs over prompts."""
+def compare(model, clean, corrupt, correct, wrong, n_boot: int = 1000, seed: int = 0, freeze: bool = False) -> dict:
+    """AP and AtP normalised by M(clean) - M(corrupted), their agreement (AGREEMENT) over the prompt-mean live
+    nodes, with bootstrap CIs over prompts. freeze=True: the frozen-LN arm (every norm at its clean-run scale)."""
     model.eval()
-    with torch.no_grad():
-        m_clean, m_corr = metric(model, clean, correct, wrong), metric(model, corrupt, correct, wrong)
+    with norms_frozen_at(model, clean) if freeze else contextlib.nullcontext():
+        with torch.no_grad():
+            m_clean, m_corr = metric(model, clean, correct, wrong), metric(model, corrupt, correct, wrong)
+        ap_r, ap_h = activation_patching(model, clean, corrupt, correct, wrong)
+        atp_r, atp_h = attribution_patching(model, clean, corrupt, correct, wrong)
     denom = (m_clean - m_corr)[:, None, None]
-    ap_r, ap_h = activation_patching(model, clean, corrupt, correct, wrong)
-    atp_r, atp_h = attribution_patching(model, clean, corrupt, correct, wrong)
     ap = torch.cat([(ap_r / denom).flatten(1), (ap_h / denom).flatten(1)], 1).double().numpy()  # [n, nodes]
     atp = torch.cat([(atp_r / denom).flatten(1), (atp_h / denom).flatten(1)], 1).double().numpy()
+    # live nodes: residual positions from the first one where any pair differs on, and every head
+    first = int((clean != corrupt).any(0).float().argmax())
+    live_resid = (torch.arange(ap_r.shape[2]) >= first).expand(ap_r.shape[1:]).flatten()
+    live = torch.cat([live_resid, torch.ones(ap_h[0].numel(), dtype=torch.bool)]).numpy()
 
-    point, ci = agreement_ci(ap, atp, n_boot, seed)
+    point, ci = agreement_ci(ap[:, live], atp[:, live], n_boot, seed)
     n_resid = ap_r[0].numel()
     return {"clean_logit_diff": float(m_clean.mean()), "corrupted_logit_diff": float(m_corr.mean()),
             "clean_positive_fraction": float((m_clean > 0).float().mean()), "n_prompts": len(clean),
-            "pearson": point[0], "pearson_ci95": ci[0], "spearman": point[1], "spearman_ci95": ci[1],
-            "nmae_percent": point[2], "nmae_ci95": ci[2],
+            "frozen_ln": freeze, "first_differing_position": first, "n_live_nodes": int(live.sum()),
+            **{k: point[i] for i, k in enumerate(AGREEMENT)},
+            **{f"{k.removesuffix('_percent')}_ci95": ci[i] for i, k in enumerate(AGREEMENT)},
             "ap_resid": ap[:, :n_resid].mean(0).reshape(ap_r.shape[1:]).tolist(),
             "atp_resid": atp[:, :n_resid].mean(0).reshape(ap_r.shape[1:]).tolist(),
             "ap_heads": ap[:, n_resid:].mean(0).reshape(ap_h.shape[1:]).tolist(),
@@ -250,8 +326,8 @@ def main(argv=None):
     from .cli import each_model, parser, synthetic_task
 
     p = parser("attribution patching vs activation patching", "experiments/interp")
-    p.add_argument("--task", choices=["induction", "backcopy"], default="induction",
-                   help="backcopy: the data=synthetic task (needs --synthetic)")
+    p.add_argument("--task", choices=["induction", "backcopy", "switch"], default="induction",
+                   help="backcopy, switch: the data=synthetic task (need --synthetic)")
     p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--half", type=int, default=10, help="induction: length of the repeated random sequence")
     p.add_argument("--length", type=int, default=32, help="backcopy: prompt length")
@@ -259,8 +335,8 @@ def main(argv=None):
     p.add_argument("--synthetic", action="store_true", help="models trained on data=synthetic: BOS first, tokens "
                    "from the task's ids")
     a = p.parse_args(argv)
-    if a.task == "backcopy" and not a.synthetic:
-        p.error("--task backcopy is the data=synthetic task: add --synthetic")
+    if a.task in SYNTHETIC_TASKS and not a.synthetic:
+        p.error(f"--task {a.task} is a data=synthetic task: add --synthetic")
     out, res = Path(a.out), {}
     out.mkdir(parents=True, exist_ok=True)
     for name, path, model, tok in each_model(a.models):
@@ -270,8 +346,8 @@ def main(argv=None):
             high = task.low + task.vocab
         else:
             kw, high = {}, model.config.vocab_size
-        if a.task == "backcopy":
-            clean, corrupt, correct, wrong = backcopy_pairs(task, a.prompts, a.length, bos=tok.eos_token_id)
+        if a.task in SYNTHETIC_TASKS:
+            clean, corrupt, correct, wrong = SYNTHETIC_TASKS[a.task](task, a.prompts, a.length, bos=tok.eos_token_id)
         else:
             clean, corrupt, correct, wrong = induction_pairs(high, a.prompts, a.half, **kw)
         r = compare(model, clean, corrupt, correct, wrong)
