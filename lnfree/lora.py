@@ -34,46 +34,20 @@ def _peft():
     return peft
 
 
-def _lora_split_qkv_class():
-    """The LoRA layer for SplitQKVProjection (a peft LoRA Linear whose base is lnfree's c_attn).
+def _lora_split_class():
+    """The LoRA layer for lnfree's projections that read the attention-input norm: SplitQKVProjection (GPT-2's
+    c_attn) and SplitInputLinear (Llama's q/k/v_proj, NeoX's query_key_value); a peft LoRA Linear on that base.
 
     For the ordinary [batch, pos, d] input it is peft's own Linear LoRA. For the split input [u, f_qk, f_v]
-    the adapter sees each path's actual input, as a LoRA on the stock c_attn would: Q and K columns from
-    x_qk, V columns from x_v. Merging adds the same delta to the [d, 3d] weight (fan_in_fan_out layout),
-    which is exact for both inputs because the projection is linear in each path.
+    the adapter sees each path's actual input, as a LoRA on the stock projection would: the value columns
+    (`base.v_cols`) read x_v, the query/key columns x_qk. Merging adds the same delta to the weight, which is
+    exact for both inputs because the projection is linear in each path.
     """
     from peft.tuners.lora.layer import Linear
 
-    class LoraSplitQKV(Linear):
+    class LoraSplit(Linear):
         def forward(self, x, *args, **kwargs):
-            base: SplitQKVProjection = self.get_base_layer()
-            if x.shape[-1] == base.nx or self.disable_adapters or self.merged:
-                return super().forward(x, *args, **kwargs)
-            result = base(x)
-            x_qk, x_v = base._ln[0].paths(x)
-            d2 = 2 * base.nx
-            for name in self.active_adapters:
-                if name not in self.lora_A:
-                    continue
-                a, b = self.lora_A[name], self.lora_B[name]
-                drop, s = self.lora_dropout[name], self.scaling[name]
-                dt = a.weight.dtype
-                delta_qk = b(a(drop(x_qk.to(dt))))[..., :d2]
-                delta_v = b(a(drop(x_v.to(dt))))[..., d2:]
-                result = result + torch.cat([delta_qk, delta_v], dim=-1).to(result.dtype) * s
-            return result
-
-    return LoraSplitQKV
-
-
-def _lora_split_input_class():
-    """The LoRA layer for SplitInputLinear (Llama's q/k/v_proj, NeoX's query_key_value): as LoraSplitQKV, each
-    output column's update reads its own path (value columns x_v, the others x_qk)."""
-    from peft.tuners.lora.layer import Linear
-
-    class LoraSplitInput(Linear):
-        def forward(self, x, *args, **kwargs):
-            base: SplitInputLinear = self.get_base_layer()
+            base: SplitQKVProjection | SplitInputLinear = self.get_base_layer()
             if x.shape[-1] == base.in_features or self.disable_adapters or self.merged:
                 return super().forward(x, *args, **kwargs)
             result = base(x)
@@ -84,11 +58,12 @@ def _lora_split_input_class():
                 a, b = self.lora_A[name], self.lora_B[name]
                 drop, s = self.lora_dropout[name], self.scaling[name]
                 dt = a.weight.dtype
-                delta = torch.where(base.v_cols, b(a(drop(x_v.to(dt)))), b(a(drop(x_qk.to(dt)))))
-                result = result + delta.to(result.dtype) * s
+                delta_qk = b(a(drop(x_qk.to(dt))))  # dropout draws: the query/key path first, then the value
+                delta_v = b(a(drop(x_v.to(dt))))
+                result = result + torch.where(base.v_cols, delta_v, delta_qk).to(result.dtype) * s
             return result
 
-    return LoraSplitInput
+    return LoraSplit
 
 
 def lora_settings(cfg) -> dict:
@@ -110,8 +85,8 @@ def apply_lora(model, settings: dict):
     cfg = peft.LoraConfig(r=settings["r"], lora_alpha=settings["alpha"], lora_dropout=settings["dropout"],
                           target_modules=list(settings["target_modules"]), fan_in_fan_out=fam.name == "gpt2",
                           bias="none")
-    cfg._register_custom_module({SplitQKVProjection: _lora_split_qkv_class(),
-                                 SplitInputLinear: _lora_split_input_class()})
+    split = _lora_split_class()
+    cfg._register_custom_module({SplitQKVProjection: split, SplitInputLinear: split})
     with warnings.catch_warnings():  # peft warns that it does not know SplitQKVProjection; its LoRA layer is ours
         warnings.filterwarnings("ignore", message="Unsupported layer type")
         peft.inject_adapter_in_model(cfg, model)

@@ -269,6 +269,10 @@ class SplitQKVProjection(nn.Module):
     def out_features(self) -> int:
         return self.nf
 
+    @property
+    def v_cols(self) -> torch.Tensor:  # [3d]: the value columns (they read f_v), as SplitInputLinear's buffer
+        return torch.arange(self.nf, device=self.weight.device) >= 2 * self.nx
+
     def forward(self, x):  # [batch, pos, d or d + 2] -> [batch, pos, 3d]
         lead = x.shape[:-1]
         if x.shape[-1] == self.nx:
