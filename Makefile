@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; GPU machines: docs/reference/gpus_and_clusters.md.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check docs test-fast train sweep eval-runs eval shift ablations lora downstream interp \
+.PHONY: install test check docs test-fast train sweep eval-runs eval eval-families shift ablations lora downstream interp \
   interp-control family family-depth scaling scaling-analysis scaling-depth scaling-depth-analysis tables paper bench \
   bench-gpu mutation clean
 
@@ -50,6 +50,17 @@ eval-runs: install
 	  test -f $(RUNS)/lnfree_s$$s/summary.json || $(PY) -m lnfree.train seed=$$s \
 	    hydra.run.dir=$(RUNS)/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done
+
+# the built-in Llama and NeoX members (docs/families.md): 3 seeds x {LN-free, vanilla control}, evaluated as make
+# eval does for GPT-2 (conf/eval_llama.yaml, eval_neox.yaml: their runs dir and experiments/families/<family>/)
+FAMILIES ?= llama neox
+eval-families: install
+	for f in $(FAMILIES); do r=$$(sed -n 's/^runs: *//p' conf/eval_$$f.yaml); for s in $(SEEDS); do \
+	  test -f $$r/vanilla_s$$s/summary.json || $(PY) -m lnfree.train model=builtin_$${f}_w128 schedule=none \
+	    seed=$$s hydra.run.dir=$$r/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
+	  test -f $$r/lnfree_s$$s/summary.json || $(PY) -m lnfree.train model=builtin_$${f}_w128 seed=$$s \
+	    hydra.run.dir=$$r/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
+	done; $(PY) -m lnfree.eval --config-name eval_$$f $(ARGS) || exit 1; done
 
 eval: eval-runs
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:w128 $(RUNS)/no_finetune
