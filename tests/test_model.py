@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import calibrated_all_removed, ids, remove_all, stock_and_removable, tiny_config
 
-from lnfree.model import load_removable, make_removable, parse_site_name, save_removable
+from lnfree.model import load_removable, make_removable, next_token_ce, parse_site_name, save_removable
 from lnfree.norm import BOS, EOT, ORDINARY
 
 
@@ -587,3 +587,11 @@ def test_a_call_with_labels_is_quiet_and_its_loss_is_the_causal_lm_loss(recwarn)
         hf_logging.get_logger().removeHandler(handler)
     assert not [r for r in records if "loss_type" in r.getMessage()]
     assert torch.allclose(loss, stock(x, labels=x).loss, atol=1e-6)
+
+
+def test_next_token_ce_predicts_the_following_token():
+    torch.manual_seed(0)
+    logits, x = torch.randn(2, 6, 11), torch.randint(0, 11, (2, 6))
+    by_hand = -torch.stack([F.log_softmax(logits[b, t], -1)[x[b, t + 1]] for b in range(2) for t in range(5)])
+    assert float(next_token_ce(logits, x)) == pytest.approx(float(by_hand.mean()), rel=1e-6)
+    assert float(next_token_ce(logits, x, reduction="sum")) == pytest.approx(float(by_hand.sum()), rel=1e-6)

@@ -221,3 +221,12 @@ def test_skip_if_done_returns_a_finished_run_and_refuses_a_different_one(tiny_ru
     assert again["val_ce"] == summary["val_ce"] and digest(run) == before  # nothing was rerun or written
     with pytest.raises(RunDirError, match="different config"):
         train(compose_train(run, *TINY_RUN, "skip_if_done=true", "seed=5"))
+
+
+def test_checkpoints_carry_the_run_info_that_the_resume_check_compares(tiny_run):
+    from lnfree.io import RUN_INFO, read_checkpoint
+
+    summary, run = tiny_run
+    info = read_checkpoint(run / "checkpoints" / "last.ckpt")[RUN_INFO]
+    assert info["tokens_per_step"] == summary["tokens_per_step"] == 4 * 64
+    assert [tuple(e) for e in info["events"]] == [(e["site"], e["step"]) for e in summary["events"]]
