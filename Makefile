@@ -100,7 +100,7 @@ downstream: lora
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream runs=$(RUNS) $(ARGS)
 
 # the interpretability analyses on the built-in default and its seed-1 fine-tunes (after make eval): DLA vs direct
-# effect and entropy neurons into experiments/interp/, residual norms and sinks into experiments/interp/builtin/
+# effect into experiments/interp/, entropy neurons, residual norms and sinks into experiments/interp/builtin/
 interp: eval
 	$(PY) -m lnfree.analysis.interp.dla
 	$(PY) -m lnfree.analysis.interp.neurons
@@ -186,7 +186,7 @@ PAPER = \
   ablations:experiments/ablations/results.json:0.5 \
   lora:experiments/lora/results.json:0.3 \
   downstream:experiments/downstream/results.json:0.2 \
-  interp:experiments/interp/neurons.json:0.1 \
+  interp:experiments/interp/builtin/neurons.json:0.1 \
   interp-control:experiments/interp/patching.json:0.1 \
   scaling:experiments/data_scaling/width_only/scaling.json:4 \
   scaling-depth:experiments/data_scaling/scaling.json:26

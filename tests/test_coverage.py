@@ -102,7 +102,7 @@ def test_dla_interval_covers(shape):
 def test_patching_nmae_interval_covers():
     """The AtP-vs-AP NMAE interval over 128 prompts, around the committed prompt-mean effects of the positive
     control's original model (the README's 45.5% [42.9, 47.8])."""
-    m = json.loads((ROOT / "experiments/interp/patching.json").read_text())["models"]["original"]
+    m = json.loads((ROOT / "experiments/interp/synth_w64/patching.json").read_text())["models"]["original"]
     ap = np.concatenate([np.ravel(m["ap_resid"]), np.ravel(m["ap_heads"])])
     atp = np.concatenate([np.ravel(m["atp_resid"]), np.ravel(m["atp_heads"])])
     truth = agreement(ap, atp)[2]

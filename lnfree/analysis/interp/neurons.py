@@ -10,7 +10,7 @@ change in entropy and in CE of the next-token distribution:
 LN-mediated fraction = 1 - mean|DE| / mean|TE|. The neuron is in the last block, so its only path to the logits
 is direct: with ln_f frozen (LN-free) TE == DE exactly.
 
-    python -m lnfree.analysis.interp.neurons [name=path ...]      -> experiments/interp/neurons.{json,png}
+    python -m lnfree.analysis.interp.neurons [name=path ...]      -> experiments/interp/builtin/neurons.{json,png}
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def main(argv=None):
     from ...training.config import data_module
     from .cli import each_model, parser
 
-    p = parser("confidence (entropy) neurons of the last MLP", "experiments/interp")
+    p = parser("confidence (entropy) neurons of the last MLP", "experiments/interp/builtin")
     p.add_argument("--blocks", type=int, default=32, help="validation blocks of 256 tokens")
     p.add_argument("--top", type=int, default=8)
     a = p.parse_args(argv)

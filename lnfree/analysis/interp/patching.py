@@ -21,7 +21,7 @@ Reported: Pearson, Spearman, NMAE, the least-squares scale of AtP against AP (At
 AtP / scale (what is left once the scale is fitted). `compare(..., freeze=True)` runs everything with every norm
 frozen at its clean-run scale (`frozen.py`): the frozen-LN arm.
 
-    python -m lnfree.analysis.interp.patching [name=path ...]    -> experiments/interp/patching.{json,png}
+    python -m lnfree.analysis.interp.patching [name=path ...]    -> experiments/interp/synth_w64/patching.{json,png}
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def main(argv=None):
     from ...data.synthetic import BigramBackcopy
     from .cli import each_model, parser, synthetic_task
 
-    p = parser("attribution patching vs activation patching", "experiments/interp")
+    p = parser("attribution patching vs activation patching", "experiments/interp/synth_w64")
     p.add_argument("--task", choices=["induction", "backcopy", "switch"], default="induction",
                    help="backcopy, switch: the data=synthetic task (need --synthetic)")
     p.add_argument("--prompts", type=int, default=128)
