@@ -56,3 +56,13 @@ def test_the_wheel_installs_and_trains_and_evaluates_from_another_directory(tmp_
 
 def test_a_source_checkout_reads_the_repository_configs():
     assert CONF_DIR == ROOT / "conf" and (CONF_DIR / "train.yaml").exists()
+
+
+def test_every_package_of_the_source_tree_is_listed_for_the_wheel():
+    """pyproject lists its packages explicitly (conf/ maps to lnfree.conf): a new subpackage missing from the list
+    would be left out of the wheel and `import lnfree` would fail there (fast check; the slow test installs one)."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "lnfree").rglob("__init__.py")}
+    assert found <= listed, f"add to pyproject [tool.setuptools] packages: {sorted(found - listed)}"
