@@ -52,7 +52,8 @@ eval-runs: install
 	done
 
 # the built-in Llama and NeoX members (docs/families.md): 3 seeds x {LN-free, vanilla control}, evaluated as make
-# eval does for GPT-2 (conf/eval_llama.yaml, eval_neox.yaml: their runs dir and experiments/families/<family>/)
+# eval does for GPT-2 (conf/eval_llama.yaml, eval_neox.yaml: their runs dir and experiments/families/<family>/),
+# then DLA vs the direct effect on the original and the seed-1 fine-tunes (dla.json there)
 FAMILIES ?= llama neox
 eval-families: install
 	for f in $(FAMILIES); do r=$$(sed -n 's/^runs: *//p' conf/eval_$$f.yaml); for s in $(SEEDS); do \
@@ -60,7 +61,9 @@ eval-families: install
 	    seed=$$s hydra.run.dir=$$r/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	  test -f $$r/lnfree_s$$s/summary.json || $(PY) -m lnfree.train model=builtin_$${f}_w128 seed=$$s \
 	    hydra.run.dir=$$r/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	done; $(PY) -m lnfree.eval --config-name eval_$$f $(ARGS) || exit 1; done
+	done; $(PY) -m lnfree.eval --config-name eval_$$f $(ARGS) || exit 1; \
+	$(PY) -m lnfree.analysis.interp.dla original=builtin:$${f}_w128 vanilla=$$r/vanilla_s1 lnfree=$$r/lnfree_s1 \
+	  --out $$(sed -n 's/^output_dir: *//p' conf/eval_$$f.yaml) || exit 1; done
 
 eval: eval-runs
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:w128 $(RUNS)/no_finetune
@@ -185,6 +188,8 @@ PAPER = \
   eval:experiments/builtin_eval/results.json:0.3 \
   ablations:experiments/ablations/results.json:0.5 \
   lora:experiments/lora/results.json:0.3 \
+  shift:experiments/shift/results.json:0.2 \
+  eval-families:experiments/families/neox/dla.json:1.5 \
   downstream:experiments/downstream/results.json:0.2 \
   interp:experiments/interp/builtin/neurons.json:0.1 \
   interp-control:experiments/interp/patching.json:0.1 \

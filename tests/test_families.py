@@ -315,6 +315,36 @@ def test_training_run_removes_every_site_exports_and_resumes_exactly(name, tmp_p
     assert resumed["val_ce"] == pytest.approx(full["val_ce"], abs=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("family", ["llama", "neox"])
+def test_the_shipped_member_trains_with_every_site_removed_and_both_exports_verified(family, tmp_path):
+    """model=builtin_<family>_w128, the pretrained member that ships with lnfree, through the documented path (a
+    short run of the built-in schedule): every site removed, the stock export loads in transformers with every
+    norm affine and the folded export has no norm, both within the export check's tolerance."""
+    import json
+
+    from conftest import TINY_RUN, compose_train
+
+    from lnfree.export import HF_TOL
+    from lnfree.io import SHIPPED_DIR
+    from lnfree.training.train import train
+
+    name = f"builtin_{family}_w128"
+    assert (SHIPPED_DIR / f"{family}_w128" / "model.safetensors").exists()
+    summary = train(compose_train(tmp_path, *[a for a in TINY_RUN if not a.startswith("model")], f"model={name}"))
+    assert summary["all_removed"] and summary["config"]["model"]["source"] == f"builtin:{family}_w128"
+    hf_dir = tmp_path / "export" / "hf"
+    stock = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    assert type(stock) is CASES[family][0]
+    assert getattr(stock.config, "rms_norm_eps", getattr(stock.config, "layer_norm_eps", None)) == HF_EPS
+    folded, _ = load(str(tmp_path / "export" / "folded"))
+    assert not [m for m in folded.modules() if "Norm" in type(m).__name__]
+    x = ids()
+    assert rel_err(logits(folded, x), logits(stock, x)) < HF_TOL
+    for form in ("hf", "folded"):
+        assert json.loads((tmp_path / "export" / form / "lnfree_export.json").read_text())["relative_error"] < HF_TOL
+
+
 @pytest.mark.parametrize("case", ["llama", "qwen2", "neox"])
 def test_lora_on_the_attention_input_readers_reads_each_path_and_merges_exactly(case):
     from lnfree.lora import apply_lora, merged_copy

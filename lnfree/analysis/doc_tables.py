@@ -239,6 +239,35 @@ def dla_builtin(root: Path) -> str:
     return "\n".join(lines)
 
 
+# the families' evaluations (make eval-families) beside GPT-2's (make eval, make interp): results and DLA records
+FAMILY_RECORDS = {"GPT-2": ("experiments/builtin_eval/results.json", "experiments/interp/dla.json"),
+                  "Llama architecture": ("experiments/families/llama/results.json",
+                                         "experiments/families/llama/dla.json"),
+                  "GPT-NeoX": ("experiments/families/neox/results.json", "experiments/families/neox/dla.json")}
+
+
+def families_eval(root: Path) -> str:
+    """Per family, its built-in member's original, vanilla and LN-free CE (seeds 1-3), the paired LN-free - vanilla
+    gap over seeds, and NMAE(DLA, DE) of the original and the seed-1 LN-free model."""
+    lines = ["| family (built-in member) | original CE | vanilla CE, seeds 1 / 2 / 3 | LN-free CE, seeds 1 / 2 / 3 "
+             "| LN-free - vanilla, nats (95% CI) | relative | NMAE(DLA, DE): original -> LN-free |",
+             "|---|---|---|---|---|---|---|"]
+    for fam, (res_path, dla_path) in FAMILY_RECORDS.items():
+        res = _json(root, res_path)
+        results = next(iter(res["results"].values()))
+        pair = next(iter(res["paired"].values()))["lnfree_minus_vanilla"]
+        original = next(m["path"] for m in res["config"]["models"] if m["name"] == "original")
+        groups = _groups(results)
+
+        def ces(group):
+            return " / ".join(f"{results[n]['mean']:.4f}" for n in groups[group])
+        dla = _json(root, dla_path)
+        lines.append(f"| {fam} (`{original}`) | {results['original']['mean']:.4f} | {ces('vanilla')} "
+                     f"| {ces('lnfree')} | " + " | ".join(_gap(pair)) + f" | {_pct(dla['original']['nmae_percent'])}% "
+                     f"-> {_pct(dla['lnfree']['nmae_percent'])}% |")
+    return "\n".join(lines)
+
+
 def _heads(comp: dict) -> list[float]:
     return sorted(v["nmae_percent"] for k, v in comp.items() if re.fullmatch(r"L\d+H\d+", k))
 
@@ -378,7 +407,7 @@ def bench_profile(root: Path) -> str:
 
 TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, lora_models, downstream, scaling_width,
                                    family, distributed, dla_builtin, interp_summary, interp_controls, interp_verdicts,
-                                   shift_gaps, bench_cpu, bench_profile)}
+                                   shift_gaps, bench_cpu, bench_profile, families_eval)}
 
 
 def pages(root: Path = ROOT) -> list[Path]:
