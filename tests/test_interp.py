@@ -192,3 +192,15 @@ def test_entropy_neuron_total_effect_equals_direct_effect_only_without_layernorm
             assert gap < 1e-4 and abs(summary(e)["ln_mediated_fraction"]) < 1e-3
         else:
             assert gap > 1e-3  # the final norm's scale moves with the ablation
+
+
+def test_the_analyses_default_models_compose_in_a_fresh_process():
+    """Every analysis command without name=path arguments compares conf/eval.yaml's models: composing that config
+    in a process that imported nothing else (as `python -m lnfree.analysis.interp.dla` does) must work."""
+    import subprocess
+    import sys
+
+    code = "from lnfree.analysis.interp.cli import default_models; print(default_models('/x'))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "'original=builtin:w128', 'vanilla=/x/vanilla_s1', 'lnfree=/x/lnfree_s1'" in out.stdout

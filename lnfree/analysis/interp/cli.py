@@ -16,6 +16,7 @@ def default_models(runs: str | None = None) -> list[str]:
     from hydra import compose, initialize_config_dir
 
     from ...paths import CONF_DIR
+    from .. import eval_config  # noqa: F401  (registers conf/eval.yaml's schema, eval_schema, with Hydra)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         cfg = compose("eval", overrides=[f"runs={runs}"] if runs else [])
@@ -25,14 +26,14 @@ def default_models(runs: str | None = None) -> list[str]:
 
 def parser(description: str, out: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=description)
-    p.add_argument("models", nargs="*", default=default_models(), help="name=path (any form lnfree.io loads)")
+    p.add_argument("models", nargs="*", help="name=path (any form lnfree.io loads; default: default_models())")
     p.add_argument("--out", default=out)
     return p
 
 
 def each_model(specs: list[str]):
-    """(name, path, model, tokenizer) for every name=path spec, loaded one at a time."""
-    for spec in specs:
+    """(name, path, model, tokenizer) for every name=path spec (none: default_models()), loaded one at a time."""
+    for spec in specs or default_models():
         name, path = spec.split("=", 1)
         model, tok = load(path)
         yield name, path, model.eval(), tok
