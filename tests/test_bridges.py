@@ -87,17 +87,41 @@ def test_half_removed_models_and_missing_tools_are_refused(tiny_run, monkeypatch
         require("nnsight")
 
 
-# -- the other families (tests/test_families.py's tiny random models, every site removed at distinct sigmas) -------
-FAMILY_CASES = ["llama", "qwen2", "neox"]  # Llama architecture (with q/k/v biases: Qwen2), GPT-NeoX
+# -- the other families: the random-init options model=tiny_llama / tiny_neox with every site removed ----------------
+FAMILY_CASES = {"llama": ["model=tiny_llama"], "neox": ["model=tiny_neox"],
+                "qwen2": ["model=tiny_llama", "model.shape.model_type=qwen2"]}  # Qwen2: q/k/v biases
 
 
-def family_model(case, tmp_path):
-    from test_families import V, all_removed, ids, stock_model
-    from test_reliability import small_tokenizer
-    from transformers import AutoTokenizer
+@torch.no_grad()
+def family_model(name, tmp_path):
+    """(the option's removable model with every site removed at its own sigma, a stock model, its tokenizer, a
+    batch)."""
+    from conftest import compose_train
 
-    small_tokenizer(tmp_path / "tok", n=V)  # a tokenizer of the models' 97 ids, loaded as a user's would be
-    return all_removed(case), stock_model(case), AutoTokenizer.from_pretrained(tmp_path / "tok"), ids(2, 16, seed=4)
+    from lnfree.io import load_tokenizer, resolve
+    from lnfree.norm import recording
+    from lnfree.training import config as _config  # noqa: F401  (registers the schemas)
+
+    shape = compose_train(tmp_path / "cfg", *FAMILY_CASES[name]).model.shape
+    tok = load_tokenizer("builtin")
+    model, _ = load(resolve("random", shape=shape), tokenizer=tok, removable=True)
+    torch.manual_seed(0)
+    for n, p in model.named_parameters():  # non-trivial gammas and betas, so that a dropped norm shows
+        if "norm" in n:
+            p.uniform_(0.5, 1.5) if n.endswith("weight") else p.normal_(0, 0.1)
+    model.eval().calibrate(torch.randint(0, 4096, (4, 32)))
+    original = load(resolve("random", shape=shape), tokenizer=tok)[0].eval()
+    original.load_state_dict({k: v for k, v in model.state_dict().items() if k in original.state_dict()})
+    for site in model.sites():  # after each removal, new statistics for the sites still real (as training brings)
+        kind, _, block = site.partition(".")
+        model.remove(kind, int(block) if block else None)
+        model.get_input_embeddings().weight.mul_(1.25)
+        with recording(model.token_context):
+            model(torch.randint(0, 4096, (4, 32)))
+        model.commit_norm_stats(momentum=0.0)
+    sigmas = model.sigmas()
+    assert sigmas["attn_v.0"] > 1.2 * sigmas["attn_qk.0"]  # a wrong QK/V ratio would show in the logits
+    return model, original, tok, torch.randint(0, 4096, (2, 16), generator=torch.Generator().manual_seed(4))
 
 
 @pytest.mark.parametrize("case", FAMILY_CASES)
@@ -119,8 +143,7 @@ def test_transformer_lens_bridges_every_family_in_memory_and_from_its_export(cas
         assert rel(hidden[1], cache["blocks.1.hook_resid_pre"]) < HF_TOL
     stock, _ = stock_model(model, tok)  # what the bridge wraps: the family's stock class with the frozen norms
     assert type(stock) is type(original) and getattr(stock.config, family(stock.config).eps_field) == HF_EPS
-    with torch.no_grad():  # an original model (no config.architectures: built in memory) bridges as it is
-        assert original.config.architectures is None
+    with torch.no_grad():  # an original model bridges as it is
         assert rel(logits(original, x), to_transformer_lens(original, tok)(x)) < HF_TOL
 
 
@@ -153,7 +176,7 @@ def test_a_family_transformer_lens_has_no_adapter_for_is_refused_naming_those_it
         to_transformer_lens(model, tok)
     half, _, _, _ = family_model("neox", tmp_path / "half")
     half = half.__class__(half.config)
-    half.calibrate(torch.randint(0, 97, (2, 16)))
+    half.calibrate(torch.randint(0, 4096, (2, 16)))
     half.remove("pre_mlp", 0)
     with pytest.raises((BridgeError, ExportError), match="remov"):
         to_transformer_lens(half, tok)
