@@ -205,3 +205,18 @@ def test_a_command_line_override_under_the_other_name_is_refused_before_compute(
     else:
         with pytest.raises(LimitError, match=r"schedule\.attn_v is set twice, also as its GPT-2 alias ln1v"):
             check_limits(cfg)
+
+
+def test_a_run_dirs_saved_gpt2_keyed_schedule_still_fits_the_schema_and_gives_the_same_events():
+    """A .hydra/config.yaml (or summary.json) written before the generic names: every kind under its GPT-2 key."""
+    from omegaconf import OmegaConf
+
+    from lnfree.training.config import ScheduleConfig
+
+    saved = {"name": "builtin", "remove": True, "ln2": {"start": 4, "gap": 1}, "ln1qk": {"start": None, "gap": 2},
+             "ln1v": {"start": None, "gap": 4}, "lnf": {"start": None, "gap": 0}, "bos": None, "eot": None,
+             "aux_weight": 0.1, "momentum": 0.9, "fit_fraction": None}
+    schedule = OmegaConf.merge(OmegaConf.structured(ScheduleConfig), saved)
+    generic = {"pre_mlp": {"start": 4, "gap": 1}, "attn_qk": {"gap": 2}, "attn_v": {"gap": 4}}
+    assert build_events(schedule, 2) == build_events(generic, 2)
+    assert [e.name for e in build_events(schedule, 2)][-1] == "final" and kind_problems(schedule) == []
