@@ -17,14 +17,14 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, PretrainedConfig
 
-from .families import GPT2_ALIASES, UnsupportedFamily, family
+from .families import KINDS, UnsupportedFamily, canonical_kind, family
 from .families.base import RemovableMixin
-from .families.gpt2 import RemovableGPT2LMHeadModel, check_gpt2_config
+from .families.gpt2 import GPT2, RemovableGPT2LMHeadModel, check_gpt2_config
 from .norm import NormSite
 
-# Removal kinds in schedule order under GPT-2's names (aliases of the generic kinds pre_mlp, attn_qk, attn_v, final:
-# lnfree.families); `lnf` is a single event, the others one per block.
-NORM_KINDS = tuple(GPT2_ALIASES)
+# Removal kinds in schedule order, the generic site kinds of lnfree.families (whose GPT2_ALIASES ln2, ln1qk, ln1v,
+# lnf a schedule may use instead); `final` is a single event, the others one per block.
+NORM_KINDS = KINDS
 SPECIAL_KINDS = ("eot", "bos")  # optional: end the special sigma of end-of-text tokens / position 0
 LNFREE_FILE = "lnfree.json"
 RemovableModel = RemovableMixin  # every family's removable class (RemovableGPT2LMHeadModel, ...) is one
@@ -53,12 +53,12 @@ def non_embedding_params(model) -> int:
 
 
 def site_name(kind: str, block: int | None = None) -> str:
-    """A GPT-2 site name from a kind and block (RemovableModel.site_name names any family's)."""
-    if kind == "lnf":
-        return "lnf"
-    if kind not in NORM_KINDS or block is None:
-        raise KeyError(f"unknown site kind {kind!r} / block {block!r}; kinds are {NORM_KINDS}")
-    return f"{kind}.{block}"
+    """A GPT-2 site name from a kind (generic or alias) and block (RemovableModel.site_name names any family's)."""
+    generic = canonical_kind(kind)  # KeyError for an unknown kind
+    if generic != "final" and block is None:
+        raise KeyError(f"site kind {kind!r} needs a block")
+    prefix = GPT2.site_names[generic]
+    return prefix if generic == "final" else f"{prefix}.{block}"
 
 
 # -- construction, save, load --------------------------------------------------------------------------

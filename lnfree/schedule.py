@@ -1,11 +1,13 @@
 """The removal schedule: a pure function from (schedule config, n_layer) to an ordered list of events.
 
-Block i of kind k is removed at optimizer step start_k + i * gap_k (gap 0: all blocks at start_k); lnf is
-one event. A start left null follows the contiguous rule (docs/method.md#the-removal-schedule):
-    start_ln1qk = start_ln2 + L * gap_ln2,  start_ln1v = start_ln1qk + L * gap_ln1qk,
-    start_lnf = start_ln1v + L * gap_ln1v
-so one schedule fits every depth. Optional kinds bos/eot end the special sigmas over stages 0..L
-(the L blocks, then the final norm), at start + stage * gap.
+The norm kinds are the generic site kinds of every family (lnfree.families: pre_mlp, attn_qk, attn_v, final); a
+schedule may name each by its GPT-2 alias instead (ln2, ln1qk, ln1v, lnf: old configs, run dirs and checkpoints),
+but not by both. Block i of kind k is removed at optimizer step start_k + i * gap_k (gap 0: all blocks at
+start_k); final is one event. A start left null follows the contiguous rule (docs/method.md#the-removal-schedule):
+    start_attn_qk = start_pre_mlp + L * gap_pre_mlp,  start_attn_v = start_attn_qk + L * gap_attn_qk,
+    start_final = start_attn_v + L * gap_attn_v
+so one schedule fits every depth; a kind left out is {start: null, gap: 0}. Optional kinds bos/eot end the
+special sigmas over stages 0..L (the L blocks, then the final norm), at start + stage * gap.
 
 `fit_fraction` (optional) rescales the whole event list, keeping its order and proportions, so that the last
 event falls at fit_fraction * max_steps: one schedule then fits every budget (data-scaling sweeps).
@@ -16,7 +18,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from .errors import UserError
-from .model import NORM_KINDS, SPECIAL_KINDS
+from .families import GPT2_ALIASES, canonical_kind
+from .model import NORM_KINDS, SPECIAL_KINDS, parse_site_name
 
 
 class ScheduleError(UserError):
@@ -26,36 +29,85 @@ class ScheduleError(UserError):
 @dataclass(frozen=True)
 class Event:
     step: int
-    kind: str  # ln2 | ln1qk | ln1v | lnf | bos | eot
-    block: int | None  # None for lnf
+    kind: str  # pre_mlp | attn_qk | attn_v | final | bos | eot (a GPT-2 alias given is stored as its generic kind)
+    block: int | None  # None for final
+
+    def __post_init__(self):
+        if self.kind not in SPECIAL_KINDS:
+            object.__setattr__(self, "kind", canonical_kind(self.kind))
 
     @property
     def name(self) -> str:
-        if self.kind == "lnf":
-            return "lnf"
+        """The generic event name (pre_mlp.3, final, bos.0); a model names its site by model.site_name."""
+        if self.kind == "final":
+            return "final"
         return f"{self.kind}.{self.block}"
+
+
+def canonical_event_name(name: str) -> str:
+    """'ln2.3' -> 'pre_mlp.3', 'lnf' -> 'final'; generic and special names unchanged: event lists recorded under
+    either spelling (a checkpoint's, a config's) compare equal."""
+    kind, block = parse_site_name(name)
+    return name if kind in SPECIAL_KINDS else Event(0, kind, block).name
 
 
 def _get(cfg, key, default=None):
     return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
 
+ALIAS_OF = {generic: alias for alias, generic in GPT2_ALIASES.items()}  # pre_mlp -> ln2, ...
 KINDS = NORM_KINDS + SPECIAL_KINDS  # every removal kind a schedule may set, in application order within a step
+KIND_NAMES = (*NORM_KINDS, *GPT2_ALIASES, *SPECIAL_KINDS)  # every key that sets one
 KIND_KEYS = ("start", "gap")  # what each kind's entry sets (training.config.KindSchedule)
 
 
+def _entry(schedule, name):
+    """The entry under `name`, or None when it sets nothing: absent, null, or both start and gap null (the config
+    schema's default for every norm kind under both its names: lnfree.training.config.NormKindSchedule)."""
+    entry = _get(schedule, name)
+    if entry is None:
+        return None
+    keys = entry.keys() if isinstance(entry, dict) else list(entry)
+    return entry if any(_get(entry, k) is not None for k in keys) else None
+
+
+def _named_twice(schedule) -> list[str]:
+    return [f"{kind} is set twice, also as its GPT-2 alias {ALIAS_OF[kind]} (name each kind once; the shipped "
+            f"schedules in conf/schedule/ use the generic names: override schedule.{kind}.*, not "
+            f"schedule.{ALIAS_OF[kind]}.*)"
+            for kind in NORM_KINDS
+            if _entry(schedule, kind) is not None and _entry(schedule, ALIAS_OF[kind]) is not None]
+
+
+def kind_entries(schedule) -> dict[str, object]:
+    """Each norm kind's entry (None where the schedule sets nothing), under its generic name, whichever name the
+    schedule used; a kind set under both names is a ScheduleError."""
+    twice = _named_twice(schedule)
+    if twice:
+        raise ScheduleError("; ".join(twice))
+    return {kind: _entry(schedule, kind) if _entry(schedule, kind) is not None else _entry(schedule, ALIAS_OF[kind])
+            for kind in NORM_KINDS}
+
+
+def _start_gap(entry) -> tuple[int | None, int]:
+    """A norm kind's (start, gap): a null gap is 0."""
+    start, gap = _get(entry or {}, "start"), _get(entry or {}, "gap")
+    return start, 0 if gap is None else gap
+
+
 def kind_problems(schedule) -> list[str]:
-    """What is wrong in the kinds' entries (unknown keys, a negative or null gap, a negative start), one line each;
-    both build_events and the config's limit check (training.config.check_limits) refuse them."""
-    bad = []
-    for kind in KINDS:
-        entry = _get(schedule, kind)
+    """What is wrong in the kinds' entries (a kind set under both its names, unknown keys, a negative gap, a
+    negative start, a special kind's null gap), one line each; both build_events and the config's limit check
+    (training.config.check_limits) refuse them."""
+    bad = _named_twice(schedule)
+    for kind in KIND_NAMES:
+        entry = _entry(schedule, kind)
         if entry is None:
             continue
         unknown = sorted(set(entry.keys() if isinstance(entry, dict) else list(entry)) - set(KIND_KEYS))
         if unknown:
             bad.append(f"{kind} has unknown key(s) {unknown} (known: {list(KIND_KEYS)})")
-        start, gap = _get(entry, "start"), _get(entry, "gap", 0)
+        start, gap = _start_gap(entry) if kind not in SPECIAL_KINDS else (_get(entry, "start"), _get(entry, "gap", 0))
         if gap is None or gap < 0:
             bad.append(f"{kind}.gap must be >= 0, got {gap}")
         if start is not None and start < 0:
@@ -64,34 +116,43 @@ def kind_problems(schedule) -> list[str]:
 
 
 def kind_starts(schedule, n_layer: int) -> dict[str, int]:
-    """Start step of each norm kind, filling null starts with the contiguous rule."""
+    """Start step of each norm kind (by its generic name), filling null starts with the contiguous rule."""
     bad = kind_problems(schedule)
     if bad:
         raise ScheduleError("; ".join(bad))
     starts, prev_end = {}, 0
-    for kind in NORM_KINDS:
-        k = _get(schedule, kind)
-        if k is None:
-            raise ScheduleError(f"schedule has no entry for {kind!r}")
-        start, gap = _get(k, "start"), _get(k, "gap", 0)
+    for kind, k in kind_entries(schedule).items():
+        start, gap = _start_gap(k)
         starts[kind] = prev_end if start is None else start
-        prev_end = starts[kind] + (1 if kind == "lnf" else n_layer) * gap
+        prev_end = starts[kind] + (1 if kind == "final" else n_layer) * gap
     return starts
+
+
+def normal_form(schedule: dict) -> dict:
+    """A schedule (a plain dict) with each norm kind under its generic name only, its entry filled with the
+    defaults, and the first kind's null start written as 0 (what the contiguous rule makes it): schedules that
+    differ only in spelling (a saved config under the GPT-2 keys, today's under the generic ones) compare equal."""
+    out = {k: v for k, v in schedule.items() if k not in NORM_KINDS and k not in GPT2_ALIASES}
+    for i, (kind, entry) in enumerate(kind_entries(schedule).items()):
+        start, gap = _start_gap(entry)
+        out[kind] = {"start": 0 if i == 0 and start is None else start, "gap": gap}
+    return out
 
 
 def build_events(schedule, n_layer: int, max_steps: int | None = None) -> list[Event]:
     """Every event in application order (by step, then kind in KINDS order, then block)."""
-    known = set(KINDS) | {"name", "remove", "aux_weight", "momentum", "fit_fraction"}
+    known = set(KIND_NAMES) | {"name", "remove", "aux_weight", "momentum", "fit_fraction"}
     keys = schedule.keys() if isinstance(schedule, dict) else list(schedule)
     unknown = [k for k in keys if k not in known]
     if unknown:
-        raise ScheduleError(f"unknown schedule kind(s) {unknown}; kinds are {KINDS}")
+        raise ScheduleError(f"unknown schedule kind(s) {unknown}; kinds are {KINDS} (GPT-2 aliases "
+                            f"{tuple(GPT2_ALIASES)})")
     if not _get(schedule, "remove", True):
         return []
-    events = []
+    events, entries = [], kind_entries(schedule)
     for kind, start in kind_starts(schedule, n_layer).items():
-        gap = _get(_get(schedule, kind), "gap", 0)
-        blocks = [None] if kind == "lnf" else range(n_layer)
+        gap = _start_gap(entries[kind])[1]
+        blocks = [None] if kind == "final" else range(n_layer)
         events += [Event(start + j * gap, kind, b) for j, b in enumerate(blocks)]
     for kind in SPECIAL_KINDS:
         k = _get(schedule, kind)
@@ -135,7 +196,7 @@ def validate(schedule, n_layer: int, max_steps: int) -> list[Event]:
     for kind in SPECIAL_KINDS:  # ending a special sigma before its site is removed would be a no-op
         norm_steps = {e.name: e.step for e in events if e.kind in NORM_KINDS}
         for e in (e for e in events if e.kind == kind):
-            sites = ["lnf"] if e.block == n_layer else [f"{k}.{e.block}" for k in NORM_KINDS[:3]]
+            sites = ["final"] if e.block == n_layer else [f"{k}.{e.block}" for k in NORM_KINDS[:3]]
             if any(norm_steps[s] > e.step for s in sites):
                 raise ScheduleError(f"{kind} event at stage {e.block} (step {e.step}) precedes the removal of {sites}")
     return events

@@ -10,7 +10,7 @@ from conftest import ids, stock_and_removable
 
 from lnfree.norm import ORDINARY, NormSite
 from lnfree.schedule import build_events
-from lnfree.training.callbacks import LNRemovalCallback
+from lnfree.training.callbacks import LNRemovalCallback, event_site
 
 
 def test_statistics_are_committed_once_per_optimizer_step_under_accumulation():
@@ -55,7 +55,8 @@ def test_events_fire_at_their_step_and_never_twice():
     for step in range(0, 10):
         trainer.global_step = step
         new = cb.apply_due(trainer, module)
-        assert [r["site"] for r in new] == [e.name for e in events if e.step == step]
+        assert [r["site"] for r in new] == [event_site(model, e)[0] for e in events if e.step == step]
+    assert [r["kind"] for r in cb.applied[:2]] == ["ln2", "ln2"]  # GPT-2's own names, as its summaries had them
     assert len(cb.applied) == len(events) == 7 and not model.real_sites()
 
 
@@ -127,7 +128,7 @@ def test_training_starts_from_calibrated_estimates_unless_restored():
     for name, site in model.sites().items():
         assert torch.equal(site.running.nan_to_num(-1), reference.sites()[name].running.nan_to_num(-1)), name
         assert torch.isfinite(site.running[ORDINARY])
-    step0 = [e.name for e in events if e.step == 0]
+    step0 = [event_site(model, e)[0] for e in events if e.step == 0]
     assert "ln2.0" in step0 and [r["site"] for r in cb.applied] == step0  # step-0 events, at the calibrated sigma
     assert cb.applied[0]["sigma"] == pytest.approx(float(reference.site("ln2", 0).running[ORDINARY]))
     restored = {n: s.running.clone() for n, s in model.sites().items()}
@@ -149,8 +150,8 @@ def test_special_sigma_events_apply_once_and_survive_a_restore():
     for step in range(12):
         trainer.global_step = step
         new = cb.apply_due(trainer, module)
-        assert [r["site"] for r in new] == [e.name for e in events if e.step == step]
-    assert [r["site"] for r in cb.applied] == [e.name for e in events]  # each exactly once
+        assert [r["site"] for r in new] == [event_site(model, e)[0] for e in events if e.step == step]
+    assert [r["site"] for r in cb.applied] == [event_site(model, e)[0] for e in events]  # each exactly once
     assert not any(s.special_active for s in model.sites().values())
     restored = LNRemovalCallback(events, momentum=0.9)  # a resume: the log comes back with the checkpoint
     restored.load_state_dict(cb.state_dict())

@@ -279,6 +279,30 @@ def test_generic_kinds_and_gpt2_aliases_name_the_same_sites():
         llama.site("ln3", 0)
 
 
+# the builtin schedule under GPT-2's keys, as an old config or a run dir's saved config.yaml would give it
+GPT2_KEYED_BUILTIN = ["schedule=none", "schedule.name=builtin", "schedule.remove=true", "schedule.aux_weight=0.1",
+                      "schedule.ln2.start=4", "schedule.ln2.gap=1", "schedule.ln1qk.gap=2", "schedule.ln1v.gap=4"]
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "neox"])
+def test_a_schedule_under_generic_keys_equals_it_under_gpt2_keys_and_covers_every_site(case, tmp_path):
+    from conftest import compose_train, stock_and_removable
+
+    from lnfree.schedule import build_events
+    from lnfree.training import config as _config  # noqa: F401  (registers the schemas)
+    from lnfree.training.callbacks import event_site
+
+    model = stock_and_removable()[1] if case == "gpt2" else removable(case)
+    n_layer = len(model.family.blocks(model))
+    generic = compose_train(tmp_path / "a", "schedule=builtin").schedule  # conf/schedule/: the generic keys
+    old = compose_train(tmp_path / "b", *GPT2_KEYED_BUILTIN).schedule
+    assert generic.pre_mlp.start == 4 and old.ln2.start == 4 and old.pre_mlp.start is None
+    events = build_events(generic, n_layer, 100)
+    assert events == build_events(old, n_layer, 100) and [e.step for e in events][-1] == 4 + n_layer * 7
+    names = [event_site(model, e)[0] for e in events]  # every site of the family, once, in removal order
+    assert names == list(model.sites())
+
+
 @pytest.mark.parametrize("config", [GemmaConfig(), Qwen3Config(), OPTConfig()], ids=lambda c: c.model_type)
 def test_unsupported_families_are_refused_naming_the_supported_ones(config):
     with pytest.raises(UnsupportedFamily, match=rf"model_type='{config.model_type}'.*gpt2 .*llama .*gpt_neox"):
@@ -306,9 +330,18 @@ def test_training_run_removes_every_site_exports_and_resumes_exactly(name, tmp_p
     assert getattr(stock.config, "rms_norm_eps", getattr(stock.config, "layer_norm_eps", None)) == HF_EPS
     assert (tmp_path / "full" / "export" / "folded" / "folded.safetensors").exists()
 
-    ckpt = train_until_crash(compose_train(tmp_path / "part", *args), monkeypatch, step=12)
-    done = [a["site"] for a in read_checkpoint(ckpt)["callbacks"]["LNRemovalCallback"]["applied"]]
+    # the interrupted run has an old config (the schedule under GPT-2's keys) and an old checkpoint (its events
+    # recorded as ln2.0 ... lnf, as every family's were); it resumes under the shipped, generic-keyed schedule
+    old = [a for a in args if not a.startswith("schedule=")] + GPT2_KEYED_BUILTIN
+    ckpt = train_until_crash(compose_train(tmp_path / "part", *old), monkeypatch, step=12)
+    state = read_checkpoint(ckpt)
+    done = [a["site"] for a in state["callbacks"]["LNRemovalCallback"]["applied"]]
     assert done == ["pre_mlp.0", "pre_mlp.1", "attn_qk.0", "attn_qk.1", "attn_v.0"]  # mid-schedule
+    gpt2_names = {"pre_mlp": "ln2", "attn_qk": "ln1qk", "attn_v": "ln1v", "final": "lnf"}
+    state["lnfree_run"]["events"] = [[gpt2_names[n.split(".")[0]] + n[len(n.split(".")[0]):], s]
+                                     for n, s in state["lnfree_run"]["events"]]
+    assert state["lnfree_run"]["events"][0] == ["ln2.0", 4]
+    torch.save(state, ckpt)
     resumed = train(compose_train(tmp_path / "part", *args, f"ckpt_path={ckpt}"))
     assert [(e["site"], e["step"]) for e in resumed["events"]] == [(e["site"], e["step"]) for e in full["events"]]
     assert resumed["sigmas"] == pytest.approx(full["sigmas"], rel=1e-5)
@@ -385,8 +418,8 @@ def test_hub_experiments_follow_the_contiguous_rule(tmp_path, name, n_layer):
 
     cfg = compose_train(tmp_path, f"experiment={name}")
     events = build_events(cfg.schedule, n_layer, cfg.trainer.max_steps)
-    # standard: ln2 from 20 every 2, then ln1qk every 2, ln1v every 3, lnf right after, each kind over every block
-    assert events[-1].kind == "lnf" and events[-1].step == 20 + n_layer * (2 + 2 + 3)
+    # standard: pre_mlp from 20 every 2, then attn_qk every 2, attn_v every 3, final right after, over every block
+    assert events[-1].kind == "final" and events[-1].step == 20 + n_layer * (2 + 2 + 3)
     assert events[-1].step < 0.4 * cfg.trainer.max_steps
 
 

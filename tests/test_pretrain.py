@@ -27,3 +27,26 @@ def test_pretrain_writes_a_stock_loadable_builtin_model(tmp_path):
     assert info["n_params_non_embedding"] == sum(p.numel() for n, p in model.named_parameters()
                                                  if not n.endswith(("wte.weight", "wpe.weight")))
     assert (dest / "tokenizer.json").exists()
+
+
+def test_resume_point_is_the_newest_last_checkpoint_by_step_not_by_file_time(tmp_path):
+    """A moved run dir: Lightning kept writing last-v1.ckpt next to the stale last.ckpt, which is newer on disk."""
+    import os
+
+    import torch
+    from omegaconf import OmegaConf
+
+    from lnfree.training.pretrain import _resume_point
+
+    ckpts = tmp_path / "checkpoints"
+    ckpts.mkdir()
+    for name, step, mtime in [("last-v1.ckpt", 300, 1_000), ("last.ckpt", 100, 2_000), ("step000400.ckpt", 400, 0),
+                              ("last-v1.ckpt.tmp", 500, 3_000)]:
+        torch.save({"global_step": step}, ckpts / name)
+        os.utime(ckpts / name, (mtime, mtime))
+    cfg = OmegaConf.create({"ckpt_path": None})
+    assert _resume_point(tmp_path, cfg) == str(ckpts / "last-v1.ckpt")
+    torch.save({"global_step": 600}, ckpts / "last-v2.ckpt")
+    assert _resume_point(tmp_path, cfg) == str(ckpts / "last-v2.ckpt")
+    (tmp_path / "summary.json").write_text("{}")  # a finished run is not resumed
+    assert _resume_point(tmp_path, cfg) is None

@@ -63,7 +63,7 @@ def test_max_loss_ceiling_stops_the_run(tmp_path):
         train(compose_train(tmp_path, *TINY_RUN, "trainer.max_loss=1.0"))
 
 
-@pytest.mark.parametrize("bad", [["optim.lr=-1"], ["data.block_size=32"], ["schedule.ln2.start=2"],
+@pytest.mark.parametrize("bad", [["optim.lr=-1"], ["data.block_size=32"], ["schedule.pre_mlp.start=2"],
                                  ["model.shape.n_embd=32"], ["crash_at_start"]])
 @pytest.mark.slow
 def test_failed_resume_leaves_the_checkpoint_byte_identical(tiny_run, tmp_path, monkeypatch, bad):
@@ -106,9 +106,9 @@ def test_overwrite_replaces_the_old_run_entirely(tiny_run, tmp_path):
 
 
 @pytest.mark.parametrize("override", ["optim.lr=-1", "schedule.momentum=1.5", "trainer.max_steps=-1",
-                                      "trainer.val_every=0", "+schedule.ln2.strat=3", "optim.betas=[0.9,1.5]",
+                                      "trainer.val_every=0", "+schedule.pre_mlp.strat=3", "optim.betas=[0.9,1.5]",
                                       "data.block_size=1", "trainer.max_loss=0", "optim.min_lr=1",
-                                      "schedule.ln1qk.gap=-2", "hardware.micro_batch_size=0"])
+                                      "schedule.attn_qk.gap=-2", "hardware.micro_batch_size=0"])
 def test_impossible_numbers_refused_before_any_data_or_weights(tmp_path, monkeypatch, override):
     import lnfree.training.train as tr
 

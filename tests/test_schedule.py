@@ -1,41 +1,51 @@
 import pytest
 
-from lnfree.schedule import Event, ScheduleError, build_events, kind_starts, special_kinds, validate
+from lnfree.schedule import (
+    Event,
+    ScheduleError,
+    build_events,
+    canonical_event_name,
+    kind_problems,
+    kind_starts,
+    normal_form,
+    special_kinds,
+    validate,
+)
 
 
 def sched(**kw):
-    base = {"ln2": {"start": 20, "gap": 2}, "ln1qk": {"start": None, "gap": 2},
-            "ln1v": {"start": None, "gap": 3}, "lnf": {"start": None}}
+    base = {"pre_mlp": {"start": 20, "gap": 2}, "attn_qk": {"start": None, "gap": 2},
+            "attn_v": {"start": None, "gap": 3}, "final": {"start": None}}
     base.update(kw)
     return base
 
 
-@pytest.mark.parametrize("n_layer,lnf", [(12, 104), (24, 188)])
-def test_contiguous_rule_reproduces_published_small_and_medium(n_layer, lnf):
+@pytest.mark.parametrize("n_layer,final", [(12, 104), (24, 188)])
+def test_contiguous_rule_reproduces_published_small_and_medium(n_layer, final):
     starts = kind_starts(sched(), n_layer)
-    assert starts["ln1qk"] == 20 + 2 * n_layer
-    assert starts["ln1v"] == starts["ln1qk"] + 2 * n_layer
-    assert starts["lnf"] == lnf
+    assert starts["attn_qk"] == 20 + 2 * n_layer
+    assert starts["attn_v"] == starts["attn_qk"] + 2 * n_layer
+    assert starts["final"] == final
     events = build_events(sched(), n_layer)
     assert len(events) == 3 * n_layer + 1
-    assert events[0] == Event(20, "ln2", 0) and events[-1] == Event(lnf, "lnf", None)
+    assert events[0] == Event(20, "pre_mlp", 0) and events[-1] == Event(final, "final", None)
     assert [e.step for e in events] == sorted(e.step for e in events)
-    v = [e for e in events if e.kind == "ln1v"]
-    assert [e.step for e in v[:3]] == [starts["ln1v"], starts["ln1v"] + 3, starts["ln1v"] + 6]
+    v = [e for e in events if e.kind == "attn_v"]
+    assert [e.step for e in v[:3]] == [starts["attn_v"], starts["attn_v"] + 3, starts["attn_v"] + 6]
 
 
 def test_gap_zero_puts_all_blocks_at_start_in_kind_then_block_order():
-    s = sched(ln2={"start": 5, "gap": 0}, ln1qk={"start": 5, "gap": 0}, ln1v={"start": 5, "gap": 0},
-              lnf={"start": 5})
+    s = sched(pre_mlp={"start": 5, "gap": 0}, attn_qk={"start": 5, "gap": 0}, attn_v={"start": 5, "gap": 0},
+              final={"start": 5})
     events = build_events(s, 3)
     assert {e.step for e in events} == {5}
-    assert [e.name for e in events] == ["ln2.0", "ln2.1", "ln2.2", "ln1qk.0", "ln1qk.1", "ln1qk.2",
-                                         "ln1v.0", "ln1v.1", "ln1v.2", "lnf"]
+    assert [e.name for e in events] == ["pre_mlp.0", "pre_mlp.1", "pre_mlp.2", "attn_qk.0", "attn_qk.1", "attn_qk.2",
+                                         "attn_v.0", "attn_v.1", "attn_v.2", "final"]
 
 
 def test_single_layer_single_events():
-    events = build_events(sched(ln2={"start": 0, "gap": 7}), 1)
-    assert [(e.step, e.name) for e in events] == [(0, "ln2.0"), (7, "ln1qk.0"), (9, "ln1v.0"), (12, "lnf")]
+    events = build_events(sched(pre_mlp={"start": 0, "gap": 7}), 1)
+    assert [(e.step, e.name) for e in events] == [(0, "pre_mlp.0"), (7, "attn_qk.0"), (9, "attn_v.0"), (12, "final")]
 
 
 def test_no_removal_gives_no_events():
@@ -44,8 +54,8 @@ def test_no_removal_gives_no_events():
 
 
 def test_special_kinds_cover_blocks_and_final_norm():
-    s = sched(ln2={"start": 0, "gap": 0}, ln1qk={"start": 0, "gap": 0}, ln1v={"start": 0, "gap": 0},
-              lnf={"start": 0}, bos={"start": 2, "gap": 1})
+    s = sched(pre_mlp={"start": 0, "gap": 0}, attn_qk={"start": 0, "gap": 0}, attn_v={"start": 0, "gap": 0},
+              final={"start": 0}, bos={"start": 2, "gap": 1})
     events = validate(s, 2, max_steps=10)
     bos = [(e.step, e.block) for e in events if e.kind == "bos"]
     assert bos == [(2, 0), (3, 1), (4, 2)]  # stage 2 = the final norm of a 2-layer model
@@ -53,15 +63,20 @@ def test_special_kinds_cover_blocks_and_final_norm():
 
 
 @pytest.mark.parametrize("bad,match", [
-    (sched(ln2={"start": 0, "gap": -1}), "gap must be >= 0"),
-    (sched(ln2={"start": -3, "gap": 1}), "start must be >= 0"),
+    (sched(pre_mlp={"start": 0, "gap": -1}), "gap must be >= 0"),
+    (sched(pre_mlp={"start": -3, "gap": 1}), "start must be >= 0"),
     ({**sched(), "ln3": {"start": 0}}, "unknown schedule kind"),
-    ({k: v for k, v in sched().items() if k != "ln1v"}, "no entry for 'ln1v'"),
     (sched(eot={"start": None, "gap": 1}), "explicit start"),
 ])
 def test_rejections(bad, match):
     with pytest.raises(ScheduleError, match=match):
         validate(bad, 4, max_steps=1000)
+
+
+def test_a_kind_left_out_is_every_block_at_its_contiguous_start():
+    left_out = {k: v for k, v in sched().items() if k != "attn_v"}
+    assert build_events(left_out, 3) == build_events(sched(attn_v={"start": None, "gap": 0}), 3)
+    assert [e.step for e in build_events(left_out, 3) if e.kind == "attn_v"] == [32, 32, 32]  # 20 + 3*2 + 3*2
 
 
 def test_events_past_max_steps_rejected():
@@ -76,24 +91,24 @@ def test_special_event_before_removal_rejected():
 
 
 def test_special_stage_checks_its_own_sites_and_may_share_their_step():
-    # blocks' norms go at step 0, lnf at 50; bos stages 0, 1 end at 2 and 26 (after their blocks' norms, before
-    # lnf: fine) and stage 2, the final norm's, at 50: the same step as lnf's removal, which is applied first
-    s = sched(ln2={"start": 0, "gap": 0}, ln1qk={"gap": 0}, ln1v={"gap": 0}, lnf={"start": 50},
+    # blocks' norms go at step 0, final at 50; bos stages 0, 1 end at 2 and 26 (after their blocks' norms, before
+    # final: fine) and stage 2, the final norm's, at 50: the same step as final's removal, which is applied first
+    s = sched(pre_mlp={"start": 0, "gap": 0}, attn_qk={"gap": 0}, attn_v={"gap": 0}, final={"start": 50},
               bos={"start": 2, "gap": 24})
     events = validate(s, 2, max_steps=100)
-    assert [(e.step, e.name) for e in events if e.step == 50] == [(50, "lnf"), (50, "bos.2")]
-    with pytest.raises(ScheduleError, match=r"bos event at stage 2 \(step 49\) precedes the removal of \['lnf'\]"):
-        validate({**s, "lnf": {"start": 50}, "bos": {"start": 1, "gap": 24}}, 2, max_steps=100)
+    assert [(e.step, e.name) for e in events if e.step == 50] == [(50, "final"), (50, "bos.2")]
+    with pytest.raises(ScheduleError, match=r"bos event at stage 2 \(step 49\) precedes the removal of \['final'\]"):
+        validate({**s, "final": {"start": 50}, "bos": {"start": 1, "gap": 24}}, 2, max_steps=100)
 
 
 def test_an_omegaconf_schedule_without_optional_keys_gives_the_same_events():
     # Hydra hands the schedule over as a DictConfig; "remove" and "gap" may be left out of its yaml
     from omegaconf import OmegaConf
 
-    s = sched(ln2={"start": 5}, bos={"start": 3})
+    s = sched(pre_mlp={"start": 5}, bos={"start": 3})
     assert build_events(OmegaConf.create(s), 3) == build_events(s, 3)
     events = build_events(s, 3)
-    assert [e.step for e in events if e.kind == "ln2"] == [5, 5, 5]  # no gap given: every block at start
+    assert [e.step for e in events if e.kind == "pre_mlp"] == [5, 5, 5]  # no gap given: every block at start
     assert [e.step for e in events if e.kind == "bos"] == [3, 3, 3, 3]
 
 
@@ -108,15 +123,15 @@ def test_special_kind_with_a_negative_or_null_start_or_gap_rejected(bos, message
 
 
 def test_null_start_for_the_first_kind_starts_at_step_zero():
-    starts = kind_starts(sched(ln2={"start": None, "gap": 2}), 3)
-    assert starts == {"ln2": 0, "ln1qk": 6, "ln1v": 12, "lnf": 21}
+    starts = kind_starts(sched(pre_mlp={"start": None, "gap": 2}), 3)
+    assert starts == {"pre_mlp": 0, "attn_qk": 6, "attn_v": 12, "final": 21}
 
 
 def test_fit_fraction_rescales_to_the_budget_keeping_order():
     s = sched(fit_fraction=0.4)
     for max_steps in (50, 200, 1000):
         events = validate(s, 12, max_steps)
-        assert events[-1].name == "lnf" and events[-1].step == int(0.4 * max_steps)
+        assert events[-1].name == "final" and events[-1].step == int(0.4 * max_steps)
         unscaled = build_events(sched(), 12)
         assert [e.name for e in events] == [e.name for e in unscaled]
         assert [e.step for e in events] == sorted(e.step for e in events)
@@ -131,6 +146,77 @@ def test_fit_fraction_outside_the_open_interval_or_without_max_steps_rejected(fr
 
 
 def test_fit_fraction_with_every_event_at_step_zero_keeps_them_there():
-    s = sched(ln2={"start": 0, "gap": 0}, ln1qk={"gap": 0}, ln1v={"gap": 0}, fit_fraction=0.5)
+    s = sched(pre_mlp={"start": 0, "gap": 0}, attn_qk={"gap": 0}, attn_v={"gap": 0}, fit_fraction=0.5)
     events = validate(s, 3, 100)
     assert len(events) == 10 and {e.step for e in events} == {0}
+
+
+# -- GPT-2 aliases: ln2, ln1qk, ln1v, lnf name the generic kinds -------------------------------------------------
+GPT2_KEYS = {"pre_mlp": "ln2", "attn_qk": "ln1qk", "attn_v": "ln1v", "final": "lnf"}
+
+
+def gpt2_keyed(schedule):
+    return {GPT2_KEYS.get(k, k): v for k, v in schedule.items()}
+
+
+@pytest.mark.parametrize("n_layer", [1, 3, 12])
+def test_gpt2_keys_give_the_same_events_as_the_generic_ones(n_layer):
+    s = sched(bos={"start": 200, "gap": 1})
+    events = build_events(s, n_layer)
+    assert build_events(gpt2_keyed(s), n_layer) == events
+    mixed = {("ln1qk" if k == "attn_qk" else k): v for k, v in s.items()}  # one kind by its alias, others generic
+    assert build_events(mixed, n_layer) == events
+    assert [e.kind for e in events[:n_layer]] == ["pre_mlp"] * n_layer  # stored under the generic kind
+    assert Event(20, "ln2", 0) == Event(20, "pre_mlp", 0) and Event(5, "lnf", None).name == "final"
+
+
+def test_a_kind_set_under_both_names_is_refused():
+    s = {**sched(), "ln2": {"start": 20, "gap": 2}}  # even with the same values
+    with pytest.raises(ScheduleError, match=r"pre_mlp is set twice, also as its GPT-2 alias ln2.*schedule\.pre_mlp"):
+        build_events(s, 3)
+    assert kind_problems(s)[0].startswith("pre_mlp is set twice")
+    # an entry that sets nothing (the config schema's default under every name) does not count
+    assert build_events({**sched(), "ln2": {"start": None, "gap": None}, "lnf": None}, 3) == build_events(sched(), 3)
+
+
+def test_a_gpt2_keyed_or_generic_schedule_has_one_normal_form():
+    old = {"name": "x", "remove": False, "ln2": {"start": 0, "gap": 0}, "ln1qk": {"start": None, "gap": 0},
+           "ln1v": {"start": None, "gap": 0}, "lnf": {"start": None, "gap": 0}, "aux_weight": 0.0}
+    new = {"name": "x", "remove": False, "aux_weight": 0.0, **{k: {"start": None, "gap": None} for k in
+                                                             [*GPT2_KEYS, *GPT2_KEYS.values()]}}
+    assert normal_form(old) == normal_form(new)
+    assert normal_form(gpt2_keyed(sched())) == normal_form(sched())
+    assert normal_form(sched()) != normal_form(sched(attn_v={"start": None, "gap": 4}))
+    assert [canonical_event_name(n) for n in ("ln2.3", "ln1v.0", "lnf", "attn_qk.1", "bos.2")] == \
+        ["pre_mlp.3", "attn_v.0", "final", "attn_qk.1", "bos.2"]
+
+
+@pytest.mark.parametrize("override,ok", [("schedule.attn_v.gap=1", True), ("schedule.ln1v.gap=1", False),
+                                         ("schedule=none", True)])
+def test_a_command_line_override_under_the_other_name_is_refused_before_compute(tmp_path, override, ok):
+    """The shipped schedules use the generic names: overriding one by its GPT-2 alias sets the kind twice."""
+    from conftest import compose_train
+
+    from lnfree.training.config import LimitError, check_limits
+
+    cfg = compose_train(tmp_path, "schedule=builtin", override)
+    if ok:
+        check_limits(cfg)
+    else:
+        with pytest.raises(LimitError, match=r"schedule\.attn_v is set twice, also as its GPT-2 alias ln1v"):
+            check_limits(cfg)
+
+
+def test_a_run_dirs_saved_gpt2_keyed_schedule_still_fits_the_schema_and_gives_the_same_events():
+    """A .hydra/config.yaml (or summary.json) written before the generic names: every kind under its GPT-2 key."""
+    from omegaconf import OmegaConf
+
+    from lnfree.training.config import ScheduleConfig
+
+    saved = {"name": "builtin", "remove": True, "ln2": {"start": 4, "gap": 1}, "ln1qk": {"start": None, "gap": 2},
+             "ln1v": {"start": None, "gap": 4}, "lnf": {"start": None, "gap": 0}, "bos": None, "eot": None,
+             "aux_weight": 0.1, "momentum": 0.9, "fit_fraction": None}
+    schedule = OmegaConf.merge(OmegaConf.structured(ScheduleConfig), saved)
+    generic = {"pre_mlp": {"start": 4, "gap": 1}, "attn_qk": {"gap": 2}, "attn_v": {"gap": 4}}
+    assert build_events(schedule, 2) == build_events(generic, 2)
+    assert [e.name for e in build_events(schedule, 2)][-1] == "final" and kind_problems(schedule) == []

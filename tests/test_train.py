@@ -41,7 +41,7 @@ def test_paper_experiments_reproduce_published_schedules(tmp_path, name):
     n_layer, lnf, max_steps = PAPER[name]
     cfg = compose_train(tmp_path, f"experiment={name}")
     events = build_events(cfg.schedule, n_layer)
-    assert events[-1].name == "lnf" and events[-1].step == lnf
+    assert events[-1].name == "final" and events[-1].step == lnf
     assert cfg.trainer.max_steps == max_steps and events[-1].step < max_steps
     # ~2^19 tokens per optimizer step from the hardware's micro-batch, by accumulation
     accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size, 1)

@@ -12,12 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from ..families import GPT2_ALIASES  # noqa: E402
 from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
 from ..model import NORM_KINDS  # noqa: E402
 from .stats import interval_text  # noqa: E402
 
 # removal events as dotted lines in colours the model curves (default cycle from tab:blue) do not start with
-KIND_COLOURS = {"ln2": "tab:purple", "ln1qk": "tab:olive", "ln1v": "tab:cyan", "lnf": "black",
+# (by generic kind; a run's summary names a norm kind as its family does: GPT-2 ln2, Llama pre_mlp)
+KIND_COLOURS = {"pre_mlp": "tab:purple", "attn_qk": "tab:olive", "attn_v": "tab:cyan", "final": "black",
                 "bos": "tab:gray", "eot": "tab:brown"}
 
 
@@ -71,6 +73,7 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
     if not runs:
         return False
     fig, axes = figure_row(2)
+    named = {}  # generic norm kind -> the names the runs' summaries give it
     for name, run in runs.items():
         metrics = read_metrics(run)
         for ax, key in zip(axes, ("train/ce", "val/ce")):
@@ -79,13 +82,15 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
                 ax.plot(steps, vals, label=name, marker="o" if key == "val/ce" else None, ms=3, lw=1)
         events = json.loads((run / RUN_SUMMARY).read_text()).get("events", [])
         for e in events:
+            kind = GPT2_ALIASES.get(e["kind"], e["kind"])
+            named.setdefault(kind, set()).add(e["kind"])
             for ax in axes:
-                ax.axvline(e["step"], color=KIND_COLOURS.get(e["kind"], "k"), alpha=0.5, lw=0.8, ls=":")
+                ax.axvline(e["step"], color=KIND_COLOURS.get(kind, "k"), alpha=0.5, lw=0.8, ls=":")
     for ax, title in zip(axes, ("training cross-entropy", "validation cross-entropy")):
         ax.set(title=title + " (vertical lines: removal events)", xlabel="optimizer step", ylabel="nats/token")
         ax.legend(fontsize=8)
-    handles = [plt.Line2D([], [], color=c, ls=":", label=f"{k} removed") for k, c in KIND_COLOURS.items()
-               if k in NORM_KINDS]
+    handles = [plt.Line2D([], [], color=c, ls=":", label=f"{' / '.join(sorted(named.get(k, {k})))} removed")
+               for k, c in KIND_COLOURS.items() if k in NORM_KINDS]
     axes[0].legend(handles=axes[0].get_legend_handles_labels()[0] + handles, fontsize=8)
     save_figure(fig, path)
     return True

@@ -79,8 +79,8 @@ class Part:
 
 
 # every site removed by step 7 (all blocks of a kind at once), then plain fine-tuning
-REMOVAL = ["schedule=fast", "schedule.ln2.start=2", "schedule.ln2.gap=0", "schedule.ln1qk.gap=0",
-           "schedule.ln1v.start=4", "schedule.ln1v.gap=0", "schedule.lnf.start=6"]
+REMOVAL = ["schedule=fast", "schedule.pre_mlp.start=2", "schedule.pre_mlp.gap=0", "schedule.attn_qk.gap=0",
+           "schedule.attn_v.start=4", "schedule.attn_v.gap=0", "schedule.final.start=6"]
 NO_REMOVAL = ["schedule=none"]
 
 

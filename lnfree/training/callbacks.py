@@ -52,6 +52,14 @@ def check_ranks_agree(model, step: int) -> bool:
     return True
 
 
+def event_site(model, e: Event) -> tuple[str, str]:
+    """(site name, kind) of an event as the model's family names them (GPT-2: ln2.3, ln2; Llama: pre_mlp.3,
+    pre_mlp), so that GPT-2's summaries and checkpoints read as before; a special event's own (bos.0, bos)."""
+    if e.kind not in NORM_KINDS:
+        return e.name, e.kind
+    return model.site_name(e.kind, e.block), model.family.site_names[e.kind]
+
+
 class LNRemovalCallback(L.Callback):
     def __init__(self, events: list[Event], momentum: float):  # momentum: conf/schedule (schedule.momentum)
         self.events = list(events)
@@ -64,7 +72,7 @@ class LNRemovalCallback(L.Callback):
     def _model(pl_module):
         return pl_module.model
 
-    def _is_applied(self, model, e: Event) -> bool:
+    def _is_applied(self, model, e: Event) -> bool:  # e.kind is generic (Event canonicalises a GPT-2 alias)
         if e.kind in NORM_KINDS:
             return model.site(e.kind, e.block).is_removed
         return any(a["site"] == e.name for a in self.applied)
@@ -79,9 +87,8 @@ class LNRemovalCallback(L.Callback):
             else:
                 model.end_special(e.kind, e.block)
                 sigma = None
-            name = model.site_name(e.kind, e.block) if e.kind in NORM_KINDS else e.name  # the family's site name
-            rec = {"step": e.step, "applied_at": step, "site": name, "kind": e.kind, "block": e.block,
-                   "sigma": sigma}
+            name, kind = event_site(model, e)
+            rec = {"step": e.step, "applied_at": step, "site": name, "kind": kind, "block": e.block, "sigma": sigma}
             self.applied.append(rec)
             new.append(rec)
         if new:

@@ -4,20 +4,20 @@
 dataclass below: a misspelt key or a wrong type fails when the config is composed, before any compute.
 One source of truth: the YAML files hold every value (each group's shared values in its base.yaml, which
 the options inherit); this file holds the fields, their types and their meaning, and no defaults (MISSING),
-except KindSchedule, whose defaults fill the removal kinds a schedule leaves out.
+except KindSchedule and NormKindSchedule, whose defaults fill what a removal kind's entry leaves out.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, make_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ..errors import UserError
-from ..families import FAMILIES
+from ..families import FAMILIES, GPT2_ALIASES, KINDS
 
 
 @dataclass
@@ -50,13 +50,9 @@ class KindSchedule:
 
 
 @dataclass
-class ScheduleConfig:
+class _ScheduleFields:
     name: str = MISSING
     remove: bool = MISSING  # false: vanilla control (same run, no removal)
-    ln2: KindSchedule = MISSING
-    ln1qk: KindSchedule = MISSING
-    ln1v: KindSchedule = MISSING
-    lnf: KindSchedule = MISSING
     # optional, off by default: end the special sigma of position 0 / end-of-text tokens; setting one turns
     # the special sigma on for every site (stages 0..L-1 are the blocks, stage L the final norm)
     bos: Optional[KindSchedule] = MISSING
@@ -64,6 +60,20 @@ class ScheduleConfig:
     aux_weight: float = MISSING  # weight of the residual-std auxiliary loss (docs/method.md#the-auxiliary-loss)
     momentum: float = MISSING  # EMA momentum of the std estimate, per optimizer step
     fit_fraction: Optional[float] = MISSING  # rescale all events so the last is at this fraction of max_steps
+
+
+@dataclass
+class NormKindSchedule:
+    """A norm kind's entry. Every norm kind has one under its generic name (pre_mlp, attn_qk, attn_v, final) and one
+    under its GPT-2 alias (ln2, ln1qk, ln1v, lnf), both names taken from lnfree.families (the one list): an entry
+    with both fields null (the default) is not set, so that `schedule.<name>.start=...` works on the command line
+    under either name, and a schedule that sets a kind under both names is refused (lnfree.schedule)."""
+    start: Optional[int] = None  # optimizer step of block 0's event; null = contiguous with previous kind
+    gap: Optional[int] = None  # steps between consecutive blocks; null or 0 = all blocks at `start`
+
+
+ScheduleConfig = make_dataclass("ScheduleConfig", [(k, NormKindSchedule, field(default_factory=NormKindSchedule))
+                                                   for k in (*KINDS, *GPT2_ALIASES)], bases=(_ScheduleFields,))
 
 
 @dataclass

@@ -9,13 +9,14 @@ Nothing pretrains implicitly: loading a built-in model that is not there is an e
 
 `model.pretrain_keep=val_min` (the depth family, conf/pretrain_depth.yaml) keeps the checkpoint at the validation
 minimum instead of the last weights: a checkpoint is written at every validation, and the one whose step has the
-lowest logged validation CE is exported. A run dir that holds `checkpoints/last.ckpt` but no summary is resumed
-from it (`ckpt_path`); one that holds a finished run is exported again without training.
+lowest logged validation CE is exported. A run dir that holds `checkpoints/last*.ckpt` but no summary is resumed
+from the newest of them by step (`ckpt_path`); one that holds a finished run is exported again without training.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -39,12 +40,24 @@ from .train import ConfigError, train
 
 INFO_FILE = "pretrain_info.json"
 KEEP = ("last", "val_min")
+LAST = re.compile(r"^last(-v\d+)?\.ckpt$")  # Lightning's save_last names: last.ckpt, last-v1.ckpt, ...
+
+
+def _version(path: Path) -> int:
+    """last.ckpt 0, last-v1.ckpt 1, ...: at an equal step, the later of Lightning's names."""
+    v = LAST.match(path.name).group(1)
+    return int(v[2:]) if v else 0
 
 
 def _resume_point(out: Path, cfg: DictConfig) -> str | None:
-    """The checkpoint to resume an unfinished pretraining from (its last.ckpt), or the configured ckpt_path."""
-    last = out / "checkpoints" / "last.ckpt"
-    if cfg.ckpt_path is None and last.exists() and not (out / RUN_SUMMARY).exists():
+    """The checkpoint to resume an unfinished pretraining from, or the configured ckpt_path.
+
+    The newest of checkpoints/last*.ckpt by the optimizer step it holds: Lightning writes last-v1.ckpt (not
+    last.ckpt) when a last.ckpt it did not write is already there, e.g. after the run dir was moved, so last.ckpt
+    may be the older. File times are not used: a copy or move may change them."""
+    found = [p for p in (out / "checkpoints").glob("last*.ckpt") if LAST.match(p.name)]
+    if cfg.ckpt_path is None and found and not (out / RUN_SUMMARY).exists():
+        last = max(found, key=lambda p: (read_checkpoint(p).get("global_step", -1), _version(p)))
         print(f"[lnfree] resuming the pretraining in {out} from {last}")
         return str(last)
     return cfg.ckpt_path

@@ -44,6 +44,7 @@ from ..errors import UserError
 from ..families import family
 from ..io import CKPT_MODEL_CONFIG, EXPORT_TMP, RUN_INFO, TEMPORARY, raise_storage_error, read_checkpoint
 from ..paths import RUN_SUMMARY
+from ..schedule import canonical_event_name
 from .loggers import CSV_DIR
 
 CKPT_TMP = ".{name}.tmp-{pid}"  # a checkpoint being written (renamed into place when whole)
@@ -310,8 +311,8 @@ def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events) -> 
     if info.get("tokens_per_step") not in (None, tokens_per_step):
         diffs.append(f"tokens per step: checkpoint {info['tokens_per_step']} vs config {tokens_per_step} "
                      "(micro-batch x block size x devices x accumulation)")
-    planned = [[e.name, e.step] for e in events]
-    if info.get("events") is not None and info["events"] != planned:
+    planned = [[e.name, e.step] for e in events]  # generic names; a checkpoint's may be GPT-2's (ln2.0, lnf)
+    if info.get("events") is not None and [[canonical_event_name(n), s] for n, s in info["events"]] != planned:
         diffs.append(f"removal schedule: checkpoint {info['events']} vs config {planned}")
     if diffs:
         raise ResumeError(f"ckpt_path {ckpt_path} does not match this config; nothing was run:\n  "

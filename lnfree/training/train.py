@@ -39,9 +39,9 @@ from ..lora import MERGE_TOL, apply_lora, has_lora, lora_settings, merged_copy, 
 from ..model import non_embedding_params
 from ..model_card import write_model_cards
 from ..paths import CONF_DIR
-from ..schedule import special_kinds, validate
+from ..schedule import normal_form, special_kinds, validate
 from . import config as _config  # noqa: F401  (registers the schemas)
-from .callbacks import LNRemovalCallback, Throughput
+from .callbacks import LNRemovalCallback, Throughput, event_site
 from .config import check_limits
 from .console import quiet_third_party, run_console
 from .hardware import grad_accumulation, make_strategy, world_size
@@ -186,7 +186,7 @@ def build(cfg: DictConfig, plan: Plan, out: Path) -> Run:
                              _convert_="all")
     datamodule.setup("fit")
     model, n_trainable = _model(cfg, plan)
-    run_info = {"tokens_per_step": plan.step_tokens, "events": [[e.name, e.step] for e in plan.events]}
+    run_info = {"tokens_per_step": plan.step_tokens, "events": [[event_site(model, e)[0], e.step] for e in plan.events]}
     module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps,
                           compile=cfg.model.compile, lr_scale=cfg.finetune.lr_scale, run_info=run_info)
     resolved = OmegaConf.to_container(cfg, resolve=True)
@@ -376,7 +376,11 @@ def _finished_run(out: Path, cfg) -> dict | None:
     strip = lambda c: {k: v for k, v in c.items() if k not in ignored}  # noqa: E731
     if "finetune" not in summary.get("config", {}) and mine["finetune"]["kind"] == "full":
         mine.pop("finetune")  # a run from before the finetune group existed was a full fine-tune
-    if strip(summary.get("config", {})) != strip(mine):
+    theirs = dict(summary.get("config", {}))
+    for c in (theirs, mine):  # a run dir's saved schedule may use the GPT-2 keys, today's the generic ones
+        if isinstance(c.get("schedule"), dict):
+            c["schedule"] = normal_form(c["schedule"])
+    if strip(theirs) != strip(mine):
         raise RunDirError(f"{out} holds a finished run with a different config; skip_if_done reruns nothing there: "
                           "choose another directory or pass overwrite=true")
     return summary
