@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; GPU machines: docs/reference/gpus_and_clusters.md.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check docs test-fast train sweep eval-runs eval eval-families shift ablations lora downstream interp \
+.PHONY: install test check docs test-fast train sweep eval-runs eval eval-families shift shift-long ablations lora downstream interp \
   interp-control family family-depth scaling scaling-analysis scaling-depth scaling-depth-analysis tables paper bench \
   bench-gpu mutation clean
 
@@ -42,12 +42,14 @@ sweep: install
 # default, with paired gaps; trains what is missing first. Table and figures: experiments/builtin_eval/
 RUNS ?= $(shell sed -n 's/^runs: *//p' conf/runs.yaml)
 SEEDS ?= 1 2 3
-# the built-in default's vanilla and LN-free fine-tunes of every seed (what eval, shift and the interp commands read)
+# the built-in default's vanilla and LN-free fine-tunes of every seed (what eval, shift and the interp commands read);
+# TRAIN_ARGS: overrides for both arms of every seed (e.g. a longer fine-tune, trainer.max_steps=300, into other RUNS)
+TRAIN_ARGS ?=
 eval-runs: install
 	for s in $(SEEDS); do \
-	  test -f $(RUNS)/vanilla_s$$s/summary.json || $(PY) -m lnfree.train schedule=none seed=$$s \
+	  test -f $(RUNS)/vanilla_s$$s/summary.json || $(PY) -m lnfree.train schedule=none seed=$$s $(TRAIN_ARGS) \
 	    hydra.run.dir=$(RUNS)/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	  test -f $(RUNS)/lnfree_s$$s/summary.json || $(PY) -m lnfree.train seed=$$s \
+	  test -f $(RUNS)/lnfree_s$$s/summary.json || $(PY) -m lnfree.train seed=$$s $(TRAIN_ARGS) \
 	    hydra.run.dir=$(RUNS)/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done
 
@@ -74,6 +76,11 @@ eval: eval-runs
 shift: eval-runs
 	$(PY) -m lnfree.data.shift --out outputs/shift_corpora
 	$(PY) -m lnfree.eval --config-name eval_shift runs=$(RUNS) $(ARGS)
+
+# does a longer fine-tune close the shift gap? the same removal schedule, 300 fine-tuning steps instead of 100 for
+# both arms of every seed (experiments/shift/steps_300/)
+shift-long:
+	$(MAKE) shift RUNS=outputs/builtin_300 TRAIN_ARGS=trainer.max_steps=300 ARGS=output_dir=experiments/shift/steps_300
 
 # schedule ablations on the built-in default over seeds (after make eval): no auxiliary loss, a slower schedule,
 # special bos/eot sigmas; paired with the vanilla control of each seed. Results: experiments/ablations/
@@ -189,6 +196,7 @@ PAPER = \
   ablations:experiments/ablations/results.json:0.5 \
   lora:experiments/lora/results.json:0.3 \
   shift:experiments/shift/results.json:0.2 \
+  shift-long:experiments/shift/steps_300/results.json:0.8 \
   eval-families:experiments/families/neox/dla.json:1.5 \
   downstream:experiments/downstream/results.json:0.2 \
   interp:experiments/interp/builtin/neurons.json:0.1 \
