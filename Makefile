@@ -197,7 +197,7 @@ PAPER = \
   lora:experiments/lora/results.json:0.3 \
   shift:experiments/shift/results.json:0.2 \
   shift-long:experiments/shift/steps_300/results.json:0.8 \
-  eval-families:experiments/families/neox/dla.json:1.5 \
+  eval-families:experiments/families/neox/dla.json:0.5 \
   downstream:experiments/downstream/results.json:0.2 \
   interp:experiments/interp/builtin/neurons.json:0.1 \
   interp-control:experiments/interp/patching.json:0.1 \
