@@ -21,7 +21,7 @@ from transformers import (
     Qwen3Config,
 )
 
-from lnfree.export import HF_EPS, export_folded, export_hf
+from lnfree.export import HF_EPS, ExportError, export_folded, export_hf
 from lnfree.families import UnsupportedFamily
 from lnfree.io import load
 from lnfree.model import make_removable
@@ -216,6 +216,9 @@ def test_stock_export_loads_without_lnfree_with_every_norm_affine(case, tmp_path
     assert rel_err(step, logits(stock, x[:, :13])[:, -1]) < 1e-4
     gen = dict(max_new_tokens=6, do_sample=False, pad_token_id=96)
     assert torch.equal(stock.generate(x[:1, :8], **gen), model.generate(x[:1, :8], **gen))
+    with pytest.raises(ExportError, match="fp16"):  # eps = 1e12 and weights ~1e6 / sigma overflow fp16
+        export_hf(model, tmp_path / "fp16", dtype=torch.float16)
+    assert not (tmp_path / "fp16").exists()
 
 
 @pytest.mark.parametrize("case", CASES)
