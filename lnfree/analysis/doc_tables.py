@@ -119,6 +119,20 @@ def shift_gaps(root: Path) -> str:
     return "\n".join(lines)
 
 
+def shift_by_length(root: Path) -> str:
+    """Does a longer fine-tune close the shift gap? The LN-free - vanilla gap per dataset after 100 fine-tuning
+    steps (`make shift`) and after 300 (`make shift-long`), each over seeds 1-3."""
+    short = _json(root, "experiments/shift/results.json")["paired"]
+    long = _json(root, "experiments/shift/steps_300/results.json")["paired"]
+    lines = ["| dataset | LN-free - vanilla, 100 steps | 300 steps | vanilla - original, 100 steps | 300 steps |",
+             "|---|---|---|---|---|"]
+    for ds, label in SHIFT_LABELS.items():
+        cells = [_gap(r[ds][pair])[1] for pair in ("lnfree_minus_vanilla", "vanilla_minus_original")
+                 for r in (short, long)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 ABLATION_ARMS = {"builtin": "default (`schedule=builtin`)", "noaux": "no auxiliary loss (`builtin_noaux`)",
                  "gradual": "slower removal (`builtin_gradual`)",
                  "special": "special bos/eot sigmas (`builtin_special`)"}
@@ -407,7 +421,8 @@ def bench_profile(root: Path) -> str:
 
 TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, lora_models, downstream, scaling_width,
                                    family, distributed, dla_builtin, interp_summary, interp_controls, interp_verdicts,
-                                   shift_gaps, bench_cpu, bench_profile, families_eval)}
+                                   shift_gaps, bench_cpu, bench_profile, families_eval,
+                                   shift_by_length)}
 
 
 def pages(root: Path = ROOT) -> list[Path]:
