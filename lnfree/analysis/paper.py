@@ -22,7 +22,7 @@ from .paired_tables import recompute
 from .plots import plot_ce_by_position, plot_ce_hist
 
 EVALUATIONS = ("experiments/builtin_eval", "experiments/ablations", "experiments/lora", "experiments/shift",
-               "experiments/families/llama", "experiments/families/neox")
+               "experiments/shift/steps_300", "experiments/families/llama", "experiments/families/neox")
 FAMILIES = ("experiments/builtin_family", "experiments/builtin_family/dropout_0.2", "experiments/depth_family",
             "experiments/depth_family/recipe_4000_steps")
 
