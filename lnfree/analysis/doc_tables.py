@@ -201,6 +201,13 @@ def scaling_width(root: Path) -> str:
     return "\n".join(lines)
 
 
+def depth_family(root: Path) -> str:
+    """The depth-and-width family's finished pretrained replicates (experiments/depth_family/family.json)."""
+    from .family import replicates_table
+
+    return replicates_table(_json(root, "experiments/depth_family/family.json"))
+
+
 def family(root: Path) -> str:
     """The built-in width family (recipe dropout 0.1) with the dropout-0.2 recipe's validation CE beside it."""
     f = _json(root, "experiments/builtin_family/family.json")
@@ -422,7 +429,7 @@ def bench_profile(root: Path) -> str:
 TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, lora_models, downstream, scaling_width,
                                    family, distributed, dla_builtin, interp_summary, interp_controls, interp_verdicts,
                                    shift_gaps, bench_cpu, bench_profile, families_eval,
-                                   shift_by_length)}
+                                   shift_by_length, depth_family)}
 
 
 def pages(root: Path = ROOT) -> list[Path]:

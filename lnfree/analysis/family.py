@@ -150,6 +150,11 @@ def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = 0
 
 
 def markdown_replicates(res: dict) -> str:
+    return f"Criterion: {res['criterion']}.\n\n" + replicates_table(res) + "\n"
+
+
+def replicates_table(res: dict) -> str:
+    """One row per pretrained replicate of the depth family: kept and last validation CE, late gain, converged."""
     rows = ["| size | layers x width | non-embedding | replicate (seed) | kept step | val CE (kept) | val CE (last) "
             "| late gain | converged |", "|---|---|---|---|---|---|---|---|---|"]
     for x in res["sizes"]:
@@ -159,7 +164,7 @@ def markdown_replicates(res: dict) -> str:
                         f"{r['replicate']} ({r['seed']}) | {r['kept_step']} | {r['val_ce']:.4f} | "
                         f"{r['val_ce_last']:.4f} | {'n/a' if g is None else f'{g:+.4f}'} | "
                         f"{'yes' if r['converged'] else '**no**'} |")
-    return f"Criterion: {res['criterion']}.\n\n" + "\n".join(rows) + "\n"
+    return "\n".join(rows)
 
 
 def redraw(out_dir: str | Path):
