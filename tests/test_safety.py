@@ -230,3 +230,26 @@ def test_checkpoints_carry_the_run_info_that_the_resume_check_compares(tiny_run)
     info = read_checkpoint(run / "checkpoints" / "last.ckpt")[RUN_INFO]
     assert info["tokens_per_step"] == summary["tokens_per_step"] == 4 * 64
     assert [tuple(e) for e in info["events"]] == [(e["site"], e["step"]) for e in summary["events"]]
+
+
+@pytest.mark.parametrize("job, config, expected", [
+    ("train", "train", "-m lnfree.train seed=3 "),
+    ("pretrain", "pretrain_depth", "-m lnfree.pretrain --config-name pretrain_depth seed=3 "),
+])
+def test_the_resume_command_names_the_command_that_ran(tmp_path, job, config, expected):
+    """An interrupted pretraining is resumed by lnfree.pretrain with its own config, not by lnfree.train."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.hydra_config import HydraConfig
+
+    from lnfree.paths import CONF_DIR
+
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name=job):
+        cfg = compose(config, overrides=["seed=3", "overwrite=true"], return_hydra_config=True)
+    cfg.hydra.job.config_name = config  # what @hydra.main sets from --config-name
+    HydraConfig.instance().set_config(cfg)
+    try:
+        cmd = safety.resume_command(tmp_path, tmp_path / "last.ckpt")
+    finally:
+        HydraConfig.instance().cfg = None
+    assert expected in cmd and "overwrite" not in cmd
+    assert cmd.endswith(f"hydra.run.dir={tmp_path.resolve()} ckpt_path={(tmp_path / 'last.ckpt').resolve()}")

@@ -360,15 +360,22 @@ class CheckpointOnException(L.Callback):
 
 def resume_command(out: Path, ckpt: Path | str) -> str:
     """The exact command that resumes this run from `ckpt` (the original overrides, plus where and from what)."""
-    overrides = []
+    entry, overrides = ["lnfree.train"], []
     try:
         from hydra.core.hydra_config import HydraConfig
 
         if HydraConfig.initialized():
-            overrides = [o for o in HydraConfig.get().overrides.task
+            hc = HydraConfig.get()
+            overrides = [o for o in hc.overrides.task
                          if o.split("=", 1)[0].lstrip("+~") not in ("ckpt_path", "hydra.run.dir", "overwrite")]
+            # the command that ran: lnfree.train or lnfree.pretrain (Hydra's job name is the script's), and its
+            # config when not the script's own (python -m lnfree.pretrain --config-name pretrain_depth)
+            if hc.job.name in ("train", "pretrain"):
+                entry = [f"lnfree.{hc.job.name}"]
+                if hc.job.config_name and hc.job.config_name != hc.job.name:
+                    entry += ["--config-name", hc.job.config_name]
     except ImportError:
         pass
-    args = [sys.executable.rsplit("/", 1)[-1], "-m", "lnfree.train", *overrides, f"hydra.run.dir={out.resolve()}",
+    args = [sys.executable.rsplit("/", 1)[-1], "-m", *entry, *overrides, f"hydra.run.dir={out.resolve()}",
             f"ckpt_path={Path(ckpt).resolve()}"]
     return " ".join(shlex.quote(a) for a in args)
