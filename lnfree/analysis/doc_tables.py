@@ -365,8 +365,9 @@ def _mci(o: dict, digits: int, scale: float = 1.0, unit: str = "") -> str:
 
 def interp_verdicts(root: Path) -> str:
     """A verdict per claim, each decided from its interval by the rule written in its row."""
-    shift = _json(root, "experiments/shift/results.json")["paired"]
-    rel = {ds: shift[ds]["lnfree_minus_vanilla"]["relative_gap_over_seeds"] for ds in SHIFT_LABELS}
+    recipes = {"100 steps": "experiments/shift/results.json", "300 steps": "experiments/shift/steps_300/results.json"}
+    rels = {steps: {ds: _json(root, rec)["paired"][ds]["lnfree_minus_vanilla"]["relative_gap_over_seeds"]
+                    for ds in SHIFT_LABELS} for steps, rec in recipes.items()}
     dla = _json(root, "experiments/interp/dla.json")
     heads = {k: statistics.median(v["nmae_percent"] for c, v in m["per_component"].items()
                                   if re.fullmatch(r"L\d+H\d+", c)) for k, m in dla.items()}
@@ -376,13 +377,15 @@ def interp_verdicts(root: Path) -> str:
     overlap = po["ci95"][1] >= pl["ci95"][0] and pl["ci95"][1] >= po["ci95"][0]
     null = _json(root, "experiments/interp/neurons.json")["neurons"]["original"]["null_space_fraction"]
     sinks = _json(root, "experiments/interp/sinks.json")["sinks"]["original"]["sink_heads"]
-    shifted = ", ".join(f"{SHIFT_LABELS[ds].split(' ')[0]} {100 * r['mean']:+.2f}% "
-                        f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]" for ds, r in rel.items())
+    shifted = "; ".join(f"{steps}: " + ", ".join(f"{SHIFT_LABELS[ds].split(' ')[0]} {100 * r['mean']:+.2f}% "
+                                                   f"[{100 * r['ci95'][0]:+.2f}, {100 * r['ci95'][1]:+.2f}]"
+                                                   for ds, r in rel.items()) for steps, rel in rels.items())
+    shift_verdicts = "; ".join(f"{steps}: " + ", ".join(f"{SHIFT_LABELS[ds].split(' ')[0]} {_small(r)}"
+                                                         for ds, r in rel.items()) for steps, rel in rels.items())
     rows = [
         ("1. removing LN costs little CE (below 1%), also off-distribution", "small gaps on OpenWebText and the Pile",
-         f"built-in default, LN-free - vanilla over 3 seeds (`../shift/`): {shifted}",
-         "; ".join(f"{SHIFT_LABELS[ds].split(' ')[0]}: {_small(r)}" for ds, r in rel.items())
-         + " (this 2-layer model and 100-step recipe)"),
+         f"built-in default, LN-free - vanilla over 3 seeds (`../shift/`), by fine-tuning length: {shifted}",
+         shift_verdicts + " (this 2-layer model and these recipes)"),
         ("3. DLA equals the direct effect without LN", "per-head NMAE 10-40%, ~0% LN-free",
          f"built-in, per-head median NMAE: {heads['original']:.1f}% / {heads['vanilla']:.1f}% / "
          f"{heads['lnfree']:.4f}%", "**reproduced**" if heads["lnfree"] < 0.1 < heads["original"]
