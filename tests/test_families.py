@@ -313,7 +313,7 @@ def test_unsupported_families_are_refused_naming_the_supported_ones(config):
 
 
 def test_a_llama_option_the_adapter_does_not_cover_is_refused():
-    reason = r"lnfree's Llama adapter covers MLPs without biases \(mlp_bias=false\)"
+    reason = r"^lnfree's Llama adapter covers MLPs without biases \(mlp_bias=false\)$"
     with pytest.raises(UnsupportedFamily, match=reason):
         make_removable(LlamaConfig(**SMALL, **LLAMA_LIKE, mlp_bias=True))
 
