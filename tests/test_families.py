@@ -313,7 +313,8 @@ def test_unsupported_families_are_refused_naming_the_supported_ones(config):
 
 
 def test_a_llama_option_the_adapter_does_not_cover_is_refused():
-    with pytest.raises(UnsupportedFamily, match="mlp_bias"):
+    reason = r"^lnfree's Llama adapter covers MLPs without biases \(mlp_bias=false\)$"
+    with pytest.raises(UnsupportedFamily, match=reason):
         make_removable(LlamaConfig(**SMALL, **LLAMA_LIKE, mlp_bias=True))
 
 
@@ -493,3 +494,155 @@ def test_io_loads_every_form_of_a_family(case, tmp_path):
     attn = block.self_attn if case == "llama" else block.attention
     assert attn.attention_dropout == 0.25  # the float the attention reads, not only the config
     assert rel_err(logits(fresh.eval(), x), logits(stock, x)) < 1e-6
+
+
+# -- the adapters' small answers, each read by a caller (mutation testing found them unchecked) ---------------
+def _stock_and_removable_of(case):
+    """A removable model of each family ('gpt2' the tiny GPT-2 of conftest) and its stock twin."""
+    from conftest import stock_and_removable
+
+    if case == "gpt2":
+        return stock_and_removable()
+    stock = stock_model(case)
+    return stock, make_removable(stock_model(case)).eval()
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "neox"])
+def test_embed_is_the_residual_streams_first_term(case):
+    _, model = _stock_and_removable_of(case)
+    x = ids(2, 9, seed=4)
+    with torch.no_grad():
+        first = model(x, output_hidden_states=True).hidden_states[0]  # HF's own embedding output (eval: no dropout)
+        assert torch.equal(model.family.embed(model, x), first)
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "llama_tied", "neox", "neox_tied"])
+def test_non_embedding_params_leave_out_the_embeddings_and_an_untied_unembedding(case):
+    from lnfree.model import non_embedding_params
+
+    if case == "neox_tied":
+        stock = GPTNeoXForCausalLM(GPTNeoXConfig(**{**SMALL, "tie_word_embeddings": True}, **NEOX))
+        model = make_removable(stock)
+    else:
+        model = _stock_and_removable_of(case)[1]
+    emb = {model.get_input_embeddings(), model.get_output_embeddings()}
+    if case == "gpt2":
+        emb.add(model.transformer.wpe)  # learned positions are embeddings too
+    tied = model.get_input_embeddings().weight is model.get_output_embeddings().weight
+    assert tied == (case in ("gpt2", "llama_tied", "neox_tied"))
+    expected = sum(p.numel() for m in model.modules() if m not in emb for p in m.parameters(recurse=False))
+    assert non_embedding_params(model) == expected
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "neox"])
+def test_the_export_record_gives_the_models_shape(case, tmp_path):
+    import json
+
+    from lnfree.io import EXPORT_INFO
+
+    _, model = _stock_and_removable_of(case)
+    export_hf(model, tmp_path / "hf")
+    record = json.loads((tmp_path / "hf" / EXPORT_INFO).read_text())
+    blocks = model.family.blocks(model)
+    heads = {"gpt2": lambda b: b.attn.num_heads, "llama": lambda b: model.config.num_attention_heads,
+             "neox": lambda b: b.attention.config.num_attention_heads}[case](blocks[0])
+    assert record["n_layers"] == len(blocks) and record["d_model"] == model.get_input_embeddings().weight.shape[1]
+    assert record["n_heads"] == heads
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "neox"])
+def test_set_dropout_reaches_the_config_a_saved_model_is_rebuilt_from(case):
+    from lnfree.io import set_dropout
+
+    _, model = _stock_and_removable_of(case)
+    set_dropout(model, 0.25)
+    rebuilt = type(model)(model.config)  # as a saved checkpoint or export is rebuilt
+    rates = [m.p for m in rebuilt.modules() if isinstance(m, nn.Dropout)]
+    rates += [m.attention_dropout for m in rebuilt.modules()
+              if isinstance(getattr(m, "attention_dropout", None), float)]
+    assert rates and all(r == 0.25 for r in rates), rates
+
+
+def test_removable_models_compute_their_loss_without_a_transformers_warning():
+    import logging
+
+    from transformers.utils import logging as hf_logging
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = hf_logging.get_logger("transformers")
+    logger.addHandler(handler)
+    hf_logging.warning_once.cache_clear()  # a warning already given in this process is not given again
+    try:
+        for case in ("gpt2", "llama", "neox"):
+            model = _stock_and_removable_of(case)[1]
+            x = ids(1, 8)
+            assert torch.isfinite(model(x, labels=x).loss)
+    finally:
+        logger.removeHandler(handler)
+    assert not [r for r in records if "loss_type" in r.getMessage()]
+
+
+def test_family_refuses_a_config_without_model_type_and_names_every_supported_type():
+    from lnfree.families import family
+
+    with pytest.raises(UnsupportedFamily, match=r"model_type=None: .* llama \(llama/mistral/qwen2\)"):
+        family(object())
+    with pytest.raises(UnsupportedFamily, match=r"model_type=None"):
+        family({})
+
+
+def test_canonical_kind_names_the_unknown_kind_and_the_known_ones():
+    from lnfree.families import canonical_kind
+
+    assert canonical_kind("ln1qk") == "attn_qk" and canonical_kind("final") == "final"
+    with pytest.raises(KeyError, match=r"unknown site kind 'ln3'.*pre_mlp.*aliases.*ln1qk"):
+        canonical_kind("ln3")
+
+
+def test_the_gpt2_class_refuses_another_familys_config_naming_its_type():
+    from lnfree.families.gpt2 import RemovableGPT2LMHeadModel
+
+    with pytest.raises(ValueError, match=r"model_type='llama' \(LlamaConfig\)"):
+        RemovableGPT2LMHeadModel(LlamaConfig(**SMALL, **LLAMA_LIKE))
+
+
+def test_the_removable_class_factory_builds_a_checked_removable_class():
+    from transformers import MistralForCausalLM as Stock
+
+    from lnfree.families.llama import LLAMA, _removable
+
+    cls = _removable(Stock)  # the classes of llama.py are built by it at import time
+    assert cls.__name__ == cls.__qualname__ == "RemovableMistralForCausalLM" and issubclass(cls, Stock)
+    model = cls(MistralConfig(**SMALL, **LLAMA_LIKE))
+    assert model.family is LLAMA and len(model.sites()) == 3 * SMALL["num_hidden_layers"] + 1
+    with pytest.raises(UnsupportedFamily, match="mlp_bias"):
+        cls(MistralConfig(**SMALL, **LLAMA_LIKE, mlp_bias=True))
+
+
+@pytest.mark.parametrize("case", ["llama", "neox"])
+def test_the_folded_model_keeps_its_sources_attention_implementation(case):
+    stock_cls, cfg = CASES[case]
+    torch.manual_seed(0)
+    model = make_removable(stock_cls(cfg.__class__.from_dict({**cfg.to_dict(), "attn_implementation": "eager"})))
+    assert model.config._attn_implementation == "eager"
+    model.eval().calibrate(ids(4, 32, seed=3))
+    for name in list(model.sites()):
+        model.remove(*_parse(name))
+    assert model.family.fold(model).config._attn_implementation == "eager"
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_folded_neox_unembedding_stays_its_own_when_transformers_ties_weights(tied):
+    torch.manual_seed(0)
+    model = make_removable(GPTNeoXForCausalLM(GPTNeoXConfig(**{**SMALL, "tie_word_embeddings": tied}, **NEOX)))
+    model.eval().calibrate(ids(4, 32, seed=3))
+    for name in list(model.sites()):
+        model.remove(*_parse(name))
+    folded = model.family.fold(model).eval()
+    x = ids()
+    before = logits(folded, x)
+    folded.tie_weights()  # from_pretrained, resize_token_embeddings ... call it: the folded config must say untied
+    assert not folded.config.tie_word_embeddings
+    assert torch.equal(logits(folded, x), before) and rel_err(before, logits(model, x)) < 1e-5
