@@ -161,7 +161,6 @@ def test_optimizer_groups_decay_only_matrices_and_scale_the_lr():
     assert all(p is not model.transformer.wte.weight for g in opt.param_groups for p in g["params"])
 
 
-@pytest.mark.slow
 def test_compile_wraps_the_model_once_and_raises_the_recompile_limit():
     """model.compile=true: one torch.compile wrapper, made at first use (compilation itself happens at its first
     call, which this test never makes), and a recompile limit of 4 x (sites + 2), never lowered."""
