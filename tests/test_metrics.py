@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from lnfree.analysis.metrics import bootstrap_ci, ece, jsd, summarize, token_stats
+from lnfree.analysis.metrics import bootstrap_ci, ece, jsd, percentile_ci, resample_counts, summarize, token_stats
 
 
 def hand_ece(conf, correct, bins):
@@ -80,6 +80,22 @@ def test_bootstrap_ci_is_the_percentile_bootstrap_over_whole_units():
     outlier = np.zeros(5)
     outlier[0] = 100.0
     assert bootstrap_ci(outlier, n_boot=200)[1] > 0
+
+
+def test_resample_counts_are_bootstrap_ci_draws_counted():
+    """Row b counts how often each unit is drawn in bootstrap_ci's resample b (same seed, default 0), so
+    counts @ values / n are its resampled means and give its interval (DLA and patching rely on this)."""
+    x = np.random.default_rng(1).normal(size=7)
+    for kw in ({}, {"seed": 4}):
+        w = resample_counts(7, 300, **kw)
+        idx = np.random.default_rng(kw.get("seed", 0)).integers(0, 7, (300, 7))
+        assert w.dtype == np.float64
+        np.testing.assert_array_equal(w, [np.bincount(row, minlength=7) for row in idx])
+        assert percentile_ci(w @ x / 7) == pytest.approx(bootstrap_ci(x, n_boot=300, **kw), abs=1e-12)
+    for seed in range(8):  # units never drawn in the last resample still get their (zero) column
+        for n in (1, 2, 3):
+            w = resample_counts(n, 2, seed)
+            assert w.shape == (2, n) and (w.sum(1) == n).all()
 
 
 def test_summarize_by_hand():
