@@ -17,6 +17,12 @@ from transformers import GPT2Config, GPT2LMHeadModel  # noqa: E402
 from lnfree.model import NORM_KINDS, make_removable  # noqa: E402
 
 
+def pytest_configure(config):
+    # a slow test that `make mutation` still runs ([tool.mutmut] selects "not slow or mutation"): the only test
+    # of a code path that no fast test can reach (two real processes for the cross-rank collectives)
+    config.addinivalue_line("markers", "mutation: slow, but the only test of its code path; the mutation run keeps it")
+
+
 def pytest_collection_modifyitems(items):
     """Under `make mutation` only: run the cheapest tests first, so that a mutant dies at the first cheap test
     that catches it instead of after a tiny training run. Cost: tests sharing a module or session fixture (a

@@ -173,6 +173,7 @@ def test_apply_due_records_logs_and_announces_each_event(capsys):
     model.calibrate(ids(4, 32))
     logger = Recorder()
     cb = LNRemovalCallback([Event(2, "ln2", 0), Event(2, "eot", 1), Event(3, "lnf", None)], momentum=0.9)
+    assert cb.rank_checks == 0  # a new run has compared no ranks yet (the summary reports this count)
     cb.rank_checks = 5  # a count carried over from earlier event steps
     trainer = SimpleNamespace(global_step=2, loggers=[logger])
     new = cb.apply_due(trainer, SimpleNamespace(model=model))

@@ -180,6 +180,7 @@ def _two_rank_worker(rank, port, out_dir):
 
 
 @pytest.mark.slow
+@pytest.mark.mutation  # 13 s (a spawned rank), and the only test of the collectives with two real ranks
 def test_two_ranks_with_different_data_keep_one_estimate_and_catch_a_sigma_disagreement(tmp_path):
     """Two real processes (gloo, CPU): calibration is averaged and per-step statistics are summed across ranks
     so that every rank holds the same running estimate, and check_ranks_agree raises when frozen sigmas differ."""

@@ -5,7 +5,7 @@ import torch
 from conftest import TINY_RUN, calibrated_all_removed, compose_train, ids, stock_and_removable, train_until_crash
 
 from lnfree.io import model_from_checkpoint, read_checkpoint
-from lnfree.lora import apply_lora, merged_copy
+from lnfree.lora import apply_lora, has_lora, merged_copy
 from lnfree.model import parse_site_name
 from lnfree.training.config import LimitError
 from lnfree.training.train import train
@@ -76,7 +76,9 @@ def test_only_adapters_and_norms_train_and_the_base_stays_frozen():
     assert changed <= trainable  # the base (embeddings, projections' base_layer, lm_head) did not move
     assert any("c_attn.lora_B" in n for n in changed) and any("ln_1.weight" in n for n in changed)
     _, no_norms = calibrated_all_removed()
+    assert has_lora(model) and not has_lora(no_norms)  # the adapter settings travel in the model's config
     apply_lora(no_norms, {**SETTINGS, "train_norms": False, "target_modules": ["c_fc"]})
+    assert has_lora(no_norms)
     assert {n.split(".")[-3] for n, p in no_norms.named_parameters() if p.requires_grad} == {"lora_A", "lora_B"}
 
 

@@ -6,7 +6,16 @@ import numpy as np
 import pytest
 import torch
 
-from lnfree.analysis.metrics import bootstrap_ci, ece, jsd, summarize, token_stats
+from lnfree.analysis.metrics import (
+    bootstrap_ci,
+    chunk_mean_ci,
+    ece,
+    jsd,
+    percentile_ci,
+    resample_counts,
+    summarize,
+    token_stats,
+)
 
 
 def hand_ece(conf, correct, bins):
@@ -80,6 +89,43 @@ def test_bootstrap_ci_is_the_percentile_bootstrap_over_whole_units():
     outlier = np.zeros(5)
     outlier[0] = 100.0
     assert bootstrap_ci(outlier, n_boot=200)[1] > 0
+
+
+def test_bootstrap_ci_takes_the_vectorised_mean_only_for_the_mean_of_one_value_per_unit():
+    """The shortcut (every resample's mean at once) is for stat=np.mean over 1-D samples only: another statistic
+    of 1-D samples, or the mean of 2-D units (over all their values), is the loop's, by hand."""
+    x = np.random.default_rng(3).exponential(size=30)
+    idx = np.random.default_rng(0).integers(0, 30, (200, 30))
+    for stat in (np.median, np.mean):
+        hand = percentile_ci(np.array([stat(x[i]) for i in idx]))
+        assert bootstrap_ci(x, stat=stat, n_boot=200) == pytest.approx(hand, abs=1e-12)
+    units = np.random.default_rng(4).normal(size=(30, 3)) * [1.0, 5.0, 20.0]
+    hand = percentile_ci(np.array([np.mean(units[i]) for i in idx]))
+    assert bootstrap_ci(units, n_boot=200) == pytest.approx(hand, abs=1e-12)
+
+
+def test_chunk_mean_ci_bootstraps_the_float64_chunk_means():
+    """[chunks, positions] -> the default bootstrap (1000 resamples, seed 0) of each chunk's mean, in float64 even
+    for float32 input (the per-token CE arrives as float32)."""
+    ce = np.random.default_rng(5).exponential(3.0, size=(40, 50)).astype(np.float32)
+    assert chunk_mean_ci(ce) == bootstrap_ci(ce.astype(np.float64).mean(1), n_boot=1000, seed=0)
+    assert chunk_mean_ci(ce, n_boot=300, seed=2) == bootstrap_ci(ce.astype(np.float64).mean(1), n_boot=300, seed=2)
+
+
+def test_resample_counts_are_bootstrap_ci_draws_counted():
+    """Row b counts how often each unit is drawn in bootstrap_ci's resample b (same seed, default 0), so
+    counts @ values / n are its resampled means and give its interval (DLA and patching rely on this)."""
+    x = np.random.default_rng(1).normal(size=7)
+    for kw in ({}, {"seed": 4}):
+        w = resample_counts(7, 300, **kw)
+        idx = np.random.default_rng(kw.get("seed", 0)).integers(0, 7, (300, 7))
+        assert w.dtype == np.float64
+        np.testing.assert_array_equal(w, [np.bincount(row, minlength=7) for row in idx])
+        assert percentile_ci(w @ x / 7) == pytest.approx(bootstrap_ci(x, n_boot=300, **kw), abs=1e-12)
+    for seed in range(8):  # units never drawn in the last resample still get their (zero) column
+        for n in (1, 2, 3):
+            w = resample_counts(n, 2, seed)
+            assert w.shape == (2, n) and (w.sum(1) == n).all()
 
 
 def test_summarize_by_hand():

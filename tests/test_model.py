@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import calibrated_all_removed, ids, remove_all, stock_and_removable, tiny_config
 
-from lnfree.model import load_removable, make_removable, next_token_ce, parse_site_name, save_removable
+from lnfree.model import load_removable, make_removable, next_token_ce, parse_site_name, save_removable, site_name
 from lnfree.norm import BOS, EOT, ORDINARY
 
 
@@ -386,6 +386,8 @@ def test_unknown_sites_are_named_in_the_error():
         model.site("ln3", 0)
     with pytest.raises(KeyError, match=r"unknown site kind 'ln2' / block None"):
         model.site("ln2")
+    with pytest.raises(KeyError, match=r"site kind 'pre_mlp' needs a block"):
+        site_name("pre_mlp")
 
 
 def test_remove_freezes_an_eot_sigma_when_the_config_asks():

@@ -159,9 +159,21 @@ def test_optimizer_groups_decay_only_matrices_and_scale_the_lr():
         p.requires_grad_(False)
     opt = frozen.configure_optimizers()["optimizer"]
     assert all(p is not model.transformer.wte.weight for g in opt.param_groups for p in g["params"])
+    held = {id(p) for g in opt.param_groups for p in g["params"]}  # every parameter after the frozen one too
+    assert held == {id(p) for p in model.parameters() if p.requires_grad} and len(held) == len(params) - 1
 
 
-@pytest.mark.slow
+def test_a_checkpoint_carries_the_model_config_and_the_run_info():
+    """lnfree.io.load rebuilds the model from the checkpoint alone, and resume compares the run info."""
+    from lnfree.io import CKPT_MODEL_CONFIG, RUN_INFO
+    from lnfree.training.module import LNFreeModule
+
+    _, model = stock_and_removable()
+    checkpoint = {}
+    LNFreeModule(model, SimpleNamespace(), run_info={"seed": 3}).on_save_checkpoint(checkpoint)
+    assert checkpoint == {CKPT_MODEL_CONFIG: model.config.to_dict(), RUN_INFO: {"seed": 3}}
+
+
 def test_compile_wraps_the_model_once_and_raises_the_recompile_limit():
     """model.compile=true: one torch.compile wrapper, made at first use (compilation itself happens at its first
     call, which this test never makes), and a recompile limit of 4 x (sites + 2), never lowered."""

@@ -185,6 +185,11 @@ def test_a_gpt2_keyed_or_generic_schedule_has_one_normal_form():
     new = {"name": "x", "remove": False, "aux_weight": 0.0, **{k: {"start": None, "gap": None} for k in
                                                              [*GPT2_KEYS, *GPT2_KEYS.values()]}}
     assert normal_form(old) == normal_form(new)
+    # by hand: other keys kept, each norm kind once under its generic name, defaults filled (gap 0), and only the
+    # first kind's null start written as 0
+    assert normal_form({"name": "y", "ln2": {"start": None, "gap": 2}, "ln1v": {"start": 7, "gap": 3}}) == {
+        "name": "y", "pre_mlp": {"start": 0, "gap": 2}, "attn_qk": {"start": None, "gap": 0},
+        "attn_v": {"start": 7, "gap": 3}, "final": {"start": None, "gap": 0}}
     assert normal_form(gpt2_keyed(sched())) == normal_form(sched())
     assert normal_form(sched()) != normal_form(sched(attn_v={"start": None, "gap": 4}))
     assert [canonical_event_name(n) for n in ("ln2.3", "ln1v.0", "lnf", "attn_qk.1", "bos.2")] == \
