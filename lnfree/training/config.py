@@ -74,6 +74,9 @@ class NormKindSchedule:
 
 ScheduleConfig = make_dataclass("ScheduleConfig", [(k, NormKindSchedule, field(default_factory=NormKindSchedule))
                                                    for k in (*KINDS, *GPT2_ALIASES)], bases=(_ScheduleFields,))
+# importable by name, so that pickling (Hydra's launchers send the config store to each job: submitit, SLURM)
+# refers to this class rather than copying it, which loses the fields' default factories
+ScheduleConfig.__module__ = __name__
 
 
 @dataclass
