@@ -109,9 +109,13 @@ SHIFT_LABELS = {"in_domain_shakespeare_val": "in-domain", "near_license_prose": 
                 "far_python_docs": "far (Python docs)"}
 
 
+# the shift study's records by fine-tuning length: make shift (100 steps) and make shift-long (300 steps)
+SHIFT_RECORDS = {"100 steps": "experiments/shift/results.json", "300 steps": "experiments/shift/steps_300/results.json"}
+
+
 def shift_gaps(root: Path) -> str:
     """Claim 1 under shift: the paired gaps of `make shift` per dataset (experiments/shift)."""
-    paired = _json(root, "experiments/shift/results.json")["paired"]
+    paired = _json(root, SHIFT_RECORDS["100 steps"])["paired"]
     lines = ["| dataset | LN-free - vanilla, nats | relative | vanilla - original, relative |", "|---|---|---|---|"]
     for ds, label in SHIFT_LABELS.items():
         gap, rel = _gap(paired[ds]["lnfree_minus_vanilla"])
@@ -122,8 +126,7 @@ def shift_gaps(root: Path) -> str:
 def shift_by_length(root: Path) -> str:
     """Does a longer fine-tune close the shift gap? The LN-free - vanilla gap per dataset after 100 fine-tuning
     steps (`make shift`) and after 300 (`make shift-long`), each over seeds 1-3."""
-    short = _json(root, "experiments/shift/results.json")["paired"]
-    long = _json(root, "experiments/shift/steps_300/results.json")["paired"]
+    short, long = (_json(root, rec)["paired"] for rec in SHIFT_RECORDS.values())
     lines = ["| dataset | LN-free - vanilla, 100 steps | 300 steps | vanilla - original, 100 steps | 300 steps |",
              "|---|---|---|---|---|"]
     for ds, label in SHIFT_LABELS.items():
@@ -365,9 +368,8 @@ def _mci(o: dict, digits: int, scale: float = 1.0, unit: str = "") -> str:
 
 def interp_verdicts(root: Path) -> str:
     """A verdict per claim, each decided from its interval by the rule written in its row."""
-    recipes = {"100 steps": "experiments/shift/results.json", "300 steps": "experiments/shift/steps_300/results.json"}
     rels = {steps: {ds: _json(root, rec)["paired"][ds]["lnfree_minus_vanilla"]["relative_gap_over_seeds"]
-                    for ds in SHIFT_LABELS} for steps, rec in recipes.items()}
+                    for ds in SHIFT_LABELS} for steps, rec in SHIFT_RECORDS.items()}
     dla = _json(root, "experiments/interp/dla.json")
     heads = {k: statistics.median(v["nmae_percent"] for c, v in m["per_component"].items()
                                   if re.fullmatch(r"L\d+H\d+", c)) for k, m in dla.items()}
