@@ -11,10 +11,12 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lnfree.analysis.family import collect, late_gain, val_by_step
+from lnfree.analysis.family import collect, late_gain, val_by_step, window_gain
 from lnfree.io import builtin_dir, load, model_from_checkpoint, read_checkpoint
 from lnfree.model import non_embedding_params
-from lnfree.training.pretrain import _resume_point, pretrain
+from lnfree.training.loggers import read_metrics
+from lnfree.training.pretrain import _resume_point, _val_data, pretrain
+from lnfree.training.tail_average import average_checkpoints, validation_ce, windows
 
 
 def _module(path, name):
@@ -39,7 +41,7 @@ def test_model_options_select_a_replicate_that_is_the_pretraining_seed():
     assert cfg.model.name == "builtin_l3w96_s2" and cfg.model.source == "builtin:l3w96_s2"
     assert dict(cfg.model.shape) == {"n_layer": 3, "n_head": 3, "n_embd": 96, "n_positions": 256}
     pre = _compose("pretrain_depth", "model=builtin_l3w96", "model.replicate=2")
-    assert pre.seed == 2 and pre.data.seed == 2 and pre.model.pretrain_keep == "val_min"
+    assert pre.seed == 2 and pre.data.seed == 2 and pre.model.pretrain_keep == "tail_average"
     assert pre.trainer.ckpt_every == pre.trainer.val_every
     assert _compose("pretrain", "model=builtin_w48").seed == 0  # the width family's one model: replicate 0
 
@@ -58,10 +60,11 @@ def test_family_design_meets_the_issue():
     assert len({n for _, _, n in members}) == len(members)
 
 
-def _tiny_pretrain(tmp_path, *extra):
+def _tiny_pretrain(tmp_path, *extra, keep="val_min"):
     cfg = _compose("pretrain_depth", "model=builtin_l1w32", "model.replicate=2", "model.pretrain_steps=4",
                    "data.block_size=32", "data.val_blocks=2", "hardware.micro_batch_size=2",
                    "trainer.progress_bar=false", "trainer.val_every=2", "trainer.ckpt_every=2",
+                   f"model.pretrain_keep={keep}",
                    f"paths.output_dir={tmp_path}/runs/l1w32_s2", f"paths.cache_dir={tmp_path}/cache", *extra)
     return cfg, pretrain(cfg)
 
@@ -99,7 +102,7 @@ def test_family_record_groups_replicates_with_their_kept_ce_and_flag(tmp_path):
     assert (size["name"], size["n_layer"], size["n_embd"], size["non_embedding_params"]) == ("l1w32", 1, 32, 12768)
     (rep,) = size["pretrained"]
     info = json.loads((builtin_dir("l1w32_s2", tmp_path / "cache") / "pretrain_info.json").read_text())
-    assert (rep["seed"], rep["replicate"], rep["kept_step"]) == (2, 2, info["kept_step"])
+    assert (rep["seed"], rep["replicate"], rep["kept"]) == (2, 2, f"step {info['kept_step']}")
     assert rep["val_ce"] == pytest.approx(info["val_ce"]) and rep["converged"] == rep["convergence"]["met"]
     assert "| l1w32 | 1 x 32 | 12,768 | 2 (2) |" in (tmp_path / "out" / "family.md").read_text()
     assert (tmp_path / "out" / rep["curve"]).exists()
@@ -108,6 +111,67 @@ def test_family_record_groups_replicates_with_their_kept_ce_and_flag(tmp_path):
 def test_val_min_needs_a_checkpoint_at_every_validation(tmp_path):
     with pytest.raises(ValueError, match="ckpt_every"):
         _tiny_pretrain(tmp_path, "trainer.ckpt_every=4")
+    with pytest.raises(ValueError, match="keep_at_end=all"):  # the checkpoints must outlive training
+        _tiny_pretrain(tmp_path, "trainer.keep_at_end=last", keep="tail_average")
+
+
+@pytest.mark.slow
+def test_pretrain_keeps_the_mean_of_the_last_window_and_records_both_windows(tmp_path):
+    # 20 steps, a checkpoint and a validation at each: the last 10% is steps 19-20, the 10% before 17-18
+    cfg, dest = _tiny_pretrain(tmp_path, "model.pretrain_steps=20", "trainer.val_every=1", "trainer.ckpt_every=1",
+                               keep="tail_average")
+    run = tmp_path / "runs" / "l1w32_s2"
+    ckpt = {s: run / "checkpoints" / f"step{s:06d}.ckpt" for s in range(17, 21)}
+    val = _val_data(cfg)
+    # the evaluation is training's validation: one checkpoint gives the CE logged at its step
+    logged = val_by_step(read_metrics(run)["val/ce"], 20)
+    for s in (17, 20):
+        m = model_from_checkpoint(read_checkpoint(ckpt[s]))
+        assert validation_ce(m, val, 2) == pytest.approx(logged[s], abs=1e-5)
+    # the exported weights are the mean of steps 19 and 20's, and its CE is the one recorded
+    w = "transformer.h.0.mlp.c_fc.weight"
+    a, b = (model_from_checkpoint(read_checkpoint(ckpt[s])).state_dict()[w] for s in (19, 20))
+    kept = load_file(dest / "model.safetensors")[w]
+    assert torch.allclose(kept, (a + b) / 2, atol=1e-7) and not torch.allclose(kept, b)
+    info = json.loads((dest / "pretrain_info.json").read_text())
+    record = json.loads((run / "tail_average.json").read_text())
+    assert info["kept"] == "tail_average" and info["kept_step"] == record["window"] == [19, 20]
+    assert info["val_ce"] == record["val_ce"] == pytest.approx(validation_ce(load(str(dest))[0], val, 2), abs=1e-5)
+    prev = average_checkpoints([ckpt[17], ckpt[18]])
+    assert record["val_ce_previous"] == pytest.approx(validation_ce(prev, val, 2), abs=1e-6)
+    assert record["previous_window"] == [17, 18] and record["val_ce_halves"][0] == pytest.approx(logged[19], abs=1e-5)
+    # the family record decides convergence by the window gain and keeps the val_min late gain beside it
+    res = collect(tmp_path / "runs", tmp_path / "out", tol=0.003, keep="tail_average")
+    (rep,) = res["sizes"][0]["pretrained"]
+    gain = record["val_ce_previous"] - record["val_ce"]
+    assert rep["convergence"]["tail_average"]["window_gain"] == pytest.approx(gain)
+    assert rep["converged"] == (gain <= 0.003) and rep["val_ce"] == record["val_ce"]
+    assert "late_gain" in rep["convergence"]["val_min"] and res["keep"] == "tail_average"
+    assert "| l1w32 | 1 x 32 | 12,768 | 2 (2) | steps 19-20 (mean) |" in (tmp_path / "out" / "family.md").read_text()
+    # the kept weights are chosen after training: the finished run is exported again under val_min, not retrained
+    mtime = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    _, dest = _tiny_pretrain(tmp_path, "model.pretrain_steps=20", "trainer.val_every=1", "trainer.ckpt_every=1")
+    info = json.loads((dest / "pretrain_info.json").read_text())
+    assert info["kept"] == "val_min" and info["kept_step"] == min(logged, key=lambda s: (logged[s], s))
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
+
+
+def test_windows_are_the_last_two_tenths_of_the_checkpoints():
+    last, prev = windows(8000, 100)
+    assert last == list(range(7300, 8001, 100)) and prev == list(range(6500, 7201, 100))
+    assert windows(20, 1) == ([19, 20], [17, 18])
+    with pytest.raises(ValueError, match="needs checkpoints"):
+        windows(100, 50)  # one checkpoint at 100, none in 80-90
+
+
+def test_window_gain_decides_by_the_mean_of_the_windows():
+    rec = {"window": [7300, 8000], "val_ce": 4.505, "val_ce_previous": 4.518, "val_ce_halves": [4.5066, 4.5081]}
+    r = window_gain(rec, 0.003)
+    assert not r["met"] and r["window_gain"] == pytest.approx(0.013) and r["halves_diff"] == pytest.approx(0.0015)
+    assert window_gain({**rec, "val_ce_previous": 4.507}, 0.003)["met"]  # improved by 0.002 <= 0.003
+    passed = window_gain({**rec, "val_ce_previous": 4.49}, 0.003)  # the earlier window was better: converged
+    assert passed["met"] and passed["overfit"] and window_gain({**rec, "val_ce_halves": [4.5, None]}, 0.003)[
+        "halves_diff"] is None
 
 
 def test_convergence_criterion_is_the_late_gain_of_the_best_validation():
@@ -128,6 +192,12 @@ def test_members_restore_from_the_repo_into_the_cache(tmp_path):
     assert fam.save("l1w32_s2", tmp_path / "cache", repo)
     assert not fam.save("l1w32_s1", tmp_path / "cache", repo)  # not pretrained: nothing to save
     assert sorted(p.name for p in (repo / "l1w32_s2").iterdir()) == sorted(fam.KEEP_FILES)
+    # the recipe's kept weights decide whether a cached member is current
+    runs = tmp_path / "runs"
+    assert fam.recipe_keep() == "tail_average" and fam.cached_state("l1w32_s1", tmp_path / "cache", runs, "x") is None
+    assert fam.cached_state("l1w32_s2", tmp_path / "cache", runs, "val_min") == "ok"
+    assert fam.cached_state("l1w32_s2", tmp_path / "cache", runs, "tail_average") == "export again"
+    assert fam.cached_state("l1w32_s2", tmp_path / "cache", tmp_path / "none", "tail_average") == "stale"
     assert fam.restore("l1w32_s2", tmp_path / "cache2", repo)
     assert not fam.restore("l1w32_s1", tmp_path / "cache2", repo)
     model, tok = load("builtin:l1w32_s2", cache_dir=tmp_path / "cache2")

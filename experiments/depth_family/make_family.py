@@ -5,7 +5,9 @@
     python experiments/depth_family/make_family.py --dry-run   (what it would do)
 
 The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, smallest first. For each one:
-- in the cache (<cache>/models/<name>): nothing to do;
+- in the cache (<cache>/models/<name>) with the weights conf/pretrain_depth.yaml's model.pretrain_keep says to keep:
+  nothing to do; kept under another rule and its finished run dir still there: exported again from the run dir,
+  without training (lnfree/training/pretrain.py); with no run dir: left as it is, and said so;
 - committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer,
   pretrain_info.json);
 - else pretrained by `python -m lnfree.pretrain --config-name pretrain_depth model=<size> model.replicate=<r>`
@@ -32,6 +34,7 @@ from lnfree.io import BUILTIN_PREFIX, builtin_dir  # noqa: E402
 from lnfree.paths import DEFAULT_CACHE_DIR, RUN_SUMMARY  # noqa: E402
 
 EXPERIMENT = ROOT / "conf/experiment/data_scaling_depth.yaml"
+RECIPE = ROOT / "conf/pretrain_depth.yaml"
 REPO_MODELS = ROOT / "experiments/depth_family/models"
 KEEP_FILES = ("config.json", "generation_config.json", "model.safetensors", "lnfree_export.json", "tokenizer.json",
               "tokenizer_config.json", "pretrain_info.json")
@@ -49,6 +52,25 @@ def members(experiment: Path = EXPERIMENT) -> list[tuple[str, int, str]]:
             name = source[len(BUILTIN_PREFIX):].replace("${.replicate}", r)
             out.append((option, int(r), name))
     return out
+
+
+def recipe_keep(recipe: Path = RECIPE) -> str:
+    from omegaconf import OmegaConf
+
+    return OmegaConf.load(recipe).model.pretrain_keep
+
+
+def cached_state(name: str, cache_dir, runs: Path, keep: str) -> str | None:
+    """None: not in the cache; "ok": kept as the recipe says; "export again": kept under another rule, with a
+    finished run dir to export from; "stale": kept under another rule, nothing to export it again from."""
+    d = builtin_dir(name, cache_dir)
+    if not d.exists():
+        return None
+    info = d / "pretrain_info.json"
+    kept = json.loads(info.read_text()).get("kept", "last") if info.exists() else "last"
+    if kept == keep:
+        return "ok"
+    return "export again" if (runs / name / RUN_SUMMARY).exists() else "stale"
 
 
 def restore(name: str, cache_dir, repo_models: Path = REPO_MODELS) -> bool:
@@ -95,13 +117,21 @@ def main():
     a = p.parse_args()
     cache = Path(a.cache_dir).expanduser()
     runs = cache / "pretrain_runs"
+    keep = recipe_keep()
     todo = []
     for option, r, name in members():
         if a.save:
             print(f"{name}: {'saved' if save(name, cache) else 'not finished'}", flush=True)
             continue
-        if builtin_dir(name, cache).exists():
-            print(f"{name}: in the cache", flush=True)
+        state = cached_state(name, cache, runs, keep)
+        if state == "export again":
+            print(f"{name}: in the cache, kept under another rule than model.pretrain_keep={keep}: exported again "
+                  "from its run dir", flush=True)
+            todo.append((name, pretrain_cmd(option, r, runs / name, tuple(a.extra))))
+            continue
+        if state is not None:
+            print(f"{name}: in the cache" + ("" if state == "ok" else f", kept under another rule than "
+                  f"model.pretrain_keep={keep} and no run dir to export it again from"), flush=True)
             continue
         if not a.dry_run and restore(name, cache):
             print(f"{name}: restored from {REPO_MODELS / name}", flush=True)

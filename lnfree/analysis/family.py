@@ -2,8 +2,8 @@
 and whether it meets the convergence criterion.
 
     python -m lnfree.analysis.family outputs/pretrain [--out experiments/builtin_family]       (the width family)
-    python -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs --out experiments/depth_family --keep val_min \
-        --tol 0.003                                                              (the depth family, make family-depth)
+    python -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs --out experiments/depth_family \
+        --keep tail_average --tol 0.003                                          (the depth family, make family-depth)
 
 Reads the pretraining runs (`<runs>/<name>/summary.json` and their CSV logs) and writes family.json, one
 curve per model (curves/<name>.csv: step, train CE, validation CE) and family.png.
@@ -11,8 +11,11 @@ Criterion with the last weights kept (`--keep last`, the width family): validati
 of steps (no validation above the one before it by more than `tol`) and changing by at most `tol` over the last
 10% of steps. With the validation-minimum checkpoint kept (`--keep val_min`, the depth family; fixed before its
 pretraining): the best validation CE improved by at most `tol` nats during the last 10% of steps (a model still
-improving is not converged; one that passed its minimum earlier is, and keeps that minimum). There the record
-groups the independently pretrained replicates of each size (`model.replicate`) and adds family.md.
+improving is not converged; one that passed its minimum earlier is, and keeps that minimum). With the mean of the
+last 10% of steps' checkpoints kept (`--keep tail_average`, the depth family's second criterion,
+lnfree/training/tail_average.py): that mean's validation CE is at most `tol` nats below the mean of the 10% before
+(the window gain); the val_min criterion's late gain is recorded beside it. The depth family's record groups the
+independently pretrained replicates of each size (`model.replicate`) and adds family.md.
 """
 
 from __future__ import annotations
@@ -24,6 +27,14 @@ from pathlib import Path
 
 from ..paths import RUN_SUMMARY
 from ..training.loggers import read_metrics
+from ..training.tail_average import RECORD as TAIL_RECORD
+
+CRITERIA = {
+    "val_min": "kept weights: the validation-minimum checkpoint; converged: the best validation CE improved by at "
+               "most {tol} nats during the last 10% of steps",
+    "tail_average": "kept weights: the mean of the checkpoints of the last 10% of steps; converged: its validation "
+                    "CE is at most {tol} nats below that of the mean of the 10% before",
+}
 
 
 def converged(curve: list[tuple[int, float]], max_steps: int, tol: float) -> dict:
@@ -62,9 +73,20 @@ def late_gain(curve: dict[int, float], max_steps: int, tol: float) -> dict:
             "overfit": curve[max(curve)] - curve[best] > tol, "met": gain is not None and gain <= tol}
 
 
+def window_gain(record: dict, tol: float) -> dict:
+    """The tail_average criterion from a run's tail_average.json: how much the mean of the last window's
+    checkpoints improved on the mean of the window before."""
+    gain = record["val_ce_previous"] - record["val_ce"]
+    halves = [h for h in record["val_ce_halves"] if h is not None]
+    return {"window_gain": gain, "window": record["window"], "val_ce": record["val_ce"],
+            "val_ce_previous": record["val_ce_previous"],
+            "halves_diff": abs(halves[0] - halves[1]) if len(halves) == 2 else None,
+            "overfit": gain < -tol, "met": gain <= tol}
+
+
 def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002, keep: str = "last") -> dict:
-    if keep == "val_min":
-        return collect_replicates(runs_dir, out_dir, tol)
+    if keep in CRITERIA:
+        return collect_replicates(runs_dir, out_dir, tol, keep)
     runs_dir, out = Path(runs_dir), Path(out_dir)
     (out / "curves").mkdir(parents=True, exist_ok=True)
     sizes = []
@@ -102,9 +124,10 @@ def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002, keep:
     return res
 
 
-def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.003) -> dict:
-    """The depth family's record: per size its shape and parameters, per pretrained replicate its seed, kept
-    (validation-minimum) CE and step, last CE, curve and the late_gain criterion. Only finished runs count."""
+def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.003, keep: str = "val_min") -> dict:
+    """The depth family's record: per size its shape and parameters, per pretrained replicate its seed, kept CE,
+    last CE, curve and the criterion of `keep` (val_min: late_gain; tail_average: window_gain from the run's
+    tail_average.json, with late_gain beside it). Only finished runs count."""
     runs_dir, out = Path(runs_dir), Path(out_dir)
     (out / "curves").mkdir(parents=True, exist_ok=True)
     sizes: dict[str, dict] = {}
@@ -125,9 +148,18 @@ def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = 0
             "name": size, "n_layer": shape["n_layer"], "n_embd": shape["n_embd"], "n_head": shape["n_head"],
             "non_embedding_params": s["n_params_non_embedding"], "params": s["n_params"], "pretrained": []})
         conv = late_gain(val, s["steps"], tol)
+        kept_ce, kept, met = conv["kept_val_ce"], f"step {conv['kept_step']}", conv["met"]
+        if keep == "tail_average":
+            tail = summary_file.parent / TAIL_RECORD
+            if not tail.exists():
+                raise FileNotFoundError(f"{tail} missing: export the run again with model.pretrain_keep=tail_average "
+                                        "(lnfree.pretrain on the finished run dir exports it without training)")
+            conv = {"val_min": conv, "tail_average": window_gain(json.loads(tail.read_text()), tol)}
+            kept_ce, met = conv["tail_average"]["val_ce"], conv["tail_average"]["met"]
+            kept = "steps {}-{} (mean)".format(*conv["tail_average"]["window"])
         entry["pretrained"].append({
-            "name": name, "seed": c["seed"], "replicate": c["model"]["replicate"], "val_ce": conv["kept_val_ce"],
-            "kept_step": conv["kept_step"], "val_ce_last": conv["val_ce_last"], "converged": conv["met"],
+            "name": name, "seed": c["seed"], "replicate": c["model"]["replicate"], "val_ce": kept_ce,
+            "kept": kept, "val_ce_last": val[max(val)], "converged": met,
             "convergence": conv, "steps": s["steps"], "pretrain_tokens": s["tokens_seen"],
             "curve": f"curves/{name}.csv", "wall_time_s": s["wall_time_s"], "hardware": c["hardware"]["name"],
             "recipe": {"dropout": c["model"]["dropout"], "lr": c["optim"]["lr"], "min_lr": c["optim"]["min_lr"],
@@ -137,9 +169,7 @@ def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = 0
     for x in ordered:
         x["pretrained"].sort(key=lambda r: r["seed"])
         x["all_converged"] = all(r["converged"] for r in x["pretrained"])
-    res = {"criterion": f"kept weights: the validation-minimum checkpoint; converged: the best validation CE "
-                        f"improved by at most {tol} nats during the last 10% of steps",
-           "tol": tol, "sizes": ordered}
+    res = {"criterion": CRITERIA[keep].format(tol=tol), "keep": keep, "tol": tol, "sizes": ordered}
     (out / "family.json").write_text(json.dumps(res, indent=1))
     (out / "family.md").write_text(markdown_replicates(res))
     from .plots import plot_family
@@ -153,17 +183,28 @@ def markdown_replicates(res: dict) -> str:
     return f"Criterion: {res['criterion']}.\n\n" + replicates_table(res) + "\n"
 
 
+def _gain(g) -> str:
+    return "n/a" if g is None else f"{g:+.4f}"
+
+
 def replicates_table(res: dict) -> str:
-    """One row per pretrained replicate of the depth family: kept and last validation CE, late gain, converged."""
-    rows = ["| size | layers x width | non-embedding | replicate (seed) | kept step | val CE (kept) | val CE (last) "
-            "| late gain | converged |", "|---|---|---|---|---|---|---|---|---|"]
+    """One row per pretrained replicate of the depth family: kept and last validation CE, the criterion's gain(s),
+    converged. With tail averaging: the window gain that decides, the val_min criterion's late gain beside it,
+    and how far the last window's two halves differ (the jitter left in a window's mean)."""
+    tail = res.get("keep") == "tail_average"
+    head = ["size", "layers x width", "non-embedding", "replicate (seed)", "kept", "val CE (kept)",
+            "val CE (last checkpoint)"]
+    head += ["window gain", "halves differ by", "late gain (val-min)"] if tail else ["late gain"]
+    rows = ["| " + " | ".join(head + ["converged"]) + " |", "|" + "---|" * (len(head) + 1)]
     for x in res["sizes"]:
         for r in x["pretrained"]:
-            g = r["convergence"]["late_gain"]
-            rows.append(f"| {x['name']} | {x['n_layer']} x {x['n_embd']} | {x['non_embedding_params']:,} | "
-                        f"{r['replicate']} ({r['seed']}) | {r['kept_step']} | {r['val_ce']:.4f} | "
-                        f"{r['val_ce_last']:.4f} | {'n/a' if g is None else f'{g:+.4f}'} | "
-                        f"{'yes' if r['converged'] else '**no**'} |")
+            c = r["convergence"]
+            gains = ([_gain(c["tail_average"]["window_gain"]), _gain(c["tail_average"]["halves_diff"]).lstrip("+"),
+                      _gain(c["val_min"]["late_gain"])] if tail else [_gain(c["late_gain"])])
+            cells = [x["name"], f"{x['n_layer']} x {x['n_embd']}", f"{x['non_embedding_params']:,}",
+                     f"{r['replicate']} ({r['seed']})", r["kept"], f"{r['val_ce']:.4f}", f"{r['val_ce_last']:.4f}",
+                     *gains, "yes" if r["converged"] else "**no**"]
+            rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
@@ -184,16 +225,16 @@ def main(argv=None):
     p.add_argument("runs_dir")
     p.add_argument("--out", default="experiments/builtin_family")
     p.add_argument("--tol", type=float, default=0.002)
-    p.add_argument("--keep", choices=("last", "val_min"), default="last",
+    p.add_argument("--keep", choices=("last", *CRITERIA), default="last",
                    help="which pretraining weights the family keeps (its criterion follows)")
     a = p.parse_args(argv)
     res = collect(a.runs_dir, a.out, a.tol, a.keep)
-    if a.keep == "val_min":
+    if a.keep in CRITERIA:
         print(res["criterion"])
         for x in res["sizes"]:
             for r in x["pretrained"]:
-                print(f"{r['name']:18s} N={x['non_embedding_params']:>9d} val CE {r['val_ce']:.4f} (step "
-                      f"{r['kept_step']}) converged: {r['converged']}")
+                print(f"{r['name']:18s} N={x['non_embedding_params']:>9d} val CE {r['val_ce']:.4f} ({r['kept']}) "
+                      f"converged: {r['converged']}")
         return
     for x in res["sizes"]:
         print(f"{x['name']:14s} N={x['non_embedding_params']:>9d} val CE {x['val_ce']:.4f} converged: "

@@ -39,7 +39,8 @@ class ModelConfig:
     # data order; conf/pretrain.yaml). 0: the width family's one model per size
     replicate: int = 0
     # built-in family: the pretraining weights kept. last: after the last step; val_min: the checkpoint at the
-    # validation minimum (needs trainer.ckpt_every == trainer.val_every; conf/pretrain_depth.yaml)
+    # validation minimum; tail_average: the mean of the checkpoints of the last 10% of steps (both need
+    # trainer.ckpt_every == trainer.val_every; conf/pretrain_depth.yaml)
     pretrain_keep: str = "last"
 
 

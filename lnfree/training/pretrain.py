@@ -9,8 +9,11 @@ Nothing pretrains implicitly: loading a built-in model that is not there is an e
 
 `model.pretrain_keep=val_min` (the depth family, conf/pretrain_depth.yaml) keeps the checkpoint at the validation
 minimum instead of the last weights: a checkpoint is written at every validation, and the one whose step has the
-lowest logged validation CE is exported. A run dir that holds `checkpoints/last*.ckpt` but no summary is resumed
-from the newest of them by step (`ckpt_path`); one that holds a finished run is exported again without training.
+lowest logged validation CE is exported. `model.pretrain_keep=tail_average` (the depth family from its second
+criterion on) exports the mean of the checkpoints of the last 10% of steps instead, and records in the run dir the
+validation CE of that mean and of the mean of the 10% before (lnfree/training/tail_average.py).
+A run dir that holds `checkpoints/last*.ckpt` but no summary is resumed from the newest of them by step
+(`ckpt_path`); one that holds a finished run is exported again without training.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ import shutil
 from pathlib import Path
 
 import hydra
+from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..analysis.family import val_min
@@ -31,15 +35,17 @@ from ..io import (
     RANDOM,
     ModelIOError,
     builtin_dir,
+    load_tokenizer,
     model_from_checkpoint,
     read_checkpoint,
 )
 from ..paths import CONF_DIR, RUN_SUMMARY
 from . import config as _config  # noqa: F401  (registers the schemas)
+from .tail_average import tail_average
 from .train import ConfigError, train
 
 INFO_FILE = "pretrain_info.json"
-KEEP = ("last", "val_min")
+KEEP = ("last", "val_min", "tail_average")
 LAST = re.compile(r"^last(-v\d+)?\.ckpt$")  # Lightning's save_last names: last.ckpt, last-v1.ckpt, ...
 
 
@@ -63,28 +69,43 @@ def _resume_point(out: Path, cfg: DictConfig) -> str | None:
     return cfg.ckpt_path
 
 
+def _trained_with(out: Path, keep: str) -> str:
+    """The model.pretrain_keep a finished run in `out` was trained with, else `keep`. Which weights are kept is
+    chosen after training, so a finished run is exported again under another choice, without training again."""
+    f = out / RUN_SUMMARY
+    return json.loads(f.read_text())["config"]["model"].get("pretrain_keep", keep) if f.exists() else keep
+
+
 def pretrain(cfg: DictConfig) -> Path:
     if not cfg.model.source.startswith(BUILTIN_PREFIX):
         raise ModelIOError(f"pretrain is for the built-in family (model=builtin_*), not {cfg.model.source!r}")
     keep = cfg.model.pretrain_keep
     if keep not in KEEP:
         raise ConfigError(f"model.pretrain_keep must be one of {KEEP}, got {keep!r}")
-    if keep == "val_min" and cfg.trainer.ckpt_every != cfg.trainer.val_every:
-        raise ConfigError("model.pretrain_keep=val_min needs a checkpoint at every validation: trainer.ckpt_every "
+    if keep != "last" and cfg.trainer.ckpt_every != cfg.trainer.val_every:
+        raise ConfigError(f"model.pretrain_keep={keep} needs a checkpoint at every validation: trainer.ckpt_every "
                           f"({cfg.trainer.ckpt_every}) must equal trainer.val_every ({cfg.trainer.val_every})")
+    if keep != "last" and (cfg.trainer.keep_checkpoints != -1 or cfg.trainer.keep_at_end != "all"):
+        raise ConfigError(f"model.pretrain_keep={keep} reads the periodic checkpoints after training: it needs "
+                          "trainer.keep_checkpoints=-1 and trainer.keep_at_end=all")
     dest = builtin_dir(cfg.model.source[len(BUILTIN_PREFIX):], cfg.paths.cache_dir, shipped=False)
     out = Path(cfg.paths.output_dir)
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.model.source, run_cfg.model.tokenizer = RANDOM, BUILTIN_TOKENIZER
         run_cfg.ckpt_path = _resume_point(out, cfg)
+        run_cfg.model.pretrain_keep = _trained_with(out, keep)
         if (out / RUN_SUMMARY).exists():
             run_cfg.skip_if_done = True  # a finished run (same config) is not trained again
     summary = train(run_cfg)
     hf_dir = Path(summary["output_dir"]) / "export" / "hf"
-    kept_step, kept_ce = summary["steps"], summary["val_ce"]
+    kept_step, kept_ce, kept_model = summary["steps"], summary["val_ce"], None
     if keep == "val_min":
         kept_step, kept_ce = val_min(out, summary["steps"])
+    elif keep == "tail_average":
+        kept_model, record = tail_average(out, summary["steps"], cfg.trainer.ckpt_every, _val_data(run_cfg),
+                                          cfg.data.micro_batch_size)
+        kept_step, kept_ce = record["window"], record["val_ce"]
     info = {
         "name": cfg.model.name,
         "shape": OmegaConf.to_container(cfg.model.shape),
@@ -103,15 +124,24 @@ def pretrain(cfg: DictConfig) -> Path:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(hf_dir, tmp)
-    if kept_step != summary["steps"]:  # the exported weights are the last; write the kept checkpoint's instead
-        ckpt = out / "checkpoints" / f"step{kept_step:06d}.ckpt"
-        export_hf(model_from_checkpoint(read_checkpoint(ckpt), ckpt), tmp)
+    if kept_step != summary["steps"]:  # the exported weights are the last; write the kept ones instead
+        if kept_model is None:
+            ckpt = out / "checkpoints" / f"step{kept_step:06d}.ckpt"
+            kept_model = model_from_checkpoint(read_checkpoint(ckpt), ckpt)
+        export_hf(kept_model, tmp)
         (tmp / "README.md").unlink(missing_ok=True)  # the model card describes the last weights
     (tmp / INFO_FILE).write_text(json.dumps(info, indent=1))
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)  # appears whole or not at all
     print(f"[lnfree] pretrained {cfg.model.name}: val CE {info['val_ce']:.3f} in {info['wall_time_s']:.0f} s -> {dest}")
     return dest
+
+
+def _val_data(cfg: DictConfig):
+    """The run's validation blocks, built as training built them (its data config, the built-in tokenizer)."""
+    datamodule = instantiate(cfg.data, tokenizer=load_tokenizer(BUILTIN_TOKENIZER), _convert_="all")
+    datamodule.setup("fit")
+    return datamodule.val_data
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="pretrain")
