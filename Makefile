@@ -148,7 +148,7 @@ family: install
 # restores members committed in experiments/depth_family/models/, pretrains the rest into ~/.cache/lnfree/models
 # (one one-thread process; a killed pretraining resumes from its last checkpoint). The family's record, from the
 # run dirs of members pretrained here: python -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs
-#   --out experiments/depth_family --keep tail_average --tol 0.003
+#   --out experiments/depth_family --keep tail_average
 family-depth: install
 	$(PY) experiments/depth_family/make_family.py --jobs $(or $(JOBS),2)
 

@@ -136,6 +136,7 @@ def test_pretrain_keeps_the_mean_of_the_last_window_and_records_both_windows(tmp
     info = json.loads((dest / "pretrain_info.json").read_text())
     record = json.loads((run / "tail_average.json").read_text())
     assert info["kept"] == "tail_average" and info["kept_step"] == record["window"] == [19, 20]
+    assert info["tail_average"] == record
     assert info["val_ce"] == record["val_ce"] == pytest.approx(validation_ce(load(str(dest))[0], val, 2), abs=1e-5)
     prev = average_checkpoints([ckpt[17], ckpt[18]])
     assert record["val_ce_previous"] == pytest.approx(validation_ce(prev, val, 2), abs=1e-6)
@@ -154,6 +155,30 @@ def test_pretrain_keeps_the_mean_of_the_last_window_and_records_both_windows(tmp
     info = json.loads((dest / "pretrain_info.json").read_text())
     assert info["kept"] == "val_min" and info["kept_step"] == min(logged, key=lambda s: (logged[s], s))
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
+
+
+def test_a_size_adds_replicates_until_two_converge():
+    need = fam.replicates_needed
+    assert need({}) == [1, 2] and need({1: True, 2: None}) == [1, 2] and need({1: True, 2: True}) == [1, 2]
+    assert need({1: True, 2: False}) == [1, 2, 3] and need({1: True, 2: False, 3: True}) == [1, 2, 3]
+    assert need({1: False, 2: True, 3: False}) == [1, 2, 3, 4] and need({1: True, 2: False, 3: False, 4: False}) == [
+        1, 2, 3, 4]  # at most 4
+    assert need({1: False, 2: False}) == [1, 2]  # both first replicates unconverged: a longer recipe, not more seeds
+
+
+def test_extra_replicates_follow_the_verdicts_in_the_cache(tmp_path):
+    def member(name, gain):
+        d = builtin_dir(name, tmp_path, shipped=False)
+        d.mkdir(parents=True)
+        rec = {"window": [7300, 8000], "val_ce": 4.5, "val_ce_previous": 4.5 + gain, "val_ce_halves": [4.5, 4.5]}
+        (d / "pretrain_info.json").write_text(json.dumps({"kept": "tail_average", "tail_average": rec}))
+    base = [("builtin_l1w32", 1, "l1w32_s1"), ("builtin_l1w32", 2, "l1w32_s2"), ("builtin_l2w64", 1, "l2w64_s1"),
+            ("builtin_l2w64", 2, "l2w64_s2")]
+    member("l1w32_s1", -0.008)
+    member("l1w32_s2", 0.013)  # not converged: replicate 3 joins
+    member("l2w64_s1", 0.001)
+    assert fam.with_extra_replicates(base, tmp_path) == base[:2] + [("builtin_l1w32", 3, "l1w32_s3")] + base[2:]
+    assert fam.verdict("l1w32_s2", tmp_path) is False and fam.verdict("l2w64_s2", tmp_path) is None
 
 
 def test_windows_are_the_last_two_tenths_of_the_checkpoints():

@@ -13,6 +13,10 @@ The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, sm
 - else pretrained by `python -m lnfree.pretrain --config-name pretrain_depth model=<size> model.replicate=<r>`
   into the run dir <cache>/pretrain_runs/<name>, one-thread processes, `--jobs` at a time; a run killed half-way resumes
   from its last checkpoint (lnfree/training/pretrain.py), so stopping and rerunning loses at most 100 steps.
+Replicates: 1 and 2 for every size; when a size's finished replicates hold exactly one not converged (the
+criterion of conf/pretrain_depth.yaml, recorded in each member's pretrain_info.json), replicate 3 and then 4 join
+until two are converged (experiments/depth_family/README.md). Both 1 and 2 not converged: nothing added (the size
+needs a longer recipe or is dropped, a decision the README records).
 Wall time per member is appended to <cache>/pretrain_runs/times.jsonl.
 """
 
@@ -30,6 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
+from lnfree.analysis.family import DEPTH_TOL, window_gain  # noqa: E402
 from lnfree.io import BUILTIN_PREFIX, builtin_dir  # noqa: E402
 from lnfree.paths import DEFAULT_CACHE_DIR, RUN_SUMMARY  # noqa: E402
 
@@ -51,6 +56,43 @@ def members(experiment: Path = EXPERIMENT) -> list[tuple[str, int, str]]:
         for r in str(p["model.replicate"]).split(","):
             name = source[len(BUILTIN_PREFIX):].replace("${.replicate}", r)
             out.append((option, int(r), name))
+    return out
+
+
+MOST_REPLICATES = 4
+
+
+def replicates_needed(converged: dict[int, bool | None], base: int = 2, most: int = MOST_REPLICATES) -> list[int]:
+    """The replicates a size pretrains, from the verdicts so far (replicate -> converged; None or absent: not
+    finished): 1..base, then one more at a time while all so far are finished and fewer than two converged, up to
+    `most`; none added when replicates 1 and 2 are both not converged."""
+    need = list(range(1, base + 1))
+    if all(converged.get(r) is False for r in (1, 2)):
+        return need
+    while len(need) < most and all(converged.get(r) is not None for r in need) and \
+            sum(bool(converged[r]) for r in need) < 2:
+        need.append(len(need) + 1)
+    return need
+
+
+def verdict(name: str, cache_dir, tol: float = DEPTH_TOL) -> bool | None:
+    """Whether a finished member converged by the tail-average criterion (its pretrain_info.json), None if it is
+    not in the cache or was kept under another rule."""
+    info = builtin_dir(name, cache_dir) / "pretrain_info.json"
+    if not info.exists():
+        return None
+    record = json.loads(info.read_text()).get("tail_average")
+    return window_gain(record, tol)["met"] if record else None
+
+
+def with_extra_replicates(base: list[tuple[str, int, str]], cache_dir) -> list[tuple[str, int, str]]:
+    """`members()` plus the replicates the rule adds for each size, in order."""
+    out = []
+    for option in dict.fromkeys(o for o, _, _ in base):
+        mine = [(o, r, n) for o, r, n in base if o == option]
+        stem = mine[0][2].rsplit("_s", 1)[0]  # l1w32_s1 -> l1w32
+        converged = {r: verdict(f"{stem}_s{r}", cache_dir) for r in range(1, MOST_REPLICATES + 1)}
+        out += mine + [(option, r, f"{stem}_s{r}") for r in replicates_needed(converged, len(mine)) if r > len(mine)]
     return out
 
 
@@ -119,7 +161,7 @@ def main():
     runs = cache / "pretrain_runs"
     keep = recipe_keep()
     todo = []
-    for option, r, name in members():
+    for option, r, name in with_extra_replicates(members(), cache):
         if a.save:
             print(f"{name}: {'saved' if save(name, cache) else 'not finished'}", flush=True)
             continue

@@ -29,6 +29,7 @@ from ..paths import RUN_SUMMARY
 from ..training.loggers import read_metrics
 from ..training.tail_average import RECORD as TAIL_RECORD
 
+DEPTH_TOL = 0.003  # the depth family's convergence tolerance in nats (conf/pretrain_depth.yaml's criteria)
 CRITERIA = {
     "val_min": "kept weights: the validation-minimum checkpoint; converged: the best validation CE improved by at "
                "most {tol} nats during the last 10% of steps",
@@ -124,7 +125,8 @@ def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002, keep:
     return res
 
 
-def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.003, keep: str = "val_min") -> dict:
+def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = DEPTH_TOL,
+                       keep: str = "val_min") -> dict:
     """The depth family's record: per size its shape and parameters, per pretrained replicate its seed, kept CE,
     last CE, curve and the criterion of `keep` (val_min: late_gain; tail_average: window_gain from the run's
     tail_average.json, with late_gain beside it). Only finished runs count."""
@@ -224,11 +226,13 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs_dir")
     p.add_argument("--out", default="experiments/builtin_family")
-    p.add_argument("--tol", type=float, default=0.002)
+    p.add_argument("--tol", type=float, help=f"convergence tolerance in nats (default 0.002 with --keep last, "
+                   f"{DEPTH_TOL} with a depth-family criterion)")
     p.add_argument("--keep", choices=("last", *CRITERIA), default="last",
                    help="which pretraining weights the family keeps (its criterion follows)")
     a = p.parse_args(argv)
-    res = collect(a.runs_dir, a.out, a.tol, a.keep)
+    tol = a.tol if a.tol is not None else (DEPTH_TOL if a.keep in CRITERIA else 0.002)
+    res = collect(a.runs_dir, a.out, tol, a.keep)
     if a.keep in CRITERIA:
         print(res["criterion"])
         for x in res["sizes"]:

@@ -121,6 +121,8 @@ def pretrain(cfg: DictConfig) -> Path:
         "seed": cfg.seed,
         "hardware": OmegaConf.to_container(cfg.hardware),
     }
+    if keep == "tail_average":
+        info["tail_average"] = record  # both windows' CE: the convergence verdict travels with the weights
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(hf_dir, tmp)
