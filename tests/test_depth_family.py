@@ -11,7 +11,7 @@ from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lnfree.analysis.family import collect, late_gain, val_by_step, window_gain
+from lnfree.analysis.family import collect, late_gain, pair, replicates_needed, val_by_step, verdict, window_gain
 from lnfree.io import builtin_dir, load, model_from_checkpoint, read_checkpoint
 from lnfree.model import non_embedding_params
 from lnfree.training.loggers import read_metrics
@@ -158,7 +158,7 @@ def test_pretrain_keeps_the_mean_of_the_last_window_and_records_both_windows(tmp
 
 
 def test_a_size_adds_replicates_until_two_converge():
-    need = fam.replicates_needed
+    need = replicates_needed
     assert need({}) == [1, 2] and need({1: True, 2: None}) == [1, 2] and need({1: True, 2: True}) == [1, 2]
     assert need({1: True, 2: False}) == [1, 2, 3] and need({1: True, 2: False, 3: True}) == [1, 2, 3]
     assert need({1: False, 2: True, 3: False}) == [1, 2, 3, 4] and need({1: True, 2: False, 3: False, 4: False}) == [
@@ -178,7 +178,20 @@ def test_extra_replicates_follow_the_verdicts_in_the_cache(tmp_path):
     member("l1w32_s2", 0.013)  # not converged: replicate 3 joins
     member("l2w64_s1", 0.001)
     assert fam.with_extra_replicates(base, tmp_path) == base[:2] + [("builtin_l1w32", 3, "l1w32_s3")] + base[2:]
-    assert fam.verdict("l1w32_s2", tmp_path) is False and fam.verdict("l2w64_s2", tmp_path) is None
+    assert verdict("l1w32_s2", tmp_path) is False and verdict("l2w64_s2", tmp_path) is None
+    # the grid's pair: none until two converge, then the two of lowest seed, on the grid's jobs
+    assert pair("l1w32", tmp_path) is None and pair("l2w64", tmp_path) is None
+    member("l1w32_s3", 0.002)
+    member("l2w64_s2", -0.001)
+    assert pair("l1w32", tmp_path) == [1, 3] and pair("l2w64", tmp_path) == [1, 2]
+    g = rm.depth_grid(cache_dir=tmp_path, settled=True)
+    assert g["pairs"]["builtin_l1w32"] == [1, 3] and g["pairs"]["builtin_l3w96"] is None
+    lrs = {m: {"lr": 3e-4} for m in g["models"]}
+    jobs = rm.depth_jobs([], lrs, g)
+    assert {(m, rep) for _, m, rep, *_ in jobs} == {("builtin_l1w32", 1), ("builtin_l1w32", 3),
+                                                     ("builtin_l2w64", 1), ("builtin_l2w64", 2)}
+    assert {rep for _, m, rep, arm, *_ in jobs if arm == "builtin"} == {1}
+    assert {j[2] for j in probe.probe_jobs([], g)} == {1}  # first of each settled pair; none for l3w96, l4w128
 
 
 def test_windows_are_the_last_two_tenths_of_the_checkpoints():

@@ -123,14 +123,22 @@ DEPTH_OUT = Path("multirun/data_scaling_depth")
 LR_FILE = DEPTH_DIR / "lr.json"
 
 
-def depth_grid(experiment: str = DEPTH) -> dict:
-    """The grid of conf/experiment/<experiment>.yaml with the protocol's fixed choices (protocol.yaml)."""
+def depth_grid(experiment: str = DEPTH, cache_dir=None, settled: bool = False) -> dict:
+    """The grid of conf/experiment/<experiment>.yaml with the protocol's fixed choices (protocol.yaml), and each
+    model's pair of pretrained replicates: with `settled`, the pair the replicate rule has settled in the cache
+    (lnfree.analysis.family.pair; None while a size has fewer than two converged members); otherwise the
+    sweep's replicates (the design, for cost estimates)."""
     from omegaconf import OmegaConf
+
+    from lnfree.analysis.family import pair
+    from lnfree.paths import DEFAULT_CACHE_DIR
 
     p = OmegaConf.load(ROOT / "conf/experiment" / f"{experiment}.yaml").hydra.sweeper.params
     proto = OmegaConf.to_container(OmegaConf.load(DEPTH_DIR / "protocol.yaml"))
     split = lambda v: str(v).split(",")  # noqa: E731
-    return {"models": split(p.model), "replicates": [int(r) for r in split(p["model.replicate"])],
+    models, replicates = split(p.model), [int(r) for r in split(p["model.replicate"])]
+    pairs = {m: (pair(size_of(m), cache_dir or DEFAULT_CACHE_DIR) if settled else replicates) for m in models}
+    return {"models": models, "replicates": replicates, "pairs": pairs,
             "budgets": [int(b) for b in split(p["trainer.max_steps"])], "seeds": [int(s) for s in split(p.seed)],
             "schedules": split(p.schedule), "step_tokens": grid()[4], **proto}
 
@@ -169,17 +177,22 @@ def depth_key(r: dict) -> tuple:
 
 
 def depth_jobs(records, lrs: dict, g: dict | None = None) -> list[tuple]:
-    """Missing jobs of the grid as (budget, model, replicate, schedule, lr, [seeds]), smallest budgets first;
-    the variant schedule on its replicates only and where it fits; no early stopping."""
+    """Missing jobs of the grid as (budget, model, replicate, schedule, lr, [seeds]), smallest budgets first, on
+    each size's pair of pretrained replicates; the variant schedule on its positions in the pair only and where it
+    fits; no early stopping."""
     g = g or depth_grid()
     done = {depth_key(r) for r in records}
     jobs = []
     for b in g["budgets"]:
         for m in g["models"]:
+            reps = g["pairs"][m]
+            if reps is None or m not in lrs:  # the size's pair or LR not settled yet: no job for it yet
+                continue
             lr = lrs[m]["lr"]
-            for rep in g["replicates"]:
+            variant = [reps[i - 1] for i in g["variant_replicates"]]  # positions in the pair
+            for rep in reps:
                 for arm in g["schedules"]:
-                    if arm == g["variant_schedule"] and (rep not in g["variant_replicates"] or not fits(arm, m, b)):
+                    if arm == g["variant_schedule"] and (rep not in variant or not fits(arm, m, b)):
                         continue
                     todo = [s for s in g["seeds"] if (f"{size_of(m)}_s{rep}", b, arm, s, lr) not in done]
                     if todo:
@@ -280,7 +293,11 @@ def main_depth(a) -> None:
         raise SystemExit("--until-within is not part of the depth family's protocol: its grid runs whole")
     records = Path(a.records[0]) if a.records else DEPTH_RECORDS
     harvest(DEPTH_OUT, records, a.cache_dir)
-    jobs = depth_jobs(read_records(records), read_lrs())
+    g = depth_grid(cache_dir=a.cache_dir, settled=True)
+    for m in g["models"]:
+        if g["pairs"][m] is None:
+            print(f"{m}: fewer than two converged pretrained replicates yet: not in the grid yet", flush=True)
+    jobs = depth_jobs(read_records(records), read_lrs(), g)
     print(f"{sum(len(j[5]) for j in jobs)} runs missing in {len(jobs)} multiruns", flush=True)
     if a.dry_run:
         for j in jobs:

@@ -28,9 +28,17 @@ def probe_jobs(records, g: dict | None = None) -> list[tuple]:
     """Missing probe runs as run_missing jobs: (budget, model, replicate, "none", lr, [seed])."""
     g = g or rm.depth_grid()
     done = {rm.depth_key(r) for r in records}
-    rep, seed = g["probe_replicate"], g["probe_seed"]
-    return [(b, m, rep, "none", lr, [seed]) for b in g["budgets"] for m in g["models"] for lr in g["lr_grid"]
+    seed = g["probe_seed"]
+    return [(b, m, rep, "none", lr, [seed]) for b in g["budgets"] for m in g["models"]
+            if (rep := probe_replicate(g, m)) is not None for lr in g["lr_grid"]
             if (f"{rm.size_of(m)}_s{rep}", b, "none", seed, lr) not in done]
+
+
+def probe_replicate(g: dict, m: str) -> int | None:
+    """The probe's pretrained replicate of a size: protocol.yaml's probe_replicate is a position in the size's pair
+    (1: its converged replicate of lowest seed); None while the pair is not settled."""
+    reps = g["pairs"][m]
+    return None if reps is None else reps[g["probe_replicate"] - 1]
 
 
 def choose_lr(records, g: dict) -> dict:
@@ -38,7 +46,9 @@ def choose_lr(records, g: dict) -> dict:
     whose probe is incomplete (some LR x budget without a record) is left out."""
     out = {}
     for m in g["models"]:
-        pre = f"{rm.size_of(m)}_s{g['probe_replicate']}"
+        if probe_replicate(g, m) is None:
+            continue
+        pre = f"{rm.size_of(m)}_s{probe_replicate(g, m)}"
         runs = {(r["lr"], r["steps"]): r for r in records
                 if r["pretrained"] == pre and r["schedule"] == "none" and r["seed"] == g["probe_seed"]}
         if any((lr, b) not in runs for lr in g["lr_grid"] for b in g["budgets"]):
@@ -60,7 +70,7 @@ def main():
     p.add_argument("--extra", nargs="*", default=[], help="overrides that do not change results (hardware=gpu)")
     a = p.parse_args()
     records = Path(a.records)
-    g = rm.depth_grid()
+    g = rm.depth_grid(cache_dir=a.cache_dir, settled=True)
     rm.harvest(rm.DEPTH_OUT, records, a.cache_dir)
     jobs = probe_jobs(rm.read_records(records), g)
     print(f"{len(jobs)} probe runs missing", flush=True)

@@ -34,7 +34,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from lnfree.analysis.family import DEPTH_TOL, window_gain  # noqa: E402
+from lnfree.analysis.family import MOST_REPLICATES, replicates_needed, verdict  # noqa: E402
 from lnfree.io import BUILTIN_PREFIX, builtin_dir  # noqa: E402
 from lnfree.paths import DEFAULT_CACHE_DIR, RUN_SUMMARY  # noqa: E402
 
@@ -57,32 +57,6 @@ def members(experiment: Path = EXPERIMENT) -> list[tuple[str, int, str]]:
             name = source[len(BUILTIN_PREFIX):].replace("${.replicate}", r)
             out.append((option, int(r), name))
     return out
-
-
-MOST_REPLICATES = 4
-
-
-def replicates_needed(converged: dict[int, bool | None], base: int = 2, most: int = MOST_REPLICATES) -> list[int]:
-    """The replicates a size pretrains, from the verdicts so far (replicate -> converged; None or absent: not
-    finished): 1..base, then one more at a time while all so far are finished and fewer than two converged, up to
-    `most`; none added when replicates 1 and 2 are both not converged."""
-    need = list(range(1, base + 1))
-    if all(converged.get(r) is False for r in (1, 2)):
-        return need
-    while len(need) < most and all(converged.get(r) is not None for r in need) and \
-            sum(bool(converged[r]) for r in need) < 2:
-        need.append(len(need) + 1)
-    return need
-
-
-def verdict(name: str, cache_dir, tol: float = DEPTH_TOL) -> bool | None:
-    """Whether a finished member converged by the tail-average criterion (its pretrain_info.json), None if it is
-    not in the cache or was kept under another rule."""
-    info = builtin_dir(name, cache_dir) / "pretrain_info.json"
-    if not info.exists():
-        return None
-    record = json.loads(info.read_text()).get("tail_average")
-    return window_gain(record, tol)["met"] if record else None
 
 
 def with_extra_replicates(base: list[tuple[str, int, str]], cache_dir) -> list[tuple[str, int, str]]:

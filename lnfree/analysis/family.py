@@ -25,7 +25,7 @@ import csv
 import json
 from pathlib import Path
 
-from ..paths import RUN_SUMMARY
+from ..paths import DEFAULT_CACHE_DIR, RUN_SUMMARY
 from ..training.loggers import read_metrics
 from ..training.tail_average import RECORD as TAIL_RECORD
 
@@ -83,6 +83,43 @@ def window_gain(record: dict, tol: float) -> dict:
             "val_ce_previous": record["val_ce_previous"],
             "halves_diff": abs(halves[0] - halves[1]) if len(halves) == 2 else None,
             "overfit": gain < -tol, "met": gain <= tol}
+
+
+# -- the depth family's replicates (experiments/depth_family/README.md: "What follows for a size") ------------
+MOST_REPLICATES = 4
+
+
+def replicates_needed(converged: dict[int, bool | None], base: int = 2, most: int = MOST_REPLICATES) -> list[int]:
+    """The replicates a size pretrains, from the verdicts so far (replicate -> converged; None or absent: not
+    finished): 1..base, then one more at a time while all so far are finished and fewer than two converged, up to
+    `most`; none added when replicates 1 and 2 are both not converged."""
+    need = list(range(1, base + 1))
+    if all(converged.get(r) is False for r in (1, 2)):
+        return need
+    while len(need) < most and all(converged.get(r) is not None for r in need) and \
+            sum(bool(converged[r]) for r in need) < 2:
+        need.append(len(need) + 1)
+    return need
+
+
+def verdict(name: str, cache_dir=DEFAULT_CACHE_DIR, tol: float = DEPTH_TOL) -> bool | None:
+    """Whether a finished member converged by the tail-average criterion (its pretrain_info.json), None if it is
+    not in the cache or was kept under another rule."""
+    from ..io import builtin_dir
+
+    info = builtin_dir(name, cache_dir) / "pretrain_info.json"
+    if not info.exists():
+        return None
+    record = json.loads(info.read_text()).get("tail_average")
+    return window_gain(record, tol)["met"] if record else None
+
+
+def pair(stem: str, cache_dir=DEFAULT_CACHE_DIR) -> list[int] | None:
+    """A size's two pretrained models for the fine-tuning grid: its two converged replicates of lowest seed among
+    those the rule pretrains (e.g. [1, 3] for l1w32 if 3 converges); None until two have converged."""
+    converged = {r: verdict(f"{stem}_s{r}", cache_dir) for r in range(1, MOST_REPLICATES + 1)}
+    ok = [r for r in replicates_needed(converged) if converged.get(r)]
+    return ok[:2] if len(ok) >= 2 else None
 
 
 def collect(runs_dir: str | Path, out_dir: str | Path, tol: float = 0.002, keep: str = "last") -> dict:
