@@ -157,6 +157,29 @@ def test_pretrain_keeps_the_mean_of_the_last_window_and_records_both_windows(tmp
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
 
 
+def test_an_unfinished_member_snapshots_into_the_repo_and_resumes_from_there(tmp_path):
+    run = tmp_path / "runs" / "l2w64_s1"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / ".hydra").mkdir()
+    (run / ".hydra" / "config.yaml").write_text("trainer: {max_steps: 1000}\n")
+    (run / "csv" / "resumed-1").mkdir(parents=True)
+    (run / "csv" / "resumed-1" / "metrics.csv").write_text("step,val/ce\n799,4.5\n")
+    for s in (700, 800, 900):
+        (run / "checkpoints" / f"step{s:06d}.ckpt").write_text(str(s))
+    (run / "checkpoints" / "last.ckpt").write_text("900")
+    partial = tmp_path / "partial"
+    assert fam.snapshot("l2w64_s1", tmp_path / "runs", partial)
+    assert sorted(p.name for p in (partial / "l2w64_s1" / "checkpoints").iterdir()) == [
+        "last.ckpt", "step000900.ckpt"]  # only the window checkpoints (> 80% of the steps) besides last.ckpt
+    assert (partial / "l2w64_s1" / "csv" / "resumed-1" / "metrics.csv").exists()
+    assert not fam.snapshot("l2w64_s2", tmp_path / "runs", partial)  # nothing there
+    runs2 = tmp_path / "runs2"
+    assert fam.restore_partial("l2w64_s1", runs2, partial) and (runs2 / "l2w64_s1/checkpoints/last.ckpt").exists()
+    assert not fam.restore_partial("l2w64_s1", runs2, partial)  # never over an existing run dir
+    (run / "summary.json").write_text("{}")
+    assert not fam.snapshot("l2w64_s1", tmp_path / "runs", partial)  # finished: nothing to snapshot
+
+
 def test_a_size_adds_replicates_until_two_converge():
     need = replicates_needed
     assert need({}) == [1, 2] and need({1: True, 2: None}) == [1, 2] and need({1: True, 2: True}) == [1, 2]

@@ -3,6 +3,7 @@
     python experiments/depth_family/make_family.py            (make family-depth runs this)
     python experiments/depth_family/make_family.py --save      (copy finished members into the repo, to commit)
     python experiments/depth_family/make_family.py --dry-run   (what it would do)
+    python experiments/depth_family/make_family.py --snapshot  (copy unfinished members' resume state into the repo)
 
 The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, smallest first. For each one:
 - in the cache (<cache>/models/<name>) with the weights conf/pretrain_depth.yaml's model.pretrain_keep says to keep:
@@ -10,6 +11,8 @@ The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, sm
   without training (lnfree/training/pretrain.py); with no run dir: left as it is, and said so;
 - committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer,
   pretrain_info.json);
+- else, when its run dir is missing and experiments/depth_family/partial/<name>/ holds a snapshot of an unfinished
+  pretraining (`--snapshot`), the run dir is restored from it and the pretraining resumes there;
 - else pretrained by `python -m lnfree.pretrain --config-name pretrain_depth model=<size> model.replicate=<r>`
   into the run dir <cache>/pretrain_runs/<name>, one-thread processes, `--jobs` at a time; a run killed half-way resumes
   from its last checkpoint (lnfree/training/pretrain.py), so stopping and rerunning loses at most 100 steps.
@@ -41,6 +44,7 @@ from lnfree.paths import DEFAULT_CACHE_DIR, RUN_SUMMARY  # noqa: E402
 EXPERIMENT = ROOT / "conf/experiment/data_scaling_depth.yaml"
 RECIPE = ROOT / "conf/pretrain_depth.yaml"
 REPO_MODELS = ROOT / "experiments/depth_family/models"
+PARTIAL = ROOT / "experiments/depth_family/partial"
 KEEP_FILES = ("config.json", "generation_config.json", "model.safetensors", "lnfree_export.json", "tokenizer.json",
               "tokenizer_config.json", "pretrain_info.json")
 
@@ -113,6 +117,38 @@ def save(name: str, cache_dir, repo_models: Path = REPO_MODELS) -> bool:
     return True
 
 
+def snapshot(name: str, runs: Path, partial: Path = PARTIAL) -> bool:
+    """Copy an unfinished member's resume state into the repo: checkpoints/last.ckpt, its CSV logs, its Hydra
+    config and the checkpoints already inside the last 20% of steps (the two tail-average windows, which a resumed
+    run could not write again). False if there is nothing unfinished to copy."""
+    from omegaconf import OmegaConf
+
+    run = runs / name
+    if not (run / "checkpoints" / "last.ckpt").exists() or (run / RUN_SUMMARY).exists():
+        return False
+    steps = OmegaConf.load(run / ".hydra" / "config.yaml").trainer.max_steps
+    window = [p for p in (run / "checkpoints").glob("step*.ckpt") if int(p.stem[4:]) > 0.8 * steps]
+    tmp = partial / (name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "checkpoints").mkdir(parents=True)
+    for f in [run / "checkpoints" / "last.ckpt", *window]:
+        shutil.copy2(f, tmp / "checkpoints" / f.name)
+    shutil.copytree(run / "csv", tmp / "csv")
+    shutil.copytree(run / ".hydra", tmp / ".hydra")
+    shutil.rmtree(partial / name, ignore_errors=True)
+    tmp.rename(partial / name)
+    return True
+
+
+def restore_partial(name: str, runs: Path, partial: Path = PARTIAL) -> bool:
+    """Restore a snapshot into a missing run dir (the pretraining then resumes from its last.ckpt)."""
+    src, run = partial / name, runs / name
+    if run.exists() or not (src / "checkpoints" / "last.ckpt").exists():
+        return False
+    shutil.copytree(src, run)
+    return True
+
+
 def pretrain_cmd(option: str, replicate: int, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "lnfree.pretrain", "--config-name", "pretrain_depth", f"model={option}",
            f"model.replicate={replicate}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *extra]
@@ -127,6 +163,8 @@ def main():
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--save", action="store_true", help="copy finished members into experiments/depth_family/models")
     p.add_argument("--dry-run", action="store_true")
+    p.add_argument("--snapshot", action="store_true", help="copy unfinished members' resume state into "
+                   "experiments/depth_family/partial")
     p.add_argument("--restore-only", action="store_true", help="restore committed members, pretrain nothing")
     p.add_argument("--jobs", type=int, default=1, help="members pretrained at once (one thread each)")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for the pretraining (e.g. hardware=gpu)")
@@ -138,6 +176,10 @@ def main():
     for option, r, name in with_extra_replicates(members(), cache):
         if a.save:
             print(f"{name}: {'saved' if save(name, cache) else 'not finished'}", flush=True)
+            continue
+        if a.snapshot:
+            print(f"{name}: {'snapshot in ' + str(PARTIAL / name) if snapshot(name, runs) else 'nothing unfinished'}",
+                  flush=True)
             continue
         state = cached_state(name, cache, runs, keep)
         if state == "export again":
@@ -155,6 +197,8 @@ def main():
         if a.restore_only:
             print(f"{name}: not committed, not in the cache (--restore-only: not pretrained)", flush=True)
             continue
+        if not a.dry_run and restore_partial(name, runs):
+            print(f"{name}: run dir restored from {PARTIAL / name}: resumes", flush=True)
         todo.append((name, pretrain_cmd(option, r, runs / name, tuple(a.extra))))
     if a.dry_run:
         for name, cmd in todo:
