@@ -265,3 +265,50 @@ def test_the_verification_batch_is_the_same_every_time():
     torch.manual_seed(2)  # independent of the global RNG: an export's recorded error can be reproduced
     assert torch.equal(a, check_batch(model))
     assert a.shape == (2, min(64, model.config.n_positions)) and int(a.max()) < model.config.vocab_size
+
+
+def test_the_verification_batch_can_hold_every_token_id():
+    from lnfree.export import check_batch
+
+    _, model = stock_and_removable()
+    x = check_batch(model, n_batch=64)  # 4096 draws from a vocabulary of 97: the first and last id among them
+    assert int(x.min()) == 0 and int(x.max()) == model.config.vocab_size - 1
+
+
+def test_exports_record_the_tokenizer_they_carry_and_the_sigmas(tmp_path):
+    from lnfree.io import EXPORT_INFO, load_tokenizer, tokenizer_sha256
+
+    _, model = calibrated_all_removed()
+    tok = load_tokenizer("builtin")
+    export_hf(model, tmp_path / "hf", tokenizer=tok)
+    export_folded(model, tmp_path / "folded", tokenizer=tok)
+    for form in ("hf", "folded"):
+        record = json.loads((tmp_path / form / EXPORT_INFO).read_text())
+        assert (tmp_path / form / "tokenizer.json").is_file()
+        assert record["tokenizer_sha256"] == tokenizer_sha256(tok)  # what lnfree.io.load checks a tokenizer by
+        assert record["sigmas"] == model.sigmas()
+
+
+def test_another_familys_folded_model_is_rebuilt_from_its_saved_config(tmp_path):
+    from torch import nn
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from lnfree.folded import CONFIG_FILE, _hf_folded, save_folded
+
+    cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    folded = LlamaForCausalLM(cfg).eval()  # a folded Llama's layout: identity norms, an unembedding with a bias
+    for block in folded.model.layers:
+        block.input_layernorm, block.post_attention_layernorm = nn.Identity(), nn.Identity()
+    folded.model.norm = nn.Identity()
+    folded.set_output_embeddings(nn.Linear(32, 97, bias=True))
+    save_folded(folded, tmp_path)
+    saved = json.loads((tmp_path / CONFIG_FILE).read_text())
+    with torch.device("meta"):  # the structure first: a config that lost its fields would build a full-size model
+        rebuilt = _hf_folded(saved)
+    assert type(rebuilt) is LlamaForCausalLM
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in folded.state_dict().items()}
+    assert sorted(n for n, m in rebuilt.named_modules() if isinstance(m, nn.Identity)) == sorted(saved["identity"])
+    loaded = load_folded(tmp_path)
+    x = ids(2, 12)
+    assert torch.equal(loaded(x).logits, folded(x).logits)

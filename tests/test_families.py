@@ -516,6 +516,17 @@ def test_embed_is_the_residual_streams_first_term(case):
         assert torch.equal(model.family.embed(model, x), first)
 
 
+def test_gpt2_embed_builds_its_positions_on_the_device_of_the_ids():
+    # the "meta" device stands in for a GPU: positions made on the CPU would not meet a GPU model's wpe there
+    _, model = _stock_and_removable_of("gpt2")
+    model = model.to("meta")
+    seen = []
+    hook = model.transformer.wpe.register_forward_pre_hook(lambda m, args: seen.append(args[0]))
+    model.family.embed(model, ids(2, 9).to("meta"))
+    hook.remove()
+    assert [(p.device.type, tuple(p.shape)) for p in seen] == [("meta", (9,))]
+
+
 @pytest.mark.parametrize("case", ["gpt2", "llama", "llama_tied", "neox", "neox_tied"])
 def test_non_embedding_params_leave_out_the_embeddings_and_an_untied_unembedding(case):
     from lnfree.model import non_embedding_params

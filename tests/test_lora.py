@@ -61,6 +61,22 @@ def test_split_qkv_lora_equals_a_lora_on_each_path_and_merges_exactly(removed):
     assert not (_logits(merged, x) - _logits(stock_and_removable()[1], x)).abs().max() < 1e-3  # it did change
 
 
+def test_split_lora_on_an_ordinary_input_is_peft_own_linear_lora_dropout_draws_included():
+    # while ln_1 is real, c_attn's input is the ordinary [batch, pos, d]: the LoRA layer must be exactly peft's
+    # Linear LoRA, whose dropout draws one mask for all of Q, K and V (the split path draws one per path)
+    from peft.tuners.lora.layer import Linear
+
+    _, model = stock_and_removable()
+    lora = _adapted(model, {**SETTINGS, "dropout": 0.5}).transformer.h[0].attn.c_attn.train()
+    x = torch.randn(2, 5, model.config.n_embd)  # pos != d: the input width alone marks the ordinary form
+    with torch.no_grad():
+        torch.manual_seed(3)
+        out = lora(x)
+        torch.manual_seed(3)
+        assert torch.equal(out, Linear.forward(lora, x))
+        assert not torch.equal(out, lora.eval()(x))  # dropout did act
+
+
 def test_only_adapters_and_norms_train_and_the_base_stays_frozen():
     _, model = calibrated_all_removed()
     _adapted(model).train()

@@ -53,6 +53,18 @@ def test_jsd_bounds():
     assert jsd(*p).item() == pytest.approx(math.log(2), abs=1e-6)  # disjoint supports: the maximum
 
 
+def test_jsd_per_token_by_hand():
+    """Each token's divergence from its own two distributions: no sum over the other tokens leaks in."""
+    torch.manual_seed(0)
+    logp, logq = torch.log_softmax(torch.randn(2, 3, 7), -1), torch.log_softmax(torch.randn(2, 3, 7), -1)
+    p, q = logp.double().exp(), logq.double().exp()
+    m = (p + q) / 2
+    by_hand = 0.5 * (p * (p / m).log()).sum(-1) + 0.5 * (q * (q / m).log()).sum(-1)
+    assert jsd(logp, logq).shape == (2, 3)
+    assert torch.allclose(jsd(logp, logq).double(), by_hand, atol=1e-6)
+    assert torch.allclose(jsd(logq, logp), jsd(logp, logq), atol=1e-7)  # symmetric
+
+
 def test_ece_by_hand_with_the_bins_asked_for():
     # confidence 0.9 but 50% right in one bin, confidence 0.55 and 100% right in another
     conf, correct = np.array([0.9, 0.9, 0.55, 0.55]), np.array([1.0, 0.0, 1.0, 1.0])

@@ -597,3 +597,33 @@ def test_next_token_ce_predicts_the_following_token():
     by_hand = -torch.stack([F.log_softmax(logits[b, t], -1)[x[b, t + 1]] for b in range(2) for t in range(5)])
     assert float(next_token_ce(logits, x)) == pytest.approx(float(by_hand.mean()), rel=1e-6)
     assert float(next_token_ce(logits, x, reduction="sum")) == pytest.approx(float(by_hand.sum()), rel=1e-6)
+
+
+def test_a_reference_is_sent_to_lnfree_load_by_name():
+    import re
+
+    for ref in ("gpt2", "runs/some/run.ckpt"):
+        with pytest.raises(TypeError, match=rf"^make_removable takes a model or a config, not the reference "
+                                            rf"'{re.escape(ref)}': load it with lnfree\.load\(reference, "
+                                            rf"removable=True\), which checks it first$"):
+            make_removable(ref)
+
+
+def test_make_removable_builds_each_familys_removable_class_from_a_config():
+    from transformers import (
+        GPTNeoXConfig,
+        GPTNeoXForCausalLM,
+        LlamaConfig,
+        LlamaForCausalLM,
+        Qwen2Config,
+        Qwen2ForCausalLM,
+    )
+
+    small = dict(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                 max_position_embeddings=64)
+    for config, stock in ((LlamaConfig(**small, num_key_value_heads=2), LlamaForCausalLM),
+                          (Qwen2Config(**small, num_key_value_heads=2), Qwen2ForCausalLM),
+                          (GPTNeoXConfig(**small), GPTNeoXForCausalLM)):
+        model = make_removable(config)  # random init, every site real
+        assert isinstance(model, stock) and type(model).__name__ == f"Removable{stock.__name__}"
+        assert model.config.model_type == config.model_type and len(model.real_sites()) == len(model.sites()) == 7

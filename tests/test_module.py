@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ids, stock_and_removable
+from conftest import ids, stock_and_removable, tiny_config
 
-from lnfree.model import next_token_ce
+from lnfree.model import make_removable, next_token_ce
 from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.module import lr_lambda, residual_std_aux
 
@@ -174,6 +174,15 @@ def test_a_checkpoint_carries_the_model_config_and_the_run_info():
     assert checkpoint == {CKPT_MODEL_CONFIG: model.config.to_dict(), RUN_INFO: {"seed": 3}}
 
 
+def test_without_compile_the_runner_is_the_model_itself():
+    """model.compile=false (the default): forward runs the model as it is, never a torch.compile wrapper."""
+    from lnfree.training.module import LNFreeModule
+
+    model = make_removable(tiny_config(n_layer=1, n_embd=8))  # small and no forward: cheap, so mutmut runs it first
+    module = LNFreeModule(model, SimpleNamespace())
+    assert module._runner() is model and module._runner() is model and not module._compiled
+
+
 def test_compile_wraps_the_model_once_and_raises_the_recompile_limit():
     """model.compile=true: one torch.compile wrapper, made at first use (compilation itself happens at its first
     call, which this test never makes), and a recompile limit of 4 x (sites + 2), never lowered."""
@@ -189,7 +198,6 @@ def test_compile_wraps_the_model_once_and_raises_the_recompile_limit():
         for n in names:
             setattr(cfg, n, 2)
         _, model = stock_and_removable()
-        assert LNFreeModule(model, SimpleNamespace())._runner() is model  # compile off: the model itself
         module = LNFreeModule(model, SimpleNamespace(), compile=True)
         runner = module._runner()
         assert runner is not model and runner._orig_mod is model and module._runner() is runner

@@ -1,10 +1,23 @@
 """The norm site's statistics (lnfree/norm.py), each against a hand computation: the running std estimate (EMA
-of per-step means, per token category, padding ignored) and what freezing it makes of the special sigmas."""
+of per-step means, per token category, padding ignored) and what freezing it makes of the special sigmas; and the
+norm layers' dtypes and split-input projections, one layer at a time."""
 
 import pytest
 import torch
+from torch import nn
 
-from lnfree.norm import BOS, EOT, IGNORED, ORDINARY, NormSite
+from lnfree.norm import (
+    BOS,
+    EOT,
+    IGNORED,
+    ORDINARY,
+    NormSite,
+    RemovableLayerNorm,
+    SplitInputLinear,
+    SplitLayerNorm,
+    SplitQKVProjection,
+    TokenContext,
+)
 
 
 def _commit(site, momentum):
@@ -51,3 +64,68 @@ def test_freeze_takes_the_running_estimate_and_special_sigmas_fall_back_when_uns
     assert not site.special_active and float(site.divisor(cat)) == pytest.approx(2.0)  # one scalar again
     with pytest.raises(RuntimeError, match="already removed"):
         site.freeze()
+
+
+def _calibrate(module, x, sites, category=None, **freeze):
+    """One recorded forward (training mode), then each of `sites` frozen at that step's mean."""
+    module.ctx.category = category
+    module.train()
+    module(x)
+    for site in sites:
+        site.commit(site.acc.clone(), 0.9)
+        site.freeze(**freeze)
+
+
+def test_rmsnorm_real_and_frozen_keep_a_bf16_models_dtype_even_with_special_sigmas():
+    ln = RemovableLayerNorm(8, 1e-6, TokenContext(), centre=False)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+    ln = ln.to(torch.bfloat16)
+    x = torch.randn(2, 5, 8).to(torch.bfloat16)
+    real = ln(x)
+    xf = x.float()
+    assert real.dtype == torch.bfloat16  # as Hugging Face's LlamaRMSNorm: fp32 inside, cast back before gamma
+    assert torch.equal(real, ln.weight * (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).bfloat16())
+    category = torch.full((2, 5), ORDINARY)
+    category[:, 0] = BOS
+    _calibrate(ln, x, [ln.site], category, special_bos=True)
+    assert ln.site.sigma.dtype == torch.float32 and ln.site.special_active  # per-token fp32 sigmas [2, 5, 1]
+    frozen = ln(x)
+    assert frozen.dtype == torch.bfloat16
+    sigma = ln.site.sigma[category].unsqueeze(-1)
+    assert torch.allclose(frozen.float(), xf * ln.weight.float() / sigma, rtol=2e-2, atol=1e-3)
+
+
+@pytest.mark.parametrize("centre,bias", [(True, True), (False, True), (False, False)])
+def test_split_input_linear_under_autocast_returns_the_autocast_dtype_and_each_paths_projection(centre, bias):
+    # a Llama q/k/v_proj (RMSNorm, with or without bias) or NeoX query_key_value (LayerNorm) reading ln_1's
+    # [u, f_qk, f_v] once its query/key path is frozen: under bf16 autocast it returns bf16, as nn.Linear does
+    ln = SplitLayerNorm(8, 1e-5, TokenContext(), centre=centre)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        if centre:
+            ln.bias.normal_(0, 0.1)
+    linear = nn.Linear(8, 6, bias=bias)
+    proj = SplitInputLinear(linear, ln, torch.tensor([False] * 4 + [True] * 2))
+    x = torch.randn(2, 5, 8)
+    _calibrate(ln, x, [ln.qk])
+    ln.eval()
+    split = ln(x)
+    assert split.shape == (2, 5, 10)
+    x_qk, x_v = ln.paths(split)
+    expected = torch.where(proj.v_cols, linear(x_v), linear(x_qk))
+    assert torch.allclose(proj(split), expected, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, plain = proj(split), linear(x)
+    assert out.dtype == plain.dtype == torch.bfloat16
+    assert torch.allclose(out.float(), expected, atol=5e-2)
+
+
+def test_split_qkv_projection_is_initialised_as_the_conv1d_it_stands_in_for():
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(0)
+    ours, stock = SplitQKVProjection(64, SplitLayerNorm(64, 1e-5, TokenContext())), Conv1D(3 * 64, 64)
+    assert ours.weight.shape == stock.weight.shape and torch.equal(ours.bias, stock.bias)
+    assert float(ours.weight.detach().std()) == pytest.approx(float(stock.weight.detach().std()), rel=0.05)
+    assert abs(float(ours.weight.detach().mean())) < 0.002

@@ -5,6 +5,7 @@ from lnfree.schedule import (
     ScheduleError,
     build_events,
     canonical_event_name,
+    kind_entries,
     kind_problems,
     kind_starts,
     normal_form,
@@ -225,3 +226,24 @@ def test_a_run_dirs_saved_gpt2_keyed_schedule_still_fits_the_schema_and_gives_th
     generic = {"pre_mlp": {"start": 4, "gap": 1}, "attn_qk": {"gap": 2}, "attn_v": {"gap": 4}}
     assert build_events(schedule, 2) == build_events(generic, 2)
     assert [e.name for e in build_events(schedule, 2)][-1] == "final" and kind_problems(schedule) == []
+
+
+def test_a_norm_kinds_null_gap_is_zero_and_every_problem_is_named_in_one_error():
+    s = sched(attn_qk={"start": 50, "gap": None})  # a null gap set beside a start: every block at that start
+    assert kind_problems(s) == []
+    assert [e.step for e in build_events(s, 3) if e.kind == "attn_qk"] == [50, 50, 50]
+    two = sched(pre_mlp={"start": -1, "gap": -2})
+    assert len(kind_problems(two)) == 2
+    with pytest.raises(ScheduleError) as err:
+        kind_starts(two, 3)
+    assert str(err.value) == "; ".join(kind_problems(two))  # each problem, in order, "; " between them
+
+
+def test_kind_entries_refuses_a_kind_set_under_both_names_naming_each():
+    s = {**sched(final={"start": 70}), "ln2": {"start": 20, "gap": 2}, "lnf": {"start": 99}}
+    with pytest.raises(ScheduleError) as err:
+        kind_entries(s)
+    assert str(err.value) == "; ".join(kind_problems(s))
+    assert str(err.value).startswith("pre_mlp is set twice") and "final is set twice" in str(err.value)
+    with pytest.raises(ScheduleError, match="final is set twice"):
+        normal_form({"lnf": {"start": 1}, "final": {"start": 2}})
