@@ -253,12 +253,14 @@ class SplitQKVProjection(nn.Module):
     It reads beta from its block's ln_1 (a plain reference, not a submodule: state dicts keep HF's names).
     """
 
-    def __init__(self, n_embd: int, ln: SplitLayerNorm):
+    def __init__(self, n_embd: int, ln: SplitLayerNorm, std: float):
         super().__init__()
         self.nx, self.nf = n_embd, 3 * n_embd
         self.weight = nn.Parameter(torch.empty(n_embd, 3 * n_embd))
         self.bias = nn.Parameter(torch.zeros(3 * n_embd))
-        nn.init.normal_(self.weight, std=0.02)
+        # as GPT-2 initialises its Conv1D (normal, std = config.initializer_range): HF's _init_weights does not
+        # know this class, so a removable model built from a config gets the stock init only through `std`
+        nn.init.normal_(self.weight, std=std)
         self._ln = (ln,)  # tuple: not registered as a child module
 
     @property

@@ -125,7 +125,21 @@ def test_split_qkv_projection_is_initialised_as_the_conv1d_it_stands_in_for():
     from transformers.pytorch_utils import Conv1D
 
     torch.manual_seed(0)
-    ours, stock = SplitQKVProjection(64, SplitLayerNorm(64, 1e-5, TokenContext())), Conv1D(3 * 64, 64)
+    ours, stock = SplitQKVProjection(64, SplitLayerNorm(64, 1e-5, TokenContext()), 0.02), Conv1D(3 * 64, 64)
     assert ours.weight.shape == stock.weight.shape and torch.equal(ours.bias, stock.bias)
     assert float(ours.weight.detach().std()) == pytest.approx(float(stock.weight.detach().std()), rel=0.05)
     assert abs(float(ours.weight.detach().mean())) < 0.002
+
+
+def test_a_removable_gpt2_from_a_config_follows_its_initializer_range():
+    """HF's _init_weights skips SplitQKVProjection (not a Conv1D): c_attn must still get the config's std."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from lnfree.model import make_removable
+
+    cfg = GPT2Config(vocab_size=64, n_positions=16, n_embd=64, n_layer=2, n_head=4, initializer_range=0.2)
+    torch.manual_seed(0)
+    ours, stock = make_removable(cfg), GPT2LMHeadModel(cfg)
+    for a, b in zip(ours.transformer.h, stock.transformer.h):
+        assert float(a.attn.c_attn.weight.std()) == pytest.approx(float(b.attn.c_attn.weight.std()), rel=0.05)
+        assert float(a.attn.c_attn.weight.std()) == pytest.approx(0.2, rel=0.05)

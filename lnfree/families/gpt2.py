@@ -62,7 +62,7 @@ class GPT2Family(Family):
         d, eps = model.config.n_embd, model.config.layer_norm_epsilon
         for block in model.transformer.h:
             block.ln_1 = SplitLayerNorm(d, eps, ctx)
-            block.attn.c_attn = SplitQKVProjection(d, block.ln_1)
+            block.attn.c_attn = SplitQKVProjection(d, block.ln_1, model.config.initializer_range)
             block.ln_2 = RemovableLayerNorm(d, eps, ctx)
         model.transformer.ln_f = RemovableLayerNorm(d, eps, ctx)
 
