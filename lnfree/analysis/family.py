@@ -33,8 +33,9 @@ DEPTH_TOL = 0.003  # the depth family's convergence tolerance in nats (conf/pret
 CRITERIA = {
     "val_min": "kept weights: the validation-minimum checkpoint; converged: the best validation CE improved by at "
                "most {tol} nats during the last 10% of steps",
-    "tail_average": "kept weights: the mean of the checkpoints of the last 10% of steps; converged: its validation "
-                    "CE is at most {tol} nats below that of the mean of the 10% before",
+    "tail_average": "kept weights: the mean of the checkpoints of the last 10% of steps; converged: the "
+                    "checkpoints' validation CE, averaged over the last 10% of steps, is at most {tol} nats below its "
+                    "average over the 10% before",
 }
 
 
@@ -75,13 +76,16 @@ def late_gain(curve: dict[int, float], max_steps: int, tol: float) -> dict:
 
 
 def window_gain(record: dict, tol: float) -> dict:
-    """The tail_average criterion from a run's tail_average.json: how much the mean of the last window's
-    checkpoints improved on the mean of the window before."""
-    gain = record["val_ce_previous"] - record["val_ce"]
+    """The tail_average criterion (criterion 3) from a run's tail_average.json: how much the checkpoints'
+    validation CE, averaged over the last 10% of steps, improved on its average over the 10% before. Beside it:
+    the same comparison on the two windows' averaged weights (criterion 2, biased towards converged: averaging
+    gains more in the earlier, higher-LR window) and how much the last window's two halves differ."""
+    singles = record["checkpoints_val_ce"]
+    gain = singles["previous"] - singles["last"]
     halves = [h for h in record["val_ce_halves"] if h is not None]
-    return {"window_gain": gain, "window": record["window"], "val_ce": record["val_ce"],
-            "val_ce_previous": record["val_ce_previous"],
-            "halves_diff": abs(halves[0] - halves[1]) if len(halves) == 2 else None,
+    return {"window_gain": gain, "averaged_weights_gain": record["val_ce_previous"] - record["val_ce"],
+            "window": record["window"], "val_ce": record["val_ce"], "val_ce_previous": record["val_ce_previous"],
+            "checkpoints_val_ce": singles, "halves_diff": abs(halves[0] - halves[1]) if len(halves) == 2 else None,
             "overfit": gain < -tol, "met": gain <= tol}
 
 
@@ -233,13 +237,16 @@ def replicates_table(res: dict) -> str:
     tail = res.get("keep") == "tail_average"
     head = ["size", "layers x width", "non-embedding", "replicate (seed)", "kept", "val CE (kept)",
             "val CE (last checkpoint)"]
-    head += ["window gain", "halves differ by", "late gain (val-min)"] if tail else ["late gain"]
+    head += (["window gain (checkpoints)", "window gain (averaged weights)", "halves differ by",
+              "late gain (val-min)"] if tail else ["late gain"])
     rows = ["| " + " | ".join(head + ["converged"]) + " |", "|" + "---|" * (len(head) + 1)]
     for x in res["sizes"]:
         for r in x["pretrained"]:
             c = r["convergence"]
-            gains = ([_gain(c["tail_average"]["window_gain"]), _gain(c["tail_average"]["halves_diff"]).lstrip("+"),
-                      _gain(c["val_min"]["late_gain"])] if tail else [_gain(c["late_gain"])])
+            t = c.get("tail_average", {})
+            gains = ([_gain(t["window_gain"]), _gain(t["averaged_weights_gain"]),
+                      _gain(t["halves_diff"]).lstrip("+"), _gain(c["val_min"]["late_gain"])]
+                     if tail else [_gain(c["late_gain"])])
             cells = [x["name"], f"{x['n_layer']} x {x['n_embd']}", f"{x['non_embedding_params']:,}",
                      f"{r['replicate']} ({r['seed']})", r["kept"], f"{r['val_ce']:.4f}", f"{r['val_ce_last']:.4f}",
                      *gains, "yes" if r["converged"] else "**no**"]

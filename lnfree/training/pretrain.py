@@ -27,7 +27,7 @@ import hydra
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from ..analysis.family import val_min
+from ..analysis.family import val_by_step, val_min
 from ..export import export_hf
 from ..io import (
     BUILTIN_PREFIX,
@@ -41,6 +41,7 @@ from ..io import (
 )
 from ..paths import CONF_DIR, RUN_SUMMARY
 from . import config as _config  # noqa: F401  (registers the schemas)
+from .loggers import read_metrics
 from .tail_average import tail_average
 from .train import ConfigError, train
 
@@ -103,8 +104,9 @@ def pretrain(cfg: DictConfig) -> Path:
     if keep == "val_min":
         kept_step, kept_ce = val_min(out, summary["steps"])
     elif keep == "tail_average":
+        logged = val_by_step(read_metrics(out).get("val/ce", []), summary["steps"])
         kept_model, record = tail_average(out, summary["steps"], cfg.trainer.ckpt_every, _val_data(run_cfg),
-                                          cfg.data.micro_batch_size)
+                                          cfg.data.micro_batch_size, logged)
         kept_step, kept_ce = record["window"], record["val_ce"]
     info = {
         "name": cfg.model.name,

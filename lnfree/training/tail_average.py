@@ -3,10 +3,13 @@
 Why (the depth family, conf/pretrain_depth.yaml): at the end of a small model's pretraining the weights jitter
 from step to step under SGD, and validation CE on the same 65,536 tokens moves by 0.01-0.04 nats between
 checkpoints 100 steps apart. A convergence tolerance of 0.003 nats on single checkpoints is then decided by that
-jitter. The mean of the checkpoints of a window (a uniform average of weights, as in "latest weight averaging")
-smooths it: the two halves of one window (every other checkpoint) differ by a few thousandths of a nat, not by
-hundredths. Convergence compares the mean of the last 10% of steps with the mean of the 10% before
-(lnfree/analysis/family.py); the last window's mean is the kept model.
+jitter. The kept model is the mean of the checkpoints of the last 10% of steps (a uniform average of weights,
+as in "latest weight averaging"): no lucky draw is chosen, and the two halves of one window (every other
+checkpoint) differ by a few thousandths of a nat, not by hundredths.
+Convergence (lnfree/analysis/family.py: window_gain) is judged on the checkpoints' own validation CE, averaged over
+each window (the last 10% of steps against the 10% before), not on the averaged weights: averaging gains more where
+the learning rate is higher, i.e. in the earlier window, so comparing two windows' averaged weights leans towards
+"converged" (criterion 2's flaw, experiments/depth_family/README.md). Both are recorded.
 
 Only floating-point tensors are averaged (weights, and the norm sites' float buffers, which pretraining with
 schedule=none leaves at their initial values); others are taken from the window's last checkpoint.
@@ -70,11 +73,16 @@ def validation_ce(model, val_data: torch.Tensor, batch: int) -> float:
     return total / len(val_data)
 
 
-def tail_average(run_dir: Path, steps: int, every: int, val_data: torch.Tensor, batch: int):
+def tail_average(run_dir: Path, steps: int, every: int, val_data: torch.Tensor, batch: int,
+                 logged: dict[int, float]):
     """(the last window's averaged model, its record): validation CE of the last window's mean, of the window
-    before's mean, and of the two halves of the last window (every other checkpoint: how much the mean itself
-    still jitters). Written to <run_dir>/tail_average.json."""
+    before's mean, of the two halves of the last window (every other checkpoint: how much the mean itself still
+    jitters), and the mean over each window of the validation CE logged for its checkpoints (`logged`: optimizer
+    step -> CE, training's own validations). Written to <run_dir>/tail_average.json."""
     last, previous = windows(steps, every)
+    missing = [s for s in last + previous if s not in logged]
+    if missing:
+        raise ValueError(f"{run_dir}: no logged validation at checkpoint steps {missing}")
     ce = {}
     for key, window in (("previous", previous), ("first_half", last[0::2]), ("second_half", last[1::2])):
         if window:
@@ -83,6 +91,8 @@ def tail_average(run_dir: Path, steps: int, every: int, val_data: torch.Tensor, 
     kept = average_checkpoints([checkpoint_path(run_dir, s) for s in last])
     record = {"steps": steps, "window": [last[0], last[-1]], "n_checkpoints": len(last),
               "previous_window": [previous[0], previous[-1]], "val_ce": validation_ce(kept, val_data, batch),
-              "val_ce_previous": ce["previous"], "val_ce_halves": [ce.get("first_half"), ce.get("second_half")]}
+              "val_ce_previous": ce["previous"], "val_ce_halves": [ce.get("first_half"), ce.get("second_half")],
+              "checkpoints_val_ce": {"last": sum(logged[s] for s in last) / len(last),
+                                     "previous": sum(logged[s] for s in previous) / len(previous)}}
     (Path(run_dir) / RECORD).write_text(json.dumps(record, indent=1))
     return kept, record
