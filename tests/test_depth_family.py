@@ -197,7 +197,9 @@ def test_extra_replicates_follow_the_verdicts_in_the_cache(tmp_path):
         d.mkdir(parents=True)
         rec = {"window": [7300, 8000], "val_ce": 4.5, "val_ce_previous": 4.5, "val_ce_halves": [4.5, 4.5],
                "checkpoints_val_ce": {"previous": 4.5 + gain, "last": 4.5}}
-        (d / "pretrain_info.json").write_text(json.dumps({"kept": "tail_average", "tail_average": rec}))
+        # 16,000 steps: continued as far as recipe 3 goes, so a "not converged" is settled
+        (d / "pretrain_info.json").write_text(json.dumps({"kept": "tail_average", "tail_average": rec,
+                                                          "steps": 16_000}))
     base = [("builtin_l1w32", 1, "l1w32_s1"), ("builtin_l1w32", 2, "l1w32_s2"), ("builtin_l2w64", 1, "l2w64_s1"),
             ("builtin_l2w64", 2, "l2w64_s2")]
     member("l1w32_s1", -0.008)
@@ -220,10 +222,64 @@ def test_extra_replicates_follow_the_verdicts_in_the_cache(tmp_path):
     assert {j[2] for j in probe.probe_jobs([], g)} == {1}  # first of each settled pair; none for l3w96, l4w128
 
 
+@pytest.mark.slow
+def test_a_finished_pretraining_continues_at_its_final_learning_rate(tmp_path):
+    """Recipe 3: a member not converged goes on from its last checkpoint for more steps, at min_lr (past the cosine
+    horizon), and its windows keep the recipe's width; another recipe or horizon is refused before any compute."""
+    base = ("trainer.val_every=1", "trainer.ckpt_every=1", "trainer.log_every=1", "optim.warmup_steps=5")
+    _tiny_pretrain(tmp_path, "model.pretrain_steps=20", *base, keep="tail_average")
+    run = tmp_path / "runs" / "l1w32_s2"
+    with pytest.raises(ValueError, match="optim.decay_steps=20"):
+        _tiny_pretrain(tmp_path, "model.pretrain_steps=24", *base, keep="tail_average")  # horizon would move
+    with pytest.raises(ValueError, match="optim.lr"):
+        _tiny_pretrain(tmp_path, "model.pretrain_steps=24", "optim.decay_steps=20", "optim.lr=1e-3", *base,
+                       keep="tail_average")
+    cfg, dest = _tiny_pretrain(tmp_path, "model.pretrain_steps=24", "optim.decay_steps=20", *base,
+                               keep="tail_average")
+    assert json.loads((run / "summary.json").read_text())["steps"] == 24
+    assert json.loads((run / "summary_step000020.json").read_text())["steps"] == 20
+    lrs = dict(read_metrics(run)["train/lr"])
+    assert all(lrs[s] == pytest.approx(cfg.optim.min_lr) for s in lrs if s >= 20) and any(s >= 20 for s in lrs)
+    record = json.loads((run / "tail_average.json").read_text())
+    assert record["window"] == [23, 24] and record["previous_window"] == [21, 22]
+    assert json.loads((dest / "pretrain_info.json").read_text())["steps"] == 24
+    # asked again for the same 24 steps: exported again, not trained
+    mtime = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
+    _tiny_pretrain(tmp_path, "model.pretrain_steps=24", "optim.decay_steps=20", *base, keep="tail_average")
+    assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
+
+
+def test_a_member_not_converged_is_continued_one_segment_at_a_time(tmp_path):
+    cache, runs = tmp_path / "cache", tmp_path / "runs"
+
+    def member(name, steps, gain, horizon=None):
+        d = builtin_dir(name, cache, shipped=False)
+        d.mkdir(parents=True)
+        rec = {"window": [steps - 700, steps], "val_ce": 4.5, "val_ce_previous": 4.5, "val_ce_halves": [4.5, 4.5],
+               "checkpoints_val_ce": {"previous": 4.5 + gain, "last": 4.5}}
+        (d / "pretrain_info.json").write_text(json.dumps({"kept": "tail_average", "tail_average": rec,
+                                                          "steps": steps}))
+        (runs / name).mkdir(parents=True)
+        (runs / name / "summary.json").write_text(json.dumps({"steps": steps,
+                                                              "config": {"optim": {"decay_steps": horizon}}}))
+    member("l1w32_s1", 8000, 0.007)  # not converged after the recipe's 8000 steps: 800 more at the final LR
+    assert fam.continuation("l1w32_s1", cache, runs) == ("model.pretrain_steps=8800", "optim.decay_steps=8000")
+    assert verdict("l1w32_s1", cache) is None  # not settled while it can go on
+    assert fam.steps_args("l1w32_s1", runs) == ()  # never continued: the recipe's own steps
+    member("l1w32_s2", 8800, 0.005, horizon=8000)  # continued once, still improving: again
+    assert fam.continuation("l1w32_s2", cache, runs) == ("model.pretrain_steps=9600", "optim.decay_steps=8000")
+    assert fam.steps_args("l1w32_s2", runs) == ("model.pretrain_steps=8800", "optim.decay_steps=8000")
+    member("l2w64_s1", 8800, 0.001, horizon=8000)  # converged: done
+    assert fam.continuation("l2w64_s1", cache, runs) is None and verdict("l2w64_s1", cache) is True
+    member("l2w64_s2", 16000, 0.01, horizon=8000)  # at recipe 3's limit: settled as not converged
+    assert fam.continuation("l2w64_s2", cache, runs) is None and verdict("l2w64_s2", cache) is False
+
+
 def test_windows_are_the_last_two_tenths_of_the_checkpoints():
     last, prev = windows(8000, 100)
     assert last == list(range(7300, 8001, 100)) and prev == list(range(6500, 7201, 100))
     assert windows(20, 1) == ([19, 20], [17, 18])
+    assert windows(8800, 100, horizon=8000) == (list(range(8100, 8801, 100)), list(range(7300, 8001, 100)))
     with pytest.raises(ValueError, match="needs checkpoints"):
         windows(100, 50)  # one checkpoint at 100, none in 80-90
 

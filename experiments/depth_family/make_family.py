@@ -37,7 +37,14 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from lnfree.analysis.family import MOST_REPLICATES, replicates_needed, verdict  # noqa: E402
+from lnfree.analysis.family import (  # noqa: E402
+    DEPTH_TOL,
+    MOST_REPLICATES,
+    MOST_STEPS,
+    replicates_needed,
+    verdict,
+    window_gain,
+)
 from lnfree.io import BUILTIN_PREFIX, builtin_dir  # noqa: E402
 from lnfree.paths import DEFAULT_CACHE_DIR, RUN_SUMMARY  # noqa: E402
 
@@ -149,6 +156,35 @@ def restore_partial(name: str, runs: Path, partial: Path = PARTIAL) -> bool:
     return True
 
 
+SEGMENT = 800  # recipe 3: steps per continuation segment (the width of a convergence window)
+
+
+def _summary(name: str, runs: Path) -> dict | None:
+    f = runs / name / RUN_SUMMARY
+    return json.loads(f.read_text()) if f.exists() else None
+
+
+def steps_args(name: str, runs: Path) -> tuple[str, ...]:
+    """The overrides naming a continued member's own steps and cosine horizon (so that exporting it again asks
+    for the run it is); () for one never continued (the recipe's own steps)."""
+    done = _summary(name, runs)
+    horizon = done and done["config"]["optim"].get("decay_steps")
+    return (f"model.pretrain_steps={done['steps']}", f"optim.decay_steps={horizon}") if horizon else ()
+
+
+def continuation(name: str, cache_dir, runs: Path, tol: float = DEPTH_TOL) -> tuple[str, ...] | None:
+    """Recipe 3: the overrides continuing a finished member that is not converged by one more segment at the
+    final learning rate, or None (converged, not finished here, or at MOST_STEPS)."""
+    info, done = builtin_dir(name, cache_dir) / "pretrain_info.json", _summary(name, runs)
+    if not info.exists() or done is None or done["steps"] + SEGMENT > MOST_STEPS:
+        return None
+    record = json.loads(info.read_text()).get("tail_average")
+    if not record or window_gain(record, tol)["met"]:
+        return None
+    horizon = done["config"]["optim"].get("decay_steps") or done["steps"]
+    return f"model.pretrain_steps={done['steps'] + SEGMENT}", f"optim.decay_steps={horizon}"
+
+
 def pretrain_cmd(option: str, replicate: int, run_dir: Path, extra: tuple[str, ...] = ()) -> list[str]:
     cmd = [sys.executable, "-m", "lnfree.pretrain", "--config-name", "pretrain_depth", f"model={option}",
            f"model.replicate={replicate}", f"hydra.run.dir={run_dir}", "trainer.progress_bar=false", *extra]
@@ -172,20 +208,40 @@ def main():
     cache = Path(a.cache_dir).expanduser()
     runs = cache / "pretrain_runs"
     keep = recipe_keep()
+    if a.save or a.snapshot:
+        for _, _, name in with_extra_replicates(members(), cache):
+            if a.save:
+                print(f"{name}: {'saved' if save(name, cache) else 'not finished'}", flush=True)
+            elif snapshot(name, runs):
+                print(f"{name}: snapshot in {PARTIAL / name}", flush=True)
+            else:
+                print(f"{name}: nothing unfinished", flush=True)
+        return
+    previous = None
+    while True:  # rounds: a finished member may need a continuation, a size another replicate
+        todo = plan(cache, runs, keep, a)
+        if a.dry_run or not todo or todo == previous:
+            for name, cmd in todo if a.dry_run else []:
+                print(f"{name}: {' '.join(cmd[1:])}", flush=True)
+            return
+        if rc := pretrain_all(todo, runs, max(1, a.jobs)):
+            sys.exit(rc)
+        previous = todo
+
+
+def plan(cache: Path, runs: Path, keep: str, a) -> list[tuple[str, list[str]]]:
+    """The pretraining commands this round: missing members, continuations (recipe 3), exports again."""
     todo = []
     for option, r, name in with_extra_replicates(members(), cache):
-        if a.save:
-            print(f"{name}: {'saved' if save(name, cache) else 'not finished'}", flush=True)
-            continue
-        if a.snapshot:
-            print(f"{name}: {'snapshot in ' + str(PARTIAL / name) if snapshot(name, runs) else 'nothing unfinished'}",
-                  flush=True)
-            continue
         state = cached_state(name, cache, runs, keep)
         if state == "export again":
             print(f"{name}: in the cache, kept under another rule than model.pretrain_keep={keep}: exported again "
                   "from its run dir", flush=True)
-            todo.append((name, pretrain_cmd(option, r, runs / name, tuple(a.extra))))
+            todo.append((name, pretrain_cmd(option, r, runs / name, (*steps_args(name, runs), *a.extra))))
+            continue
+        if state == "ok" and (more := continuation(name, cache, runs)):
+            print(f"{name}: not converged: continued ({' '.join(more)})", flush=True)
+            todo.append((name, pretrain_cmd(option, r, runs / name, (*more, *a.extra))))
             continue
         if state is not None:
             print(f"{name}: in the cache" + ("" if state == "ok" else f", kept under another rule than "
@@ -199,12 +255,8 @@ def main():
             continue
         if not a.dry_run and restore_partial(name, runs):
             print(f"{name}: run dir restored from {PARTIAL / name}: resumes", flush=True)
-        todo.append((name, pretrain_cmd(option, r, runs / name, tuple(a.extra))))
-    if a.dry_run:
-        for name, cmd in todo:
-            print(f"{name}: {' '.join(cmd[1:])}", flush=True)
-        return
-    sys.exit(pretrain_all(todo, runs, max(1, a.jobs)))
+        todo.append((name, pretrain_cmd(option, r, runs / name, (*steps_args(name, runs), *a.extra))))
+    return todo
 
 
 def pretrain_all(todo: list[tuple[str, list[str]]], runs: Path, jobs: int) -> int:

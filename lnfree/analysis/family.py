@@ -91,6 +91,7 @@ def window_gain(record: dict, tol: float) -> dict:
 
 # -- the depth family's replicates (experiments/depth_family/README.md: "What follows for a size") ------------
 MOST_REPLICATES = 4
+MOST_STEPS = 16_000  # recipe 3: a member is continued at the final learning rate up to this many steps in all
 
 
 def replicates_needed(converged: dict[int, bool | None], base: int = 2, most: int = MOST_REPLICATES) -> list[int]:
@@ -107,15 +108,19 @@ def replicates_needed(converged: dict[int, bool | None], base: int = 2, most: in
 
 
 def verdict(name: str, cache_dir=DEFAULT_CACHE_DIR, tol: float = DEPTH_TOL) -> bool | None:
-    """Whether a finished member converged by the tail-average criterion (its pretrain_info.json), None if it is
-    not in the cache or was kept under another rule."""
+    """Whether a member is settled as converged (True) or not (False) by the tail-average criterion (its
+    pretrain_info.json). None: not in the cache, kept under another rule, or not converged yet with steps left to
+    continue under recipe 3 (fewer than MOST_STEPS)."""
     from ..io import builtin_dir
 
-    info = builtin_dir(name, cache_dir) / "pretrain_info.json"
-    if not info.exists():
+    f = builtin_dir(name, cache_dir) / "pretrain_info.json"
+    if not f.exists():
         return None
-    record = json.loads(info.read_text()).get("tail_average")
-    return window_gain(record, tol)["met"] if record else None
+    info = json.loads(f.read_text())
+    if not info.get("tail_average"):
+        return None
+    met = window_gain(info["tail_average"], tol)["met"]
+    return None if not met and info["steps"] < MOST_STEPS else met
 
 
 def pair(stem: str, cache_dir=DEFAULT_CACHE_DIR) -> list[int] | None:

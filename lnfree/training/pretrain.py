@@ -13,7 +13,9 @@ lowest logged validation CE is exported. `model.pretrain_keep=tail_average` (the
 criterion on) exports the mean of the checkpoints of the last 10% of steps instead, and records in the run dir the
 validation CE of that mean and of the mean of the 10% before (lnfree/training/tail_average.py).
 A run dir that holds `checkpoints/last*.ckpt` but no summary is resumed from the newest of them by step
-(`ckpt_path`); one that holds a finished run is exported again without training.
+(`ckpt_path`); one that holds a finished run is exported again without training, or, asked for more steps with the
+same recipe and cosine horizon (`model.pretrain_steps=8800 optim.decay_steps=8000`), continued from its last
+checkpoint at the final learning rate (the depth family's recipe 3).
 """
 
 from __future__ import annotations
@@ -77,6 +79,42 @@ def _trained_with(out: Path, keep: str) -> str:
     return json.loads(f.read_text())["config"]["model"].get("pretrain_keep", keep) if f.exists() else keep
 
 
+# what a continuation may change: the number of steps (and spell out a horizon the finished run left implicit)
+CONTINUABLE = {("trainer", "max_steps"), ("model", "pretrain_steps"), ("optim", "decay_steps"),
+               ("model", "pretrain_keep")}
+NOT_RESULTS = {"paths", "ckpt_path", "overwrite", "skip_if_done", "push_to_hub", "hub_private"}
+
+
+def _differences(a, b, where=()) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        return [d for k in sorted(set(a) | set(b)) for d in _differences(a.get(k), b.get(k), (*where, k))]
+    return [] if a == b else [".".join(where)]
+
+
+def _continuation(out: Path, run_cfg: DictConfig) -> str | None:
+    """The last.ckpt of a finished pretraining in `out` that `run_cfg` continues (more steps, the same recipe and
+    cosine horizon: the added steps run at the final learning rate), or None if it asks for no more steps."""
+    f = out / RUN_SUMMARY
+    if not f.exists():
+        return None
+    done = json.loads(f.read_text())
+    if done["steps"] >= run_cfg.trainer.max_steps:
+        return None
+    theirs = done["config"]["optim"].get("decay_steps") or done["steps"]
+    mine = run_cfg.optim.decay_steps or run_cfg.trainer.max_steps
+    if mine != theirs:
+        raise ConfigError(f"{out} holds a pretraining of {done['steps']} steps with a cosine horizon of {theirs}: "
+                          f"continuing it needs optim.decay_steps={theirs} (got {mine})")
+    mine_c, theirs_c = OmegaConf.to_container(run_cfg, resolve=True), done["config"]
+    diff = [d for d in _differences({k: v for k, v in theirs_c.items() if k not in NOT_RESULTS},
+                                    {k: v for k, v in mine_c.items() if k not in NOT_RESULTS})
+            if tuple(d.split(".")[:2]) not in CONTINUABLE]
+    if diff:
+        raise ConfigError(f"{out} holds a finished pretraining with another recipe ({', '.join(diff)} differ): a "
+                          "continuation may change only model.pretrain_steps")
+    return str(out / "checkpoints" / "last.ckpt")
+
+
 def pretrain(cfg: DictConfig) -> Path:
     if not cfg.model.source.startswith(BUILTIN_PREFIX):
         raise ModelIOError(f"pretrain is for the built-in family (model=builtin_*), not {cfg.model.source!r}")
@@ -96,7 +134,12 @@ def pretrain(cfg: DictConfig) -> Path:
         run_cfg.model.source, run_cfg.model.tokenizer = RANDOM, BUILTIN_TOKENIZER
         run_cfg.ckpt_path = _resume_point(out, cfg)
         run_cfg.model.pretrain_keep = _trained_with(out, keep)
-        if (out / RUN_SUMMARY).exists():
+        if (resume := _continuation(out, run_cfg)) is not None:  # the summary moves aside: the run goes on
+            done = json.loads((out / RUN_SUMMARY).read_text())["steps"]
+            (out / RUN_SUMMARY).rename(out / f"summary_step{done:06d}.json")
+            print(f"[lnfree] continuing the pretraining in {out} from step {done} to {cfg.trainer.max_steps}")
+            run_cfg.ckpt_path = resume
+        elif (out / RUN_SUMMARY).exists():
             run_cfg.skip_if_done = True  # a finished run (same config) is not trained again
     summary = train(run_cfg)
     hf_dir = Path(summary["output_dir"]) / "export" / "hf"
@@ -106,7 +149,7 @@ def pretrain(cfg: DictConfig) -> Path:
     elif keep == "tail_average":
         logged = val_by_step(read_metrics(out).get("val/ce", []), summary["steps"])
         kept_model, record = tail_average(out, summary["steps"], cfg.trainer.ckpt_every, _val_data(run_cfg),
-                                          cfg.data.micro_batch_size, logged)
+                                          cfg.data.micro_batch_size, logged, cfg.optim.decay_steps)
         kept_step, kept_ce = record["window"], record["val_ce"]
     info = {
         "name": cfg.model.name,

@@ -29,9 +29,11 @@ WINDOW = 0.1  # fraction of the steps in each window
 RECORD = "tail_average.json"  # in the run dir, read by lnfree/analysis/family.py
 
 
-def windows(steps: int, every: int, frac: float = WINDOW) -> tuple[list[int], list[int]]:
-    """Checkpoint steps (one every `every`) in the last `frac` of `steps` and in the `frac` before it."""
-    width = round(frac * steps)
+def windows(steps: int, every: int, frac: float = WINDOW, horizon: int | None = None) -> tuple[list[int], list[int]]:
+    """Checkpoint steps (one every `every`) in the last window of `steps` and in the window before it; a window is
+    `frac` of the cosine horizon (default `steps`), so a pretraining continued past its horizon at the final
+    learning rate keeps windows of the recipe's width (e.g. 800 steps for a horizon of 8000)."""
+    width = round(frac * (horizon or steps))
     saved = range(every, steps + 1, every)
     last = [s for s in saved if s > steps - width]
     previous = [s for s in saved if steps - 2 * width < s <= steps - width]
@@ -74,12 +76,12 @@ def validation_ce(model, val_data: torch.Tensor, batch: int) -> float:
 
 
 def tail_average(run_dir: Path, steps: int, every: int, val_data: torch.Tensor, batch: int,
-                 logged: dict[int, float]):
+                 logged: dict[int, float], horizon: int | None = None):
     """(the last window's averaged model, its record): validation CE of the last window's mean, of the window
     before's mean, of the two halves of the last window (every other checkpoint: how much the mean itself still
     jitters), and the mean over each window of the validation CE logged for its checkpoints (`logged`: optimizer
     step -> CE, training's own validations). Written to <run_dir>/tail_average.json."""
-    last, previous = windows(steps, every)
+    last, previous = windows(steps, every, horizon=horizon)
     missing = [s for s in last + previous if s not in logged]
     if missing:
         raise ValueError(f"{run_dir}: no logged validation at checkpoint steps {missing}")
