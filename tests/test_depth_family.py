@@ -431,3 +431,10 @@ def test_members_are_pretrained_jobs_at_a_time_and_a_failure_stops_new_starts(tm
     todo = [("bad", cmd("raise SystemExit(3)")), ("c", cmd(f"open({str(marker)!r}, 'w')"))]
     assert fam.pretrain_all(todo, tmp_path, jobs=1) == 3
     assert not marker.exists()  # not started after the failure
+    # a member's next segment goes to the front of the queue as soon as its command succeeds
+    order = tmp_path / "order"
+    step = lambda tag: cmd(f"open({str(order)!r}, 'a').write({tag!r})")  # noqa: E731
+    todo = [("small", step("s1")), ("large", step("L"))]
+    assert fam.pretrain_all(todo, tmp_path, jobs=1, followup=lambda n: step("s2") if (
+        n == "small" and "s2" not in order.read_text()) else None) == 0
+    assert order.read_text() == "s1s2L"

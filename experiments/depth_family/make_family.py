@@ -224,9 +224,19 @@ def main():
             for name, cmd in todo if a.dry_run else []:
                 print(f"{name}: {' '.join(cmd[1:])}", flush=True)
             return
-        if rc := pretrain_all(todo, runs, max(1, a.jobs)):
+        if rc := pretrain_all(todo, runs, max(1, a.jobs), lambda name: next_segment(name, cache, runs, a)):
             sys.exit(rc)
         previous = todo
+
+
+def next_segment(name: str, cache: Path, runs: Path, a) -> list[str] | None:
+    """The continuation command for a member that just finished a pretraining or a segment, if it needs one."""
+    more = continuation(name, cache, runs)
+    if more is None:
+        return None
+    option, r = next((o, rr) for o, rr, n in with_extra_replicates(members(), cache) if n == name)
+    print(f"{name}: not converged: continued ({' '.join(more)})", flush=True)
+    return pretrain_cmd(option, r, runs / name, (*more, *a.extra))
 
 
 def plan(cache: Path, runs: Path, keep: str, a) -> list[tuple[str, list[str]]]:
@@ -259,8 +269,10 @@ def plan(cache: Path, runs: Path, keep: str, a) -> list[tuple[str, list[str]]]:
     return todo
 
 
-def pretrain_all(todo: list[tuple[str, list[str]]], runs: Path, jobs: int) -> int:
-    """Run the pretraining commands, `jobs` at a time, smallest first; stop starting new ones after a failure."""
+def pretrain_all(todo: list[tuple[str, list[str]]], runs: Path, jobs: int, followup=None) -> int:
+    """Run the pretraining commands, `jobs` at a time, smallest first; stop starting new ones after a failure.
+    `followup(name)`: the next command for a member whose command just succeeded (a continuation segment), or
+    None; it goes to the front of the queue, so a small member's next segment need not wait for a large member."""
     runs.mkdir(parents=True, exist_ok=True)
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     running: dict[str, tuple[subprocess.Popen, float]] = {}
@@ -268,7 +280,7 @@ def pretrain_all(todo: list[tuple[str, list[str]]], runs: Path, jobs: int) -> in
     # a time limit (timeout's SIGTERM) ends the members in flight too (they save a checkpoint and resume later)
     previous = signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        failed = _run(todo, runs, jobs, env, running)
+        failed = _run(todo, runs, jobs, env, running, followup)
     finally:
         signal.signal(signal.SIGTERM, previous)
         for proc, _ in running.values():
@@ -278,7 +290,7 @@ def pretrain_all(todo: list[tuple[str, list[str]]], runs: Path, jobs: int) -> in
     return failed
 
 
-def _run(todo, runs: Path, jobs: int, env: dict, running: dict) -> int:
+def _run(todo, runs: Path, jobs: int, env: dict, running: dict, followup=None) -> int:
     failed = 0
     while todo or running:
         while todo and len(running) < jobs and not failed:
@@ -298,6 +310,8 @@ def _run(todo, runs: Path, jobs: int, env: dict, running: dict) -> int:
                                     "end": time.strftime("%FT%T")}) + "\n")
             print(f"[{time.strftime('%H:%M:%S')}] {name}: rc={rc}, {wall:.0f} s", flush=True)
             failed = failed or rc
+            if not rc and followup is not None and (nxt := followup(name)) is not None:
+                todo.insert(0, (name, nxt))
     return failed
 
 
