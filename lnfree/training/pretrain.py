@@ -45,7 +45,7 @@ from ..paths import CONF_DIR, RUN_SUMMARY
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .loggers import read_metrics
 from .tail_average import tail_average
-from .train import ConfigError, train
+from .train import NOT_RESULTS, ConfigError, train
 
 INFO_FILE = "pretrain_info.json"
 KEEP = ("last", "val_min", "tail_average")
@@ -72,17 +72,15 @@ def _resume_point(out: Path, cfg: DictConfig) -> str | None:
     return cfg.ckpt_path
 
 
-def _trained_with(out: Path, keep: str) -> str:
-    """The model.pretrain_keep a finished run in `out` was trained with, else `keep`. Which weights are kept is
-    chosen after training, so a finished run is exported again under another choice, without training again."""
-    f = out / RUN_SUMMARY
-    return json.loads(f.read_text())["config"]["model"].get("pretrain_keep", keep) if f.exists() else keep
+def _trained_with(done: dict | None, keep: str) -> str:
+    """The model.pretrain_keep a finished run (its summary `done`) was trained with, else `keep`. Which weights are
+    kept is chosen after training, so a finished run is exported again under another choice, without training."""
+    return done["config"]["model"].get("pretrain_keep", keep) if done else keep
 
 
 # what a continuation may change: the number of steps (and spell out a horizon the finished run left implicit)
 CONTINUABLE = {("trainer", "max_steps"), ("model", "pretrain_steps"), ("optim", "decay_steps"),
                ("model", "pretrain_keep")}
-NOT_RESULTS = {"paths", "ckpt_path", "overwrite", "skip_if_done", "push_to_hub", "hub_private"}
 
 
 def _differences(a, b, where=()) -> list[str]:
@@ -91,14 +89,11 @@ def _differences(a, b, where=()) -> list[str]:
     return [] if a == b else [".".join(where)]
 
 
-def _continuation(out: Path, run_cfg: DictConfig) -> str | None:
-    """The last.ckpt of a finished pretraining in `out` that `run_cfg` continues (more steps, the same recipe and
-    cosine horizon: the added steps run at the final learning rate), or None if it asks for no more steps."""
-    f = out / RUN_SUMMARY
-    if not f.exists():
-        return None
-    done = json.loads(f.read_text())
-    if done["steps"] >= run_cfg.trainer.max_steps:
+def _continuation(out: Path, done: dict | None, run_cfg: DictConfig) -> str | None:
+    """The last.ckpt of the finished pretraining in `out` (its summary `done`) that `run_cfg` continues (more steps,
+    the same recipe and cosine horizon: the added steps run at the final learning rate), or None if it asks for no
+    more steps."""
+    if done is None or done["steps"] >= run_cfg.trainer.max_steps:
         return None
     theirs = done["config"]["optim"].get("decay_steps") or done["steps"]
     mine = run_cfg.optim.decay_steps or run_cfg.trainer.max_steps
@@ -133,13 +128,13 @@ def pretrain(cfg: DictConfig) -> Path:
     with open_dict(run_cfg):
         run_cfg.model.source, run_cfg.model.tokenizer = RANDOM, BUILTIN_TOKENIZER
         run_cfg.ckpt_path = _resume_point(out, cfg)
-        run_cfg.model.pretrain_keep = _trained_with(out, keep)
-        if (resume := _continuation(out, run_cfg)) is not None:  # the summary moves aside: the run goes on
-            done = json.loads((out / RUN_SUMMARY).read_text())["steps"]
-            (out / RUN_SUMMARY).rename(out / f"summary_step{done:06d}.json")
-            print(f"[lnfree] continuing the pretraining in {out} from step {done} to {cfg.trainer.max_steps}")
+        done = json.loads((out / RUN_SUMMARY).read_text()) if (out / RUN_SUMMARY).exists() else None
+        run_cfg.model.pretrain_keep = _trained_with(done, keep)
+        if (resume := _continuation(out, done, run_cfg)) is not None:  # the summary moves aside: the run goes on
+            (out / RUN_SUMMARY).rename(out / f"summary_step{done['steps']:06d}.json")
+            print(f"[lnfree] continuing the pretraining in {out} from step {done['steps']} to {cfg.trainer.max_steps}")
             run_cfg.ckpt_path = resume
-        elif (out / RUN_SUMMARY).exists():
+        elif done is not None:
             run_cfg.skip_if_done = True  # a finished run (same config) is not trained again
     summary = train(run_cfg)
     hf_dir = Path(summary["output_dir"]) / "export" / "hf"

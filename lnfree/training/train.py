@@ -61,6 +61,9 @@ from .safety import (
     remove_leftovers,
 )
 
+# top-level config keys that do not change what a run computes (where it writes, whether it resumes or pushes)
+NOT_RESULTS = ("paths", "ckpt_path", "overwrite", "skip_if_done", "push_to_hub", "hub_private")
+
 
 class ConfigError(UserError):
     pass
@@ -372,7 +375,7 @@ def _finished_run(out: Path, cfg) -> dict | None:
         return None
     summary = json.loads(f.read_text())
     mine = OmegaConf.to_container(cfg, resolve=True)
-    ignored = ("paths", "ckpt_path", "overwrite", "skip_if_done", "push_to_hub", "hub_private")  # not results
+    ignored = NOT_RESULTS
     strip = lambda c: {k: v for k, v in c.items() if k not in ignored}  # noqa: E731
     if "finetune" not in summary.get("config", {}) and mine["finetune"]["kind"] == "full":
         mine.pop("finetune")  # a run from before the finetune group existed was a full fine-tune
