@@ -108,6 +108,40 @@ def test_family_record_groups_replicates_with_their_kept_ce_and_flag(tmp_path):
     assert (tmp_path / "out" / rep["curve"]).exists()
 
 
+NON_EMBEDDING = {"l1w32": 12768, "l2w64": 100096}  # the record orders sizes by these
+
+
+def _committed_record(out, *members, keep="tail_average", tol=0.003):
+    """A family.json as committed, one converged replicate per (size, name), val CE 9.0, with its curve."""
+    (out / "curves").mkdir(parents=True, exist_ok=True)
+    sizes = []
+    for size, name in members:
+        (out / "curves" / f"{name}.csv").write_text("step,train_ce,val_ce\n1,9.0,9.0\n")
+        n = int(size[1:size.index("w")])
+        rep = {"name": name, "seed": 1, "replicate": 1, "val_ce": 9.0, "kept": "steps 1-2 (mean)", "val_ce_last": 9.0,
+               "converged": True, "curve": f"curves/{name}.csv",
+               "convergence": {"val_min": {"late_gain": 0.0}, "tail_average": {
+                   "window_gain": 0.0, "averaged_weights_gain": 0.0, "halves_diff": 0.0}}}
+        sizes.append({"name": size, "n_layer": n, "n_embd": 32 * n, "n_head": n, "all_converged": True,
+                      "non_embedding_params": NON_EMBEDDING[size], "params": 2 * NON_EMBEDDING[size],
+                      "pretrained": [rep]})
+    (out / "family.json").write_text(json.dumps({"criterion": "c", "keep": keep, "tol": tol, "sizes": sizes}))
+
+
+def test_members_without_a_run_dir_keep_their_committed_record(tmp_path):
+    """A machine that restored members from the repo has no run dirs for them: the record keeps their entries."""
+    (tmp_path / "runs").mkdir()
+    _committed_record(tmp_path / "out", ("l1w32", "builtin_l1w32_s1"), ("l2w64", "builtin_l2w64_s1"))
+    res = collect(tmp_path / "runs", tmp_path / "out", tol=0.003, keep="tail_average")
+    assert [(x["name"], [r["name"] for r in x["pretrained"]], x["all_converged"]) for x in res["sizes"]] == [
+        ("l1w32", ["builtin_l1w32_s1"], True), ("l2w64", ["builtin_l2w64_s1"], True)]
+    assert json.loads((tmp_path / "out" / "family.json").read_text())["sizes"] == res["sizes"]
+    md = (tmp_path / "out" / "family.md").read_text()
+    assert "| l2w64 | 2 x 64 | 100,096 | 1 (1) | steps 1-2 (mean) | 9.0000 |" in md
+    with pytest.raises(ValueError, match="keep=tail_average, tol=0.003"):  # another criterion is not mixed in
+        collect(tmp_path / "runs", tmp_path / "out", tol=0.002, keep="tail_average")
+
+
 def test_val_min_needs_a_checkpoint_at_every_validation(tmp_path):
     with pytest.raises(ValueError, match="ckpt_every"):
         _tiny_pretrain(tmp_path, "trainer.ckpt_every=4")
@@ -143,8 +177,12 @@ def test_pretrain_keeps_the_mean_of_the_last_window_and_records_both_windows(tmp
     assert record["previous_window"] == [17, 18] and record["val_ce_halves"][0] == pytest.approx(logged[19], abs=1e-5)
     assert record["checkpoints_val_ce"] == {"last": pytest.approx((logged[19] + logged[20]) / 2),
                                             "previous": pytest.approx((logged[17] + logged[18]) / 2)}
+    # a committed record: its entry for this member is replaced by the run dir's, a member without one kept
+    _committed_record(tmp_path / "out", ("l1w32", "builtin_l1w32_s2"), ("l2w64", "builtin_l2w64_s1"))
     # the family record decides convergence by the window gain and keeps the val_min late gain beside it
     res = collect(tmp_path / "runs", tmp_path / "out", tol=0.003, keep="tail_average")
+    assert [r["name"] for x in res["sizes"] for r in x["pretrained"]] == ["builtin_l1w32_s2", "builtin_l2w64_s1"]
+    assert res["sizes"][1]["pretrained"][0]["val_ce"] == 9.0
     (rep,) = res["sizes"][0]["pretrained"]
     gain = record["checkpoints_val_ce"]["previous"] - record["checkpoints_val_ce"]["last"]
     assert rep["convergence"]["tail_average"]["window_gain"] == pytest.approx(gain)

@@ -175,7 +175,8 @@ def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = D
                        keep: str = "val_min") -> dict:
     """The depth family's record: per size its shape and parameters, per pretrained replicate its seed, kept CE,
     last CE, curve and the criterion of `keep` (val_min: late_gain; tail_average: window_gain from the run's
-    tail_average.json, with late_gain beside it). Only finished runs count."""
+    tail_average.json, with late_gain beside it). Only finished runs count; members of the committed record in
+    out_dir without a run dir here keep their entries (_keep_committed)."""
     runs_dir, out = Path(runs_dir), Path(out_dir)
     (out / "curves").mkdir(parents=True, exist_ok=True)
     sizes: dict[str, dict] = {}
@@ -213,6 +214,7 @@ def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = D
             "recipe": {"dropout": c["model"]["dropout"], "lr": c["optim"]["lr"], "min_lr": c["optim"]["min_lr"],
                        "weight_decay": c["optim"]["weight_decay"], "tokens_per_step": s["tokens_per_step"],
                        "val_every": c["trainer"]["val_every"], "precision": c["hardware"]["precision"]}})
+    _keep_committed(sizes, out / "family.json", tol, keep)
     ordered = sorted(sizes.values(), key=lambda x: x["non_embedding_params"])
     for x in ordered:
         x["pretrained"].sort(key=lambda r: r["seed"])
@@ -225,6 +227,26 @@ def collect_replicates(runs_dir: str | Path, out_dir: str | Path, tol: float = D
     plot_family([{"name": r["name"], "curve": r["curve"], "non_embedding_params": x["non_embedding_params"],
             "val_ce": r["val_ce"]} for x in ordered for r in x["pretrained"]], out)
     return res
+
+
+def _keep_committed(sizes: dict, record: Path, tol: float, keep: str):
+    """Members of the committed record with no finished run dir here keep their committed entry (and curve): the
+    run dirs live in one machine's cache, the record in the repo, so a machine that restored some members from the
+    repo must not drop them from the record. A record made under another criterion is refused, not mixed in."""
+    if not record.exists():
+        return
+    old = json.loads(record.read_text())
+    if (old.get("keep"), old.get("tol")) != (keep, tol):
+        raise ValueError(f"{record} was made with keep={old.get('keep')}, tol={old.get('tol')}, not keep={keep}, "
+                         f"tol={tol}: pass those, or write the new record elsewhere (--out)")
+    here = {r["name"] for x in sizes.values() for r in x["pretrained"]}
+    for x in old["sizes"]:
+        kept = [r for r in x["pretrained"] if r["name"] not in here]
+        if kept:
+            entry = sizes.setdefault(x["name"], {**{k: v for k, v in x.items() if k != "all_converged"},
+                                                 "pretrained": []})
+            entry["pretrained"] += kept
+            print(f"[lnfree] {', '.join(r['name'] for r in kept)}: no run dir here, committed record kept", flush=True)
 
 
 def markdown_replicates(res: dict) -> str:
