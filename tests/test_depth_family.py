@@ -441,6 +441,31 @@ def test_lr_rule_takes_the_highest_lr_whose_vanilla_control_stays_within_toleran
     assert jobs == [(16, "builtin_l3w96", 1, "none", 4e-4, [1])]
 
 
+def test_the_probe_writes_the_lr_of_every_settled_size_while_others_wait(tmp_path, monkeypatch, capsys):
+    """lr.json holds each size whose pair is settled and whose probe is complete, so the grid can start on those;
+    a size still pretraining waits without failing the run; a settled size with probe runs missing fails it."""
+    g = {**rm.depth_grid(), "models": ["builtin_l1w32", "builtin_l2w64", "builtin_l3w96"], "lr_grid": [1e-4, 2e-4],
+         "budgets": [8, 16], "pairs": {"builtin_l1w32": [1, 2], "builtin_l2w64": [2, 3], "builtin_l3w96": None}}
+    rec = [_record(f"{s}_s{r}", b, "none", 1, lr, 4.0) for s, r in (("l1w32", 1), ("l2w64", 2))
+           for lr in g["lr_grid"] for b in g["budgets"]]
+    records = tmp_path / "runs.jsonl"
+    records.write_text("".join(json.dumps(r) + "\n" for r in rec))
+    # (lr_probe loads its own copy of run_missing: patch that one; no run is started, a missing one fails)
+    monkeypatch.setattr(probe.rm, "depth_grid", lambda **_: g)
+    monkeypatch.setattr(probe.rm, "harvest", lambda *_: None)
+    monkeypatch.setattr(probe.rm, "run_jobs", lambda jobs, *_: int(bool(jobs)))
+    monkeypatch.setattr(probe.rm, "LR_FILE", tmp_path / "lr.json")
+    monkeypatch.setattr("sys.argv", ["lr_probe.py", "--records", str(records)])
+    probe.main()
+    sizes = json.loads((tmp_path / "lr.json").read_text())["sizes"]
+    assert {m: c["lr"] for m, c in sizes.items()} == {"builtin_l1w32": 2e-4, "builtin_l2w64": 2e-4}
+    assert "['builtin_l3w96']: fewer than two converged" in capsys.readouterr().out
+    records.write_text("".join(json.dumps(r) + "\n" for r in rec[1:]))  # l1w32's probe now incomplete
+    with pytest.raises(SystemExit, match=r"incomplete \(rc=1\) for \['builtin_l1w32'\]"):
+        probe.main()
+    assert list(json.loads((tmp_path / "lr.json").read_text())["sizes"]) == ["builtin_l2w64"]
+
+
 
 def test_a_missing_depth_member_names_the_command_that_makes_it(tmp_path):
     from lnfree.io import ModelIOError, resolve

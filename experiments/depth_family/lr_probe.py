@@ -7,7 +7,9 @@ and seed at every budget of conf/experiment/data_scaling_depth.yaml (jobs withou
 experiments/depth_family/runs.jsonl, so the runs at the chosen LR are also the grid's). Rule, fixed before the
 sweep: the highest LR whose vanilla control stays within lr_tolerance (0.1%) of its pretrained model's
 validation CE, in either direction, at every budget; if no LR does, the lowest LR, flagged. Writes
-experiments/depth_family/lr.json, which run_missing.py --experiment data_scaling_depth reads.
+experiments/depth_family/lr.json, which run_missing.py --experiment data_scaling_depth reads, with every size whose
+pair of pretrained replicates is settled and whose probe is complete: the grid starts on those while larger sizes
+still pretrain (they join when their pair is settled). Exits non-zero when a settled size's probe is incomplete.
 """
 
 from __future__ import annotations
@@ -80,15 +82,20 @@ def main():
         return
     rc = rm.run_jobs(jobs, a.workers, rm.DEPTH_OUT, records, a.cache_dir, a.extra)
     chosen = choose_lr(rm.read_records(records), g)
-    missing = [m for m in g["models"] if m not in chosen]
-    if rc or missing:
-        sys.exit(f"probe incomplete (rc={rc}) for {missing}; rerun to finish it")
+    # sizes whose pair is not settled yet are not in the grid yet (run_missing.py skips them too): their LR comes
+    # when they join; a settled size without a choice means probe runs failed
+    incomplete = [m for m in g["models"] if m not in chosen and probe_replicate(g, m) is not None]
+    waiting = [m for m in g["models"] if probe_replicate(g, m) is None]
+    if waiting:
+        print(f"{waiting}: fewer than two converged pretrained replicates yet: no probe yet", flush=True)
     res = {"rule": f"highest LR of {g['lr_grid']} whose vanilla control (replicate {g['probe_replicate']}, seed "
                    f"{g['probe_seed']}) stays within {g['lr_tolerance']:.1%} of its pretrained model's validation CE "
                    "at every budget; else the lowest, rule_met false", "sizes": chosen}
     rm.LR_FILE.write_text(json.dumps(res, indent=1))
     for m, c in chosen.items():
         print(f"{m}: lr {c['lr']:g} (rule met: {c['rule_met']}; max drift {c['max_abs_drift']})")
+    if rc or incomplete:
+        sys.exit(f"probe incomplete (rc={rc}) for {incomplete}; rerun to finish it")
 
 
 if __name__ == "__main__":
