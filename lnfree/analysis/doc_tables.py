@@ -211,6 +211,20 @@ def depth_family(root: Path) -> str:
     return replicates_table(_json(root, "experiments/depth_family/family.json"))
 
 
+def depth_lr_probe(root: Path) -> str:
+    """The depth family's LR probe (experiments/depth_family/lr.json): per size the chosen fine-tuning LR, whether
+    the rule was met, and each LR's largest drift of the vanilla control from its pretrained model over the budgets."""
+    res = _json(root, "experiments/depth_family/lr.json")
+    lrs = sorted({lr for c in res["sizes"].values() for lr in c["max_abs_drift"]}, key=float)
+    lines = ["| size | chosen LR | rule met | " + " | ".join(f"largest drift at {lr}" for lr in lrs) + " |",
+             "|" + "---|" * (3 + len(lrs))]
+    for m, c in res["sizes"].items():
+        drift = [f"{c['max_abs_drift'][lr]:.2%}" if lr in c["max_abs_drift"] else "-" for lr in lrs]
+        lines.append(f"| {m.removeprefix('builtin_')} | {c['lr']:g} | {'yes' if c['rule_met'] else '**no**'} | "
+                     + " | ".join(drift) + " |")
+    return "\n".join(lines)
+
+
 def family(root: Path) -> str:
     """The built-in width family (recipe dropout 0.1) with the dropout-0.2 recipe's validation CE beside it."""
     f = _json(root, "experiments/builtin_family/family.json")
@@ -434,7 +448,7 @@ def bench_profile(root: Path) -> str:
 TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, lora_models, downstream, scaling_width,
                                    family, distributed, dla_builtin, interp_summary, interp_controls, interp_verdicts,
                                    shift_gaps, bench_cpu, bench_profile, families_eval,
-                                   shift_by_length, depth_family)}
+                                   shift_by_length, depth_family, depth_lr_probe)}
 
 
 def pages(root: Path = ROOT) -> list[Path]:
