@@ -3,11 +3,13 @@ resumes, the restore-from-repo path, the fixed fine-tuning grid (no early stoppi
 
 import importlib.util
 import json
+import shutil
 
 import pytest
 import torch
 from conftest import ROOT
 from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -197,27 +199,56 @@ def test_pretrain_keeps_the_mean_of_the_last_window_and_records_both_windows(tmp
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
 
 
-def test_an_unfinished_member_snapshots_into_the_repo_and_resumes_from_there(tmp_path):
-    run = tmp_path / "runs" / "l2w64_s1"
+def _ckpt(path, step):
+    torch.save({"global_step": step, "state_dict": {"model.w": torch.full((2,), float(step))},
+                "optimizer_states": [{"m": torch.zeros(2)}], "lr_schedulers": [{}]}, path)
+
+
+def test_an_unsettled_member_snapshots_into_the_repo_and_resumes_from_there(tmp_path):
+    """An unfinished run: the newest last*.ckpt whole, the current target's two tail-average windows weights-only,
+    the logs and config; restored into a missing run dir only."""
+    run, runs, cache = tmp_path / "runs" / "l2w64_s1", tmp_path / "runs", tmp_path / "cache"
     (run / "checkpoints").mkdir(parents=True)
     (run / ".hydra").mkdir()
-    (run / ".hydra" / "config.yaml").write_text("trainer: {max_steps: 1000}\n")
+    (run / ".hydra" / "config.yaml").write_text("trainer: {max_steps: 1000, val_every: 100}\noptim: {}\n")
     (run / "csv" / "resumed-1").mkdir(parents=True)
     (run / "csv" / "resumed-1" / "metrics.csv").write_text("step,val/ce\n799,4.5\n")
+    (run / "train.log").write_text("log")
     for s in (700, 800, 900):
-        (run / "checkpoints" / f"step{s:06d}.ckpt").write_text(str(s))
-    (run / "checkpoints" / "last.ckpt").write_text("900")
+        _ckpt(run / "checkpoints" / f"step{s:06d}.ckpt", s)
+    _ckpt(run / "checkpoints" / "last.ckpt", 850)
+    _ckpt(run / "checkpoints" / "last-v1.ckpt", 900)  # Lightning's name after a restore: the newer one
     partial = tmp_path / "partial"
-    assert fam.snapshot("l2w64_s1", tmp_path / "runs", partial)
-    assert sorted(p.name for p in (partial / "l2w64_s1" / "checkpoints").iterdir()) == [
-        "last.ckpt", "step000900.ckpt"]  # only the window checkpoints (> 80% of the steps) besides last.ckpt
-    assert (partial / "l2w64_s1" / "csv" / "resumed-1" / "metrics.csv").exists()
-    assert not fam.snapshot("l2w64_s2", tmp_path / "runs", partial)  # nothing there
+    assert fam.snapshot("l2w64_s1", runs, cache, partial)
+    snap = partial / "l2w64_s1"
+    # the windows of 1000 steps are steps 901-1000 and 801-900: of those saved so far, only 900 is in one
+    assert sorted(p.name for p in (snap / "checkpoints").iterdir()) == ["last.ckpt", "step000900.ckpt"]
+    last, window = (torch.load(snap / "checkpoints" / f, weights_only=True) for f in ("last.ckpt", "step000900.ckpt"))
+    assert last["global_step"] == 900 and "optimizer_states" in last
+    assert set(window) == {"global_step", "state_dict"} and torch.equal(window["state_dict"]["model.w"],
+                                                                      torch.full((2,), 900.0))
+    assert (snap / "csv" / "resumed-1" / "metrics.csv").exists() and (snap / "train.log").read_text() == "log"
+    assert not fam.snapshot("l2w64_s2", runs, cache, partial)  # nothing there
     runs2 = tmp_path / "runs2"
     assert fam.restore_partial("l2w64_s1", runs2, partial) and (runs2 / "l2w64_s1/checkpoints/last.ckpt").exists()
     assert not fam.restore_partial("l2w64_s1", runs2, partial)  # never over an existing run dir
-    (run / "summary.json").write_text("{}")
-    assert not fam.snapshot("l2w64_s1", tmp_path / "runs", partial)  # finished: nothing to snapshot
+    # finished: snapshotted only while recipe 3 still continues it (not converged, steps left), with its summary
+    (run / "summary.json").write_text(json.dumps({"steps": 1000, "config": {"optim": {}}}))
+    (run / "export" / "hf").mkdir(parents=True)  # its export, which exporting it again starts from
+    info = builtin_dir("l2w64_s1", cache, shipped=False) / "pretrain_info.json"
+    info.parent.mkdir(parents=True)
+    for gain, expected in ((0.01, True), (0.001, False)):
+        info.write_text(json.dumps({"steps": 1000, "tail_average": _tail_record(gain)}))
+        assert fam.snapshot("l2w64_s1", runs, cache, partial) is expected
+        assert (verdict("l2w64_s1", cache) is None) is expected
+        if expected:  # and it is not saved as a finished member: it goes on
+            assert not fam.save("l2w64_s1", cache, tmp_path / "repo", partial) and (partial / "l2w64_s1").exists()
+    assert (snap / "summary.json").exists() and (snap / "export" / "hf").is_dir()
+
+
+def _tail_record(gain):
+    return {"window": [900, 1000], "val_ce": 4.0, "val_ce_previous": 4.0, "val_ce_halves": [4.0, 4.0],
+            "checkpoints_val_ce": {"last": 4.0, "previous": 4.0 + gain}}
 
 
 def test_a_size_adds_replicates_until_two_converge():
@@ -285,6 +316,25 @@ def test_a_finished_pretraining_continues_at_its_final_learning_rate(tmp_path):
     mtime = (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns
     _tiny_pretrain(tmp_path, "model.pretrain_steps=24", "optim.decay_steps=20", *base, keep="tail_average")
     assert (run / "checkpoints" / "last.ckpt").stat().st_mtime_ns == mtime
+    # on another machine: a member still to be continued (made so here) goes on from its snapshot, whose window
+    # checkpoints hold weights only: exported again to the same weights and record, then continued
+    info = json.loads((dest / "pretrain_info.json").read_text())
+    info["tail_average"]["checkpoints_val_ce"]["previous"] = info["tail_average"]["checkpoints_val_ce"]["last"] + 1
+    (dest / "pretrain_info.json").write_text(json.dumps(info))
+    partial, weights = tmp_path / "partial", load_file(dest / "model.safetensors")
+    (run / ".hydra").mkdir()  # as the Hydra app writes it (pretrain() alone does not)
+    OmegaConf.save(cfg, run / ".hydra" / "config.yaml")
+    assert fam.snapshot("l1w32_s2", tmp_path / "runs", tmp_path / "cache", partial)
+    assert all("optimizer_states" not in torch.load(p, weights_only=True)
+               for p in (partial / "l1w32_s2" / "checkpoints").glob("step*.ckpt"))
+    shutil.rmtree(run)
+    shutil.rmtree(dest)
+    assert fam.restore_partial("l1w32_s2", tmp_path / "runs", partial)
+    _, dest = _tiny_pretrain(tmp_path, "model.pretrain_steps=24", "optim.decay_steps=20", *base, keep="tail_average")
+    assert all(torch.equal(v, weights[k]) for k, v in load_file(dest / "model.safetensors").items())
+    assert json.loads((run / "tail_average.json").read_text()) == record
+    _tiny_pretrain(tmp_path, "model.pretrain_steps=26", "optim.decay_steps=20", *base, keep="tail_average")
+    assert json.loads((run / "tail_average.json").read_text())["previous_window"] == [23, 24]
 
 
 def test_a_member_not_converged_is_continued_one_segment_at_a_time(tmp_path):
@@ -352,8 +402,10 @@ def test_convergence_criterion_is_the_late_gain_of_the_best_validation():
 def test_members_restore_from_the_repo_into_the_cache(tmp_path):
     _, dest = _tiny_pretrain(tmp_path)
     repo = tmp_path / "repo_models"
-    assert fam.save("l1w32_s2", tmp_path / "cache", repo)
-    assert not fam.save("l1w32_s1", tmp_path / "cache", repo)  # not pretrained: nothing to save
+    partial = tmp_path / "partial"
+    (partial / "l1w32_s2").mkdir(parents=True)  # its resume state from an earlier machine
+    assert fam.save("l1w32_s2", tmp_path / "cache", repo, partial) and not (partial / "l1w32_s2").exists()
+    assert not fam.save("l1w32_s1", tmp_path / "cache", repo, partial)  # not pretrained: nothing to save
     assert sorted(p.name for p in (repo / "l1w32_s2").iterdir()) == sorted(fam.KEEP_FILES)
     # the recipe's kept weights decide whether a cached member is current
     runs = tmp_path / "runs"

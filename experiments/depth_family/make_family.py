@@ -3,7 +3,7 @@
     python experiments/depth_family/make_family.py            (make family-depth runs this)
     python experiments/depth_family/make_family.py --save      (copy finished members into the repo, to commit)
     python experiments/depth_family/make_family.py --dry-run   (what it would do)
-    python experiments/depth_family/make_family.py --snapshot  (copy unfinished members' resume state into the repo)
+    python experiments/depth_family/make_family.py --snapshot  (copy unsettled members' resume state into the repo)
 
 The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, smallest first. For each one:
 - in the cache (<cache>/models/<name>) with the weights conf/pretrain_depth.yaml's model.pretrain_keep says to keep:
@@ -11,8 +11,9 @@ The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, sm
   without training (lnfree/training/pretrain.py); with no run dir: left as it is, and said so;
 - committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer,
   pretrain_info.json);
-- else, when its run dir is missing and experiments/depth_family/partial/<name>/ holds a snapshot of an unfinished
-  pretraining (`--snapshot`), the run dir is restored from it and the pretraining resumes there;
+- else, when its run dir is missing and experiments/depth_family/partial/<name>/ holds a snapshot of a member not
+  yet settled (`--snapshot`: an unfinished pretraining or segment, or a finished one still to be continued), the run
+  dir is restored from it and the pretraining resumes there (a finished one is exported again, then continued);
 - else pretrained by `python -m lnfree.pretrain --config-name pretrain_depth model=<size> model.replicate=<r>`
   into the run dir <cache>/pretrain_runs/<name>, one-thread processes, `--jobs` at a time; a run killed half-way resumes
   from its last checkpoint (lnfree/training/pretrain.py), so stopping and rerunning loses at most 100 steps.
@@ -112,39 +113,65 @@ def restore(name: str, cache_dir, repo_models: Path = REPO_MODELS) -> bool:
     return True
 
 
-def save(name: str, cache_dir, repo_models: Path = REPO_MODELS) -> bool:
-    """Copy a finished member from the cache into the repo (the files a restore needs); False if not finished."""
+def save(name: str, cache_dir, repo_models: Path = REPO_MODELS, partial: Path = PARTIAL) -> bool:
+    """Copy a finished member from the cache into the repo (the files a restore needs); False if not finished,
+    or finished but still to be continued by recipe 3 (its run dir goes to partial/ instead: --snapshot)."""
     src = builtin_dir(name, cache_dir, shipped=False)
     if not (src / "pretrain_info.json").exists():
+        return False
+    if json.loads((src / "pretrain_info.json").read_text()).get("tail_average") and verdict(name, cache_dir) is None:
         return False
     dest = repo_models / name
     dest.mkdir(parents=True, exist_ok=True)
     for f in KEEP_FILES:
         shutil.copy2(src / f, dest / f)
+    shutil.rmtree(partial / name, ignore_errors=True)  # its resume state is not needed any more
     return True
 
 
-def snapshot(name: str, runs: Path, partial: Path = PARTIAL) -> bool:
-    """Copy an unfinished member's resume state into the repo: checkpoints/last.ckpt, its CSV logs, its Hydra
-    config and the checkpoints already inside the last 20% of steps (the two tail-average windows, which a resumed
-    run could not write again). False if there is nothing unfinished to copy."""
+def snapshot(name: str, runs: Path, cache_dir, partial: Path = PARTIAL) -> bool:
+    """Copy the resume state of a member not yet settled into the repo, so that another machine can go on with it:
+    an unfinished pretraining (or continuation segment), or a finished one that recipe 3 continues. Copied: the
+    newest last*.ckpt whole (weights, optimizer, loops); the small files at the top of the run dir (summaries,
+    tail_average.json, log); csv/, .hydra/ and, for a finished run, export/; and the checkpoints of the two
+    tail-average windows of the run's current target (a resumed run cannot write them again; the kept weights
+    and the next segment need them) with their weights only: the average needs no optimizer state, and dropping
+    it leaves a third of the size. False if there is nothing unsettled to copy."""
+    import torch
     from omegaconf import OmegaConf
 
+    from lnfree.io import read_checkpoint
+    from lnfree.training.tail_average import windows
+
     run = runs / name
-    if not (run / "checkpoints" / "last.ckpt").exists() or (run / RUN_SUMMARY).exists():
+    last = [p for p in (run / "checkpoints").glob("last*.ckpt")]
+    if not last or ((run / RUN_SUMMARY).exists() and continuation(name, cache_dir, runs) is None):
         return False
-    steps = OmegaConf.load(run / ".hydra" / "config.yaml").trainer.max_steps
-    window = [p for p in (run / "checkpoints").glob("step*.ckpt") if int(p.stem[4:]) > 0.8 * steps]
+    cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
+    steps, every = cfg.trainer.max_steps, cfg.trainer.val_every
+    needed = {s for w in windows(steps, every, horizon=cfg.optim.get("decay_steps")) for s in w}
     tmp = partial / (name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     (tmp / "checkpoints").mkdir(parents=True)
-    for f in [run / "checkpoints" / "last.ckpt", *window]:
-        shutil.copy2(f, tmp / "checkpoints" / f.name)
+    newest = max(last, key=lambda p: read_checkpoint(p).get("global_step", -1))
+    shutil.copy2(newest, tmp / "checkpoints" / "last.ckpt")
+    for p in sorted((run / "checkpoints").glob("step*.ckpt")):
+        if int(p.stem[4:]) in needed:
+            ckpt = read_checkpoint(p)
+            torch.save({k: v for k, v in ckpt.items() if k not in OPTIMIZER_KEYS}, tmp / "checkpoints" / p.name)
+    for f in run.iterdir():
+        if f.is_file():
+            shutil.copy2(f, tmp / f.name)
     shutil.copytree(run / "csv", tmp / "csv")
     shutil.copytree(run / ".hydra", tmp / ".hydra")
+    if (run / RUN_SUMMARY).exists():  # finished: exporting it again on another machine starts from its export
+        shutil.copytree(run / "export", tmp / "export")
     shutil.rmtree(partial / name, ignore_errors=True)
     tmp.rename(partial / name)
     return True
+
+
+OPTIMIZER_KEYS = ("optimizer_states", "lr_schedulers")  # what a checkpoint holds only to resume training from it
 
 
 def restore_partial(name: str, runs: Path, partial: Path = PARTIAL) -> bool:
@@ -199,7 +226,7 @@ def main():
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--save", action="store_true", help="copy finished members into experiments/depth_family/models")
     p.add_argument("--dry-run", action="store_true")
-    p.add_argument("--snapshot", action="store_true", help="copy unfinished members' resume state into "
+    p.add_argument("--snapshot", action="store_true", help="copy unsettled members' resume state into "
                    "experiments/depth_family/partial")
     p.add_argument("--restore-only", action="store_true", help="restore committed members, pretrain nothing")
     p.add_argument("--jobs", type=int, default=1, help="members pretrained at once (one thread each)")
@@ -211,8 +238,9 @@ def main():
     if a.save or a.snapshot:
         for _, _, name in with_extra_replicates(members(), cache):
             if a.save:
-                print(f"{name}: {'saved' if save(name, cache) else 'not finished'}", flush=True)
-            elif snapshot(name, runs):
+                print(f"{name}: {'saved' if save(name, cache) else 'not settled (unfinished, or to be continued)'}",
+                      flush=True)
+            elif snapshot(name, runs, cache):
                 print(f"{name}: snapshot in {PARTIAL / name}", flush=True)
             else:
                 print(f"{name}: nothing unfinished", flush=True)
