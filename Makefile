@@ -176,9 +176,14 @@ scaling-depth: family-depth
 	$(PY) $(SCALING)/run_missing.py --experiment data_scaling_depth --workers $(or $(WORKERS),2)
 	$(MAKE) scaling-depth-analysis
 
+# (the LN-free arm at each size's probed LR into $(SCALING)/; the variant arm, a fixed number of steps per removal
+# event, into $(SCALING)/depth_fixed_steps/)
+DEPTH_ANALYSIS = $(PY) -m lnfree.analysis.scaling experiments/depth_family/runs.jsonl \
+  --lr-json experiments/depth_family/lr.json --family-json experiments/depth_family/family.json
 scaling-depth-analysis: install
-	$(PY) -m lnfree.analysis.scaling experiments/depth_family/runs.jsonl --out $(SCALING) \
-	  --family "builtin depth-and-width (1x32 to 4x128)" --family-json experiments/depth_family/family.json
+	$(DEPTH_ANALYSIS) --out $(or $(DEPTH_OUT),$(SCALING)) --schedule scaled --family "builtin depth-and-width (1x32 to 4x128)"
+	$(DEPTH_ANALYSIS) --out $(or $(DEPTH_OUT),$(SCALING))/depth_fixed_steps --schedule builtin \
+	  --family "builtin depth-and-width (1x32 to 4x128), variant arm: fixed steps per removal event"
 
 # every result table of the README, docs/ and experiments/*/README.md, rewritten from the committed JSON between
 # its <!-- table:NAME --> markers (lnfree/analysis/doc_tables.py; tests/test_doc_tables.py fails on a stale one)

@@ -135,3 +135,122 @@ def test_sweep_runner_finds_missing_jobs_and_stops_a_size_once_within(tmp_path):
     assert jobs[(b1, m, "none")] == (2, 3) and jobs[(b1, m, "scaled")] == (1, 2, 3)
     assert rm.within([f], m, b1, 0.01, step_tokens) == b0  # 0.5% at b0: larger budgets are skipped
     assert rm.within([f], m, b1, 0.001, step_tokens) is None
+
+
+def depth_records(gap_at, sizes=(("l1w32", 1000), ("l2w64", 8000), ("l3w96", 27000)), lrs=(1.5e-4, 3e-4),
+                  steps=(8, 16, 32, 64, 128, 256, 512)):
+    """Records in the depth grid's shape (experiments/depth_family/runs.jsonl): per size two pretrained replicates,
+    the grid's arms at every LR of `lrs` (the probe's runs at the other LRs are vanilla only), and the variant arm
+    on replicate 1. gap_at(size_index, replicate, steps) gives the LN-free arm's relative gap."""
+    rec = []
+    for i, (size, n) in enumerate(sizes):
+        for rep in (1, 2):
+            for lr in lrs:
+                for st in steps:
+                    for seed in (1, 2, 3):
+                        base = {"model": f"builtin_{size}_s{rep}", "pretrained": f"{size}_s{rep}", "size": size,
+                                "replicate": rep, "n_layer": i + 1, "n_embd": 32 * (i + 1), "seed": seed,
+                                "steps": st, "tokens": 4096 * st, "lr": lr, "n_nonemb": n}
+                        van = 4.0 + 0.001 * seed + (lr - lrs[0])
+                        rec.append({**base, "schedule": "none", "removes": False, "val_ce": van,
+                                    "all_removed": False, "fit_fraction": None})
+                        if lr != lrs[0]:
+                            continue
+                        rec.append({**base, "schedule": "scaled", "removes": True, "all_removed": True,
+                                    "val_ce": van * (1 + gap_at(i, rep, st)), "fit_fraction": 0.4})
+                        if rep == 1:
+                            rec.append({**base, "schedule": "builtin", "removes": True, "all_removed": True,
+                                        "val_ce": van * (1 + 1.5 * gap_at(i, rep, st)), "fit_fraction": None})
+    return rec
+
+
+def test_the_depth_grid_is_analysed_per_size_at_the_chosen_lr_with_each_arm(tmp_path):
+    """The depth grid's records (two replicates per size, the LR probe's runs at other LRs, a variant arm on one
+    replicate) make one size per `size`, at the LR of lr.json; runs at several LRs are refused rather than
+    paired at random; the variant arm pairs with the vanilla runs of its replicate only, and says which
+    replicate had no LN-free run."""
+    from lnfree.analysis.scaling import at_chosen_lr, gap_table, load_sources
+
+    rec = depth_records(lambda i, rep, st: 0.08 * (st / 8) ** -0.5 * (1.2 if rep == 2 else 1.0))
+    f = tmp_path / "runs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rec))
+    runs = load_sources([f])  # the same run at two LRs is two runs, not a conflict
+    assert len(runs) == len(rec)
+    with pytest.raises(ValueError, match="several LRs"):
+        gap_table(runs, "scaled")
+    lr = {"sizes": {"builtin_l1w32": {"lr": 1.5e-4}, "builtin_l2w64": {"lr": 1.5e-4}}}  # l3w96: no probe yet
+    mine = at_chosen_lr(runs, lr["sizes"])
+    assert {r["lr"] for r in mine} == {1.5e-4} and {r["size"] for r in mine} == {"l1w32", "l2w64"}
+    t = gap_table(mine, "scaled")
+    assert list(t) == ["l1w32", "l2w64"] and t["l1w32"]["pretrained"] == ["l1w32_s1", "l1w32_s2"]
+    assert t["l1w32"]["budgets"] == [4096 * s for s in (8, 16, 32, 64, 128, 256, 512)]
+    g = np.asarray(t["l1w32"]["gaps_by_pretrained"])
+    assert g[0, 0] == pytest.approx([0.08] * 3) and g[1, 0] == pytest.approx([0.096] * 3)
+    v = gap_table(mine, "builtin")["l2w64"]
+    assert v["pretrained"] == ["l2w64_s1"] and v["vanilla_only"] == ["l2w64_s2"]
+    assert np.asarray(v["gaps_by_pretrained"])[0, 0] == pytest.approx([0.12] * 3)
+    (tmp_path / "lr.json").write_text(json.dumps(lr))
+    family = {"sizes": [{"name": s, "pretrained": [{"name": f"builtin_{s}_s{r}", "seed": r, "val_ce": 4.0 + r,
+                                                    "converged": r == 1} for r in (1, 2)]} for s in ("l1w32", "l2w64")]}
+    (tmp_path / "family.json").write_text(json.dumps(family))
+    res = analyse(f, tmp_path / "out", n_boot=20, n_sim=0, schedule="scaled", lr_json=tmp_path / "lr.json",
+                  family_json=tmp_path / "family.json")
+    assert res["lr"] == {"builtin_l1w32": 1.5e-4, "builtin_l2w64": 1.5e-4} and res["schedule"] == "scaled"
+    assert res["sizes"][0]["pretrained"] == [{"id": "l1w32_s1", "seed": 1, "val_ce": 5.0, "converged": True},
+                                             {"id": "l1w32_s2", "seed": 2, "val_ce": 6.0, "converged": False}]
+    assert res["pretrained_per_size"] == 2
+
+
+def test_a_crossing_needs_two_measured_budgets_on_each_side():
+    """A T* is in the exponent's fit only when at least two measured budgets lie on each side of it (issue 24):
+    a crossing between the last two budgets, or beyond them, is reported but marked and left out."""
+    from lnfree.analysis.scaling import BRACKET, exponents, gap_table, t_stars
+
+    assert BRACKET == 2
+    # gap = 1% at 64 steps for size 0 (bracketed: 8-32 below, 128-512 above), 300 steps for size 1 (256 below,
+    # only 512 above), 2000 for size 2 (beyond the grid)
+    crossing = (64, 300, 2000)
+    rec = depth_records(lambda i, rep, st: 0.01 * (st / crossing[i]) ** -0.5, lrs=(1.5e-4,))
+    table = gap_table(rec, "scaled")
+    stars = t_stars(table, [0.01], None)["0.01"]
+    assert stars["l1w32"]["value"] == pytest.approx(64 * 4096, rel=1e-6) and stars["l1w32"]["bracketed"]
+    assert stars["l2w64"]["value"] == pytest.approx(300 * 4096, rel=1e-6)
+    assert not stars["l2w64"]["extrapolated"] and not stars["l2w64"]["bracketed"]
+    assert stars["l3w96"]["extrapolated"] and not stars["l3w96"]["bracketed"]
+    assert exponents(table, {"0.01": stars})["0.01"]["sizes"] == ["l1w32"]
+
+
+def test_measured_noise_recovers_the_pretraining_spread_of_a_simulated_sweep():
+    """With two pretrained models per size, the spread between them in log T* is measured from the records (it
+    was an assumption before): on simulated sweeps with a known spread the estimate is close to it, and the
+    seed noise and slope are recovered too."""
+    from dataclasses import replace
+
+    from lnfree.analysis.scaling import THRESHOLDS, measured_noise
+    from lnfree.analysis.simulate import SweepStructure, sweep
+
+    st = replace(SweepStructure(), pretrain_sd=0.3, seed_cv=0.05, slope=0.5, n_pretrained=2)
+    rng = np.random.default_rng(0)
+    est = [measured_noise(gap_table_of(sweep(rng, st, THRESHOLDS))) for _ in range(40)]
+    assert np.median([e["seed_cv"] for e in est]) == pytest.approx(0.05, rel=0.15)
+    assert np.median([e["slope"] for e in est]) == pytest.approx(0.5, rel=0.1)
+    assert np.sqrt(np.mean([e["pretrain_sd"] ** 2 for e in est])) == pytest.approx(0.3, rel=0.2)
+    one = measured_noise(gap_table_of(sweep(rng, replace(st, n_pretrained=1), THRESHOLDS)))
+    assert one["pretrain_sd"] is None and one["seed_cv"] is not None
+
+
+def gap_table_of(runs):
+    from lnfree.analysis.scaling import gap_table
+
+    return gap_table(runs)
+
+
+def test_coverage_is_not_measured_where_no_simulated_sweep_has_an_interval():
+    """Two sizes give an exponent without an interval: the coverage says "not measured" (None), not 0."""
+    from dataclasses import replace
+
+    from lnfree.analysis.scaling import exponent_coverage
+    from lnfree.analysis.simulate import SweepStructure
+
+    c = exponent_coverage(replace(SweepStructure(), sizes_n=(1e4, 1e5)), n_sim=5)
+    assert c["covered"] is None and set(c["per_threshold"].values()) == {None} and set(c["fits"].values()) == {0}

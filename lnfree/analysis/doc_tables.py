@@ -184,6 +184,17 @@ def _tokens(t: float) -> str:
     return f"{t / 1e3:.0f}k"
 
 
+def _t_star_cell(size: dict, t: dict) -> str:
+    """A size's T* as a table cell: beyond or below its measured budgets, or the value, marked "edge" when fewer than
+    the required measured budgets lie on one side of it (scaling.BRACKET: not in the fit)."""
+    first, last = size["budgets"][0], size["budgets"][-1]
+    if t["value"] is None or t["value"] > last:
+        return f"beyond {_tokens(last)}"
+    if t["value"] < first:
+        return f"below {_tokens(first)}"
+    return _tokens(t["value"]) + ("" if t["bracketed"] else " (edge)")
+
+
 def scaling_width(root: Path) -> str:
     """The width-only data-scaling study: T* per size, the exponent b of T* ~ N^b and the pre-registered verdict."""
     s = _json(root, "experiments/data_scaling/width_only/scaling.json")
@@ -193,8 +204,7 @@ def scaling_width(root: Path) -> str:
              + ", tokens) | b [95% CI] | R^2 | leave-one-size-out b | verdict |", "|---|---|---|---|---|---|"]
     for key, e in s["exponent"].items():
         ts = [z["t_star"][key] for z in sizes]
-        tstar = " / ".join(f"beyond {_tokens(z['budgets'][-1])}" if t["extrapolated"] else _tokens(t["value"])
-                           for z, t in zip(sizes, ts))
+        tstar = " / ".join(_t_star_cell(z, t) for z, t in zip(sizes, ts))
         b = "-" if e["value"] is None else (f"{e['value']:+.2f} {_ci(e['ci_low'], e['ci_high'], 2)}"
                                             if e["ci_low"] is not None else f"{e['value']:+.2f}")
         r2 = "-" if e["r2"] is None else f"{e['r2']:.2f}"

@@ -129,7 +129,12 @@ def plot_scaling(res: dict, table: dict, path: Path, reference_exponent: float):
     ref_at = None
     for i, (key, e) in enumerate(res["exponent"].items()):
         pts = [(s["non_embedding_params"], s["t_star"].get(key)) for s in res["sizes"]]
-        pts = [(n, t) for n, t in pts if t and t["value"] is not None and not t["extrapolated"]]
+        beyond = [(s["non_embedding_params"] * (1 + 0.03 * i), s["budgets"][-1]) for s in res["sizes"]
+                  if (t := s["t_star"].get(key)) and (t["value"] is None or t["value"] > s["budgets"][-1])]
+        if beyond:  # a lower bound: the gap had not reached the threshold at the largest budget
+            ax2.scatter(*zip(*beyond), marker="^", s=40, facecolors="none", edgecolors=colors(i),
+                        label=f"{key}: T* beyond the largest budget (a lower bound)")
+        pts = [(n, t) for n, t in pts if t and t["bracketed"]]
         if not pts:
             continue
         n = np.array([p[0] for p in pts], float)

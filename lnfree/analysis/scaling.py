@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -30,11 +31,28 @@ from .stats import exponent, interval_text, over_seeds, size_t_star, t_star_inte
 
 THRESHOLDS = (0.005, 0.01, 0.02)  # relative gaps
 ABSOLUTE_NATS = 0.04  # about 1% of the families' CE (4.3-4.6 nats)
+N_SIMULATIONS = 1000  # simulated sweeps of the coverage check: binomial sd 0.007 at 0.95 (0.015 at the issue's 200)
 PAPER_EXPONENT = 0.37  # the paper's released budgets grow as N^0.37 (reference line in the figure)
 
 
 def _key(r: dict) -> tuple:
-    return r["model"], r.get("pretrained", r["model"]), r.get("schedule"), r["removes"], r["seed"], r["tokens"]
+    return (r["model"], r.get("pretrained", r["model"]), r.get("schedule"), r["removes"], r["seed"], r["tokens"],
+            r.get("lr"))
+
+
+def size_name(r: dict) -> str:
+    """The size a run belongs to: its record's `size` (a family with replicates per size, e.g. l4w128 for the
+    runs of l4w128_s1 and l4w128_s2), else its model (one pretrained model per size)."""
+    return r.get("size") or r["model"]
+
+
+def at_chosen_lr(runs: list[dict], lrs: dict) -> list[dict]:
+    """The runs at each size's fine-tuning LR. lrs: lr.json's "sizes" ({model option, e.g. builtin_l1w32: {"lr"}},
+    experiments/depth_family/lr_probe.py). The probe's runs at the other LRs are left out, and so is every size
+    the probe has not chosen an LR for."""
+    chosen = {k.removeprefix("builtin_"): v["lr"] for k, v in lrs.items()}
+    return [r for r in runs if size_name(r).removeprefix("builtin_") in chosen
+            and math.isclose(r["lr"], chosen[size_name(r).removeprefix("builtin_")], rel_tol=1e-9)]
 
 
 def load_sources(sources) -> list[dict]:
@@ -75,21 +93,33 @@ def load_runs(sweep_dir: str | Path) -> list[dict]:
 
 
 def gap_table(runs: list[dict], schedule: str | None = None) -> dict:
-    """{model: {"n", "n_layer", "n_embd", "pretrained": [ids], "budgets", "seeds", "gaps_by_pretrained"
+    """{size: {"n", "n_layer", "n_embd", "pretrained": [ids], "budgets", "seeds", "gaps_by_pretrained"
     [pretrained][budget][seed] (relative), "abs_gaps_by_pretrained" (nats), "gaps" [budget][seed] (mean over
-    pretrained models), "vanilla", "lnfree", "removal_fraction", "incomplete_budgets"}}. Runs pair LN-free vs
-    vanilla by (pretrained model, seed, budget); kept: the seeds with at least one pair, and the budgets where every
-    (pretrained model, seed) has both arms (an unfinished sweep leaves the largest budgets incomplete).
-    schedule: the LN-free arm's schedule when records name several (a variant arm); vanilla runs always pair."""
+    pretrained models), "vanilla", "lnfree", "removal_fraction", "incomplete_budgets", "vanilla_only"}}. Runs pair
+    LN-free vs vanilla by (pretrained model, seed, budget); kept: the pretrained models with LN-free runs of the
+    schedule (a variant arm runs on some of them only; the others are listed in "vanilla_only"), the seeds with at
+    least one pair, and the budgets where every (pretrained model, seed) has both arms (an unfinished sweep leaves
+    the largest budgets incomplete). schedule: the LN-free arm's schedule when records name several (a variant
+    arm); vanilla runs always pair. Runs of one size at several LRs are refused (at_chosen_lr picks one)."""
     lnfree_schedules = {r.get("schedule") for r in runs if r["removes"]}
     if schedule is None and len(lnfree_schedules) > 1:
         raise ValueError(f"LN-free runs of several schedules {sorted(map(str, lnfree_schedules))}: pick one")
     runs = [r for r in runs if not r["removes"] or schedule is None or r.get("schedule") == schedule]
     out = {}
-    for model in sorted({r["model"] for r in runs}, key=lambda m: next(r["n_nonemb"] for r in runs if r["model"] == m)):
-        mine = [r for r in runs if r["model"] == model]
-        pre = sorted({r.get("pretrained", model) for r in mine})
-        arm = {(r.get("pretrained", model), r["removes"], r["tokens"], r["seed"]): r["val_ce"] for r in mine}
+    for size in sorted({size_name(r) for r in runs},
+                       key=lambda m: next(r["n_nonemb"] for r in runs if size_name(r) == m)):
+        mine = [r for r in runs if size_name(r) == size]
+        lrs = {r.get("lr") for r in mine}
+        if len(lrs) > 1:
+            raise ValueError(f"runs of {size} at several LRs {sorted(lrs)}: keep one per size (at_chosen_lr, "
+                             f"--lr-json)")
+        with_arm = {r.get("pretrained", r["model"]) for r in mine if r["removes"]}
+        vanilla_only = sorted({r.get("pretrained", r["model"]) for r in mine} - with_arm)
+        mine = [r for r in mine if r.get("pretrained", r["model"]) in with_arm]
+        if not mine:
+            continue
+        pre = sorted(with_arm)
+        arm = {(r.get("pretrained", r["model"]), r["removes"], r["tokens"], r["seed"]): r["val_ce"] for r in mine}
         all_budgets = {r["tokens"] for r in mine}
         seeds = sorted(s for s in {r["seed"] for r in mine}
                        if any((p, True, b, s) in arm and (p, False, b, s) in arm for p in pre for b in all_budgets))
@@ -100,13 +130,13 @@ def gap_table(runs: list[dict], schedule: str | None = None) -> dict:
         v, x = np.asarray(van, float).reshape(len(pre), len(budgets), len(seeds)), \
             np.asarray(lnf, float).reshape(len(pre), len(budgets), len(seeds))
         fractions = {r["fit_fraction"] for r in mine if r["removes"]}
-        out[model] = {"n": mine[0]["n_nonemb"], "n_layer": mine[0].get("n_layer"), "n_embd": mine[0].get("n_embd"),
+        out[size] = {"n": mine[0]["n_nonemb"], "n_layer": mine[0].get("n_layer"), "n_embd": mine[0].get("n_embd"),
                       "pretrained": pre, "budgets": budgets, "seeds": seeds,
                       "gaps_by_pretrained": ((x - v) / v).tolist(), "abs_gaps_by_pretrained": (x - v).tolist(),
                       "gaps": ((x - v) / v).mean(0).tolist(), "vanilla": v.mean(0).tolist(),
                       "lnfree": x.mean(0).tolist(),
                       "removal_fraction": fractions.pop() if len(fractions) == 1 else None,
-                      "incomplete_budgets": sorted(all_budgets - set(budgets))}
+                      "incomplete_budgets": sorted(all_budgets - set(budgets)), "vanilla_only": vanilla_only}
     return out
 
 
@@ -118,9 +148,13 @@ def threshold_keys(thresholds, absolute: float | None) -> dict:
     return keys
 
 
+BRACKET = 2  # a reported crossing has at least this many measured budgets on each side (issue 24)
+
+
 def t_stars(table: dict, thresholds, absolute: float | None, n_boot: int = 0) -> dict:
-    """{threshold key: {model: {value, per_pretrained, extrapolated[, ci_low, ci_high]}}}: a T* outside the
-    measured budgets is an extrapolation and stays out of the exponent."""
+    """{threshold key: {size: {value, per_pretrained, extrapolated, bracketed[, ci_low, ci_high]}}}: a T* outside
+    the measured budgets is an extrapolation; only a bracketed one (at least BRACKET measured budgets at or below
+    it and at or above it) is a measured crossing and enters the exponent."""
     out = {}
     for key, (thr, which) in threshold_keys(thresholds, absolute).items():
         out[key] = {}
@@ -130,6 +164,8 @@ def t_stars(table: dict, thresholds, absolute: float | None, n_boot: int = 0) ->
             t = size_t_star(m["budgets"], m[which], thr)
             v = t["value"]
             t["extrapolated"] = bool(v is not None and not min(m["budgets"]) <= v <= max(m["budgets"]))
+            t["bracketed"] = bool(v is not None and sum(b <= v for b in m["budgets"]) >= BRACKET
+                                  and sum(b >= v for b in m["budgets"]) >= BRACKET)
             if n_boot:
                 t["ci_low"], t["ci_high"] = t_star_interval(m["budgets"], m[which], thr, n_boot)
             out[key][model] = t
@@ -137,35 +173,48 @@ def t_stars(table: dict, thresholds, absolute: float | None, n_boot: int = 0) ->
 
 
 def exponents(table: dict, stars: dict) -> dict:
-    """{threshold key: exponent()} over the sizes whose crossing was measured (not extrapolated)."""
+    """{threshold key: exponent()} over the sizes whose crossing was measured (bracketed)."""
     out = {}
     for key, per in stars.items():
-        inside = [m for m in table if m in per and per[m]["value"] is not None and not per[m]["extrapolated"]]
+        inside = [m for m in table if m in per and per[m]["bracketed"]]
         out[key] = exponent(inside, [table[m]["n"] for m in inside], [per[m]["value"] for m in inside])
     return out
 
 
 def measured_noise(table: dict, lo: float = 0.005, hi: float = 0.04) -> dict:
-    """Noise of the sweep for the simulation: seed_cv = the median over (pretrained model, budget) of the sd over
-    seeds of log(relative gap), where every seed's gap lies in [lo, hi] (near the thresholds); slope = the median
-    over sizes of the gap's log-log slope against the budget there."""
-    sds, slopes = [], []
+    """Noise of the sweep for the simulation, from the budgets where every seed's gap lies in [lo, hi] (near the
+    thresholds): seed_cv = the sd over seeds of log(relative gap), pooled over (pretrained model, budget) (the root
+    of the mean variance: a median of 3-seed sds would fall 17% short of the true sd);
+    slope = the median over pretrained models of the gap's log-log slope against the budget; pretrain_sd (with
+    two or more pretrained models per size) = the spread between a size's pretrained models in log T*: at each
+    such budget the variance over pretrained models of log(seed-mean gap), less what the seeds' noise puts in a
+    mean of n seeds (seed_cv^2 / n), averaged over (size, budget), square-rooted and divided by the slope (a
+    shift d in log gap is a shift d / slope in log T*). None where the records cannot tell."""
+    variances, slopes, between = [], [], []
     for m in table.values():
         g = np.asarray(m["gaps_by_pretrained"], float)  # [pretrained, budget, seed]
         if g.size == 0 or g.shape[2] < 2:
             continue
         for p in g:
             near = [(b, row) for b, row in zip(m["budgets"], p) if np.all((row >= lo) & (row <= hi))]
-            sds += [float(np.log(row).std(ddof=1)) for _, row in near]
+            variances += [float(np.log(row).var(ddof=1)) for _, row in near]
             if len(near) >= 3:
                 slopes.append(-np.polyfit(np.log([b for b, _ in near]), np.log([row.mean() for _, row in near]),
                                           1)[0])
-    return {"seed_cv": float(np.median(sds)) if sds else None, "slope": float(np.median(slopes)) if slopes else None,
-            "n_seed_sets": len(sds)}
+        if g.shape[0] >= 2:
+            near = [j for j in range(g.shape[1]) if np.all((g[:, j] >= lo) & (g[:, j] <= hi))]
+            between += [(float(np.log(g[:, j].mean(1)).var(ddof=1)), g.shape[2]) for j in near]
+    seed_cv = math.sqrt(float(np.mean(variances))) if variances else None
+    slope = float(np.median(slopes)) if slopes else None
+    pretrain_sd = None
+    if between and seed_cv is not None and slope:
+        pretrain_sd = math.sqrt(max(float(np.mean([v - seed_cv ** 2 / n for v, n in between])), 0.0)) / slope
+    return {"seed_cv": seed_cv, "slope": slope, "pretrain_sd": pretrain_sd, "n_seed_sets": len(variances),
+            "n_pretrain_sets": len(between)}
 
 
 def exponent_coverage(structure: SweepStructure, thresholds=THRESHOLDS, absolute: float | None = ABSOLUTE_NATS,
-                      n_sim: int = 200, seed: int = 0) -> dict:
+                      n_sim: int = N_SIMULATIONS, seed: int = 0) -> dict:
     """The exponent's interval on n_sim simulated sweeps with a known b (analysis/simulate.py), through the same
     analysis as real records (gap_table, t_stars, exponents): the fraction of intervals that cover b, per threshold
     and over all (nominal 0.95)."""
@@ -178,31 +227,40 @@ def exponent_coverage(structure: SweepStructure, thresholds=THRESHOLDS, absolute
             if e["ci_low"] is not None:
                 fitted[key] += 1
                 hits[key] += e["ci_low"] <= structure.b <= e["ci_high"]
-    per = {k: hits[k] / max(fitted[k], 1) for k in hits}
-    return {"nominal": 0.95, "simulations": n_sim, "covered": min(per.values()), "per_threshold": per,
+    per = {k: hits[k] / fitted[k] if fitted[k] else None for k in hits}  # None: no simulated sweep had a fit
+    measured = [v for v in per.values() if v is not None]
+    return {"nominal": 0.95, "simulations": n_sim, "covered": min(measured) if measured else None,
+            "per_threshold": per,
             "fits": fitted, "structure": asdict(structure)}
 
 
 def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: float | None = ABSOLUTE_NATS,
-            n_boot: int = 1000, n_sim: int = 200, family: str | None = None, family_json: str | None = None,
-            schedule: str | None = None) -> dict:
-    """sweep_dir: a sweep dir or runs.jsonl, or a list of them (merged by load_sources). Writes scaling.json,
-    scaling.md and scaling.png to out_dir."""
+            n_boot: int = 1000, n_sim: int = N_SIMULATIONS, family: str | None = None, family_json: str | None = None,
+            schedule: str | None = None, lr_json: str | None = None) -> dict:
+    """sweep_dir: a sweep dir or runs.jsonl, or a list of them (merged by load_sources). lr_json: the LR probe's
+    choice per size (only the runs at it are analysed). Writes scaling.json, scaling.md and scaling.png to
+    out_dir."""
     sources = list(sweep_dir) if isinstance(sweep_dir, (list, tuple)) else [sweep_dir]
-    table = {k: v for k, v in gap_table(load_sources(sources), schedule).items() if v["seeds"]}
+    runs = load_sources(sources)
+    if lr_json:
+        runs = at_chosen_lr(runs, json.loads(Path(lr_json).read_text())["sizes"])
+    table = {k: v for k, v in gap_table(runs, schedule).items() if v["seeds"]}
+    if not table:
+        raise ValueError(f"no paired runs to analyse in {[str(x) for x in sources]}")
     stars = t_stars(table, thresholds, absolute, n_boot)
     exps = exponents(table, stars)
     noise = measured_noise(table)
     n_pre = min(len(m["pretrained"]) for m in table.values())
     # the simulation has this sweep's design: the sizes in the fit at the middle threshold, its pretrained models
-    # per size and seeds, and the seed noise measured here
+    # per size and seeds, and the noise measured here (seeds, slope and, with replicates, pretraining)
+    measured = {k: v for k, v in noise.items() if k in ("seed_cv", "slope", "pretrain_sd") and v is not None}
     fitted = max((e["sizes"] for e in exps.values()), key=len) if exps else []
     mid = exps.get(f"{sorted(thresholds)[len(thresholds) // 2]:g}")
     fitted = mid["sizes"] if mid and len(mid["sizes"]) >= 3 else fitted
     structure = replace(SweepStructure(), n_pretrained=max(n_pre, 1), n_seeds=max(len(m["seeds"]) for m in
                                                                                   table.values()),
                         sizes_n=tuple(float(table[m]["n"]) for m in (fitted if len(fitted) >= 3 else table)),
-                        **{k: v for k, v in noise.items() if k in ("seed_cv", "slope") and v is not None})
+                        **measured)
     coverage = exponent_coverage(structure, thresholds, absolute, n_sim) if n_sim else None
     fam = _family_entries(family_json)
     sizes = []
@@ -210,10 +268,13 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
         sizes.append({"name": model, "n_layer": m["n_layer"], "n_embd": m["n_embd"], "non_embedding_params": m["n"],
                       "pretrained": [fam.get(p, fam.get(model, {"id": p})) | {"id": p} for p in m["pretrained"]],
                       "budgets": m["budgets"], "incomplete_budgets": m["incomplete_budgets"],
+                      "vanilla_only_pretrained": m["vanilla_only"],
                       "removal_fraction": m["removal_fraction"],
                       "t_star": {k: stars[k].get(model) for k in stars},
                       "gap_by_budget": {str(b): over_seeds(g) for b, g in zip(m["budgets"], m["gaps"])}})
-    res = {"family": family or "unnamed", "sources": [str(x) for x in sources],
+    res = {"family": family or "unnamed", "sources": [str(x) for x in sources], "schedule": schedule,
+           "lr": ({k: v["lr"] for k, v in json.loads(Path(lr_json).read_text())["sizes"].items()} if lr_json
+                  else None), "bracket": BRACKET,
            "thresholds": list(thresholds), "absolute_threshold_nats": absolute,
            "seeds": sorted({s for m in table.values() for s in m["seeds"]}),
            "pretrained_per_size": n_pre,
@@ -238,16 +299,18 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
 
 
 def _family_entries(path) -> dict:
-    """{pretrained id or model name: {seed, val_ce, converged}} from a family JSON (experiments/builtin_family)."""
+    """{pretrained id or model name: {seed, val_ce, converged}} from a family JSON: one model per size
+    (experiments/builtin_family) or replicates per size under "pretrained" (experiments/depth_family)."""
     if not path:
         return {}
     out = {}
     for s in json.loads(Path(path).read_text()).get("sizes", []):
-        entry = {"seed": s.get("seed", (s.get("recipe") or {}).get("seed")), "val_ce": s.get("val_ce"),
-                 "converged": s.get("converged", (s.get("convergence") or {}).get("met"))}
-        for k in (s["name"], s["name"].removeprefix("builtin_"), s.get("id")):
-            if k:
-                out[k] = entry
+        for m in s.get("pretrained") or [s]:
+            entry = {"seed": m.get("seed", (m.get("recipe") or {}).get("seed")), "val_ce": m.get("val_ce"),
+                     "converged": m.get("converged", (m.get("convergence") or {}).get("met"))}
+            for k in (m["name"], m["name"].removeprefix("builtin_"), m.get("id")):
+                if k:
+                    out[k] = entry
     return out
 
 
@@ -271,14 +334,20 @@ def markdown(res: dict) -> str:
         lines.append(f"| {k} | {res['verdict'][k]} | {val} {interval_text(e)} | {r2} | {', '.join(e['sizes'])} "
                      f"| {loo} |")
     c = res.get("coverage")
-    if c:
+    if c and c["covered"] is None:
+        lines += ["", f"Coverage of the exponent's interval: not measured (no simulated sweep of this design, "
+                  f"{len(c['structure']['sizes_n'])} sizes, has an interval to test)."]
+    elif c:
         lines += ["", f"Tested coverage of the exponent's nominal 95% interval: {c['covered']:.3f} (lowest over "
                   f"thresholds) on {c['simulations']} simulated sweeps with a known b, this sweep's sizes, "
                   f"{c['structure']['n_pretrained']} pretrained model(s) per size and {c['structure']['n_seeds']} "
                   f"seeds, seed noise {c['structure']['seed_cv']:.3f} in log gap (measured here), pretraining "
-                  f"spread {c['structure']['pretrain_sd']} and lack of fit {c['structure']['lack_of_fit_sd']} in "
-                  f"log T* (assumed); docs/statistics.md."]
-    lines += ["", "T* (tokens) per size [two-level bootstrap spread; x = extrapolated, not in the fit]:", "",
+                  f"spread {c['structure']['pretrain_sd']:.3f} in log T* ("
+                  f"{'measured here' if res['measured_noise'].get('pretrain_sd') is not None else 'assumed'}) and "
+                  f"lack of fit {c['structure']['lack_of_fit_sd']} in log T* (assumed); docs/statistics.md."]
+    lines += ["", f"T* (tokens) per size [two-level bootstrap spread; x = beyond (>) or below (<) the measured "
+              f"budgets, e = inside them with fewer than {BRACKET} measured budgets on one side; neither is in the "
+              f"fit; the extrapolated values are in scaling.json]:", "",
               "| size | N (non-emb.) | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
     for s in res["sizes"]:
         cells = []
@@ -287,8 +356,14 @@ def markdown(res: dict) -> str:
             if not t:
                 cells.append("-")
                 continue
+            if t["value"] is None or t["value"] > s["budgets"][-1]:  # an extrapolation says only where it is not
+                cells.append(f"> {_k(s['budgets'][-1])} x")
+                continue
+            if t["value"] < s["budgets"][0]:
+                cells.append(f"< {_k(s['budgets'][0])} x")
+                continue
             ci = f" [{_k(t.get('ci_low'))}, {_k(t.get('ci_high'))}]" if "ci_low" in t else ""
-            cells.append(f"{_k(t['value'])}{ci}" + (" x" if t["extrapolated"] else ""))
+            cells.append(f"{_k(t['value'])}{ci}" + ("" if t["bracketed"] else " e"))
         lines.append(f"| {s['name']} | {s['non_embedding_params'] / 1e6:.3f}M | " + " | ".join(cells) + " |")
     budgets = sorted({int(b) for s in res["sizes"] for b in s["gap_by_budget"]})
     lines += ["", "Relative gap LN-free vs vanilla (%, mean over seeds and pretrained models [95% t CI over seeds]) "
@@ -312,14 +387,16 @@ def main(argv=None):
     p.add_argument("--absolute", type=float, default=ABSOLUTE_NATS, help="absolute gap threshold in nats")
     p.add_argument("--out", default="experiments/data_scaling")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of each T* interval")
-    p.add_argument("--simulations", type=int, default=200, help="simulated sweeps of the coverage check")
+    p.add_argument("--simulations", type=int, default=N_SIMULATIONS, help="simulated sweeps of the coverage check")
     p.add_argument("--family", help="name of the model family (for the result file)")
     p.add_argument("--family-json", help="the family's JSON (pretrained val CE and convergence per model)")
     p.add_argument("--schedule", help="the LN-free arm when the records hold several schedules")
+    p.add_argument("--lr-json", help="the fine-tuning LR per size (an LR probe's lr.json): runs at other LRs are "
+                                     "left out")
     p.add_argument("--records", help="also write every run's record to this .jsonl")
     a = p.parse_args(argv)
     res = analyse(a.sweep_dir, a.out, a.thresholds, a.absolute, a.bootstrap, a.simulations, a.family,
-                  a.family_json, a.schedule)
+                  a.family_json, a.schedule, a.lr_json)
     if a.records:  # the runs themselves, compact, so that the analysis can be redone from a committed file
         runs = sorted(load_sources(a.sweep_dir),
                       key=lambda r: (r["n_nonemb"], str(r.get("pretrained")), r["tokens"], r["removes"], r["seed"]))

@@ -148,11 +148,11 @@ class SweepStructure:
     and, per pretrained model p and budget B, the seed-mean relative gap follows
         gap(B) = threshold * (B / T*_ip)^(-slope),   T*_ip = T*_i * exp(pretrain effect)
     with multiplicative seed noise on each run's gap. Defaults (see experiments/data_scaling/README.md and
-    measure_seed_noise): seed_cv from the width-only sweep's runs.jsonl (the sd of log gap over the 3 seeds at a
-    budget, median over (size, budget) with gaps within 0.5%-4%); pretrain_sd and lack_of_fit_sd are assumptions
-    (no sweep has measured them yet): 0.15 in log T* between two pretraining runs of one size (a 15% spread in the
-    data needed), and 0.25 in log T* of a size away from the power law (the width-only family's residuals about
-    its fit are 0.2-0.5 in log T*)."""
+    scaling.measured_noise, which measures seed_cv, slope and pretrain_sd in a real sweep's records): seed_cv from
+    the width-only sweep's runs.jsonl (the sd of log gap over the 3 seeds at a budget, median over (size, budget)
+    with gaps within 0.5%-4%); pretrain_sd and lack_of_fit_sd are assumptions where a sweep has not measured them:
+    0.15 in log T* between two pretraining runs of one size (a 15% spread in the data needed), and 0.25 in log T*
+    of a size away from the power law (the width-only family's residuals about its fit are 0.2-0.5 in log T*)."""
 
     b: float = 0.4
     sizes_n: tuple = (5e4, 2e5, 8e5, 3.2e6)
@@ -163,21 +163,24 @@ class SweepStructure:
     lack_of_fit_sd: float = 0.25
     n_pretrained: int = 2
     n_seeds: int = 3
-    budgets_per_size: int = 8
     budget_step: float = math.sqrt(2)
+    margin: int = 3  # budgets beyond the outermost thresholds' true crossings, on each side
 
 
 def sweep(rng: np.random.Generator, st: SweepStructure, thresholds) -> list[dict]:
     """Records (the shape of runs.jsonl) of one simulated sweep: both arms of every (size, pretrained model, seed,
-    budget), budgets on a geometric grid centred on the size's true T* at the middle threshold (as a grid fixed
-    from a pilot would be), so every threshold's crossing lies inside the grid."""
+    budget), budgets on a geometric grid (ratio budget_step) from `margin` budgets below the size's true crossing
+    of the largest threshold to `margin` above that of the smallest (as a grid fixed from a pilot would be), so
+    that every threshold's crossing is bracketed by measured budgets (scaling.BRACKET) and the coverage measures
+    the interval, not the grid."""
     thresholds = sorted(thresholds)
     mid = thresholds[len(thresholds) // 2]
     runs = []
     for i, n in enumerate(st.sizes_n):
         t_size = st.t0 * (n / st.sizes_n[0]) ** st.b * math.exp(rng.normal(0, st.lack_of_fit_sd))
-        k = np.arange(st.budgets_per_size) - (st.budgets_per_size - 1) / 2
-        budgets = np.round(t_size * st.budget_step ** k).astype(int)
+        first = math.log(t_size * (thresholds[-1] / mid) ** (-1 / st.slope), st.budget_step) - st.margin
+        last = math.log(t_size * (thresholds[0] / mid) ** (-1 / st.slope), st.budget_step) + st.margin
+        budgets = np.unique(np.round(st.budget_step ** np.arange(math.floor(first), math.ceil(last) + 1)).astype(int))
         for p in range(st.n_pretrained):
             t_p = t_size * math.exp(rng.normal(0, st.pretrain_sd))
             for seed in range(1, st.n_seeds + 1):
