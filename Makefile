@@ -177,9 +177,13 @@ scaling-depth: family-depth
 	$(MAKE) scaling-depth-analysis
 
 # (the LN-free arm at each size's probed LR into $(SCALING)/; the variant arm, a fixed number of steps per removal
-# event, into $(SCALING)/depth_fixed_steps/)
+# event, into $(SCALING)/depth_fixed_steps/; both on the fixed grid's budgets only, read from its config, so that
+# the stage-2 extension's runs, analysed apart, never enter them)
+DEPTH_GRID_MAX_STEPS = $(shell $(PY) experiments/data_scaling/run_missing.py --experiment data_scaling_depth \
+  --print-max-budget)
 DEPTH_ANALYSIS = $(PY) -m lnfree.analysis.scaling experiments/depth_family/runs.jsonl \
-  --lr-json experiments/depth_family/lr.json --family-json experiments/depth_family/family.json
+  --lr-json experiments/depth_family/lr.json --family-json experiments/depth_family/family.json \
+  --max-steps $(DEPTH_GRID_MAX_STEPS)
 scaling-depth-analysis: install
 	$(DEPTH_ANALYSIS) --out $(or $(DEPTH_OUT),$(SCALING)) --schedule scaled --family "builtin depth-and-width (1x32 to 4x128)"
 	$(DEPTH_ANALYSIS) --out $(or $(DEPTH_OUT),$(SCALING))/depth_fixed_steps --schedule builtin \

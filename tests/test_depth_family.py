@@ -4,6 +4,8 @@ resumes, the restore-from-repo path, the fixed fine-tuning grid (no early stoppi
 import importlib.util
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -553,3 +555,25 @@ def test_members_are_pretrained_jobs_at_a_time_and_a_failure_stops_new_starts(tm
     assert fam.pretrain_all(todo, tmp_path, jobs=1, followup=lambda n: step("s2") if (
         n == "small" and "s2" not in order.read_text()) else None) == 0
     assert order.read_text() == "s1s2L"
+
+
+def test_the_extension_adds_larger_budgets_to_every_size_alike_after_the_fixed_grid():
+    """Stage 2 (protocol.yaml's extension_budgets, run_missing.py --extend): the same jobs at the larger budgets,
+    for every model, replicate, arm and seed, after every job of the fixed grid; without --extend, the fixed grid
+    alone; the fixed grid's largest budget is what make scaling-depth-analysis keeps (--print-max-budget)."""
+    g = rm.depth_grid()
+    ext = g["extension_budgets"]
+    assert ext and min(ext) > max(g["budgets"]) and ext == sorted(ext)
+    assert rm.depth_budgets() == g["budgets"]
+    lrs = {m: {"lr": 3e-4} for m in g["models"]}
+    fixed, extended = rm.depth_jobs([], lrs, g), rm.depth_jobs([], lrs, g, extend=True)
+    assert {j[0] for j in fixed} == set(g["budgets"]) and extended[:len(fixed)] == fixed
+    added = extended[len(fixed):]
+    assert {j[0] for j in added} == set(ext)
+    for b in ext:  # every model, replicate and arm at every extension budget, all seeds
+        mine = {(m, rep, arm): tuple(s) for bb, m, rep, arm, _, s in added if bb == b}
+        assert all(mine[(m, rep, arm)] == tuple(g["seeds"]) for m in g["models"] for rep in g["replicates"]
+                   for arm in ("none", "scaled"))
+    out = subprocess.run([sys.executable, str(ROOT / "experiments/data_scaling/run_missing.py"), "--experiment",
+                          "data_scaling_depth", "--print-max-budget"], capture_output=True, text=True, check=True)
+    assert int(out.stdout) == max(g["budgets"])

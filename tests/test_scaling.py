@@ -254,3 +254,13 @@ def test_coverage_is_not_measured_where_no_simulated_sweep_has_an_interval():
 
     c = exponent_coverage(replace(SweepStructure(), sizes_n=(1e4, 1e5)), n_sim=5)
     assert c["covered"] is None and set(c["per_threshold"].values()) == {None} and set(c["fits"].values()) == {0}
+
+
+def test_max_steps_keeps_a_fixed_grid_apart_from_a_later_extension(tmp_path):
+    """Runs beyond max_steps (a later extension of the grid) do not enter the fixed grid's analysis."""
+    rec = depth_records(lambda i, rep, st: 0.08 * (st / 8) ** -0.5, lrs=(1.5e-4,), steps=(8, 16, 32, 64, 1024))
+    f = tmp_path / "runs.jsonl"
+    f.write_text("".join(json.dumps(r) + "\n" for r in rec))
+    res = analyse(f, tmp_path / "out", n_boot=0, n_sim=0, schedule="scaled", max_steps=64)
+    assert res["max_steps"] == 64 and all(s["budgets"] == [4096 * b for b in (8, 16, 32, 64)] for s in res["sizes"])
+    assert max(analyse(f, tmp_path / "all", n_boot=0, n_sim=0, schedule="scaled")["sizes"][0]["budgets"]) == 4096 * 1024

@@ -31,8 +31,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
-from lnfree.analysis.scaling import load_runs  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lnfree, imported where used (it loads torch)
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path("multirun/data_scaling/resume")
@@ -81,6 +80,8 @@ def within(sources, model: str, budget: int, gap: float, step_tokens: int) -> in
 
 def _load(src):
     try:
+        from lnfree.analysis.scaling import load_runs
+
         return load_runs(src)
     except FileNotFoundError:  # a sweep dir with nothing finished yet
         return []
@@ -123,6 +124,14 @@ DEPTH_OUT = Path("multirun/data_scaling_depth")
 LR_FILE = DEPTH_DIR / "lr.json"
 
 
+def depth_budgets(experiment: str = DEPTH) -> list[int]:
+    """The fixed grid's budgets (optimizer steps) of conf/experiment/<experiment>.yaml."""
+    from omegaconf import OmegaConf
+
+    p = OmegaConf.load(ROOT / "conf/experiment" / f"{experiment}.yaml").hydra.sweeper.params
+    return [int(b) for b in str(p["trainer.max_steps"]).split(",")]
+
+
 def depth_grid(experiment: str = DEPTH, cache_dir=None, settled: bool = False) -> dict:
     """The grid of conf/experiment/<experiment>.yaml with the protocol's fixed choices (protocol.yaml), and each
     model's pair of pretrained replicates: with `settled`, the pair the replicate rule has settled in the cache
@@ -139,7 +148,7 @@ def depth_grid(experiment: str = DEPTH, cache_dir=None, settled: bool = False) -
     models, replicates = split(p.model), [int(r) for r in split(p["model.replicate"])]
     pairs = {m: (pair(size_of(m), cache_dir or DEFAULT_CACHE_DIR) if settled else replicates) for m in models}
     return {"models": models, "replicates": replicates, "pairs": pairs,
-            "budgets": [int(b) for b in split(p["trainer.max_steps"])], "seeds": [int(s) for s in split(p.seed)],
+            "budgets": depth_budgets(experiment), "seeds": [int(s) for s in split(p.seed)],
             "schedules": split(p.schedule), "step_tokens": grid()[4], **proto}
 
 
@@ -176,14 +185,14 @@ def depth_key(r: dict) -> tuple:
     return r["pretrained"], r["steps"], r["schedule"], r["seed"], r["lr"]
 
 
-def depth_jobs(records, lrs: dict, g: dict | None = None) -> list[tuple]:
+def depth_jobs(records, lrs: dict, g: dict | None = None, extend: bool = False) -> list[tuple]:
     """Missing jobs of the grid as (budget, model, replicate, schedule, lr, [seeds]), smallest budgets first, on
     each size's pair of pretrained replicates; the variant schedule on its positions in the pair only and where it
-    fits; no early stopping."""
+    fits; no early stopping. extend: also the protocol's extension budgets (after the fixed grid's)."""
     g = g or depth_grid()
     done = {depth_key(r) for r in records}
     jobs = []
-    for b in g["budgets"]:
+    for b in g["budgets"] + (g["extension_budgets"] if extend else []):
         for m in g["models"]:
             reps = g["pairs"][m]
             if reps is None or m not in lrs:  # the size's pair or LR not settled yet: no job for it yet
@@ -289,6 +298,8 @@ def read_lrs(path: Path = LR_FILE) -> dict:
 
 
 def main_depth(a) -> None:
+    if a.print_max_budget:
+        return print(max(depth_budgets()))
     if a.until_within is not None:
         raise SystemExit("--until-within is not part of the depth family's protocol: its grid runs whole")
     records = Path(a.records[0]) if a.records else DEPTH_RECORDS
@@ -297,7 +308,7 @@ def main_depth(a) -> None:
     for m in g["models"]:
         if g["pairs"][m] is None:
             print(f"{m}: fewer than two converged pretrained replicates yet: not in the grid yet", flush=True)
-    jobs = depth_jobs(read_records(records), read_lrs(), g)
+    jobs = depth_jobs(read_records(records), read_lrs(), g, a.extend)
     print(f"{sum(len(j[5]) for j in jobs)} runs missing in {len(jobs)} multiruns", flush=True)
     if a.dry_run:
         for j in jobs:
@@ -316,6 +327,10 @@ def main():
     p.add_argument("--cache-dir", default=None, help="depth: where the pretrained models are (paths.cache_dir)")
     p.add_argument("--extra", nargs="*", default=[],
                    help="depth: overrides added to every run that do not change results (e.g. hardware=gpu)")
+    p.add_argument("--print-max-budget", action="store_true",
+                   help="depth: print the fixed grid's largest budget (steps) and exit (make scaling-depth-analysis)")
+    p.add_argument("--extend", action="store_true",
+                   help="depth: also the extension budgets of experiments/depth_family/protocol.yaml (stage 2)")
     p.add_argument("--until-within", type=float, default=None,
                    help="width family only: skip a size's budgets beyond one where its seed-mean gap is within this")
     a = p.parse_args()

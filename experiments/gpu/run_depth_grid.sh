@@ -8,7 +8,8 @@
 # finished ones come back in $OUT/models/ (to commit into experiments/depth_family/models/) with their run dirs'
 # records in $OUT/pretrain_runs/ (`python -m lnfree.analysis.family` reads them). Then the LR probe (experiments/depth_family/lr_probe.py: vanilla control only, writes lr.json) and
 # every job of experiment=data_scaling_depth without a record in experiments/depth_family/runs.jsonl, as
-# Hydra multiruns, WORKERS at a time, fp32 like the CPU runs. Each phase has a time limit so that the records of
+# Hydra multiruns, WORKERS at a time, fp32 like the CPU runs: the fixed grid's first, then the stage-2 extension's
+# (budgets 1024-4096 steps, --extend; experiments/depth_family/README.md "Grid extension"), smallest budgets first. Each phase has a time limit so that the records of
 # what finished come back: $OUT/runs.jsonl, $OUT/lr.json (and the logs); the rest is picked up by
 # `make scaling-depth` on the CPU from the same records. Needs, like run_sweep.sh, the wheels the device image
 # lacks in .whl/ (carry=[".whl"] when it is git-ignored). Estimate: 452 runs (84 probe, 368 grid) with 69k
@@ -34,7 +35,7 @@ mkdir -p $OUT/pretrain_runs && for d in $CACHE/pretrain_runs/*/; do n=$(basename
 timeout ${PROBE_TIMEOUT:-150} python3 experiments/depth_family/lr_probe.py --workers $WORKERS --cache-dir $CACHE \
   --extra $EXTRA > $OUT/probe.log 2>&1
 echo "probe: $(( $(date +%s) - t0 )) s"; tail -n 6 $OUT/probe.log
-timeout ${GRID_TIMEOUT:-280} python3 experiments/data_scaling/run_missing.py --experiment data_scaling_depth \
+timeout ${GRID_TIMEOUT:-280} python3 experiments/data_scaling/run_missing.py --experiment data_scaling_depth --extend \
   --workers $WORKERS --cache-dir $CACHE --extra $EXTRA > $OUT/grid.log 2>&1
 echo "probe + grid: $(( $(date +%s) - t0 )) s"; tail -n 3 $OUT/grid.log
 # records of runs that finished after their multirun was cut off by the time limit

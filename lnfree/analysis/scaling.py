@@ -236,14 +236,16 @@ def exponent_coverage(structure: SweepStructure, thresholds=THRESHOLDS, absolute
 
 def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: float | None = ABSOLUTE_NATS,
             n_boot: int = 1000, n_sim: int = N_SIMULATIONS, family: str | None = None, family_json: str | None = None,
-            schedule: str | None = None, lr_json: str | None = None) -> dict:
+            schedule: str | None = None, lr_json: str | None = None, max_steps: int | None = None) -> dict:
     """sweep_dir: a sweep dir or runs.jsonl, or a list of them (merged by load_sources). lr_json: the LR probe's
-    choice per size (only the runs at it are analysed). Writes scaling.json, scaling.md and scaling.png to
-    out_dir."""
+    choice per size (only the runs at it are analysed). max_steps: only the runs of at most this many steps.
+    Writes scaling.json, scaling.md and scaling.png to out_dir."""
     sources = list(sweep_dir) if isinstance(sweep_dir, (list, tuple)) else [sweep_dir]
     runs = load_sources(sources)
     if lr_json:
         runs = at_chosen_lr(runs, json.loads(Path(lr_json).read_text())["sizes"])
+    if max_steps is not None:  # a grid analysed without the budgets added to it later (records carry "steps")
+        runs = [r for r in runs if r["steps"] <= max_steps]
     table = {k: v for k, v in gap_table(runs, schedule).items() if v["seeds"]}
     if not table:
         raise ValueError(f"no paired runs to analyse in {[str(x) for x in sources]}")
@@ -274,7 +276,7 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
                       "gap_by_budget": {str(b): over_seeds(g) for b, g in zip(m["budgets"], m["gaps"])}})
     res = {"family": family or "unnamed", "sources": [str(x) for x in sources], "schedule": schedule,
            "lr": ({k: v["lr"] for k, v in json.loads(Path(lr_json).read_text())["sizes"].items()} if lr_json
-                  else None), "bracket": BRACKET,
+                  else None), "bracket": BRACKET, "max_steps": max_steps,
            "thresholds": list(thresholds), "absolute_threshold_nats": absolute,
            "seeds": sorted({s for m in table.values() for s in m["seeds"]}),
            "pretrained_per_size": n_pre,
@@ -393,10 +395,12 @@ def main(argv=None):
     p.add_argument("--schedule", help="the LN-free arm when the records hold several schedules")
     p.add_argument("--lr-json", help="the fine-tuning LR per size (an LR probe's lr.json): runs at other LRs are "
                                      "left out")
+    p.add_argument("--max-steps", type=int, help="only the runs of at most this many optimizer steps (records with "
+                                                 "`steps`: a fixed grid without the budgets of a later extension)")
     p.add_argument("--records", help="also write every run's record to this .jsonl")
     a = p.parse_args(argv)
     res = analyse(a.sweep_dir, a.out, a.thresholds, a.absolute, a.bootstrap, a.simulations, a.family,
-                  a.family_json, a.schedule, a.lr_json)
+                  a.family_json, a.schedule, a.lr_json, a.max_steps)
     if a.records:  # the runs themselves, compact, so that the analysis can be redone from a committed file
         runs = sorted(load_sources(a.sweep_dir),
                       key=lambda r: (r["n_nonemb"], str(r.get("pretrained")), r["tokens"], r["removes"], r["seed"]))
