@@ -234,6 +234,19 @@ def exponent_coverage(structure: SweepStructure, thresholds=THRESHOLDS, absolute
             "fits": fitted, "structure": asdict(structure)}
 
 
+def simulated_design(table: dict, exps: dict, thresholds, noise: dict) -> SweepStructure:
+    """The coverage check's simulated sweep with this sweep's design: the sizes in the fit at the middle threshold
+    (all sizes where fewer than 3 are), its pretrained models per size and seeds, and the noise measured here
+    (measured_noise: seeds, slope and, with replicates, pretraining; the defaults where not measured)."""
+    measured = {k: v for k, v in noise.items() if k in ("seed_cv", "slope", "pretrain_sd") and v is not None}
+    fitted = max((e["sizes"] for e in exps.values()), key=len) if exps else []
+    mid = exps.get(f"{sorted(thresholds)[len(thresholds) // 2]:g}")
+    fitted = mid["sizes"] if mid and len(mid["sizes"]) >= 3 else fitted
+    return replace(SweepStructure(), n_pretrained=max(min(len(m["pretrained"]) for m in table.values()), 1),
+                   n_seeds=max(len(m["seeds"]) for m in table.values()),
+                   sizes_n=tuple(float(table[m]["n"]) for m in (fitted if len(fitted) >= 3 else table)), **measured)
+
+
 def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: float | None = ABSOLUTE_NATS,
             n_boot: int = 1000, n_sim: int = N_SIMULATIONS, family: str | None = None, family_json: str | None = None,
             schedule: str | None = None, lr_json: str | None = None, max_steps: int | None = None) -> dict:
@@ -253,16 +266,7 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
     exps = exponents(table, stars)
     noise = measured_noise(table)
     n_pre = min(len(m["pretrained"]) for m in table.values())
-    # the simulation has this sweep's design: the sizes in the fit at the middle threshold, its pretrained models
-    # per size and seeds, and the noise measured here (seeds, slope and, with replicates, pretraining)
-    measured = {k: v for k, v in noise.items() if k in ("seed_cv", "slope", "pretrain_sd") and v is not None}
-    fitted = max((e["sizes"] for e in exps.values()), key=len) if exps else []
-    mid = exps.get(f"{sorted(thresholds)[len(thresholds) // 2]:g}")
-    fitted = mid["sizes"] if mid and len(mid["sizes"]) >= 3 else fitted
-    structure = replace(SweepStructure(), n_pretrained=max(n_pre, 1), n_seeds=max(len(m["seeds"]) for m in
-                                                                                  table.values()),
-                        sizes_n=tuple(float(table[m]["n"]) for m in (fitted if len(fitted) >= 3 else table)),
-                        **measured)
+    structure = simulated_design(table, exps, thresholds, noise)
     coverage = exponent_coverage(structure, thresholds, absolute, n_sim) if n_sim else None
     fam = _family_entries(family_json)
     sizes = []
