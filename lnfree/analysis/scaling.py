@@ -5,15 +5,18 @@
     python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl --out DIR  # from the committed records
     python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl multirun/data_scaling/resume \
         --records experiments/data_scaling/runs.jsonl   # committed records + the runs that finished a sweep
+    make scaling-depth-analysis   # the depth-and-width grid: --lr-json (each size's probed LR), --schedule (arm),
+                                  # --max-steps (the fixed grid without a later extension), --family-json
 
 Every (pretrained model, seed, budget) has an LN-free run and its vanilla control with the same seed (same data
 order). Gap = (CE_LN-free - CE_vanilla) / CE_vanilla (relative) or CE_LN-free - CE_vanilla (nats). Per pretrained
 model, T* = the budget at which a power-law fit of the seed-mean gap against the budget crosses a threshold
 (relative 0.5%, 1%, 2% and one absolute threshold in nats); a size's T* is the geometric mean over its pretrained
-models. Then T* ~ N^b over the sizes whose crossings lie inside their measured budgets (N = non-embedding
-parameters), with a t interval from the fit's residuals, R^2 and leave-one-size-out fits (analysis/stats.py), the
-decision rule's verdict per threshold, and the interval's coverage on simulated sweeps with the noise measured in
-these records (analysis/simulate.py). docs/statistics.md describes the method and its tested coverage.
+models (records with a `size` group a size's pretrained replicates). Then T* ~ N^b over the sizes whose crossings
+have at least BRACKET measured budgets on each side (N = non-embedding parameters), with a t interval from the fit's
+residuals, R^2 and leave-one-size-out fits (analysis/stats.py), the decision rule's verdict per threshold, and the
+interval's coverage on simulated sweeps with the noise measured in these records (analysis/simulate.py).
+docs/statistics.md describes the method and its tested coverage.
 """
 
 from __future__ import annotations
