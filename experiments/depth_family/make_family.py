@@ -144,7 +144,7 @@ def snapshot(name: str, runs: Path, cache_dir, partial: Path = PARTIAL) -> bool:
     from lnfree.training.tail_average import windows
 
     run = runs / name
-    last = [p for p in (run / "checkpoints").glob("last*.ckpt")]
+    last = list((run / "checkpoints").glob("last*.ckpt"))
     if not last or ((run / RUN_SUMMARY).exists() and continuation(name, cache_dir, runs) is None):
         return False
     cfg = OmegaConf.load(run / ".hydra" / "config.yaml")
