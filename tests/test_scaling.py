@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from lnfree.analysis.scaling import analyse
+from lnfree.analysis.scaling import analyse, gap_table
 
 
 def write_run(d, model, n, seed, removes, tokens, ce, source=None):
@@ -231,18 +231,12 @@ def test_measured_noise_recovers_the_pretraining_spread_of_a_simulated_sweep():
 
     st = replace(SweepStructure(), pretrain_sd=0.3, seed_cv=0.05, slope=0.5, n_pretrained=2)
     rng = np.random.default_rng(0)
-    est = [measured_noise(gap_table_of(sweep(rng, st, THRESHOLDS))) for _ in range(40)]
+    est = [measured_noise(gap_table(sweep(rng, st, THRESHOLDS))) for _ in range(40)]
     assert np.median([e["seed_cv"] for e in est]) == pytest.approx(0.05, rel=0.15)
     assert np.median([e["slope"] for e in est]) == pytest.approx(0.5, rel=0.1)
     assert np.sqrt(np.mean([e["pretrain_sd"] ** 2 for e in est])) == pytest.approx(0.3, rel=0.2)
-    one = measured_noise(gap_table_of(sweep(rng, replace(st, n_pretrained=1), THRESHOLDS)))
+    one = measured_noise(gap_table(sweep(rng, replace(st, n_pretrained=1), THRESHOLDS)))
     assert one["pretrain_sd"] is None and one["seed_cv"] is not None
-
-
-def gap_table_of(runs):
-    from lnfree.analysis.scaling import gap_table
-
-    return gap_table(runs)
 
 
 def test_coverage_is_not_measured_where_no_simulated_sweep_has_an_interval():
