@@ -195,16 +195,13 @@ def _t_star_cell(size: dict, t: dict) -> str:
     return _tokens(t["value"]) + ("" if t["bracketed"] else " (edge)")
 
 
-def scaling_width(root: Path) -> str:
-    """The width-only data-scaling study: T* per size, the exponent b of T* ~ N^b and the pre-registered verdict."""
-    s = _json(root, "experiments/data_scaling/width_only/scaling.json")
-    fit = {n for e in s["exponent"].values() for n in e["sizes"]}
-    sizes = [z for z in s["sizes"] if z["name"] in fit]
+def _scaling_table(s: dict, sizes: list[dict]) -> str:
+    """A data-scaling study's scaling.json as a table: T* of the given sizes, the exponent b of T* ~ N^b with its
+    interval, R^2, the leave-one-size-out range and the verdict, one row per threshold."""
     lines = ["| threshold | T* per size (" + " / ".join(z["name"].removeprefix("builtin_") for z in sizes)
              + ", tokens) | b [95% CI] | R^2 | leave-one-size-out b | verdict |", "|---|---|---|---|---|---|"]
     for key, e in s["exponent"].items():
-        ts = [z["t_star"][key] for z in sizes]
-        tstar = " / ".join(_t_star_cell(z, t) for z, t in zip(sizes, ts))
+        tstar = " / ".join(_t_star_cell(z, z["t_star"][key]) for z in sizes)
         b = "-" if e["value"] is None else (f"{e['value']:+.2f} {_ci(e['ci_low'], e['ci_high'], 2)}"
                                             if e["ci_low"] is not None else f"{e['value']:+.2f}")
         r2 = "-" if e["r2"] is None else f"{e['r2']:.2f}"
@@ -212,6 +209,13 @@ def scaling_width(root: Path) -> str:
         loo = f"{min(loo):+.2f} to {max(loo):+.2f}" if loo else "-"
         lines.append(f"| {_threshold(key)} | {tstar} | {b} | {r2} | {loo} | {s['verdict'][key].split(':')[0]} |")
     return "\n".join(lines)
+
+
+def scaling_width(root: Path) -> str:
+    """The width-only data-scaling study (its sizes with a complete row in some fit; the others stopped early)."""
+    s = _json(root, "experiments/data_scaling/width_only/scaling.json")
+    fit = {n for e in s["exponent"].values() for n in e["sizes"]}
+    return _scaling_table(s, [z for z in s["sizes"] if z["name"] in fit])
 
 
 def depth_family(root: Path) -> str:

@@ -338,9 +338,9 @@ def markdown(res: dict) -> str:
         e = res["exponent"][k]
         loo = "; ".join(f"w/o {x['dropped']}: " + ("-" if x["value"] is None else f"{x['value']:.2f}")
                         + f" {interval_text(x)}" for x in e["leave_one_out"]) or "-"
-        val = "-" if e["value"] is None else f"{e['value']:.2f}"
+        val = "-" if e["value"] is None else f"{e['value']:.2f} {interval_text(e)}"
         r2 = "-" if e["r2"] is None else f"{e['r2']:.2f}"
-        lines.append(f"| {k} | {res['verdict'][k]} | {val} {interval_text(e)} | {r2} | {', '.join(e['sizes'])} "
+        lines.append(f"| {k} | {res['verdict'][k]} | {val} | {r2} | {', '.join(e['sizes'])} "
                      f"| {loo} |")
     c = res.get("coverage")
     if c and c["covered"] is None:
