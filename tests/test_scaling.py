@@ -258,3 +258,29 @@ def test_max_steps_keeps_a_fixed_grid_apart_from_a_later_extension(tmp_path):
     res = analyse(f, tmp_path / "out", n_boot=0, n_sim=0, schedule="scaled", max_steps=64)
     assert res["max_steps"] == 64 and all(s["budgets"] == [4096 * b for b in (8, 16, 32, 64)] for s in res["sizes"])
     assert max(analyse(f, tmp_path / "all", n_boot=0, n_sim=0, schedule="scaled")["sizes"][0]["budgets"]) == 4096 * 1024
+
+
+def test_size_ordering_compares_every_pretrained_model_of_adjacent_sizes():
+    """The fit-free comparison: adjacent sizes are "ordered" at a budget only when every pretrained model of the
+    larger size has a smaller seed-mean gap than every one of the smaller size; a replicate that crosses makes it an
+    overlap, and a larger size above the smaller one is "reversed"."""
+    from lnfree.analysis.scaling import size_ordering
+
+    def gap(i, rep, st):  # l2w64 below l1w32 at every budget; l3w96's replicate 2 above both of l2w64's from 64
+        base = 0.08 * (st / 8) ** -0.5 * (1.0, 0.6, 0.4)[i]  # steps (0.64 or 1.6 vs 0.6 and 0.63), replicate 1 below
+        if i == 2 and rep == 2 and st >= 64:
+            return base * (1.6 if st < 256 else 4.0)
+        return base * (1.05 if rep == 2 else 1.0)
+
+    o = size_ordering(gap_table(depth_records(gap, lrs=(1.5e-4,)), "scaled"))
+    at = {int(b): [p["order"] for p in v["pairs"]] for b, v in o["budgets"].items()}
+    assert at[8 * 4096] == at[32 * 4096] == ["ordered", "ordered"]
+    assert at[64 * 4096] == ["ordered", "overlap"] and at[512 * 4096] == ["ordered", "overlap"]
+    assert o["all_ordered_at"] == [4096 * s for s in (8, 16, 32)]
+    assert o["budgets"][str(8 * 4096)]["per_pretrained"]["l1w32"] == pytest.approx([0.08, 0.084])
+
+    def above(i, rep, st):  # l2w64 above l1w32 with both replicates
+        return 0.01 * (1.0, 2.0, 0.5)[i] * (1.05 if rep == 2 else 1.0)
+
+    o = size_ordering(gap_table(depth_records(above, lrs=(1.5e-4,)), "scaled"))
+    assert [p["order"] for p in o["budgets"][str(8 * 4096)]["pairs"]] == ["reversed", "ordered"]

@@ -143,6 +143,31 @@ def gap_table(runs: list[dict], schedule: str | None = None) -> dict:
     return out
 
 
+def size_ordering(table: dict) -> dict:
+    """What a grid says about size without any fit: at every budget that all sizes measured, is the gap smaller for
+    the larger model? Per pretrained model, the seed-mean relative gap; adjacent sizes (by N) are "ordered" when
+    every pretrained model of the larger size has a smaller gap than every pretrained model of the smaller one,
+    "reversed" for the opposite, "overlap" otherwise (so the pretraining spread counts; the seeds' spread, a tenth
+    of a point or less in these grids, is in gap_by_budget). If the gaps fall with the budget, a larger size that is
+    ordered below a smaller one at every budget reaches every threshold no later: T* does not grow with N there."""
+    sizes = list(table)  # gap_table orders sizes by N
+    common = sorted(set.intersection(*(set(m["budgets"]) for m in table.values())))
+    out = {}
+    for b in common:
+        per = {s: [float(np.mean(p[table[s]["budgets"].index(b)])) for p in table[s]["gaps_by_pretrained"]]
+               for s in sizes}
+        pairs = []
+        for small, large in zip(sizes, sizes[1:]):
+            order = ("ordered" if max(per[large]) < min(per[small]) else
+                     "reversed" if min(per[large]) > max(per[small]) else "overlap")
+            pairs.append({"smaller": small, "larger": large, "order": order})
+        out[str(b)] = {"per_pretrained": per, "pairs": pairs,
+                       "all_ordered": bool(pairs) and all(p["order"] == "ordered" for p in pairs)}
+    return {"budgets": out, "all_ordered_at": [int(b) for b, v in out.items() if v["all_ordered"]],
+            "rule": "adjacent sizes ordered at a budget when every pretrained model of the larger size has a smaller "
+                    "seed-mean gap than every pretrained model of the smaller size"}
+
+
 def threshold_keys(thresholds, absolute: float | None) -> dict:
     """{key: (threshold, which gaps)}: relative thresholds keyed as written ("0.01"), the absolute one "0.04nats"."""
     keys = {f"{t:g}": (t, "gaps_by_pretrained") for t in thresholds}
@@ -291,7 +316,8 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
                                      "not measured: one pretrained model per size, so pretraining variation is not "
                                      "separated from the lack of fit; it enters the exponent's interval only through "
                                      "the residuals about the power law"),
-           "sizes": sizes, "exponent": exps, "verdict": verdicts(exps), "measured_noise": noise,
+           "sizes": sizes, "exponent": exps, "verdict": verdicts(exps), "size_ordering": size_ordering(table),
+           "measured_noise": noise,
            "coverage": coverage,
            "method": "T* per pretrained model from a local power-law fit of the seed-mean gap (4 budgets nearest the "
                      "threshold), geometric mean per size; b from least squares of log T* on log N with a t interval "
@@ -386,6 +412,17 @@ def markdown(res: dict) -> str:
             cells.append("" if g is None else f"{100 * g['mean']:.2f}" + (f" [{100 * ci[0]:.2f}, {100 * ci[1]:.2f}]"
                                                                          if ci else ""))
         lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
+    o = res.get("size_ordering")
+    if o and o["budgets"]:  # the fit-free comparison of adjacent sizes, one row per pair
+        word = {"ordered": "smaller", "reversed": "larger", "overlap": "overlap"}
+        bs = list(o["budgets"])
+        lines += ["", "Gap of each size vs the next smaller one, per budget (tokens), without a fit: \"smaller\" when "
+                  "every pretrained model of the larger size has a smaller seed-mean gap than every pretrained model "
+                  "of the smaller size, \"larger\" for the opposite, else \"overlap\":", "",
+                  "| sizes | " + " | ".join(_k(int(b)) for b in bs) + " |", "|---|" + "---|" * len(bs)]
+        for i, p in enumerate(o["budgets"][bs[0]]["pairs"]):
+            lines.append(f"| {p['larger']} vs {p['smaller']} | "
+                         + " | ".join(word[o["budgets"][b]["pairs"][i]["order"]] for b in bs) + " |")
     return "\n".join(lines) + "\n"
 
 
