@@ -11,6 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from ..families import GPT2_ALIASES  # noqa: E402
 from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
@@ -114,7 +115,7 @@ def plot_family(sizes: list[dict], out: Path):
 def plot_scaling(res: dict, table: dict, path: Path, reference_exponent: float):
     """The data-scaling figure: the gap to the vanilla control vs fine-tuning tokens per size, and T* vs N with
     each threshold's fit and a reference line N^reference_exponent."""
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(12, 4.2))  # log axes: decade labels only (minor ones overlap)
     for s in res["sizes"]:
         m = table[s["name"]]
         g = np.asarray(m["gaps"]) * 100
@@ -124,17 +125,25 @@ def plot_scaling(res: dict, table: dict, path: Path, reference_exponent: float):
         ax1.axhline(100 * t, color="k", ls=":", lw=0.8)
     ax1.set(xscale="log", yscale="log", xlabel="fine-tuning tokens",
             ylabel="LN-free CE gap to vanilla (%, mean +- s.e. over seeds)", title="Gap to the vanilla control")
+    ax1.xaxis.set_minor_formatter(NullFormatter())
     ax1.legend(fontsize=7)
     colors = plt.get_cmap("tab10")
-    ref_at = None
+    shown = []  # every T* drawn (fitted, edge or lower bound): where the reference slope is anchored
     for i, (key, e) in enumerate(res["exponent"].items()):
-        pts = [(s["non_embedding_params"], s["t_star"].get(key)) for s in res["sizes"]]
         beyond = [(s["non_embedding_params"] * (1 + 0.03 * i), s["budgets"][-1]) for s in res["sizes"]
                   if (t := s["t_star"].get(key)) and (t["value"] is None or t["value"] > s["budgets"][-1])]
         if beyond:  # a lower bound: the gap had not reached the threshold at the largest budget
             ax2.scatter(*zip(*beyond), marker="^", s=40, facecolors="none", edgecolors=colors(i),
                         label=f"{key}: T* beyond the largest budget (a lower bound)")
-        pts = [(n, t) for n, t in pts if t and t["bracketed"]]
+            shown += beyond
+        inside = [(s["non_embedding_params"], t) for s in res["sizes"] if (t := s["t_star"].get(key))
+                  and t["value"] is not None and s["budgets"][0] <= t["value"] <= s["budgets"][-1]]
+        edge = [(n * (1 + 0.03 * i), t["value"]) for n, t in inside if not t["bracketed"]]
+        if edge:  # inside the grid but with fewer than the required measured budgets on one side: not in the fit
+            ax2.scatter(*zip(*edge), marker="o", s=30, facecolors="none", edgecolors=colors(i),
+                        label=f"{key}: T* at the grid's edge (not in the fit)")
+            shown += edge
+        pts = [(n, t) for n, t in inside if t["bracketed"]]
         if not pts:
             continue
         n = np.array([p[0] for p in pts], float)
@@ -142,20 +151,21 @@ def plot_scaling(res: dict, table: dict, path: Path, reference_exponent: float):
         lo = np.array([p[1].get("ci_low", v) for p, v in zip(pts, t)], float)
         hi = np.array([p[1].get("ci_high", v) for p, v in zip(pts, t)], float)
         hi = np.where(np.isfinite(hi), hi, t * 3)
-        ax2.errorbar(n * (1 + 0.03 * i), t, yerr=[t - lo, hi - t], fmt="o", ms=4, capsize=3, color=colors(i))
+        ax2.errorbar(n * (1 + 0.03 * i), t, yerr=[t - lo, hi - t], fmt="o", ms=4, capsize=3, color=colors(i),
+                     label=None if e["value"] is not None else f"{key}: T* (too few sizes for a fit)")
+        shown += list(zip(n, t))
         if e["value"] is not None:
             xs = np.geomspace(n.min(), n.max(), 50)
             a = np.exp(np.mean(np.log(t) - e["value"] * np.log(n)))
             ax2.plot(xs, a * xs ** e["value"], color=colors(i),
                      label=f"{key}: b = {e['value']:.2f} {interval_text(e)}")
-        if ref_at is None:
-            ref_at = (n, float(np.exp(np.mean(np.log(t)))))
-    if ref_at is not None:
-        n, level = ref_at
+    if shown:  # the paper's slope for comparison; its level is arbitrary (through the mean of what is drawn)
+        n, level = np.array([p[0] for p in shown], float), float(np.exp(np.mean(np.log([p[1] for p in shown]))))
         xs = np.geomspace(n.min(), n.max(), 50)
         ax2.plot(xs, level * (xs / np.exp(np.mean(np.log(n)))) ** reference_exponent, "k--", lw=1,
-                 label=f"N^{reference_exponent} (paper's released budgets)")
+                 label=f"slope N^{reference_exponent} (paper's released budgets; level arbitrary)")
     ax2.set(xscale="log", yscale="log", xlabel="non-embedding parameters N", ylabel="T*: tokens to the gap threshold",
             title=f"Data needed to remove LayerNorm\n{res['family']}")
-    ax2.legend(fontsize=7)
+    ax2.xaxis.set_minor_formatter(NullFormatter())
+    ax2.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1))  # outside: the points span the whole panel
     save_figure(fig, path)
