@@ -203,7 +203,8 @@ def _scaling_table(s: dict, sizes: list[dict]) -> str:
     for key, e in s["exponent"].items():
         tstar = " / ".join(_t_star_cell(z, z["t_star"][key]) for z in sizes)
         b = "-" if e["value"] is None else (f"{e['value']:+.2f} {_ci(e['ci_low'], e['ci_high'], 2)}"
-                                            if e["ci_low"] is not None else f"{e['value']:+.2f}")
+                                            if e["ci_low"] is not None else
+                                            f"{e['value']:+.2f} ({len(e['sizes'])} sizes: no interval)")
         r2 = "-" if e["r2"] is None else f"{e['r2']:.2f}"
         loo = [x["value"] for x in e["leave_one_out"]]
         loo = f"{min(loo):+.2f} to {max(loo):+.2f}" if loo else "-"
@@ -216,6 +217,40 @@ def scaling_width(root: Path) -> str:
     s = _json(root, "experiments/data_scaling/width_only/scaling.json")
     fit = {n for e in s["exponent"].values() for n in e["sizes"]}
     return _scaling_table(s, [z for z in s["sizes"] if z["name"] in fit])
+
+
+def scaling_depth(root: Path) -> str:
+    """The depth-and-width data-scaling study (issue 24), every size; the LN-free arm removes every site within the
+    first 40% of the budget (schedule `scaled`)."""
+    s = _json(root, "experiments/data_scaling/scaling.json")
+    return _scaling_table(s, s["sizes"])
+
+
+def scaling_depth_variant(root: Path) -> str:
+    """The same study's variant arm: a fixed number of steps per removal event (first pretrained model per size)."""
+    s = _json(root, "experiments/data_scaling/depth_fixed_steps/scaling.json")
+    return _scaling_table(s, s["sizes"])
+
+
+def scaling_depth_ordering(root: Path) -> str:
+    """The depth-and-width study without a fit: per budget, each size's seed-mean gap (range over its pretrained
+    models) against the next smaller size's, and whether every pretrained model of the larger size lies below
+    every one of the smaller (scaling.size_ordering)."""
+    s = _json(root, "experiments/data_scaling/scaling.json")
+    o = s["size_ordering"]["budgets"]
+    pairs = [(p["larger"], p["smaller"]) for p in next(iter(o.values()))["pairs"]]
+    word = {"ordered": "smaller", "reversed": "larger", "overlap": "overlap"}
+
+    def rng(v: list) -> str:
+        return f"{100 * min(v):.2f}" if len(v) == 1 else f"{100 * min(v):.2f}-{100 * max(v):.2f}"
+
+    lines = ["| budget (tokens) | " + " | ".join(f"{a} vs {b} (gap %)" for a, b in pairs) + " |",
+             "|---|" + "---|" * len(pairs)]
+    for b, v in o.items():
+        cells = [f"{rng(v['per_pretrained'][a])} vs {rng(v['per_pretrained'][c])}: {word[p['order']]}"
+                 for (a, c), p in zip(pairs, v["pairs"])]
+        lines.append(f"| {_tokens(int(b))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def depth_family(root: Path) -> str:
@@ -462,7 +497,8 @@ def bench_profile(root: Path) -> str:
 TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, lora_models, downstream, scaling_width,
                                    family, distributed, dla_builtin, interp_summary, interp_controls, interp_verdicts,
                                    shift_gaps, bench_cpu, bench_profile, families_eval,
-                                   shift_by_length, depth_family, depth_lr_probe)}
+                                   shift_by_length, depth_family, depth_lr_probe, scaling_depth,
+                                   scaling_depth_ordering, scaling_depth_variant)}
 
 
 def pages(root: Path = ROOT) -> list[Path]:

@@ -146,15 +146,16 @@ def plot_scaling(res: dict, table: dict, path: Path, reference_exponent: float):
         pts = [(n, t) for n, t in inside if t["bracketed"]]
         if not pts:
             continue
+        fitted = e["value"] is not None and e["ci_low"] is not None  # a line through 2 points would be no fit
         n = np.array([p[0] for p in pts], float)
         t = np.array([p[1]["value"] for p in pts])
         lo = np.array([p[1].get("ci_low", v) for p, v in zip(pts, t)], float)
         hi = np.array([p[1].get("ci_high", v) for p, v in zip(pts, t)], float)
         hi = np.where(np.isfinite(hi), hi, t * 3)
         ax2.errorbar(n * (1 + 0.03 * i), t, yerr=[t - lo, hi - t], fmt="o", ms=4, capsize=3, color=colors(i),
-                     label=None if e["value"] is not None else f"{key}: T* (too few sizes for a fit)")
+                     label=None if fitted else f"{key}: T* ({len(pts)} size(s): no interval, no fit drawn)")
         shown += list(zip(n, t))
-        if e["value"] is not None:
+        if fitted:
             xs = np.geomspace(n.min(), n.max(), 50)
             a = np.exp(np.mean(np.log(t) - e["value"] * np.log(n)))
             ax2.plot(xs, a * xs ** e["value"], color=colors(i),
