@@ -236,10 +236,11 @@ def scaling_depth_ordering(root: Path) -> str:
     """The depth-and-width study without a fit: per budget, each size's seed-mean gap (range over its pretrained
     models) against the next smaller size's, and whether every pretrained model of the larger size lies below
     every one of the smaller (scaling.size_ordering)."""
+    from .scaling import ORDER_WORDS
+
     s = _json(root, "experiments/data_scaling/scaling.json")
     o = s["size_ordering"]["budgets"]
     pairs = [(p["larger"], p["smaller"]) for p in next(iter(o.values()))["pairs"]]
-    word = {"ordered": "smaller", "reversed": "larger", "overlap": "overlap"}
 
     def rng(v: list) -> str:
         return f"{100 * min(v):.2f}" if len(v) == 1 else f"{100 * min(v):.2f}-{100 * max(v):.2f}"
@@ -247,7 +248,7 @@ def scaling_depth_ordering(root: Path) -> str:
     lines = ["| budget (tokens) | " + " | ".join(f"{a} vs {b} (gap %)" for a, b in pairs) + " |",
              "|---|" + "---|" * len(pairs)]
     for b, v in o.items():
-        cells = [f"{rng(v['per_pretrained'][a])} vs {rng(v['per_pretrained'][c])}: {word[p['order']]}"
+        cells = [f"{rng(v['per_pretrained'][a])} vs {rng(v['per_pretrained'][c])}: {ORDER_WORDS[p['order']]}"
                  for (a, c), p in zip(pairs, v["pairs"])]
         lines.append(f"| {_tokens(int(b))} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

@@ -143,6 +143,10 @@ def gap_table(runs: list[dict], schedule: str | None = None) -> dict:
     return out
 
 
+# size_ordering's verdict on a pair of adjacent sizes, as the tables say it: the larger size's gap is ...
+ORDER_WORDS = {"ordered": "smaller", "reversed": "larger", "overlap": "overlap"}
+
+
 def size_ordering(table: dict) -> dict:
     """What a grid says about size without any fit: at every budget that all sizes measured, is the gap smaller for
     the larger model? Per pretrained model, the seed-mean relative gap; adjacent sizes (by N) are "ordered" when
@@ -414,7 +418,6 @@ def markdown(res: dict) -> str:
         lines.append(f"| {s['name']} | " + " | ".join(cells) + " |")
     o = res.get("size_ordering")
     if o and o["budgets"]:  # the fit-free comparison of adjacent sizes, one row per pair
-        word = {"ordered": "smaller", "reversed": "larger", "overlap": "overlap"}
         bs = list(o["budgets"])
         lines += ["", "Gap of each size vs the next smaller one, per budget (tokens), without a fit: \"smaller\" when "
                   "every pretrained model of the larger size has a smaller seed-mean gap than every pretrained model "
@@ -422,7 +425,7 @@ def markdown(res: dict) -> str:
                   "| sizes | " + " | ".join(_k(int(b)) for b in bs) + " |", "|---|" + "---|" * len(bs)]
         for i, p in enumerate(o["budgets"][bs[0]]["pairs"]):
             lines.append(f"| {p['larger']} vs {p['smaller']} | "
-                         + " | ".join(word[o["budgets"][b]["pairs"][i]["order"]] for b in bs) + " |")
+                         + " | ".join(ORDER_WORDS[o["budgets"][b]["pairs"][i]["order"]] for b in bs) + " |")
     return "\n".join(lines) + "\n"
 
 
