@@ -169,11 +169,12 @@ scaling-analysis: install
 
 # the depth-and-width family's fixed grid (conf/experiment/data_scaling_depth.yaml; protocol in
 # experiments/depth_family/README.md): the family, the LR probe (vanilla control only; writes lr.json), then every
-# job without a record in experiments/depth_family/runs.jsonl (no early stopping; resumable)
+# job without a record in experiments/depth_family/runs.jsonl, fixed grid then stage 2 (protocol.yaml's stage2; no
+# early stopping; resumable; prints the CPU hours of what remains first)
 # then the statistics (issue 24's scaling.json, scaling.md, scaling.png) into experiments/data_scaling/
 scaling-depth: family-depth
 	$(PY) experiments/depth_family/lr_probe.py --workers $(or $(WORKERS),2)
-	$(PY) $(SCALING)/run_missing.py --experiment data_scaling_depth --workers $(or $(WORKERS),2)
+	$(PY) $(SCALING)/run_missing.py --experiment data_scaling_depth --extend --workers $(or $(WORKERS),2)
 	$(MAKE) scaling-depth-analysis
 
 # (the LN-free arm at each size's probed LR into $(SCALING)/; the variant arm, a fixed number of steps per removal

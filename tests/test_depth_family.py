@@ -557,23 +557,33 @@ def test_members_are_pretrained_jobs_at_a_time_and_a_failure_stops_new_starts(tm
     assert order.read_text() == "s1s2L"
 
 
-def test_the_extension_adds_larger_budgets_to_every_size_alike_after_the_fixed_grid():
-    """Stage 2 (protocol.yaml's extension_budgets, run_missing.py --extend): the same jobs at the larger budgets,
-    for every model, replicate, arm and seed, after every job of the fixed grid; without --extend, the fixed grid
-    alone; the fixed grid's largest budget is what make scaling-depth-analysis keeps (--print-max-budget)."""
+def test_stage_two_runs_seed_one_of_every_cell_first_after_the_fixed_grid():
+    """Stage 2 (protocol.yaml's stage2, run_missing.py --extend): after every job of the fixed grid, its per-size
+    budgets for both replicates and its arms only, one seed per job, seed 1 of every cell before any seed 2;
+    without --extend, the fixed grid alone; the fixed grid's largest budget is what make scaling-depth-analysis
+    keeps (--print-max-budget)."""
     g = rm.depth_grid()
-    ext = g["extension_budgets"]
-    assert ext and min(ext) > max(g["budgets"]) and ext == sorted(ext)
+    s2 = g["stage2"]
+    assert all(min(b) > max(g["budgets"]) for b in s2["budgets"].values())
     assert rm.depth_budgets() == g["budgets"]
     lrs = {m: {"lr": 3e-4} for m in g["models"]}
     fixed, extended = rm.depth_jobs([], lrs, g), rm.depth_jobs([], lrs, g, extend=True)
     assert {j[0] for j in fixed} == set(g["budgets"]) and extended[:len(fixed)] == fixed
     added = extended[len(fixed):]
-    assert {j[0] for j in added} == set(ext)
-    for b in ext:  # every model, replicate and arm at every extension budget, all seeds
-        mine = {(m, rep, arm): tuple(s) for bb, m, rep, arm, _, s in added if bb == b}
-        assert all(mine[(m, rep, arm)] == tuple(g["seeds"]) for m in g["models"] for rep in g["replicates"]
-                   for arm in ("none", "scaled"))
+    assert all(len(j[5]) == 1 for j in added)
+    seeds = [j[5][0] for j in added]
+    assert seeds == sorted(seeds, key=s2["seed_order"].index)  # seed 1 of every cell first
+    cells = {(b, m, rep, arm) for b, m, rep, arm, _, _ in added}
+    assert cells == {(b, m, rep, arm) for m in g["models"] for b in s2["budgets"][m] for rep in g["replicates"]
+                     for arm in s2["schedules"]}
+    assert "builtin" not in s2["schedules"]  # no variant arm in stage 2
+    first = [j for j in added if j[5] == [1]]
+    assert [j[0] for j in first] == sorted(j[0] for j in first)  # smallest budgets first within a seed
+    # measured cells are not run again; the CPU hours of what remains shrink with them
+    done = [{"pretrained": f"{rm.size_of(m)}_s{rep}", "steps": b, "schedule": arm, "seed": 1, "lr": 3e-4}
+            for b, m, rep, arm, _, _ in first]
+    rest = rm.depth_jobs(done, lrs, g, extend=True)[len(fixed):]
+    assert rest == added[len(first):] and 0 < rm.cpu_hours(rest) < rm.cpu_hours(added)
     out = subprocess.run([sys.executable, str(ROOT / "experiments/data_scaling/run_missing.py"), "--experiment",
                           "data_scaling_depth", "--print-max-budget"], capture_output=True, text=True, check=True)
     assert int(out.stdout) == max(g["budgets"])

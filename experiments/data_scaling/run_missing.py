@@ -188,11 +188,12 @@ def depth_key(r: dict) -> tuple:
 def depth_jobs(records, lrs: dict, g: dict | None = None, extend: bool = False) -> list[tuple]:
     """Missing jobs of the grid as (budget, model, replicate, schedule, lr, [seeds]), smallest budgets first, on
     each size's pair of pretrained replicates; the variant schedule on its positions in the pair only and where it
-    fits; no early stopping. extend: also the protocol's extension budgets (after the fixed grid's)."""
+    fits; no early stopping. extend: then stage 2 (protocol.yaml's `stage2`: per-size budgets, its arms), one job
+    per seed, seed 1 of every cell before seed 2 of any."""
     g = g or depth_grid()
     done = {depth_key(r) for r in records}
     jobs = []
-    for b in g["budgets"] + (g["extension_budgets"] if extend else []):
+    for b in g["budgets"]:
         for m in g["models"]:
             reps = g["pairs"][m]
             if reps is None or m not in lrs:  # the size's pair or LR not settled yet: no job for it yet
@@ -206,7 +207,35 @@ def depth_jobs(records, lrs: dict, g: dict | None = None, extend: bool = False) 
                     todo = [s for s in g["seeds"] if (f"{size_of(m)}_s{rep}", b, arm, s, lr) not in done]
                     if todo:
                         jobs.append((b, m, rep, arm, lr, todo))
+    return jobs + (stage2_jobs(done, lrs, g) if extend else [])
+
+
+def stage2_jobs(done: set, lrs: dict, g: dict) -> list[tuple]:
+    """Stage 2's missing jobs in the protocol's order: for each seed in turn, every cell (budget, size, replicate,
+    arm), smallest budgets first."""
+    s2 = g["stage2"]
+    budgets = sorted({b for m in g["models"] for b in s2["budgets"].get(m, [])})
+    jobs = []
+    for seed in s2["seed_order"]:
+        for b in budgets:
+            for m in g["models"]:
+                if b not in s2["budgets"].get(m, []) or g["pairs"][m] is None or m not in lrs:
+                    continue
+                lr = lrs[m]["lr"]
+                for rep in g["pairs"][m]:
+                    for arm in s2["schedules"]:
+                        if (f"{size_of(m)}_s{rep}", b, arm, seed, lr) not in done:
+                            jobs.append((b, m, rep, arm, lr, [seed]))
     return jobs
+
+
+def cpu_hours(jobs) -> float:
+    """The CPU hours of these jobs at the measured one-thread step costs (step_cost.json; a validation counted as
+    5 steps, 3 CPU s per run and 12 per multirun process, as cost.py counts)."""
+    cost = json.loads((DEPTH_DIR / "step_cost.json").read_text())
+    s = sum(cost[size_of(m)]["cpu_s_per_step"] * (b + 5) * len(seeds) + 3 * len(seeds) + 12
+            for b, m, _, _, _, seeds in jobs)
+    return s / 3600
 
 
 def depth_record(summary: dict, pretrained_ce: float | None = None) -> dict:
@@ -219,7 +248,7 @@ def depth_record(summary: dict, pretrained_ce: float | None = None) -> dict:
             "steps": summary["steps"], "tokens": summary["tokens_seen"], "lr": c["optim"]["lr"],
             "val_ce": summary["val_ce"], "pretrained_val_ce": pretrained_ce, "hardware": c["hardware"]["name"],
             "n_nonemb": summary["n_params_non_embedding"], "all_removed": summary["all_removed"],
-            "fit_fraction": c["schedule"].get("fit_fraction")}
+            "fit_fraction": c["schedule"].get("fit_fraction"), "wall_time_s": summary.get("wall_time_s")}
 
 
 def pretrained_ce(name: str, cache_dir=None) -> float | None:
@@ -309,7 +338,8 @@ def main_depth(a) -> None:
         if g["pairs"][m] is None:
             print(f"{m}: fewer than two converged pretrained replicates yet: not in the grid yet", flush=True)
     jobs = depth_jobs(read_records(records), read_lrs(), g, a.extend)
-    print(f"{sum(len(j[5]) for j in jobs)} runs missing in {len(jobs)} multiruns", flush=True)
+    print(f"{sum(len(j[5]) for j in jobs)} runs missing in {len(jobs)} multiruns, about {cpu_hours(jobs):.1f} CPU h "
+          "(one-thread step costs of step_cost.json)", flush=True)
     if a.dry_run:
         for j in jobs:
             print(*j)
@@ -330,7 +360,7 @@ def main():
     p.add_argument("--print-max-budget", action="store_true",
                    help="depth: print the fixed grid's largest budget (steps) and exit (make scaling-depth-analysis)")
     p.add_argument("--extend", action="store_true",
-                   help="depth: also the extension budgets of experiments/depth_family/protocol.yaml (stage 2)")
+                   help="depth: then stage 2 (experiments/depth_family/protocol.yaml's stage2)")
     p.add_argument("--until-within", type=float, default=None,
                    help="width family only: skip a size's budgets beyond one where its seed-mean gap is within this")
     a = p.parse_args()

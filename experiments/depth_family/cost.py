@@ -81,8 +81,7 @@ def plan(cost: dict) -> dict:
         steps_ft = sum(j[0] * len(j[5]) for j in grid_jobs + probe_jobs)
         finetune_s = c * (steps_ft + VAL_STEPS * runs) + RUN_OVERHEAD_S * runs + PROCESS_OVERHEAD_S * len(
             grid_jobs + probe_jobs)
-        ext = [j for j in rm.depth_jobs([], {m: {"lr": g["lr_grid"][0]}}, {**g, "models": [m]}, extend=True)
-               if j[0] in g["extension_budgets"]]
+        ext = rm.stage2_jobs(set(), {m: {"lr": g["lr_grid"][0]}}, {**g, "models": [m]})
         ext_runs, ext_steps = sum(len(j[5]) for j in ext), sum(j[0] * len(j[5]) for j in ext)
         ext_s = c * (ext_steps + VAL_STEPS * ext_runs) + RUN_OVERHEAD_S * ext_runs + PROCESS_OVERHEAD_S * len(ext)
         sizes[m] = {"cpu_s_per_step": c, "pretrain_cpu_h": pretrain_s / 3600, "finetune_runs": runs,
@@ -91,7 +90,7 @@ def plan(cost: dict) -> dict:
     pre_h = sum(s["pretrain_cpu_h"] for s in sizes.values())
     ft_h = sum(s["finetune_cpu_h"] for s in sizes.values())
     return {"sizes": sizes, "pretrain_cpu_h": pre_h, "finetune_cpu_h": ft_h, "total_cpu_h": pre_h + ft_h,
-            "extension_budgets": g["extension_budgets"],
+            "extension_budgets": g["stage2"]["budgets"],
             "extension_cpu_h": sum(s["extension_cpu_h"] for s in sizes.values()),
             "wall_h_on_2_idle_cores": pre_h / 2 + ft_h / 2,
             "note": "pretraining runs two one-thread processes at a time (make family-depth), the probe and grid "
@@ -110,7 +109,7 @@ def main():
               f"fine-tuning {s['finetune_runs']} runs, {s['finetune_steps']} steps, {s['finetune_cpu_h']:.2f} CPU h")
     print(f"total: pretraining {res['pretrain_cpu_h']:.1f} + fine-tuning {res['finetune_cpu_h']:.1f} = "
           f"{res['total_cpu_h']:.1f} CPU h; on 2 idle cores about {res['wall_h_on_2_idle_cores']:.1f} h")
-    print(f"stage 2 (extension budgets {', '.join(map(str, res['extension_budgets']))} steps, "
+    print(f"stage 2 (budgets per size {res['extension_budgets']} steps, "
           f"run_missing.py --extend): "
           f"{sum(s['extension_runs'] for s in res['sizes'].values())} runs, {res['extension_cpu_h']:.1f} CPU h")
 
