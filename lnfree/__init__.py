@@ -8,7 +8,8 @@ The core (this package's top-level modules) needs torch, transformers and safete
     export_hf(model, "out/hf"); export_folded(model, "out/folded")   # once every site is removed
 
 Training (Lightning + Hydra) lives in lnfree.training, data in lnfree.data, evaluation and the analyses in
-lnfree.analysis; the entry points are `python -m lnfree.train`, `python -m lnfree.eval`, `python -m lnfree.pretrain`.
+lnfree.analysis; the entry points are `python -m lnfree.train`, `python -m lnfree.eval`, `python -m lnfree.pretrain`,
+and the `lnfree` command runs each of them and the analyses (`lnfree --help`; lnfree/cli.py).
 """
 
 from .export import export_folded, export_hf

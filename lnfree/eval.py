@@ -1,6 +1,11 @@
 """Entry point: `python -m lnfree.eval` (the code is in lnfree/analysis/evaluate.py)."""
 
-from lnfree.analysis.evaluate import main
+import sys
+
+from lnfree.analysis.evaluate import main, positional_hint
 
 if __name__ == "__main__":
+    if hint := positional_hint(sys.argv[1:]):  # a model path where Hydra wants key=value: say the form that works
+        print(f"[lnfree] {hint}", file=sys.stderr)
+        sys.exit(2)
     main()

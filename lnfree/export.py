@@ -64,6 +64,16 @@ def logits_error(reference, candidate, input_ids: torch.Tensor) -> float:
     return float((cand - ref).abs().max() / ref.abs().max())
 
 
+def refuse_nonfinite(model, input_ids: torch.Tensor) -> None:
+    """An export of a model whose own logits are non-finite is refused as such (not as "relative error nan"),
+    with where the forward first overflows (lnfree.diagnose)."""
+    from .diagnose import describe, locate_nonfinite
+
+    report = locate_nonfinite(model, input_ids.to(next(model.parameters()).device))
+    if report is not None:
+        raise ExportError(f"nothing exported: the model's own forward gives {describe(report)}")
+
+
 def _logits(model, ids):
     was_training = model.training
     model.eval()  # dropout off for the comparison; the caller's mode is restored
@@ -120,7 +130,7 @@ def to_stock(model: RemovableModel, dtype: torch.dtype | None = None):
         require_all_removed(model, "HF-compatible LN-free export")
     cfg_dict = {k: v for k, v in model.config.to_dict().items() if not k.startswith("lnfree_")}
     if removed:
-        cfg_dict[fam.eps_field] = HF_EPS
+        cfg_dict = fam.stock_config({**cfg_dict, fam.eps_field: HF_EPS})
     cfg_dict.pop("architectures", None)
     cfg = model.config.__class__.from_dict(cfg_dict)
     stock_class = fam.stock_class(cfg)
@@ -143,6 +153,7 @@ def export_hf(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_
     """Verify, then write a stock-loadable HF dir (safetensors + config [+ tokenizer]). Returns the error."""
     stock = to_stock(model, dtype)
     ids = check_batch(model) if input_ids is None else input_ids
+    refuse_nonfinite(model, ids)
     err = logits_error(model, stock, ids)
     if not err <= tol:
         raise ExportError(f"HF-compatible export differs from the model: relative error {err:.2e} > {tol:.0e}")
@@ -154,6 +165,37 @@ def export_hf(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_
                  **{family(model.config).eps_field: getattr(stock.config, family(model.config).eps_field)},
                  relative_error=err, sigmas=model.sigmas())
     return err
+
+
+@torch.no_grad()
+def from_lnfree_stock(stock, eps: float = 1e-5) -> RemovableModel:
+    """The all-removed removable model that computes a stock LN-free model: an HF-compatible LN-free export,
+    lnfree's or the paper authors' published checkpoints (every norm's eps = 1e12 and weight = gamma * 1e6 / sigma).
+    Only gamma / sigma is in such a model, so every sigma becomes 1 and every norm weight is divided by 1e6 (exact
+    up to the trick's own relative error, var / 2e12). Its `fold`, `export_folded` and `export_hf` then work as for
+    a model removed here. `eps`: the rebuilt norms' eps (unused while every site is removed)."""
+    from .model import is_lnfree_stock
+    from .norm import NormParams
+
+    fam = family(stock.config)
+    if not isinstance(stock, fam.stock_class(stock.config)) or not is_lnfree_stock(stock.config):
+        raise ExportError(f"from_lnfree_stock takes a stock LN-free model (every norm eps = {HF_EPS:g}); got a "
+                          f"{type(stock).__name__} with {fam.eps_field}={getattr(stock.config, fam.eps_field):g}")
+    cfg = stock.config.__class__.from_dict({**stock.config.to_dict(), fam.eps_field: eps})
+    cfg._attn_implementation = stock.config._attn_implementation
+    model = fam.removable_class(cfg)(cfg).to(dtype=torch.float32)
+    missing, unexpected = model.load_state_dict({k: v.float() for k, v in stock.state_dict().items()}, strict=False)
+    site_buffers = {"removed", "running", "sigma", "special"}
+    bad = [k for k in missing if k.rsplit(".", 1)[-1] not in site_buffers]
+    if bad or unexpected:
+        raise ExportError(f"weights do not match a {fam.name} layout: missing {bad}, unexpected {unexpected}")
+    for m in model.modules():
+        if isinstance(m, NormParams):
+            m.weight.div_(HF_SCALE)
+    for site in model.sites().values():
+        site.running.fill_(1.0)
+        site.freeze(special_bos=False, special_eot=False)
+    return model.to(stock.device).eval()
 
 
 # -- folded ------------------------------------------------------------------------------------------
@@ -169,6 +211,7 @@ def export_folded(model: RemovableModel, out_dir: str | Path, tokenizer=None, in
     """Verify, then write the folded model (safetensors + JSON config [+ tokenizer]). Returns the error."""
     folded = fold(model)
     ids = check_batch(model) if input_ids is None else input_ids
+    refuse_nonfinite(model, ids)
     err = logits_error(model, folded, ids)
     if not err <= tol:
         raise ExportError(f"folded export differs from the model: relative error {err:.2e} > {tol:.0e}")

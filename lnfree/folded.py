@@ -24,11 +24,17 @@ CONFIG_FILE = "folded_config.json"
 # ("model type `lnfree_folded (...)` ... not recognized") instead of a generic "Unrecognized model".
 HF_HINT = {"model_type": "lnfree_folded (a norm-free model: load it with lnfree.load(path), not transformers)"}
 WEIGHTS_FILE = "folded.safetensors"
+# the MLP activations of GPT-2 configs (their names in transformers' ACT2FN) that the folded form computes, each the
+# same function as transformers'; a GPT-2 config with any other is refused before training (families/gpt2.py)
 ACTIVATIONS = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
     "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "gelu_fast": lambda x: 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x))),
     "gelu": F.gelu,
     "relu": F.relu,
+    "silu": F.silu,
+    "swish": F.silu,
+    "linear": lambda x: x,
 }
 
 

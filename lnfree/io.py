@@ -19,7 +19,9 @@ Rules (why this module exists):
 - Exports carry a record (lnfree_export.json: form, eps, sigmas, the sha256 of every file the export wrote, the
   tokenizer's identity, a logits fingerprint on fixed token ids). Loading one checks every file against its hash
   before reading weights (a damaged, edited or replaced file is named) and then recomputes the fingerprint (the
-  semantic check: an edited eps). An LN-free HF-compatible export in fp16 is refused: its weights overflow fp16.
+  semantic check: an edited eps). A record without the files' hashes (its "files" deleted, or written by an lnfree
+  from before them) is refused: load(..., unhashed_ok=True) loads such an older export on its fingerprint alone.
+  An LN-free HF-compatible export in fp16 is refused: its weights overflow fp16.
 - Wherever a model meets a tokenizer, `check_tokenizer` refuses a pair that does not belong together (ids past
   the vocabulary, another end-of-text id, a tokenizer other than the recorded one) before any compute.
 - Nothing loads from a temporary name (a half-written export); a damaged safetensors file is named.
@@ -47,20 +49,22 @@ from .errors import UserError
 from .families import Dims, UnsupportedFamily, family
 from .folded import CONFIG_FILE as FOLDED_CONFIG
 from .folded import FoldedConfig, load_folded
-from .model import LNFREE_FILE, RemovableModel, load_removable, make_removable
+from .model import LNFREE_EPS, LNFREE_FILE, RemovableModel, load_removable, make_removable, not_removable_again
 from .paths import BUILTIN_TOKENIZER_DIR, DEFAULT_CACHE_DIR, RUN_SUMMARY, SHIPPED_DIR
 
 BUILTIN_PREFIX = "builtin:"
 RANDOM = "random"  # the reference of a fresh, randomly initialised GPT-2 of a given shape (nothing is read)
 BUILTIN_TOKENIZER = "builtin"  # load_tokenizer's name of the built-in BPE
 EXPORT_INFO = "lnfree_export.json"  # the record every export carries
-LNFREE_EPS = 1e6  # a layer_norm_epsilon at or above this marks the HF-compatible LN-free trick (1e12)
 FINGERPRINT_TOL = 1e-4  # relative; an edited eps is off by ~1e5, round-off across machines ~1e-6
 CKPT_MODEL_CONFIG = "lnfree_model_config"  # key under which a training checkpoint keeps the GPT-2 config
 RUN_INFO = "lnfree_run"  # key of what the run was (tokens per step, schedule), checked on resume
 HUB_PROBE_S = 5.0  # seconds a hub endpoint has to answer before a hub name is refused
 EXPORT_TMP = ".export.tmp"  # where a run builds its exports before moving them to export/
-TEMPORARY = re.compile(r"^\.export\.tmp$|.+\.tmp$|^\..+\.tmp-\d+$")  # names of half-written exports / checkpoints
+# the names lnfree itself gives what it is still writing: a run's .export.tmp/, a checkpoint's (or record's)
+# .<name>.tmp-<pid>, a pretrained model's .<name>.model.tmp/ (lnfree/training/pretrain.py); a folder of the user's
+# named like job.tmp is none of them
+TEMPORARY = re.compile(r"^\.export\.tmp$|^\..+\.model\.tmp$|^\..+\.tmp-\d+$")
 
 
 class ModelIOError(UserError):
@@ -185,10 +189,29 @@ def _check_family_dir(d: Path, reference: str):
         raise ModelIOError(f"{reference!r} ({d / 'config.json'}): {e}") from None
 
 
+def _check_folded_dir(d: Path, reference: str) -> None:
+    """Refuse a folded model that lnfree cannot rebuild, from its config alone: another family's HF config of a
+    model_type lnfree does not know, or a folded GPT-2 config with fields FoldedConfig does not have."""
+    saved = _read_json(d / FOLDED_CONFIG)
+    where = f"{reference!r} ({d / FOLDED_CONFIG})"
+    if not isinstance(saved, dict):
+        raise ModelIOError(f"{where}: not a folded model's config (a JSON object)")
+    if "hf_config" in saved:
+        try:
+            family(saved["hf_config"] if isinstance(saved["hf_config"], dict) else {})
+        except UnsupportedFamily as e:
+            raise ModelIOError(f"{where}: {e}") from None
+        return
+    unknown = sorted(set(saved) - set(FoldedConfig.__dataclass_fields__))
+    if unknown:
+        raise ModelIOError(f"{where}: fields {unknown} are not a folded GPT-2's (written by another version?)")
+
+
 def _classify_dir(d: Path, reference: str) -> ModelRef:
     run = find_run_dir(d)
     run_dir = str(run) if run else None
     if (d / FOLDED_CONFIG).exists():
+        _check_folded_dir(d, reference)
         return ModelRef(reference, "folded", str(d), run_dir)
     if (d / "config.json").exists():
         fam, cfg = _check_family_dir(d, reference)
@@ -273,7 +296,10 @@ def config_from_dict(d: dict) -> PretrainedConfig:
         raise ModelIOError(str(e)) from None
     d = dict(d)
     cfg = AutoConfig.for_model(d.pop("model_type"), **d)
-    family(cfg)  # the family's own checks
+    try:
+        family(cfg)  # the family's own checks: an option its adapter cannot remove exactly, named
+    except UnsupportedFamily as e:
+        raise ModelIOError(str(e)) from None
     return cfg
 
 
@@ -305,18 +331,33 @@ def logits(model, ids: torch.Tensor) -> torch.Tensor:
     return out.logits if hasattr(out, "logits") else out
 
 
-def fingerprint_ids(vocab_size: int, n_positions: int, n: int = 32) -> torch.Tensor:
+def fingerprint_ids(vocab_size: int, n_ctx: int, n: int = 32) -> torch.Tensor:
     g = torch.Generator().manual_seed(20250702)
-    return torch.randint(0, vocab_size, (1, min(n, n_positions)), generator=g)
+    return torch.randint(0, vocab_size, (1, min(n, n_ctx)), generator=g)
 
 
 @torch.no_grad()
-def fingerprint(model, vocab_size: int, n_positions: int) -> dict:
+def fingerprint(model, vocab_size: int, n_ctx: int) -> dict:
     """Logits on fixed token ids, compactly: the logsumexp per position (all of the vocabulary) and the first
-    16 logits per position. Computed in fp32 on CPU by whoever writes or checks a record."""
-    ids = fingerprint_ids(vocab_size, n_positions)
+    16 logits per position; and the sha256 of every embedding matrix (embedding_hashes), since the logits see
+    only the rows of the 32 ids and positions they read. Computed in fp32 on CPU by whoever writes or checks a
+    record."""
+    ids = fingerprint_ids(vocab_size, n_ctx)
     out = logits(model, ids.to(next(model.parameters()).device)).double().cpu()[0]
-    return {"ids": ids[0].tolist(), "logsumexp": out.logsumexp(-1).tolist(), "logits": out[:, :16].tolist()}
+    return {"ids": ids[0].tolist(), "logsumexp": out.logsumexp(-1).tolist(), "logits": out[:, :16].tolist(),
+            "embeddings": embedding_hashes(model)}
+
+
+def embedding_hashes(model) -> dict:
+    """{module name: sha256 of its fp32 weight} of every token and position embedding and of an untied
+    unembedding: every row of them, bit for bit (an exported file holds exactly these fp32 values, or bf16 ones
+    that widen to them exactly)."""
+    mats = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head", None)
+    if head is not None and all(head.weight is not w for w in mats.values()):
+        mats[next(n for n, m in model.named_modules() if m is head)] = head.weight
+    return {name: hashlib.sha256(w.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
+            for name, w in sorted(mats.items())}
 
 
 def fingerprint_error(a: dict, b: dict) -> float:
@@ -396,12 +437,18 @@ def read_record(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE
     return _read_json(f) if f.is_file() else None
 
 
-def check_files(d: Path, record: dict, only: re.Pattern | None = None) -> None:
+def check_files(d: Path, record: dict, only: re.Pattern | None = None, unhashed_ok: bool = False) -> None:
     """Every file the record lists is there with its recorded sha256, and no unrecorded model file sits beside
-    them (`only`: check just the files whose names match, e.g. a checkpoint's tokenizer). A record written before
-    files were hashed is accepted with a warning: its fingerprint is then the only check."""
+    them (`only`: check just the files whose names match, e.g. a checkpoint's tokenizer). A record without
+    "files" is refused: every export this version writes has them, so their absence means an edited record (the
+    fingerprint alone sees 32 token ids, not every weight) or an export from before whole-file hashes, which
+    unhashed_ok=True accepts with a warning."""
     recorded = record.get("files")
     if recorded is None:
+        if not unhashed_ok:
+            raise ModelIOError(f"{d / EXPORT_INFO} has no whole-file hashes (\"files\"): its record was edited, or the "
+                               "export predates them. Re-export it; to load an older export you trust on its logits "
+                               "fingerprint alone: lnfree.load(path, unhashed_ok=True)")
         warnings.warn(f"{d / EXPORT_INFO} predates whole-file hashes: only its logits fingerprint is checked (it sees "
                       "32 token ids at positions 0-31); re-export to have every file checked", stacklevel=3)
         return
@@ -477,14 +524,20 @@ def verify_record(ref: ModelRef, model) -> None:
     if record.get("form") != form:
         raise ModelIOError(f"export {d} is recorded as {record.get('form')!r} but its files are a {form!r} model: "
                            "it was altered")
-    if ref.kind in ("hf", "hf_lnfree") and "layer_norm_epsilon" in record:
-        eps = model.config.layer_norm_epsilon
-        if eps != record["layer_norm_epsilon"]:
-            raise ModelIOError(f"export {d}: config.json has layer_norm_epsilon={eps:g} but the export was written "
-                               f"with {record['layer_norm_epsilon']:g}; the LN-free trick needs the recorded value")
+    field = family(model.config).eps_field if ref.kind in ("hf", "hf_lnfree") else None
+    if field in record:  # layer_norm_epsilon (GPT-2), rms_norm_eps (Llama), layer_norm_eps (NeoX)
+        eps = getattr(model.config, field)
+        if eps != record[field]:
+            raise ModelIOError(f"export {d}: config.json has {field}={eps:g} but the export was written "
+                               f"with {record[field]:g}; the LN-free trick needs the recorded value")
     if "fingerprint" not in record:
         raise ModelIOError(f"export {d}: {EXPORT_INFO} has no fingerprint; re-export it")
     got = fingerprint(model, model.config.vocab_size, shape_of(model.config).n_ctx)
+    recorded = record["fingerprint"].get("embeddings")  # absent from records written before it was added
+    changed = [name for name in recorded or {} if got["embeddings"].get(name) != recorded[name]]
+    if changed:
+        raise ModelIOError(f"export {d}: the weights of {changed} differ from the record's hashes ({EXPORT_INFO}: "
+                           "fingerprint.embeddings): an embedding was changed after export")
     err = fingerprint_error(got, record["fingerprint"])
     if not err <= FINGERPRINT_TOL:
         raise ModelIOError(f"export {d}: logits on the recorded token ids differ from the record (relative error "
@@ -504,13 +557,16 @@ def set_dropout(model, p: float):
 
 
 # -- loading ---------------------------------------------------------------------------------------------
-def load_tokenizer(source: ModelRef | str):
+def load_tokenizer(source: ModelRef | str, unhashed_ok: bool = False, gguf_file: str | None = None):
     """The one tokenizer loader. A resolved model reference: the tokenizer stored with the model (or its run's
     export), its files checked against the model's record, or None where it carries none (a random-init model).
-    A name: "builtin" (the built-in BPE), a tokenizer dir or a hub name."""
+    A name: "builtin" (the built-in BPE), a tokenizer dir or a hub name; with gguf_file, the tokenizer described
+    by that GGUF file in the dir (lnfree.gguf_import)."""
     from transformers import AutoTokenizer
 
     if not isinstance(source, ModelRef):
+        if gguf_file is not None:
+            return AutoTokenizer.from_pretrained(str(source), gguf_file=gguf_file)
         return AutoTokenizer.from_pretrained(_tokenizer_location(str(source)))
     ref = source
     where = Path(ref.location)
@@ -522,7 +578,7 @@ def load_tokenizer(source: ModelRef | str):
         return None
     record = read_record(ref)
     if record is not None:  # the tokenizer files are the exported ones (small: cheap to hash every time)
-        check_files(where, record, only=TOKENIZER_FILES)
+        check_files(where, record, only=TOKENIZER_FILES, unhashed_ok=unhashed_ok)
     return AutoTokenizer.from_pretrained(str(where))
 
 
@@ -577,13 +633,15 @@ def model_config(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACH
 
 def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, device="cpu",
          dtype: torch.dtype | None = None, removable: bool = False, revision=None,
-         attn_implementation: str | None = None, dropout: float | None = None, tokenizer=None):
+         attn_implementation: str | None = None, dropout: float | None = None, tokenizer=None,
+         unhashed_ok: bool = False):
     """(model, tokenizer or None) for any reference; see the module docstring.
 
     removable=True returns a removable model ready to fine-tune (from a stock model, a removable dir, a checkpoint
     or random init); exports cannot be made removable again. dropout: overrides the model's resid/embd/attn
     dropout. tokenizer: the one to use instead of the model's own (checked against the model; a random-init model
-    takes its vocabulary from it).
+    takes its vocabulary from it). unhashed_ok: load an export whose record has no whole-file hashes (written
+    before lnfree recorded them) on its logits fingerprint alone; refused by default (check_files).
     """
     ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
     if dtype == torch.float16 and ref.kind == "hf_lnfree":
@@ -591,12 +649,11 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
                            "of order 1e6/sigma, which overflow fp16 (max 65504). Load it in float32 or bfloat16, or "
                            "use the folded export")
     if removable and ref.kind in ("hf_lnfree", "folded"):
-        raise ModelIOError(f"{ref.reference!r} is an LN-free export ({ref.kind}); to fine-tune further, start from "
-                           "the run's checkpoint (.ckpt) instead")
+        raise ModelIOError(not_removable_again(repr(ref.reference), ref.kind))
     record = read_record(ref)
     if ref.kind in ("hf", "hf_lnfree", "folded", "removable"):  # every file checked before any weight is read
         if record is not None:
-            check_files(Path(ref.location), record)
+            check_files(Path(ref.location), record, unhashed_ok=unhashed_ok)
         check_safetensors(Path(ref.location))
     if ref.kind == RANDOM:
         config = _random_config(ref, tokenizer)
@@ -627,7 +684,7 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
         set_dropout(model, dropout)
     if dtype is not None:
         model = model.to(dtype=dtype)
-    tokenizer = load_tokenizer(ref) if tokenizer is None else tokenizer
+    tokenizer = load_tokenizer(ref, unhashed_ok) if tokenizer is None else tokenizer
     if tokenizer is not None:
         check_tokenizer(model.config, tokenizer, record, where=ref.reference, untrained=ref.kind == RANDOM)
     return model.to(device), tokenizer

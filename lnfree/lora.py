@@ -1,10 +1,11 @@
-"""LoRA fine-tuning of a removable GPT-2 (finetune=lora), through peft.
+"""LoRA fine-tuning of a removable model of any family (finetune=lora), through peft.
 
-The base weights stay frozen; low-rank adapters on the chosen Conv1D projections (c_attn, c_proj, c_fc) learn
-to compensate for the norms as they are removed, as in the authors' LoRA variant (Baroni et al. 2025). Norm gains and
-biases can be trained too (finetune.train_norms). peft adapts HF's Conv1D out of the box; lnfree's c_attn is a
-SplitQKVProjection (it reads the two ln_1 paths, see norm.py), so it gets its own LoRA layer, registered with
-peft's custom-module mapping.
+The base weights stay frozen; low-rank adapters on the chosen projections (each family's lora_targets, e.g.
+GPT-2's Conv1D c_attn, c_proj, c_fc) learn to compensate for the norms as they are removed, as in the authors'
+LoRA variant (Baroni et al. 2025). Norm gains and biases can be trained too (finetune.train_norms). peft adapts
+HF's Conv1D and nn.Linear out of the box; the attention-input readers (GPT-2's SplitQKVProjection, the other
+families' SplitInputLinear) read the two paths of the attention-input norm (norm.py), so they get their own LoRA
+layer, registered with peft's custom-module mapping.
 
 The adapter settings are stored in the model config (`lnfree_lora`), so every checkpoint says how to rebuild
 the adapted model: lnfree.io.model_from_checkpoint re-applies them, loads the weights, and merges. Exports and

@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, PretrainedConfig
 
+from .errors import NotRemovableError
 from .families import KINDS, UnsupportedFamily, canonical_kind, family
 from .families.base import RemovableMixin
 from .families.gpt2 import GPT2, RemovableGPT2LMHeadModel, check_gpt2_config
@@ -27,6 +28,7 @@ from .norm import NormSite
 NORM_KINDS = KINDS
 SPECIAL_KINDS = ("eot", "bos")  # optional: end the special sigma of end-of-text tokens / position 0
 LNFREE_FILE = "lnfree.json"
+LNFREE_EPS = 1e6  # a norm eps at or above this marks the HF-compatible LN-free trick (1e12): an LN-free export
 RemovableModel = RemovableMixin  # every family's removable class (RemovableGPT2LMHeadModel, ...) is one
 
 __all__ = ["NORM_KINDS", "SPECIAL_KINDS", "LNFREE_FILE", "NormSite", "RemovableModel", "RemovableGPT2LMHeadModel",
@@ -68,6 +70,18 @@ def _with_overrides(config: PretrainedConfig, overrides: dict) -> PretrainedConf
     return cfg
 
 
+def not_removable_again(what: str, form: str) -> str:
+    """Why an LN-free export cannot be made removable (lnfree.load(removable=True) and make_removable alike)."""
+    return (f"{what} is an LN-free export ({form}); to fine-tune further, start from the run's checkpoint (.ckpt) "
+            "instead")
+
+
+def is_lnfree_stock(config) -> bool:
+    """Whether a stock model's config carries the HF-compatible LN-free trick (every norm's eps = 1e12)."""
+    fam = family(config)
+    return getattr(config, fam.eps_field, 0.0) >= LNFREE_EPS
+
+
 def make_removable(source, **config_overrides) -> RemovableModel:
     """A removable model (all sites real) from a stock HF model of a supported family (GPT2LMHeadModel,
     LlamaForCausalLM, GPTNeoXForCausalLM, ...) or a config (random init); another family is refused from its
@@ -85,6 +99,8 @@ def make_removable(source, **config_overrides) -> RemovableModel:
     fam = family(config) if config is not None else None
     if fam is None or not isinstance(source, fam.stock_class(config)):
         raise TypeError(f"cannot make a removable model from {type(source).__name__}")
+    if is_lnfree_stock(config):  # its norms are already gone: wrapping them again would remove nothing
+        raise NotRemovableError(not_removable_again(f"this {type(source).__name__}", "hf_lnfree"))
     cfg = _with_overrides(source.config, config_overrides)
     model = fam.removable_class(cfg)(cfg).to(dtype=source.dtype)
     missing, unexpected = model.load_state_dict(source.state_dict(), strict=False)
@@ -92,7 +108,7 @@ def make_removable(source, **config_overrides) -> RemovableModel:
     bad = [k for k in missing if k.rsplit(".", 1)[-1] not in site_buffers]
     if bad or unexpected:
         raise RuntimeError(f"weights do not match a {fam.name} layout: missing {bad}, unexpected {unexpected}")
-    return model.to(source.device)
+    return model.to(source.device).train(source.training)  # the source's mode, as a converted HF model keeps it
 
 
 def save_removable(model: RemovableModel, out_dir: str | Path, tokenizer=None):

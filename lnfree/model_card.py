@@ -48,7 +48,8 @@ def card_text(summary: dict, form: str, control_ce: float | None = None) -> str:
     what = (f"a {'GPT-2' if gpt2 else hf_class} with every {'LayerNorm' if gpt2 else 'norm'} removed by fine-tuning"
             if lnfree
             else "the vanilla fine-tuning control (same data and steps, norms kept)")
-    title = f"{model.get('name', 'gpt2')} {'LN-free' if lnfree else 'vanilla control'} ({form} export)"
+    label = summary.get("model") or model.get("name", "gpt2")  # runs from before the label have only the name
+    title = f"{label} {'LN-free' if lnfree else 'vanilla control'} ({form} export)"
     sig = summary.get("sigmas") or {}
     sig_rows = "\n".join(f"| {k} | {v:.6g} |" for k, v in sig.items() if v is not None and v == v)
     finetune = ft.get("kind", "full")

@@ -17,6 +17,11 @@ Design notes (why, not what):
 - Sigma buffers are kept in fp32 whatever dtype the module is cast to.
 - Optional special sigmas (off by default) for position 0 ("bos") and end-of-text tokens ("eot"): a
   per-token category picks which frozen scalar a token is divided by, until a later event ends it.
+- Optional soft removal (schedule.ramp, off by default): a site can be *ramping* between real and removed: its
+  sigma is frozen (finite) but it is not removed yet, and it divides by (1 - alpha) * std(x) + alpha * sigma.
+  "Ramping" is read from the persistent buffers (sigma finite, removed false), so checkpoints need no new key;
+  alpha itself is a non-persistent buffer that the removal callback sets every step from the step count, and a
+  ramp always ends hard-removed, so exports only ever see real or removed sites.
 """
 
 from __future__ import annotations
@@ -60,11 +65,14 @@ class NormSite(nn.Module):
         # per-step accumulators [sum, count] x category (incl. IGNORED); transient, not checkpointed:
         # checkpoints are written at optimizer-step boundaries, right after commit() emptied them
         self.register_buffer("acc", torch.zeros(2, 4), persistent=False)
+        # soft removal: weight of the frozen sigma in the divisor while ramping; set by the callback every step
+        self.register_buffer("alpha", torch.zeros(()), persistent=False)
         self._refresh_mirror()
 
     # -- mode mirror (Python bools, so forward never syncs) ---------------------------------------
     def _refresh_mirror(self):
         self.is_removed = bool(self.removed)
+        self.is_ramping = not self.is_removed and not bool(self.sigma[0].isnan())
         self.special_active = bool(self.special.any())
 
     def _load_from_state_dict(self, *args, **kwargs):
@@ -73,7 +81,7 @@ class NormSite(nn.Module):
 
     def _apply(self, fn, recurse=True):
         # keep sigma state in fp32 under .to(bfloat16) / .half(): sigmas are the method's only constants
-        fp32 = {name: getattr(self, name) for name in ("running", "sigma", "acc")}
+        fp32 = {name: getattr(self, name) for name in ("running", "sigma", "acc", "alpha")}
         super()._apply(fn, recurse)
         for name, old in fp32.items():  # follow the device move, undo any dtype cast
             setattr(self, name, old.to(device=getattr(self, name).device, dtype=torch.float32))
@@ -105,8 +113,39 @@ class NormSite(nn.Module):
     @torch.no_grad()
     def freeze(self, special_bos: bool = False, special_eot: bool = False) -> float:
         """Remove the site: freeze the running estimate(s). Returns the ordinary sigma (one host sync)."""
-        if self.is_removed:
-            raise RuntimeError("site already removed")
+        value = self._freeze_sigma(special_bos, special_eot)
+        self.removed.fill_(True)
+        self._refresh_mirror()
+        return value
+
+    @torch.no_grad()
+    def start_ramp(self, special_bos: bool = False, special_eot: bool = False) -> float:
+        """Soft removal: freeze sigma now (as `freeze` would) but keep dividing by the live std until the ramp's
+        alpha rises; `finish_ramp` then removes the site. Returns the ordinary sigma."""
+        value = self._freeze_sigma(special_bos, special_eot)
+        self.alpha.zero_()
+        self._refresh_mirror()
+        return value
+
+    @torch.no_grad()
+    def set_alpha(self, alpha: float):
+        """The ramp's weight of the frozen sigma, in [0, 1] (a Python float: no host sync)."""
+        if not self.is_ramping:
+            raise RuntimeError("set_alpha on a site that is not ramping")
+        self.alpha.fill_(alpha)
+
+    @torch.no_grad()
+    def finish_ramp(self):
+        """End of the ramp: the site is removed, exactly as if `freeze` had frozen this sigma."""
+        if not self.is_ramping:
+            raise RuntimeError("finish_ramp on a site that is not ramping")
+        self.removed.fill_(True)
+        self.alpha.zero_()
+        self._refresh_mirror()
+
+    def _freeze_sigma(self, special_bos: bool, special_eot: bool) -> float:
+        if self.is_removed or self.is_ramping:
+            raise RuntimeError("site already removed" if self.is_removed else "site already ramping")
         est = self.running.clone()
         value = float(est[ORDINARY])  # the one host sync of an event
         if not (value > 0 and value < float("inf")):  # NaN: never estimated (calibrate() first) or diverged
@@ -119,8 +158,6 @@ class NormSite(nn.Module):
         est[1:] = torch.where(want, est[1:], est[ORDINARY])
         self.sigma.copy_(est)
         self.special.copy_(want)
-        self.removed.fill_(True)
-        self._refresh_mirror()
         return value
 
     @torch.no_grad()
@@ -136,6 +173,10 @@ class NormSite(nn.Module):
         sig = torch.where(self.special, self.sigma[1:], self.sigma[ORDINARY])  # [2]
         per_cat = torch.cat([self.sigma[:1], sig, self.sigma[:1]])  # ordinary, bos, eot, ignored
         return per_cat[category].unsqueeze(-1)
+
+    def ramp_divisor(self, std: torch.Tensor, category: torch.Tensor | None) -> torch.Tensor:
+        """(1 - alpha) * std + alpha * sigma, for per-token stds [batch, pos, 1] (fp32)."""
+        return torch.lerp(std, self.divisor(category).to(std.dtype), self.alpha.to(std.dtype))
 
 
 def _wants_stats(module: nn.Module, ctx: TokenContext) -> bool:
@@ -164,6 +205,18 @@ def _real(x, weight, bias, eps, sites, ctx: TokenContext, centre: bool = True):
     for site in sites:
         site.record(std, ctx.category)
     return out
+
+
+def _ramped(x, weight, bias, eps, site: NormSite, ctx: TokenContext, centre: bool = True):
+    """A ramping site: the real norm with its per-token std replaced by (1 - alpha) * std + alpha * sigma. The std
+    is the real norm's (sqrt(var + eps), or the rms), computed in fp32 as _real_rms does; statistics recorded."""
+    xf = x.float()
+    centred = xf - xf.mean(-1, keepdim=True) if centre else xf
+    std = torch.sqrt(centred.pow(2).mean(-1, keepdim=True) + eps)  # [batch, pos, 1]
+    if _wants_stats(site, ctx):
+        site.record(std.squeeze(-1), ctx.category)
+    out = (centred / site.ramp_divisor(std, ctx.category)).to(x.dtype) * weight.to(x.dtype)
+    return out if bias is None else out + bias.to(x.dtype)
 
 
 def _frozen(x, weight, bias, site: NormSite, ctx: TokenContext, centre: bool = True):
@@ -200,6 +253,8 @@ class RemovableLayerNorm(NormParams):
     def forward(self, x):  # [batch, pos, d] -> [batch, pos, d]
         if self.site.is_removed:
             return _frozen(x, self.weight, self.bias, self.site, self.ctx, self.centre)
+        if self.site.is_ramping:
+            return _ramped(x, self.weight, self.bias, self.eps, self.site, self.ctx, self.centre)
         sites = [self.site] if _wants_stats(self, self.ctx) else []
         return _real(x, self.weight, self.bias, self.eps, sites, self.ctx, self.centre)
 
@@ -228,12 +283,14 @@ class SplitLayerNorm(NormParams):
         rstd = torch.rsqrt(centred.pow(2).mean(-1, keepdim=True) + self.eps)
         if stats:
             site.record(rstd.squeeze(-1).reciprocal(), self.ctx.category)
+        if site.is_ramping:  # soft removal: 1 / ((1 - alpha) * std + alpha * sigma), in fp32
+            return site.ramp_divisor(rstd.float().reciprocal(), self.ctx.category).reciprocal().to(centred.dtype)
         return rstd
 
     def forward(self, x):  # [batch, pos, d] -> [batch, pos, d] or [batch, pos, d + 2]
         stats = _wants_stats(self, self.ctx)
         qk, v = self.qk, self.v
-        if not qk.is_removed and not v.is_removed:
+        if not (qk.is_removed or qk.is_ramping or v.is_removed or v.is_ramping):
             return _real(x, self.weight, self.bias, self.eps, [qk, v] if stats else [], self.ctx, self.centre)
         centred = x - x.mean(-1, keepdim=True) if self.centre else x
         factors = [self._factor(centred, site, stats) for site in (qk, v)]

@@ -11,10 +11,16 @@ special sigmas over stages 0..L (the L blocks, then the final norm), at start + 
 
 `fit_fraction` (optional) rescales the whole event list, keeping its order and proportions, so that the last
 event falls at fit_fraction * max_steps: one schedule then fits every budget (data-scaling sweeps).
+
+Three optional methods change how the events act, not which they are (docs/removal_methods.md; all off in
+conf/schedule/base.yaml): `ramp` (soft removal over k steps, ramp_alpha), `adaptive` (an event group fires when the
+training loss has recovered: lnfree.training.adaptive) and `distill` (a loss term: lnfree.training.module). This
+file checks them (method_problems, validate) so that a run that cannot finish its removals is refused before compute.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from .errors import UserError
@@ -133,15 +139,79 @@ def normal_form(schedule: dict) -> dict:
     defaults, and the first kind's null start written as 0 (what the contiguous rule makes it): schedules that
     differ only in spelling (a saved config under the GPT-2 keys, today's under the generic ones) compare equal."""
     out = {k: v for k, v in schedule.items() if k not in NORM_KINDS and k not in GPT2_ALIASES}
+    # a method that is off computes nothing: a saved schedule from before the methods existed compares equal
+    off = {"ramp": not ramp_steps(schedule), "adaptive": adaptive_settings(schedule) is None,
+           "distill": not distill_weight(schedule) and _get(_get(schedule, "distill") or {}, "ce_weight", 1) == 1}
+    out = {k: v for k, v in out.items() if not off.get(k, False)}
     for i, (kind, entry) in enumerate(kind_entries(schedule).items()):
         start, gap = _start_gap(entry)
         out[kind] = {"start": 0 if i == 0 and start is None else start, "gap": gap}
     return out
 
 
+RAMP_SHAPES = ("linear", "cosine")
+METHODS = ("ramp", "adaptive", "distill")  # schedule keys of the optional removal methods (training.config)
+
+
+def ramp_alpha(shape: str, steps_done: int, steps: int) -> float:
+    """Weight of the frozen sigma `steps_done` optimizer steps into a ramp of `steps` (0 at its start, 1 at its end:
+    the site is then removed). linear: the fraction done; cosine: (1 - cos(pi * fraction)) / 2, flat at both ends."""
+    p = min(max(steps_done / steps, 0.0), 1.0)
+    if shape == "linear":
+        return p
+    if shape == "cosine":
+        return 0.5 * (1.0 - math.cos(math.pi * p))
+    raise ScheduleError(f"schedule.ramp.shape={shape!r}; use one of {RAMP_SHAPES}")
+
+
+def ramp_steps(schedule) -> int:
+    """k of the soft removal; 0 (instant) when off, or for a saved schedule from before ramps existed."""
+    return int(_get(_get(schedule, "ramp") or {}, "steps", 0) or 0)
+
+
+def adaptive_settings(schedule) -> dict | None:
+    """{tolerance, window, max_gap} of an adaptive schedule, None when it is off (or a saved schedule predates it)."""
+    a = _get(schedule, "adaptive")
+    if a is None or not _get(a, "enabled", False) or not _get(schedule, "remove", True):
+        return None
+    return {k: _get(a, k) for k in ("tolerance", "window", "max_gap")}
+
+
+def distill_weight(schedule) -> float:
+    return float(_get(_get(schedule, "distill") or {}, "weight", 0.0) or 0.0)
+
+
+def method_problems(schedule) -> list[str]:
+    """What is wrong in the methods' settings that no single-field limit sees, one line each (check_limits)."""
+    bad = []
+    ramp = _get(schedule, "ramp")
+    if ramp is not None and _get(ramp, "shape", "linear") not in RAMP_SHAPES:
+        bad.append(f"ramp.shape={_get(ramp, 'shape')!r} (must be one of {RAMP_SHAPES})")
+    a = _get(schedule, "adaptive")
+    if a is not None and _get(a, "enabled", False):
+        window, max_gap = _get(a, "window"), _get(a, "max_gap")
+        if window is not None and max_gap is not None and window > max_gap:
+            bad.append(f"adaptive.window={window} exceeds adaptive.max_gap={max_gap} (the window is the least gap)")
+    d = _get(schedule, "distill")
+    if d is not None and not _get(d, "weight", 0) and not _get(d, "ce_weight", 1):
+        bad.append("distill.ce_weight=0 with distill.weight=0 leaves no loss to train on")
+    return bad
+
+
+def event_groups(events: list[Event]) -> list[list[Event]]:
+    """Events planned at the same step, in order: what an adaptive schedule fires together."""
+    groups: list[list[Event]] = []
+    for e in events:
+        if groups and groups[-1][0].step == e.step:
+            groups[-1].append(e)
+        else:
+            groups.append([e])
+    return groups
+
+
 def build_events(schedule, n_layer: int, max_steps: int | None = None) -> list[Event]:
     """Every event in application order (by step, then kind in KINDS order, then block)."""
-    known = set(KIND_NAMES) | {"name", "remove", "aux_weight", "momentum", "fit_fraction"}
+    known = set(KIND_NAMES) | {"name", "remove", "aux_weight", "momentum", "fit_fraction", *METHODS}
     keys = schedule.keys() if isinstance(schedule, dict) else list(schedule)
     unknown = [k for k in keys if k not in known]
     if unknown:
@@ -193,6 +263,7 @@ def validate(schedule, n_layer: int, max_steps: int) -> list[Event]:
             f"{len(late)} removal event(s) at or after max_steps={max_steps} (first: {late[0].name} at step "
             f"{late[0].step}, last at {late[-1].step}); raise trainer.max_steps or shorten the schedule"
         )
+    _check_methods_fit(schedule, events, max_steps)
     for kind in SPECIAL_KINDS:  # ending a special sigma before its site is removed would be a no-op
         norm_steps = {e.name: e.step for e in events if e.kind in NORM_KINDS}
         for e in (e for e in events if e.kind == kind):
@@ -200,3 +271,35 @@ def validate(schedule, n_layer: int, max_steps: int) -> list[Event]:
             if any(norm_steps[s] > e.step for s in sites):
                 raise ScheduleError(f"{kind} event at stage {e.block} (step {e.step}) precedes the removal of {sites}")
     return events
+
+
+def latest_end(schedule, events: list[Event]) -> int:
+    """The latest step at which the last site can become removed: the last event's step, or for an adaptive
+    schedule the first group's step plus max_gap per later group (every group waiting its longest), plus the ramp."""
+    norm = [e for e in events if e.kind in NORM_KINDS]
+    if not norm:
+        return 0
+    adaptive = adaptive_settings(schedule)
+    if adaptive is None:
+        last = norm[-1].step
+    else:
+        groups = event_groups(events)
+        last_norm_group = max(i for i, g in enumerate(groups) if any(e.kind in NORM_KINDS for e in g))
+        last = groups[0][0].step + last_norm_group * adaptive["max_gap"]
+    return last + ramp_steps(schedule)
+
+
+def _check_methods_fit(schedule, events: list[Event], max_steps: int) -> None:
+    """Every site must end removed before max_steps, however long the ramps and the adaptive waits; and the
+    special-sigma events (bos/eot) are planned relative to removals, which an adaptive schedule moves."""
+    if ramp_steps(schedule) == 0 and adaptive_settings(schedule) is None:
+        return
+    if adaptive_settings(schedule) is not None and any(e.kind in SPECIAL_KINDS for e in events):
+        raise ScheduleError("schedule.adaptive with bos/eot events is not supported: their steps are planned "
+                            "relative to the removals, which an adaptive schedule moves")
+    end = latest_end(schedule, events)
+    if end >= max_steps:
+        raise ScheduleError(
+            f"with schedule.ramp.steps={ramp_steps(schedule)} and schedule.adaptive "
+            f"{'on' if adaptive_settings(schedule) else 'off'}, the last site may only be removed at step {end}, not "
+            f"before max_steps={max_steps}: raise trainer.max_steps, or shorten the ramp / adaptive.max_gap")

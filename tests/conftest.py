@@ -85,6 +85,15 @@ def tiny_cfg():
     return tiny_config()
 
 
+def needs(module: str, extra: str):
+    """Mark a test that needs an optional extra's module: skipped, not failed, where that extra is not installed
+    (`pip install -e '.[dev]'` alone runs everything else)."""
+    import importlib.util
+
+    return pytest.mark.skipif(importlib.util.find_spec(module) is None,
+                              reason=f"needs {module}: pip install -e '.[{extra}]'")
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
@@ -181,3 +190,70 @@ def docs_file(tmp_path, n=20):
     texts = zip(corpus.iter_texts("validation"), range(n))
     f.write_text("".join(json.dumps({"text": t[:400]}) + "\n" for t, _ in texts))
     return f
+
+
+def depth_records(gap_at, sizes=(("l1w32", 1000), ("l2w64", 8000), ("l3w96", 27000)), lrs=(1.5e-4, 3e-4),
+                  steps=(8, 16, 32, 64, 128, 256, 512)):
+    """Records in the depth grid's shape (experiments/depth_family/runs.jsonl): per size two pretrained replicates,
+    the grid's arms at every LR of `lrs` (the probe's runs at the other LRs are vanilla only), and the variant arm
+    on replicate 1. gap_at(size_index, replicate, steps) gives the LN-free arm's relative gap."""
+    rec = []
+    for i, (size, n) in enumerate(sizes):
+        for rep in (1, 2):
+            for lr in lrs:
+                for st in steps:
+                    for seed in (1, 2, 3):
+                        base = {"model": f"builtin_{size}_s{rep}", "pretrained": f"{size}_s{rep}", "size": size,
+                                "replicate": rep, "n_layer": i + 1, "n_embd": 32 * (i + 1), "seed": seed,
+                                "steps": st, "tokens": 4096 * st, "lr": lr, "n_nonemb": n}
+                        van = 4.0 + 0.001 * seed + (lr - lrs[0])
+                        rec.append({**base, "schedule": "none", "removes": False, "val_ce": van,
+                                    "all_removed": False, "fit_fraction": None})
+                        if lr != lrs[0]:
+                            continue
+                        rec.append({**base, "schedule": "scaled", "removes": True, "all_removed": True,
+                                    "val_ce": van * (1 + gap_at(i, rep, st)), "fit_fraction": 0.4})
+                        if rep == 1:
+                            rec.append({**base, "schedule": "builtin", "removes": True, "all_removed": True,
+                                        "val_ce": van * (1 + 1.5 * gap_at(i, rep, st)), "fit_fraction": None})
+    return rec
+
+
+def write_lock(out, pid, host=None):
+    """A run lock file in out as a run with this pid on this host (default: this one) writes it."""
+    import socket
+
+    from lnfree.training.safety import LOCK_FILE
+
+    out.mkdir(parents=True, exist_ok=True)
+    (out / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
+                                             "started": "2026-01-01 00:00:00", "command": "python -m lnfree.train"}))
+    return out / LOCK_FILE
+
+
+def digest(d):
+    """Every file under d by relative path -> sha256 (a directory's contents, to compare byte for byte)."""
+    import hashlib
+
+    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
+            if p.is_file()}
+
+
+def copy_run(tiny_run, dst):
+    """A copy of the shared tiny run's dir at dst."""
+    import shutil
+
+    _, run = tiny_run
+    shutil.copytree(run, dst)
+    return dst
+
+
+@pytest.fixture(autouse=True)
+def no_hydra_state_between_tests():
+    """Hydra keeps the config of the last app run in this process (HydraConfig, a singleton) after it returns; in a
+    real command there is one app per process, so code may ask HydraConfig whether it runs inside a Hydra job. A
+    test that runs an app in-process must not make the next test's plain train(cfg) look like one."""
+    yield
+    from hydra.core.hydra_config import HydraConfig
+
+    HydraConfig.instance().cfg = None

@@ -6,6 +6,7 @@ nominal 95% interval. A correct interval lands there with high probability (bino
 simulations: 0.013); one that resamples tokens or positions instead of chunks or prompts, or that ignores the
 text shared by every seed, does not (docs/statistics.md lists the coverages measured with such mistakes)."""
 
+import importlib.util
 import json
 from dataclasses import replace
 
@@ -43,7 +44,7 @@ def test_the_simulated_evaluation_has_the_measured_structure():
     est, st = estimate_structure(d), CEStructure()
     for k, v in est.items():
         assert getattr(st, k) == pytest.approx(v, rel=0.02), k
-    assert (st.n_seeds, st.n_chunks, st.n_positions) == d.shape
+    assert (st.n_seeds, st.n_chunks, st.n_pos) == d.shape
     # and the estimator recovers a simulated evaluation's components
     a, b, _ = paired_ce(np.random.default_rng(0), st)
     sim = estimate_structure(a - b)
@@ -135,7 +136,7 @@ def test_resampling_tokens_or_positions_is_visibly_narrower():
     st = replace(CEStructure(), shared_sd=0.06, own_sd=0.03, n_seeds=1)
     # the true sd of one evaluation's gap: chunk effects and token noise over the chunks (positions are centred)
     sd = np.sqrt((st.shared_sd ** 2 + st.own_sd ** 2) / st.n_chunks
-                 + (st.token_shared_sd ** 2 + st.token_own_sd ** 2) / (st.n_chunks * st.n_positions))
+                 + (st.token_shared_sd ** 2 + st.token_own_sd ** 2) / (st.n_chunks * st.n_pos))
     needed = 2 * 1.96 * sd
     rng = np.random.default_rng(5)
     ours, tokens, positions = [], [], []
@@ -177,3 +178,49 @@ def test_scaling_exponent_interval_covers_with_the_depth_sweeps_measured_noise()
     c = exponent_coverage(st)
     assert all(n == c["simulations"] for n in c["fits"].values())
     assert c["covered"] >= 0.93 and max(c["per_threshold"].values()) <= HIGH
+
+
+CENSORED_RECORD = ROOT / "experiments/data_scaling/censored_coverage.json"
+
+
+def censored_coverage_script():
+    """experiments/data_scaling/censored_coverage.py as a module (its design and one cell's computation)."""
+    spec = importlib.util.spec_from_file_location("censored_coverage", ROOT / "experiments/data_scaling/"
+                                                  "censored_coverage.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    return script
+
+
+def test_censored_exponent_coverage_record_on_the_depth_design():
+    """The committed coverage of the censored fit (experiments/data_scaling/censored_coverage.py, >= 200 simulated
+    sweeps per truth on the depth study's fixed grid: b in {-0.5, 0, 0.37, 1} x lack of fit in {0, 0.25, 0.5}):
+    the verdict's interval covers b in >= 0.93 of the sweeps at every truth and threshold, and claims "b < 1" in at
+    most 5% of the sweeps whose true b is 1. The record's design is the committed records' (budgets, sizes)."""
+    from lnfree.analysis.censored import LACK_OF_FIT_SDS
+
+    rec = json.loads(CENSORED_RECORD.read_text())
+    script = censored_coverage_script()
+    st, _ = script.design()
+    assert rec["design"]["budgets"] == list(st.budgets) and rec["design"]["sizes_n"] == list(st.sizes_n)
+    assert rec["sweeps"] >= 200
+    assert {(c["b"], c["lack_of_fit_sd"]) for c in rec["cells"]} == {
+        (b, s) for b in script.TRUE_B for s in script.TRUE_LACK_OF_FIT}
+    for c in rec["cells"]:
+        for key, v in c["censored"].items():
+            assert v["coverage"] >= 0.93, (c["b"], c["lack_of_fit_sd"], key, v["coverage"])
+            assert set(v["coverage_at_tau"]) == {f"{t:g}" for t in LACK_OF_FIT_SDS}
+            if c["b"] >= 1:
+                assert v["claims"]["sublinear"] <= 0.05, (c["lack_of_fit_sd"], key)
+    assert min(rec["lowest_envelope_coverage"].values()) >= 0.93
+
+
+@pytest.mark.slow
+def test_censored_exponent_coverage_record_reproduces():
+    """One truth of the record (b = 1, lack of fit 0.5: the hardest for "b < 1"), recomputed from its seed."""
+    rec = json.loads(CENSORED_RECORD.read_text())
+    script = censored_coverage_script()
+    st, _ = script.design()
+    i = next(j for j, c in enumerate(rec["cells"]) if c["b"] == 1.0 and c["lack_of_fit_sd"] == 0.5)
+    again = script.cell((st, 1.0, 0.5, rec["sweeps"], i))
+    assert again["censored"] == rec["cells"][i]["censored"]

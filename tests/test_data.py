@@ -132,7 +132,7 @@ def test_missing_text_field_and_short_data_rejected(tok, tmp_path):
     with pytest.raises(DataError, match="empty"):
         dm.setup()
     with pytest.raises(DataError, match="matched no file"):
-        data_module(tok, "base", name="none", source="files", files=[str(tmp_path / "nope*.txt")]).setup()
+        data_module(tok, "base", name="none", source="files", files=[str(tmp_path / "nope*.txt")], block_size=8).setup()
 
 
 def test_text_and_parquet_files_use_the_same_path(tok, tmp_path):

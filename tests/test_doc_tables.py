@@ -21,6 +21,7 @@ NOT_RESULTS = {
     "docs/reference/configuration.md": "config groups and entry points",
     "docs/reference/gpus_and_clusters.md": "hardware options",
     "experiments/depth_family/README.md": "the family's design: shapes and parameter counts",
+    "docs/removal_methods.md": "the removal methods and the shipped compressed schedules (definitions)",
 }
 
 

@@ -11,7 +11,7 @@ from omegaconf import OmegaConf
 
 from lnfree.downstream import build_tasks
 from lnfree.downstream.harness import TASKS_DIR, DownstreamError, check, own_token_ce, run
-from lnfree.io import ModelIOError, load
+from lnfree.io import ModelIOError, load, resolve
 
 pytest.importorskip("lm_eval")
 
@@ -88,6 +88,30 @@ def test_fp16_folded_and_unknown_tasks_are_refused_before_loading(tiny_run, tmp_
     with pytest.raises(DownstreamError, match="unknown lm-eval task"):
         check(ds_cfg(tmp_path, hf, tasks=["lnfree_builtin_nope"]))
     assert not (tmp_path / "ds").exists()
+
+
+BUILTIN_FAMILIES = {"w128": "gpt2", "llama_w128": "llama", "neox_w128": "gpt_neox"}  # one shipped member each
+
+
+@pytest.mark.parametrize("name", BUILTIN_FAMILIES)
+def test_lm_eval_wraps_a_member_of_each_family_at_its_context_length(name, tmp_path):
+    """The harness asks the family for the context length (GPT-2's n_positions, Llama's and NeoX's
+    max_position_embeddings): reading a GPT-2 field failed on the other families."""
+    from lnfree.downstream.harness import load_lm
+
+    cfg = ds_cfg(tmp_path, [{"name": name, "path": f"builtin:{name}"}])
+    lm, model, _ = load_lm(resolve(f"builtin:{name}", cfg.cache_dir), cfg)
+    assert model.config.model_type == BUILTIN_FAMILIES[name]
+    assert lm.max_length == 256  # every built-in member is trained on 256-token blocks
+
+
+@pytest.mark.slow
+def test_downstream_runs_on_a_member_of_each_family(tmp_path):
+    models = [{"name": name, "path": f"builtin:{name}"} for name in BUILTIN_FAMILIES]
+    res = run(ds_cfg(tmp_path, models, limit=4, tasks=["lnfree_builtin_ppl"]))
+    for name in BUILTIN_FAMILIES:
+        ppl = res["models"][name]["metrics"]["lnfree_builtin_ppl"]
+        assert abs(ppl["token_ce"] - ppl["lnfree_token_ce"]) < 1e-3  # lm-eval's CE is lnfree's, in every family
 
 
 def test_fp16_really_breaks_the_lnfree_export(tiny_run):

@@ -205,8 +205,8 @@ def test_folded_model_refuses_an_unknown_activation():
 
     _, model = calibrated_all_removed()
     cfg = fold(model).config
-    with pytest.raises(ValueError, match=r"activation 'swish' not supported; \['gelu"):
-        FoldedGPT2(FoldedConfig(**{**cfg.__dict__, "activation_function": "swish"}))
+    with pytest.raises(ValueError, match=r"activation 'quick_gelu' not supported; \['gelu"):
+        FoldedGPT2(FoldedConfig(**{**cfg.__dict__, "activation_function": "quick_gelu"}))
     assert "gelu_new" in ACTIVATIONS
 
 

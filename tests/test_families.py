@@ -5,6 +5,7 @@ attention-input readers read their own path (query/key or value) of the norm."""
 
 import pytest
 import torch
+from conftest import needs
 from torch import nn
 from transformers import (
     AutoModelForCausalLM,
@@ -382,6 +383,7 @@ def test_the_shipped_member_trains_with_every_site_removed_and_both_exports_veri
         assert json.loads((tmp_path / "export" / form / "lnfree_export.json").read_text())["relative_error"] < HF_TOL
 
 
+@needs("peft", "lora")
 @pytest.mark.parametrize("case", ["llama", "qwen2", "neox"])
 def test_lora_on_the_attention_input_readers_reads_each_path_and_merges_exactly(case):
     from lnfree.lora import apply_lora, merged_copy
@@ -462,6 +464,43 @@ def test_dla_equals_the_direct_effect_once_the_final_norm_is_frozen(case, tmp_pa
     export_hf(model, tmp_path / "hf")  # the stock LN-free export (eps trick) reads the same
     stock = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     assert dla_vs_de(stock, x, u)["nmae_percent"] < 1e-2
+
+
+@pytest.mark.parametrize("case", ["llama", "neox", "neox_sequential"])
+def test_patching_hooks_each_familys_nodes_and_is_exact_after_the_frozen_final_norm(case):
+    """Past the last block only the final norm stands between a node and the metric: frozen, the map is linear and
+    AtP == AP there (the final residual; the last layer's heads too where the last MLP does not read them: NeoX's
+    parallel residual); real, it is not. A hook on a wrong module would break the equality or leave a node at 0."""
+    from lnfree.analysis.interp.patching import activation_patching, attribution_patching, induction_pairs
+
+    clean, corrupt, correct, wrong = induction_pairs(V, 3, half=6, seed=1)
+    differs = 5  # the only position where the prompts differ
+    gaps = {}
+    for arm, model in (("real", removable(case)), ("removed", all_removed(case))):
+        ap_r, ap_h = activation_patching(model, clean, corrupt, correct, wrong)
+        atp_r, atp_h = attribution_patching(model, clean, corrupt, correct, wrong)
+        assert ap_r.shape[1] == atp_r.shape[1] == 3 and ap_h.shape[1:] == (2, 4)  # L + 1 residual nodes, L x H heads
+        assert ap_r[:, 0, differs].abs().min() > 0 and atp_r[:, 0, differs].abs().min() > 0  # the embeddings' grad
+        assert ap_r[:, 0, :differs].abs().max() == 0 == atp_r[:, 0, :differs].abs().max()  # causal: no effect yet
+        assert ap_h[:, -1].abs().max() > 1e-3 and atp_h[:, -1].abs().max() > 1e-3  # the heads' hooks see them
+        last = (ap_r[:, -1], atp_r[:, -1]) if case != "neox" else (torch.cat([ap_r[:, -1], ap_h[:, -1]], 1),
+                                                                   torch.cat([atp_r[:, -1], atp_h[:, -1]], 1))
+        assert last[0].abs().max() > 1e-3  # the nodes matter
+        gaps[arm] = float((last[0] - last[1]).abs().max() / last[0].abs().max())
+    assert gaps["removed"] < 1e-4 < 1e-2 < gaps["real"]
+
+
+@pytest.mark.parametrize("case", ["llama", "neox"])
+def test_entropy_neuron_total_effect_equals_direct_effect_only_once_the_final_norm_is_frozen(case):
+    from lnfree.analysis.interp.neurons import ablation_effects, candidates
+
+    x = ids(4, 24, seed=4)
+    for model, exact in ((removable(case), False), (all_removed(case), True)):
+        neuron = candidates(model, k=1)[0]["neuron"]
+        e = ablation_effects(model, x, neuron)
+        assert e["te_entropy"].abs().max() > 1e-6  # the ablation does something
+        gap = float((e["te_entropy"] - e["de_entropy"]).abs().max() / e["te_entropy"].abs().max())
+        assert gap < 1e-4 if exact else gap > 1e-3  # a real final norm's scale moves with the ablation
 
 
 def test_model_card_names_the_family_class_and_its_sites():
@@ -572,6 +611,57 @@ def test_set_dropout_reaches_the_config_a_saved_model_is_rebuilt_from(case):
     rates += [m.attention_dropout for m in rebuilt.modules()
               if isinstance(getattr(m, "attention_dropout", None), float)]
     assert rates and all(r == 0.25 for r in rates), rates
+
+
+@pytest.mark.parametrize("case,ctx", [("gpt2", "n_positions"), ("llama", "max_position_embeddings"),
+                                      ("neox", "max_position_embeddings")])
+def test_dims_read_each_familys_own_config_fields(case, ctx):
+    _, model = _stock_and_removable_of(case)
+    fam, dims = model.family, model.family.dims(model.config)
+    assert fam.ctx_field == ctx and dims.n_ctx == getattr(model.config, ctx) == 64
+    assert dims.n_layer == len(fam.blocks(model)) and dims.d_model == model.get_input_embeddings().weight.shape[1]
+    assert dims.eps == fam.attn_norm(fam.blocks(model)[0]).eps == fam.final_norm(model).eps  # what install() used
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "neox"])
+def test_decay_embeddings_false_keeps_the_input_embeddings_of_each_family_out_of_weight_decay(case):
+    from types import SimpleNamespace
+
+    from lnfree.training.module import LNFreeModule
+
+    _, model = _stock_and_removable_of(case)
+    emb = [model.get_input_embeddings().weight]
+    if case == "gpt2":
+        emb.append(model.transformer.wpe.weight)  # learned positions are embeddings too
+    others = {id(p) for p in model.parameters() if p.ndim >= 2} - {id(p) for p in emb}  # an untied lm_head among them
+    for decay_embeddings in (False, True):
+        optim = SimpleNamespace(weight_decay=0.1, decay_embeddings=decay_embeddings, lr=1e-3, min_lr=1e-4,
+                                betas=[0.9, 0.95], eps=1e-6, warmup_steps=2, decay_steps=None)
+        decay, _ = LNFreeModule(model, optim, max_steps=10).configure_optimizers()["optimizer"].param_groups
+        decayed = {id(p) for p in decay["params"]}
+        assert [id(p) in decayed for p in emb] == [decay_embeddings] * len(emb)
+        assert decayed - {id(p) for p in emb} == others  # every other matrix decays either way
+
+
+@pytest.mark.parametrize("case,field", [("gpt2", "layer_norm_epsilon"), ("llama", "rms_norm_eps"),
+                                        ("neox", "layer_norm_eps")])
+def test_an_export_whose_config_eps_was_edited_is_refused_naming_the_familys_eps_field(case, field, tmp_path):
+    """The recorded eps is checked under each family's own config field (the hashes rewritten too, so that the
+    eps check, not the file hash, is what refuses it)."""
+    import json
+
+    from conftest import rehash
+
+    from lnfree.io import ModelIOError
+
+    _, model = _stock_and_removable_of(case)
+    export_hf(model, tmp_path / "hf")
+    cfg = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert cfg[field] != 1e-3
+    (tmp_path / "hf" / "config.json").write_text(json.dumps({**cfg, field: 1e-3}))
+    rehash(tmp_path / "hf")
+    with pytest.raises(ModelIOError, match=rf"config\.json has {field}=0\.001 but the export was written with"):
+        load(str(tmp_path / "hf"))
 
 
 def test_removable_models_compute_their_loss_without_a_transformers_warning():

@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from conftest import TINY_RUN, calibrated_all_removed, compose_train, ids, stock_and_removable, train_until_crash
+from conftest import TINY_RUN, calibrated_all_removed, compose_train, ids, needs, stock_and_removable, train_until_crash
 
 from lnfree.io import model_from_checkpoint, read_checkpoint
 from lnfree.lora import apply_lora, has_lora, merged_copy
@@ -10,6 +10,7 @@ from lnfree.model import parse_site_name
 from lnfree.training.config import LimitError
 from lnfree.training.train import train
 
+PEFT = needs("peft", "lora")  # the tests that build adapters; the refusals below run without peft
 SETTINGS = dict(r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"], train_norms=True)
 
 
@@ -28,6 +29,7 @@ def _logits(model, x):
         return model(x).logits
 
 
+@PEFT
 @pytest.mark.parametrize("removed", [[], ["ln1qk.0"], ["ln1v.1"], ["ln2.0", "ln1qk.0", "ln1qk.1", "ln1v.0"]])
 def test_split_qkv_lora_equals_a_lora_on_each_path_and_merges_exactly(removed):
     _, model = stock_and_removable()
@@ -61,6 +63,7 @@ def test_split_qkv_lora_equals_a_lora_on_each_path_and_merges_exactly(removed):
     assert not (_logits(merged, x) - _logits(stock_and_removable()[1], x)).abs().max() < 1e-3  # it did change
 
 
+@PEFT
 def test_split_lora_on_an_ordinary_input_is_peft_own_linear_lora_dropout_draws_included():
     # while ln_1 is real, c_attn's input is the ordinary [batch, pos, d]: the LoRA layer must be exactly peft's
     # Linear LoRA, whose dropout draws one mask for all of Q, K and V (the split path draws one per path)
@@ -77,6 +80,7 @@ def test_split_lora_on_an_ordinary_input_is_peft_own_linear_lora_dropout_draws_i
         assert not torch.equal(out, lora.eval()(x))  # dropout did act
 
 
+@PEFT
 def test_only_adapters_and_norms_train_and_the_base_stays_frozen():
     _, model = calibrated_all_removed()
     _adapted(model).train()
@@ -107,6 +111,7 @@ def lora_run(tmp_path_factory):
     return train(compose_train(run, *LORA_RUN)), run
 
 
+@PEFT
 @pytest.mark.slow
 def test_lora_run_removes_every_site_and_exports_the_merged_model(lora_run):
     summary, run = lora_run
@@ -128,6 +133,7 @@ def test_lora_run_removes_every_site_and_exports_the_merged_model(lora_run):
     assert (_logits(hf, x) - ref).abs().max() / ref.abs().max() < 1e-4
 
 
+@PEFT
 @pytest.mark.slow
 def test_lora_run_resumes_exactly(lora_run, tmp_path, monkeypatch):
     full, full_dir = lora_run
@@ -151,6 +157,7 @@ def test_bad_lora_configs_are_refused_before_any_compute(tmp_path):
     assert not (tmp_path / "checkpoints").exists()
 
 
+@PEFT
 def test_adapter_settings_reach_peft():
     from lnfree.lora import lora_settings
 
@@ -168,6 +175,7 @@ def test_adapter_settings_reach_peft():
     assert lora_settings(type("Cfg", (cfg,), {"train_norms": False}))["train_norms"] is False
 
 
+@PEFT
 def test_no_warning_about_lnfree_own_split_projection():
     import warnings
 
@@ -178,6 +186,7 @@ def test_no_warning_about_lnfree_own_split_projection():
     assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
 
 
+@PEFT
 def test_peft_warnings_other_than_the_split_projection_one_still_reach_the_user():
     # lm_head is an nn.Linear, not a Conv1D: peft says it is overriding fan_in_fan_out, which a user should see
     _, model = stock_and_removable()
@@ -195,6 +204,7 @@ def test_lora_without_peft_says_what_to_install(monkeypatch):
         _peft()
 
 
+@PEFT
 def test_split_qkv_lora_with_fp32_adapters_on_a_bf16_base_and_when_disabled():
     _, model = stock_and_removable()
     model.calibrate(ids(4, 32, seed=3))

@@ -40,6 +40,9 @@ def test_the_wheel_installs_and_trains_and_evaluates_from_another_directory(tmp_
     where = subprocess.run([str(py), "-c", code], cwd=elsewhere, check=True, capture_output=True,
                            text=True).stdout.split()
     assert where[0].startswith(str(env_dir)) and where[1].startswith(str(env_dir)), where  # the wheel's, not ours
+    script = subprocess.run([str(env_dir / "bin" / "lnfree"), "--help"], cwd=elsewhere, capture_output=True,
+                            text=True, timeout=300)  # the console script the wheel installs
+    assert script.returncode == 0 and "\n  train " in script.stdout, script.stdout + script.stderr
     run = elsewhere / "run"
     train = subprocess.run([str(py), "-m", "lnfree.train", "model=tiny", "data.block_size=64", "data.val_blocks=2",
                             "hardware.micro_batch_size=2", "trainer.max_steps=2", "trainer.val_every=2",

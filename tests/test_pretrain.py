@@ -19,7 +19,7 @@ def test_pretrain_writes_a_stock_loadable_builtin_model(tmp_path):
             f"paths.output_dir={tmp_path}/run", f"paths.cache_dir={tmp_path}/cache",
         ])
     dest = pretrain(cfg)
-    assert dest == builtin_dir("test1x32", tmp_path / "cache") and not dest.with_name("test1x32.tmp").exists()
+    assert dest == builtin_dir("test1x32", tmp_path / "cache") and not dest.with_name(".test1x32.model.tmp").exists()
     info = json.loads((dest / "pretrain_info.json").read_text())
     assert info["steps"] == 6 and info["tokens"] == 6 * 2 * 32
     model = GPT2LMHeadModel.from_pretrained(dest)

@@ -24,6 +24,7 @@ from conftest import (
     eval_cfg,
     rehash,
     tiny_config,
+    write_lock,
 )
 from safetensors.torch import load_file, save_file
 
@@ -116,16 +117,19 @@ def test_builtin_models_are_checked_whole_too(tmp_path):
         load(str(copy))
 
 
-def test_a_record_without_hashes_loads_with_a_warning(tiny_run, tmp_path):
-    """Exports written before file hashes existed: accepted on their fingerprint, with a warning that says so."""
+def test_a_record_without_hashes_is_refused_unless_asked_for(tiny_run, tmp_path):
+    """A record whose "files" were deleted (weights edited outside the fingerprint's 32 ids would pass) is refused;
+    unhashed_ok=True loads an export from before file hashes on its fingerprint, with a warning that says so."""
     from lnfree.io import record_text
 
     hf = copy_export(tiny_run, tmp_path)
     record = json.loads((hf / EXPORT_INFO).read_text())
     del record["files"]
     (hf / EXPORT_INFO).write_text(record_text(record))
+    with pytest.raises(ModelIOError, match="no whole-file hashes"):
+        load(str(hf))
     with pytest.warns(UserWarning, match="predates whole-file hashes"):
-        model, _ = load(str(hf))
+        model, _ = load(str(hf), unhashed_ok=True)
     assert model is not None
 
 
@@ -284,13 +288,6 @@ def test_sigterm_to_the_cli_exits_143(tmp_path):
 
 
 # -- 4. one run per directory ---------------------------------------------------------------------------
-def write_lock(out, pid, host=None):
-    out.mkdir(parents=True, exist_ok=True)
-    (out / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),
-                                             "started": "2026-01-01 00:00:00", "command": "python -m lnfree.train"}))
-    return out / LOCK_FILE
-
-
 def test_a_second_run_on_a_locked_dir_is_refused_naming_the_holder(tmp_path):
     """Two runs started together: the first holds the lock on a still-empty dir (so both would pass the output-dir
     check); the second is refused with the holder named, and nothing of the first is touched."""
@@ -432,7 +429,7 @@ def test_preflight_finds_an_unreadable_file_before_compute(tmp_path, monkeypatch
                         f"data.val_files=[{val}]", "data.block_size=64", "data.val_blocks=4",
                         f"data.on_bad_row={policy}")
     if policy == "fail":
-        with pytest.raises(DataError, match=rf"{bad}, row 0: cannot be read"):
+        with pytest.raises(DataError, match=rf"{bad}, row 0: line 1 is not JSON"):
             train(cfg)
     else:  # skip: named and recorded at the start, before the model exists
         with pytest.raises(pytest.fail.Exception):

@@ -1,14 +1,12 @@
 """Runs that cannot silently go wrong (training/safety.py, data faults): divergence guard, checkpoint safety,
 output-dir policy, limits, bad data, and the resume command. All on the built-in default, offline."""
 
-import hashlib
 import json
-import shutil
 import signal
 
 import pytest
 import torch
-from conftest import TINY_RUN, compose_train
+from conftest import TINY_RUN, compose_train, copy_run, digest
 
 from lnfree.data.streams import DataError, FaultLog, iter_texts, open_stream
 from lnfree.io import read_checkpoint
@@ -17,17 +15,6 @@ from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.config import LimitError
 from lnfree.training.safety import DivergenceError, ResumeError, RunDirError, non_finite_entries
 from lnfree.training.train import train
-
-
-def digest(d):
-    return {str(p.relative_to(d)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(d.rglob("*"))
-            if p.is_file()}
-
-
-def copy_run(tiny_run, dst):
-    _, run = tiny_run
-    shutil.copytree(run, dst)
-    return dst
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from conftest import depth_records
 
 from lnfree.analysis.scaling import analyse, gap_table
 
@@ -135,33 +136,6 @@ def test_sweep_runner_finds_missing_jobs_and_stops_a_size_once_within(tmp_path):
     assert jobs[(b1, m, "none")] == (2, 3) and jobs[(b1, m, "scaled")] == (1, 2, 3)
     assert rm.within([f], m, b1, 0.01, step_tokens) == b0  # 0.5% at b0: larger budgets are skipped
     assert rm.within([f], m, b1, 0.001, step_tokens) is None
-
-
-def depth_records(gap_at, sizes=(("l1w32", 1000), ("l2w64", 8000), ("l3w96", 27000)), lrs=(1.5e-4, 3e-4),
-                  steps=(8, 16, 32, 64, 128, 256, 512)):
-    """Records in the depth grid's shape (experiments/depth_family/runs.jsonl): per size two pretrained replicates,
-    the grid's arms at every LR of `lrs` (the probe's runs at the other LRs are vanilla only), and the variant arm
-    on replicate 1. gap_at(size_index, replicate, steps) gives the LN-free arm's relative gap."""
-    rec = []
-    for i, (size, n) in enumerate(sizes):
-        for rep in (1, 2):
-            for lr in lrs:
-                for st in steps:
-                    for seed in (1, 2, 3):
-                        base = {"model": f"builtin_{size}_s{rep}", "pretrained": f"{size}_s{rep}", "size": size,
-                                "replicate": rep, "n_layer": i + 1, "n_embd": 32 * (i + 1), "seed": seed,
-                                "steps": st, "tokens": 4096 * st, "lr": lr, "n_nonemb": n}
-                        van = 4.0 + 0.001 * seed + (lr - lrs[0])
-                        rec.append({**base, "schedule": "none", "removes": False, "val_ce": van,
-                                    "all_removed": False, "fit_fraction": None})
-                        if lr != lrs[0]:
-                            continue
-                        rec.append({**base, "schedule": "scaled", "removes": True, "all_removed": True,
-                                    "val_ce": van * (1 + gap_at(i, rep, st)), "fit_fraction": 0.4})
-                        if rep == 1:
-                            rec.append({**base, "schedule": "builtin", "removes": True, "all_removed": True,
-                                        "val_ce": van * (1 + 1.5 * gap_at(i, rep, st)), "fit_fraction": None})
-    return rec
 
 
 def test_the_depth_grid_is_analysed_per_size_at_the_chosen_lr_with_each_arm(tmp_path):

@@ -44,8 +44,11 @@ def grid():
     exp = OmegaConf.load(ROOT / "conf/experiment/data_scaling.yaml")
     p = exp.hydra.sweeper.params
     split = lambda v: str(v).split(",")  # noqa: E731
-    step_tokens = OmegaConf.load(ROOT / "conf/hardware/base.yaml").micro_batch_size * \
-        OmegaConf.load(ROOT / "conf/data/base.yaml").block_size
+    # data.block_size is null: each model's context (lnfree.training.config.default_block_size), 256 for the family
+    from lnfree.training.config import default_block_size
+
+    n_ctx = OmegaConf.load(ROOT / f"conf/model/{split(p.model)[0]}.yaml").shape.n_positions
+    step_tokens = OmegaConf.load(ROOT / "conf/hardware/base.yaml").micro_batch_size * default_block_size(n_ctx)
     return (split(p.model), [int(b) for b in split(p["trainer.max_steps"])], [int(s) for s in split(p.seed)],
             split(p.schedule), step_tokens)
 

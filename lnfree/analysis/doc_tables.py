@@ -6,26 +6,29 @@
 A table sits between `<!-- table:NAME -->` and `<!-- /table -->` (lnfree.analysis.table_markers); NAME is a key of
 TABLES, a function of the repository root that reads the records and returns the Markdown. The same NAME may
 appear in several files (the README's headline table is also in docs/results.md), and is the same text in each.
-tests/test_doc_tables.py fails when a committed table differs from what its JSON gives.
+tests/test_doc_tables.py fails when a committed table differs from what its JSON gives. Every table is made (so
+every record read) before any page is written: a half-written or malformed record stops `make tables` with its
+file named and leaves every page as it was (all pages or none).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import re
 import statistics
 import sys
 from pathlib import Path
 
+from ..errors import user_errors_as_messages
 from ..paths import PACKAGE_DIR
+from ..records import RecordError, read_json, write_text_atomic
 from .table_markers import marked, replaced
 
 ROOT = PACKAGE_DIR.parent  # the source checkout: experiments/ and docs/ are not part of an installed wheel
 
 
 def _json(root: Path, rel: str) -> dict:
-    return json.loads((root / rel).read_text())
+    return read_json(root / rel)  # a half-written record: RecordError naming the file and line
 
 
 def _seedless(name: str) -> str:
@@ -251,6 +254,83 @@ def scaling_depth_ordering(root: Path) -> str:
         cells = [f"{rng(v['per_pretrained'][a])} vs {rng(v['per_pretrained'][c])}: {ORDER_WORDS[p['order']]}"
                  for (a, c), p in zip(pairs, v["pairs"])]
         lines.append(f"| {_tokens(int(b))} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def scaling_depth_censored(root: Path) -> str:
+    """The depth-and-width study's exponent by censored maximum likelihood (issue 39; scaling.censored_lines'
+    columns, compact): per threshold the censored verdict and its interval, b at each fixed lack of fit, the
+    lack of fit's profile interval, the coverage on this design, and today's rule beside it; for the fixed grid and,
+    once measured, the fixed grid with stage 2's budgets."""
+    from .scaling import b_interval_text
+
+    s = _json(root, "experiments/data_scaling/scaling.json")
+    blocks = [("fixed grid", s["censored"])] + ([("fixed grid + stage 2", s["censored_extended"])]
+                                                  if s.get("censored_extended") else [])
+    sds = list(next(iter(s["censored"].values()))["lack_of_fit"])
+    lines = ["| budgets | threshold | today's rule (measured crossings) | censored verdict | b [95%, every sd <= 1 and "
+             "in its profile interval] | sd profile interval | " + " | ".join(f"b at sd {t}" for t in sds)
+             + " | coverage on this design |", "|---|---|---|---|---|---|" + "---|" * len(sds) + "---|"]
+    for name, block in blocks:
+        for key, c in block.items():
+            cov = "not tested" if c["coverage"] is None else f"{c['coverage']:.3f}"
+            lines.append(f"| {name} | {_threshold(key)} | {s['verdict'][key].split(':')[0]} | {c['verdict']} | "
+                         f"{b_interval_text(c)} | {c['lack_of_fit_ci'][0]:g}-{c['lack_of_fit_ci'][1]:g} | "
+                         + " | ".join(b_interval_text(c["lack_of_fit"][t]) for t in sds) + f" | {cov} |")
+    return "\n".join(lines)
+
+
+def censored_coverage(root: Path) -> str:
+    """The censored fit's coverage on the depth study's design (experiments/data_scaling/censored_coverage.json): per
+    truth and threshold, the verdict interval's two-sided coverage, the profile-interval-only union's, the fixed-tau
+    intervals' at tau 0 and at the true tau, how often "b < 1" is claimed, and the measured-crossings estimator's
+    coverage and number of sweeps with an interval."""
+    r = _json(root, "experiments/data_scaling/censored_coverage.json")
+    lines = ["| true b | true lack of fit | threshold | verdict interval | profile-interval union | b at sd 0 | "
+             "b at the true sd | claims b < 1 | measured crossings: coverage (sweeps with an interval) |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for c in r["cells"]:
+        for key, v in c["censored"].items():
+            at = v["coverage_at_tau"]
+            true_sd = at.get(f"{c['lack_of_fit_sd']:g}")
+            today, fits = c["measured_crossings"]["coverage"][key], c["measured_crossings"]["fits"][key]
+            lines.append(f"| {c['b']:g} | {c['lack_of_fit_sd']:g} | {_threshold(key)} | {v['coverage']:.3f} | "
+                         f"{v['coverage_profile_envelope']:.3f} | {at['0']:.3f} | "
+                         + ("-" if true_sd is None else f"{true_sd:.3f}") + f" | {v['claims']['sublinear']:.3f} | "
+                         + ("- (0)" if today is None else f"{today:.3f} ({fits})") + " |")
+    return "\n".join(lines)
+
+
+def paper_counting(root: Path) -> str:
+    """The paper's four published GPT-2 schedules (conf/experiment/gpt2_*_paper.yaml) counted two ways, their
+    exponents, and this study's T* in the same unit (tokens) beside them (analysis/paper_counting.py)."""
+    from .paper_counting import exponents, schedules
+
+    rows = schedules()  # the source checkout's configs (conf/ is code, not a record under `root`)
+    lines = ["| published run | parameters (non-embedding) | steps | tokens per step | total tokens | last removal "
+             "at step | tokens until the last removal |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['run']} | {r['params'] / 1e6:,.0f}M ({r['non_embedding_params'] / 1e6:,.0f}M) | "
+                     f"{r['steps']} | {r['tokens_per_step']:,} | {r['total_tokens'] / 1e6:,.0f}M | "
+                     f"{r['last_removal_step']} | {r['tokens_until_last_removal'] / 1e6:,.0f}M |")
+    k, k_ne = exponents(rows), exponents(rows, "non_embedding_params")
+    lines.append(f"| tokens ~ N^k (least squares, 4 runs; non-embedding N) | | | | k = {k['total_tokens']:.2f} "
+                 f"({k_ne['total_tokens']:.2f}) | | k = {k['tokens_until_last_removal']:.2f} "
+                 f"({k_ne['tokens_until_last_removal']:.2f}) |")
+    s = _json(root, "experiments/data_scaling/scaling.json")
+    keys = [k for k in s["censored"] if not k.endswith("nats")]
+    lines += ["", "| this study's size | non-embedding parameters | "
+              + " | ".join(f"T* at {_threshold(k)} (tokens, bracket of both pretrained models)" for k in keys) + " |",
+              "|---|---|" + "---|" * len(keys)]
+    for z in s["sizes"]:
+        cells = []
+        for k in keys:
+            iv = s["censored"][k]["intervals"][z["name"]]
+            lo = min(x[0] for x in iv)
+            hi = None if any(x[1] is None for x in iv) else max(x[1] for x in iv)
+            cells.append(f"> {_tokens(lo)}" if hi is None else f"< {_tokens(hi)}" if lo == 0 else
+                         f"{_tokens(lo)}-{_tokens(hi)}")
+        lines.append(f"| {z['name']} | {z['non_embedding_params'] / 1e6:.3f}M | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -499,7 +579,8 @@ TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, 
                                    family, distributed, dla_builtin, interp_summary, interp_controls, interp_verdicts,
                                    shift_gaps, bench_cpu, bench_profile, families_eval,
                                    shift_by_length, depth_family, depth_lr_probe, scaling_depth,
-                                   scaling_depth_ordering, scaling_depth_variant)}
+                                   scaling_depth_ordering, scaling_depth_variant, scaling_depth_censored,
+                                   paper_counting, censored_coverage)}
 
 
 def pages(root: Path = ROOT) -> list[Path]:
@@ -516,20 +597,34 @@ def stale(page: Path, root: Path = ROOT, cache: dict | None = None) -> list[str]
         if name not in TABLES:
             raise KeyError(f"{page}: unknown table {name!r} (known: {', '.join(TABLES)})")
         if name not in cache:
-            cache[name] = TABLES[name](root)
+            cache[name] = _table(name, root)
         if text != cache[name]:
             bad.append(name)
     return bad
 
 
+def _table(name: str, root: Path) -> str:
+    """The table NAME from its records; a record it cannot read is a RecordError naming the table."""
+    try:
+        return TABLES[name](root)
+    except RecordError:
+        raise
+    except (KeyError, IndexError, StopIteration, TypeError, ValueError, OSError) as e:
+        raise RecordError(f"table {name!r}: its record does not hold what the table needs ({type(e).__name__}: "
+                          f"{e}); no page was written") from e
+
+
 def write(root: Path = ROOT) -> list[str]:
-    """Rewrite every marked table of every page from the JSON; returns the 'page: table' entries that changed."""
-    cache, changed = {}, []
+    """Rewrite every marked table of every page from the JSON; returns the 'page: table' entries that changed.
+    Every page's new text is made first, so one bad record leaves every page unchanged."""
+    cache, changed, new = {}, [], {}
     for page in pages(root):
         names = stale(page, root, cache)
         if names:
-            page.write_text(replaced(page.read_text(), {n: cache[n] for n in names}))
+            new[page] = replaced(page.read_text(), {n: cache[n] for n in names})
             changed += [f"{page.relative_to(root)}: {n}" for n in names]
+    for page, text in new.items():
+        write_text_atomic(page, text)
     return changed
 
 
@@ -537,6 +632,11 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="regenerate the result tables of the README, docs/ and experiments/")
     p.add_argument("--check", action="store_true", help="change nothing; exit 1 if a committed table is stale")
     a = p.parse_args(argv)
+    with user_errors_as_messages():
+        _main(a)
+
+
+def _main(a):
     if a.check:
         cache = {}
         bad = [f"{page.relative_to(ROOT)}: {n}" for page in pages() for n in stale(page, ROOT, cache)]

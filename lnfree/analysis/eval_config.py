@@ -75,7 +75,7 @@ class EvalConfig:
     bootstrap: int = MISSING
     seed: int = MISSING
     cache_dir: str = MISSING
-    output_dir: str = MISSING
+    output_dir: Optional[str] = None  # None: the job's own new dir; experiments/ only when named on the command line
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

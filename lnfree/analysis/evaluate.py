@@ -8,12 +8,12 @@ refused before anything is evaluated) and evaluated on the same chunks in turn, 
 divergence to the first model (the reference) is computed token by token. Per model and dataset: mean, median,
 95% and 99.9% ranges, a bootstrap 95% CI of the mean over chunks, top-1 accuracy, mean entropy, expected
 calibration error and mean JSD (analysis/metrics.py). Outputs (analysis/tables.py) in `output_dir`: table.md,
-results.json, results.csv, ce_hist.png, ce_by_position.png, training_curves.png.
+results.json, results.csv, ce_hist.png, ce_by_position.png, training_curves.png. Without `output_dir` they go to
+the job's own new dir (outputs/eval/<time>); committed results (experiments/) only when output_dir is named on the
+command line, as the Makefile's targets do (lnfree.records.job_output_dir).
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import hydra
 import torch
@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from ..errors import user_errors_as_messages
 from ..io import check_tokenizer, hub_offline, load, load_tokenizer, logits, read_record, resolve
 from ..paths import CONF_DIR
+from ..records import job_output_dir
 from .eval_config import SOURCES, EvalError
 from .eval_config import EvalConfig as EvalConfig  # noqa: F401  (registers the schema)
 from .eval_data import eval_chunks
@@ -74,6 +75,7 @@ def check(cfg) -> dict:
 @torch.inference_mode()
 def evaluate(cfg) -> dict:
     refs = check(cfg)
+    out_dir = job_output_dir(cfg.output_dir, "eval")  # before any compute: a refused dir costs nothing
     models, tok = {}, None
     for m in cfg.models:
         models[m.name], t = load(refs[m.name], device=cfg.device)
@@ -115,9 +117,9 @@ def evaluate(cfg) -> dict:
                 "a": list(p.a), "b": list(p.b),
                 **paired_over_seeds([per_token_all[(d.name, a)]["ce"] for a in p.a],
                                     [per_token_all[(d.name, b)]["ce"] for b in p.b], cfg.bootstrap, cfg.seed)}
-    out = Path(cfg.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    write_outputs(results, per_token_all, cfg, out, paired)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    print(f"[lnfree] writing to {out_dir}")
+    write_outputs(results, per_token_all, cfg, out_dir, paired)
     update_model_cards(cfg)
     return results
 
@@ -141,6 +143,30 @@ def update_model_cards(cfg) -> list:
             if not control.get("removed_sites"):
                 written += update_cards_with_control(da, control["val_ce"])
     return written
+
+
+HYDRA_VALUE_FLAGS = ("--config-name", "-cn", "--config-path", "-cp", "--config-dir", "-cd", "--experimental-rerun")
+HYDRA_INFO = ("all", "config", "defaults", "defaults-tree", "plugins", "searchpath")  # --info's optional value
+
+
+def positional_hint(args: list[str]) -> str | None:
+    """The command a user meant when they gave model paths as plain arguments (`python -m lnfree.eval runs/x`),
+    which Hydra would refuse with a grammar error (every argument is a key=value override or a Hydra flag); None
+    when there are none. The entry point prints it and exits 2."""
+    paths, skip = [], False
+    for a in args:
+        if skip:  # the value of a Hydra flag (--config-name eval_llama)
+            skip = False
+        elif a in HYDRA_VALUE_FLAGS:
+            skip = True
+        elif "=" not in a and not a.startswith("-") and a not in HYDRA_INFO:
+            paths.append(a)
+    if not paths:
+        return None
+    models = ", ".join(f"{{name: m{i}, path: '{p}'}}" for i, p in enumerate(paths))
+    return (f"python -m lnfree.eval takes key=value overrides, not paths ({' '.join(paths)}). To evaluate these "
+            f"models on the built-in validation text:\n  python -m lnfree.eval \"models=[{models}]\"\n"
+            "(a path: a run dir, an export, a .ckpt, builtin:<name> or a hub name; docs/reference/evaluation.md)")
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="eval")

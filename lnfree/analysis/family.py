@@ -1,7 +1,7 @@
 """A built-in family's record: per model its shape, size, pretraining tokens, validation CE and curve,
 and whether it meets the convergence criterion.
 
-    python -m lnfree.analysis.family outputs/pretrain [--out experiments/builtin_family]       (the width family)
+    python -m lnfree.analysis.family outputs/pretrain --out experiments/builtin_family       (the width family)
     python -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs --out experiments/depth_family \
         --keep tail_average --tol 0.003                                          (the depth family, make family-depth)
 
@@ -26,6 +26,7 @@ import json
 from pathlib import Path
 
 from ..paths import DEFAULT_CACHE_DIR, RUN_SUMMARY
+from ..records import output_dir
 from ..training.loggers import read_metrics
 from ..training.tail_average import RECORD as TAIL_RECORD
 
@@ -296,14 +297,15 @@ def redraw(out_dir: str | Path):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("runs_dir")
-    p.add_argument("--out", default="experiments/builtin_family")
+    p.add_argument("--out", help="output dir (default: a new dir under outputs/; the committed width family: "
+                                 "--out experiments/builtin_family)")
     p.add_argument("--tol", type=float, help=f"convergence tolerance in nats (default 0.002 with --keep last, "
                    f"{DEPTH_TOL} with a depth-family criterion)")
     p.add_argument("--keep", choices=("last", *CRITERIA), default="last",
                    help="which pretraining weights the family keeps (its criterion follows)")
     a = p.parse_args(argv)
     tol = a.tol if a.tol is not None else (DEPTH_TOL if a.keep in CRITERIA else 0.002)
-    res = collect(a.runs_dir, a.out, tol, a.keep)
+    res = collect(a.runs_dir, output_dir(a.out, "family"), tol, a.keep)
     if a.keep in CRITERIA:
         print(res["criterion"])
         for x in res["sizes"]:

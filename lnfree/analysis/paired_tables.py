@@ -10,7 +10,6 @@ section with the current statistics (stats.paired_over_seeds). Used when the int
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -42,7 +41,11 @@ def recompute(out: Path) -> dict:
 
 
 def main(argv=None):
-    for d in argv if argv is not None else sys.argv[1:]:
+    import argparse
+
+    p = argparse.ArgumentParser(description="recompute the paired gaps of eval output dirs from their per-token CE")
+    p.add_argument("dirs", nargs="+", help="output dirs of python -m lnfree.eval (results.json, per_token_ce.npz)")
+    for d in p.parse_args(argv).dirs:
         recompute(Path(d))
         print(f"[lnfree] paired gaps recomputed in {d}")
 

@@ -1,7 +1,8 @@
 """Data needed to remove LayerNorm vs model size, from a sweep's run summaries or committed records.
 
     make scaling      # = the sweep's missing runs (experiments/data_scaling/run_missing.py), then this module
-    python -m lnfree.analysis.scaling SWEEP_DIR [--out experiments/data_scaling]   # any Hydra multirun dir
+    python -m lnfree.analysis.scaling SWEEP_DIR [--out DIR]   # any Hydra multirun dir; no --out: a new dir
+                                                              # outputs/scaling/<time> (never experiments/)
     python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl --out DIR  # from the committed records
     python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl multirun/data_scaling/resume \
         --records experiments/data_scaling/runs.jsonl   # committed records + the runs that finished a sweep
@@ -16,7 +17,9 @@ models (records with a `size` group a size's pretrained replicates). Then T* ~ N
 have at least BRACKET measured budgets on each side (N = non-embedding parameters), with a t interval from the fit's
 residuals, R^2 and leave-one-size-out fits (analysis/stats.py), the decision rule's verdict per threshold, and the
 interval's coverage on simulated sweeps with the noise measured in these records (analysis/simulate.py).
-docs/statistics.md describes the method and its tested coverage.
+docs/statistics.md describes the method and its tested coverage. Records are read strictly (lnfree/records.py): a
+half-written line, a record without one of RECORD_KEYS, a val_ce that is not a finite number, or one run with two
+results is refused, naming the file and line; `--records` only adds to its file (never drops a record there).
 """
 
 from __future__ import annotations
@@ -29,13 +32,20 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import user_errors_as_messages
+from ..records import RecordError, append_jsonl, check_fields, output_dir, read_json, read_jsonl
+from .censored import PAPER_B
 from .simulate import SweepStructure, sweep
 from .stats import exponent, interval_text, over_seeds, size_t_star, t_star_interval, verdicts
 
 THRESHOLDS = (0.005, 0.01, 0.02)  # relative gaps
 ABSOLUTE_NATS = 0.04  # about 1% of the families' CE (4.3-4.6 nats)
 N_SIMULATIONS = 1000  # simulated sweeps of the coverage check: binomial sd 0.007 at 0.95 (0.015 at the issue's 200)
-PAPER_EXPONENT = 0.37  # the paper's released budgets grow as N^0.37 (reference line in the figure)
+PAPER_EXPONENT = PAPER_B  # the paper's released budgets grow as N^0.37 (reference line in the figure)
+
+
+RECORD_KEYS = ("model", "removes", "seed", "tokens", "val_ce", "n_nonemb")  # what every run record must hold
+FINITE_KEYS = ("tokens", "val_ce", "n_nonemb")
 
 
 def _key(r: dict) -> tuple:
@@ -67,7 +77,8 @@ def load_sources(sources) -> list[dict]:
         for r in load_runs(src):
             key = _key(r)
             if key in seen and abs(seen[key]["val_ce"] - r["val_ce"]) > 1e-6:
-                raise ValueError(f"two different results for {key}: {seen[key]['val_ce']} and {r['val_ce']}")
+                raise RecordError(f"two different results for {key}: val_ce {seen[key]['val_ce']} and {r['val_ce']} "
+                                  f"(in {[str(x) for x in sources]}); keep one")
             seen[key] = r
     return list(seen.values())
 
@@ -75,10 +86,11 @@ def load_sources(sources) -> list[dict]:
 def load_runs(sweep_dir: str | Path) -> list[dict]:
     """One record per run, from a sweep dir's summary.json files or from a runs.jsonl written by `--records`."""
     if Path(sweep_dir).is_file():
-        return [json.loads(line) for line in Path(sweep_dir).read_text().splitlines() if line.strip()]
+        return read_jsonl(sweep_dir, RECORD_KEYS, FINITE_KEYS)
     runs = []
     for f in sorted(Path(sweep_dir).glob("**/summary.json")):
-        s = json.loads(f.read_text())
+        s = read_json(f, ("config", "tokens_seen", "val_ce", "n_params_non_embedding", "all_removed"),
+                      ("tokens_seen", "val_ce"))
         c = s["config"]
         shape = c["model"].get("shape") or {}
         source = c["model"].get("source") or c["model"]["name"]
@@ -87,6 +99,7 @@ def load_runs(sweep_dir: str | Path) -> list[dict]:
                      "removes": c["schedule"]["remove"], "seed": c["seed"],
                      "tokens": s["tokens_seen"], "val_ce": s["val_ce"], "n_nonemb": s["n_params_non_embedding"],
                      "all_removed": s["all_removed"], "fit_fraction": c["schedule"].get("fit_fraction")})
+        check_fields(runs[-1], str(f), RECORD_KEYS, FINITE_KEYS)
     if not runs:
         raise FileNotFoundError(f"no summary.json under {sweep_dir}")
     bad = [r for r in runs if r["removes"] and not r["all_removed"]]
@@ -144,32 +157,50 @@ def gap_table(runs: list[dict], schedule: str | None = None) -> dict:
 
 
 # size_ordering's verdict on a pair of adjacent sizes, as the tables say it: the larger size's gap is ...
-ORDER_WORDS = {"ordered": "smaller", "reversed": "larger", "overlap": "overlap"}
+ORDER_WORDS = {"ordered": "smaller", "reversed": "larger", "overlap": "not separated"}
+ORDER_LEVEL = 0.05  # each (larger model, smaller model) pair's Welch test; all pairs must pass (intersection-union)
+
+
+def _welch_p(x, y) -> float:
+    """Two-sided Welch t test p of two seeds' gaps; seeds that agree exactly (no noise: p 0 if the means differ)."""
+    from scipy.stats import ttest_ind
+
+    if np.var(x) + np.var(y) == 0:
+        return 0.0 if np.mean(x) != np.mean(y) else 1.0
+    return float(ttest_ind(x, y, equal_var=False).pvalue)
 
 
 def size_ordering(table: dict) -> dict:
     """What a grid says about size without any fit: at every budget that all sizes measured, is the gap smaller for
-    the larger model? Per pretrained model, the seed-mean relative gap; adjacent sizes (by N) are "ordered" when
-    every pretrained model of the larger size has a smaller gap than every pretrained model of the smaller one,
-    "reversed" for the opposite, "overlap" otherwise (so the pretraining spread counts; the seeds' spread, a tenth
-    of a point or less in these grids, is in gap_by_budget). If the gaps fall with the budget, a larger size that is
-    ordered below a smaller one at every budget reaches every threshold no later: T* does not grow with N there."""
+    the larger model? Adjacent sizes (by N) are "ordered" when, for every pretrained model of the larger size and
+    every pretrained model of the smaller one, the larger's seed-mean relative gap is below the smaller's and a
+    Welch t test over their seeds' gaps gives p < ORDER_LEVEL (an intersection-union test: the claim "every model of
+    the larger size lies below every model of the smaller" at level 0.05 with no correction); "reversed" for the
+    opposite; "overlap" otherwise (not separated from seed noise, or the pretraining spread crosses over; with one
+    seed nothing is separated). If the gaps fall with the budget, a larger size ordered below a smaller one at every
+    budget reaches every threshold no later: T* does not grow with N there."""
     sizes = list(table)  # gap_table orders sizes by N
     common = sorted(set.intersection(*(set(m["budgets"]) for m in table.values())))
     out = {}
     for b in common:
-        per = {s: [float(np.mean(p[table[s]["budgets"].index(b)])) for p in table[s]["gaps_by_pretrained"]]
-               for s in sizes}
+        runs = {s: [np.asarray(p[table[s]["budgets"].index(b)], float) for p in table[s]["gaps_by_pretrained"]]
+                for s in sizes}
+        per = {s: [float(r.mean()) for r in runs[s]] for s in sizes}
         pairs = []
         for small, large in zip(sizes, sizes[1:]):
-            order = ("ordered" if max(per[large]) < min(per[small]) else
-                     "reversed" if min(per[large]) > max(per[small]) else "overlap")
-            pairs.append({"smaller": small, "larger": large, "order": order})
+            below = max(per[large]) < min(per[small])
+            above = min(per[large]) > max(per[small])
+            p_max = (max(_welch_p(x, y) for x in runs[large] for y in runs[small])
+                     if min(len(x) for x in runs[large] + runs[small]) >= 2 else None)
+            separated = p_max is not None and p_max < ORDER_LEVEL
+            order = "ordered" if below and separated else "reversed" if above and separated else "overlap"
+            pairs.append({"smaller": small, "larger": large, "order": order, "welch_p_max": p_max})
         out[str(b)] = {"per_pretrained": per, "pairs": pairs,
                        "all_ordered": bool(pairs) and all(p["order"] == "ordered" for p in pairs)}
     return {"budgets": out, "all_ordered_at": [int(b) for b, v in out.items() if v["all_ordered"]],
             "rule": "adjacent sizes ordered at a budget when every pretrained model of the larger size has a smaller "
-                    "seed-mean gap than every pretrained model of the smaller size"}
+                    "seed-mean gap than every pretrained model of the smaller size and every such pair's Welch t test "
+                    f"over seeds gives p < {ORDER_LEVEL} (intersection-union test)"}
 
 
 def threshold_keys(thresholds, absolute: float | None) -> dict:
@@ -279,16 +310,114 @@ def simulated_design(table: dict, exps: dict, thresholds, noise: dict) -> SweepS
                    sizes_n=tuple(float(table[m]["n"]) for m in (fitted if len(fitted) >= 3 else table)), **measured)
 
 
+def seed_mean_curves(runs: list[dict], schedule: str | None = None) -> dict:
+    """{size: {"n", "pretrained", "budgets", "seeds" (per budget), "gaps_by_pretrained" / "abs_gaps_by_pretrained"
+    [pretrained][budget] (seed means)}}: like gap_table, but a budget is kept with whatever seeds every pretrained
+    model of the size has both arms of (stage 2 runs seed 1 of every cell first), so the censored fit can use every
+    measured budget. The seed-mean gap of a budget with fewer seeds is noisier; the fit reads only which side of
+    the threshold it lies on."""
+    runs = [r for r in runs if not r["removes"] or schedule is None or r.get("schedule") == schedule]
+    out = {}
+    for size in sorted({size_name(r) for r in runs},
+                       key=lambda m: next(r["n_nonemb"] for r in runs if size_name(r) == m)):
+        mine = [r for r in runs if size_name(r) == size]
+        pre = sorted({r.get("pretrained", r["model"]) for r in mine if r["removes"]})
+        arm = {(r.get("pretrained", r["model"]), r["removes"], r["tokens"], r["seed"]): r["val_ce"] for r in mine}
+        budgets, seeds = [], []
+        for b in sorted({r["tokens"] for r in mine}):
+            s = sorted(x for x in {r["seed"] for r in mine}
+                       if all((p, a, b, x) in arm for p in pre for a in (True, False)))
+            if s:
+                budgets.append(b)
+                seeds.append(s)
+        if not pre or not budgets:
+            continue
+        rel = [[float(np.mean([(arm[(p, True, b, x)] - arm[(p, False, b, x)]) / arm[(p, False, b, x)] for x in s]))
+                for b, s in zip(budgets, seeds)] for p in pre]
+        nats = [[float(np.mean([arm[(p, True, b, x)] - arm[(p, False, b, x)] for x in s]))
+                 for b, s in zip(budgets, seeds)] for p in pre]
+        out[size] = {"n": mine[0]["n_nonemb"], "pretrained": pre, "budgets": budgets, "seeds": seeds,
+                     "gaps_by_pretrained": rel, "abs_gaps_by_pretrained": nats}
+    return out
+
+
+def censored_exponents(curves: dict, thresholds, absolute: float | None, coverage_record: dict | None = None
+                       ) -> dict:
+    """{threshold key: the censored fit (analysis/censored.py)}: each pretrained model's crossing interval on its
+    seed-mean curve, b's envelope interval (the union over the lack of fit's profile interval) and its verdict, b's
+    interval at each fixed lack of fit, the sizes with a censored model, and the envelope's coverage measured on
+    this design (coverage_record: experiments/data_scaling/censored_coverage.json, the lowest over its truths; None
+    where the record's design is not this one)."""
+    from .censored import LACK_OF_FIT_SDS, crossing_intervals, fit, verdict
+
+    sizes = list(curves)
+    n_pre = max(len(curves[s]["pretrained"]) for s in sizes)
+    tested = (coverage_record is not None
+              and [int(b) for b in coverage_record["design"]["budgets"]]
+              == sorted(set.intersection(*(set(curves[s]["budgets"]) for s in sizes)))
+              == sorted(set.union(*(set(curves[s]["budgets"]) for s in sizes)))
+              and coverage_record["design"]["n_pretrained"] == n_pre
+              and len(coverage_record["design"]["sizes_n"]) == len(sizes))
+
+    def num(v):
+        v = float(v)
+        return None if math.isnan(v) else v
+
+    out = {}
+    for key, (thr, which) in threshold_keys(thresholds, absolute).items():
+        bounds = np.full((len(sizes), n_pre, 2), np.nan)
+        for i, s in enumerate(sizes):
+            iv = crossing_intervals(curves[s]["budgets"], curves[s][which], thr)
+            bounds[i, :len(iv)] = iv
+        f = fit([curves[s]["n"] for s in sizes], bounds)
+        env = f["envelope"]
+        lo, hi = num(env["ci_low"]), num(env["ci_high"])
+        prof = f["profile_envelope"]
+        out[key] = {"value": num(env["value"]), "ci_low": lo, "ci_high": hi, "verdict": verdict(lo, hi),
+                    "lack_of_fit_ci": [float(f["tau_ci"][0]), float(f["tau_ci"][1])],
+                    "profile_envelope": {"ci_low": num(prof["ci_low"]), "ci_high": num(prof["ci_high"]),
+                                         "verdict": verdict(num(prof["ci_low"]), num(prof["ci_high"]))},
+                    "lack_of_fit": {f"{t:g}": {"value": num(f["per_tau"][t]["value"]),
+                                               "ci_low": num(f["per_tau"][t]["ci_low"]),
+                                               "ci_high": num(f["per_tau"][t]["ci_high"]),
+                                               "verdict": verdict(num(f["per_tau"][t]["ci_low"]),
+                                                                  num(f["per_tau"][t]["ci_high"]))}
+                                    for t in LACK_OF_FIT_SDS},
+                    "coverage": (coverage_record["lowest_envelope_coverage"].get(key) if tested else None),
+                    "sizes_censored": [s for i, s in enumerate(sizes) if np.any(np.isinf(bounds[i, :, 1])
+                                                                                | (bounds[i, :, 0] == 0))],
+                    # per pretrained model (lo, hi] in tokens; hi None: right-censored, lo 0: left-censored
+                    "intervals": {s: [[float(lo_), None if math.isinf(hi_) else float(hi_)] for lo_, hi_ in bounds[i]]
+                                  for i, s in enumerate(sizes)}}
+    return out
+
+
+def stages(curves: dict, max_steps: int | None, runs: list[dict]) -> dict:
+    """{size: {"fixed_grid": [tokens], "stage2": [tokens], "seeds": {tokens: [seeds]}}}: which budgets each size
+    has, split at the fixed grid's largest budget (max_steps)."""
+    steps = {(size_name(r), r["tokens"]): r["steps"] for r in runs if "steps" in r}
+    out = {}
+    for s, c in curves.items():
+        grid = [b for b in c["budgets"] if max_steps is None or steps.get((s, b), 0) <= max_steps]
+        out[s] = {"fixed_grid": grid, "stage2": [b for b in c["budgets"] if b not in grid],
+                  "seeds": {str(b): x for b, x in zip(c["budgets"], c["seeds"])}}
+    return out
+
+
 def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: float | None = ABSOLUTE_NATS,
             n_boot: int = 1000, n_sim: int = N_SIMULATIONS, family: str | None = None, family_json: str | None = None,
-            schedule: str | None = None, lr_json: str | None = None, max_steps: int | None = None) -> dict:
+            schedule: str | None = None, lr_json: str | None = None, max_steps: int | None = None,
+            coverage_json: str | None = None) -> dict:
     """sweep_dir: a sweep dir or runs.jsonl, or a list of them (merged by load_sources). lr_json: the LR probe's
-    choice per size (only the runs at it are analysed). max_steps: only the runs of at most this many steps.
-    Writes scaling.json, scaling.md and scaling.png to out_dir."""
+    choice per size (only the runs at it are analysed). max_steps: only the runs of at most this many steps (the
+    fixed grid); the censored fit is also reported with every budget measured beyond it ("censored_extended",
+    stage 2). coverage_json: the censored fit's coverage on this design (experiments/data_scaling/
+    censored_coverage.json). Writes scaling.json, scaling.md and scaling.png to out_dir."""
     sources = list(sweep_dir) if isinstance(sweep_dir, (list, tuple)) else [sweep_dir]
     runs = load_sources(sources)
     if lr_json:
-        runs = at_chosen_lr(runs, json.loads(Path(lr_json).read_text())["sizes"])
+        runs = at_chosen_lr(runs, read_json(lr_json, ("sizes",))["sizes"])
+    every_budget = runs
     if max_steps is not None:  # a grid analysed without the budgets added to it later (records carry "steps")
         runs = [r for r in runs if r["steps"] <= max_steps]
     table = {k: v for k, v in gap_table(runs, schedule).items() if v["seeds"]}
@@ -300,6 +429,10 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
     n_pre = min(len(m["pretrained"]) for m in table.values())
     structure = simulated_design(table, exps, thresholds, noise)
     coverage = exponent_coverage(structure, thresholds, absolute, n_sim) if n_sim else None
+    record = json.loads(Path(coverage_json).read_text()) if coverage_json else None
+    censored = censored_exponents(seed_mean_curves(runs, schedule), thresholds, absolute, record)
+    extended = {size: c for size, c in seed_mean_curves(every_budget, schedule).items() if size in table}
+    beyond = len(every_budget) > len(runs)
     fam = _family_entries(family_json)
     sizes = []
     for model, m in table.items():
@@ -311,7 +444,7 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
                       "t_star": {k: stars[k].get(model) for k in stars},
                       "gap_by_budget": {str(b): over_seeds(g) for b, g in zip(m["budgets"], m["gaps"])}})
     res = {"family": family or "unnamed", "sources": [str(x) for x in sources], "schedule": schedule,
-           "lr": ({k: v["lr"] for k, v in json.loads(Path(lr_json).read_text())["sizes"].items()} if lr_json
+           "lr": ({k: v["lr"] for k, v in read_json(lr_json, ("sizes",))["sizes"].items()} if lr_json
                   else None), "bracket": BRACKET, "max_steps": max_steps,
            "thresholds": list(thresholds), "absolute_threshold_nats": absolute,
            "seeds": sorted({s for m in table.values() for s in m["seeds"]}),
@@ -323,12 +456,15 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
            "sizes": sizes, "exponent": exps, "verdict": verdicts(exps), "size_ordering": size_ordering(table),
            "measured_noise": noise,
            "coverage": coverage,
+           "censored": censored,
+           "censored_extended": censored_exponents(extended, thresholds, absolute, record) if beyond else None,
+           "stage": stages(extended, max_steps, every_budget),
            "method": "T* per pretrained model from a local power-law fit of the seed-mean gap (4 budgets nearest the "
                      "threshold), geometric mean per size; b from least squares of log T* on log N with a t interval "
                      "from the residuals (df = sizes - 2); T* intervals: two-level bootstrap (pretrained models, "
-                     "seeds), untested spreads"}
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+                     "seeds), untested spreads; censored: maximum likelihood on each pretrained model's crossing "
+                     "interval (analysis/censored.py, docs/statistics.md)"}
+    out = output_dir(out_dir, "scaling")
     (out / "scaling.json").write_text(json.dumps(res, indent=1))
     (out / "scaling.md").write_text(markdown(res))
     from .plots import plot_scaling  # matplotlib only when a figure is drawn
@@ -343,7 +479,7 @@ def _family_entries(path) -> dict:
     if not path:
         return {}
     out = {}
-    for s in json.loads(Path(path).read_text()).get("sizes", []):
+    for s in read_json(path).get("sizes", []):
         for m in s.get("pretrained") or [s]:
             entry = {"seed": m.get("seed", (m.get("recipe") or {}).get("seed")), "val_ce": m.get("val_ce"),
                      "converged": m.get("converged", (m.get("convergence") or {}).get("met"))}
@@ -355,6 +491,39 @@ def _family_entries(path) -> dict:
 
 def _k(x) -> str:
     return "-" if x is None else ("inf" if x == float("inf") else f"{x / 1e3:,.0f}k")
+
+
+def b_interval_text(e: dict) -> str:
+    """b [low, high], "no bound" where the likelihood is flat (both ends open: the MLE means nothing)."""
+    def end(x, open_text):
+        return open_text if x is None else f"{x:+.2f}"
+    if e["ci_low"] is None and e["ci_high"] is None:
+        return "no bound"
+    return ("" if e.get("value") is None else f"{e['value']:+.2f} ") + (f"[{end(e['ci_low'], '-inf')}, "
+                                                                         f"{end(e['ci_high'], '+inf')}]")
+
+
+def censored_lines(block: dict, today: dict, name: str) -> list[str]:
+    """The censored fit (scaling.json's "censored" or "censored_extended") as a table, today's rule beside it."""
+    from .censored import B_RANGE, VERDICT_TAU_MAX
+
+    sds = list(next(iter(block.values()))["lack_of_fit"])
+    lines = [f"Censored maximum likelihood, {name} (every pretrained model, its crossing interval- or right-censored "
+             f"on its seed-mean curve; docs/statistics.md): b's 95% profile interval at each fixed lack-of-fit sd "
+             f"(in log T*); the union over every sd inside the lack of fit's own profile interval (\"profile union\")"
+             f"; and the verdict's interval, the union over that interval and every sd up to {VERDICT_TAU_MAX} (an "
+             f"end at +-inf: not reached within b in {list(B_RANGE)}); its lowest coverage over the simulated truths "
+             f"of this design; today's rule (measured crossings only) beside it:", "",
+             "| threshold | verdict (censored) | b [union over sd] | sd profile interval | profile union | "
+             + " | ".join(f"b at sd {t}" for t in sds) + " | sizes censored | coverage on this design | "
+             "today's rule |", "|---|---|---|---|---|" + "---|" * len(sds) + "---|---|---|"]
+    for key, c in block.items():
+        cov = "not tested" if c["coverage"] is None else f"{c['coverage']:.3f}"
+        per_sd = " | ".join(b_interval_text(c["lack_of_fit"][t]) for t in sds)
+        lines.append(f"| {key} | {c['verdict']} | {b_interval_text(c)} | [{c['lack_of_fit_ci'][0]:g}, "
+                     f"{c['lack_of_fit_ci'][1]:g}] | {b_interval_text(c['profile_envelope'])} | {per_sd} "
+                     f"| {', '.join(c['sizes_censored']) or '-'} | {cov} | {today[key].split(':')[0]} |")
+    return lines
 
 
 def markdown(res: dict) -> str:
@@ -383,7 +552,16 @@ def markdown(res: dict) -> str:
                   f"seeds, seed noise {c['structure']['seed_cv']:.3f} in log gap (measured here), pretraining "
                   f"spread {c['structure']['pretrain_sd']:.3f} in log T* ("
                   f"{'measured here' if res['measured_noise'].get('pretrain_sd') is not None else 'assumed'}) and "
-                  f"lack of fit {c['structure']['lack_of_fit_sd']} in log T* (assumed); docs/statistics.md."]
+                  f"lack of fit {c['structure']['lack_of_fit_sd']} in log T* (assumed), budgets placed around each "
+                  f"size's true crossing (every crossing bracketed; on a fixed grid that censors them the coverage "
+                  f"differs: docs/statistics.md)."]
+    for name, block in (("fixed grid", res.get("censored")), ("fixed grid + stage 2", res.get("censored_extended"))):
+        if block:
+            lines += ["", *censored_lines(block, res["verdict"], name)]
+    if res.get("stage") and any(v["stage2"] for v in res["stage"].values()):
+        lines += ["", "Budgets beyond the fixed grid (stage 2; tokens: seeds measured): " + "; ".join(
+            f"{s}: " + ", ".join(f"{_k(b)}: {res['stage'][s]['seeds'][str(b)]}" for b in v["stage2"])
+            for s, v in res["stage"].items() if v["stage2"]) + "."]
     lines += ["", f"T* (tokens) per size [two-level bootstrap spread; x = beyond (>) or below (<) the measured "
               f"budgets, e = inside them with fewer than {BRACKET} measured budgets on one side; neither is in the "
               f"fit; the extrapolated values are in scaling.json]:", "",
@@ -421,7 +599,8 @@ def markdown(res: dict) -> str:
         bs = list(o["budgets"])
         lines += ["", "Gap of each size vs the next smaller one, per budget (tokens), without a fit: \"smaller\" when "
                   "every pretrained model of the larger size has a smaller seed-mean gap than every pretrained model "
-                  "of the smaller size, \"larger\" for the opposite, else \"overlap\":", "",
+                  f"of the smaller size and every such pair's Welch t test over seeds gives p < {ORDER_LEVEL}, "
+                  "\"larger\" for the opposite, else \"not separated\":", "",
                   "| sizes | " + " | ".join(_k(int(b)) for b in bs) + " |", "|---|" + "---|" * len(bs)]
         for i, p in enumerate(o["budgets"][bs[0]]["pairs"]):
             lines.append(f"| {p['larger']} vs {p['smaller']} | "
@@ -434,7 +613,8 @@ def main(argv=None):
     p.add_argument("sweep_dir", nargs="+", help="sweep dirs and/or runs.jsonl files, merged")
     p.add_argument("--thresholds", type=float, nargs="+", default=list(THRESHOLDS), help="relative gaps")
     p.add_argument("--absolute", type=float, default=ABSOLUTE_NATS, help="absolute gap threshold in nats")
-    p.add_argument("--out", default="experiments/data_scaling")
+    p.add_argument("--out", help="where scaling.json, .md and .png go (default: a new dir outputs/scaling/<time>; "
+                                 "committed results only when named, e.g. --out experiments/data_scaling)")
     p.add_argument("--bootstrap", type=int, default=1000, help="resamples of each T* interval")
     p.add_argument("--simulations", type=int, default=N_SIMULATIONS, help="simulated sweeps of the coverage check")
     p.add_argument("--family", help="name of the model family (for the result file)")
@@ -444,16 +624,21 @@ def main(argv=None):
                                      "left out")
     p.add_argument("--max-steps", type=int, help="only the runs of at most this many optimizer steps (records with "
                                                  "`steps`: a fixed grid without the budgets of a later extension)")
-    p.add_argument("--records", help="also write every run's record to this .jsonl")
+    p.add_argument("--records", help="also add every run's record to this .jsonl (records already there are kept; "
+                                     "a run already there with another result is refused)")
+    p.add_argument("--coverage-json", help="the censored fit's coverage on this design (censored_coverage.json)")
     a = p.parse_args(argv)
-    res = analyse(a.sweep_dir, a.out, a.thresholds, a.absolute, a.bootstrap, a.simulations, a.family,
-                  a.family_json, a.schedule, a.lr_json, a.max_steps)
-    if a.records:  # the runs themselves, compact, so that the analysis can be redone from a committed file
-        runs = sorted(load_sources(a.sweep_dir),
-                      key=lambda r: (r["n_nonemb"], str(r.get("pretrained")), r["tokens"], r["removes"], r["seed"]))
-        Path(a.records).write_text("".join(json.dumps(r) + "\n" for r in runs))
+    with user_errors_as_messages():
+        if a.records:  # the runs themselves, compact, so that the analysis can be redone from a committed file
+            runs = sorted(load_sources(a.sweep_dir), key=lambda r: (r["n_nonemb"], str(r.get("pretrained")),
+                                                                   r["tokens"], r["removes"], r["seed"]))
+            added = append_jsonl(a.records, runs, _key, RECORD_KEYS, FINITE_KEYS)  # a conflict: nothing written
+            print(f"[lnfree] {a.records}: {added} new record(s) added")
+        res = analyse(a.sweep_dir, a.out, a.thresholds, a.absolute, a.bootstrap, a.simulations, a.family,
+                      a.family_json, a.schedule, a.lr_json, a.max_steps, a.coverage_json)
     for key, v in res["verdict"].items():
-        print(f"{key:>10s}: {v}")
+        c = res["censored"][key]
+        print(f"{key:>10s}: {v}  | censored: {c['verdict']} b = {c['value']} [{c['ci_low']}, {c['ci_high']}]")
     if res["coverage"]:
         print("coverage of the exponent's 95% interval:", res["coverage"]["covered"], res["coverage"]["per_threshold"])
 

@@ -44,7 +44,7 @@ class CEStructure:
     token_own_sd: float = 0.158
     token_df: float = 3.0
     n_chunks: int = 256
-    n_positions: int = 255
+    n_pos: int = 255  # positions per chunk
     n_seeds: int = 3
     reference_ce: float = 4.50  # vanilla CE level (for relative gaps), measured 4.497
     reference_chunk_sd: float = 0.180  # vanilla CE: a chunk's effect on its mean CE, measured 0.180
@@ -79,7 +79,7 @@ def estimate_structure(diffs: np.ndarray) -> dict:
 def paired_ce(rng: np.random.Generator, st: CEStructure = CEStructure()):
     """One simulated evaluation: (ce_a, ce_b) [seed, chunk, position] and the true gap per seed [seed].
     ce_b is a vanilla model's CE; ce_a = ce_b + the difference above."""
-    s, c, p = st.n_seeds, st.n_chunks, st.n_positions
+    s, c, p = st.n_seeds, st.n_chunks, st.n_pos
     t_unit = 1 / math.sqrt(st.token_df / (st.token_df - 2))  # a Student t with unit variance
     seed = rng.normal(0, st.seed_sd, s)
     position = rng.normal(0, st.position_sd, p)
@@ -165,6 +165,7 @@ class SweepStructure:
     n_seeds: int = 3
     budget_step: float = math.sqrt(2)
     margin: int = 3  # budgets beyond the outermost thresholds' true crossings, on each side
+    budgets: tuple = ()  # a fixed grid (tokens) for every size instead (the depth study's design: censored edges)
 
 
 def sweep(rng: np.random.Generator, st: SweepStructure, thresholds) -> list[dict]:
@@ -180,7 +181,8 @@ def sweep(rng: np.random.Generator, st: SweepStructure, thresholds) -> list[dict
         t_size = st.t0 * (n / st.sizes_n[0]) ** st.b * math.exp(rng.normal(0, st.lack_of_fit_sd))
         first = math.log(t_size * (thresholds[-1] / mid) ** (-1 / st.slope), st.budget_step) - st.margin
         last = math.log(t_size * (thresholds[0] / mid) ** (-1 / st.slope), st.budget_step) + st.margin
-        budgets = np.unique(np.round(st.budget_step ** np.arange(math.floor(first), math.ceil(last) + 1)).astype(int))
+        budgets = (np.asarray(st.budgets, int) if st.budgets else
+                   np.unique(np.round(st.budget_step ** np.arange(math.floor(first), math.ceil(last) + 1)).astype(int)))
         for p in range(st.n_pretrained):
             t_p = t_size * math.exp(rng.normal(0, st.pretrain_sd))
             for seed in range(1, st.n_seeds + 1):
@@ -191,3 +193,20 @@ def sweep(rng: np.random.Generator, st: SweepStructure, thresholds) -> list[dict
                     runs.append({**base, "removes": False, "val_ce": 4.0, "all_removed": False})
                     runs.append({**base, "removes": True, "val_ce": 4.0 * (1 + gap), "all_removed": True})
     return runs
+
+
+def grid_gaps(rng: np.random.Generator, st: SweepStructure, thresholds, n_sweeps: int) -> np.ndarray:
+    """Relative gaps [sweep, size, pretrained, budget, seed] of n_sweeps simulated sweeps on the fixed grid
+    st.budgets, drawn as `sweep` draws them (the same model, vectorised over sweeps for the censored fit's
+    coverage check, which needs thousands)."""
+    if not st.budgets:
+        raise ValueError("grid_gaps needs a fixed grid: SweepStructure(budgets=...)")
+    thresholds = sorted(thresholds)
+    mid = thresholds[len(thresholds) // 2]
+    n = np.asarray(st.sizes_n, float)
+    k, p, s = len(n), st.n_pretrained, st.n_seeds
+    log_t = (math.log(st.t0) + st.b * np.log(n / n[0]) + rng.normal(0, st.lack_of_fit_sd, (n_sweeps, k)))[..., None] \
+        + rng.normal(0, st.pretrain_sd, (n_sweeps, k, p))  # log T*_ip [sweep, size, pretrained]
+    log_b = np.log(np.asarray(st.budgets, float))
+    noise = rng.normal(0, st.seed_cv, (n_sweeps, k, p, len(log_b), s))
+    return mid * np.exp(-st.slope * (log_b[:, None] - log_t[..., None, None]) + noise)

@@ -53,15 +53,50 @@ PAIRED_HEADER = ("## Paired gaps (same tokens; CI per seed: bootstrap over chunk
                  "plus the text they share, docs/statistics.md)")
 
 
+# A re-evaluation reproduces a record when its config is the same and every statistic is within this (absolute;
+# the tables print 4 decimals, float noise between runs and thread counts is about 1e-6): the record is then left
+# as it is, so that committed results do not change by noise.
+REPRO_TOL = 1e-5
+
+
+def _agrees(new, old, tol: float = REPRO_TOL) -> bool:
+    """Same structure, same strings, every number within `tol` (NaN agrees with NaN)."""
+    if isinstance(new, dict):
+        return isinstance(old, dict) and new.keys() == old.keys() and all(_agrees(new[k], old[k], tol) for k in new)
+    if isinstance(new, list):
+        return isinstance(old, list) and len(new) == len(old) and all(_agrees(a, b, tol) for a, b in zip(new, old))
+    if isinstance(new, (int, float)) and isinstance(old, (int, float)) and not isinstance(new, bool):
+        return (new != new and old != old) or abs(new - old) <= tol
+    return new == old
+
+
+def reproduces_record(record: dict, out: Path) -> bool:
+    """Whether out/results.json holds this same evaluation (lnfree.analysis.tables.REPRO_TOL)."""
+    f = out / "results.json"
+    if not f.exists():
+        return False
+    try:
+        old = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return False
+    return _agrees(json.loads(json.dumps(record)), old)
+
+
 def write_outputs(results, per_token, cfg, out: Path, paired: dict | None = None):
+    record = {"results": results, "paired": paired or {}, "config": OmegaConf.to_container(cfg, resolve=True)}
+    if reproduces_record(record, out):
+        if (out / "table.md").exists():
+            print((out / "table.md").read_text())
+        print(f"[lnfree] this evaluation reproduces the record in {out.resolve()} (same config, every statistic "
+              f"within {REPRO_TOL:g}): left untouched")
+        return
     table = ("## Mean cross-entropy (nats/token), gap to the best model in brackets\n\n" + markdown_table(results)
              + "\n\n## Median\n\n" + markdown_table(results, "median"))
     if paired:
         table += "\n\n" + PAIRED_HEADER + "\n\n" + paired_table(paired)
     table += "\n\n## All statistics\n\n" + detail_table(results) + "\n"
     (out / "table.md").write_text(table)
-    (out / "results.json").write_text(json.dumps(
-        {"results": results, "paired": paired or {}, "config": OmegaConf.to_container(cfg, resolve=True)}, indent=1))
+    (out / "results.json").write_text(json.dumps(record, indent=1))
     # per-token CE of every model on every dataset (same token order for all), for paired tests later
     np.savez_compressed(out / "per_token_ce.npz",
                         **{f"{d}/{m}": v["ce"].astype(np.float32) for (d, m), v in per_token.items()})

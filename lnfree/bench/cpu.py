@@ -22,7 +22,10 @@ machine is shared; its load average before and after is recorded). The parts:
   c. evaluation throughput (tokens/s of the evaluator's forward + token statistics, stock and folded side by
      side at the same batch and context) in the precisions evaluation uses here: fp32, and bf16 autocast only
      where the CPU has native bf16;
-  d. host syncs in a training step attributable to the removal machinery (lnfree.bench.syncs).
+  d. host syncs in a training step attributable to the removal machinery (lnfree.bench.syncs);
+  e. distillation's cost (schedule.distill; docs/removal_methods.md): a training step of the removable model
+     mid-schedule with the teacher's forward and the KL term, against the same step without them (fp32), and the
+     teacher's weights against the training state (weights, gradients, AdamW's two moments: 16 bytes a parameter).
 Shapes: the built-in default (2 x 128, vocab 4096, 16 x 256 tokens) and GPT-2 small (124M) at a short context.
 """
 
@@ -47,6 +50,7 @@ from ..export import fold
 from ..io import logits
 from ..model import make_removable, next_token_ce, parse_site_name
 from ..paths import CONF_DIR
+from ..training.module import distill_kl, frozen_teacher
 from .syncs import count_syncs
 
 # rep_scale: repetitions = rep_scale x --reps (the small shape is cheap and its ratios are noisier); infer_scale:
@@ -239,6 +243,40 @@ def bench_syncs(shape):
     return out
 
 
+def bench_distill(shape, reps, clock=time.perf_counter):
+    """Part e: per-repetition ratio of a distilled training step to a plain one (same student, same batch), and
+    the memory the teacher adds: its weights (it keeps no gradients or optimizer state; its activations are
+    transient, under no_grad) over the student's training state."""
+    s = SHAPES[shape]
+    reps *= s["rep_scale"]
+    stock, variants = build_models(s["cfg"])
+    student, teacher = variants["mid_schedule"].train(), frozen_teacher(make_removable(stock))
+    b, t = s["train"]
+    x = torch.randint(0, s["cfg"]["vocab_size"], (b, t))
+    opt = torch.optim.AdamW(student.parameters(), lr=1e-5, foreach=True)
+
+    def step(distill: bool):
+        def run():
+            logits = student(input_ids=x, use_cache=False).logits
+            loss = next_token_ce(logits, x)
+            if distill:
+                with torch.no_grad():
+                    teacher_logits = teacher(input_ids=x, use_cache=False).logits
+                loss = loss + distill_kl(logits, teacher_logits)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            student.commit_norm_stats(0.9)
+        return run
+
+    times = alternate({"plain": step(False), "distill": step(True)}, reps, clock=clock)
+    n_bytes = lambda m: sum(p.numel() * p.element_size() for p in m.parameters())  # noqa: E731
+    state = 4 * n_bytes(student)  # weights + gradients + AdamW's exp_avg and exp_avg_sq, all fp32
+    return {"reps": reps, "median_s": medians(times), "spread": paired_ratios(times, base="plain")["distill"],
+            "teacher_bytes": n_bytes(teacher), "training_state_bytes": state,
+            "memory_ratio": (state + n_bytes(teacher)) / state}
+
+
 def machine() -> dict:
     cpu = platform.processor() or platform.machine()
     try:
@@ -260,7 +298,7 @@ def machine() -> dict:
             "python": platform.python_version(), "native_bf16": native_bf16}
 
 
-PARTS = ["train", "inference", "eval", "syncs"]
+PARTS = ["train", "inference", "eval", "syncs", "distill"]
 OUT = Path("experiments/bench/cpu.json")
 
 
@@ -318,6 +356,15 @@ def table(res, more: list[dict] = ()) -> str:
                 t = e[prec]["tokens_per_s"]
                 lines.append(f"| {shape} | {e['batch']} x {e['context']} | {prec} | {t['stock']:.0f} "
                              f"| {t['folded']:.0f} | {t['folded'] / t['stock']:.2f} |")
+    if res.get("distill"):
+        lines += ["", "Distillation (schedule.distill), fp32: a training step with the teacher's forward and the KL "
+                  "term over the same step without them, per-repetition ratio: median [quartiles]; memory: the "
+                  "teacher's weights over the training state (weights, gradients, AdamW moments).", "",
+                  "| shape | reps | distilled / plain step | plain step (ms) | teacher (MB) | memory ratio |",
+                  "|---|---|---|---|---|---|"]
+        for shape, d in res["distill"].items():
+            lines.append(f"| {shape} | {d['reps']} | {cell(d['spread'])} | {1000 * d['median_s']['plain']:.1f} "
+                         f"| {d['teacher_bytes'] / 1e6:.1f} | {d['memory_ratio']:.2f} |")
     return "\n".join(lines)
 
 
@@ -340,7 +387,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     res = {"machine": {**machine(), "loadavg_before": os.getloadavg()}, "clock": clock_name, "reps": a.reps,
            "passes": a.passes, "parts": a.parts,
-           "train_step": {}, "inference": {}, "eval": {}, "host_syncs": {}}
+           "train_step": {}, "inference": {}, "eval": {}, "host_syncs": {}, "distill": {}}
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     partial = out.with_suffix(".partial.json")  # written after every part: a long run that stops loses nothing
@@ -358,6 +405,9 @@ def main(argv=None):
             res["eval"][shape] = bench_eval(shape, a.reps, res["machine"]["native_bf16"], clock)
         if "syncs" in a.parts:
             res["host_syncs"][shape] = bench_syncs(shape)
+        if "distill" in a.parts:
+            print(f"[bench] {shape}: distillation ...", flush=True)
+            res["distill"][shape] = bench_distill(shape, a.reps, clock)
         partial.write_text(json.dumps(res, indent=1))
     res["machine"]["loadavg_after"] = os.getloadavg()
     out.write_text(json.dumps(res, indent=1))

@@ -14,13 +14,19 @@ the shards' documents are disjoint and deterministic. The stream repeats forever
 seed + e when shuffle_buffer > 0: a buffer shuffle of the documents).
 
 Faults: a row without text or an unreadable file is named (file and row) and skipped or fatal per
-`data.on_bad_row`, and recorded in the run's data_faults.jsonl (FaultLog). Every local file is opened and its
-first rows decoded before training starts (`preflight`); a glob that matches a directory is refused.
+`data.on_bad_row`, and recorded in the run's data_faults.jsonl (FaultLog). Local .jsonl files are read row by row
+by lnfree (JsonLines), so that one row that cannot be decoded is one bad row, named by its own number, and `skip`
+drops it alone; a file that `datasets` reads (.txt, .json, .parquet, the hub) and that fails part-way stops the run
+under either policy, since skipping would drop the rest of the file unseen (a .txt file is one row: skipping it
+drops that row alone). Before training starts (`preflight`) every local file is opened and its first rows decoded,
+and every byte of a .jsonl file is checked to be UTF-8; a glob that matches a directory is refused.
 """
 
 from __future__ import annotations
 
+import codecs
 import glob
+import hashlib
 import itertools
 import json
 import os
@@ -55,13 +61,16 @@ def open_stream(source: str, split: str, path=None, config_name=None, revision=N
         return [(f"built-in corpus {f.name}", datasets.load_dataset("json", data_files=str(f), split="train",
                                                                     streaming=True))]
     if source == "files":
-        paths = sorted(p for pattern in files for p in glob.glob(str(Path(pattern).expanduser())))
+        paths = matched_files(files)
         if not paths:
             raise DataError(f"data.files matched no file: {list(files)}")
         dirs = [p for p in paths if Path(p).is_dir()]
         if dirs:
             raise DataError(f"data.files {list(files)} match directories {dirs[:3]}: give the files in them (e.g. "
                             f"{Path(dirs[0]) / '*.jsonl'})")
+        special = [p for p in paths if not Path(p).is_file()]  # a FIFO, socket or device: reading it may never end
+        if special:
+            raise DataError(f"data.files: {special[:3]} not regular files (a FIFO, socket or device); give files")
         unreadable = [p for p in paths if not os.access(p, os.R_OK)]
         if unreadable:
             raise DataError(f"data.files: no permission to read {unreadable[:3]}")
@@ -70,7 +79,10 @@ def open_stream(source: str, split: str, path=None, config_name=None, revision=N
         suffixes = {Path(p).suffix for p in paths}
         if len(suffixes) > 1 or not suffixes <= set(FILE_BUILDERS):
             raise DataError(f"data.files must share one suffix among {sorted(FILE_BUILDERS)}; got {sorted(suffixes)}")
-        builder = FILE_BUILDERS[suffixes.pop()]
+        suffix = suffixes.pop()
+        if suffix == ".jsonl":
+            return [(p, JsonLines(p)) for p in paths]
+        builder = FILE_BUILDERS[suffix]
         kw = {"sample_by": "document"} if builder == "text" else {}  # a .txt file is one document
         return [(p, datasets.load_dataset(builder, data_files=[p], split="train", streaming=True, **kw))
                 for p in paths]
@@ -82,10 +94,123 @@ def open_stream(source: str, split: str, path=None, config_name=None, revision=N
     raise DataError(f"unknown data.source {source!r}; use builtin, files or hf")
 
 
+def matched_files(patterns) -> list[str]:
+    """The files of data.files / data.val_files: every glob's matches, sorted."""
+    return sorted(p for pattern in patterns for p in glob.glob(str(Path(pattern).expanduser())))
+
+
+# -- which files a run read: compared when it resumes -----------------------------------------------------
+IDENTITY_CHUNK = 1 << 20  # a big file is known by the SHA-256 of its first and last MiB (and its size and time)
+WHOLE_HASH_MAX = 4 << 20  # files up to this size (all of the built-in corpus) are hashed whole
+
+
+def file_identity(path) -> dict:
+    """What tells a data file from an edited one: its size and SHA-256, of the whole file when it is at most 4 MiB
+    (then the content decides alone), else of its first and last MiB plus its modification time (an edit in the
+    middle that keeps the size still changes the time)."""
+    st = os.stat(path)
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        if st.st_size <= WHOLE_HASH_MAX:
+            h.update(f.read())
+            return {"size": st.st_size, "sha256": h.hexdigest()}
+        h.update(f.read(IDENTITY_CHUNK))
+        f.seek(st.st_size - IDENTITY_CHUNK)
+        h.update(f.read(IDENTITY_CHUNK))
+    return {"size": st.st_size, "sha256_first_last_mib": h.hexdigest(), "mtime_ns": st.st_mtime_ns}
+
+
+def data_identity(source: str, split: str, val_split, files, val_files) -> dict:
+    """{name: file_identity} of every local file the data config reads (training and validation): data.files and
+    data.val_files by their paths as matched, the built-in corpus by its name (the same on every checkout). A hub
+    dataset is named by data.path and data.revision, which a resume compares as config fields; only readable regular
+    files are opened here (open_stream refuses what it cannot read)."""
+    if source == "builtin":
+        found = {f"built-in corpus {corpus.corpus_file(s).name}": corpus.corpus_file(s)
+                 for s in dict.fromkeys([split, val_split or split])}
+    elif source == "files":
+        found = {p: p for p in matched_files([*files, *val_files])}
+    else:
+        return {}
+    return {name: file_identity(p) for name, p in found.items() if os.path.isfile(p) and os.access(p, os.R_OK)}
+
+
+# -- .jsonl files, row by row ------------------------------------------------------------------------------
+class BadRow:
+    """A row of a .jsonl file that cannot be decoded: JsonLines.iter yields it alone, between batches."""
+
+    def __init__(self, problem: str):
+        self.problem = problem
+
+
+class JsonLines:
+    """A local .jsonl file read row by row by lnfree rather than by `datasets`' json builder, which parses a file in
+    blocks of megabytes: there one undecodable row fails its whole block (every row of it lost, the fault blamed on
+    the block's first row). Here a line that is not UTF-8, not JSON or not an object is one bad row, and the next
+    line is read as usual. Rows are the non-blank lines, counted from 0, as `datasets` counts them; a fault names
+    the line too. `iter` yields batches as `datasets` does (a dict of columns, None where a row lacks a key)."""
+
+    num_shards = 1  # one part (n_parts): shards never split a file
+
+    def __init__(self, path: str):
+        self.path = path
+
+    def rows(self):
+        """Every row: its dict, or a BadRow."""
+        with open(self.path, "rb") as f:
+            for line_no, line in enumerate(f, 1):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line.decode("utf-8"))
+                except UnicodeDecodeError as e:
+                    yield BadRow(f"line {line_no} is not UTF-8 (byte {line[e.start]:#04x} at column {e.start + 1})")
+                    continue
+                except ValueError as e:
+                    yield BadRow(f"line {line_no} is not JSON ({e})")
+                    continue
+                yield row if isinstance(row, dict) else BadRow(f"line {line_no} is not a JSON object")
+
+    def __iter__(self):  # the rows that decode (the first one tells which fields the file has)
+        return (r for r in self.rows() if not isinstance(r, BadRow))
+
+    def iter(self, batch_size: int):
+        batch: list[dict] = []
+        for row in self.rows():
+            if isinstance(row, BadRow) or len(batch) == batch_size:
+                if batch:
+                    yield _columns(batch)
+                batch = []
+            if isinstance(row, BadRow):
+                yield row
+            else:
+                batch.append(row)
+        if batch:
+            yield _columns(batch)
+
+    def utf8(self) -> bool:
+        """Whether every byte of the file is UTF-8 (a C-speed scan: cheap enough for the pre-flight)."""
+        decoder = codecs.getincrementaldecoder("utf-8")()
+        try:
+            with open(self.path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 24), b""):
+                    decoder.decode(block)
+            decoder.decode(b"", final=True)
+        except UnicodeDecodeError:
+            return False
+        return True
+
+
+def _columns(rows: list[dict]) -> dict:
+    keys = dict.fromkeys(k for r in rows for k in r)
+    return {k: [r.get(k) for r in rows] for k in keys}
+
+
 class FaultLog:
     """What to do with a row that has no text, or a file that cannot be read: `fail` stops with the file and
-    row named, `skip` goes on; either way the fault is appended to the run's data_faults.jsonl. A fault that
-    an earlier, failed run of the same dir reported is skipped, so a resume never re-hits it."""
+    row named, `skip` goes on; either way the fault is appended to the run's data_faults.jsonl. A bad row that
+    an earlier, failed run of the same dir reported is skipped (that row alone), so a resume never re-hits it; a
+    file that cannot be read from some row on stops every run, so that no row is ever skipped unseen."""
 
     def __init__(self, policy: str = "fail", path: str | None = None):
         if policy not in BAD_ROW_POLICIES:
@@ -93,19 +218,25 @@ class FaultLog:
         self.policy, self.path = policy, path
         self.known = {(f["where"], f["row"]) for f in read_faults(path)}
 
-    def __call__(self, where: str, row: int, what: str):
+    def __call__(self, where: str, row: int, what: str, whole_rest: bool = False):
+        """`whole_rest`: the fault ends the file (it cannot be read from `row` on): it stops the run under either
+        policy, and again at a resume, because skipping it would drop every row after it unseen."""
         reported = (where, row) in self.known
-        if not reported:
+        if not reported or whole_rest:
             self.known.add((where, row))
-            action = "skip" if self.policy == "skip" else "fail"
-            if self.path:
+            action = "skip" if self.policy == "skip" and not whole_rest else "fail"
+            if self.path and not reported:
                 Path(self.path).parent.mkdir(parents=True, exist_ok=True)
                 with open(self.path, "a") as f:
                     f.write(json.dumps({"where": where, "row": row, "what": what, "action": action}) + "\n")
+            if whole_rest:
+                raise DataError(f"{where}, row {row}: {what}. Stopped: the rest of the file cannot be read, and "
+                                "skipping it would drop its rows unseen (data.on_bad_row=skip drops single rows "
+                                "only); repair the file or take it out of data.files")
             if action == "fail":
                 raise DataError(f"{where}, row {row}: {what}. Stopped (data.on_bad_row=fail); the fault is recorded"
-                                f"{' in ' + self.path if self.path else ''} and a resume of this run skips it; "
-                                "data.on_bad_row=skip skips every such row")
+                                f"{' in ' + self.path if self.path else ''} and a resume of this run skips that row "
+                                "alone; data.on_bad_row=skip skips every such row")
         print(f"[lnfree] skipping {where}, row {row}: {what}", file=sys.stderr, flush=True)
 
 
@@ -125,7 +256,12 @@ def iter_texts(parts, text_field: str, faults: FaultLog | None = None, batch_siz
         row = 0
         try:
             for batch in stream.iter(batch_size=batch_size):
-                for text in batch[text_field]:
+                if isinstance(batch, BadRow):  # a .jsonl row that cannot be decoded: that row alone
+                    faults(where, row, batch.problem)
+                    row += 1
+                    continue
+                n = len(next(iter(batch.values()), ()))
+                for text in batch.get(text_field, [None] * n):  # (a batch where no row has the field)
                     if isinstance(text, str):
                         yield text
                     else:
@@ -134,22 +270,36 @@ def iter_texts(parts, text_field: str, faults: FaultLog | None = None, batch_siz
         except DataError:
             raise
         except Exception as e:  # noqa: BLE001  (undecodable bytes, malformed JSON/parquet: name the file)
-            faults(where, row, f"cannot be read from here on ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            _unreadable(faults, where, row, f"cannot be read from here on ({type(e).__name__}: "
+                                            f"{str(e).splitlines()[0][:200]})")
+
+
+def _unreadable(faults: FaultLog, where: str, row: int, what: str) -> None:
+    """A file that `datasets` cannot read from `row` on: a .txt file is one row (the whole file), so that row alone is
+    the bad one; in any other file the rows after it would be lost unseen, so it stops the run under either policy."""
+    faults(where, row, what, whole_rest=Path(where).suffix != ".txt")
 
 
 def preflight(parts, text_field: str, faults: FaultLog | None = None) -> None:
-    """Open every part (each local file) and decode its first rows now, so that a file that cannot be read is
-    found before any compute, not when the stream reaches it hours later. A file that fails goes to `faults`
-    (data.on_bad_row: fail stops here, naming it; skip records it now and the stream skips it); rows further in
-    are checked as the stream reaches them."""
+    """Open every part (each local file) and decode its first rows now, and check every byte of a .jsonl file to be
+    UTF-8, so that what can be found cheaply is found before any compute, not when the stream reaches it hours
+    later. A fault goes to `faults` (data.on_bad_row: fail stops here, naming file and row; skip records it now and
+    the stream skips that row); in a .jsonl file that is all UTF-8, a row that is not JSON is found as the stream
+    reaches it."""
     faults = faults or FaultLog()
     for where, stream in parts:
+        if isinstance(stream, JsonLines) and not stream.utf8():  # rare: now read it row by row, naming each bad one
+            for row, r in enumerate(stream.rows()):
+                if isinstance(r, BadRow):
+                    faults(where, row, r.problem)
         try:
             first = next(iter(stream.iter(batch_size=1)), None)
         except Exception as e:  # noqa: BLE001  (undecodable bytes, malformed JSON/parquet)
-            faults(where, 0, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
+            _unreadable(faults, where, 0, f"cannot be read ({type(e).__name__}: {str(e).splitlines()[0][:200]})")
             continue
-        if first is not None and text_field not in first:
+        if isinstance(first, BadRow):
+            faults(where, 0, first.problem)
+        elif first is not None and text_field not in first:
             faults(where, 0, f"has no field {text_field!r} (its fields: {sorted(first)})")
 
 
@@ -243,7 +393,8 @@ class PackedBlocks(IterableDataset):
             # leaks into training
             return itertools.islice(iter_texts(parts, self.text_field, self.faults), self.skip_docs, None), True
         if self._held is None:  # counted once, not every epoch
-            self._held = held_out_per_part(parts, self.skip_docs, self.text_field) if self.skip_docs else [0] * n
+            self._held = (held_out_per_part(parts, self.skip_docs, self.text_field, self.faults) if self.skip_docs
+                          else [0] * n)
         return itertools.chain.from_iterable(
             itertools.islice(iter_texts([(where, ds)], self.text_field, self.faults), self._held[j], None)
             for j, where, ds in shard_parts(parts, shard, n_shards)), False

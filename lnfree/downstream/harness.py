@@ -26,8 +26,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..errors import UserError, user_errors_as_messages
-from ..io import ModelIOError, ModelRef, load, logits, resolve
+from ..io import ModelIOError, ModelRef, load, logits, resolve, shape_of
 from ..paths import CONF_DIR
+from ..records import job_output_dir
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 PPL_TASK = "lnfree_builtin_ppl"
@@ -52,7 +53,7 @@ class DownstreamConfig:
     dtype: str = MISSING  # float32 | bfloat16 (float16 refuses LN-free exports)
     check_ce_tol: Optional[float] = MISSING  # lm-eval's token CE vs lnfree's own on the shipped ppl task; null: skip
     cache_dir: str = MISSING
-    output_dir: str = MISSING
+    output_dir: Optional[str] = None  # None: the job's own new dir; experiments/ only when named on the command line
     extra: Dict[str, Any] = field(default_factory=dict)  # passed to lm_eval.simple_evaluate
 
 
@@ -105,7 +106,7 @@ def load_lm(ref: ModelRef, cfg):
     if tok is None:
         raise DownstreamError(f"{ref.reference!r} carries no tokenizer; lm-eval needs one")
     lm = HFLM(pretrained=model.eval(), tokenizer=tok, batch_size=cfg.batch_size,
-              max_length=model.config.n_positions)
+              max_length=shape_of(model.config).n_ctx)  # each family names its context length
     return lm, model, tok
 
 
@@ -148,6 +149,7 @@ def evaluate_model(lm, tasks, cfg) -> dict:
 
 def run(cfg) -> dict:
     refs = check(cfg)
+    out = job_output_dir(cfg.output_dir, "downstream")  # before any compute: a refused dir costs nothing
     results = {"config": OmegaConf.to_container(cfg, resolve=True), "models": {}}
     for m in cfg.models:
         t0 = time.time()
@@ -162,7 +164,6 @@ def run(cfg) -> dict:
                 raise DownstreamError(f"{m.name}: lm-eval's token CE {harness:.5f} and lnfree's own {own:.5f} differ "
                                       f"by more than {cfg.check_ce_tol} on the same passages")
         results["models"][m.name] = {"path": m.path, "metrics": metrics, "seconds": round(time.time() - t0, 1)}
-    out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=1, default=str))
     (out / "table.md").write_text(table(results))

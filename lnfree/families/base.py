@@ -59,8 +59,12 @@ class Family:
     centre: bool  # LayerNorm (centre + beta) or RMSNorm (scale only)
     eps_field: str  # the config field holding every norm's eps (the stock export's eps trick sets it)
     site_names = dict(zip(KINDS, KINDS))  # generic kind -> the prefix of its site names
-    # the config fields a resumed checkpoint must agree on (besides model_type)
+    # the config fields of (layers, width, heads, context length, vocabulary), in this order: dims() reads them,
+    # and a resumed checkpoint must agree on them (besides model_type)
     shape_fields = ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size")
+    # the input embeddings' parameter names (tokens, and learned positions where there are any), as
+    # model.named_parameters() gives them: what optim.decay_embeddings=false keeps out of weight decay
+    embedding_names: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ()
     block_class: str = ""  # the HF class name of a block (FSDP shards each)
 
@@ -69,7 +73,13 @@ class Family:
         """Refuse a config of this model_type that uses options the adapter does not cover."""
 
     def dims(self, config) -> Dims:
-        raise NotImplementedError
+        n_layer, d_model, n_head, n_ctx, _ = (getattr(config, f) for f in self.shape_fields)
+        return Dims(n_layer, d_model, n_head, n_ctx, getattr(config, self.eps_field))
+
+    @property
+    def ctx_field(self) -> str:
+        """The config field of the context length (for messages that name what to change)."""
+        return self.shape_fields[3]
 
     def dropout_fields(self) -> tuple[str, ...]:
         raise NotImplementedError
@@ -105,6 +115,10 @@ class Family:
     def mlp(self, block) -> nn.Module:
         raise NotImplementedError
 
+    def mlp_out(self, block) -> tuple[nn.Module, torch.Tensor]:
+        """The MLP output projection (its input: one activation per neuron) and its weight as [d_mlp, d_out]."""
+        raise NotImplementedError
+
     def install(self, model, ctx: TokenContext) -> None:
         """Swap the stock norms (and the attention-input readers) for removable ones, in place."""
         raise NotImplementedError
@@ -113,6 +127,11 @@ class Family:
         raise NotImplementedError
 
     # -- exports ----------------------------------------------------------------------------------------------
+    def stock_config(self, config: dict) -> dict:
+        """The stock LN-free export's config (a config dict): where the eps trick needs parameters the model lacks
+        (GPT-NeoX without attention biases), the options that add them; stock_state_dict fills them."""
+        return config
+
     def stock_state_dict(self, model, sd: dict, scale: float) -> None:
         """The eps trick, in place on a float64 copy of the state dict: each norm's weight * scale / sigma, and the
         attention-input readers' query/key rows rescaled by sigma_v / sigma_qk (exact)."""
@@ -208,6 +227,17 @@ class RemovableMixin:
         except FloatingPointError as e:
             raise FloatingPointError(f"site {self.site_name(kind, block)}: {e}") from None
 
+    def start_ramp(self, kind: str, block: int | None = None) -> float:
+        """Soft removal (schedule.ramp): freeze the site's sigma as `remove` would, but keep the site real until its
+        ramp ends (NormSite.start_ramp; the removal callback sets alpha and ends the ramp). Returns the sigma."""
+        try:
+            return self.site(kind, block).start_ramp(
+                special_bos=getattr(self.config, "lnfree_special_bos", False),
+                special_eot=getattr(self.config, "lnfree_special_eot", False),
+            )
+        except FloatingPointError as e:
+            raise FloatingPointError(f"site {self.site_name(kind, block)}: {e}") from None
+
     def end_special(self, kind: str, block: int):
         """`bos`/`eot` event for stage `block` (0..L-1 the blocks, L the final norm)."""
         which = {"bos": BOS, "eot": EOT}[kind]
@@ -243,7 +273,13 @@ class RemovableMixin:
 
     @torch.no_grad()
     def calibrate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None):
-        """Initialise every real site's estimate from one batch (replaces per-model lookup tables)."""
-        with recording(self.token_context):
-            self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        """Initialise every real site's estimate from one batch (replaces per-model lookup tables). Always in eval
+        mode (no dropout: the estimate is what the model computes at inference), the model's mode restored after."""
+        was_training = self.training
+        self.eval()
+        try:
+            with recording(self.token_context):
+                self(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        finally:
+            self.train(was_training)
         self.commit_norm_stats(momentum=0.0)

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from ..errors import ExportError
-from ..folded import FoldedConfig, FoldedGPT2
+from ..folded import ACTIVATIONS, FoldedConfig, FoldedGPT2
 from ..norm import RemovableLayerNorm, SplitLayerNorm, SplitQKVProjection
-from .base import GPT2_ALIASES, Dims, Family, RemovableMixin, sigma
+from .base import GPT2_ALIASES, Family, RemovableMixin, UnsupportedFamily, sigma
 
 
 def check_gpt2_config(config):
+    """Refuse, before any compute, a GPT-2 config whose options the adapter cannot remove exactly (docs/families.md).
+    Every attention-scaling option is exact (fold_gpt2 moves the scale into the queries); an activation must be one
+    the folded form computes (lnfree.folded.ACTIVATIONS)."""
     if getattr(config, "model_type", None) != "gpt2":
         raise ValueError(
             f"not a GPT-2-architecture config; got model_type={getattr(config, 'model_type', None)!r} "
             f"({type(config).__name__})"
         )
     if getattr(config, "add_cross_attention", False):
-        raise ValueError("GPT-2 with cross-attention is not supported")
+        raise UnsupportedFamily("GPT-2 with cross-attention is not supported")
+    act = getattr(config, "activation_function", "gelu_new")
+    if act not in ACTIVATIONS:
+        raise UnsupportedFamily(f"GPT-2 with activation_function={act!r} is not supported (its folded export could "
+                                f"not compute it); supported: {', '.join(sorted(ACTIVATIONS))}")
 
 
 class GPT2Family(Family):
@@ -28,14 +36,12 @@ class GPT2Family(Family):
     eps_field = "layer_norm_epsilon"
     site_names = {generic: alias for alias, generic in GPT2_ALIASES.items()}  # ln2, ln1qk, ln1v, lnf
     shape_fields = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
+    embedding_names = ("transformer.wte.weight", "transformer.wpe.weight")  # wte is tied to the unembedding
     lora_targets = ("c_attn", "c_proj", "c_fc")
     block_class = "GPT2Block"
 
     def check(self, config):
         check_gpt2_config(config)
-
-    def dims(self, c) -> Dims:
-        return Dims(c.n_layer, c.n_embd, c.n_head, c.n_positions, c.layer_norm_epsilon)
 
     def dropout_fields(self):
         return ("resid_pdrop", "embd_pdrop", "attn_pdrop")
@@ -75,6 +81,9 @@ class GPT2Family(Family):
 
     def mlp(self, block):
         return block.mlp
+
+    def mlp_out(self, block):
+        return block.mlp.c_proj, block.mlp.c_proj.weight  # Conv1D: already [d_mlp, d_out]
 
     def embedding_params(self, model):
         t = model.transformer  # wte is tied to the unembedding
@@ -116,8 +125,6 @@ def _fold(weight, bias, gamma, beta, sigma):
 def fold_gpt2(model: "RemovableGPT2LMHeadModel") -> FoldedGPT2:
     """GPT-2's folded form (FoldedGPT2, plain torch), in float64."""
     c = model.config
-    if not c.scale_attn_weights or c.scale_attn_by_inverse_layer_idx or c.reorder_and_upcast_attn:
-        raise ExportError("folded export supports GPT-2's default attention only (scale 1/sqrt(d_head))")
     d = c.n_embd
     cfg = FoldedConfig(c.vocab_size, c.n_positions, d, c.n_layer, c.n_head, c.n_inner or 4 * d,
                        c.activation_function)
@@ -125,11 +132,17 @@ def fold_gpt2(model: "RemovableGPT2LMHeadModel") -> FoldedGPT2:
     t = model.transformer
     folded.wte.weight.copy_(t.wte.weight)
     folded.wpe.weight.copy_(t.wpe.weight)
-    for src, dst in zip(t.h, folded.blocks):
+    for i, (src, dst) in enumerate(zip(t.h, folded.blocks)):
         ln1, attn, mlp = src.ln_1, src.attn, src.mlp
         g, b = ln1.weight.double(), ln1.bias.double()
         w, bias = attn.c_attn.weight.double(), attn.c_attn.bias.double()
         wq, bq = _fold(w[:, : 2 * d], bias[: 2 * d], g, b, sigma(ln1.qk))
+        # FoldedAttention scales scores by 1/sqrt(d_head); GPT-2's options (scale_attn_weights=false: no scale,
+        # scale_attn_by_inverse_layer_idx: 1/(i + 1) more) differ by a factor that goes into the queries, exactly.
+        # reorder_and_upcast_attn changes only the precision HF computes the scores in, not what they are.
+        q_scale = ((1.0 if c.scale_attn_weights else math.sqrt(d // c.n_head))
+                   / (i + 1 if c.scale_attn_by_inverse_layer_idx else 1))
+        wq[:d], bq[:d] = wq[:d] * q_scale, bq[:d] * q_scale
         wv, bv = _fold(w[:, 2 * d :], bias[2 * d :], g, b, sigma(ln1.v))
         dst.attn.qkv.weight.copy_(torch.cat([wq, wv])), dst.attn.qkv.bias.copy_(torch.cat([bq, bv]))
         dst.attn.proj.weight.copy_(attn.c_proj.weight.T), dst.attn.proj.bias.copy_(attn.c_proj.bias)

@@ -11,7 +11,7 @@ from torch import nn
 from transformers import LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM
 
 from ..norm import RemovableLayerNorm, SplitInputLinear, SplitLayerNorm
-from .base import Dims, Family, RemovableMixin, UnsupportedFamily, sigma
+from .base import Family, RemovableMixin, UnsupportedFamily, sigma
 
 STOCK = {"llama": LlamaForCausalLM, "mistral": MistralForCausalLM, "qwen2": Qwen2ForCausalLM}
 
@@ -21,16 +21,13 @@ class LlamaFamily(Family):
     model_types = tuple(STOCK)
     centre = False
     eps_field = "rms_norm_eps"
+    embedding_names = ("model.embed_tokens.weight",)  # positions are rotary: no parameters
     lora_targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
     block_class = "LlamaDecoderLayer"
 
     def check(self, config):
         if getattr(config, "mlp_bias", False):
             raise UnsupportedFamily("lnfree's Llama adapter covers MLPs without biases (mlp_bias=false)")
-
-    def dims(self, c) -> Dims:
-        return Dims(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.max_position_embeddings,
-                    c.rms_norm_eps)
 
     def dropout_fields(self):
         return ("attention_dropout",)  # Llama has no residual or embedding dropout
@@ -73,6 +70,9 @@ class LlamaFamily(Family):
 
     def mlp(self, block):
         return block.mlp
+
+    def mlp_out(self, block):
+        return block.mlp.down_proj, block.mlp.down_proj.weight.T
 
     def embedding_params(self, model):
         n = model.model.embed_tokens.weight.numel()

@@ -12,7 +12,7 @@ from torch import nn
 from transformers import GPTNeoXForCausalLM
 
 from ..norm import RemovableLayerNorm, SplitInputLinear, SplitLayerNorm
-from .base import Dims, Family, RemovableMixin, sigma
+from .base import Family, RemovableMixin, sigma
 
 
 def value_columns(config) -> torch.Tensor:
@@ -34,12 +34,9 @@ class NeoXFamily(Family):
     model_types = ("gpt_neox",)
     centre = True
     eps_field = "layer_norm_eps"
+    embedding_names = ("gpt_neox.embed_in.weight",)  # positions are rotary: no parameters
     lora_targets = ("query_key_value", "dense", "dense_h_to_4h", "dense_4h_to_h")
     block_class = "GPTNeoXLayer"
-
-    def dims(self, c) -> Dims:
-        return Dims(c.num_hidden_layers, c.hidden_size, c.num_attention_heads, c.max_position_embeddings,
-                    c.layer_norm_eps)
 
     def dropout_fields(self):
         return ("attention_dropout", "hidden_dropout")
@@ -81,16 +78,25 @@ class NeoXFamily(Family):
     def mlp(self, block):
         return block.mlp
 
+    def mlp_out(self, block):
+        return block.mlp.dense_4h_to_h, block.mlp.dense_4h_to_h.weight.T
+
     def embedding_params(self, model):
         n = model.gpt_neox.embed_in.weight.numel()
         return n if model.config.tie_word_embeddings else n + model.lm_head.weight.numel()
 
     # -- exports ----------------------------------------------------------------------------------------
+    def stock_config(self, config):
+        return {**config, "attention_bias": True}  # the q/k rows' beta term needs a bias (attention_bias=false too)
+
     def stock_state_dict(self, model, sd, scale):
         v_cols = value_columns(model.config)
         for i, block in enumerate(model.gpt_neox.layers):
             p, ln = f"gpt_neox.layers.{i}.", block.input_layernorm
             s_qk, s_v = sigma(ln.qk), sigma(ln.v)
+            d = model.config.hidden_size  # a model without attention biases: its export's are zero, then the beta term
+            sd.setdefault(p + "attention.query_key_value.bias", torch.zeros(3 * d, dtype=torch.float64))
+            sd.setdefault(p + "attention.dense.bias", torch.zeros(d, dtype=torch.float64))
             sd[p + "input_layernorm.weight"] *= scale / s_v
             # the one norm now divides by s_v: query/key rows take r = s_v / s_qk, and their bias the beta term
             # (x_v-form) W_qk^T r + b' == (x_qk-form) W_qk^T + b   exactly
@@ -103,8 +109,10 @@ class NeoXFamily(Family):
         sd["gpt_neox.final_layer_norm.weight"] *= scale / sigma(model.gpt_neox.final_layer_norm.site)
 
     def folded_model(self, config):
-        """GPTNeoXForCausalLM with every norm an identity and an untied unembedding with a bias (lnfree.folded)."""
-        cfg = config.__class__.from_dict({**config.to_dict(), "tie_word_embeddings": False})
+        """GPTNeoXForCausalLM with every norm an identity and an untied unembedding with a bias (lnfree.folded).
+        Attention biases always: the input norm's beta lands in query_key_value's bias even where the model has
+        none (attention_bias=false; its dense bias is then zero, fold)."""
+        cfg = config.__class__.from_dict({**config.to_dict(), "tie_word_embeddings": False, "attention_bias": True})
         cfg._attn_implementation = config._attn_implementation or "sdpa"
         model = GPTNeoXForCausalLM(cfg)
         for block in model.gpt_neox.layers:
@@ -120,6 +128,7 @@ class NeoXFamily(Family):
         v_cols = value_columns(model.config)
         for i, block in enumerate(model.gpt_neox.layers):
             p, ln = f"gpt_neox.layers.{i}.", block.input_layernorm
+            sd.setdefault(p + "attention.dense.bias", torch.zeros(model.config.hidden_size, dtype=torch.float64))
             sig = torch.where(v_cols, sigma(ln.v), sigma(ln.qk))  # [3d]: one sigma per output row
             q = p + "attention.query_key_value."
             sd[q + "weight"], sd[q + "bias"] = _fold_centred(sd[q + "weight"], sd.get(q + "bias"),

@@ -51,6 +51,37 @@ class KindSchedule:
 
 
 @dataclass
+class RampConfig:
+    """Soft removal (docs/removal_methods.md): each site's divisor moves from its live std to its sigma (frozen at
+    the event) over `steps` optimizer steps, divisor = (1 - alpha) * std(x) + alpha * sigma, then the site is
+    removed. steps=0: the instant removal of every published schedule."""
+    steps: int = MISSING  # ramp length in optimizer steps; 0 = off
+    shape: str = MISSING  # alpha over the ramp: linear | cosine (lnfree.schedule.RAMP_SHAPES)
+
+
+@dataclass
+class AdaptiveConfig:
+    """Adaptive schedule (docs/removal_methods.md): the schedule's events keep their order and grouping (events
+    planned at the same step fire together) and the first group its step; each later group fires once the mean
+    training CE of the last `window` steps, all after the previous group, is within `tolerance` (relative) of
+    that mean just before the previous group fired, or `max_gap` steps after it, whichever comes first."""
+    enabled: bool = MISSING
+    tolerance: float = MISSING  # relative: fire when smoothed CE <= (1 + tolerance) x its level before the last group
+    window: int = MISSING  # steps averaged into the smoothed CE; also the least gap between two groups
+    max_gap: int = MISSING  # steps after the previous group when the next fires whatever the loss
+
+
+@dataclass
+class DistillConfig:
+    """Distillation from the original model (docs/removal_methods.md): loss = ce_weight x CE + weight x T^2 x
+    KL(teacher || student) on the next-token distributions at temperature T; the teacher is a frozen copy of the
+    model as loaded (step 0, norms real, no grad). weight=0: no teacher is built (today's runs)."""
+    weight: float = MISSING  # lambda; 0 = off
+    temperature: float = MISSING
+    ce_weight: float = MISSING  # 1 = CE + lambda KL; 0 = KL alone
+
+
+@dataclass
 class _ScheduleFields:
     name: str = MISSING
     remove: bool = MISSING  # false: vanilla control (same run, no removal)
@@ -61,6 +92,9 @@ class _ScheduleFields:
     aux_weight: float = MISSING  # weight of the residual-std auxiliary loss (docs/method.md#the-auxiliary-loss)
     momentum: float = MISSING  # EMA momentum of the std estimate, per optimizer step
     fit_fraction: Optional[float] = MISSING  # rescale all events so the last is at this fraction of max_steps
+    ramp: RampConfig = MISSING  # soft removal (off: steps=0)
+    adaptive: AdaptiveConfig = MISSING  # loss-triggered events (off: enabled=false)
+    distill: DistillConfig = MISSING  # distillation from the original model (off: weight=0)
 
 
 @dataclass
@@ -93,7 +127,7 @@ class DataConfig:
     text_field: str = MISSING
     files: List[str] = MISSING  # files: .txt / .jsonl / .json / .parquet (globs ok)
     val_files: List[str] = MISSING
-    block_size: int = MISSING
+    block_size: Optional[int] = MISSING  # null: the model's context, at most MAX_DEFAULT_BLOCK (default_block_size)
     micro_batch_size: int = MISSING
     val_blocks: int = MISSING
     num_workers: int = MISSING
@@ -123,7 +157,7 @@ class OptimConfig:
     warmup_steps: int = MISSING
     decay_steps: Optional[int] = MISSING  # cosine length; null = trainer.max_steps
     weight_decay: float = MISSING
-    decay_embeddings: bool = MISSING  # apply weight decay to wte/wpe (biases and norm gains never decay)
+    decay_embeddings: bool = MISSING  # decay the input embeddings (families' embedding_names); biases, norm gains never
     betas: List[float] = MISSING
     eps: float = MISSING
     grad_clip: float = MISSING
@@ -204,6 +238,8 @@ class TrainConfig:
     export: bool = MISSING  # write export/hf (and export/folded when every site is removed)
     overwrite: bool = MISSING  # allow a new run into a directory that holds another run (its files are removed)
     skip_if_done: bool = MISSING  # a finished run with the same config in the directory is returned, not rerun
+    # a resume may read data files that changed since its run started (refused otherwise); recorded with the run
+    resume_allow_data_change: bool = MISSING
     push_to_hub: Optional[str] = MISSING  # <user>/<repo>: upload the exports at the end (checked before training)
     hub_private: bool = MISSING  # the pushed repo is private
 
@@ -216,10 +252,67 @@ def register_configs():
 register_configs()
 
 
-# -- limits: every numeric field checked before any data or weights are read ----------------------------
+# -- a closed schema: Hydra's `+key=value` adds a key even to a typed config, so every key is checked here --------
+# The one extension point that takes free keys is a field typed Dict[str, Any]: model.shape (the HF config fields
+# of a random-init or built-in model) and data.synthetic (the synthetic task's settings). Every other key must be
+# a field of the schema above.
 class LimitError(UserError):
+    """A config that cannot run (an impossible value, an unknown key), refused before anything is read."""
+
+
+class UnknownKeyError(LimitError):
     pass
 
+
+def _schema_type(tp):
+    """The dataclass a field's type holds (Optional[X] -> X), or None for a leaf or a free-key dict."""
+    import dataclasses
+    import typing
+
+    args = [a for a in typing.get_args(tp) if a is not type(None)]
+    if typing.get_origin(tp) is typing.Union and len(args) == 1:
+        tp = args[0]
+    return tp if dataclasses.is_dataclass(tp) else None
+
+
+def unknown_keys(node: dict, schema=None, prefix: str = "") -> list[tuple[str, list[str]]]:
+    """(dotted key, the valid keys beside it) of every key in a composed config (a plain dict) that the schema
+    (TrainConfig by default) does not define."""
+    import dataclasses
+    import typing
+
+    schema = schema or TrainConfig
+    hints = typing.get_type_hints(schema)
+    known = [f.name for f in dataclasses.fields(schema)]
+    found = []
+    for key, value in node.items():
+        if key not in hints:
+            found.append((f"{prefix}{key}", [f"{prefix}{k}" for k in known]))
+            continue
+        sub = _schema_type(hints[key])
+        if sub is not None and isinstance(value, dict):
+            found += unknown_keys(value, sub, f"{prefix}{key}.")
+    return found
+
+
+def check_keys(cfg) -> None:
+    """Refuse, before anything is read, every key the typed config does not define, naming the nearest valid key."""
+    import difflib
+
+    from omegaconf import OmegaConf
+
+    found = unknown_keys(OmegaConf.to_container(cfg, resolve=False))
+    if not found:
+        return
+    lines = []
+    for key, valid in found:
+        near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
+        lines.append(f"{key}" + (f" (did you mean {near[0]}?)" if near else f" (valid here: {', '.join(valid)})"))
+    raise UnknownKeyError("unknown config key(s), nothing was run: " + "; ".join(lines) + ". A `+key=value` "
+                          "override adds a key no code reads; every field is in docs/reference/configuration.md")
+
+
+# -- limits: every numeric field checked before any data or weights are read ----------------------------
 
 def _positive(x):
     return x > 0
@@ -251,6 +344,13 @@ LIMITS = {  # key: (test, what it must be); a None value (optional field) is alw
     "schedule.momentum": (_unit_open, "in [0, 1)"),
     "schedule.aux_weight": (_non_negative, ">= 0"),
     "schedule.fit_fraction": (lambda x: 0 < x < 1, "in (0, 1) (or null)"),
+    "schedule.ramp.steps": (_non_negative, ">= 0 (0: instant removal)"),
+    "schedule.adaptive.tolerance": (_non_negative, ">= 0"),
+    "schedule.adaptive.window": (_positive, "> 0"),
+    "schedule.adaptive.max_gap": (_positive, "> 0"),
+    "schedule.distill.weight": (_non_negative, ">= 0 (0: no distillation)"),
+    "schedule.distill.temperature": (_positive, "> 0"),
+    "schedule.distill.ce_weight": (_non_negative, ">= 0"),
     "data.block_size": (lambda x: x >= 2, ">= 2"),
     "data.micro_batch_size": (_positive, "> 0"),
     "data.val_blocks": (_positive, "> 0"),
@@ -283,8 +383,9 @@ def check_limits(cfg) -> None:
     """Every impossible number and unknown nested schedule key, refused with the field's name."""
     from omegaconf import OmegaConf
 
-    from ..schedule import kind_problems
+    from ..schedule import kind_problems, method_problems
 
+    check_keys(cfg)  # a key no code reads (e.g. +trainer.max_step=10) before any value is judged
     bad = [f"{b} (must be a finite number)" for b in _non_finite(OmegaConf.to_container(cfg, resolve=False))]
     for key, (ok, what) in LIMITS.items():
         value = OmegaConf.select(cfg, key, default=None)
@@ -298,7 +399,7 @@ def check_limits(cfg) -> None:
         bad.append(f"optim.min_lr={min_lr} exceeds optim.lr={lr}")
     schedule = OmegaConf.select(cfg, "schedule", default=None)
     if schedule is not None:
-        bad += [f"schedule.{b}" for b in kind_problems(schedule)]
+        bad += [f"schedule.{b}" for b in kind_problems(schedule) + method_problems(schedule)]
     keep = OmegaConf.select(cfg, "trainer.keep_at_end", default=None)
     if keep is not None and keep not in KEEP_AT_END:
         bad.append(f"trainer.keep_at_end={keep!r} (must be one of {KEEP_AT_END})")
@@ -316,6 +417,14 @@ def check_limits(cfg) -> None:
         raise LimitError("impossible config value(s), nothing was run: " + "; ".join(bad))
 
 
+MAX_DEFAULT_BLOCK = 1024  # a null data.block_size: the model's context up to this (as transformers' run_clm.py)
+
+
+def default_block_size(n_ctx: int) -> int:
+    """data.block_size when it is null: the model's context length, at most MAX_DEFAULT_BLOCK tokens."""
+    return min(n_ctx, MAX_DEFAULT_BLOCK)
+
+
 def data_module(tokenizer, data: str = "builtin", **overrides):
     """The data module of conf/data/<data>.yaml as training composes it (conf/train.yaml's seed and micro-batch
     size), each of `overrides` replacing its value: outside a training run too, the YAML is the one source of every
@@ -328,4 +437,8 @@ def data_module(tokenizer, data: str = "builtin", **overrides):
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
         values = OmegaConf.to_container(compose("train", overrides=[f"data={data}"]).data, resolve=True)
-    return get_class(values.pop("_target_"))(tokenizer, **{**values, **overrides})
+    values = {**values, **overrides}
+    if values["block_size"] is None:  # training takes it from the model (default_block_size); no model here
+        raise ValueError(f"data={data} has no block_size of its own (training uses the model's context): pass "
+                         "block_size=")
+    return get_class(values.pop("_target_"))(tokenizer, **values)

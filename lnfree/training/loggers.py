@@ -47,10 +47,25 @@ class NamespacedWandbLogger(WandbLogger):
         super().log_metrics(namespaced(metrics), step)
 
 
+WANDB_NAME_MAX = 128  # W&B refuses an artifact name longer than this; run names are kept to it too
+
+
 def run_name(model: str, schedule: str, seed: int, finetune: str = "full", extra: str = "") -> str:
-    """A W&B run name that says what the run is: model-schedule[-finetune]-s<seed>[-other overrides]."""
+    """A W&B run name that says what the run is: model-schedule[-finetune]-s<seed>[-other overrides] (`model`:
+    lnfree.training.model_source.model_label), at most WANDB_NAME_MAX characters (a long one ends with a stable
+    hash of the whole)."""
+    from .model_source import shorten
+
     name = f"{model}-{schedule}" + ("" if finetune == "full" else f"-{finetune}") + f"-s{seed}"
-    return f"{name}-{extra}" if extra else name
+    return shorten(f"{name}-{extra}" if extra else name, WANDB_NAME_MAX)
+
+
+def artifact_name(run: str, suffix: str) -> str:
+    """A W&B artifact name for one of a run's artifacts: only the characters W&B allows, within its length limit."""
+    from .model_source import shorten
+
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in run)
+    return shorten(safe, WANDB_NAME_MAX - len(suffix), key=run) + suffix
 
 
 def log_run_artifacts(loggers, output_dir, name: str) -> list[str]:
@@ -67,14 +82,13 @@ def log_run_artifacts(loggers, output_dir, name: str) -> list[str]:
     run = wb[0].experiment
     if run is None or getattr(run, "disabled", False) or wandb.run is None:
         return []
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
     logged = []
-    summary = wandb.Artifact(f"{safe}-summary", type="run-summary")
+    summary = wandb.Artifact(artifact_name(name, "-summary"), type="run-summary")
     summary.add_file(str(out / "summary.json"))
     run.log_artifact(summary)
     logged.append(summary.name)
     if (out / "export").is_dir():
-        model = wandb.Artifact(f"{safe}-export", type="model", metadata={"forms": sorted(
+        model = wandb.Artifact(artifact_name(name, "-export"), type="model", metadata={"forms": sorted(
             p.name for p in (out / "export").iterdir() if p.is_dir())})
         for form in (out / "export").iterdir():
             if form.is_dir():

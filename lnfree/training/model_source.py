@@ -13,16 +13,20 @@ again, so nothing downstream re-resolves it.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from transformers import PretrainedConfig
 
 from ..io import (
+    BUILTIN_PREFIX,
     RANDOM,
     ModelIOError,
     ModelRef,
     check_tokenizer,
+    find_run_dir,
     load,
     load_tokenizer,
     model_config,
@@ -70,6 +74,38 @@ def _tokenizer(model_cfg, ref: ModelRef):
     if tok.eos_token_id is None:
         raise ModelIOError(f"tokenizer of model={model_cfg.name!r} has no end-of-text (eos) token")
     return tok
+
+
+def model_label(model_cfg, limit: int = 48) -> str:
+    """What a run calls its model (W&B run and artifact names, the model card's title, the training-curve legend):
+    model.name where it names model.source (every conf/model/ option), else a name from the source itself, so that
+    `model.source=/data/my_gpt2` with the default model group is "my_gpt2", not the default's "builtin_w128".
+    Local paths give their dir's name (a run's export or checkpoint: the run dir's name and the form); a hub id is
+    itself; anything longer than `limit` is cut and ends with a stable hash of the whole source."""
+    name, source = str(model_cfg.get("name")), str(model_cfg.get("source"))
+    if source == RANDOM:  # the shape is the model: its option's name says which
+        return name
+    if source.startswith(BUILTIN_PREFIX):
+        own = source[len(BUILTIN_PREFIX):]
+        derived, names = f"builtin_{own}", (own, f"builtin_{own}")
+    elif source.startswith((".", "/", "~")) or Path(source).expanduser().exists():
+        p = Path(source).expanduser()
+        run = find_run_dir(p)
+        derived = f"{run.name}-{p.stem}" if run is not None and run != p else (p.stem if p.is_file() else p.name)
+        names = (derived, p.name)
+    else:  # a hub id: openai-community/gpt2-medium
+        derived, names = source, (source, source.rsplit("/", 1)[-1])
+    same = lambda a, b: a.lower().replace("-", "_") == b.lower().replace("-", "_")  # noqa: E731
+    label = name if any(same(name, n) for n in names) else derived
+    return shorten(label, limit, key=source)
+
+
+def shorten(text: str, limit: int, key: str | None = None) -> str:
+    """`text` if it fits in `limit` characters, else its start and a stable 8-hex hash of `key` (default: text)."""
+    if len(text) <= limit:
+        return text
+    digest = hashlib.sha256((key or text).encode()).hexdigest()[:8]
+    return f"{text[:limit - 9]}-{digest}"
 
 
 def load_model(source: ModelSource, model_cfg) -> RemovableModel:

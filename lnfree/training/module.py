@@ -4,15 +4,23 @@ Loss = CE + aux_weight * mean_t (s_t - tau)^2, with s_t the per-token std of the
 (the input of ln_f) and tau the detached mean of s_t over ordinary tokens (not position 0, not end-of-text):
 it pulls the outlier residual norms toward the typical norm, which is what ln_f used to do
 (docs/method.md, 'The auxiliary loss'). CE and the auxiliary term are logged apart; validation is CE only.
+
+Optional distillation (schedule.distill, off by default; docs/removal_methods.md): the CE term becomes
+ce_weight * CE + weight * distill_kl(student, teacher), the teacher being a frozen copy of the model as loaded
+(step 0, every norm real, eval mode, no grad), run on the same batch. It is held outside the module's children
+(a tuple), so it is not in the checkpoints, the optimizer or DDP's buckets; a resumed run rebuilds it from the
+same source, which gives the same weights.
 The removal itself (events, frozen sigmas) is the callback's job (callbacks.py).
 """
 
 from __future__ import annotations
 
+import copy
 import math
 
 import lightning as L
 import torch
+import torch.nn.functional as F
 
 from ..io import CKPT_MODEL_CONFIG, RUN_INFO
 from ..model import RemovableModel, next_token_ce
@@ -39,6 +47,24 @@ def residual_std_aux(h: torch.Tensor, ids: torch.Tensor, eot_id: int | None) -> 
     return ((s - tau.detach()) ** 2).mean()
 
 
+def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """T^2 x KL(p_teacher || p_student) of the next-token distributions at temperature T, averaged over tokens
+    (logits [batch, pos, vocab]; in fp32). T^2 keeps the gradient's scale independent of T (Hinton et al. 2015)."""
+    log_s = F.log_softmax(student_logits.float() / temperature, dim=-1).flatten(0, -2)
+    log_t = F.log_softmax(teacher_logits.float() / temperature, dim=-1).flatten(0, -2)
+    return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
+
+
+def frozen_teacher(model: RemovableModel) -> RemovableModel:
+    """The distillation teacher: a copy of `model` as it is now (take it before any site is removed and before LoRA
+    adapters), in eval mode with no parameter requiring grad."""
+    if model.removed_sites() or any(s.is_ramping for s in model.sites().values()):
+        raise ValueError("the distillation teacher must have every norm real")
+    teacher = copy.deepcopy(model).eval()
+    teacher.requires_grad_(False)
+    return teacher
+
+
 def fsdp_policy(precision: str):
     """bf16 compute with fp32 master weights and fp32 gradient reduction under bf16-mixed; None (plain fp32)
     otherwise. FSDP2 never casts buffers, so the frozen sigmas stay fp32."""
@@ -51,7 +77,9 @@ def fsdp_policy(precision: str):
 
 class LNFreeModule(L.LightningModule):
     def __init__(self, model: RemovableModel, optim, aux_weight: float = 0.0, max_steps: int = 1,
-                 run_info: dict | None = None, compile: bool = False, lr_scale: float = 1.0):
+                 run_info: dict | None = None, compile: bool = False, lr_scale: float = 1.0,
+                 teacher: RemovableModel | None = None, distill_weight: float = 0.0, distill_temperature: float = 1.0,
+                 ce_weight: float = 1.0):
         super().__init__()
         self.model = model
         self._use_compile = compile  # (not self.compile: that is nn.Module.compile)
@@ -64,6 +92,10 @@ class LNFreeModule(L.LightningModule):
         self.lr_scale = lr_scale  # finetune.lr_scale: e.g. LoRA adapters train at a higher LR than full fine-tuning
         self.run_info = run_info or {}  # saved in every checkpoint and compared with the config on resume
         self.register_buffer("tokens_seen", torch.zeros((), dtype=torch.long))
+        if distill_weight > 0 and teacher is None:
+            raise ValueError("distill_weight > 0 needs a teacher (frozen_teacher(model) before any removal)")
+        self._teacher = (teacher,) if distill_weight > 0 else ()  # a tuple: not a child module (see the docstring)
+        self.distill_weight, self.distill_temperature, self.ce_weight = distill_weight, distill_temperature, ce_weight
         self._final_resid = None
         # the auxiliary loss needs ln_f's input; a forward pre-hook reads it without touching the model code
         model.family.final_norm(model).register_forward_pre_hook(self._grab_final_residual)
@@ -92,15 +124,27 @@ class LNFreeModule(L.LightningModule):
             self._compiled.append(torch.compile(self.model))
         return self._compiled[0]
 
+    def on_fit_start(self):
+        for teacher in self._teacher:  # the training device and dtype (bf16-mixed: autocast covers its forward)
+            teacher.to(device=self.device, dtype=next(self.model.parameters()).dtype)
+
+    def teacher_logits(self, ids) -> torch.Tensor:
+        with torch.no_grad():
+            return self._teacher[0](input_ids=ids, use_cache=False).logits
+
     def training_step(self, ids, batch_idx):
         logits = self(ids)
         ce = next_token_ce(logits, ids)
-        loss = ce
+        loss = ce if self.ce_weight == 1 else self.ce_weight * ce
         self.log("train/ce", ce, prog_bar=True)
+        if self.distill_weight > 0:
+            kl = distill_kl(logits, self.teacher_logits(ids), self.distill_temperature)
+            loss = loss + self.distill_weight * kl
+            self.log("train/kl", kl)
         if self.aux_weight > 0:
             aux = residual_std_aux(self._final_resid, ids, self.model.config.eos_token_id)
             self._final_resid = None
-            loss = ce + self.aux_weight * aux
+            loss = loss + self.aux_weight * aux
             self.log("train/aux", aux)
         self.tokens_seen += ids.numel() * self.trainer.world_size
         self.log("train/loss", loss)
@@ -139,10 +183,11 @@ class LNFreeModule(L.LightningModule):
     def configure_optimizers(self):
         o = self.optim
         decay, no_decay = [], []
+        embeddings = set(self.model.family.embedding_names)  # the adapter names them (GPT-2's wte/wpe, ...)
         for name, p in self.model.named_parameters():
             if not p.requires_grad:
                 continue
-            is_embedding = name.endswith(("wte.weight", "wpe.weight"))
+            is_embedding = name in embeddings
             if p.ndim >= 2 and (o.decay_embeddings or not is_embedding):
                 decay.append(p)
             else:  # biases, norm gains (and embeddings when decay_embeddings is off)

@@ -163,7 +163,7 @@ def pretrain(cfg: DictConfig) -> Path:
     }
     if keep == "tail_average":
         info["tail_average"] = record  # both windows' CE: the convergence verdict travels with the weights
-    tmp = dest.with_name(dest.name + ".tmp")
+    tmp = dest.with_name(f".{dest.name}.model.tmp")  # a TEMPORARY name (lnfree/io.py): never loaded
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(hf_dir, tmp)
     if kept_step != summary["steps"]:  # the exported weights are the last; write the kept ones instead

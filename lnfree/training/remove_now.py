@@ -3,7 +3,10 @@
     python -m lnfree.training.remove_now builtin:w128 outputs/builtin/no_finetune [--blocks 16]
 
 Calibrates every site's sigma on `--blocks` blocks of the built-in training split, freezes them all and
-writes the verified HF-compatible and folded exports (same layout as a training run's export/).
+writes the verified HF-compatible and folded exports (same layout as a training run's export/). When the model
+with every norm frozen gives non-finite logits (a model with massive activations can overflow), that is the
+result: nothing is exported, and removed_without_finetuning.json says where the forward overflows and which
+site's removal, freezing them one at a time in removal order, first makes it non-finite (lnfree.diagnose).
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from ..diagnose import describe, first_nonfinite_removal, locate_nonfinite
 from ..export import export_folded, export_hf
 from ..io import DEFAULT_CACHE_DIR, load
 from ..model import parse_site_name
@@ -35,12 +39,23 @@ def remove_now(source: str, out_dir: str, blocks: int = 16, block_size: int = 25
     for name in list(model.sites()):
         model.remove(*parse_site_name(name))
     out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
     check = dm.val_data[:4]
-    errors = {"hf": export_hf(model, out / "export" / "hf", tok, input_ids=check),
-              "folded": export_folded(model, out / "export" / "folded", tok, input_ids=check)}
-    (out / "removed_without_finetuning.json").write_text(json.dumps(
-        {"source": source, "calibration_blocks": blocks, "sigmas": model.sigmas(), "export_errors": errors}, indent=1))
-    print(f"[lnfree] every norm of {source} removed without fine-tuning -> {out}")
+    record = {"source": source, "calibration_blocks": blocks, "sigmas": model.sigmas()}
+    report = locate_nonfinite(model, check)
+    if report is None:
+        record["export_errors"] = {"hf": export_hf(model, out / "export" / "hf", tok, input_ids=check),
+                                   "folded": export_folded(model, out / "export" / "folded", tok, input_ids=check)}
+        print(f"[lnfree] every norm of {source} removed without fine-tuning -> {out}")
+    else:  # the result is that it overflows: where, and which removal first does it (on a fresh copy)
+        fresh, _ = load(source, cache_dir, removable=True)
+        fresh.calibrate(dm.calibration_batch())
+        record["nonfinite"] = {"all_removed": report, "first": first_nonfinite_removal(fresh, check)}
+        first = record["nonfinite"]["first"]
+        print(f"[lnfree] every norm of {source} removed without fine-tuning: {describe(report)}; freezing the "
+              f"sites one at a time in removal order, the first to make the logits non-finite is {first['site']} "
+              f"(after {first['removed']} removals). Nothing exported; record: {out}")
+    (out / "removed_without_finetuning.json").write_text(json.dumps(record, indent=1))
     return model
 
 

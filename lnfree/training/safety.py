@@ -9,8 +9,11 @@ Why each piece exists (a GPT-2 XL removal run costs hours of several GPUs):
   becomes last.ckpt), and reads with weights_only=True (no pickled code).
 - check_output_dir: a run never writes into a directory holding another run unless it resumes that run or
   `overwrite=true` is given.
-- check_resume: a checkpoint given as ckpt_path is opened and compared with the config (model shape, tokens
-  per step, schedule) before any data or weights are read.
+- check_resume: a checkpoint given as ckpt_path is opened and compared with the config before any data or weights
+  are read: model shape, tokens per step, schedule, every config field that changes results (the checkpoint holds
+  its run's config) and every data file (size and content hash, recorded at the start); a change is refused, naming
+  the field or file, unless it is one that a resume applies for real (RESUME_APPLIED; recorded with both values
+  and the step).
 - acquire_run_lock: one run per output dir. Two runs started together on one dir would both pass the output-dir
   check and write into one checkpoints/; the lock file is created atomically (O_CREAT | O_EXCL) and names its
   holder (pid, host), so the second is refused, and a lock left by a killed run is reported, never taken over.
@@ -18,6 +21,8 @@ Why each piece exists (a GPT-2 XL removal run costs hours of several GPUs):
   the dir (holding the lock, so no other run is writing them) removes them.
 - guarded_run: whatever way train() ends, its lock is released; a signal ends it with the exit code a process
   killed by that signal has (SIGTERM 143, SIGINT 130), after the on-exception checkpoint, never with 0.
+- write_hydra_files: Hydra's record of the job (.hydra/), written once the run holds its directory, never into a
+  directory that a refused run was refused from.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import functools
 import json
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -103,6 +109,17 @@ def last_good_checkpoint(ckpt_dir: Path) -> Path | None:
 
 
 # -- divergence guard ------------------------------------------------------------------------------------
+def last_removals(trainer) -> str:
+    """", after removing <sites> at step <s>": the newest removal event of the run's removal callback (the usual
+    suspect when a loss turns non-finite; lnfree.diagnose locates the overflow on a batch), or "" when none."""
+    applied = [r for cb in trainer.callbacks for r in getattr(cb, "applied", []) if isinstance(r, dict)]
+    if not applied:
+        return ""
+    last = max(r["applied_at"] for r in applied)
+    sites = [r["site"] for r in applied if r["applied_at"] == last]
+    return f", {trainer.global_step - last} step(s) after removing {', '.join(sites)} at step {last}"
+
+
 class DivergenceGuard(L.Callback):
     """Stop within one optimizer step of a non-finite loss or a CE above `max_loss`.
 
@@ -127,6 +144,7 @@ class DivergenceGuard(L.Callback):
             why = (f"cross-entropy {worst:.4g} > trainer.max_loss={self.max_loss}" if worst < float("inf")
                    else "a non-finite loss")
             then = f"resume from {good}" if good else "start again (no checkpoint was written before it)"
+            why += last_removals(trainer)
             raise DivergenceError(f"training diverged at step {trainer.global_step}: {why}; stopped. Last good "
                                   f"checkpoint: {good or 'none'}. Lower optim.lr (or raise trainer.max_loss) and "
                                   f"{then}")
@@ -143,13 +161,23 @@ def check_output_dir(out: Path, ckpt_path: str | None, overwrite: bool) -> None:
     if resuming_here:
         return
     if not overwrite:
-        raise RunDirError(f"{out} already holds a run ({', '.join(used)}); resume it with "
-                          f"ckpt_path={out / 'checkpoints' / 'last.ckpt'}, choose another hydra.run.dir, or pass "
-                          "overwrite=true to replace it")
+        raise RunDirError(f"{out} already holds a run ({', '.join(used)}); " + "; ".join(_ways_forward(out)))
     for name in used:  # overwrite: the old run goes, so that the directory never mixes two runs
         p = out / name
         shutil.rmtree(p) if p.is_dir() else p.unlink()
     rank_zero_info(f"[lnfree] overwrite=true: removed the previous run's {', '.join(used)} from {out}")
+
+
+def _ways_forward(out: Path) -> list[str]:
+    """What works in a dir that holds a run: return it if it finished (skip_if_done), else resume from a checkpoint
+    that is there; another dir, or overwrite."""
+    ways = []
+    ckpts = sorted((out / "checkpoints").glob("*.ckpt"), key=lambda p: (p.name != "last.ckpt", -p.stat().st_mtime))
+    if (out / RUN_SUMMARY).exists():
+        ways.append("it finished: skip_if_done=true returns it (same config) without running again")
+    elif ckpts:
+        ways.append(f"resume it with hydra.run.dir={out} ckpt_path={ckpts[0]}")
+    return ways + ["choose another hydra.run.dir", "or pass overwrite=true to replace it"]
 
 
 # -- one run per directory -------------------------------------------------------------------------------
@@ -295,8 +323,107 @@ def guarded_run(fn):
     return run
 
 
-def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events) -> dict:
-    """Open the checkpoint (weights_only) and compare it with the config before any compute."""
+# -- what a resume may change ----------------------------------------------------------------------------
+# top-level keys that do not change what a run computes (where it writes, whether it resumes or pushes)
+NOT_RESULTS = ("paths", "ckpt_path", "overwrite", "skip_if_done", "push_to_hub", "hub_private",
+               "resume_allow_data_change")
+# what a resume may change freely (a key, or a group and all of its keys): how the same computation runs, what is
+# measured, logged, kept or exported, and names. Every other field changes results and is compared.
+RESUME_FREE = (*NOT_RESULTS, "export", "task_name", "experiment", "logger", "cluster",
+               "model.name", "schedule.name", "data.name", "finetune.name", "hardware.name",
+               "model.pretrain_steps", "model.pretrain_keep",  # read by lnfree.pretrain (steps: via trainer.max_steps)
+               "model.compile", "model.gradient_checkpointing", "hardware.accelerator", "hardware.strategy",
+               "hardware.fsdp_activation_checkpointing",
+               "trainer.val_every", "trainer.log_every", "trainer.ckpt_every", "trainer.keep_checkpoints",
+               "trainer.keep_at_end", "trainer.validate_before", "trainer.progress_bar", "trainer.max_loss",
+               "data.on_bad_row")  # a resume skips the row that stopped a `fail` run: it reads what `skip` reads
+# what a resume applies for real, recorded with both values and the step: more (or fewer) steps on the same
+# learning-rate horizon (optim.decay_steps, or trainer.max_steps when it is null: the steps already run followed it)
+RESUME_APPLIED = ("trainer.max_steps", "optim.decay_steps")
+DATA_FIELDS = ("data.files", "data.val_files")  # applied too when resume_allow_data_change=true
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v:
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def _canonical(config: dict) -> dict:
+    """The config with each schedule kind under its generic name (a schedule option may spell a kind by its GPT-2
+    alias, ln2/ln1qk/ln1v/lnf, and the other spelling then holds nulls), so that one schedule compares equal
+    however it was written."""
+    from ..families import GPT2_ALIASES
+
+    s = config.get("schedule")
+    if not isinstance(s, dict):
+        return config
+    s = dict(s)
+
+    def is_set(v) -> bool:
+        return any(x is not None for x in v.values()) if isinstance(v, dict) else v is not None
+
+    for alias, kind in GPT2_ALIASES.items():
+        a = s.pop(alias, None)
+        if is_set(a) and not is_set(s.get(kind)):
+            s[kind] = a
+    return {**config, "schedule": s}
+
+
+def _free(key: str) -> bool:
+    return any(key == f or key.startswith(f + ".") for f in RESUME_FREE)
+
+
+def config_changes(saved: dict, config: dict, step: int, allow_data_change: bool = False) -> tuple[list[str], dict]:
+    """(the changes a resume refuses, one line each; those it applies, {field: [checkpoint's, resume's]}) between the
+    resolved config a checkpoint at optimizer step `step` holds and the resume's."""
+    old, new = _flat(_canonical(saved)), _flat(_canonical(config))
+    refused, applied = [], {}
+    for key in sorted(old.keys() | new.keys()):
+        if (key in old and key in new and old[key] == new[key]) or _free(key):
+            continue
+        if key in RESUME_APPLIED or (allow_data_change and key in DATA_FIELDS):
+            applied[key] = [old.get(key), new.get(key)]
+        else:
+            refused.append(f"{key}: checkpoint {old.get(key, '(not set)')!r} vs config {new.get(key, '(not set)')!r}")
+    if applied.keys() & {"trainer.max_steps", "optim.decay_steps"}:
+        horizon = [c.get("optim.decay_steps") or c.get("trainer.max_steps") for c in (old, new)]
+        if horizon[0] != horizon[1]:
+            refused.append(f"learning-rate horizon (optim.decay_steps, or trainer.max_steps when null): checkpoint "
+                           f"{horizon[0]} vs config {horizon[1]}; the steps already run followed the checkpoint's, so "
+                           f"to change trainer.max_steps keep optim.decay_steps={horizon[0]}")
+        if new.get("trainer.max_steps", 0) <= step:
+            refused.append(f"trainer.max_steps={new.get('trainer.max_steps')}: the checkpoint is at step {step} "
+                           "already")
+    return refused, applied
+
+
+def data_changes(saved: dict, now: dict) -> list[str]:
+    """Each data file (streams.data_identity) that is new, gone or changed since the checkpoint's run started."""
+    lines = []
+    for name in sorted(saved.keys() | now.keys()):
+        a, b = saved.get(name), now.get(name)
+        if a == b:
+            continue
+        if a is None or b is None:
+            lines.append(f"{name}: {'not read' if a is None else 'read'} by the checkpoint's run, "
+                         f"{'not read' if b is None else 'read'} now")
+            continue
+        how = [f"{k} {str(a.get(k))[:12]} -> {str(b.get(k))[:12]}" for k in sorted(a.keys() | b.keys())
+               if a.get(k) != b.get(k)]
+        lines.append(f"{name} changed: {', '.join(how)}")
+    return lines
+
+
+def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events, config: dict | None = None,
+                 data_files: dict | None = None, allow_data_change: bool = False) -> list[dict]:
+    """Open the checkpoint (weights_only) and compare it with the config (the resolved `config` and the identity
+    of its `data_files`, when given) before any compute; returns the run's resumes so far, this one last:
+    [{"step", "changed": {field: [checkpoint's, resume's]}}], a changed data file under "data files"."""
     if TEMPORARY.match(Path(ckpt_path).name):
         raise ResumeError(f"ckpt_path {ckpt_path} is a temporary name (a checkpoint being written, or left "
                           "half-written by a killed run): resume from a finished checkpoint (step*.ckpt, last.ckpt)")
@@ -314,10 +441,44 @@ def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events) -> 
     planned = [[e.name, e.step] for e in events]  # generic names; a checkpoint's may be GPT-2's (ln2.0, lnf)
     if info.get("events") is not None and [[canonical_event_name(n), s] for n, s in info["events"]] != planned:
         diffs.append(f"removal schedule: checkpoint {info['events']} vs config {planned}")
+    step, changed = ckpt.get("global_step", 0), {}
+    if config is not None and "config" in info:
+        refused, changed = config_changes(info["config"], config, step, allow_data_change)
+        diffs += refused
+    if data_files is not None and "data_files" in info and (moved := data_changes(info["data_files"], data_files)):
+        if allow_data_change:
+            changed["data files"] = moved
+        else:
+            diffs += moved + ["(a resume reads the data its run started on; if the change is meant, pass "
+                              "resume_allow_data_change=true, and the run records it)"]
+    if "config" not in info and config is not None:
+        print(f"[lnfree] warning: {ckpt_path} predates checkpoints that hold their run's config and data files: only "
+              "the model shape, tokens per step and removal schedule were compared", file=sys.stderr, flush=True)
     if diffs:
-        raise ResumeError(f"ckpt_path {ckpt_path} does not match this config; nothing was run:\n  "
-                          + "\n  ".join(diffs))
-    return ckpt
+        raise ResumeError(f"ckpt_path {ckpt_path} does not match this config; nothing was run (a resume continues "
+                          "the checkpoint's run: to change what it computes, start a new run in another "
+                          "directory):\n  " + "\n  ".join(diffs))
+    return [*info.get("resumes", []), {"step": step, "changed": changed}]
+
+
+HYDRA_DIR = ".hydra"  # Hydra's record of the job: config.yaml, hydra.yaml, overrides.yaml
+
+
+def write_hydra_files(out: Path, cfg) -> None:
+    """<out>/.hydra/{config,hydra,overrides}.yaml, as Hydra writes them, once the run holds `out`. Hydra itself
+    would write them before the job starts, into whatever directory it is given, even one that another run holds
+    or has finished in (the run is then refused, but those files are already overwritten): conf/hydra sets
+    hydra.output_subdir=null and the run writes them here instead. Nothing outside a Hydra job."""
+    from hydra.core.hydra_config import HydraConfig
+    from omegaconf import OmegaConf
+
+    if not HydraConfig.initialized():
+        return
+    d = out / HYDRA_DIR
+    d.mkdir(parents=True, exist_ok=True)
+    for name, node in (("config.yaml", cfg), ("hydra.yaml", HydraConfig.instance().cfg),
+                       ("overrides.yaml", HydraConfig.get().overrides.task)):
+        (d / name).write_text(OmegaConf.to_yaml(node))
 
 
 class CheckpointOnException(L.Callback):
@@ -376,6 +537,15 @@ def resume_command(out: Path, ckpt: Path | str) -> str:
                     entry += ["--config-name", hc.job.config_name]
     except ImportError:
         pass
-    args = [sys.executable.rsplit("/", 1)[-1], "-m", *entry, *overrides, f"hydra.run.dir={out.resolve()}",
-            f"ckpt_path={Path(ckpt).resolve()}"]
-    return " ".join(shlex.quote(a) for a in args)
+    args = [sys.executable.rsplit("/", 1)[-1], "-m", *entry, *overrides,
+            f"hydra.run.dir={hydra_value(str(out.resolve()))}", f"ckpt_path={hydra_value(str(Path(ckpt).resolve()))}"]
+    return " ".join(shlex.quote(a) for a in args)  # then quoted for the shell
+
+
+def hydra_value(v: str) -> str:
+    """`v` as a Hydra override value that reads back as `v`: plain when Hydra's grammar takes it as it is, else
+    single-quoted (a comma would make a sweep, a space, a quote or a non-ASCII letter would not parse), with a
+    quote, and a backslash before a quote or at the end, escaped."""
+    if re.fullmatch(r"[A-Za-z0-9_/.\-+@~%]+", v):
+        return v
+    return "'" + re.sub(r"(\\*)('|$)", lambda m: m.group(1) * 2 + ("\\'" if m.group(2) else ""), v) + "'"

@@ -4,43 +4,63 @@
 
 A Hydra callback (conf/hydra/default.yaml) calls `write_sweep_table` when the sweep ends; it can also be run on
 any sweep dir afterwards: `python -m lnfree.training.sweep_table multirun/train/<time>`. Each job is a row with
-the overrides that differ between jobs; a job without summary.json (failed, interrupted) is listed as such.
+the overrides that differ between jobs; a job that failed is listed as failed with its message (a UserError ends
+its job alone, lnfree.errors.user_errors_as_messages; any other exception is recorded here when the job ends), a
+job without summary.json as not finished, one whose summary.json does not read as "bad summary" with the file
+and line. The sweep's exit status is 2 when any job failed.
 """
 
 from __future__ import annotations
 
 import csv
-import json
 import sys
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
 
+from ..errors import JOB_FAILURES, record_job_failure
 from ..paths import RUN_SUMMARY
+from ..records import RecordError, read_json, write_text_atomic
 
 TABLE_MD, TABLE_CSV = "results.md", "results.csv"
 COLUMNS = ("job", "overrides", "status", "val_ce_before", "val_ce", "removed", "steps", "tokens_seen",
-           "wall_time_s", "exports")
+           "wall_time_s", "exports", "error")
 
 
-def _jobs(sweep_dir: Path) -> list[Path]:
-    jobs = [d for d in sweep_dir.iterdir() if (d / ".hydra" / "overrides.yaml").exists()]
+def _failures(sweep_dir: Path) -> dict[str, dict]:
+    """{job dir name: {"job", "error", "overrides"}} of the jobs that failed (lnfree.errors.record_job_failure)."""
+    return {f.stem: read_json(f, ("error", "overrides")) for f in sorted((sweep_dir / JOB_FAILURES).glob("*.json"))}
+
+
+def _jobs(sweep_dir: Path, failures: dict) -> list[Path]:
+    jobs = [d for d in sweep_dir.iterdir() if (d / ".hydra" / "overrides.yaml").exists() or d.name in failures]
     return sorted(jobs, key=lambda d: (not d.name.isdigit(), int(d.name) if d.name.isdigit() else 0, d.name))
 
 
+def _overrides(d: Path, failures: dict) -> list[str]:
+    f = d / ".hydra" / "overrides.yaml"
+    return [str(o) for o in (OmegaConf.load(f) if f.exists() else failures[d.name]["overrides"])]
+
+
 def sweep_rows(sweep_dir: str | Path) -> list[dict]:
-    jobs = _jobs(Path(sweep_dir))
-    overrides = {d: [str(o) for o in OmegaConf.load(d / ".hydra" / "overrides.yaml")] for d in jobs}
+    failures = _failures(Path(sweep_dir))
+    jobs = _jobs(Path(sweep_dir), failures)
+    overrides = {d: _overrides(d, failures) for d in jobs}
     shared = set.intersection(*(set(o) for o in overrides.values())) if overrides else set()
     rows = []
     for d in jobs:
         row = {"job": d.name, "overrides": " ".join(o for o in overrides[d] if o not in shared) or "-"}
         f = d / RUN_SUMMARY
         if not f.exists():
-            rows.append({**row, "status": "not finished"})
+            rows.append({**row, "status": "failed", "error": _one_line(failures[d.name]["error"])}
+                        if d.name in failures else {**row, "status": "not finished"})
             continue
-        s = json.loads(f.read_text())
+        try:
+            s = read_json(f, ("val_ce", "removed_sites", "sigmas", "steps", "tokens_seen", "wall_time_s"))
+        except RecordError as e:  # half-written: listed, never a crash that loses the other jobs' rows
+            rows.append({**row, "status": "bad summary", "error": _one_line(str(e))})
+            continue
         rows.append({**row, "status": "finished", "val_ce_before": s.get("val_ce_before"), "val_ce": s["val_ce"],
                      "removed": f"{len(s['removed_sites'])}/{len(s['sigmas'])}", "steps": s["steps"],
                      "tokens_seen": s["tokens_seen"], "wall_time_s": s["wall_time_s"],
@@ -48,10 +68,18 @@ def sweep_rows(sweep_dir: str | Path) -> list[dict]:
     return rows
 
 
+def _one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "/")  # one Markdown cell
+
+
+def failed_jobs(sweep_dir: str | Path) -> list[dict]:
+    return [r for r in sweep_rows(sweep_dir) if r["status"] in ("failed", "bad summary")]
+
+
 def _cell(column: str, v) -> str:
     if v is None:
         return ""
-    return f"{v:.4f}" if column.startswith("val_ce") else str(v)
+    return f"{v:.4f}" if column.startswith("val_ce") and isinstance(v, (int, float)) else str(v)
 
 
 def write_sweep_table(sweep_dir: str | Path) -> tuple[Path, Path] | None:
@@ -62,7 +90,7 @@ def write_sweep_table(sweep_dir: str | Path) -> tuple[Path, Path] | None:
         return None
     md = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     md += ["| " + " | ".join(_cell(c, r.get(c)) for c in COLUMNS) + " |" for r in rows]
-    (sweep_dir / TABLE_MD).write_text("\n".join(md) + "\n")
+    write_text_atomic(sweep_dir / TABLE_MD, "\n".join(md) + "\n")
     with open(sweep_dir / TABLE_CSV, "w", newline="") as fh:
         w = csv.DictWriter(fh, fieldnames=COLUMNS)
         w.writeheader()
@@ -72,19 +100,37 @@ def write_sweep_table(sweep_dir: str | Path) -> tuple[Path, Path] | None:
 
 class SweepTable(Callback):
     """Rewrites the table after every job of a multirun (failed jobs included), so that a sweep stopped half-way
-    still has one, and reports it when the sweep ends."""
+    still has one, and reports it when the sweep ends: exit status 2 when any job failed."""
 
     def on_job_end(self, config, job_return=None, **kwargs) -> None:
+        from hydra.core.utils import JobStatus
         from hydra.types import RunMode
 
-        if config.hydra.mode == RunMode.MULTIRUN:
-            write_sweep_table(config.hydra.sweep.dir)
+        if config.hydra.mode != RunMode.MULTIRUN:
+            return
+        if job_return is not None and job_return.status == JobStatus.FAILED:  # not a UserError: a bug
+            e = job_return._return_value  # (its .return_value raises it)
+            record_job_failure(config.hydra, f"{type(e).__name__}: {e}")
+        write_sweep_table(config.hydra.sweep.dir)
 
     def on_multirun_end(self, config, **kwargs) -> None:
         written = write_sweep_table(config.hydra.sweep.dir)
         if written:
             print(f"[lnfree] sweep results: {written[0]} and {written[1]}")
+        failed = failed_jobs(config.hydra.sweep.dir) if Path(config.hydra.sweep.dir).is_dir() else []
+        if failed:
+            print(f"[lnfree] {len(failed)} job(s) of the sweep failed: "
+                  + "; ".join(f"job {r['job']} ({r['overrides']}): {r['error']}" for r in failed), file=sys.stderr)
+            raise SystemExit(2)
+
+
+def main(argv=None):
+    import argparse
+
+    p = argparse.ArgumentParser(description="write results.md and results.csv of a finished (or stopped) sweep")
+    p.add_argument("sweep_dir", help="the multirun's dir, e.g. multirun/train/<time>")
+    print(write_sweep_table(p.parse_args(argv).sweep_dir))
 
 
 if __name__ == "__main__":
-    print(write_sweep_table(sys.argv[1]))
+    main()

@@ -29,27 +29,29 @@ from hydra.utils import instantiate
 from lightning.pytorch.callbacks import ModelCheckpoint
 from omegaconf import DictConfig, OmegaConf
 
-from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS
+from ..data.streams import BAD_ROW_POLICIES, DATA_FAULTS, data_identity
 from ..errors import UserError, user_errors_as_messages
 from ..export import export_folded, export_hf, logits_error, staging_dir
 from ..families import family
 from ..hub import check_push, push_exports
-from ..io import EXPORT_TMP, RUN_SUMMARY, model_from_checkpoint, read_checkpoint
+from ..io import EXPORT_TMP, RUN_SUMMARY, model_from_checkpoint, raise_storage_error, read_checkpoint
 from ..lora import MERGE_TOL, apply_lora, has_lora, lora_settings, merged_copy, trainable_parameters
 from ..model import non_embedding_params
 from ..model_card import write_model_cards
 from ..paths import CONF_DIR
-from ..schedule import normal_form, special_kinds, validate
+from ..records import read_json
+from ..schedule import adaptive_settings, distill_weight, normal_form, ramp_steps, special_kinds, validate
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .callbacks import LNRemovalCallback, Throughput, event_site
-from .config import check_limits
+from .config import check_limits, default_block_size
 from .console import quiet_third_party, run_console
 from .hardware import grad_accumulation, make_strategy, world_size
 from .loggers import finish_wandb, log_run_artifacts, make_loggers, run_name
-from .model_source import ModelSource, load_model, open_source
-from .module import LNFreeModule
-from .progress import StepProgressBar
-from .safety import (
+from .model_source import ModelSource, load_model, model_label, open_source
+from .module import LNFreeModule, frozen_teacher
+from .progress import StepLines, StepProgressBar
+from .safety import (  # NOT_RESULTS: top-level keys that do not change what a run computes (lnfree.pretrain too)
+    NOT_RESULTS,
     CheckpointOnException,
     DivergenceGuard,
     RunDirError,
@@ -59,10 +61,10 @@ from .safety import (
     check_resume,
     guarded_run,
     remove_leftovers,
+    write_hydra_files,
 )
 
-# top-level config keys that do not change what a run computes (where it writes, whether it resumes or pushes)
-NOT_RESULTS = ("paths", "ckpt_path", "overwrite", "skip_if_done", "push_to_hub", "hub_private")
+DATA_FILES = "data_files.json"  # in the run dir: the identity of every data file, at the start and at each resume
 
 
 class ConfigError(UserError):
@@ -82,6 +84,9 @@ class Plan:
     accum: int  # gradient accumulation
     step_tokens: int  # tokens per optimizer step
     n_layer: int  # the model's depth
+    config: dict  # the config, resolved: saved in every checkpoint, so that a resume is compared with it
+    data_files: dict  # the identity of every local data file (streams.data_identity), compared at a resume
+    resumes: list  # this run's resumes so far, this one last: [{"step", "changed"}] (check_resume)
 
 
 def check_config(cfg: DictConfig) -> Plan:
@@ -91,20 +96,32 @@ def check_config(cfg: DictConfig) -> Plan:
     # a random-init model takes its vocabulary from it
     source = open_source(cfg.model, cfg.paths.cache_dir)
     mcfg = source.config
-    dims = family(mcfg).dims(mcfg)
+    fam = family(mcfg)
+    dims = fam.dims(mcfg)
+    if cfg.data.block_size is None:  # the model's context (capped): set in the config, so the run records it
+        cfg.data.block_size = default_block_size(dims.n_ctx)
     if cfg.data.block_size > dims.n_ctx:
         raise ConfigError(f"data.block_size={cfg.data.block_size} exceeds the model's context "
-                          f"n_positions={dims.n_ctx}")
+                          f"{fam.ctx_field}={dims.n_ctx}")
     events = validate(cfg.schedule, dims.n_layer, cfg.trainer.max_steps)
     accum = grad_accumulation(cfg.optim.tokens_per_step, cfg.data.micro_batch_size, cfg.data.block_size,
                               world_size(cfg.hardware))
-    plan = Plan(source, events, accum, tokens_per_step(cfg, accum), dims.n_layer)
+    step_tokens, resolved = tokens_per_step(cfg, accum), OmegaConf.to_container(cfg, resolve=True)
+    d = cfg.data
+    data_files = data_identity(d.source, d.split, d.val_split, d.files, d.val_files)  # sizes and hashes, no rows
+    resumes = []
     if cfg.ckpt_path:
         if not Path(cfg.ckpt_path).exists():
             raise ConfigError(f"ckpt_path {cfg.ckpt_path!r} does not exist")
         # opened with weights_only (a checkpoint holding code is refused, unrun) and compared with the config
-        check_resume(cfg.ckpt_path, mcfg, plan.step_tokens, events)
+        resumes = check_resume(cfg.ckpt_path, mcfg, step_tokens, events, resolved, data_files,
+                               cfg.resume_allow_data_change)
+    plan = Plan(source, events, accum, step_tokens, dims.n_layer, resolved, data_files, resumes)
     make_strategy(cfg.hardware)  # raises for an impossible strategy
+    if distill_weight(cfg.schedule) > 0 and cfg.hardware.strategy == "fsdp":
+        raise ConfigError("schedule.distill.weight > 0 with hardware.strategy=fsdp is not supported: the teacher "
+                          "would be a whole, unsharded copy of the model on every rank, which is what FSDP is there "
+                          "to avoid; use hardware.strategy=ddp (or finetune=lora) with distillation")
     if cfg.push_to_hub:
         if not cfg.export:
             raise ConfigError("push_to_hub needs export=true (it uploads the exports)")
@@ -119,14 +136,16 @@ def tokens_per_step(cfg, accum: int) -> int:
 
 
 def experiment_name(cfg) -> str:
-    """model-schedule[-finetune]-s<seed>, plus a multirun's other overrides (e.g. trainer.max_steps=64)."""
+    """model-schedule[-finetune]-s<seed>, plus a multirun's other overrides (e.g. trainer.max_steps=64); the model
+    as model_label names it (model.source is in that name, so not among the overrides)."""
     from hydra.core.hydra_config import HydraConfig
 
     extra = ""
     if HydraConfig.initialized():
-        named = ("model=", "schedule=", "seed=", "finetune=", "paths.", "hydra.", "overwrite=", "skip_if_done=")
+        named = ("model=", "model.source=", "schedule=", "seed=", "finetune=", "paths.", "hydra.", "overwrite=",
+                 "skip_if_done=", "logger", "trainer.progress_bar=")  # the last two: how it logs, not what it is
         extra = ",".join(o for o in HydraConfig.get().overrides.task if not o.startswith(named))
-    return run_name(cfg.model.name, cfg.schedule.name, cfg.seed, cfg.finetune.name, extra)
+    return run_name(model_label(cfg.model), cfg.schedule.name, cfg.seed, cfg.finetune.name, extra)
 
 
 # -- the run: checked, its directory claimed, built, fitted, finalized -----------------------------------
@@ -141,9 +160,12 @@ def train(cfg: DictConfig) -> dict:
     if done is not None:
         print(f"[lnfree] {out} already holds this run, finished (skip_if_done=true): not run again")
         return done
-    claim_output_dir(out, cfg)
+    first = claim_output_dir(out, cfg)
+    datamodule = open_data(cfg, plan, out)  # before anything is written: a data error leaves no run dir
+    if first:
+        record_data_files(out, plan)
     with run_console(out):
-        run = build(cfg, plan, out)
+        run = build(cfg, plan, out, datamodule)
         try:
             val_before, val_after = fit(cfg, run)
             return finalize(cfg, plan, run, val_before, val_after, t0) if run.trainer.is_global_zero else None
@@ -151,13 +173,27 @@ def train(cfg: DictConfig) -> dict:
             finish_wandb()
 
 
-def claim_output_dir(out: Path, cfg) -> None:
+def claim_output_dir(out: Path, cfg) -> bool:
     """The run-dir policy: one run per directory, what a killed run left half-written removed, and a directory
-    holding another run refused unless this run resumes it or overwrite=true."""
-    acquire_run_lock(out)  # before the output-dir check (two runs started together)
+    holding another run refused unless this run resumes it or overwrite=true. Nothing is written into `out` before
+    that (Hydra's .hydra/ files included). Returns whether this process holds the lock (the run's first process)."""
+    lock = acquire_run_lock(out)  # before the output-dir check (two runs started together)
     remove_leftovers(out)  # .export.tmp, .<ckpt>.tmp-<pid>
     check_output_dir(out, cfg.ckpt_path, cfg.overwrite)
     out.mkdir(parents=True, exist_ok=True)
+    if lock is not None:
+        write_hydra_files(out, cfg)
+    return lock is not None
+
+
+def record_data_files(out: Path, plan: Plan) -> None:
+    """<run>/data_files.json: [{"step", "files"}], the identity of every data file when the run started, and again
+    at each resume that found them changed (resume_allow_data_change=true)."""
+    f = out / DATA_FILES
+    starts = json.loads(f.read_text()) if plan.resumes and f.exists() else []
+    if not starts or starts[-1]["files"] != plan.data_files:
+        starts.append({"step": plan.resumes[-1]["step"] if plan.resumes else 0, "files": plan.data_files})
+        f.write_text(json.dumps(starts, indent=1))
 
 
 @dataclass
@@ -180,32 +216,45 @@ class Run:
         return self.out / "checkpoints"
 
 
-def build(cfg: DictConfig, plan: Plan, out: Path) -> Run:
-    """Assembly: the data (read now: bad data fails before the model is loaded), the model, the Lightning module,
-    loggers, callbacks and trainer."""
-    print(f"[lnfree] writing to {out.resolve()}")
+def open_data(cfg: DictConfig, plan: Plan, out: Path):
+    """The run's data module, read and checked now (its validation blocks and first training block): bad data
+    fails before the model is loaded and before the run writes anything. Seeds everything first (the data order,
+    then the model's init)."""
     L.seed_everything(cfg.seed, workers=True)
     datamodule = instantiate(cfg.data, tokenizer=plan.source.tokenizer, faults_file=str(out / DATA_FAULTS),
                              _convert_="all")
     datamodule.setup("fit")
-    model, n_trainable = _model(cfg, plan)
-    run_info = {"tokens_per_step": plan.step_tokens, "events": [[event_site(model, e)[0], e.step] for e in plan.events]}
+    return datamodule
+
+
+def build(cfg: DictConfig, plan: Plan, out: Path, datamodule) -> Run:
+    """Assembly: the model, the Lightning module, loggers, callbacks and trainer, around the data of open_data."""
+    print(f"[lnfree] writing to {out.resolve()}")
+    model, n_trainable, teacher = _model(cfg, plan)
+    run_info = {"tokens_per_step": plan.step_tokens, "events": [[event_site(model, e)[0], e.step] for e in plan.events],
+                "config": plan.config, "data_files": plan.data_files, "resumes": plan.resumes}
     module = LNFreeModule(model, cfg.optim, aux_weight=cfg.schedule.aux_weight, max_steps=cfg.trainer.max_steps,
-                          compile=cfg.model.compile, lr_scale=cfg.finetune.lr_scale, run_info=run_info)
+                          compile=cfg.model.compile, lr_scale=cfg.finetune.lr_scale, run_info=run_info,
+                          teacher=teacher, distill_weight=distill_weight(cfg.schedule),
+                          distill_temperature=cfg.schedule.distill.temperature,
+                          ce_weight=cfg.schedule.distill.ce_weight)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     name = experiment_name(cfg)
     loggers = make_loggers(cfg.logger, str(out), name, resolved, resumed=bool(cfg.ckpt_path))
-    removal = LNRemovalCallback(plan.events, momentum=cfg.schedule.momentum)
+    removal = LNRemovalCallback(plan.events, momentum=cfg.schedule.momentum, ramp_steps=ramp_steps(cfg.schedule),
+                                ramp_shape=cfg.schedule.ramp.shape, adaptive=adaptive_settings(cfg.schedule))
     throughput = Throughput(plan.step_tokens)
     trainer = _trainer(cfg, plan.accum, out, loggers, _callbacks(cfg, out, removal, throughput))
     return Run(out, name, resolved, datamodule, module, trainer, removal, throughput, loggers, n_trainable)
 
 
 def _model(cfg: DictConfig, plan: Plan):
-    """(the removable model to fine-tune, its number of trained parameters)."""
+    """(the removable model to fine-tune, its number of trained parameters, the distillation teacher or None)."""
     model = load_model(plan.source, cfg.model)
     special = special_kinds(cfg.schedule)
     model.config.lnfree_special_bos, model.config.lnfree_special_eot = special["bos"], special["eot"]
+    # the teacher: the model as loaded, before LoRA adapters (with LoRA it is a second copy of the frozen base)
+    teacher = frozen_teacher(model) if distill_weight(cfg.schedule) > 0 else None
     if cfg.finetune.kind == "lora":
         apply_lora(model, lora_settings(cfg.finetune))
     n_trainable, n_total = trainable_parameters(model)
@@ -214,7 +263,7 @@ def _model(cfg: DictConfig, plan: Plan):
           "trainer.keep_at_end)")
     if cfg.model.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    return model, n_trainable
+    return model, n_trainable, teacher
 
 
 def _callbacks(cfg: DictConfig, out: Path, removal, throughput) -> list:
@@ -228,8 +277,8 @@ def _callbacks(cfg: DictConfig, out: Path, removal, throughput) -> list:
                         monitor="train/tokens_seen", mode="max", save_last=True),
         CheckpointOnException(ckpt_dir, out, cfg.ckpt_path),
     ]
-    if cfg.trainer.progress_bar:
-        callbacks.append(StepProgressBar(throughput))
+    # a bar, or with bars off a plain line at least every 10% of the steps
+    callbacks.append(StepProgressBar(throughput) if cfg.trainer.progress_bar else StepLines(throughput))
     return callbacks
 
 
@@ -270,7 +319,7 @@ def finalize(cfg: DictConfig, plan: Plan, run: Run, val_before, val_after: float
     final, merge_error = _final_model(run.trainer, run.module, cfg, run.ckpt_dir, run.datamodule)
     exports, export_error = {}, None
     try:
-        exports = _export(final, plan.source.tokenizer, out, run.datamodule) if cfg.export else {}
+        exports, export_error = _export(final, plan.source.tokenizer, out, run.datamodule) if cfg.export else ({}, None)
     except Exception as e:  # noqa: BLE001  (the summary is written first, then the error is raised)
         export_error = f"{type(e).__name__}: {e}"
     summary = _summary(plan, run, final, val_before, val_after, merge_error, exports, export_error, t0)
@@ -294,6 +343,7 @@ def _summary(plan: Plan, run: Run, final, val_before, val_after, merge_error, ex
              t0: float) -> dict:
     fam = family(final.config)
     return {
+        "model": model_label(run.resolved["model"]),  # what the run, its card and its figures call the model
         "family": fam.name,  # lnfree.families; the hf export's class is hf_class
         "hf_class": fam.stock_class(final.config).__name__,
         "val_ce": val_after,
@@ -316,6 +366,7 @@ def _summary(plan: Plan, run: Run, final, val_before, val_after, merge_error, ex
         "exports": exports,
         "export_error": export_error,
         "data_faults": run.datamodule.faults_seen(),
+        "resumes": plan.resumes,  # each resume's step and what it changed: {field: [before, after]}
         "wall_time_s": round(time.time() - t0, 1),
         "train_tokens_per_s": run.throughput.tokens_per_s,
         "output_dir": str(run.out.resolve()),
@@ -373,7 +424,7 @@ def _finished_run(out: Path, cfg) -> dict | None:
     f = out / RUN_SUMMARY
     if not f.exists():
         return None
-    summary = json.loads(f.read_text())
+    summary = read_json(f, ("config",))  # half-written (a run killed while finishing): refused, file and line named
     mine = OmegaConf.to_container(cfg, resolve=True)
     ignored = NOT_RESULTS
     strip = lambda c: {k: v for k, v in c.items() if k not in ignored}  # noqa: E731
@@ -417,27 +468,38 @@ def _final_model(trainer, module, cfg, ckpt_dir, datamodule):
     return merged, error
 
 
-def _export(model, tokenizer, out: Path, datamodule) -> dict:
-    """export/hf always (plain GPT-2 for a vanilla run, the LN-free trick when every site is removed) and
-    export/folded when every site is removed; each checked on real validation text before writing. Both are
-    written into a temporary dir that replaces export/ only when everything succeeded, so export/ never
-    mixes two runs or holds half an export."""
+def _export(model, tokenizer, out: Path, datamodule) -> tuple[dict, str | None]:
+    """(the exports written, what failed or None): export/hf always (plain GPT-2 for a vanilla run, the LN-free
+    trick when every site is removed) and export/folded when every site is removed; each checked on real
+    validation text before writing. Both are written into a temporary dir that replaces export/ once they are
+    done, so export/ never mixes two runs or holds half an export; a form that fails is left out (and named),
+    never taking the other, valid one with it."""
     check = datamodule.val_data[:4].cpu()
     if model.removed_sites() and model.real_sites():
         print(f"[lnfree] not exporting: sites still real: {model.real_sites()}")
-        return {}
+        return {}, None
+    forms = {"hf": export_hf, **({} if model.real_sites() else {"folded": export_folded})}
     final, tmp = out / "export", out / EXPORT_TMP
+    errors, failed = {}, {}
     with staging_dir(tmp):  # removed if anything below fails: never half an export left behind
-        errors = {"hf": export_hf(model, tmp / "hf", tokenizer, input_ids=check)}
-        if not model.real_sites():
-            errors["folded"] = export_folded(model, tmp / "folded", tokenizer, input_ids=check)
+        for form, export in forms.items():
+            try:
+                errors[form] = export(model, tmp / form, tokenizer, input_ids=check)
+            except Exception as e:  # noqa: BLE001  (this form is left out and named; the other one stands)
+                raise_storage_error(e, f"export {tmp}")  # a full disk or a size limit: no export at all, named
+                shutil.rmtree(tmp / form, ignore_errors=True)
+                failed[form] = f"{type(e).__name__}: {e}"
+        if not errors:
+            raise ExportFailed("; ".join(f"{form}: {why}" for form, why in failed.items()))
     shutil.rmtree(final, ignore_errors=True)  # only a resumed run of this same run can have one
     tmp.rename(final)
-    return {form: {"path": str(final / form), "relative_error": err} for form, err in errors.items()}
+    exports = {form: {"path": str(final / form), "relative_error": err} for form, err in errors.items()}
+    return exports, ("; ".join(f"{form} export: {why}" for form, why in failed.items()) or None)
 
 
 @hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="train")
 def main(cfg: DictConfig):
+    summary = None  # a sweep's job that failed with a UserError (recorded, the sweep goes on)
     with user_errors_as_messages():
         summary = train(cfg)
     return summary["val_ce"] if summary else None

@@ -24,10 +24,12 @@ def default_models(runs: str | None = None) -> list[str]:
     return [f"{ours}={paths[theirs]}" for theirs, ours in DEFAULT_MODELS.items()]
 
 
-def parser(description: str, out: str) -> argparse.ArgumentParser:
+def parser(description: str, record: str) -> argparse.ArgumentParser:
+    """record: where the committed result lives (named with --out by the Makefile); without --out a command writes
+    to a new dir (lnfree.records.output_dir), never over a committed result."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("models", nargs="*", help="name=path (any form lnfree.io loads; default: default_models())")
-    p.add_argument("--out", default=out)
+    p.add_argument("--out", help=f"output dir (default: a new dir under outputs/; committed: --out {record})")
     return p
 
 

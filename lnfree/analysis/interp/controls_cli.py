@@ -9,12 +9,12 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from pathlib import Path
 
 import torch
 
 from ...data.synthetic import BigramBackcopy
 from ...io import load
+from ...records import output_dir
 from ...training.config import data_module
 from . import controls
 from .cli import synthetic_task
@@ -44,7 +44,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--replicates", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--runs", default="outputs/interp_control", help="where the replicates' fine-tunes are")
-    p.add_argument("--out", default="experiments/interp")
+    p.add_argument("--out", help="output dir (default: a new dir under outputs/; make interp-control: "
+                                 "--out experiments/interp; name the same dir again to resume)")
     p.add_argument("--prompts", type=int, default=128)
     p.add_argument("--length", type=int, default=32)
     p.add_argument("--n-boot", type=int, default=1000)
@@ -55,7 +56,7 @@ def main(argv=None):
                    "(to measure replicates in parallel; a last run without it writes the summaries)")
     a = p.parse_args(argv)
     torch.manual_seed(a.seed)
-    out = Path(a.out)
+    out = output_dir(a.out, "interp/controls")
     (out / "controls").mkdir(parents=True, exist_ok=True)
     reps = {}
     for r in a.replicates:

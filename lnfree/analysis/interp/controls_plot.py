@@ -2,7 +2,7 @@
 <out>/controls.md (the tables), the part of <out>/README.md between the GENERATED markers (the same tables), and
 <out>/{patching,sinks,neurons}.png.
 
-    python -m lnfree.analysis.interp.controls_plot [--out experiments/interp]
+    python -m lnfree.analysis.interp.controls_plot --out experiments/interp
 """
 
 from __future__ import annotations
@@ -161,7 +161,7 @@ def main(argv=None):
     import argparse
 
     p = argparse.ArgumentParser(description="tables and figures of the positive controls from their JSON")
-    p.add_argument("--out", default="experiments/interp")
+    p.add_argument("--out", required=True, help="the dir holding the controls' JSON (committed: experiments/interp)")
     write_all(p.parse_args(argv).out)
 
 

@@ -113,10 +113,10 @@ def main(argv=None):
     position of validation prompts of the built-in corpus; per component (each head, each MLP, embeddings,
     attention biases) and global, with bootstrap CIs over prompts; writes experiments/interp/dla.{json,png}."""
     import json
-    from pathlib import Path
 
     import numpy as np
 
+    from ...records import output_dir
     from ...training.config import data_module
     from .cli import each_model, parser
 
@@ -124,8 +124,7 @@ def main(argv=None):
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--length", type=int, default=64)
     a = p.parse_args(argv)
-    out, res = Path(a.out), {}
-    out.mkdir(parents=True, exist_ok=True)
+    out, res = output_dir(a.out, "interp/dla"), {}
     tok = None
     for name, path, model, t in each_model(a.models):
         tok = tok or t

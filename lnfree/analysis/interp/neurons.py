@@ -19,20 +19,24 @@ import contextlib
 
 import torch
 
+from ...families import family
 from .dla import final_scale
 
 
-def _last_mlp(model):
-    return model.transformer.h[-1].mlp
+def _last_mlp_out(model):
+    """The last MLP's output projection (its input: one activation per neuron) and its weight [d_mlp, d]
+    (row i: neuron i's output weight), whatever the family."""
+    fam = family(model.config)
+    return fam.mlp_out(fam.blocks(model)[-1])
 
 
 def weight_signature(model, null_dims: float = 0.1, tokens: torch.Tensor | None = None):
     """Every last-MLP neuron's output-weight norm [d_mlp] and the fraction of its squared norm in the span of the
     smallest `null_dims` of the effective unembedding's singular directions [d_mlp]. `tokens`: the ids the model
     ever has to predict (a synthetic task's), whose unembedding rows alone make the effective one; default all."""
-    w_out = _last_mlp(model).c_proj.weight.detach().double()  # Conv1D [d_mlp, d]: row i = neuron i's output weight
-    ln_f = model.transformer.ln_f
-    w_u = model.lm_head.weight.detach().double() * ln_f.weight.detach().double()  # [vocab, d], gain folded in
+    w_out = _last_mlp_out(model)[1].detach().double()  # [d_mlp, d]: row i = neuron i's output weight
+    ln_f = family(model.config).final_norm(model)
+    w_u = model.get_output_embeddings().weight.detach().double() * ln_f.weight.detach().double()  # [vocab, d], gain in
     if tokens is not None:
         w_u = w_u[tokens]
     w_u = w_u - w_u.mean(0, keepdim=True)  # softmax ignores a shift common to all tokens: centre over the vocab
@@ -53,8 +57,8 @@ def candidates(model, k: int = 8, null_dims: float = 0.1, tokens: torch.Tensor |
 
 
 @contextlib.contextmanager
-def _hook(module, fn):
-    h = module.register_forward_hook(fn)
+def _hook(module, fn, pre: bool = False):
+    h = module.register_forward_pre_hook(fn) if pre else module.register_forward_hook(fn)
     try:
         yield
     finally:
@@ -72,28 +76,31 @@ def _entropy_ce(logits, ids):
 def ablation_effects(model, ids: torch.Tensor, neuron: int, mean_act: float | None = None) -> dict:
     """Per-token TE and DE of mean-ablating `neuron` of the last MLP on entropy and CE ([batch, pos-1] each)."""
     model.eval()
-    mlp, ln_f = _last_mlp(model), model.transformer.ln_f
-    seen = {}
-    with _hook(mlp.act, lambda m, i, o: seen.__setitem__("act", o)), \
+    fam = family(model.config)
+    (proj, w_out), ln_f = _last_mlp_out(model), fam.final_norm(model)
+    seen = {}  # the neurons' activations are the output projection's input
+    with _hook(proj, lambda m, a: seen.__setitem__("act", a[0]), pre=True), \
          _hook(ln_f, lambda m, i, o: seen.__setitem__("resid", i[0])):
         clean = model(input_ids=ids).logits
     act = seen["act"][..., neuron]  # [batch, pos]
     mean = float(act.mean()) if mean_act is None else mean_act
 
-    def ablate(m, i, o):
-        o = o.clone()
-        o[..., neuron] = mean
-        return o
+    def ablate(m, args):
+        x = args[0].clone()
+        x[..., neuron] = mean
+        return (x, *args[1:])
 
-    with _hook(mlp.act, ablate):
+    with _hook(proj, ablate, pre=True):
         total = model(input_ids=ids).logits
-    # direct: move the final residual, keep the clean scale of ln_f
+    # direct: move the final residual, keep the clean scale of ln_f (an RMSNorm, Llama: no centring, no beta)
     x = seen["resid"]
-    w_i = mlp.c_proj.weight[neuron]  # [d]
+    w_i = w_out[neuron]  # [d]
     x_new = x + (mean - act)[..., None] * w_i
-    s = final_scale(ln_f, x)
-    normed = (x_new - x_new.mean(-1, keepdim=True)) / s * ln_f.weight + ln_f.bias
-    direct = model.lm_head(normed)
+    s = final_scale(ln_f, x, fam.centre)
+    normed = ((x_new - x_new.mean(-1, keepdim=True)) if fam.centre else x_new) / s * ln_f.weight
+    if fam.centre:
+        normed = normed + ln_f.bias
+    direct = model.get_output_embeddings()(normed)
     e0, c0 = _entropy_ce(clean, ids)
     e_t, c_t = _entropy_ce(total, ids)
     e_d, c_d = _entropy_ce(direct, ids)
@@ -110,8 +117,8 @@ def summary(effects: dict) -> dict:
 
 def main(argv=None):
     import json
-    from pathlib import Path
 
+    from ...records import output_dir
     from ...training.config import data_module
     from .cli import each_model, parser
 
@@ -119,8 +126,7 @@ def main(argv=None):
     p.add_argument("--blocks", type=int, default=32, help="validation blocks of 256 tokens")
     p.add_argument("--top", type=int, default=8)
     a = p.parse_args(argv)
-    out, res = Path(a.out), {}
-    out.mkdir(parents=True, exist_ok=True)
+    out, res = output_dir(a.out, "interp/neurons"), {}
     for name, path, model, tok in each_model(a.models):
         dm = data_module(tok, "builtin", block_size=256, micro_batch_size=8, val_blocks=a.blocks)
         dm.setup()

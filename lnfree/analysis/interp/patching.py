@@ -13,7 +13,8 @@ Tasks: induction on repeated random tokens (which 2-layer models learn; needs no
 prompt generator for GPT-2 tokenizers, and two tasks of the data=synthetic control: the back-copy (the corruption
 changes the copied token; the copy head keeps attending to the previous position) and the trigger switch (the
 corruption replaces the trigger by an ordinary token: the copy heads move their attention from the previous
-token to BOS, `attention_shift` measures it). Works on any GPT2LMHeadModel (HF exports, the removable model).
+token to BOS, `attention_shift` measures it). Works on a model of any supported family (HF exports, the removable
+model): the family adapter (lnfree.families) names the blocks, the final norm and each attention output projection.
 
 Agreement of AtP with AP is measured on the live nodes only: a residual node at a position before the first one
 where the two prompts differ is exactly 0 in both (causal attention), and counting those zeros inflates Pearson.
@@ -31,6 +32,7 @@ import contextlib
 import numpy as np
 import torch
 
+from ...families import family
 from .frozen import norms_frozen_at
 
 
@@ -154,8 +156,21 @@ def ioi_pairs(tokenizer, n: int, seed: int = 0):
 # -- nodes and hooks -------------------------------------------------------------------------------------
 def _resid_modules(model):
     """The modules whose input is the residual stream: every block, then the final norm. [L+1]"""
-    t = model.transformer
-    return [*t.h, t.ln_f]
+    fam = family(model.config)
+    return [*fam.blocks(model), fam.final_norm(model)]
+
+
+def _head_readers(model):
+    """Each block's attention output projection, whose input is every head's output side by side. [L]"""
+    fam = family(model.config)
+    return [fam.attn_out(block)[0] for block in fam.blocks(model)]
+
+
+def _shape(model):
+    """(layers, heads, head width) of the model; the heads' outputs are the output projection's input."""
+    fam = family(model.config)
+    n_head, blocks = fam.dims(model.config).n_head, fam.blocks(model)
+    return len(blocks), n_head, fam.attn_out(blocks[0])[1].shape[0] // n_head
 
 
 @contextlib.contextmanager
@@ -174,8 +189,8 @@ def metric(model, ids, correct, wrong) -> torch.Tensor:
 
 
 def capture(model, ids, grad: bool = False):
-    """Residual inputs {layer: [n, t, d]} and head inputs of c_proj {layer: [n, t, d]} of one forward (and, with
-    grad=True, tensors that keep their gradients)."""
+    """Residual inputs {layer: [n, t, d]} and inputs of the attention output projection (the heads' outputs)
+    {layer: [n, t, d]} of one forward (and, with grad=True, tensors that keep their gradients)."""
     resid, z, handles = {}, {}, []
     for layer, m in enumerate(_resid_modules(model)):
         def pre(mod, args, kwargs=None, layer=layer):
@@ -184,13 +199,13 @@ def capture(model, ids, grad: bool = False):
                 x.retain_grad()
             resid[layer] = x
         handles.append(m.register_forward_pre_hook(pre))
-    for layer, block in enumerate(model.transformer.h):
+    for layer, proj in enumerate(_head_readers(model)):
         def zpre(mod, args, layer=layer):
             x = args[0]
             if grad:
                 x.retain_grad()
             z[layer] = x
-        handles.append(block.attn.c_proj.register_forward_pre_hook(zpre))
+        handles.append(proj.register_forward_pre_hook(zpre))
     return resid, z, handles
 
 
@@ -206,14 +221,13 @@ def attribution_patching(model, clean, corrupt, correct, wrong):
         resid_x, z_x, handles = capture(model, corrupt, grad=True)
         with _hooks(handles):
             # embeddings must require grad for the block-0 input to carry one
-            emb = model.transformer.wte.register_forward_hook(lambda m, i, o: o.requires_grad_(True))
+            emb = model.get_input_embeddings().register_forward_hook(lambda m, i, o: o.requires_grad_(True))
             with _hooks([emb]):
                 m = metric(model, corrupt, correct, wrong)
                 m.sum().backward()
     for p in trainable:
         p.requires_grad_(True)
-    n_layer, n_head = model.config.n_layer, model.config.n_head
-    d_head = model.config.n_embd // n_head
+    n_layer, n_head, d_head = _shape(model)
     resid = torch.stack([((resid_c[layer] - resid_x[layer].detach()) * resid_x[layer].grad).sum(-1)
                          for layer in range(n_layer + 1)], dim=1)
     heads = torch.stack([((z_c[layer] - z_x[layer].detach()) * z_x[layer].grad)
@@ -229,8 +243,7 @@ def activation_patching(model, clean, corrupt, correct, wrong):
     with _hooks(handles):
         metric(model, clean, correct, wrong)
     base = metric(model, corrupt, correct, wrong)
-    n_layer, n_head, t = model.config.n_layer, model.config.n_head, clean.shape[1]
-    d_head = model.config.n_embd // n_head
+    (n_layer, n_head, d_head), t = _shape(model), clean.shape[1]
     resid = torch.zeros(len(clean), n_layer + 1, t)
     for layer, mod in enumerate(_resid_modules(model)):
         for p in range(t):
@@ -241,7 +254,7 @@ def activation_patching(model, clean, corrupt, correct, wrong):
             with _hooks([mod.register_forward_pre_hook(patch)]):
                 resid[:, layer, p] = metric(model, corrupt, correct, wrong) - base
     heads = torch.zeros(len(clean), n_layer, n_head)
-    for layer, block in enumerate(model.transformer.h):
+    for layer, proj in enumerate(_head_readers(model)):
         for h in range(n_head):
             sl = slice(h * d_head, (h + 1) * d_head)
 
@@ -249,7 +262,7 @@ def activation_patching(model, clean, corrupt, correct, wrong):
                 x = args[0].clone()
                 x[..., sl] = z_c[layer][..., sl]
                 return (x, *args[1:])
-            with _hooks([block.attn.c_proj.register_forward_pre_hook(patch)]):
+            with _hooks([proj.register_forward_pre_hook(patch)]):
                 heads[:, layer, h] = metric(model, corrupt, correct, wrong) - base
     return resid, heads
 
@@ -320,9 +333,9 @@ def compare(model, clean, corrupt, correct, wrong, n_boot: int = 1000, seed: int
 
 def main(argv=None):
     import json
-    from pathlib import Path
 
     from ...data.synthetic import BigramBackcopy
+    from ...records import output_dir
     from .cli import each_model, parser, synthetic_task
 
     p = parser("attribution patching vs activation patching", "experiments/interp/synth_w64")
@@ -337,8 +350,7 @@ def main(argv=None):
     a = p.parse_args(argv)
     if a.task in SYNTHETIC_TASKS and not a.synthetic:
         p.error(f"--task {a.task} is a data=synthetic task: add --synthetic")
-    out, res = Path(a.out), {}
-    out.mkdir(parents=True, exist_ok=True)
+    out, res = output_dir(a.out, "interp/patching"), {}
     for name, path, model, tok in each_model(a.models):
         if a.synthetic:
             task = BigramBackcopy(**synthetic_task()[0])

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import torch
 
+from ...families import family
 from .hooks import run_with_hooks
 
 SINK_THRESHOLD = 0.3
@@ -28,9 +29,9 @@ def massive_ratio(x: torch.Tensor) -> tuple[float, float]:
 def residual_norms(model, ids: torch.Tensor) -> dict[str, list[float]]:
     """{"pos0", "rest"}: mean L2 norm at each block input and at ln_f's input [L+1]; {"massive_pos0",
     "massive_rest"}: top/median activation ratio there [L+1]."""
-    t = model.transformer
+    fam = family(model.config)
     seen = []
-    modules = [*t.h, t.ln_f]
+    modules = [*fam.blocks(model), fam.final_norm(model)]
     hooks = [m.register_forward_pre_hook(lambda m, a: seen.append(a[0].detach())) for m in modules]
     run_with_hooks(model, ids, hooks)
     norms = [x.norm(dim=-1) for x in seen]
@@ -61,10 +62,11 @@ def attention_sinks(model, ids: torch.Tensor, threshold: float = SINK_THRESHOLD)
 
 def main(argv=None):
     """python -m lnfree.analysis.interp.residual [name=path ...]: both measures on validation blocks of the built-in
-    corpus (--synthetic: of data=synthetic); writes <out>/sinks.{json,png} (default experiments/interp/builtin)."""
+    corpus (--synthetic: of data=synthetic); writes <out>/sinks.{json,png} (make interp: --out
+    experiments/interp/builtin)."""
     import json
-    from pathlib import Path
 
+    from ...records import output_dir
     from ...training.config import data_module
     from ..plots import save_figure
     from .cli import each_model, parser
@@ -89,8 +91,7 @@ def main(argv=None):
         print(f"{name:10s} residual norm pos0 {[round(v) for v in n['pos0']]} rest {[round(v) for v in n['rest']]}"
               f"  top/median pos0 {[round(v) for v in n['massive_pos0']]} rest {[round(v) for v in n['massive_rest']]}"
               f"  sink rate {res[name]['sinks']['sink_rate']:.2f}")
-    out = Path(a.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = output_dir(a.out, "interp/residual")
     meta = {"prepend_bos": a.prepend_bos, "synthetic": a.synthetic}
     (out / "sinks.json").write_text(json.dumps({**res, **meta}, indent=1))
     import matplotlib
