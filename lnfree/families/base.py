@@ -219,19 +219,17 @@ class RemovableMixin:
     def remove(self, kind: str, block: int | None = None) -> float:
         """Freeze a site to its current std estimate; returns the frozen sigma. A non-finite or non-positive
         estimate is refused (FloatingPointError naming the site) and leaves the site real."""
-        try:
-            return self.site(kind, block).freeze(
-                special_bos=getattr(self.config, "lnfree_special_bos", False),
-                special_eot=getattr(self.config, "lnfree_special_eot", False),
-            )
-        except FloatingPointError as e:
-            raise FloatingPointError(f"site {self.site_name(kind, block)}: {e}") from None
+        return self._set_sigma(kind, block, ramp=False)
 
     def start_ramp(self, kind: str, block: int | None = None) -> float:
         """Soft removal (schedule.ramp): freeze the site's sigma as `remove` would, but keep the site real until its
         ramp ends (NormSite.start_ramp; the removal callback sets alpha and ends the ramp). Returns the sigma."""
+        return self._set_sigma(kind, block, ramp=True)
+
+    def _set_sigma(self, kind: str, block: int | None, ramp: bool) -> float:
+        site = self.site(kind, block)
         try:
-            return self.site(kind, block).start_ramp(
+            return (site.start_ramp if ramp else site.freeze)(
                 special_bos=getattr(self.config, "lnfree_special_bos", False),
                 special_eot=getattr(self.config, "lnfree_special_eot", False),
             )
