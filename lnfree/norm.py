@@ -101,7 +101,11 @@ class NormSite(nn.Module):
 
     @torch.no_grad()
     def commit(self, acc: torch.Tensor, momentum: float):
-        """Fold one step's accumulated (sum, count) into the running estimate (EMA), on device."""
+        """Fold one step's accumulated (sum, count) into the running estimate (EMA), on device. Momentum 1 keeps
+        the estimate at its calibration (an overflowing step then cannot move it: 1 * s + 0 * inf would be NaN)."""
+        if momentum == 1.0 and not self.running.isnan().all():
+            self.acc.zero_()
+            return
         total, count = acc[0, :N_SIGMAS], acc[1, :N_SIGMAS]
         seen = count > 0
         mean = total / count.clamp_min(1)

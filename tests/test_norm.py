@@ -38,6 +38,17 @@ def test_running_estimate_is_the_ema_of_per_step_means_by_hand():
     assert site.running[1:].isnan().all()  # no bos / eot token was seen
 
 
+def test_momentum_one_keeps_the_calibrated_estimate_even_through_an_overflowing_step():
+    site = NormSite()
+    site.record(torch.tensor([[1.0, 3.0]]), None)
+    _commit(site, 0.0)  # calibration: the first step's mean
+    for stds in (torch.tensor([[50.0]]), torch.tensor([[float("inf"), 2.0]])):
+        site.record(stds, None)
+        _commit(site, 1.0)
+        assert float(site.running[ORDINARY]) == 2.0  # an EMA with 1 * s + 0 * inf would give NaN
+        assert torch.count_nonzero(site.acc) == 0
+
+
 def test_categories_have_their_own_estimates_and_padding_never_counts():
     site = NormSite()
     stds = torch.tensor([[4.0, 1.0, 2.0, 100.0], [6.0, 3.0, 5.0, 7.0]])

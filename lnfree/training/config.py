@@ -341,7 +341,7 @@ LIMITS = {  # key: (test, what it must be); a None value (optional field) is alw
     "optim.eps": (_positive, "> 0"),
     "optim.grad_clip": (_non_negative, ">= 0 (0: no clipping)"),
     "optim.tokens_per_step": (_positive, "> 0 (or null: one micro-batch)"),
-    "schedule.momentum": (_unit_open, "in [0, 1)"),
+    "schedule.momentum": (lambda x: 0 <= x <= 1, "in [0, 1] (1: sigma stays at its calibration)"),
     "schedule.aux_weight": (_non_negative, ">= 0"),
     "schedule.fit_fraction": (lambda x: 0 < x < 1, "in (0, 1) (or null)"),
     "schedule.ramp.steps": (_non_negative, ">= 0 (0: instant removal)"),
