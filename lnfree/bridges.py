@@ -56,7 +56,7 @@ def require(package: str):
 
 def _is_folded(model) -> bool:
     """A folded model in memory: FoldedGPT2, or another family's HF class with its norms nn.Identity."""
-    from .folded import FoldedGPT2
+    from .families.gpt2_folded import FoldedGPT2
 
     return isinstance(model, FoldedGPT2) or any(isinstance(m, nn.Identity) for m in model.modules())
 

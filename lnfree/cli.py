@@ -17,6 +17,8 @@ import runpy
 import sys
 from dataclasses import dataclass
 
+from .extras import require
+
 
 @dataclass(frozen=True)
 class Command:
@@ -53,7 +55,32 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "gpu": Command("lnfree.bench.gpu", "the GPU check (one GPU)"),
         "profile": Command("lnfree.bench.profile", "where a forward's or a training step's time goes, per operator"),
     },
+    # the studies' orchestration (run from a source checkout: they read and write its experiments/ records)
+    "sweep": {
+        "run-missing": Command("lnfree.sweeps.run_missing", "the data-scaling runs without a record, a few Hydra "
+                                                            "multiruns at a time (make scaling, scaling-depth)"),
+        "pretrain-depth": Command("lnfree.sweeps.pretrain_depth", "restore or pretrain the depth-and-width "
+                                                                  "family's members (make family-depth)"),
+        "lr-probe": Command("lnfree.sweeps.lr_probe", "the depth family's fine-tuning LR per size, from the "
+                                                      "vanilla control (make scaling-depth)"),
+        "cost": Command("lnfree.sweeps.cost", "the depth family study's CPU cost: step costs measured, the plan"),
+        "efficient": Command("lnfree.sweeps.efficient", "the removal-methods study's runs without a record "
+                                                        "(make efficient)"),
+    },
 }
+
+# The extra a command needs beyond the core (`pip install lnfree`), by group or by command (the command wins):
+# without it the command stops with one line that says what to install (lnfree/extras.py). train, pretrain and
+# eval check in their own modules, so that `python -m lnfree.train` says it as well; downstream's lm-eval (the
+# eval extra) is checked by lnfree.downstream itself, so that its --help needs only [analysis].
+NEEDS: dict[str, str] = {"downstream": "analysis", "remove-now": "analysis", "sweep-table": "analysis",
+                         "analyze": "analysis", "analyze pretrained": "train", "analyze controls": "train",
+                         "bench": "train", "sweep": "train"}
+
+
+def needs(words: list[str]) -> str | None:
+    """The extra of the command these words name: its own entry in NEEDS, else its group's."""
+    return NEEDS.get(" ".join(words), NEEDS.get(words[0]))
 
 
 def usage(group: str | None = None) -> str:
@@ -97,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
         problem = f"unknown command {rest[0]!r}" if rest else "no command given"
         print(f"{text}\nlnfree: {problem}; the commands are {', '.join(known)}", file=sys.stderr)
         return 2
+    words = args[:len(args) - len(rest)]  # ["train"], ["analyze", "dla"], ...
+    if extra := needs(words):
+        require(extra, " ".join(["lnfree", *words]))
     # what `python -m module args` does: the module runs as __main__ and sees argv[1:] = args
     saved = sys.argv
     sys.argv = [sys.argv[0], *rest]

@@ -5,9 +5,11 @@
   weight = gamma * 1e6 / sigma, so that sqrt(var + 1e12) ~ 1e6 and the module computes
   (x - mean) * gamma / sigma + beta (x * gamma / sigma for RMSNorm; relative error about var / 2e12; in fp32 an
   eps of 1e12 swallows any var below 2^16 outright). The stock block has one attention-input norm, so the QK
-  path's different sigma is folded into the query and key rows of its readers (exact; the family adapter's
-  stock_state_dict). A model with every site real exports as an ordinary stock model (the vanilla control).
-- `export_folded`: every frozen site folded into the linear layer that reads it; no norm left (folded.py).
+  path's different sigma is folded into the query and key rows of its readers (exact; Family.stock_state_dict,
+  written once for every family from its adapter's declarations). A model with every site real exports as an
+  ordinary stock model (the vanilla control).
+- `export_folded`: every frozen site folded into the linear layer that reads it; no norm left (Family.fold;
+  folded.py saves it).
 
 Error measure everywhere: max |logits_export - logits_source| / max |logits_source| on a check batch.
 Every export carries lnfree_export.json (lnfree.io.write_record: form, eps, sigmas, the sha256 of every file
@@ -27,7 +29,7 @@ import torch
 from .errors import ExportError
 from .families import family
 from .folded import save_folded
-from .io import raise_storage_error, write_record
+from .io import logits, raise_storage_error, refuse_fp16, write_record
 from .model import RemovableModel
 
 HF_EPS = 1e12
@@ -59,8 +61,8 @@ def check_batch(model, n_batch: int = 2, n_pos: int = 64, seed: int = 0) -> torc
 def logits_error(reference, candidate, input_ids: torch.Tensor) -> float:
     dev = next(reference.parameters()).device
     ids = input_ids.to(dev)
-    ref = _logits(reference, ids).double()
-    cand = _logits(candidate.to(dev), ids).double()
+    ref = eval_logits(reference, ids).double()
+    cand = eval_logits(candidate.to(dev), ids).double()
     return float((cand - ref).abs().max() / ref.abs().max())
 
 
@@ -74,12 +76,12 @@ def refuse_nonfinite(model, input_ids: torch.Tensor) -> None:
         raise ExportError(f"nothing exported: the model's own forward gives {describe(report)}")
 
 
-def _logits(model, ids):
+def eval_logits(model, ids):
     was_training = model.training
     model.eval()  # dropout off for the comparison; the caller's mode is restored
-    out = model(ids)
+    out = logits(model, ids)
     model.train(was_training)
-    return out.logits if hasattr(out, "logits") else out
+    return out
 
 
 # a tokenizer_config.json class name that transformers 4.x and 5.x both load (5.x writes "TokenizersBackend",
@@ -119,11 +121,7 @@ def to_stock(model: RemovableModel, dtype: torch.dtype | None = None):
     """The stock-HF equivalent of `model` (all sites real, or all removed), in memory: a GPT2LMHeadModel,
     LlamaForCausalLM, GPTNeoXForCausalLM, ... as the model's family says."""
     dtype = dtype or model.dtype
-    if dtype == torch.float16:
-        raise ExportError(
-            "fp16 HF-compatible export refused: the LN-free trick stores eps = 1e12 and weights of order "
-            "1e6 / sigma, which overflow fp16 (max 65504). Export in float32 or bfloat16."
-        )
+    refuse_fp16(dtype, "An HF-compatible export", "Export in float32 or bfloat16.", ExportError)
     fam = family(model.config)
     removed = model.removed_sites()
     if removed:
@@ -138,7 +136,8 @@ def to_stock(model: RemovableModel, dtype: torch.dtype | None = None):
     cfg._attn_implementation = model.config._attn_implementation
     stock = stock_class(cfg)
     sd = {k: v.detach().clone().double() for k, v in model.state_dict().items() if k in stock.state_dict()}
-    if removed:
+    if removed:  # what stock_config added (attention biases for the beta term) starts at zero, then the eps trick
+        sd |= {k: torch.zeros_like(v, dtype=torch.float64) for k, v in stock.state_dict().items() if k not in sd}
         fam.stock_state_dict(model, sd, HF_SCALE)
     stock.load_state_dict({k: v.to(torch.float32) for k, v in sd.items()}, strict=False)
     stock.tie_weights()

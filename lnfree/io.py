@@ -47,8 +47,9 @@ from transformers import AutoConfig, PretrainedConfig
 
 from .errors import UserError
 from .families import Dims, UnsupportedFamily, family
+from .families.gpt2_folded import FoldedConfig
 from .folded import CONFIG_FILE as FOLDED_CONFIG
-from .folded import FoldedConfig, load_folded
+from .folded import load_folded
 from .model import LNFREE_EPS, LNFREE_FILE, RemovableModel, load_removable, make_removable, not_removable_again
 from .paths import BUILTIN_TOKENIZER_DIR, DEFAULT_CACHE_DIR, RUN_SUMMARY, SHIPPED_DIR
 
@@ -69,6 +70,14 @@ TEMPORARY = re.compile(r"^\.export\.tmp$|^\..+\.model\.tmp$|^\..+\.tmp-\d+$")
 
 class ModelIOError(UserError):
     pass
+
+
+def refuse_fp16(dtype: torch.dtype | None, what: str, remedy: str, error: type[Exception] = ModelIOError) -> None:
+    """The one fp16 refusal of an LN-free HF-compatible model (its export, its loading, lm-eval on it): its norms'
+    eps = 1e12 and weights of order 1e6 / sigma overflow fp16, and the logits become NaN without an error."""
+    if dtype == torch.float16:
+        raise error(f"{what} in float16 refused: its norms' eps = 1e12 and weights of order 1e6 / sigma overflow fp16 "
+                    f"(max 65504; NaN logits). {remedy}")
 
 
 # -- writes that cannot complete: named, so that a full disk does not read as a bug ------------------------
@@ -396,9 +405,7 @@ def tokenizer_sha256(tokenizer) -> str:
 
 def shape_of(config) -> Dims:
     """The shape of any loaded form's config: an HF config of a supported family, or GPT-2's FoldedConfig."""
-    if isinstance(config, FoldedConfig):
-        return Dims(config.n_layer, config.n_embd, config.n_head, config.n_positions, 0.0)
-    return family(config).dims(config)
+    return config.dims() if isinstance(config, FoldedConfig) else family(config).dims(config)
 
 
 def write_record(out_dir: str | Path, model, form: str, tokenizer=None, **fields) -> dict:
@@ -644,10 +651,9 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
     before lnfree recorded them) on its logits fingerprint alone; refused by default (check_files).
     """
     ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
-    if dtype == torch.float16 and ref.kind == "hf_lnfree":
-        raise ModelIOError(f"{ref.reference!r} is an LN-free HF-compatible export: its norms use eps=1e12 and weights "
-                           "of order 1e6/sigma, which overflow fp16 (max 65504). Load it in float32 or bfloat16, or "
-                           "use the folded export")
+    if ref.kind == "hf_lnfree":
+        refuse_fp16(dtype, f"{ref.reference!r}, an LN-free HF-compatible export:",
+                    "Load it in float32 or bfloat16, or use the folded export")
     if removable and ref.kind in ("hf_lnfree", "folded"):
         raise ModelIOError(not_removable_again(repr(ref.reference), ref.kind))
     record = read_record(ref)

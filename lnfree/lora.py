@@ -1,7 +1,7 @@
 """LoRA fine-tuning of a removable model of any family (finetune=lora), through peft.
 
 The base weights stay frozen; low-rank adapters on the chosen projections (each family's lora_targets, e.g.
-GPT-2's Conv1D c_attn, c_proj, c_fc) learn to compensate for the norms as they are removed, as in the authors'
+GPT-2's attention and MLP Conv1Ds) learn to compensate for the norms as they are removed, as in the authors'
 LoRA variant (Baroni et al. 2025). Norm gains and biases can be trained too (finetune.train_norms). peft adapts
 HF's Conv1D and nn.Linear out of the box; the attention-input readers (GPT-2's SplitQKVProjection, the other
 families' SplitInputLinear) read the two paths of the attention-input norm (norm.py), so they get their own LoRA
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from .families import FAMILIES, family
-from .norm import NormParams, SplitInputLinear, SplitQKVProjection
+from .families.gpt2 import SplitQKVProjection
+from .norm import NormParams, SplitInputLinear
 
 LORA_CONFIG_KEY = "lnfree_lora"  # model.config field holding the adapter settings
 MERGE_TOL = 1e-5  # relative logits error allowed between the adapted model and its merge (fp32 round-off)

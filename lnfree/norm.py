@@ -268,12 +268,12 @@ class SplitLayerNorm(NormParams):
 
     While both paths are real the output is the usual LayerNorm, [batch, pos, d]. Once one is frozen the two
     paths differ only by a per-token factor: x_path = u * f_path + beta with u = (x - mean(x)) * gamma and
-    f = 1/sigma (frozen) or rstd (real). The output is then [batch, pos, d + 2] = [u, f_qk, f_v], and
-    SplitQKVProjection applies the factors after ONE matmul of u (Q, K, V are linear in x_path):
+    f = 1/sigma (frozen) or rstd (real). The output is then [batch, pos, d + 2] = [u, f_qk, f_v], and GPT-2's
+    SplitQKVProjection (lnfree.families.gpt2) applies the factors after ONE matmul of u (Q, K, V are linear in x_path):
         x_path @ W + b = f_path * (u @ W) + (beta @ W + b).
     Keeping the split inside (ln_1, c_attn) leaves Hugging Face's attention (SDPA/eager, masks, KV cache)
     untouched, and the split costs no second matmul. For an RMSNorm (centre=False) u = x * gamma and there is
-    no beta; the readers (SplitQKVProjection for GPT-2, SplitInputLinear for the other families) apply f.
+    no beta; the readers (families.gpt2.SplitQKVProjection, SplitInputLinear for the other families) apply f.
     """
 
     def __init__(self, n_embd: int, eps: float, ctx: TokenContext, centre: bool = True):
@@ -306,46 +306,6 @@ class SplitLayerNorm(NormParams):
         u, f_qk, f_v = out.split([self.weight.shape[0], 1, 1], dim=-1)
         beta = 0 if self.bias is None else self.bias
         return u * f_qk + beta, u * f_v + beta
-
-
-class SplitQKVProjection(nn.Module):
-    """GPT-2's c_attn (Conv1D, weight [d, 3d]) that also accepts SplitLayerNorm's [u, f_qk, f_v] input.
-
-    It reads beta from its block's ln_1 (a plain reference, not a submodule: state dicts keep HF's names).
-    """
-
-    def __init__(self, n_embd: int, ln: SplitLayerNorm, std: float):
-        super().__init__()
-        self.nx, self.nf = n_embd, 3 * n_embd
-        self.weight = nn.Parameter(torch.empty(n_embd, 3 * n_embd))
-        self.bias = nn.Parameter(torch.zeros(3 * n_embd))
-        # as GPT-2 initialises its Conv1D (normal, std = config.initializer_range): HF's _init_weights does not
-        # know this class, so a removable model built from a config gets the stock init only through `std`
-        nn.init.normal_(self.weight, std=std)
-        self._ln = (ln,)  # tuple: not registered as a child module
-
-    @property
-    def in_features(self) -> int:  # nn.Linear's names, which peft reads to size its LoRA layers (lora.py)
-        return self.nx
-
-    @property
-    def out_features(self) -> int:
-        return self.nf
-
-    @property
-    def v_cols(self) -> torch.Tensor:  # [3d]: the value columns (they read f_v), as SplitInputLinear's buffer
-        return torch.arange(self.nf, device=self.weight.device) >= 2 * self.nx
-
-    def forward(self, x):  # [batch, pos, d or d + 2] -> [batch, pos, 3d]
-        lead = x.shape[:-1]
-        if x.shape[-1] == self.nx:
-            return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).view(*lead, self.nf)
-        u, f_qk, f_v = x.split([self.nx, 1, 1], dim=-1)
-        y = torch.matmul(u, self.weight).view(*lead, 3, self.nx)  # one matmul for Q, K and V
-        beta = self._ln[0].bias
-        offset = (torch.matmul(beta.unsqueeze(0), self.weight).squeeze(0) + self.bias).view(3, self.nx)
-        f = torch.cat([f_qk, f_qk, f_v], dim=-1).unsqueeze(-1)  # [batch, pos, 3, 1]: Q, K, V
-        return torch.addcmul(offset.to(y.dtype), y, f.to(y.dtype)).view(*lead, self.nf)
 
 
 class SplitInputLinear(nn.Linear):

@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 PACKAGE_DIR = Path(__file__).resolve().parent
+# a source checkout's root: the studies' records (experiments/) and docs/ are there, not in an installed wheel
+SOURCE_ROOT = PACKAGE_DIR.parent
 # the Hydra configs (train.yaml, eval.yaml, pretrain.yaml and the groups): inside an installed wheel lnfree/conf,
 # in a source checkout (editable install included) the repository's conf/
 CONF_DIR = PACKAGE_DIR / "conf" if (PACKAGE_DIR / "conf" / "train.yaml").exists() else PACKAGE_DIR.parent / "conf"

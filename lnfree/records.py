@@ -4,7 +4,8 @@ half-used, and a committed one is never overwritten by a command that was not to
 - read_json / read_jsonl: a half-written or malformed file, a NaN where a number is needed, a missing key are a
   RecordError naming the file and the line;
 - append_jsonl: adds records to a .jsonl without ever dropping one already there (deduplicated by a key, a
-  conflicting duplicate refused) and atomically (the file is whole before and after, never half-written);
+  conflicting duplicate refused), atomically (the file is whole before and after, never half-written) and under a
+  lock (two processes appending at once each keep the other's records);
 - write_text_atomic: a file appears whole or not at all;
 - output_dir: where an analysis or evaluation command writes: the dir it was told, else a new one under outputs/;
   committed results (experiments/) only when named explicitly.
@@ -12,6 +13,8 @@ half-used, and a committed one is never overwritten by a command that was not to
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import math
 import os
@@ -103,6 +106,24 @@ def append_jsonl(path: str | Path, records: list[dict], key, required=(), finite
     with another value is a RecordError (two results for one run); the file is rewritten atomically. Returns how
     many were added."""
     path = Path(path)
+    with _locked(path):  # two writers (two sweep processes) each keep the other's records
+        return _append_jsonl(path, records, key, required, finite)
+
+
+@contextlib.contextmanager
+def _locked(path: Path):
+    """An exclusive advisory lock (fcntl) on the directory of `path` for the read-modify-write of the file: no
+    lock file is left beside the records."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def _append_jsonl(path: Path, records: list[dict], key, required, finite) -> int:
     old = read_jsonl(path, required, finite) if path.exists() else []
     seen = {key(r): r for r in old}
     new = []

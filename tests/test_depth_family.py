@@ -1,7 +1,6 @@
 """The depth-and-width family (issue 24): model options, pretraining that keeps the validation minimum and
 resumes, the restore-from-repo path, the fixed fine-tuning grid (no early stopping) and the LR rule."""
 
-import importlib.util
 import json
 import shutil
 import subprocess
@@ -18,21 +17,12 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from lnfree.analysis.family import collect, late_gain, pair, replicates_needed, val_by_step, verdict, window_gain
 from lnfree.io import builtin_dir, load, model_from_checkpoint, read_checkpoint
 from lnfree.model import non_embedding_params
+from lnfree.sweeps import lr_probe as probe
+from lnfree.sweeps import pretrain_depth as fam
+from lnfree.sweeps import run_missing as rm
 from lnfree.training.loggers import read_metrics
 from lnfree.training.pretrain import _resume_point, _val_data, pretrain
 from lnfree.training.tail_average import average_checkpoints, validation_ce, windows
-
-
-def _module(path, name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / path)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
-
-
-rm = _module("experiments/data_scaling/run_missing.py", "run_missing")
-probe = _module("experiments/depth_family/lr_probe.py", "lr_probe")
-fam = _module("experiments/depth_family/make_family.py", "make_family")
 
 
 def _compose(name, *overrides):
@@ -453,10 +443,9 @@ def test_depth_grid_runs_every_budget_no_early_stopping():
     assert (g["budgets"][0], deepest, 1, g["variant_schedule"]) not in jobs
 
 
-def test_depth_grid_refuses_early_stopping(monkeypatch):
-    monkeypatch.setattr("sys.argv", ["run_missing.py", "--experiment", "data_scaling_depth", "--until-within", "0.01"])
+def test_depth_grid_refuses_early_stopping():
     with pytest.raises(SystemExit, match="until-within"):
-        rm.main()
+        rm.main(["--experiment", "data_scaling_depth", "--until-within", "0.01"])
 
 
 def test_depth_record_keys(tmp_path):
@@ -504,19 +493,18 @@ def test_the_probe_writes_the_lr_of_every_settled_size_while_others_wait(tmp_pat
            for lr in g["lr_grid"] for b in g["budgets"]]
     records = tmp_path / "runs.jsonl"
     records.write_text("".join(json.dumps(r) + "\n" for r in rec))
-    # (lr_probe loads its own copy of run_missing: patch that one; no run is started, a missing one fails)
+    # (no run is started: a job left to run fails)
     monkeypatch.setattr(probe.rm, "depth_grid", lambda **_: g)
     monkeypatch.setattr(probe.rm, "harvest", lambda *_: None)
     monkeypatch.setattr(probe.rm, "run_jobs", lambda jobs, *_: int(bool(jobs)))
     monkeypatch.setattr(probe.rm, "LR_FILE", tmp_path / "lr.json")
-    monkeypatch.setattr("sys.argv", ["lr_probe.py", "--records", str(records)])
-    probe.main()
+    probe.main(["--records", str(records)])
     sizes = json.loads((tmp_path / "lr.json").read_text())["sizes"]
     assert {m: c["lr"] for m, c in sizes.items()} == {"builtin_l1w32": 2e-4, "builtin_l2w64": 2e-4}
     assert "['builtin_l3w96']: fewer than two converged" in capsys.readouterr().out
     records.write_text("".join(json.dumps(r) + "\n" for r in rec[1:]))  # l1w32's probe now incomplete
     with pytest.raises(SystemExit, match=r"incomplete \(rc=1\) for \['builtin_l1w32'\]"):
-        probe.main()
+        probe.main(["--records", str(records)])
     assert list(json.loads((tmp_path / "lr.json").read_text())["sizes"]) == ["builtin_l2w64"]
 
 
@@ -558,7 +546,7 @@ def test_members_are_pretrained_jobs_at_a_time_and_a_failure_stops_new_starts(tm
 
 
 def test_stage_two_runs_seed_one_of_every_cell_first_after_the_fixed_grid():
-    """Stage 2 (protocol.yaml's stage2, run_missing.py --extend): after every job of the fixed grid, its per-size
+    """Stage 2 (protocol.yaml's stage2, run_missing --extend): after every job of the fixed grid, its per-size
     budgets for both replicates and its arms only, one seed per job, seed 1 of every cell before any seed 2;
     without --extend, the fixed grid alone; the fixed grid's largest budget is what make scaling-depth-analysis
     keeps (--print-max-budget)."""
@@ -584,6 +572,6 @@ def test_stage_two_runs_seed_one_of_every_cell_first_after_the_fixed_grid():
             for b, m, rep, arm, _, _ in first]
     rest = rm.depth_jobs(done, lrs, g, extend=True)[len(fixed):]
     assert rest == added[len(first):] and 0 < rm.cpu_hours(rest) < rm.cpu_hours(added)
-    out = subprocess.run([sys.executable, str(ROOT / "experiments/data_scaling/run_missing.py"), "--experiment",
-                          "data_scaling_depth", "--print-max-budget"], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-m", "lnfree.sweeps.run_missing", "--experiment", "data_scaling_depth",
+                          "--print-max-budget"], capture_output=True, text=True, check=True, cwd=ROOT)
     assert int(out.stdout) == max(g["budgets"])

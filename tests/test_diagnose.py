@@ -67,3 +67,14 @@ def test_the_divergence_message_names_the_sites_removed_last():
     trainer = SimpleNamespace(global_step=7, callbacks=[object(), SimpleNamespace(applied=applied)])
     assert last_removals(trainer) == ", 2 step(s) after removing pre_mlp.1, attn_qk.0 at step 5"
     assert last_removals(SimpleNamespace(global_step=7, callbacks=[SimpleNamespace(applied=[])])) == ""
+
+
+def test_with_ramps_the_divergence_message_tells_the_site_removed_from_the_ramp_started():
+    applied = [{"site": "pre_mlp.0", "applied_at": 16, "removed_at": 28},
+               {"site": "pre_mlp.5", "applied_at": 28, "removed_at": None},
+               {"site": "pre_mlp.1", "applied_at": 18, "removed_at": None}]
+    trainer = SimpleNamespace(global_step=29, callbacks=[SimpleNamespace(applied=applied)])
+    assert last_removals(trainer) == (", 1 step(s) after removing pre_mlp.0 and starting the ramp of pre_mlp.5 "
+                                      "at step 28")
+    applied[0]["removed_at"] = None  # nothing removed yet: only ramps started
+    assert last_removals(trainer) == ", 1 step(s) after starting the ramp of pre_mlp.5 at step 28"

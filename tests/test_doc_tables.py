@@ -1,5 +1,5 @@
 """Result tables cannot drift from their records: every table between `<!-- table:NAME -->` markers in README.md,
-docs/ and experiments/*/README.md equals what lnfree.analysis.doc_tables generates from the committed JSON, and
+docs/ and experiments/*/README.md equals what tools/doc_tables.py generates from the committed JSON, and
 every result table of those pages is marked."""
 
 from __future__ import annotations
@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from lnfree.analysis.doc_tables import ROOT, TABLES, pages, stale, write
-from lnfree.analysis.table_markers import marked, replaced, write_table
+from tools.doc_tables import ROOT, TABLES, pages, stale, write
+from tools.table_markers import marked, replaced, write_table
 
 # Markdown tables in the scanned pages that are not results (design, definitions, options), each with the reason
 NOT_RESULTS = {
@@ -22,13 +22,14 @@ NOT_RESULTS = {
     "docs/reference/gpus_and_clusters.md": "hardware options",
     "experiments/depth_family/README.md": "the family's design: shapes and parameter counts",
     "docs/removal_methods.md": "the removal methods and the shipped compressed schedules (definitions)",
+    "experiments/README.md": "the index of the studies: folders, commands, records",
 }
 
 
 def test_every_committed_table_matches_its_json():
     cache = {}
     bad = {str(p.relative_to(ROOT)): names for p in pages() if (names := stale(p, ROOT, cache))}
-    assert bad == {}, "run `make tables` (python -m lnfree.analysis.doc_tables)"
+    assert bad == {}, "run `make tables` (python -m tools.doc_tables)"
     assert set(cache) == set(TABLES), f"generated but shown nowhere: {set(TABLES) - set(cache)}"
 
 
@@ -108,7 +109,7 @@ def test_make_papers_regeneration_gives_back_the_committed_records(tmp_path):
     presence is checked)."""
     import shutil
 
-    from lnfree.analysis.paper import EVALUATIONS, FAMILIES, regenerate
+    from tools.paper import EVALUATIONS, FAMILIES, regenerate
 
     shutil.copytree(ROOT / "experiments", tmp_path / "experiments")
     shutil.copytree(ROOT / "docs", tmp_path / "docs")

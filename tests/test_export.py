@@ -7,7 +7,8 @@ import torch
 from conftest import calibrated_all_removed, ids, remove_all, stock_and_removable
 
 from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock_gpt2
-from lnfree.folded import FoldedGPT2, load_folded
+from lnfree.families.gpt2_folded import FoldedGPT2
+from lnfree.folded import load_folded
 
 
 def _rel(a, b):
@@ -201,7 +202,7 @@ def test_folded_model_builds_positions_and_mask_on_the_input_device():
 
 
 def test_folded_model_refuses_an_unknown_activation():
-    from lnfree.folded import ACTIVATIONS, FoldedConfig
+    from lnfree.families.gpt2_folded import ACTIVATIONS, FoldedConfig
 
     _, model = calibrated_all_removed()
     cfg = fold(model).config

@@ -747,3 +747,30 @@ def test_the_folded_neox_unembedding_stays_its_own_when_transformers_ties_weight
     folded.tie_weights()  # from_pretrained, resize_token_embeddings ... call it: the folded config must say untied
     assert not folded.config.tie_word_embeddings
     assert torch.equal(logits(folded, x), before) and rel_err(before, logits(model, x)) < 1e-5
+
+
+@pytest.mark.parametrize("case", ["gpt2", "llama", "qwen2", "neox"])
+def test_the_exports_value_rows_are_the_ones_the_forward_splits(case):
+    """The eps trick and the fold (written once, lnfree.families.base) read each attention-input reader's value rows
+    from the adapter's value_rows; the forward reads the installed reader's v_cols. They must be the same rows."""
+    from conftest import stock_and_removable
+
+    model = stock_and_removable()[1] if case == "gpt2" else removable(case)
+    fam = model.family
+    for block in fam.blocks(model):
+        for name in fam.attn_readers:
+            reader = block.get_submodule(name)
+            assert torch.equal(fam.value_rows(model.config, name, reader.out_features), reader.v_cols.cpu())
+
+
+def test_adapters_declare_and_the_export_math_is_written_once():
+    """Installing the norms, the eps trick, the fold and the folded HF model come from Family alone: an adapter
+    that redefined one would be a second copy of the math (GPT-2 builds its own plain-torch folded form, from the
+    shared fold_state_dict)."""
+    from lnfree.families import FAMILIES
+    from lnfree.families.base import Family
+
+    shared = ("install", "stock_state_dict", "fold_state_dict", "fold_reader", "folded_model", "blocks", "embed")
+    for fam in FAMILIES:
+        assert [m for m in shared if m in type(fam).__dict__] == [], fam.name
+        assert (type(fam).fold is Family.fold) == (fam.name != "gpt2")

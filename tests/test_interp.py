@@ -194,6 +194,18 @@ def test_entropy_neuron_total_effect_equals_direct_effect_only_without_layernorm
             assert gap > 1e-3  # the final norm's scale moves with the ablation
 
 
+def test_the_neuron_search_ranks_by_the_criterion_asked_for(tmp_path):
+    import json
+
+    from lnfree.analysis.interp.neurons import main
+
+    for by, key in (("norm", "w_out_norm"), ("null", "null_space_fraction")):
+        main(["original=builtin:w128", "--out", str(tmp_path / by), "--blocks", "1", "--top", "3", "--by", by])
+        res = json.loads((tmp_path / by / "neurons.json").read_text())["original"]
+        ranked = [n[key] for n in res["neurons"]]
+        assert res["ranked_by"] == by and len(ranked) == 3 and ranked == sorted(ranked, reverse=True)
+
+
 def test_the_analyses_default_models_compose_in_a_fresh_process():
     """Every analysis command without name=path arguments compares conf/eval.yaml's models: composing that config
     in a process that imported nothing else (as `python -m lnfree.analysis.interp.dla` does) must work."""

@@ -129,7 +129,7 @@ def _fake_replicate(r):
 
 def test_aggregate_over_replicates_and_the_generated_readme_tables(tmp_path):
     from lnfree.analysis.interp import controls, controls_plot
-    from lnfree.analysis.table_markers import write_table
+    from tools.table_markers import write_table
 
     agg = controls.aggregate({r: _fake_replicate(r) for r in range(3)})
     nmae = agg["patching"]["switch"]["original"]["nmae_percent"]
@@ -180,3 +180,24 @@ def test_null_space_fraction_over_the_tasks_tokens_only():
     _, frac_all = weight_signature(stock)
     assert frac_tokens[0] < 1e-6 and frac_all[0] > 1e-4
     assert tiny_config().n_embd > len(tokens)
+
+
+def test_null_space_fraction_with_a_whole_vocabulary_matches_an_eigendecomposition(monkeypatch):
+    """More tokens than dimensions (every real model): the reduced SVD must give the same null space as the
+    eigenvectors of W_U^T W_U (the full SVD would build a [vocab, vocab] matrix: 19 GB at 49k tokens)."""
+    from lnfree.analysis.interp.neurons import weight_signature
+
+    stock, _ = stock_and_removable()
+    w_u = (stock.lm_head.weight * stock.transformer.ln_f.weight).detach().double()
+    assert w_u.shape[0] > w_u.shape[1]
+    w_u = w_u - w_u.mean(0)
+    _, eigvec = torch.linalg.eigh(w_u.T @ w_u)  # ascending eigenvalues: the first columns span the null space
+    with torch.no_grad():
+        stock.transformer.h[-1].mlp.c_proj.weight[0] = eigvec[:, 0].float()  # the weakest direction
+        stock.transformer.h[-1].mlp.c_proj.weight[1] = eigvec[:, -1].float()  # the strongest
+    calls, svd = [], torch.linalg.svd
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, full_matrices=True: calls.append(full_matrices) or svd(
+        a, full_matrices=full_matrices))
+    _, frac = weight_signature(stock)
+    assert abs(float(frac[0]) - 1.0) < 1e-5 and float(frac[1]) < 1e-5
+    assert calls == [False]  # no [vocab, vocab] factor

@@ -6,6 +6,7 @@ import pytest
 import torch
 from torch import nn
 
+from lnfree.families.gpt2 import SplitQKVProjection
 from lnfree.norm import (
     BOS,
     EOT,
@@ -15,7 +16,6 @@ from lnfree.norm import (
     RemovableLayerNorm,
     SplitInputLinear,
     SplitLayerNorm,
-    SplitQKVProjection,
     TokenContext,
 )
 

@@ -10,8 +10,9 @@ import sys
 import pytest
 from conftest import ROOT
 
-from lnfree.analysis import doc_tables, scaling
+from lnfree.analysis import scaling
 from lnfree.records import RecordError, append_jsonl, job_output_dir, read_jsonl
+from tools import doc_tables
 
 RECORDS = ROOT / "experiments" / "data_scaling" / "runs.jsonl"
 QUICK = ["--bootstrap", "0", "--simulations", "0"]
@@ -165,3 +166,15 @@ def test_scaling_refuses_a_half_written_summary(tmp_path):
     (tmp_path / "sweep" / "0" / "summary.json").write_text('{"config": {"model": ')
     with pytest.raises(RecordError, match=r"0/summary.json:1: not valid JSON"):
         scaling.load_runs(tmp_path / "sweep")
+
+
+def test_two_processes_appending_at_once_keep_every_record(tmp_path):
+    """Two sweep processes share one runs.jsonl: each append reads, adds and rewrites the file, so without the lock
+    one writer's rewrite could drop the other's records."""
+    out = tmp_path / "runs.jsonl"
+    code = ("import sys; from lnfree.records import append_jsonl\n"
+            "for i in range(40):\n"
+            "    append_jsonl(sys.argv[1], [{'w': sys.argv[2], 'i': i}], key=lambda r: (r['w'], r['i']))")
+    procs = [subprocess.Popen([sys.executable, "-c", code, str(out), w], cwd=ROOT) for w in "ab"]
+    assert all(p.wait(timeout=120) == 0 for p in procs)
+    assert sorted((r["w"], r["i"]) for r in read_jsonl(out)) == [(w, i) for w in "ab" for i in range(40)]

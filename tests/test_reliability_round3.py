@@ -143,7 +143,7 @@ def test_gpt2_options_the_issue_found_export_exactly_in_both_forms(option, tmp_p
 def test_every_folded_activation_is_the_function_transformers_computes():
     from transformers.activations import ACT2FN
 
-    from lnfree.folded import ACTIVATIONS
+    from lnfree.families.gpt2_folded import ACTIVATIONS
 
     x = torch.linspace(-6, 6, 1001, dtype=torch.float64)
     for name, fn in ACTIVATIONS.items():

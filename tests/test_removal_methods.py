@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_RUN, compose_train, ids, stock_and_removable, train_until_crash
+from conftest import TINY_RUN, compose_train, ids, needs, stock_and_removable, train_until_crash
 from omegaconf import OmegaConf
 
 from lnfree.io import read_checkpoint
@@ -320,7 +320,7 @@ def test_resume_mid_ramp_or_mid_adaptive_wait_is_bit_identical_to_an_uninterrupt
 
 @pytest.mark.slow
 @pytest.mark.parametrize("model,finetune", [("tiny", "full"), ("tiny_llama", "full"), ("tiny_neox", "full"),
-                                            ("tiny", "lora")])
+                                            pytest.param("tiny", "lora", marks=needs("peft", "lora"))])
 def test_every_method_together_on_every_family_and_lora_exports_a_checked_model(tmp_path, model, finetune):
     cfg = compose_train(tmp_path, *TINY_RUN, f"model={model}", f"finetune={finetune}", "schedule=builtin_compressed",
                         *RAMP, *ADAPTIVE, *DISTILL)

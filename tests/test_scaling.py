@@ -110,15 +110,10 @@ def test_sources_merge_records_and_sweep_dirs_and_refuse_conflicts(tmp_path):
 
 
 def test_sweep_runner_finds_missing_jobs_and_stops_a_size_once_within(tmp_path):
-    """experiments/data_scaling/run_missing.py: the grid comes from the experiment config; a job is missing per
-    seed; --until-within skips a size's budgets beyond one whose seed-mean gap is within the threshold."""
-    import importlib.util
+    """lnfree.sweeps.run_missing: the grid comes from the experiment config; a job is missing per seed;
+    --until-within skips a size's budgets beyond one whose seed-mean gap is within the threshold."""
+    from lnfree.sweeps import run_missing as rm
 
-    from conftest import ROOT
-
-    spec = importlib.util.spec_from_file_location("run_missing", ROOT / "experiments/data_scaling/run_missing.py")
-    rm = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(rm)
     models, budgets, seeds, schedules, step_tokens = rm.grid()
     assert step_tokens == 16 * 256 and seeds == [1, 2, 3] and set(schedules) == {"none", "scaled"}
     m, b0, b1 = models[0], budgets[0], budgets[1]

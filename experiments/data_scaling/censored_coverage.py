@@ -17,20 +17,15 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import sys
 from dataclasses import asdict, replace
 from multiprocessing import Pool
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-from run_missing import depth_budgets  # noqa: E402  (the fixed grid's budgets, from its config)
-
-from lnfree.analysis.censored import coverage  # noqa: E402
-from lnfree.analysis.scaling import at_chosen_lr, exponent_coverage, gap_table, load_runs, measured_noise  # noqa: E402
-from lnfree.analysis.simulate import SweepStructure  # noqa: E402
+from lnfree.analysis.censored import coverage
+from lnfree.analysis.scaling import at_chosen_lr, exponent_coverage, gap_table, load_runs, measured_noise
+from lnfree.analysis.simulate import SweepStructure
+from lnfree.paths import SOURCE_ROOT as ROOT
+from lnfree.sweeps.run_missing import depth_budgets  # the fixed grid's budgets, from its config
 
 TRUE_B = (-0.5, 0.0, 0.37, 1.0)
 TRUE_LACK_OF_FIT = (0.0, 0.25, 0.5)

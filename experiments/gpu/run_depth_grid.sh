@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The depth-and-width family's fine-tuning grid on one GPU in one call of at most 8 minutes (prepared, not run yet):
 #   run(command="bash experiments/gpu/run_depth_grid.sh", timeout_s=500)
-# The pretrained members travel committed in experiments/depth_family/models/ (make_family.py --save; about 22 MB)
+# The pretrained members travel committed in experiments/depth_family/models/ (lnfree.sweeps.pretrain_depth --save; about 22 MB)
 # and are restored into .famcache; the members that are not committed are pretrained here first, 8 at a time on
 # the one GPU, fp32, within PRETRAIN_TIMEOUT (8000 steps took the width family's recipe about 6 minutes on the
 # H200 for 3000 steps x 12 runs at once, so budget ~6 minutes: then the grid is left for the next call); the
 # finished ones come back in $OUT/models/ (to commit into experiments/depth_family/models/) with their run dirs'
-# records in $OUT/pretrain_runs/ (`python -m lnfree.analysis.family` reads them). Then the LR probe (experiments/depth_family/lr_probe.py: vanilla control only, writes lr.json) and
+# records in $OUT/pretrain_runs/ (`python -m lnfree.analysis.family` reads them). Then the LR probe (lnfree.sweeps.lr_probe: vanilla control only, writes lr.json) and
 # every job of experiment=data_scaling_depth without a record in experiments/depth_family/runs.jsonl, as
 # Hydra multiruns, WORKERS at a time, fp32 like the CPU runs: the fixed grid's first, then the stage-2 extension's
 # (budgets 1024-4096 steps, --extend; experiments/depth_family/README.md "Grid extension"), smallest budgets first. Each phase has a time limit so that the records of
@@ -24,7 +24,7 @@ CACHE=$PWD/.famcache
 EXTRA="hardware=gpu hardware.precision=32-true"
 nvidia-smi -L
 t0=$(date +%s)
-timeout ${PRETRAIN_TIMEOUT:-400} python3 experiments/depth_family/make_family.py --cache-dir $CACHE --jobs 8 \
+timeout ${PRETRAIN_TIMEOUT:-400} python3 -m lnfree.sweeps.pretrain_depth --cache-dir $CACHE --jobs 8 \
   --extra $EXTRA > $OUT/pretrain.log 2>&1
 echo "pretraining: $(( $(date +%s) - t0 )) s"; grep -E "rc=|in the cache|restored" $OUT/pretrain.log
 for d in $CACHE/models/*/; do n=$(basename $d)
@@ -32,17 +32,16 @@ for d in $CACHE/models/*/; do n=$(basename $d)
 done
 mkdir -p $OUT/pretrain_runs && for d in $CACHE/pretrain_runs/*/; do n=$(basename $d); mkdir -p $OUT/pretrain_runs/$n
   cp $d/summary.json $OUT/pretrain_runs/$n/ 2>/dev/null; cp -r $d/csv $OUT/pretrain_runs/$n/ 2>/dev/null; done
-timeout ${PROBE_TIMEOUT:-150} python3 experiments/depth_family/lr_probe.py --workers $WORKERS --cache-dir $CACHE \
+timeout ${PROBE_TIMEOUT:-150} python3 -m lnfree.sweeps.lr_probe --workers $WORKERS --cache-dir $CACHE \
   --extra $EXTRA > $OUT/probe.log 2>&1
 echo "probe: $(( $(date +%s) - t0 )) s"; tail -n 6 $OUT/probe.log
-timeout ${GRID_TIMEOUT:-280} python3 experiments/data_scaling/run_missing.py --experiment data_scaling_depth --extend \
+timeout ${GRID_TIMEOUT:-280} python3 -m lnfree.sweeps.run_missing --experiment data_scaling_depth --extend \
   --workers $WORKERS --cache-dir $CACHE --extra $EXTRA > $OUT/grid.log 2>&1
 echo "probe + grid: $(( $(date +%s) - t0 )) s"; tail -n 3 $OUT/grid.log
 # records of runs that finished after their multirun was cut off by the time limit
 python3 -c "
-import importlib.util, sys
-s = importlib.util.spec_from_file_location('rm', 'experiments/data_scaling/run_missing.py')
-rm = importlib.util.module_from_spec(s); s.loader.exec_module(rm)
+import sys
+from lnfree.sweeps import run_missing as rm
 print(rm.harvest(rm.DEPTH_OUT, rm.DEPTH_RECORDS, sys.argv[1]), 'more recorded')" $CACHE
 cp experiments/depth_family/runs.jsonl experiments/depth_family/lr.json $OUT/ 2>/dev/null
 wc -l $OUT/runs.jsonl; ls -la $OUT

@@ -68,11 +68,11 @@ def plot_ce_by_position(per_token: dict, path: Path):
 
 def plot_training_curves(models: dict[str, str], path: Path) -> bool:
     """Train and validation CE of every model that is a training run, removal events marked."""
-    from ..training.loggers import read_metrics  # the CSV logger's reader (imports Lightning: only when plotting runs)
-
     runs = {m: r for m, p in models.items() if (r := find_run_dir(p)) is not None}
     if not runs:
-        return False
+        return False  # no run among them (exports, built-ins, hub models): lnfree eval needs no Lightning
+    from ..training.loggers import read_metrics  # the CSV logger's reader (imports Lightning: only when plotting runs)
+
     fig, axes = figure_row(2)
     named = {}  # generic norm kind -> the names the runs' summaries give it
     for name, run in runs.items():

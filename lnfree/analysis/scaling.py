@@ -1,6 +1,6 @@
 """Data needed to remove LayerNorm vs model size, from a sweep's run summaries or committed records.
 
-    make scaling      # = the sweep's missing runs (experiments/data_scaling/run_missing.py), then this module
+    make scaling      # = the sweep's missing runs (python -m lnfree.sweeps.run_missing), then this module
     python -m lnfree.analysis.scaling SWEEP_DIR [--out DIR]   # any Hydra multirun dir; no --out: a new dir
                                                               # outputs/scaling/<time> (never experiments/)
     python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl --out DIR  # from the committed records
@@ -61,7 +61,7 @@ def size_name(r: dict) -> str:
 
 def at_chosen_lr(runs: list[dict], lrs: dict) -> list[dict]:
     """The runs at each size's fine-tuning LR. lrs: lr.json's "sizes" ({model option, e.g. builtin_l1w32: {"lr"}},
-    experiments/depth_family/lr_probe.py). The probe's runs at the other LRs are left out, and so is every size
+    lnfree.sweeps.lr_probe). The probe's runs at the other LRs are left out, and so is every size
     the probe has not chosen an LR for."""
     chosen = {k.removeprefix("builtin_"): v["lr"] for k, v in lrs.items()}
     return [r for r in runs if size_name(r).removeprefix("builtin_") in chosen

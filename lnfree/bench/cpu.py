@@ -4,7 +4,7 @@
                                [--precisions fp32 bf16] [--out experiments/bench/cpu.json]
 
 The table of experiments/bench/README.md is generated from the committed JSON by `make tables`
-(lnfree.analysis.doc_tables, with the further runs cpu_run2-4.json); a run only writes its JSON and prints the table.
+(tools/doc_tables.py, with the further runs cpu_run2-4.json); a run only writes its JSON and prints the table.
 
 All timings in one process, on the same shapes, alternating the variants in every repetition in a rotating order
 (so drift and noise hit all of them), reporting per variant the median and quartiles of the per-repetition
@@ -53,6 +53,7 @@ from ..paths import CONF_DIR
 from ..training.module import distill_kl, frozen_teacher
 from .syncs import count_syncs
 
+# GPT-2 configs (the bench times stock GPT-2 against its removable and folded forms).
 # rep_scale: repetitions = rep_scale x --reps (the small shape is cheap and its ratios are noisier); infer_scale:
 # forward repetitions per pass = infer_scale x --reps; eval: (batch, context) as `make eval` (conf/eval.yaml) for
 # the built-in model, and GPT-2's context at batch 1 for GPT-2 small (8 x 1024 logits in fp32 are 1.6 GB)
@@ -356,15 +357,18 @@ def table(res, more: list[dict] = ()) -> str:
                 t = e[prec]["tokens_per_s"]
                 lines.append(f"| {shape} | {e['batch']} x {e['context']} | {prec} | {t['stock']:.0f} "
                              f"| {t['folded']:.0f} | {t['folded'] / t['stock']:.2f} |")
-    if res.get("distill"):
+    distilled = [(k, r) for k, r in enumerate([res, *more], 1) if r.get("distill")]
+    if distilled:
         lines += ["", "Distillation (schedule.distill), fp32: a training step with the teacher's forward and the KL "
                   "term over the same step without them, per-repetition ratio: median [quartiles]; memory: the "
                   "teacher's weights over the training state (weights, gradients, AdamW moments).", "",
                   "| shape | reps | distilled / plain step | plain step (ms) | teacher (MB) | memory ratio |",
                   "|---|---|---|---|---|---|"]
-        for shape, d in res["distill"].items():
-            lines.append(f"| {shape} | {d['reps']} | {cell(d['spread'])} | {1000 * d['median_s']['plain']:.1f} "
-                         f"| {d['teacher_bytes'] / 1e6:.1f} | {d['memory_ratio']:.2f} |")
+        for k, r in distilled:
+            for shape, d in r["distill"].items():
+                name = shape if not more else f"{shape} (run {k})"
+                lines.append(f"| {name} | {d['reps']} | {cell(d['spread'])} | {1000 * d['median_s']['plain']:.1f} "
+                             f"| {d['teacher_bytes'] / 1e6:.1f} | {d['memory_ratio']:.2f} |")
     return "\n".join(lines)
 
 

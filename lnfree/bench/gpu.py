@@ -10,7 +10,7 @@ before and after every part, so a session cut short keeps what it measured and s
         training tokens/s (lnfree.training.callbacks.Throughput: steps after the third, validation excluded), MFU,
         validation CE, whether every site ended removed;
   resume  the first shape's FSDP2 removal run resumed from its mid-run checkpoint: same sigmas and val CE;
-  folded:<shape>  inference tokens/s (and MFU) of stock GPT-2 and of the folded LN-free model (lnfree.folded)
+  folded:<shape>  inference tokens/s (and MFU) of stock GPT-2 and of the folded LN-free model (FoldedGPT2)
         at the same batch and context, bf16 autocast and fp32.
 On the GPU every part runs in its own process under a time limit (`timeout_s`, and the whole under --budget-s), so
 an out-of-memory error or a hang ends that part only. The dry run (CPU, bf16-mixed: single device and FSDP2 on one
@@ -157,7 +157,7 @@ def _train(tmp: Path, part: Part, overrides: list[str]) -> dict:
     shape, hw = c["model"]["shape"], c["hardware"]
     prec = "bf16" if hw["precision"].startswith("bf16") else "fp32"
     d = shape["n_embd"]
-    vocab = (s["n_params"] - s["n_params_non_embedding"]) // d - shape["n_positions"]  # embeddings: (V + T_max) d
+    vocab = (s["n_params"] - s["n_params_non_embedding"]) // d - shape["n_positions"]  # GPT-2's: (V + T_max) d
     flops = flops_per_token(shape["n_layer"], d, c["data"]["block_size"], vocab, s["n_params_non_embedding"],
                             training=True)
     tps = s["train_tokens_per_s"]

@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from ..families import family
 from .cpu import CLOCKS, SHAPES, alternate, build_models, fused_gelu_twin, machine, medians, train_step
 
 # operator -> what it is part of in these models (anything else: "other")
@@ -98,10 +99,12 @@ def norm_paths(shape: str, reps: int) -> dict:
     x = torch.randn(b, t, s["cfg"]["n_embd"], requires_grad=True)
 
     def paths(m):
-        blk, ln_f = m.transformer.h[0], m.transformer.ln_f
+        fam = family(m.config)
+        blk, ln_f = fam.blocks(m)[0], fam.final_norm(m)
 
         def run():
-            y = blk.attn.c_attn(blk.ln_1(x)).sum() + blk.ln_2(x).sum()
+            h = fam.attn_norm(blk)(x)
+            y = sum(blk.get_submodule(r)(h).sum() for r in fam.attn_readers) + fam.mlp_norm(blk)(x).sum()
             y.backward()
         return run, lambda: ln_f(x).sum().backward()
 

@@ -26,7 +26,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..errors import UserError, user_errors_as_messages
-from ..io import ModelIOError, ModelRef, load, logits, resolve, shape_of
+from ..io import ModelRef, load, logits, refuse_fp16, resolve, shape_of
 from ..paths import CONF_DIR
 from ..records import job_output_dir
 
@@ -86,9 +86,8 @@ def check(cfg) -> dict:
         if ref.kind == "folded":
             raise DownstreamError(f"{m.name}: {m.path!r} is a folded export, which lm-eval cannot run (it is not a "
                                   "transformers model); use the run's export/hf")
-        if cfg.dtype == "float16" and ref.kind == "hf_lnfree":
-            raise ModelIOError(f"{m.name}: {m.path!r} is an LN-free export: float16 overflows its eps=1e12 LayerNorms "
-                               "(NaN logits); use dtype=float32 or bfloat16")
+        if ref.kind == "hf_lnfree":
+            refuse_fp16(DTYPES[cfg.dtype], f"{m.name}: {m.path!r}, an LN-free export:", "Use dtype=float32 or bfloat16")
     from lm_eval.tasks import TaskManager
 
     known = set(TaskManager(include_path=str(TASKS_DIR)).all_tasks)

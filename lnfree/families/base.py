@@ -1,10 +1,10 @@
 """What a model family must tell lnfree, and the removable-model behaviour every family shares.
 
-A *family* adapter (one file per family: gpt2.py, llama.py, neox.py) names, for Hugging Face's class of that
-family: its blocks, the norm of each site kind, the modules that read the attention-input norm (and which of
-their output columns are values), the final norm, and how its stock HF form and its folded (norm-free) form are
-built. Everything else (sites, removal, statistics, calibration, export checks) is written once, here and in
-lnfree/model.py, against this interface.
+A *family* adapter (one file per family: gpt2.py, llama.py, neox.py) declares, for Hugging Face's class of that
+family: its blocks, the norm of each site kind, the modules that read each norm (and which output rows of the
+attention-input readers are values), the final norm, the weight layout, the embeddings, the eps and context-length
+fields. Everything else (installing the removable norms, sites, removal, statistics, calibration, the exports' eps
+trick and fold) is written once, here and in lnfree/model.py, against these declarations.
 
 Site kinds, in removal order (docs/method.md, 'Norm sites'; docs/families.md):
     pre_mlp  the MLP-input norm            (GPT-2 ln_2, Llama post_attention_layernorm, NeoX post_attention_layernorm)
@@ -22,7 +22,18 @@ import torch
 from torch import nn
 
 from ..errors import UserError
-from ..norm import BOS, EOT, IGNORED, ORDINARY, NormSite, RemovableLayerNorm, SplitLayerNorm, TokenContext, recording
+from ..norm import (
+    BOS,
+    EOT,
+    IGNORED,
+    ORDINARY,
+    NormSite,
+    RemovableLayerNorm,
+    SplitInputLinear,
+    SplitLayerNorm,
+    TokenContext,
+    recording,
+)
 
 KINDS = ("pre_mlp", "attn_qk", "attn_v", "final")  # generic site kinds, in schedule order
 GPT2_ALIASES = {"ln2": "pre_mlp", "ln1qk": "attn_qk", "ln1v": "attn_v", "lnf": "final"}
@@ -52,7 +63,8 @@ class Dims:
 
 
 class Family:
-    """The adapter interface. Subclasses set the class attributes and implement the methods below."""
+    """The adapter interface: a subclass declares its HF class's names (the attributes below) and implements
+    dropout_fields, stock_class, removable_class and value_rows; everything else is written once, here."""
 
     name: str  # e.g. "llama"
     model_types: tuple[str, ...]  # config.model_type values it covers
@@ -62,11 +74,23 @@ class Family:
     # the config fields of (layers, width, heads, context length, vocabulary), in this order: dims() reads them,
     # and a resumed checkpoint must agree on them (besides model_type)
     shape_fields = ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size")
-    # the input embeddings' parameter names (tokens, and learned positions where there are any), as
+    # the input embeddings' parameter names (tokens, then learned positions where there are any), as
     # model.named_parameters() gives them: what optim.decay_embeddings=false keeps out of weight decay
     embedding_names: tuple[str, ...] = ()
     lora_targets: tuple[str, ...] = ()
     block_class: str = ""  # the HF class name of a block (FSDP shards each)
+    # module paths: of the block list and the final norm in the model; of the rest inside a block
+    blocks_path: str
+    final_norm_path: str
+    attn_norm_name: str
+    mlp_norm_name: str
+    attn_readers: tuple[str, ...]  # the linear layers that read the attention-input norm (queries, keys, values)
+    mlp_readers: tuple[str, ...]  # the linear layers that read the MLP-input norm
+    mlp_name: str = "mlp"
+    attn_out_name: str  # the attention output projection
+    mlp_out_name: str  # the MLP output projection
+    unembedding = "lm_head"  # reads the final norm; an nn.Linear in every family
+    conv1d = False  # the blocks' linear layers store their weight [in, out] (GPT-2's Conv1D), not nn.Linear's [out, in]
 
     # -- config --------------------------------------------------------------------------------------------
     def check(self, config) -> None:
@@ -84,6 +108,11 @@ class Family:
     def dropout_fields(self) -> tuple[str, ...]:
         raise NotImplementedError
 
+    def value_rows(self, config, reader: str, n_out: int) -> torch.Tensor:
+        """[n_out] bool: which output rows of the attention-input reader `reader` (a name in attn_readers) are
+        values; the others are queries and keys."""
+        raise NotImplementedError
+
     # -- modules ---------------------------------------------------------------------------------------------
     def stock_class(self, config):
         raise NotImplementedError
@@ -92,54 +121,149 @@ class Family:
         raise NotImplementedError
 
     def blocks(self, model) -> list[nn.Module]:
-        raise NotImplementedError
+        return list(model.get_submodule(self.blocks_path))
 
     def attn_norm(self, block) -> SplitLayerNorm:
-        raise NotImplementedError
+        return block.get_submodule(self.attn_norm_name)
 
     def mlp_norm(self, block) -> RemovableLayerNorm:
-        raise NotImplementedError
+        return block.get_submodule(self.mlp_norm_name)
 
     def final_norm(self, model) -> RemovableLayerNorm:
-        raise NotImplementedError
-
-    # -- what interpretability reads (lnfree.analysis.interp.dla); stock and removable models alike -------------
-    def embed(self, model, ids: torch.Tensor) -> torch.Tensor:
-        """The residual stream's first term [batch, pos, d] (token + learned position embeddings)."""
-        raise NotImplementedError
-
-    def attn_out(self, block) -> tuple[nn.Module, torch.Tensor]:
-        """The attention output projection and its weight as [d_in = heads x d_head, d_out]."""
-        raise NotImplementedError
-
-    def mlp(self, block) -> nn.Module:
-        raise NotImplementedError
-
-    def mlp_out(self, block) -> tuple[nn.Module, torch.Tensor]:
-        """The MLP output projection (its input: one activation per neuron) and its weight as [d_mlp, d_out]."""
-        raise NotImplementedError
+        return model.get_submodule(self.final_norm_path)
 
     def install(self, model, ctx: TokenContext) -> None:
         """Swap the stock norms (and the attention-input readers) for removable ones, in place."""
-        raise NotImplementedError
+        dims = self.dims(model.config)
+        d, eps = dims.d_model, dims.eps
+        for block in self.blocks(model):
+            ln = SplitLayerNorm(d, eps, ctx, centre=self.centre)
+            set_submodule(block, self.attn_norm_name, ln)
+            for name in self.attn_readers:
+                set_submodule(block, name, self.split_reader(block.get_submodule(name), ln, name, model.config))
+            set_submodule(block, self.mlp_norm_name, RemovableLayerNorm(d, eps, ctx, centre=self.centre))
+        set_submodule(model, self.final_norm_path, RemovableLayerNorm(d, eps, ctx, centre=self.centre))
+
+    def split_reader(self, linear: nn.Module, ln: SplitLayerNorm, name: str, config) -> nn.Module:
+        """The attention-input reader `linear` made to accept SplitLayerNorm's split output."""
+        return SplitInputLinear(linear, ln, self.value_rows(config, name, linear.out_features))
 
     def embedding_params(self, model) -> int:
-        raise NotImplementedError
+        """The input embeddings' parameters, and the unembedding's where it is not tied to them."""
+        n = sum(model.get_parameter(name).numel() for name in self.embedding_names)
+        return n if model.config.tie_word_embeddings else n + model.get_output_embeddings().weight.numel()
 
-    # -- exports ----------------------------------------------------------------------------------------------
+    # -- what interpretability reads (lnfree.analysis.interp.dla); stock and removable models alike -------------
+    def embed(self, model, ids: torch.Tensor) -> torch.Tensor:
+        """The residual stream's first term [batch, pos, d]: the token embedding, plus the learned position
+        embedding where the family has one (rotary positions add nothing to the residual)."""
+        tokens, *positions = (model.get_submodule(name.removesuffix(".weight")) for name in self.embedding_names)
+        x = tokens(ids)
+        for pos in positions:
+            x = x + pos(torch.arange(ids.shape[1], device=ids.device))
+        return x
+
+    def attn_out(self, block) -> tuple[nn.Module, torch.Tensor]:
+        """The attention output projection and its weight as [d_in = heads x d_head, d_out]."""
+        proj = block.get_submodule(self.attn_out_name)
+        return proj, proj.weight if self.conv1d else proj.weight.T
+
+    def mlp(self, block) -> nn.Module:
+        return block.get_submodule(self.mlp_name)
+
+    def mlp_out(self, block) -> tuple[nn.Module, torch.Tensor]:
+        """The MLP output projection (its input: one activation per neuron) and its weight as [d_mlp, d_out]."""
+        proj = block.get_submodule(self.mlp_out_name)
+        return proj, proj.weight if self.conv1d else proj.weight.T
+
+    # -- exports: the eps trick and the fold, each written once for every family --------------------------------
     def stock_config(self, config: dict) -> dict:
         """The stock LN-free export's config (a config dict): where the eps trick needs parameters the model lacks
-        (GPT-NeoX without attention biases), the options that add them; stock_state_dict fills them."""
+        (GPT-NeoX without attention biases), the options that add them (lnfree.export starts them at zero)."""
         return config
 
-    def stock_state_dict(self, model, sd: dict, scale: float) -> None:
-        """The eps trick, in place on a float64 copy of the state dict: each norm's weight * scale / sigma, and the
-        attention-input readers' query/key rows rescaled by sigma_v / sigma_qk (exact)."""
-        raise NotImplementedError
+    def linear_weight(self, sd: dict, name: str) -> torch.Tensor:
+        """The weight of the linear layer `name` (a state-dict prefix) in sd as [out, in]: a view, edits land in sd."""
+        w = sd[name + ".weight"]
+        return w.T if self.conv1d and name != self.unembedding else w
 
+    def stock_state_dict(self, model, sd: dict, scale: float) -> None:
+        """The eps trick, in place on a float64 copy of the stock form's state dict: each norm's weight * scale /
+        sigma, and the attention-input readers' query/key rows rescaled by sigma_v / sigma_qk (exact)."""
+        for i, block in enumerate(self.blocks(model)):
+            p, ln = f"{self.blocks_path}.{i}.", self.attn_norm(block)
+            s_qk, s_v = sigma(ln.qk), sigma(ln.v)
+            sd[p + self.attn_norm_name + ".weight"] *= scale / s_v
+            # the one norm now divides by s_v: the query/key rows of its readers take r = s_v / s_qk, and (with a
+            # beta) their bias the beta term:  (x_v-form) W_qk^T r + b' == (x_qk-form) W_qk^T + b   exactly
+            r = s_v / s_qk
+            for name in self.attn_readers:
+                w = self.linear_weight(sd, p + name)
+                qk = ~self.value_rows(model.config, name, w.shape[0])
+                if self.centre:
+                    sd[p + name + ".bias"][qk] += (1 - r) * (w @ sd[p + self.attn_norm_name + ".bias"])[qk]
+                w[qk] *= r
+            sd[p + self.mlp_norm_name + ".weight"] *= scale / sigma(self.mlp_norm(block).site)
+        sd[self.final_norm_path + ".weight"] *= scale / sigma(self.final_norm(model).site)
+
+    @torch.no_grad()
+    def fold_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """The model's state dict in float64 with every norm folded into the layers that read it (fold_reader);
+        the attention-input readers' query/key rows take sigma_qk, their value rows sigma_v."""
+        sd = {k: v.double() for k, v in model.state_dict().items()}
+        sd[self.unembedding + ".weight"] = model.get_output_embeddings().weight.double()  # untied from here on
+        for i, block in enumerate(self.blocks(model)):
+            p, ln = f"{self.blocks_path}.{i}.", self.attn_norm(block)
+            for name in self.attn_readers:
+                v_rows = self.value_rows(model.config, name, self.linear_weight(sd, p + name).shape[0])
+                self.fold_reader(sd, p + name, ln, torch.where(v_rows, sigma(ln.v), sigma(ln.qk)))
+            for name in self.mlp_readers:
+                self.fold_reader(sd, p + name, self.mlp_norm(block), sigma(self.mlp_norm(block).site))
+        self.fold_reader(sd, self.unembedding, self.final_norm(model), sigma(self.final_norm(model).site))
+        return sd
+
+    def fold_reader(self, sd: dict, name: str, norm, sig: torch.Tensor) -> None:
+        """Fold the frozen norm (x - mean) / sig * gamma + beta (RMSNorm: x / sig * gamma) into the linear layer
+        `name` that reads it, x_hat W^T + b, in sd (new tensors; sig a scalar or one per output row):
+            W' = W diag(gamma) / sig  P   (P = I - 11^T/d, the centring projector; none for RMSNorm)
+            b' = b + W beta               (RMSNorm: b unchanged)"""
+        w = self.linear_weight(sd, name)
+        gamma = norm.weight.double()
+        wg = w * (gamma[None, :] / sig[:, None] if sig.ndim else gamma / sig)
+        if self.centre:
+            sd[name + ".bias"] = w @ norm.bias.double() + sd.get(name + ".bias", 0)
+            wg = wg - wg.mean(1, keepdim=True)
+        sd[name + ".weight"] = wg.T if self.conv1d and name != self.unembedding else wg
+
+    def folded_model(self, config):
+        """The family's HF class with every norm an identity and an untied unembedding (with a bias where the norms
+        have a beta: the final norm's lands there), as lnfree.folded saves and loads it."""
+        cfg = config.__class__.from_dict(self.stock_config({**config.to_dict(), "tie_word_embeddings": False}))
+        cfg._attn_implementation = config._attn_implementation or "sdpa"
+        model = self.stock_class(cfg)(cfg)
+        for block in self.blocks(model):
+            set_submodule(block, self.attn_norm_name, nn.Identity())
+            set_submodule(block, self.mlp_norm_name, nn.Identity())
+        set_submodule(model, self.final_norm_path, nn.Identity())
+        if self.centre:
+            dims = self.dims(cfg)
+            set_submodule(model, self.unembedding, nn.Linear(dims.d_model, cfg.vocab_size, bias=True))
+        return model
+
+    @torch.no_grad()
     def fold(self, model):
-        """The norm-free model (float64) of an all-removed model."""
-        raise NotImplementedError
+        """The norm-free model (float64) of an all-removed model. Parameters the folded form has and the model
+        lacks (the attention biases stock_config adds) are zero."""
+        folded = self.folded_model(model.config).double()
+        sd = self.fold_state_dict(model)
+        folded.load_state_dict({k: sd[k] if k in sd else torch.zeros_like(v) for k, v in folded.state_dict().items()})
+        return folded
+
+
+def set_submodule(root: nn.Module, path: str, module: nn.Module) -> None:
+    """root.<path> = module, for a dotted path."""
+    parent, _, child = path.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 def sigma(site: NormSite) -> torch.Tensor:

@@ -5,17 +5,18 @@ from __future__ import annotations
 import math
 
 import torch
+from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from ..folded import ACTIVATIONS, FoldedConfig, FoldedGPT2
-from ..norm import RemovableLayerNorm, SplitLayerNorm, SplitQKVProjection
-from .base import GPT2_ALIASES, Family, RemovableMixin, UnsupportedFamily, sigma
+from ..norm import SplitLayerNorm
+from .base import GPT2_ALIASES, Family, RemovableMixin, UnsupportedFamily
+from .gpt2_folded import ACTIVATIONS, FoldedConfig, FoldedGPT2
 
 
 def check_gpt2_config(config):
     """Refuse, before any compute, a GPT-2 config whose options the adapter cannot remove exactly (docs/families.md).
-    Every attention-scaling option is exact (fold_gpt2 moves the scale into the queries); an activation must be one
-    the folded form computes (lnfree.folded.ACTIVATIONS)."""
+    Every attention-scaling option is exact (the adapter's fold moves the scale into the queries); an activation must
+    be one the folded form computes (lnfree.families.gpt2_folded.ACTIVATIONS)."""
     if getattr(config, "model_type", None) != "gpt2":
         raise ValueError(
             f"not a GPT-2-architecture config; got model_type={getattr(config, 'model_type', None)!r} "
@@ -29,6 +30,46 @@ def check_gpt2_config(config):
                                 f"not compute it); supported: {', '.join(sorted(ACTIVATIONS))}")
 
 
+class SplitQKVProjection(nn.Module):
+    """GPT-2's c_attn (Conv1D, weight [d, 3d]) that also accepts SplitLayerNorm's [u, f_qk, f_v] input.
+
+    It reads beta from its block's ln_1 (a plain reference, not a submodule: state dicts keep HF's names).
+    """
+
+    def __init__(self, n_embd: int, ln: SplitLayerNorm, std: float):
+        super().__init__()
+        self.nx, self.nf = n_embd, 3 * n_embd
+        self.weight = nn.Parameter(torch.empty(n_embd, 3 * n_embd))
+        self.bias = nn.Parameter(torch.zeros(3 * n_embd))
+        # as GPT-2 initialises its Conv1D (normal, std = config.initializer_range): HF's _init_weights does not
+        # know this class, so a removable model built from a config gets the stock init only through `std`
+        nn.init.normal_(self.weight, std=std)
+        self._ln = (ln,)  # tuple: not registered as a child module
+
+    @property
+    def in_features(self) -> int:  # nn.Linear's names, which peft reads to size its LoRA layers (lora.py)
+        return self.nx
+
+    @property
+    def out_features(self) -> int:
+        return self.nf
+
+    @property
+    def v_cols(self) -> torch.Tensor:  # [3d]: the value columns (they read f_v), as SplitInputLinear's buffer
+        return torch.arange(self.nf, device=self.weight.device) >= 2 * self.nx
+
+    def forward(self, x):  # [batch, pos, d or d + 2] -> [batch, pos, 3d]
+        lead = x.shape[:-1]
+        if x.shape[-1] == self.nx:
+            return torch.addmm(self.bias, x.reshape(-1, self.nx), self.weight).view(*lead, self.nf)
+        u, f_qk, f_v = x.split([self.nx, 1, 1], dim=-1)
+        y = torch.matmul(u, self.weight).view(*lead, 3, self.nx)  # one matmul for Q, K and V
+        beta = self._ln[0].bias
+        offset = (torch.matmul(beta.unsqueeze(0), self.weight).squeeze(0) + self.bias).view(3, self.nx)
+        f = torch.cat([f_qk, f_qk, f_v], dim=-1).unsqueeze(-1)  # [batch, pos, 3, 1]: Q, K, V
+        return torch.addcmul(offset.to(y.dtype), y, f.to(y.dtype)).view(*lead, self.nf)
+
+
 class GPT2Family(Family):
     name = "gpt2"
     model_types = ("gpt2",)
@@ -39,6 +80,11 @@ class GPT2Family(Family):
     embedding_names = ("transformer.wte.weight", "transformer.wpe.weight")  # wte is tied to the unembedding
     lora_targets = ("c_attn", "c_proj", "c_fc")
     block_class = "GPT2Block"
+    blocks_path, final_norm_path = "transformer.h", "transformer.ln_f"
+    attn_norm_name, mlp_norm_name = "ln_1", "ln_2"
+    attn_readers, mlp_readers = ("attn.c_attn",), ("mlp.c_fc",)  # c_attn: Q | K | V
+    attn_out_name, mlp_out_name = "attn.c_proj", "mlp.c_proj"
+    conv1d = True
 
     def check(self, config):
         check_gpt2_config(config)
@@ -46,114 +92,48 @@ class GPT2Family(Family):
     def dropout_fields(self):
         return ("resid_pdrop", "embd_pdrop", "attn_pdrop")
 
+    def value_rows(self, config, reader, n_out):
+        return torch.arange(n_out) >= 2 * config.n_embd  # the last third of c_attn's outputs
+
     def stock_class(self, config):
         return GPT2LMHeadModel
 
     def removable_class(self, config):
         return RemovableGPT2LMHeadModel
 
-    def blocks(self, model):
-        return list(model.transformer.h)
+    def split_reader(self, linear, ln, name, config):
+        return SplitQKVProjection(config.n_embd, ln, config.initializer_range)  # one matmul for Q, K and V
 
-    def attn_norm(self, block):
-        return block.ln_1
+    @torch.no_grad()
+    def fold(self, model: "RemovableGPT2LMHeadModel") -> FoldedGPT2:
+        """GPT-2's folded form (FoldedGPT2, plain torch), in float64, from the folded state dict."""
+        c = model.config
+        d = c.n_embd
+        cfg = FoldedConfig(c.vocab_size, c.n_positions, d, c.n_layer, c.n_head, c.n_inner or 4 * d,
+                           c.activation_function)
+        folded = FoldedGPT2(cfg).double()
+        sd = self.fold_state_dict(model)
 
-    def mlp_norm(self, block):
-        return block.ln_2
+        def copy(dst, name):  # a Conv1D's folded weight [in, out] into an nn.Linear [out, in]
+            dst.weight.copy_(self.linear_weight(sd, name)), dst.bias.copy_(sd[name + ".bias"])
 
-    def final_norm(self, model):
-        return model.transformer.ln_f
-
-    def install(self, model, ctx):
-        d, eps = model.config.n_embd, model.config.layer_norm_epsilon
-        for block in model.transformer.h:
-            block.ln_1 = SplitLayerNorm(d, eps, ctx)
-            block.attn.c_attn = SplitQKVProjection(d, block.ln_1, model.config.initializer_range)
-            block.ln_2 = RemovableLayerNorm(d, eps, ctx)
-        model.transformer.ln_f = RemovableLayerNorm(d, eps, ctx)
-
-    def embed(self, model, ids):
-        t = model.transformer
-        return t.wte(ids) + t.wpe(torch.arange(ids.shape[1], device=ids.device))
-
-    def attn_out(self, block):
-        return block.attn.c_proj, block.attn.c_proj.weight  # Conv1D: already [d_in, d_out]
-
-    def mlp(self, block):
-        return block.mlp
-
-    def mlp_out(self, block):
-        return block.mlp.c_proj, block.mlp.c_proj.weight  # Conv1D: already [d_mlp, d_out]
-
-    def embedding_params(self, model):
-        t = model.transformer  # wte is tied to the unembedding
-        return t.wte.weight.numel() + t.wpe.weight.numel()
-
-    def stock_state_dict(self, model, sd, scale):
-        d = model.config.n_embd
-        for i, block in enumerate(model.transformer.h):
+        folded.wte.weight.copy_(sd["transformer.wte.weight"])
+        folded.wpe.weight.copy_(sd["transformer.wpe.weight"])
+        for i, dst in enumerate(folded.blocks):
             p = f"transformer.h.{i}."
-            s_qk, s_v = sigma(block.ln_1.qk), sigma(block.ln_1.v)
-            sd[p + "ln_1.weight"] *= scale / s_v
-            # the one ln_1 now divides by s_v; rescale Q,K columns by r = s_v / s_qk and correct the bias
-            # so that (x_v-form) @ (r W_qk) + b' == (x_qk-form) @ W_qk + b   exactly
-            r = s_v / s_qk
-            w_qk = sd[p + "attn.c_attn.weight"][:, : 2 * d]
-            sd[p + "attn.c_attn.bias"][: 2 * d] += (1 - r) * (sd[p + "ln_1.bias"] @ w_qk)
-            sd[p + "attn.c_attn.weight"][:, : 2 * d] = r * w_qk
-            sd[p + "ln_2.weight"] *= scale / sigma(block.ln_2.site)
-        sd["transformer.ln_f.weight"] *= scale / sigma(model.transformer.ln_f.site)
-
-    def fold(self, model):
-        return fold_gpt2(model)
-
-
-# -- folded form -----------------------------------------------------------------------------------------
-def _fold(weight, bias, gamma, beta, sigma):
-    """Fold (x - mean) / sigma * gamma + beta into a reader x @ W + b (Conv1D layout W: [d, out]).
-
-    W' = P diag(gamma / sigma) W   with P = I - 11^T/d the centring projector;  b' = b + beta W.
-    Returns the nn.Linear layout: weight [out, d], bias [out].
-    """
-    wg = (gamma / sigma)[:, None] * weight
-    w = wg - wg.mean(0, keepdim=True)  # P @ wg
-    b = beta @ weight + (0 if bias is None else bias)
-    return w.T, b
-
-
-@torch.no_grad()
-def fold_gpt2(model: "RemovableGPT2LMHeadModel") -> FoldedGPT2:
-    """GPT-2's folded form (FoldedGPT2, plain torch), in float64."""
-    c = model.config
-    d = c.n_embd
-    cfg = FoldedConfig(c.vocab_size, c.n_positions, d, c.n_layer, c.n_head, c.n_inner or 4 * d,
-                       c.activation_function)
-    folded = FoldedGPT2(cfg).double()
-    t = model.transformer
-    folded.wte.weight.copy_(t.wte.weight)
-    folded.wpe.weight.copy_(t.wpe.weight)
-    for i, (src, dst) in enumerate(zip(t.h, folded.blocks)):
-        ln1, attn, mlp = src.ln_1, src.attn, src.mlp
-        g, b = ln1.weight.double(), ln1.bias.double()
-        w, bias = attn.c_attn.weight.double(), attn.c_attn.bias.double()
-        wq, bq = _fold(w[:, : 2 * d], bias[: 2 * d], g, b, sigma(ln1.qk))
-        # FoldedAttention scales scores by 1/sqrt(d_head); GPT-2's options (scale_attn_weights=false: no scale,
-        # scale_attn_by_inverse_layer_idx: 1/(i + 1) more) differ by a factor that goes into the queries, exactly.
-        # reorder_and_upcast_attn changes only the precision HF computes the scores in, not what they are.
-        q_scale = ((1.0 if c.scale_attn_weights else math.sqrt(d // c.n_head))
-                   / (i + 1 if c.scale_attn_by_inverse_layer_idx else 1))
-        wq[:d], bq[:d] = wq[:d] * q_scale, bq[:d] * q_scale
-        wv, bv = _fold(w[:, 2 * d :], bias[2 * d :], g, b, sigma(ln1.v))
-        dst.attn.qkv.weight.copy_(torch.cat([wq, wv])), dst.attn.qkv.bias.copy_(torch.cat([bq, bv]))
-        dst.attn.proj.weight.copy_(attn.c_proj.weight.T), dst.attn.proj.bias.copy_(attn.c_proj.bias)
-        wf, bf = _fold(mlp.c_fc.weight.double(), mlp.c_fc.bias.double(), src.ln_2.weight.double(),
-                       src.ln_2.bias.double(), sigma(src.ln_2.site))
-        dst.mlp.fc.weight.copy_(wf), dst.mlp.fc.bias.copy_(bf)
-        dst.mlp.proj.weight.copy_(mlp.c_proj.weight.T), dst.mlp.proj.bias.copy_(mlp.c_proj.bias)
-    w_u = model.lm_head.weight.double().T  # [d, vocab]; tied to wte in GPT-2, untied here
-    wu, bu = _fold(w_u, None, t.ln_f.weight.double(), t.ln_f.bias.double(), sigma(t.ln_f.site))
-    folded.lm_head.weight.copy_(wu), folded.lm_head.bias.copy_(bu)
-    return folded
+            # FoldedAttention scales scores by 1/sqrt(d_head); GPT-2's options (scale_attn_weights=false: no scale,
+            # scale_attn_by_inverse_layer_idx: 1/(i + 1) more) differ by a factor that goes into the queries,
+            # exactly. reorder_and_upcast_attn changes only the precision HF computes the scores in, not what they are.
+            q_scale = ((1.0 if c.scale_attn_weights else math.sqrt(d // c.n_head))
+                       / (i + 1 if c.scale_attn_by_inverse_layer_idx else 1))
+            copy(dst.attn.qkv, p + "attn.c_attn")
+            dst.attn.qkv.weight[:d] *= q_scale
+            dst.attn.qkv.bias[:d] *= q_scale
+            copy(dst.attn.proj, p + "attn.c_proj")
+            copy(dst.mlp.fc, p + "mlp.c_fc")
+            copy(dst.mlp.proj, p + "mlp.c_proj")
+        folded.lm_head.weight.copy_(sd["lm_head.weight"]), folded.lm_head.bias.copy_(sd["lm_head.bias"])
+        return folded
 
 
 GPT2 = GPT2Family()

@@ -110,14 +110,20 @@ def last_good_checkpoint(ckpt_dir: Path) -> Path | None:
 
 # -- divergence guard ------------------------------------------------------------------------------------
 def last_removals(trainer) -> str:
-    """", after removing <sites> at step <s>": the newest removal event of the run's removal callback (the usual
-    suspect when a loss turns non-finite; lnfree.diagnose locates the overflow on a batch), or "" when none."""
+    """", <n> step(s) after removing <sites> at step <s>": the newest removal event of the run's removal callback
+    (the usual suspect when a loss turns non-finite; lnfree.diagnose locates the overflow on a batch), or "" when
+    none. With ramps (schedule.ramp) a site starts ramping at `applied_at` and is removed at `removed_at` (None
+    while it ramps): the newest of those steps names the sites removed and the ramps started there apart."""
     applied = [r for cb in trainer.callbacks for r in getattr(cb, "applied", []) if isinstance(r, dict)]
     if not applied:
         return ""
-    last = max(r["applied_at"] for r in applied)
-    sites = [r["site"] for r in applied if r["applied_at"] == last]
-    return f", {trainer.global_step - last} step(s) after removing {', '.join(sites)} at step {last}"
+    removed_at = {r["site"]: r.get("removed_at", r["applied_at"]) for r in applied}  # instant events: no key
+    last = max(max(r["applied_at"], removed_at[r["site"]] or 0) for r in applied)
+    removed = [r["site"] for r in applied if removed_at[r["site"]] == last]
+    ramping = [r["site"] for r in applied if r["applied_at"] == last and removed_at[r["site"]] != last]
+    what = ([f"removing {', '.join(removed)}"] if removed else []) + (
+        [f"starting the ramp of {', '.join(ramping)}"] if ramping else [])
+    return f", {trainer.global_step - last} step(s) after {' and '.join(what)} at step {last}"
 
 
 class DivergenceGuard(L.Callback):

@@ -4,6 +4,8 @@ original, vanilla and LN-free models from `make eval`), where it writes, and loa
 from __future__ import annotations
 
 import argparse
+import json
+from pathlib import Path
 
 from ...io import load
 
@@ -39,6 +41,30 @@ def each_model(specs: list[str]):
         name, path = spec.split("=", 1)
         model, tok = load(path)
         yield name, path, model.eval(), tok
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    """The patching prompts' options (lnfree.analysis.interp.patching, and each control replicate's patching)."""
+    p.add_argument("--prompts", type=int, default=128)
+    p.add_argument("--length", type=int, default=32, help="backcopy: prompt length")
+
+
+def val_data(tokenizer, data: str, **overrides):
+    """The validation blocks [n, block_size] of conf/data/<data>.yaml (builtin | synthetic) in the tokenizer's ids,
+    each of `overrides` (val_blocks, block_size, ...) replacing its value (lnfree.training.config.data_module)."""
+    from ...training.config import data_module
+
+    dm = data_module(tokenizer, data, **overrides)
+    dm.setup()
+    return dm.val_data
+
+
+def write_result(out: Path, stem: str, record: dict, plot=None) -> None:
+    """out/<stem>.json, and out/<stem>.png drawn by plot(record, path) where there is one; then say where."""
+    (out / f"{stem}.json").write_text(json.dumps(record, indent=1))
+    if plot is not None:
+        plot(record, out / f"{stem}.png")
+    print(f"[lnfree] written to {out}")
 
 
 def synthetic_task() -> tuple[dict, int]:

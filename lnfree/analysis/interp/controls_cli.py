@@ -1,8 +1,8 @@
 """python -m lnfree.analysis.interp.controls_cli [--replicates 0 1 2]: the positive controls over seeds
 (controls.py), resumable: each replicate's measurements are written to <out>/controls/r<r>.json as soon as they
 are done and not measured again while that file's settings match; then the over-replicate summaries
-<out>/{patching,sinks,neurons}.json, their figures and the README's generated tables (controls_plot.py).
-`make interp-control` pretrains and fine-tunes the replicates first."""
+<out>/{patching,sinks,neurons}.json, their tables and figures (controls_plot.py). `make interp-control` pretrains
+and fine-tunes the replicates first, and rewrites the README's generated tables after (`make tables`)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,8 @@ import torch
 from ...data.synthetic import BigramBackcopy
 from ...io import load
 from ...records import output_dir
-from ...training.config import data_module
 from . import controls
-from .cli import synthetic_task
+from .cli import add_prompt_args, synthetic_task, val_data
 
 
 def settings(a) -> dict:
@@ -33,10 +32,9 @@ def measure(r: int, a) -> dict:
         models[arm].eval()
         tok = tok or t
     task = BigramBackcopy(**synthetic_task()[0])
-    dm = data_module(tok, "synthetic", micro_batch_size=1, val_blocks=a.val_blocks)
-    dm.setup()
+    data = val_data(tok, "synthetic", micro_batch_size=1, val_blocks=a.val_blocks)
     start = time.time()
-    res = controls.replicate(models, task, dm.val_data, tok.eos_token_id, a.prompts, a.length, a.n_boot, a.seed, a.k)
+    res = controls.replicate(models, task, data, tok.eos_token_id, a.prompts, a.length, a.n_boot, a.seed, a.k)
     return {"replicate": r, "models": paths, "settings": settings(a), "seconds": round(time.time() - start, 1), **res}
 
 
@@ -46,8 +44,7 @@ def main(argv=None):
     p.add_argument("--runs", default="outputs/interp_control", help="where the replicates' fine-tunes are")
     p.add_argument("--out", help="output dir (default: a new dir under outputs/; make interp-control: "
                                  "--out experiments/interp; name the same dir again to resume)")
-    p.add_argument("--prompts", type=int, default=128)
-    p.add_argument("--length", type=int, default=32)
+    add_prompt_args(p)
     p.add_argument("--n-boot", type=int, default=1000)
     p.add_argument("--seed", type=int, default=0, help="prompts and bootstrap")
     p.add_argument("--val-blocks", type=int, default=32, help="validation blocks of data=synthetic (sinks, neurons)")

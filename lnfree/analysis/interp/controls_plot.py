@@ -1,6 +1,6 @@
 """Tables and figures of the positive controls, from the committed JSON alone (controls_cli.py writes it):
-<out>/controls.md (the tables), the part of <out>/README.md between the GENERATED markers (the same tables), and
-<out>/{patching,sinks,neurons}.png.
+<out>/controls.md (the tables) and <out>/{patching,sinks,neurons}.png. The same tables in experiments/interp's
+README are rewritten by `make tables` (tools/doc_tables.py's interp_controls calls tables() below).
 
     python -m lnfree.analysis.interp.controls_plot --out experiments/interp
 """
@@ -10,8 +10,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-
-from ..table_markers import write_table
 
 ARM_NAMES = {"original": "original", "frozen_ln": "original, norms frozen at clean scale", "vanilla": "vanilla",
              "lnfree": "LN-free"}
@@ -153,7 +151,6 @@ def write_all(out: str | Path = "experiments/interp") -> None:
     out = Path(out)
     text = tables(out)
     (out / "controls.md").write_text(text + "\n")
-    write_table(out / "README.md", "interp_controls", text)  # the README's copy, checked by make tables' test
     plot(out)
 
 

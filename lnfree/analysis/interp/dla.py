@@ -112,13 +112,10 @@ def main(argv=None):
     """python -m lnfree.analysis.interp.dla [name=path ...]: DLA vs DE for the correct next token at the last
     position of validation prompts of the built-in corpus; per component (each head, each MLP, embeddings,
     attention biases) and global, with bootstrap CIs over prompts; writes experiments/interp/dla.{json,png}."""
-    import json
-
     import numpy as np
 
     from ...records import output_dir
-    from ...training.config import data_module
-    from .cli import each_model, parser
+    from .cli import each_model, parser, val_data, write_result
 
     p = parser("DLA vs direct effect per model", "experiments/interp")
     p.add_argument("--prompts", type=int, default=256)
@@ -128,9 +125,8 @@ def main(argv=None):
     tok = None
     for name, path, model, t in each_model(a.models):
         tok = tok or t
-        dm = data_module(tok, "builtin", block_size=a.length + 1, micro_batch_size=1, val_blocks=a.prompts)
-        dm.setup()
-        ids, target = dm.val_data[:, :-1], dm.val_data[:, -1]
+        data = val_data(tok, "builtin", block_size=a.length + 1, micro_batch_size=1, val_blocks=a.prompts)
+        ids, target = data[:, :-1], data[:, -1]
         r = dla_vs_de(model, ids, model.lm_head.weight[target])
         dims = family(model.config).dims(model.config)
         dla_all, de_all = torch.stack(list(r["dla"].values())), torch.stack(list(r["de"].values()))
@@ -142,9 +138,7 @@ def main(argv=None):
         print(f"{name:10s} NMAE(DLA, DE) = {res[name]['nmae_percent']:.4f}% (95% CI {res[name]['ci95'][0]:.4f}-"
               f"{res[name]['ci95'][1]:.4f}); per head median {np.median(heads):.2f}%, range "
               f"{heads.min():.2f}-{heads.max():.2f}%")
-    (out / "dla.json").write_text(json.dumps(res, indent=1))
-    _plot(res, out / "dla.png")
-    print(f"[lnfree] written to {out}")
+    write_result(out, "dla", res, _plot)
 
 
 def _plot(res: dict, path):

@@ -40,7 +40,10 @@ def weight_signature(model, null_dims: float = 0.1, tokens: torch.Tensor | None 
     if tokens is not None:
         w_u = w_u[tokens]
     w_u = w_u - w_u.mean(0, keepdim=True)  # softmax ignores a shift common to all tokens: centre over the vocab
-    _, _, vh = torch.linalg.svd(w_u, full_matrices=True)  # rows of vh: right singular directions, largest first
+    # rows of vh: all d right singular directions, largest first. Full matrices only when the rows are fewer than d
+    # (a synthetic task's few tokens: the null space is then the missing directions); with a real vocabulary the
+    # reduced SVD has the same vh, and the full one would build a [vocab, vocab] U (19 GB in fp64 at 49k tokens)
+    _, _, vh = torch.linalg.svd(w_u, full_matrices=w_u.shape[0] < w_u.shape[1])
     n_null = max(1, int(round(null_dims * vh.shape[0])))
     null = vh[-n_null:]  # [n_null, d]
     norms = w_out.norm(dim=1)
@@ -116,31 +119,27 @@ def summary(effects: dict) -> dict:
 
 
 def main(argv=None):
-    import json
-
     from ...records import output_dir
-    from ...training.config import data_module
-    from .cli import each_model, parser
+    from .cli import each_model, parser, val_data, write_result
 
     p = parser("confidence (entropy) neurons of the last MLP", "experiments/interp/builtin")
     p.add_argument("--blocks", type=int, default=32, help="validation blocks of 256 tokens")
     p.add_argument("--top", type=int, default=8)
+    p.add_argument("--by", choices=("norm", "null"), default="norm",
+                   help="rank the last MLP's neurons by output-weight norm or by null-space fraction")
     a = p.parse_args(argv)
     out, res = output_dir(a.out, "interp/neurons"), {}
     for name, path, model, tok in each_model(a.models):
-        dm = data_module(tok, "builtin", block_size=256, micro_batch_size=8, val_blocks=a.blocks)
-        dm.setup()
+        data = val_data(tok, "builtin", block_size=256, micro_batch_size=8, val_blocks=a.blocks)
         rows = []
-        for c in candidates(model, a.top):
-            rows.append({**c, **summary(ablation_effects(model, dm.val_data, c["neuron"]))})
-        res[name] = {"path": path, "neurons": rows}
+        for c in candidates(model, a.top, by=a.by):
+            rows.append({**c, **summary(ablation_effects(model, data, c["neuron"]))})
+        res[name] = {"path": path, "ranked_by": a.by, "neurons": rows}
         best = max(rows, key=lambda r: r["median_abs_te_entropy"])
         print(f"{name:10s} strongest entropy effect: neuron {best['neuron']} (||w|| {best['w_out_norm']:.2f}, null "
               f"fraction {best['null_space_fraction']:.3f}): median |dH| TE {best['median_abs_te_entropy']:.4f}, "
               f"DE {best['median_abs_de_entropy']:.4f}, LN-mediated {100 * best['ln_mediated_fraction']:.1f}%")
-    (out / "neurons.json").write_text(json.dumps(res, indent=1))
-    plot(res, out / "neurons.png")
-    print(f"[lnfree] written to {out}")
+    write_result(out, "neurons", res, plot)
 
 
 def plot(res: dict, path):

@@ -332,18 +332,15 @@ def compare(model, clean, corrupt, correct, wrong, n_boot: int = 1000, seed: int
 
 
 def main(argv=None):
-    import json
-
     from ...data.synthetic import BigramBackcopy
     from ...records import output_dir
-    from .cli import each_model, parser, synthetic_task
+    from .cli import add_prompt_args, each_model, parser, synthetic_task, write_result
 
     p = parser("attribution patching vs activation patching", "experiments/interp/synth_w64")
     p.add_argument("--task", choices=["induction", "backcopy", "switch"], default="induction",
                    help="backcopy, switch: the data=synthetic task (need --synthetic)")
-    p.add_argument("--prompts", type=int, default=128)
+    add_prompt_args(p)
     p.add_argument("--half", type=int, default=10, help="induction: length of the repeated random sequence")
-    p.add_argument("--length", type=int, default=32, help="backcopy: prompt length")
     p.add_argument("--min-clean-diff", type=float, default=1.0, help="refuse a task the model does not solve")
     p.add_argument("--synthetic", action="store_true", help="models trained on data=synthetic: BOS first, tokens "
                    "from the task's ids")
@@ -372,9 +369,7 @@ def main(argv=None):
               f"[{r['pearson_ci95'][0]:.3f}, {r['pearson_ci95'][1]:.3f}], NMAE {r['nmae_percent']:.1f}% "
               f"[{r['nmae_ci95'][0]:.1f}, {r['nmae_ci95'][1]:.1f}]")
     meta = {"task": a.task, "half": a.half, "length": a.length, "synthetic": a.synthetic}
-    (out / "patching.json").write_text(json.dumps({**meta, "models": res}, indent=1))
-    _plot(res, out / "patching.png", a.task)
-    print(f"[lnfree] written to {out}")
+    write_result(out, "patching", {**meta, "models": res}, lambda record, path: _plot(res, path, a.task))
 
 
 def _plot(res, path, task):

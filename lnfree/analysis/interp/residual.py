@@ -67,9 +67,8 @@ def main(argv=None):
     import json
 
     from ...records import output_dir
-    from ...training.config import data_module
     from ..plots import save_figure
-    from .cli import each_model, parser
+    from .cli import each_model, parser, val_data
 
     p = parser("residual norms and attention sinks per model", "experiments/interp/builtin")
     p.add_argument("--blocks", type=int, default=64)
@@ -80,13 +79,11 @@ def main(argv=None):
     for name, path, model, t in each_model(a.models):
         tok = tok or t
         if a.synthetic:
-            dm = data_module(tok, "synthetic", micro_batch_size=1, val_blocks=a.blocks)
+            data = val_data(tok, "synthetic", micro_batch_size=1, val_blocks=a.blocks)
         else:
-            dm = data_module(tok, "builtin", block_size=256, micro_batch_size=1, val_blocks=a.blocks,
+            data = val_data(tok, "builtin", block_size=256, micro_batch_size=1, val_blocks=a.blocks,
                             prepend_bos=a.prepend_bos)
-        dm.setup()
-        res[name] = {"path": path, "norms": residual_norms(model, dm.val_data),
-                     "sinks": attention_sinks(model, dm.val_data)}
+        res[name] = {"path": path, "norms": residual_norms(model, data), "sinks": attention_sinks(model, data)}
         n = res[name]["norms"]
         print(f"{name:10s} residual norm pos0 {[round(v) for v in n['pos0']]} rest {[round(v) for v in n['rest']]}"
               f"  top/median pos0 {[round(v) for v in n['massive_pos0']]} rest {[round(v) for v in n['massive_rest']]}"

@@ -1,6 +1,6 @@
 """experiments/quality/mutation.md from a finished `mutmut run` (make mutation runs this last).
 
-    python experiments/quality/mutation_report.py [--title "..."]
+    python -m tools.mutation_report [--title "..."]      (from the repository root)
 
 Reads mutmut's results (`mutmut results --all true`, `mutmut show <mutant>`) in the project root, and
 experiments/quality/equivalent.txt (lines `<mutant name>  <reason>`: mutants that cannot change behaviour, each
@@ -17,8 +17,8 @@ import sys
 import time
 from pathlib import Path
 
-HERE = Path(__file__).parent
-ROOT = HERE.parent.parent
+ROOT = Path(__file__).resolve().parents[1]
+QUALITY = ROOT / "experiments/quality"  # the report, mutation.md, and the list of equivalent mutants it reads
 MUTMUT = str(Path(sys.executable).parent / "mutmut")
 
 
@@ -36,7 +36,7 @@ def statuses() -> dict[str, str]:
 
 
 def equivalents() -> dict[str, str]:
-    f = HERE / "equivalent.txt"
+    f = QUALITY / "equivalent.txt"
     out = {}
     if f.exists():
         for line in f.read_text().splitlines():
@@ -79,7 +79,7 @@ def main(argv=None):
     lines = [f"# {a.title}", "",
              f"Tool: mutmut {_mutmut('--version').split()[-1]} (`make mutation`; config in pyproject.toml "
              "`[tool.mutmut]`: the modules mutated and the fast test selection). Report written "
-             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by experiments/quality/mutation_report.py.",
+             f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())} by tools/mutation_report.py.",
              "", a.note, "",
              f"**Score: {total['killed']} killed of {scored} non-equivalent mutants run = {percent(score)}** "
              f"({sum(total.values())} generated, {sum(total.values()) - unrun} run, {n_eq} equivalent, "
@@ -101,8 +101,8 @@ def main(argv=None):
             diff = "\n".join(line for line in _mutmut("show", n).splitlines()[1:] if line.startswith(("+", "-"))
                              and not line.startswith(("+++", "---")))
             lines += [f"- `{n}` ({st[n]})", "", "```diff", diff[:600], "```", ""]
-    (HERE / "mutation.md").write_text("\n".join(lines) + "\n")
-    print(f"score {percent(score)} ({total['killed']}/{scored}); written {HERE / 'mutation.md'}")
+    (QUALITY / "mutation.md").write_text("\n".join(lines) + "\n")
+    print(f"score {percent(score)} ({total['killed']}/{scored}); written {QUALITY / 'mutation.md'}")
 
 
 if __name__ == "__main__":

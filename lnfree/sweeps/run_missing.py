@@ -1,7 +1,7 @@
 """Run the data-scaling jobs that are not yet recorded, a few Hydra multiruns at a time, one thread each.
 
-    python experiments/data_scaling/run_missing.py [--workers 2] [--dry-run]    (make scaling runs this)
-    python experiments/data_scaling/run_missing.py --experiment data_scaling_depth    (make scaling-depth)
+    python -m lnfree.sweeps.run_missing [--workers 2] [--dry-run]    (lnfree sweep run-missing; make scaling)
+    python -m lnfree.sweeps.run_missing --experiment data_scaling_depth    (make scaling-depth)
 
 The depth-and-width family's grid (`--experiment data_scaling_depth`, below the width family's code) has no
 early stopping: every job of conf/experiment/data_scaling_depth.yaml runs (--until-within is refused).
@@ -13,7 +13,8 @@ at a time, one thread each (on 2 cores that is 1.6x faster than one 2-thread pro
 first, so that whatever finishes completes whole rows of the gap table. Stopping and rerunning loses at most the
 multiruns in flight. With --until-within GAP, a size's larger budgets are skipped once one of its budgets has a
 seed-mean gap within GAP (its crossing is bracketed; larger budgets do not move T*): on 2 CPU cores this is what
-makes the sweep fit in about 2 hours. Afterwards:
+makes the sweep fit in about 2 hours. The config and record paths are the source checkout's (conf/, experiments/);
+the multirun dirs are relative to the working directory. Afterwards:
     python -m lnfree.analysis.scaling experiments/data_scaling/runs.jsonl multirun/data_scaling/resume \
         --records experiments/data_scaling/runs.jsonl
 """
@@ -31,9 +32,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # lnfree, imported where used (it loads torch)
+from ..paths import SOURCE_ROOT as ROOT  # the rest of lnfree is imported where used (Hydra, the analyses)
 
-ROOT = Path(__file__).resolve().parents[2]
 OUT = Path("multirun/data_scaling/resume")
 
 
@@ -118,8 +118,8 @@ def run(job, sources=(), until_within=None):
 # Every fine-tuning run is one record (one line of DEPTH_RECORDS), written by harvest() from its summary.json as
 # soon as its multirun ends (and again at every start, so a run finished but not recorded is never redone). A
 # job is missing when its (pretrained model, budget, schedule, seed, lr) has no record. Each size's LR comes from
-# the LR probe's choice (experiments/depth_family/lr.json, lr_probe.py); the probe's own runs are jobs of the same
-# kind, so its runs at the chosen LR count as the grid's.
+# the LR probe's choice (experiments/depth_family/lr.json, lnfree.sweeps.lr_probe); the probe's own runs are jobs
+# of the same kind, so its runs at the chosen LR count as the grid's.
 DEPTH = "data_scaling_depth"
 DEPTH_DIR = ROOT / "experiments/depth_family"
 DEPTH_RECORDS = DEPTH_DIR / "runs.jsonl"
@@ -232,12 +232,19 @@ def stage2_jobs(done: set, lrs: dict, g: dict) -> list[tuple]:
     return jobs
 
 
+# The cost model of a fine-tuning run, beside the measured one-thread CPU seconds per step (step_cost.json, written
+# by `python -m lnfree.sweeps.cost --measure`; lnfree.sweeps.cost plans the whole study with the same numbers).
+STEP_COST = DEPTH_DIR / "step_cost.json"
+VAL_STEPS = 5  # a validation on 256 blocks: 16 forward-only batches, about 5 training steps' cost
+RUN_OVERHEAD_S = 3  # per run in a multirun: data, model, summary (measured ~2-4 CPU s)
+PROCESS_OVERHEAD_S = 12  # per multirun process: python, torch, lightning, hydra imports (measured ~10-14 CPU s)
+
+
 def cpu_hours(jobs) -> float:
-    """The CPU hours of these jobs at the measured one-thread step costs (step_cost.json; a validation counted as
-    5 steps, 3 CPU s per run and 12 per multirun process, as cost.py counts)."""
-    cost = json.loads((DEPTH_DIR / "step_cost.json").read_text())
-    s = sum(cost[size_of(m)]["cpu_s_per_step"] * (b + 5) * len(seeds) + 3 * len(seeds) + 12
-            for b, m, _, _, _, seeds in jobs)
+    """The CPU hours of these jobs at the measured one-thread step costs (STEP_COST and the overheads above)."""
+    cost = json.loads(STEP_COST.read_text())
+    s = sum(cost[size_of(m)]["cpu_s_per_step"] * (b + VAL_STEPS) * len(seeds) + RUN_OVERHEAD_S * len(seeds)
+            + PROCESS_OVERHEAD_S for b, m, _, _, _, seeds in jobs)
     return s / 3600
 
 
@@ -325,7 +332,7 @@ def run_jobs(jobs, workers: int, out: Path = DEPTH_OUT, records: Path = DEPTH_RE
 
 def read_lrs(path: Path = LR_FILE) -> dict:
     if not Path(path).exists():
-        raise SystemExit(f"{path} does not exist: run the LR probe first (python experiments/depth_family/lr_probe.py)")
+        raise SystemExit(f"{path} does not exist: run the LR probe first (python -m lnfree.sweeps.lr_probe)")
     return json.loads(Path(path).read_text())["sizes"]
 
 
@@ -350,7 +357,7 @@ def main_depth(a) -> None:
     sys.exit(run_jobs(jobs, a.workers, DEPTH_OUT, records, a.cache_dir, a.extra))
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--experiment", default="data_scaling", choices=("data_scaling", DEPTH))
     p.add_argument("--workers", type=int, default=2)
@@ -366,7 +373,7 @@ def main():
                    help="depth: then stage 2 (experiments/depth_family/protocol.yaml's stage2)")
     p.add_argument("--until-within", type=float, default=None,
                    help="width family only: skip a size's budgets beyond one where its seed-mean gap is within this")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.experiment == DEPTH:
         return main_depth(a)
     a.records = a.records or ["experiments/data_scaling/runs.jsonl", str(OUT)]

@@ -1,29 +1,26 @@
 """The fine-tuning LR of each size of the depth family, chosen by a rule that looks at the vanilla control only.
 
-    python experiments/depth_family/lr_probe.py [--workers 2] [--dry-run]     (make scaling-depth runs this first)
+    python -m lnfree.sweeps.lr_probe [--workers 2] [--dry-run]     (lnfree sweep lr-probe; make scaling-depth)
 
 For every size, every LR of protocol.yaml's lr_grid: the vanilla control (schedule=none) of the probe replicate
 and seed at every budget of conf/experiment/data_scaling_depth.yaml (jobs without a record only; records in
 experiments/depth_family/runs.jsonl, so the runs at the chosen LR are also the grid's). Rule, fixed before the
 sweep: the highest LR whose vanilla control stays within lr_tolerance (0.1%) of its pretrained model's
 validation CE, in either direction, at every budget; if no LR does, the lowest LR, flagged. Writes
-experiments/depth_family/lr.json, which run_missing.py --experiment data_scaling_depth reads, with every size whose
-pair of pretrained replicates is settled and whose probe is complete: the grid starts on those while larger sizes
-still pretrain (they join when their pair is settled). Exits non-zero when a settled size's probe is incomplete.
+experiments/depth_family/lr.json, which `lnfree.sweeps.run_missing --experiment data_scaling_depth` reads, with
+every size whose pair of pretrained replicates is settled and whose probe is complete: the grid starts on those
+while larger sizes still pretrain (they join when their pair is settled). Exits non-zero when a settled size's
+probe is incomplete.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-_spec = importlib.util.spec_from_file_location("run_missing", ROOT / "experiments/data_scaling/run_missing.py")
-rm = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(rm)
+from . import run_missing as rm
 
 
 def probe_jobs(records, g: dict | None = None) -> list[tuple]:
@@ -63,14 +60,14 @@ def choose_lr(records, g: dict) -> dict:
     return out
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--records", default=str(rm.DEPTH_RECORDS))
     p.add_argument("--dry-run", action="store_true")
     p.add_argument("--cache-dir", default=None, help="where the pretrained models are (paths.cache_dir)")
     p.add_argument("--extra", nargs="*", default=[], help="overrides that do not change results (hardware=gpu)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     records = Path(a.records)
     g = rm.depth_grid(cache_dir=a.cache_dir, settled=True)
     rm.harvest(rm.DEPTH_OUT, records, a.cache_dir)
@@ -82,7 +79,7 @@ def main():
         return
     rc = rm.run_jobs(jobs, a.workers, rm.DEPTH_OUT, records, a.cache_dir, a.extra)
     chosen = choose_lr(rm.read_records(records), g)
-    # sizes whose pair is not settled yet are not in the grid yet (run_missing.py skips them too): their LR comes
+    # sizes whose pair is not settled yet are not in the grid yet (run_missing skips them too): their LR comes
     # when they join; a settled size without a choice means probe runs failed
     incomplete = [m for m in g["models"] if m not in chosen and probe_replicate(g, m) is not None]
     waiting = [m for m in g["models"] if probe_replicate(g, m) is None]

@@ -1,6 +1,6 @@
 """`make paper`'s last step: every table and figure that the committed records make, with no model and no run dir.
 
-    python -m lnfree.analysis.paper
+    python -m tools.paper      (from the repository root)
 
 In order: the paired gaps and table.md of every evaluation (paired_tables.recompute, from per_token_ce.npz); their
 per-token CE figures (ce_hist.png, ce_by_position.png, from the same npz); every family's family.png (from
@@ -16,10 +16,11 @@ from pathlib import Path
 
 import numpy as np
 
+from lnfree.analysis.family import redraw
+from lnfree.analysis.paired_tables import recompute
+from lnfree.analysis.plots import plot_ce_by_position, plot_ce_hist
+
 from .doc_tables import ROOT, write
-from .family import redraw
-from .paired_tables import recompute
-from .plots import plot_ce_by_position, plot_ce_hist
 
 EVALUATIONS = ("experiments/builtin_eval", "experiments/ablations", "experiments/lora", "experiments/shift",
                "experiments/shift/steps_300", "experiments/families/llama", "experiments/families/neox")

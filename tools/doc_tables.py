@@ -1,9 +1,9 @@
 """Every result table of README.md, docs/ and experiments/*/README.md, generated from the committed JSON records:
 
-    python -m lnfree.analysis.doc_tables           # rewrite every marked table (`make tables`)
-    python -m lnfree.analysis.doc_tables --check   # change nothing; exit 1 naming each table its JSON disagrees with
+    python -m tools.doc_tables           # rewrite every marked table (`make tables`; from the repository root)
+    python -m tools.doc_tables --check   # change nothing; exit 1 naming each table its JSON disagrees with
 
-A table sits between `<!-- table:NAME -->` and `<!-- /table -->` (lnfree.analysis.table_markers); NAME is a key of
+A table sits between `<!-- table:NAME -->` and `<!-- /table -->` (tools/table_markers.py); NAME is a key of
 TABLES, a function of the repository root that reads the records and returns the Markdown. The same NAME may
 appear in several files (the README's headline table is also in docs/results.md), and is the same text in each.
 tests/test_doc_tables.py fails when a committed table differs from what its JSON gives. Every table is made (so
@@ -19,12 +19,12 @@ import statistics
 import sys
 from pathlib import Path
 
-from ..errors import user_errors_as_messages
-from ..paths import PACKAGE_DIR
-from ..records import RecordError, read_json, write_text_atomic
+from lnfree.errors import user_errors_as_messages
+from lnfree.records import RecordError, read_json, write_text_atomic
+
 from .table_markers import marked, replaced
 
-ROOT = PACKAGE_DIR.parent  # the source checkout: experiments/ and docs/ are not part of an installed wheel
+ROOT = Path(__file__).resolve().parents[1]  # the repository: its README.md, docs/ and experiments/
 
 
 def _json(root: Path, rel: str) -> dict:
@@ -239,7 +239,7 @@ def scaling_depth_ordering(root: Path) -> str:
     """The depth-and-width study without a fit: per budget, each size's seed-mean gap (range over its pretrained
     models) against the next smaller size's, and whether every pretrained model of the larger size lies below
     every one of the smaller (scaling.size_ordering)."""
-    from .scaling import ORDER_WORDS
+    from lnfree.analysis.scaling import ORDER_WORDS
 
     s = _json(root, "experiments/data_scaling/scaling.json")
     o = s["size_ordering"]["budgets"]
@@ -262,7 +262,7 @@ def scaling_depth_censored(root: Path) -> str:
     columns, compact): per threshold the censored verdict and its interval, b at each fixed lack of fit, the
     lack of fit's profile interval, the coverage on this design, and today's rule beside it; for the fixed grid and,
     once measured, the fixed grid with stage 2's budgets."""
-    from .scaling import b_interval_text
+    from lnfree.analysis.scaling import b_interval_text
 
     s = _json(root, "experiments/data_scaling/scaling.json")
     blocks = [("fixed grid", s["censored"])] + ([("fixed grid + stage 2", s["censored_extended"])]
@@ -304,7 +304,7 @@ def censored_coverage(root: Path) -> str:
 def paper_counting(root: Path) -> str:
     """The paper's four published GPT-2 schedules (conf/experiment/gpt2_*_paper.yaml) counted two ways, their
     exponents, and this study's T* in the same unit (tokens) beside them (analysis/paper_counting.py)."""
-    from .paper_counting import exponents, schedules
+    from lnfree.analysis.paper_counting import exponents, schedules
 
     rows = schedules()  # the source checkout's configs (conf/ is code, not a record under `root`)
     lines = ["| published run | parameters (non-embedding) | steps | tokens per step | total tokens | last removal "
@@ -336,7 +336,7 @@ def paper_counting(root: Path) -> str:
 
 def depth_family(root: Path) -> str:
     """The depth-and-width family's finished pretrained replicates (experiments/depth_family/family.json)."""
-    from .family import replicates_table
+    from lnfree.analysis.family import replicates_table
 
     return replicates_table(_json(root, "experiments/depth_family/family.json"))
 
@@ -557,20 +557,20 @@ def interp_verdicts(root: Path) -> str:
 
 def interp_controls(root: Path) -> str:
     """The positive controls over replicates: patching, sinks, entropy neurons (experiments/interp/*.json)."""
-    from .interp.controls_plot import tables
+    from lnfree.analysis.interp.controls_plot import tables
 
     return tables(root / "experiments/interp")
 
 
 def bench_cpu(root: Path) -> str:
-    from ..bench.cpu import table
+    from lnfree.bench.cpu import table
 
-    runs = [_json(root, f"experiments/bench/{f}.json") for f in ("cpu", "cpu_run2", "cpu_run3", "cpu_run4")]
+    runs = [_json(root, f"experiments/bench/{f}.json") for f in ("cpu", "cpu_run2", "cpu_run3", "cpu_run4", "cpu_distill")]
     return table(runs[0], runs[1:])
 
 
 def bench_profile(root: Path) -> str:
-    from ..bench.profile import table
+    from lnfree.bench.profile import table
 
     return table(_json(root, "experiments/bench/profile.json"))
 

@@ -1,9 +1,9 @@
 """Make the depth-and-width family: restore committed members into the cache, pretrain the missing ones.
 
-    python experiments/depth_family/make_family.py            (make family-depth runs this)
-    python experiments/depth_family/make_family.py --save      (copy finished members into the repo, to commit)
-    python experiments/depth_family/make_family.py --dry-run   (what it would do)
-    python experiments/depth_family/make_family.py --snapshot  (copy unsettled members' resume state into the repo)
+    python -m lnfree.sweeps.pretrain_depth            (lnfree sweep pretrain-depth; make family-depth runs this)
+    python -m lnfree.sweeps.pretrain_depth --save      (copy finished members into the repo, to commit)
+    python -m lnfree.sweeps.pretrain_depth --dry-run   (what it would do)
+    python -m lnfree.sweeps.pretrain_depth --snapshot  (copy unsettled members' resume state into the repo)
 
 The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, smallest first. For each one:
 - in the cache (<cache>/models/<name>) with the weights conf/pretrain_depth.yaml's model.pretrain_keep says to keep:
@@ -36,18 +36,10 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT))
-from lnfree.analysis.family import (  # noqa: E402
-    DEPTH_TOL,
-    MOST_REPLICATES,
-    MOST_STEPS,
-    replicates_needed,
-    verdict,
-    window_gain,
-)
-from lnfree.io import BUILTIN_PREFIX, builtin_dir  # noqa: E402
-from lnfree.paths import DEFAULT_CACHE_DIR, RUN_SUMMARY  # noqa: E402
+from ..analysis.family import DEPTH_TOL, MOST_REPLICATES, MOST_STEPS, replicates_needed, verdict, window_gain
+from ..io import BUILTIN_PREFIX, builtin_dir
+from ..paths import DEFAULT_CACHE_DIR, RUN_SUMMARY
+from ..paths import SOURCE_ROOT as ROOT
 
 EXPERIMENT = ROOT / "conf/experiment/data_scaling_depth.yaml"
 RECIPE = ROOT / "conf/pretrain_depth.yaml"
@@ -140,8 +132,8 @@ def snapshot(name: str, runs: Path, cache_dir, partial: Path = PARTIAL) -> bool:
     import torch
     from omegaconf import OmegaConf
 
-    from lnfree.io import read_checkpoint
-    from lnfree.training.tail_average import windows
+    from ..io import read_checkpoint
+    from ..training.tail_average import windows
 
     run = runs / name
     last = list((run / "checkpoints").glob("last*.ckpt"))
@@ -221,7 +213,7 @@ def pretrain_cmd(option: str, replicate: int, run_dir: Path, extra: tuple[str, .
     return cmd
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--cache-dir", default=DEFAULT_CACHE_DIR)
     p.add_argument("--save", action="store_true", help="copy finished members into experiments/depth_family/models")
@@ -231,7 +223,7 @@ def main():
     p.add_argument("--restore-only", action="store_true", help="restore committed members, pretrain nothing")
     p.add_argument("--jobs", type=int, default=1, help="members pretrained at once (one thread each)")
     p.add_argument("--extra", nargs="*", default=[], help="more overrides for the pretraining (e.g. hardware=gpu)")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     cache = Path(a.cache_dir).expanduser()
     runs = cache / "pretrain_runs"
     keep = recipe_keep()

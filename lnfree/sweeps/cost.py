@@ -1,27 +1,27 @@
 """CPU cost of the depth family's study: measured seconds per step, and the plan's arithmetic from the grid.
 
-    python experiments/depth_family/cost.py --measure    (one thread: CPU seconds per training step -> step_cost.json)
-    python experiments/depth_family/cost.py              (the plan: pretraining + LR probe + grid, in CPU hours)
+    python -m lnfree.sweeps.cost --measure    (one thread: CPU seconds per training step -> step_cost.json)
+    python -m lnfree.sweeps.cost              (the plan: pretraining + LR probe + grid, in CPU hours)
 
 A step is one optimizer step of 16 x 256 tokens (forward, backward, AdamW) of a GPT-2 with the built-in 4096-token
 vocabulary and 256 positions, dropout 0.1, fp32, torch.set_num_threads(1); timed by process CPU time (the machine
-is shared, so wall time per step depends on the load; CPU time much less), 4 steps after one warm-up step.
+is shared, so wall time per step depends on the load; CPU time much less), 4 steps after one warm-up step. The
+per-run cost model (validation and overheads) is run_missing's, which also prices what is left of the grid.
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import time
-from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
-COST_FILE = HERE / "step_cost.json"
+from . import lr_probe as probe
+from . import pretrain_depth as mf
+from . import run_missing as rm
+from .run_missing import PROCESS_OVERHEAD_S, RUN_OVERHEAD_S, VAL_STEPS
+
+COST_FILE = rm.STEP_COST
 CANDIDATES = [(1, 32), (2, 64), (3, 96), (4, 128), (1, 64), (2, 96), (6, 192), (8, 256)]
-VAL_STEPS = 5  # a validation on 256 blocks: 16 forward-only batches, about 5 training steps' cost
-RUN_OVERHEAD_S = 3  # per run in a multirun: data, model, summary (measured ~2-4 CPU s)
-PROCESS_OVERHEAD_S = 12  # per multirun process: python, torch, lightning, hydra imports (measured ~10-14 CPU s)
 
 
 def measure() -> dict:
@@ -54,23 +54,14 @@ def measure() -> dict:
     return res
 
 
-def _module(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    m = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(m)
-    return m
-
-
 def plan(cost: dict) -> dict:
-    rm = _module(HERE.parents[1] / "experiments/data_scaling/run_missing.py", "run_missing")
-    probe, mf = _module(HERE / "lr_probe.py", "lr_probe"), _module(HERE / "make_family.py", "make_family")
-    g = rm.depth_grid()
     from omegaconf import OmegaConf
 
-    pre = OmegaConf.load(HERE.parents[1] / "conf/pretrain_depth.yaml").trainer.val_every
+    g = rm.depth_grid()
+    pre = OmegaConf.load(rm.ROOT / "conf/pretrain_depth.yaml").trainer.val_every
     sizes = {}
     for m in g["models"]:
-        steps = OmegaConf.load(HERE.parents[1] / "conf/model" / f"{m}.yaml").pretrain_steps
+        steps = OmegaConf.load(rm.ROOT / "conf/model" / f"{m}.yaml").pretrain_steps
         c = cost[rm.size_of(m)]["cpu_s_per_step"]
         reps = sum(opt == m for opt, _, _ in mf.members())
         pretrain_s = reps * c * (steps + VAL_STEPS * steps / pre)
@@ -97,10 +88,10 @@ def plan(cost: dict) -> dict:
                     "two; the probe's runs at the chosen LR are the grid's, counted once"}
 
 
-def main():
+def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--measure", action="store_true")
-    a = p.parse_args()
+    a = p.parse_args(argv)
     if a.measure:
         COST_FILE.write_text(json.dumps(measure(), indent=1))
     res = plan(json.loads(COST_FILE.read_text()))
@@ -110,7 +101,7 @@ def main():
     print(f"total: pretraining {res['pretrain_cpu_h']:.1f} + fine-tuning {res['finetune_cpu_h']:.1f} = "
           f"{res['total_cpu_h']:.1f} CPU h; on 2 idle cores about {res['wall_h_on_2_idle_cores']:.1f} h")
     print(f"stage 2 (budgets per size {res['extension_budgets']} steps, "
-          f"run_missing.py --extend): "
+          f"run_missing --extend): "
           f"{sum(s['extension_runs'] for s in res['sizes'].values())} runs, {res['extension_cpu_h']:.1f} CPU h")
 
 
