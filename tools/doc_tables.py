@@ -565,7 +565,8 @@ def interp_controls(root: Path) -> str:
 def bench_cpu(root: Path) -> str:
     from lnfree.bench.cpu import table
 
-    runs = [_json(root, f"experiments/bench/{f}.json") for f in ("cpu", "cpu_run2", "cpu_run3", "cpu_run4", "cpu_distill")]
+    runs = [_json(root, f"experiments/bench/{f}.json")
+            for f in ("cpu", "cpu_run2", "cpu_run3", "cpu_run4", "cpu_distill")]
     return table(runs[0], runs[1:])
 
 
