@@ -6,6 +6,7 @@ import site
 import subprocess
 import sys
 import venv
+import zipfile
 
 import pytest
 from conftest import ROOT
@@ -23,6 +24,9 @@ def test_the_wheel_installs_and_trains_and_evaluates_from_another_directory(tmp_
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(dist), str(src)],
                    check=True, capture_output=True, timeout=600)
     wheel, = dist.glob("lnfree-*.whl")
+    # it ships the built-in default and the Llama and NeoX members, not the study's other members
+    shipped = {n.split("/")[2] for n in zipfile.ZipFile(wheel).namelist() if n.startswith("lnfree/pretrained/")}
+    assert shipped == {"w128", "llama_w128", "neox_w128"} and wheel.stat().st_size < 15e6, (shipped, wheel.stat())
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -43,6 +47,10 @@ def test_the_wheel_installs_and_trains_and_evaluates_from_another_directory(tmp_
     script = subprocess.run([str(env_dir / "bin" / "lnfree"), "--help"], cwd=elsewhere, capture_output=True,
                             text=True, timeout=300)  # the console script the wheel installs
     assert script.returncode == 0 and "\n  train " in script.stdout, script.stdout + script.stderr
+    missing = subprocess.run([str(py), "-c", f"import lnfree; lnfree.resolve('builtin:w48', {str(tmp_path)!r})"],
+                             cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert "not pretrained yet" in missing.stderr and "lnfree.pretrain model=builtin_w48" in missing.stderr, \
+        missing.stderr[-2000:]  # a member the wheel leaves out names the command that makes it
     run = elsewhere / "run"
     train = subprocess.run([str(py), "-m", "lnfree.train", "model=tiny", "data.block_size=64", "data.val_blocks=2",
                             "hardware.micro_batch_size=2", "trainer.max_steps=2", "trainer.val_every=2",
