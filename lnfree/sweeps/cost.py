@@ -28,12 +28,15 @@ def measure() -> dict:
     import torch
     from transformers import GPT2Config, GPT2LMHeadModel
 
+    from lnfree.families import GPT2, family
+
     torch.set_num_threads(1)
     res = {}
     for n_layer, d in CANDIDATES:
         torch.manual_seed(0)
-        m = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_positions=256, n_layer=n_layer, n_embd=d,
-                                       n_head=max(1, d // 32), bos_token_id=0, eos_token_id=0))
+        # the depth family's members: GPT-2 proportions (conf/model/builtin_l*w*.yaml), context 256
+        m = GPT2LMHeadModel(GPT2Config(vocab_size=4096, n_layer=n_layer, n_embd=d, n_head=max(1, d // 32),
+                                       bos_token_id=0, eos_token_id=0, **{GPT2.ctx_field: 256}))
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         x = torch.randint(0, 4096, (16, 256))
 
@@ -46,7 +49,8 @@ def measure() -> dict:
         t, w = time.process_time(), time.time()
         for _ in range(4):
             step()
-        nonemb = sum(p.numel() for n, p in m.named_parameters() if not n.endswith(("wte.weight", "wpe.weight")))
+        embeddings = set(family(m.config).embedding_names)
+        nonemb = sum(p.numel() for n, p in m.named_parameters() if n not in embeddings)
         cpu, wall = (time.process_time() - t) / 4, (time.time() - w) / 4
         res[f"l{n_layer}w{d}"] = {"n_layer": n_layer, "n_embd": d, "non_embedding_params": nonemb,
                                   "cpu_s_per_step": cpu, "wall_s_per_step": wall}

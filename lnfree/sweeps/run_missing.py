@@ -45,9 +45,11 @@ def grid():
     p = exp.hydra.sweeper.params
     split = lambda v: str(v).split(",")  # noqa: E731
     # data.block_size is null: each model's context (lnfree.training.config.default_block_size), 256 for the family
+    from lnfree.families import family
     from lnfree.training.config import default_block_size
 
-    n_ctx = OmegaConf.load(ROOT / f"conf/model/{split(p.model)[0]}.yaml").shape.n_positions
+    shape = OmegaConf.to_container(OmegaConf.load(ROOT / f"conf/model/{split(p.model)[0]}.yaml").shape)
+    n_ctx = shape[family({"model_type": "gpt2", **shape}).ctx_field]  # a shape without model_type is GPT-2's
     step_tokens = OmegaConf.load(ROOT / "conf/hardware/base.yaml").micro_batch_size * default_block_size(n_ctx)
     return (split(p.model), [int(b) for b in split(p["trainer.max_steps"])], [int(s) for s in split(p.seed)],
             split(p.schedule), step_tokens)
