@@ -576,12 +576,18 @@ def bench_profile(root: Path) -> str:
     return table(_json(root, "experiments/bench/profile.json"))
 
 
+def efficient(root: Path) -> str:
+    from lnfree.sweeps.efficient_analysis import summary_table
+
+    return summary_table(_json(root, "experiments/efficient/efficient.json"))
+
+
 TABLES = {f.__name__: f for f in (eval_models, eval_gaps, ablations, lora_gaps, lora_models, downstream, scaling_width,
                                    family, distributed, dla_builtin, interp_summary, interp_controls, interp_verdicts,
                                    shift_gaps, bench_cpu, bench_profile, families_eval,
                                    shift_by_length, depth_family, depth_lr_probe, scaling_depth,
                                    scaling_depth_ordering, scaling_depth_variant, scaling_depth_censored,
-                                   paper_counting, censored_coverage)}
+                                   paper_counting, censored_coverage, efficient)}
 
 
 def pages(root: Path = ROOT) -> list[Path]:
