@@ -257,3 +257,36 @@ def no_hydra_state_between_tests():
     from hydra.core.hydra_config import HydraConfig
 
     HydraConfig.instance().cfg = None
+
+
+def free_port() -> int:
+    """A TCP port on localhost that nothing listens on, for a gloo process group's rendezvous."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def two_ranks(worker, out_dir) -> tuple[dict, dict]:
+    """Run worker(rank, port, out_dir) as a two-rank gloo group: rank 1 in a spawned process (forking one that has
+    run other tests' threads can deadlock), rank 0 here, so the functions under test run in the test's own
+    process. Returns what each rank wrote to out_dir/rank<r>.json."""
+    import multiprocessing
+
+    port = free_port()
+    other = multiprocessing.get_context("spawn").Process(target=worker, args=(1, port, out_dir))
+    other.start()
+    worker(0, port, out_dir)
+    other.join(120)
+    assert other.exitcode == 0
+    return tuple(json.loads((Path(out_dir) / f"rank{r}.json").read_text()) for r in (0, 1))
+
+
+def save_own_gpt2(d, tok, n_layer: int):
+    """A user's own GPT-2 dir as save_pretrained writes it: 128 positions, width 32, 2 heads, with `tok`."""
+    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=n_layer, n_head=2,
+                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
+    GPT2LMHeadModel(cfg).save_pretrained(d)
+    tok.save_pretrained(d)
+    return d

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, ids, stock_and_removable
+from conftest import ROOT, TINY_RUN, free_port, ids, stock_and_removable, two_ranks
 
 from lnfree.norm import ORDINARY
 from lnfree.schedule import Event
@@ -104,15 +104,6 @@ def test_rank_check_gathers_on_the_model_device(monkeypatch):
     assert gathered == ["meta"]
 
 
-def _free_port() -> int:
-    """A TCP port on localhost that nothing listens on, for a gloo process group's rendezvous."""
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _two_rank_worker(rank, port, out_dir):
     """Rank `rank` of a two-process gloo group: the callback's collectives with different data on each rank."""
     import datetime
@@ -184,18 +175,7 @@ def _two_rank_worker(rank, port, out_dir):
 def test_two_ranks_with_different_data_keep_one_estimate_and_catch_a_sigma_disagreement(tmp_path):
     """Two real processes (gloo, CPU): calibration is averaged and per-step statistics are summed across ranks
     so that every rank holds the same running estimate, and check_ranks_agree raises when frozen sigmas differ."""
-    import json
-    import multiprocessing
-
-    port = _free_port()
-    # rank 1 in a fresh (spawned: forking a process that has run other tests' threads can deadlock) process,
-    # rank 0 here, so that the functions under test run in the test's own process
-    other = multiprocessing.get_context("spawn").Process(target=_two_rank_worker, args=(1, port, tmp_path))
-    other.start()
-    _two_rank_worker(0, port, tmp_path)
-    other.join(120)
-    assert other.exitcode == 0
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = two_ranks(_two_rank_worker, tmp_path)
     assert r0["sum"] == r1["sum"] == [3.0, 20.0]
     assert r0["running"] == r1["running"]  # bit-identical on both ranks, although their data differ
     alone = []
@@ -223,7 +203,7 @@ def test_a_one_process_group_has_no_ranks_to_compare_or_sum(tmp_path):
 
     from lnfree.training.callbacks import _all_reduce_sum, _distributed, check_ranks_agree
 
-    port = _free_port()
+    port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
     try:
         _, model = stock_and_removable()
@@ -281,7 +261,7 @@ def test_configure_model_shards_blocks_then_model_on_the_data_parallel_mesh(tmp_
     data-parallel mesh, with bf16 compute under bf16-mixed and fp32 otherwise, once however often it is called."""
     import json
 
-    port = _free_port()
+    port = free_port()
     _fsdp_worker(0, port, tmp_path)  # a one-process group, torn down at the end
     out = json.loads((tmp_path / "fsdp.json").read_text())
     for precision, dtype in (("bf16-mixed", "torch.bfloat16"), ("32-true", "torch.float32")):

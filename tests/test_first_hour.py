@@ -9,7 +9,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, compose_train, ids, stock_and_removable, tiny_config
+from conftest import ROOT, TINY_RUN, compose_train, ids, save_own_gpt2, stock_and_removable, tiny_config
 from transformers import GPT2LMHeadModel
 
 from lnfree import load, make_removable
@@ -44,16 +44,9 @@ def test_a_custom_model_is_named_by_its_dir_and_names_fit_wandb(tmp_path):
 
 def _own_gpt2(d):
     """A user's own GPT-2 dir: 2 layers, 128 positions, the built-in tokenizer saved with it."""
-    from transformers import GPT2Config
-
     from lnfree.io import load_tokenizer
 
-    tok = load_tokenizer("builtin")
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=2, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_own_gpt2(d, load_tokenizer("builtin"), n_layer=2)
 
 
 @pytest.mark.slow

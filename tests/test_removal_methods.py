@@ -9,7 +9,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_RUN, compose_train, ids, needs, stock_and_removable, train_until_crash
+from conftest import TINY_RUN, compose_train, ids, needs, stock_and_removable, train_until_crash, two_ranks
 from omegaconf import OmegaConf
 
 from lnfree.io import read_checkpoint
@@ -364,17 +364,6 @@ def _adaptive_rank(rank, port, out_dir):
 
 @pytest.mark.slow
 def test_ddp_ranks_take_the_same_adaptive_decision_from_their_mean_loss(tmp_path):
-    import multiprocessing
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    other = multiprocessing.get_context("spawn").Process(target=_adaptive_rank, args=(1, port, tmp_path))
-    other.start()
-    _adaptive_rank(0, port, tmp_path)
-    other.join(120)
-    assert other.exitcode == 0
-    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    r0, r1 = two_ranks(_adaptive_rank, tmp_path)
     assert r0 == r1 and r0["fired"] == [1, 4]
     assert r0["trigger"]["reference"] == pytest.approx(4.9) and r0["trigger"]["last_fired"] == 4

@@ -4,7 +4,7 @@ import sys
 
 import pytest
 import torch
-from conftest import ROOT, TINY_RUN, compose_train, train_until_crash
+from conftest import ROOT, TINY_RUN, compose_train, save_own_gpt2, train_until_crash
 from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
@@ -458,7 +458,7 @@ def _own_gpt2(d, vocab_size=512):
     """A user's own GPT-2 dir: 3 layers, its own BPE (trained here on the built-in text), as save_pretrained
     writes it."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     from lnfree.data import corpus
 
@@ -467,11 +467,7 @@ def _own_gpt2(d, vocab_size=512):
     texts = [t for t, _ in zip(corpus.iter_texts("train"), range(200))]
     bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"]))
     tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|endoftext|>", bos_token="<|endoftext|>")
-    cfg = GPT2Config(vocab_size=len(tok), n_positions=128, n_embd=32, n_layer=3, n_head=2,
-                     bos_token_id=tok.eos_token_id, eos_token_id=tok.eos_token_id)
-    GPT2LMHeadModel(cfg).save_pretrained(d)
-    tok.save_pretrained(d)
-    return d
+    return save_own_gpt2(d, tok, n_layer=3)
 
 
 @pytest.mark.slow

@@ -22,6 +22,7 @@ experiments/efficient/combination.json before the arm runs.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import subprocess
 import sys
@@ -97,8 +98,6 @@ def train(protocol: dict, family: str, arm: str, budget: int, seed: int) -> tupl
 
 def final_train_ce(run: Path, last: int = 10) -> float:
     """Mean train/ce over the run's last `last` logged steps (training split)."""
-    import csv
-
     with open(run / "csv" / "metrics.csv") as f:
         ce = [float(r["train/ce"]) for r in csv.DictReader(f) if r.get("train/ce")]
     return float(np.mean(ce[-last:]))
