@@ -35,6 +35,29 @@ def test_cells_run_seed_by_seed_with_the_control_first(tmp_path, monkeypatch):
     assert efficient.cells(PROTOCOL, [2]) == [c for c in cells if c[3] == 2]
 
 
+def test_a_missing_control_dir_is_retrained_and_checked_against_its_record(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    trained, val_ce = [], {"now": 3.0}
+
+    def fake_train(protocol, family, arm, budget, seed):
+        out = efficient.run_dir(family, arm, budget, seed)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / efficient.RUN_SUMMARY).write_text(json.dumps({"val_ce": val_ce["now"]}))
+        trained.append((family, arm, budget, seed))
+        return out, 1.0
+
+    monkeypatch.setattr(efficient, "train", fake_train)
+    control = PROTOCOL["control"]["name"]
+    record = {"family": "gpt2", "arm": control, "budget": 25, "seed": 1, "val_ce": 3.0}
+    efficient.ensure_control(PROTOCOL, "gpt2", 25, 1, [record])
+    assert trained == [("gpt2", control, 25, 1)]
+    efficient.ensure_control(PROTOCOL, "gpt2", 25, 1, [record])  # its dir exists now: not trained again
+    assert len(trained) == 1
+    val_ce["now"] = 3.1  # a retrained control that does not match its record is refused
+    with pytest.raises(RuntimeError, match="not reproducible"):
+        efficient.ensure_control(PROTOCOL, "gpt2", 50, 1, [{**record, "budget": 50}])
+
+
 def _train_ce_records(ce: dict, seed=1) -> list[dict]:
     """gpt2 records of one seed: ce {arm: final training CE at every budget, or a list per budget}."""
     budgets = PROTOCOL["families"]["gpt2"]["budgets"]

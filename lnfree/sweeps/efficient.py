@@ -96,6 +96,20 @@ def train(protocol: dict, family: str, arm: str, budget: int, seed: int) -> tupl
     return out, time.time() - t0
 
 
+def ensure_control(protocol: dict, family: str, budget: int, seed: int, records: list[dict]) -> None:
+    """Retrain an arm's control whose record exists but whose run dir does not (a fresh machine, the outputs not
+    kept): the same seed and overrides give the same model, which is checked against the recorded val CE."""
+    name = protocol["control"]["name"]
+    if (run_dir(family, name, budget, seed) / RUN_SUMMARY).exists():
+        return
+    run, _ = train(protocol, family, name, budget, seed)
+    recorded = [r["val_ce"] for r in records if record_key(r) == (family, name, budget, seed)]
+    got = json.loads((run / RUN_SUMMARY).read_text())["val_ce"]
+    if recorded and abs(got - recorded[0]) > 1e-6 * max(1.0, abs(recorded[0])):
+        raise RuntimeError(f"{family}/{name} budget {budget} seed {seed} retrained to val CE {got}, its record says "
+                           f"{recorded[0]}: the control is not reproducible here, so no arm is paired with it")
+
+
 def final_train_ce(run: Path, last: int = 10) -> float:
     """Mean train/ce over the run's last `last` logged steps (training split)."""
     with open(run / "csv" / "metrics.csv") as f:
@@ -199,6 +213,8 @@ def main(argv=None) -> int:
     while missing:
         family, arm, budget, seed = missing[0]
         try:
+            if arm != protocol["control"]["name"]:
+                ensure_control(protocol, family, budget, seed, read_jsonl(RECORDS) if RECORDS.exists() else [])
             run, wall = train(protocol, family, arm, budget, seed)
             rec = make_record(protocol, family, arm, budget, seed, run, wall)
             append_jsonl(RECORDS, [rec], key=record_key)
