@@ -175,3 +175,33 @@ def test_the_papers_counting_from_its_published_schedules():
     k = exponents(rows)
     assert k["total_tokens"] == pytest.approx(PAPER_B, abs=0.01)
     assert 0.75 < k["tokens_until_last_removal"] < 0.85
+
+
+def test_stage_2_design_measures_each_sizes_own_budgets_with_its_seeds():
+    from dataclasses import replace
+
+    from lnfree.analysis.censored import coverage
+    from lnfree.analysis.simulate import SweepStructure, grid_gaps
+
+    grid = replace(SweepStructure(), sizes_n=(1e4, 1e5, 1e6), budgets=(1000, 2000, 4000), n_seeds=3)
+    st2 = replace(grid, stage2_budgets=((8000, 16000), (8000,), ()), stage2_seeds=1)
+    assert st2.size_budgets(0) == (1000, 2000, 4000, 8000, 16000) and st2.size_budgets(2) == grid.budgets
+    assert st2.all_budgets() == (1000, 2000, 4000, 8000, 16000)
+    g = grid_gaps(np.random.default_rng(0), st2, (0.01,), 5)  # [sweep, size, pretrained, budget, seed]
+    assert g.shape == (5, 3, 2, 5, 3)
+    assert np.isfinite(g[:, :, :, :3]).all()  # the fixed grid: every size, every seed
+    assert np.isfinite(g[:, 0, :, 3:, 0]).all() and np.isnan(g[:, 0, :, 3:, 1:]).all()  # stage 2: seed 1 only
+    assert np.isfinite(g[:, 1, :, 3, 0]).all() and np.isnan(g[:, 1, :, 4]).all() and np.isnan(g[:, 2, :, 3:]).all()
+    # without stage 2 the draws are the fixed grid's, number for number (committed coverage records stay valid)
+    np.testing.assert_array_equal(grid_gaps(np.random.default_rng(0), grid, (0.01,), 5),
+                                  grid_gaps(np.random.default_rng(0), replace(grid, stage2_budgets=((), (), ())),
+                                            (0.01,), 5))
+    # a seed missing at a budget is left out of that budget's seed mean, not counted as zero
+    gaps = np.array([[[0.03, np.nan, np.nan], [0.02, 0.004, np.nan]]])  # [pretrained, budget, seed]
+    assert crossing_intervals([1000, 2000], gaps, 0.015).tolist() == [[1000.0, 2000.0]]  # as zeros: (0, 1000]
+    assert crossing_intervals([1000, 2000], gaps, 0.01).tolist() == [[2000.0, np.inf]]
+    # stage 2 uncensors: with a truth crossing just beyond the grid, stage 2 brackets more crossings
+    truth = replace(st2, t0=5000.0, b=0.0, lack_of_fit_sd=0.0)
+    with_s2 = coverage(truth, (0.01,), 20, seed=1)["0.01"]["right_censored"]
+    without = coverage(replace(truth, stage2_budgets=()), (0.01,), 20, seed=1)["0.01"]["right_censored"]
+    assert with_s2 < without

@@ -310,3 +310,60 @@ def test_partial_records_give_values_without_intervals_and_no_t_star_before_ever
     kept_a_norm = [{**r, "all_removed": False} if r["arm"] == "distill" else r for r in records]
     with pytest.raises(RecordError, match="not every norm was removed"):
         ea.analyse(kept_a_norm, PROTOCOL)
+
+
+# -- the depth-and-width part (lnfree.sweeps.efficient_depth) -------------------------------------------------------
+def _depth_records(pretrained: str, c: float, budgets, seeds, schedule="scaled", lr=1.5e-4, noise=None) -> list[dict]:
+    """A vanilla control at CE 4 and a run whose relative gap is c * steps^-0.5 (times 1 + noise[seed])."""
+    out = []
+    for s in seeds:
+        for b in budgets:
+            gap = c * b ** -0.5 * (1 + (noise or {}).get(s, 0.0))
+            base = {"pretrained": pretrained, "size": pretrained.split("_s")[0], "steps": b, "tokens": 1024 * b,
+                    "seed": s, "lr": lr}
+            out.append({**base, "schedule": "none", "val_ce": 4.0})
+            out.append({**base, "schedule": schedule, "val_ce": 4.0 * (1 + gap)})
+    return out
+
+
+def test_depth_part_reads_t_star_ratios_off_the_grid_records():
+    from lnfree.sweeps import efficient_depth as ed
+
+    protocol = {"arm": "distill", "overrides": ["schedule.distill.weight=1.0"], "sizes": ["builtin_l3w96"],
+                "budgets": [64, 128, 256, 512], "seeds": [1]}
+    grid = _depth_records("l3w96_s1", 0.3, [8, 64, 128, 256, 512, 1024], [1, 2, 3], noise={2: 0.05, 3: -0.05})
+    arm = [r for r in _depth_records("l3w96_s1", 0.15, protocol["budgets"], [1]) if r["schedule"] == "scaled"]
+    res = ed.analyse(arm, grid, protocol)
+    (m,) = res["models"]
+    assert [e["steps"] for e in m["budgets"]] == protocol["budgets"]
+    assert m["budgets"][0]["gap_rel"] == pytest.approx(0.15 / 8) and m["budgets"][0]["baseline_gap_rel"] == \
+        pytest.approx(0.3 / 8)
+    t1 = m["t_star"]["0.01"]  # gap = c t^-0.5: half the gap is a quarter of the tokens, exact under interpolation
+    assert t1["baseline"]["value"] == pytest.approx(1024 * (0.3 / 0.01) ** 2)
+    assert t1["arm"]["value"] == pytest.approx(1024 * (0.15 / 0.01) ** 2)
+    assert t1["ratio"]["value"] == pytest.approx(0.25)
+    assert t1["baseline_seeds"] == 3 and t1["baseline_seed_sd_log"] > 0
+    assert t1["verdict"].startswith("fewer tokens")
+    t2 = m["t_star"]["0.02"]  # the arm is below 2% from its first budget on: a bound, and the ratio's upper end
+    assert t2["arm"]["value"] is None and t2["arm"]["censored"] == "below" and t2["arm"]["high"] == 64 * 1024
+    assert t2["ratio"]["value"] is None and t2["ratio"]["low"] is None
+    assert t2["ratio"]["high"] == pytest.approx(64 * 1024 / t2["baseline"]["value"])
+    # an arm no better than the baseline: within the seed band, not established
+    same = [r for r in _depth_records("l3w96_s1", 0.3, protocol["budgets"], [1]) if r["schedule"] == "scaled"]
+    assert ed.analyse(same, grid, protocol)["models"][0]["t_star"]["0.01"]["verdict"].startswith("not established")
+    md = ed.markdown(res)
+    assert "l3w96_s1" in md and "0.25" in md
+
+
+def test_depth_part_jobs_skip_recorded_runs_and_go_replicate_by_replicate():
+    from lnfree.sweeps import efficient_depth as ed
+
+    protocol = {"sizes": ["builtin_l3w96", "builtin_l4w128"], "budgets": [64, 128], "seeds": [1]}
+    lrs = {m: {"lr": 1.5e-4} for m in protocol["sizes"]}
+    pairs = {"builtin_l3w96": [1, 2], "builtin_l4w128": [2, 3]}
+    done = [{"pretrained": "l3w96_s1", "steps": 64, "schedule": "scaled", "seed": 1, "lr": 1.5e-4}]
+    jobs = ed.jobs(protocol, done, lrs, pairs)
+    assert [(j[1], j[2], j[0]) for j in jobs] == [
+        ("builtin_l3w96", 1, 128), ("builtin_l4w128", 2, 64), ("builtin_l4w128", 2, 128),
+        ("builtin_l3w96", 2, 64), ("builtin_l3w96", 2, 128), ("builtin_l4w128", 3, 64), ("builtin_l4w128", 3, 128)]
+    assert all(j[3] == "scaled" and j[5] == [1] for j in jobs)

@@ -21,6 +21,8 @@ from dataclasses import asdict, replace
 from multiprocessing import Pool
 from pathlib import Path
 
+import yaml
+
 from lnfree.analysis.censored import coverage
 from lnfree.analysis.scaling import at_chosen_lr, exponent_coverage, gap_table, load_runs, measured_noise
 from lnfree.analysis.simulate import SweepStructure
@@ -32,20 +34,30 @@ TRUE_LACK_OF_FIT = (0.0, 0.25, 0.5)
 ANCHOR_TOKENS = 2.5e6  # T* at 1% of a size of the geometric-mean N
 THRESHOLDS = (0.005, 0.01, 0.02)
 OUT = ROOT / "experiments/data_scaling/censored_coverage.json"
+OUT_STAGE2 = ROOT / "experiments/data_scaling/censored_coverage_stage2.json"
 
 
-def design() -> tuple[SweepStructure, dict]:
-    """The fixed grid's design and measured noise, from the committed records."""
+def design(stage2_seeds: int | None = None) -> tuple[SweepStructure, dict]:
+    """The fixed grid's design and measured noise, from the committed records; with stage2_seeds, plus each size's
+    stage-2 budgets (experiments/depth_family/protocol.yaml's stage2) measured with that many seeds."""
     depth = ROOT / "experiments/depth_family"
     runs = at_chosen_lr(load_runs(depth / "runs.jsonl"), json.loads((depth / "lr.json").read_text())["sizes"])
     table = gap_table([r for r in runs if r["steps"] <= max(depth_budgets())], "scaled")
     noise = measured_noise(table)
     budgets = sorted(set.intersection(*(set(m["budgets"]) for m in table.values())))
+    sizes = sorted(table, key=lambda m: table[m]["n"])
     st = replace(SweepStructure(), budgets=tuple(int(b) for b in budgets),
-                 sizes_n=tuple(float(m["n"]) for m in table.values()),
+                 sizes_n=tuple(float(table[m]["n"]) for m in sizes),
                  n_pretrained=min(len(m["pretrained"]) for m in table.values()),
                  n_seeds=min(len(m["seeds"]) for m in table.values()),
                  **{k: noise[k] for k in ("seed_cv", "slope", "pretrain_sd") if noise[k] is not None})
+    if stage2_seeds is not None:
+        stage2 = yaml.safe_load((depth / "protocol.yaml").read_text())["stage2"]["budgets"]
+        step_tokens = {r["tokens"] // r["steps"] for r in runs}
+        assert len(step_tokens) == 1, f"one token count per step expected, got {step_tokens}"
+        (tokens,) = step_tokens
+        st = replace(st, stage2_budgets=tuple(tuple(int(b) * tokens for b in stage2.get(f"builtin_{m}", []))
+                                              for m in sizes), stage2_seeds=stage2_seeds)
     return st, noise
 
 
@@ -71,9 +83,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweeps", type=int, default=200)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--out", default=str(OUT))
+    p.add_argument("--stage2-seeds", type=int, help="the design with stage 2 measured with this many seeds (1: seed 1 "
+                   f"of every stage-2 cell; written to {OUT_STAGE2.name} unless --out says otherwise)")
+    p.add_argument("--out")
     a = p.parse_args(argv)
-    st, noise = design()
+    st, noise = design(a.stage2_seeds)
+    a.out = a.out or str(OUT if a.stage2_seeds is None else OUT_STAGE2)
     truths = [(b, lof) for b in TRUE_B for lof in TRUE_LACK_OF_FIT]
     jobs = [(st, b, lof, a.sweeps, i) for i, (b, lof) in enumerate(truths)]
     with Pool(a.workers) as pool:  # each cell has its own seed: the record does not depend on the workers

@@ -45,7 +45,8 @@ def crossing_intervals(budgets, gaps, threshold: float) -> np.ndarray:
     smallest budget already is (left-censored)."""
     b = np.asarray(budgets, float)
     g = np.asarray(gaps, float)
-    g = g.mean(-1) if g.ndim == 3 else g
+    if g.ndim == 3:  # seed means; a seed not measured at a budget (NaN: stage 2 runs seed 1 first) is left out
+        g = np.nanmean(g, -1) if np.isnan(g).any() else g.mean(-1)
     below = g <= threshold
     first = np.where(below.any(-1), below.argmax(-1), len(b))
     lo = np.where(first == 0, 0.0, b[np.maximum(first - 1, 0)])
@@ -219,8 +220,10 @@ def coverage(structure, thresholds, n_sweeps: int, seed: int = 0) -> dict:
     gaps = grid_gaps(rng, structure, thresholds, n_sweeps)  # [sweep, size, pretrained, budget, seed]
     out = {}
     for thr in thresholds:
-        bounds = np.stack([np.stack([crossing_intervals(structure.budgets, g_size, thr) for g_size in g])
-                           for g in gaps])
+        axis = structure.all_budgets()  # each size on its own budgets (the fixed grid, then its stage 2)
+        cols = [[axis.index(b) for b in structure.size_budgets(i)] for i in range(len(structure.sizes_n))]
+        bounds = np.stack([np.stack([crossing_intervals(structure.size_budgets(i), g_size[:, cols[i]], thr)
+                                     for i, g_size in enumerate(g)]) for g in gaps])
         f = fit(structure.sizes_n, bounds)
 
         def covered(lo, hi):

@@ -341,23 +341,37 @@ def seed_mean_curves(runs: list[dict], schedule: str | None = None) -> dict:
     return out
 
 
-def censored_exponents(curves: dict, thresholds, absolute: float | None, coverage_record: dict | None = None
-                       ) -> dict:
+def design_matches(design: dict, curves: dict) -> bool:
+    """Whether a coverage record's simulated design (SweepStructure as a dict) is the one these seed-mean curves
+    were measured on: the same number of sizes and pretrained models, each size's budgets (the fixed grid plus its
+    stage-2 budgets) and, at a stage-2 budget, the designed number of seeds."""
+    sizes = sorted(curves, key=lambda s: curves[s]["n"])
+    stage2 = design.get("stage2_budgets") or [()] * len(sizes)
+    if (len(design["sizes_n"]) != len(sizes) or len(stage2) != len(sizes)
+            or design["n_pretrained"] != max(len(curves[s]["pretrained"]) for s in sizes)):
+        return False
+    for i, s in enumerate(sizes):
+        extra = {int(b) for b in stage2[i]}
+        if [int(b) for b in curves[s]["budgets"]] != sorted({*(int(b) for b in design["budgets"]), *extra}):
+            return False
+        if any(int(b) in extra and len(x) != design.get("stage2_seeds", 1)
+               for b, x in zip(curves[s]["budgets"], curves[s]["seeds"])):
+            return False
+    return True
+
+
+def censored_exponents(curves: dict, thresholds, absolute: float | None, coverage_records=()) -> dict:
     """{threshold key: the censored fit (analysis/censored.py)}: each pretrained model's crossing interval on its
     seed-mean curve, b's envelope interval (the union over the lack of fit's profile interval) and its verdict, b's
     interval at each fixed lack of fit, the sizes with a censored model, and the envelope's coverage measured on
-    this design (coverage_record: experiments/data_scaling/censored_coverage.json, the lowest over its truths; None
-    where the record's design is not this one)."""
+    this design (coverage_records: experiments/data_scaling/censored_coverage*.json; the lowest over the truths of
+    the record whose design is this one, design_matches; None where none is)."""
     from .censored import LACK_OF_FIT_SDS, crossing_intervals, fit, verdict
 
     sizes = list(curves)
     n_pre = max(len(curves[s]["pretrained"]) for s in sizes)
-    tested = (coverage_record is not None
-              and [int(b) for b in coverage_record["design"]["budgets"]]
-              == sorted(set.intersection(*(set(curves[s]["budgets"]) for s in sizes)))
-              == sorted(set.union(*(set(curves[s]["budgets"]) for s in sizes)))
-              and coverage_record["design"]["n_pretrained"] == n_pre
-              and len(coverage_record["design"]["sizes_n"]) == len(sizes))
+    coverage_record = next((r for r in coverage_records if design_matches(r["design"], curves)), None)
+    tested = coverage_record is not None
 
     def num(v):
         v = float(v)
@@ -407,12 +421,13 @@ def stages(curves: dict, max_steps: int | None, runs: list[dict]) -> dict:
 def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: float | None = ABSOLUTE_NATS,
             n_boot: int = 1000, n_sim: int = N_SIMULATIONS, family: str | None = None, family_json: str | None = None,
             schedule: str | None = None, lr_json: str | None = None, max_steps: int | None = None,
-            coverage_json: str | None = None) -> dict:
+            coverage_json: str | list[str] | None = None) -> dict:
     """sweep_dir: a sweep dir or runs.jsonl, or a list of them (merged by load_sources). lr_json: the LR probe's
     choice per size (only the runs at it are analysed). max_steps: only the runs of at most this many steps (the
     fixed grid); the censored fit is also reported with every budget measured beyond it ("censored_extended",
-    stage 2). coverage_json: the censored fit's coverage on this design (experiments/data_scaling/
-    censored_coverage.json). Writes scaling.json, scaling.md and scaling.png to out_dir."""
+    stage 2). coverage_json: the censored fit's coverage records (experiments/data_scaling/censored_coverage.json
+    for the fixed grid, censored_coverage_stage2.json for the grid with stage 2); each fit quotes the one whose
+    design is its own. Writes scaling.json, scaling.md and scaling.png to out_dir."""
     sources = list(sweep_dir) if isinstance(sweep_dir, (list, tuple)) else [sweep_dir]
     runs = load_sources(sources)
     if lr_json:
@@ -429,8 +444,9 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
     n_pre = min(len(m["pretrained"]) for m in table.values())
     structure = simulated_design(table, exps, thresholds, noise)
     coverage = exponent_coverage(structure, thresholds, absolute, n_sim) if n_sim else None
-    record = json.loads(Path(coverage_json).read_text()) if coverage_json else None
-    censored = censored_exponents(seed_mean_curves(runs, schedule), thresholds, absolute, record)
+    records = [json.loads(Path(f).read_text()) for f in ([coverage_json] if isinstance(coverage_json, str)
+                                                          else coverage_json or [])]
+    censored = censored_exponents(seed_mean_curves(runs, schedule), thresholds, absolute, records)
     extended = {size: c for size, c in seed_mean_curves(every_budget, schedule).items() if size in table}
     beyond = len(every_budget) > len(runs)
     fam = _family_entries(family_json)
@@ -457,7 +473,7 @@ def analyse(sweep_dir, out_dir: str | Path, thresholds=THRESHOLDS, absolute: flo
            "measured_noise": noise,
            "coverage": coverage,
            "censored": censored,
-           "censored_extended": censored_exponents(extended, thresholds, absolute, record) if beyond else None,
+           "censored_extended": censored_exponents(extended, thresholds, absolute, records) if beyond else None,
            "stage": stages(extended, max_steps, every_budget),
            "method": "T* per pretrained model from a local power-law fit of the seed-mean gap (4 budgets nearest the "
                      "threshold), geometric mean per size; b from least squares of log T* on log N with a t interval "
@@ -626,7 +642,8 @@ def main(argv=None):
                                                  "`steps`: a fixed grid without the budgets of a later extension)")
     p.add_argument("--records", help="also add every run's record to this .jsonl (records already there are kept; "
                                      "a run already there with another result is refused)")
-    p.add_argument("--coverage-json", help="the censored fit's coverage on this design (censored_coverage.json)")
+    p.add_argument("--coverage-json", nargs="*", help="the censored fit's coverage records "
+                   "(censored_coverage*.json); each fit quotes the one simulated on its own design")
     a = p.parse_args(argv)
     with user_errors_as_messages():
         if a.records:  # the runs themselves, compact, so that the analysis can be redone from a committed file

@@ -167,6 +167,16 @@ class SweepStructure:
     budget_step: float = math.sqrt(2)
     margin: int = 3  # budgets beyond the outermost thresholds' true crossings, on each side
     budgets: tuple = ()  # a fixed grid (tokens) for every size instead (the depth study's design: censored edges)
+    stage2_budgets: tuple = ()  # per size, budgets (tokens) measured beyond the fixed grid (the depth study's stage 2)
+    stage2_seeds: int = 1  # the seeds measured at those budgets (stage 2 runs seed 1 of every cell first)
+
+    def size_budgets(self, i: int) -> tuple:
+        """Size i's budgets (tokens): the fixed grid, then its stage-2 budgets."""
+        return tuple(sorted({*self.budgets, *(self.stage2_budgets[i] if self.stage2_budgets else ())}))
+
+    def all_budgets(self) -> tuple:
+        """Every budget of any size, sorted: grid_gaps' budget axis."""
+        return tuple(sorted({b for i in range(len(self.sizes_n)) for b in self.size_budgets(i)}))
 
 
 def sweep(rng: np.random.Generator, st: SweepStructure, thresholds) -> list[dict]:
@@ -182,12 +192,15 @@ def sweep(rng: np.random.Generator, st: SweepStructure, thresholds) -> list[dict
         t_size = st.t0 * (n / st.sizes_n[0]) ** st.b * math.exp(rng.normal(0, st.lack_of_fit_sd))
         first = math.log(t_size * (thresholds[-1] / mid) ** (-1 / st.slope), st.budget_step) - st.margin
         last = math.log(t_size * (thresholds[0] / mid) ** (-1 / st.slope), st.budget_step) + st.margin
-        budgets = (np.asarray(st.budgets, int) if st.budgets else
+        budgets = (np.asarray(st.size_budgets(i), int) if st.budgets else
                    np.unique(np.round(st.budget_step ** np.arange(math.floor(first), math.ceil(last) + 1)).astype(int)))
+        stage2 = set(st.size_budgets(i)) - set(st.budgets)
         for p in range(st.n_pretrained):
             t_p = t_size * math.exp(rng.normal(0, st.pretrain_sd))
             for seed in range(1, st.n_seeds + 1):
                 for bud in budgets:
+                    if bud in stage2 and seed > st.stage2_seeds:
+                        continue
                     gap = mid * (bud / t_p) ** -st.slope * math.exp(rng.normal(0, st.seed_cv))
                     base = {"model": f"s{i}", "pretrained": f"s{i}_p{p}", "seed": seed, "tokens": int(bud),
                             "n_nonemb": int(n), "fit_fraction": 0.4}
@@ -199,7 +212,8 @@ def sweep(rng: np.random.Generator, st: SweepStructure, thresholds) -> list[dict
 def grid_gaps(rng: np.random.Generator, st: SweepStructure, thresholds, n_sweeps: int) -> np.ndarray:
     """Relative gaps [sweep, size, pretrained, budget, seed] of n_sweeps simulated sweeps on the fixed grid
     st.budgets, drawn as `sweep` draws them (the same model, vectorised over sweeps for the censored fit's
-    coverage check, which needs thousands)."""
+    coverage check, which needs thousands). With stage-2 budgets the budget axis is st.all_budgets(): NaN where a
+    size has no such budget, and at a stage-2 budget for the seeds beyond st.stage2_seeds."""
     if not st.budgets:
         raise ValueError("grid_gaps needs a fixed grid: SweepStructure(budgets=...)")
     thresholds = sorted(thresholds)
@@ -208,9 +222,18 @@ def grid_gaps(rng: np.random.Generator, st: SweepStructure, thresholds, n_sweeps
     k, p, s = len(n), st.n_pretrained, st.n_seeds
     log_t = (math.log(st.t0) + st.b * np.log(n / n[0]) + rng.normal(0, st.lack_of_fit_sd, (n_sweeps, k)))[..., None] \
         + rng.normal(0, st.pretrain_sd, (n_sweeps, k, p))  # log T*_ip [sweep, size, pretrained]
-    log_b = np.log(np.asarray(st.budgets, float))
+    budgets = st.all_budgets()
+    log_b = np.log(np.asarray(budgets, float))
     noise = rng.normal(0, st.seed_cv, (n_sweeps, k, p, len(log_b), s))
-    return mid * np.exp(-st.slope * (log_b[:, None] - log_t[..., None, None]) + noise)
+    gaps = mid * np.exp(-st.slope * (log_b[:, None] - log_t[..., None, None]) + noise)
+    for i in range(k):
+        mine, grid = set(st.size_budgets(i)), set(st.budgets)
+        for j, b in enumerate(budgets):
+            if b not in mine:
+                gaps[:, i, :, j, :] = np.nan
+            elif b not in grid:
+                gaps[:, i, :, j, st.stage2_seeds:] = np.nan
+    return gaps
 
 
 # -- the removal-methods study --------------------------------------------------------------------------------

@@ -499,6 +499,10 @@ def markdown(res: dict) -> str:
     lines += ["", "Noise measured in these records (median over cells, from " + f"{n['runs']} runs) and assumed by the "
               "coverage test's simulated studies: " + "; ".join(
                   f"{k} {'-' if n[k] is None else f'{n[k]:.3f}'} (simulated {s[k]:.3f})" for k in s) + "."]
+    if res.get("depth_family"):
+        from .efficient_depth import markdown as depth_markdown
+
+        lines += ["", depth_markdown(res["depth_family"]).rstrip()]
     return "\n".join(lines) + "\n"
 
 
@@ -549,10 +553,20 @@ def main(argv=None) -> dict:
     ap.add_argument("--protocol", default=str(STUDY / "protocol.yaml"))
     ap.add_argument("--out", default=str(STUDY), help="where efficient.json, .md and .png go")
     ap.add_argument("--draws", type=int, default=N_DRAWS, help="bootstrap draws per arm")
+    ap.add_argument("--depth-records", default=str(STUDY / "depth_runs.jsonl"),
+                    help="the depth-and-width part's records (lnfree.sweeps.efficient_depth); absent: no such part")
+    ap.add_argument("--depth-protocol", default=str(STUDY / "depth_protocol.yaml"))
     a = ap.parse_args(argv)
     with user_errors_as_messages():
         records = read_jsonl(a.records, RECORD_KEYS, ("val_ce",))
         res = analyse(records, yaml.safe_load(Path(a.protocol).read_text()), a.draws)
+        if Path(a.depth_records).exists():
+            from . import efficient_depth
+            from .run_missing import DEPTH_RECORDS
+
+            res["depth_family"] = efficient_depth.analyse(
+                read_jsonl(a.depth_records), read_jsonl(DEPTH_RECORDS),
+                efficient_depth.read_protocol(a.depth_protocol), tuple(float(t) for t in res["thresholds"]))
         out = Path(a.out)
         out.mkdir(parents=True, exist_ok=True)
         write_text_atomic(out / "efficient.json", json.dumps(res, indent=1) + "\n")
