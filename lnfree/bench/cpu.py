@@ -46,6 +46,7 @@ from omegaconf import OmegaConf
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..analysis.metrics import token_stats
+from ..data.corpus import VOCAB_SIZE
 from ..export import fold
 from ..io import logits
 from ..model import make_removable, next_token_ce, parse_site_name
@@ -58,7 +59,8 @@ from .syncs import count_syncs
 # forward repetitions per pass = infer_scale x --reps; eval: (batch, context) as `make eval` (conf/eval.yaml) for
 # the built-in model, and GPT-2's context at batch 1 for GPT-2 small (8 x 1024 logits in fp32 are 1.6 GB)
 SHAPES = {
-    "builtin_2x128": dict(cfg=dict(n_layer=2, n_head=4, n_embd=128, n_positions=256, vocab_size=4096),
+    "builtin_2x128": dict(cfg=dict(OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model/builtin_w128.yaml").shape),
+                                   vocab_size=VOCAB_SIZE),
                           train=(16, 256), infer=(16, 256), eval=(8, 256), rep_scale=2, infer_scale=5),
     "gpt2_small": dict(cfg=OmegaConf.to_container(OmegaConf.load(CONF_DIR / "model/gpt2_small_random.yaml").shape),
                        train=(4, 128), infer=(4, 128), eval=(1, 1024), rep_scale=1, infer_scale=2),

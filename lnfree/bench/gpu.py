@@ -39,6 +39,8 @@ from pathlib import Path
 
 import torch
 
+from ..families import family
+
 # dense peak FLOP/s (no sparsity) by device-name substring, from the vendors' datasheets (SXM parts); fp32 is the
 # non-tensor-core rate (PyTorch's default fp32 matmul precision, "highest", does not use TF32)
 PEAK_FLOPS = {
@@ -98,7 +100,7 @@ def plan(dry_run: bool, steps: int) -> list[Part]:
         shapes = {"tiny": (["model=tiny", "data.block_size=64", "hardware.micro_batch_size=2"], 120)}
         strategies = {"single": ["hardware=cpu", "hardware.precision=bf16-mixed"],
                       "fsdp": ["hardware=cpu_fsdp", "hardware.devices=1", "hardware.precision=bf16-mixed"]}  # gloo
-        folded = {"tiny": dict(cfg=dict(n_layer=2, n_head=2, n_embd=64, n_positions=64, vocab_size=512),
+        folded = {"tiny": dict(cfg=dict(model_shape("tiny"), vocab_size=512),
                                batch=2, ctx=64, precisions=["fp32"], reps=3)}
     else:
         shapes = {"gpt2_small": (["model=gpt2_small_random", "data.block_size=1024", "hardware.micro_batch_size=8"],
@@ -157,7 +159,9 @@ def _train(tmp: Path, part: Part, overrides: list[str]) -> dict:
     shape, hw = c["model"]["shape"], c["hardware"]
     prec = "bf16" if hw["precision"].startswith("bf16") else "fp32"
     d = shape["n_embd"]
-    vocab = (s["n_params"] - s["n_params_non_embedding"]) // d - shape["n_positions"]  # GPT-2's: (V + T_max) d
+    fam = family({"model_type": "gpt2", **shape})  # a shape without model_type is GPT-2's
+    positions = shape[fam.ctx_field] if len(fam.embedding_names) > 1 else 0  # a learned position table: T_max rows
+    vocab = (s["n_params"] - s["n_params_non_embedding"]) // d - positions  # embeddings: (V + positions) d
     flops = flops_per_token(shape["n_layer"], d, c["data"]["block_size"], vocab, s["n_params_non_embedding"],
                             training=True)
     tps = s["train_tokens_per_s"]
