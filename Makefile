@@ -222,12 +222,15 @@ scaling-depth: family-depth
 # event, into $(SCALING)/depth_fixed_steps/; both on the fixed grid's budgets only, read from its config, so that
 # the stage-2 extension's runs never enter them, except the censored fit's "fixed grid + stage 2" result
 # (censored_extended). The censored fit's coverage on this design is a committed record,
-# $(SCALING)/censored_coverage.json, made by `python $(SCALING)/censored_coverage.py` (~1 h on 2 busy cores).)
+# $(SCALING)/censored_coverage.json, made by `python $(SCALING)/censored_coverage.py` (~1 h on 2 busy cores); on the
+# grid with stage 2 measured with seed 1, $(SCALING)/censored_coverage_stage2.json (`... --stage2-seeds 1`); each
+# fit quotes the record whose design is its own.)
 DEPTH_GRID_MAX_STEPS = $(shell $(PY) -m lnfree.sweeps.run_missing --experiment data_scaling_depth \
   --print-max-budget)
 DEPTH_ANALYSIS = $(PY) -m lnfree.analysis.scaling experiments/depth_family/runs.jsonl \
   --lr-json experiments/depth_family/lr.json --family-json experiments/depth_family/family.json \
-  --max-steps $(DEPTH_GRID_MAX_STEPS) --coverage-json $(SCALING)/censored_coverage.json
+  --max-steps $(DEPTH_GRID_MAX_STEPS) --coverage-json $(SCALING)/censored_coverage.json \
+  $(wildcard $(SCALING)/censored_coverage_stage2.json)
 scaling-depth-analysis: install
 	$(DEPTH_ANALYSIS) --out $(or $(DEPTH_OUT),$(SCALING)) --schedule scaled --family "builtin depth-and-width (1x32 to 4x128)"
 	$(DEPTH_ANALYSIS) --out $(or $(DEPTH_OUT),$(SCALING))/depth_fixed_steps --schedule builtin \
