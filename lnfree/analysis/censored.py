@@ -54,6 +54,40 @@ def crossing_intervals(budgets, gaps, threshold: float) -> np.ndarray:
     return np.stack([lo, hi], -1)
 
 
+def crossing(tokens, gaps, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Where mean gap curves [..., budget] first come down to `threshold`: (value, low, high) [...]. Inside the
+    budgets low = high = value, the log-log interpolation between the bracketing budgets (linear in the gap when
+    the gap at the budget that reaches the threshold is <= 0, where its log does not exist); outside, value NaN
+    and [low, high] the bound: (largest budget, inf) when the curve never comes down ("above"), (0, smallest
+    budget) when it already is ("below")."""
+    t = np.asarray(tokens, np.float64)
+    g = np.asarray(gaps, np.float64)
+    shape = g.shape[:-1]
+    g = g.reshape(-1, len(t))
+    lo, hi = crossing_intervals(t, g, threshold).T
+    inside = (lo > 0) & np.isfinite(hi)
+    k = np.clip(np.searchsorted(t, hi), 1, len(t) - 1)  # the budget at or below the threshold; k - 1 is above it
+    rows = np.arange(len(g))
+    g0, g1 = g[rows, k - 1], g[rows, k]
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # rows outside: masked below
+        frac = np.where(g1 > 0, (math.log(threshold) - np.log(g0)) / (np.log(g1) - np.log(g0)),
+                        (g0 - threshold) / (g0 - g1))
+        value = np.exp(np.log(t[k - 1]) + frac * (np.log(t[k]) - np.log(t[k - 1])))
+    value = np.where(inside, value, np.nan)
+    low, high = np.where(inside, value, lo), np.where(inside, value, hi)
+    return value.reshape(shape), low.reshape(shape), high.reshape(shape)
+
+
+def open_end(x: float) -> float | None:
+    """An interval's end: None where it is open (0 or infinite: no bound on that side)."""
+    return None if x == 0 or not np.isfinite(x) else float(x)
+
+
+def censoring(low: float, high: float) -> str | None:
+    """Which side a crossing bound (low, high) is censored on: "above" the budgets, "below" them, or None."""
+    return "above" if not np.isfinite(high) else "below" if low == 0 else None
+
+
 def _log_prob(lo, hi, m, sigma):
     """log P(lo < y <= hi) for y ~ N(m, sigma^2), elementwise; lo/hi are log bounds (+-inf allowed). The upper
     tail is computed with the survival function so that a far-off interval keeps its (small) probability."""

@@ -49,7 +49,7 @@ import numpy as np
 import yaml
 from scipy import stats as sps
 
-from ..analysis.censored import crossing_intervals
+from ..analysis.censored import censoring, crossing, open_end
 from ..analysis.stats import seeds_and_text
 from ..errors import user_errors_as_messages
 from ..records import RecordError, read_jsonl, write_text_atomic
@@ -109,30 +109,6 @@ def gap_ratio_interval(a: np.ndarray, b: np.ndarray, level: float = LEVEL) -> di
 
 
 # -- T* ---------------------------------------------------------------------------------------------------------
-def crossing(tokens, gaps, threshold: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Where mean gap curves [..., budget] first come down to `threshold`: (value, low, high) [...]. Inside the
-    budgets low = high = value, the log-log interpolation between the bracketing budgets (linear in the gap when
-    the gap at the budget that reaches the threshold is <= 0, where its log does not exist); outside, value NaN
-    and [low, high] the bound: (largest budget, inf) when the curve never comes down ("above"), (0, smallest
-    budget) when it already is ("below")."""
-    t = np.asarray(tokens, np.float64)
-    g = np.asarray(gaps, np.float64)
-    shape = g.shape[:-1]
-    g = g.reshape(-1, len(t))
-    lo, hi = crossing_intervals(t, g, threshold).T
-    inside = (lo > 0) & np.isfinite(hi)
-    k = np.clip(np.searchsorted(t, hi), 1, len(t) - 1)  # the budget at or below the threshold; k - 1 is above it
-    rows = np.arange(len(g))
-    g0, g1 = g[rows, k - 1], g[rows, k]
-    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):  # rows outside: masked below
-        frac = np.where(g1 > 0, (math.log(threshold) - np.log(g0)) / (np.log(g1) - np.log(g0)),
-                        (g0 - threshold) / (g0 - g1))
-        value = np.exp(np.log(t[k - 1]) + frac * (np.log(t[k]) - np.log(t[k - 1])))
-    value = np.where(inside, value, np.nan)
-    low, high = np.where(inside, value, lo), np.where(inside, value, hi)
-    return value.reshape(shape), low.reshape(shape), high.reshape(shape)
-
-
 def draws(x: np.ndarray, n: int, rng: np.random.Generator) -> np.ndarray:
     """Parametric bootstrap of the seed-mean gaps of every cell at once: x [cell, seed, block] (the same seeds and
     blocks in every cell) -> [n, cell]. Seed part: the seeds' joint deviations from their mean, weighted by normal
@@ -168,32 +144,23 @@ def upper(x: np.ndarray, level: float = LEVEL) -> float:
     return float(np.quantile(x, (1 + level) / 2, method="higher"))
 
 
-def _end(x: float) -> float | None:
-    """An interval's end: None where it is open (0 or infinite: no bound on that side)."""
-    return None if x == 0 or not np.isfinite(x) else float(x)
-
-
-def _censored(low: float, high: float) -> str | None:
-    return "above" if not np.isfinite(high) else "below" if low == 0 else None
-
-
 def t_star(tokens, mean_curve, boot_curves, threshold: float, level: float = LEVEL) -> dict:
     """T* of one arm: the crossing of its seed-mean curve (value None outside the budgets, `censored` says where),
     its interval from bootstrap curves [draw, budget] (None, one seed: no interval inside the budgets, the bound
     of the point's censoring outside them)."""
     value, low, high = (float(v) for v in crossing(tokens, mean_curve, threshold))
     inside = math.isfinite(value)
-    out = {"value": value if inside else None, "ci_low": None if inside else _end(low),
-           "ci_high": None if inside else _end(high), "censored": _censored(low, high)}
+    out = {"value": value if inside else None, "ci_low": None if inside else open_end(low),
+           "ci_high": None if inside else open_end(high), "censored": censoring(low, high)}
     if boot_curves is not None and inside:
         _, lo, hi = crossing(tokens, boot_curves, threshold)
-        out.update(ci_low=_end(lower(lo, level)), ci_high=_end(upper(hi, level)))
+        out.update(ci_low=open_end(lower(lo, level)), ci_high=open_end(upper(hi, level)))
     elif boot_curves is not None:  # a bound: the draws say how far inside the budgets the crossing may still be
         _, lo, hi = crossing(tokens, boot_curves, threshold)
         if out["censored"] == "above":
-            out["ci_low"] = _end(lower(lo, level))
+            out["ci_low"] = open_end(lower(lo, level))
         else:
-            out["ci_high"] = _end(upper(hi, level))
+            out["ci_high"] = open_end(upper(hi, level))
     return out
 
 
@@ -217,13 +184,13 @@ def t_star_ratio(tokens, arm_curve, base_curve, boot: np.ndarray | None, thresho
     point = [crossing(tokens, c, threshold) for c in (arm_curve, base_curve)]
     low, high = (float(v) for v in ratio_bounds(*point))
     both = all(math.isfinite(float(p[0])) for p in point)
-    out = {"value": low if both else None, "ci_low": None if both else _end(low),
-           "ci_high": None if both else _end(high),
-           "censored": None if both else {"arm": _censored(float(point[0][1]), float(point[0][2])),
-                                          "baseline": _censored(float(point[1][1]), float(point[1][2]))}}
+    out = {"value": low if both else None, "ci_low": None if both else open_end(low),
+           "ci_high": None if both else open_end(high),
+           "censored": None if both else {"arm": censoring(float(point[0][1]), float(point[0][2])),
+                                          "baseline": censoring(float(point[1][1]), float(point[1][2]))}}
     if boot is not None:
         low, high = ratio_bounds(crossing(tokens, boot[:, 0], threshold), crossing(tokens, boot[:, 1], threshold))
-        out.update(ci_low=_end(lower(low, level)), ci_high=_end(upper(high, level)))
+        out.update(ci_low=open_end(lower(low, level)), ci_high=open_end(upper(high, level)))
     return out
 
 

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
+from ..analysis.censored import censoring, crossing, open_end
 from ..records import append_jsonl, read_jsonl
 from . import run_missing as grid
 
@@ -108,12 +109,10 @@ def _curve(grid_records: list[dict], pretrained: str, lr: float, seed: int, runs
 
 
 def _crossing(tokens, gaps, threshold: float) -> dict:
-    from .efficient_analysis import _censored, _end, crossing
-
     value, low, high = (float(v) for v in crossing(tokens, gaps, threshold))
     inside = math.isfinite(value)
-    return {"value": value if inside else None, "low": _end(low), "high": _end(high),
-            "censored": _censored(low, high)}
+    return {"value": value if inside else None, "low": open_end(low), "high": open_end(high),
+            "censored": censoring(low, high)}
 
 
 def _ratio(arm: dict, base: dict) -> dict:
