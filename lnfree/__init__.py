@@ -14,7 +14,7 @@ and the `lnfree` command runs each of them and the analyses (`lnfree --help`; ln
 
 from .export import export_folded, export_hf
 from .io import ModelIOError, load, resolve
-from .model import RemovableGPT2LMHeadModel, RemovableModel, load_removable, make_removable, save_removable
+from .model import RemovableGPT2LMHeadModel, RemovableMixin, load_removable, make_removable, save_removable
 
 __all__ = ["make_removable", "export_hf", "export_folded", "load", "resolve", "ModelIOError",
-           "RemovableGPT2LMHeadModel", "RemovableModel", "save_removable", "load_removable"]
+           "RemovableGPT2LMHeadModel", "RemovableMixin", "save_removable", "load_removable"]

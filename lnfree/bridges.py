@@ -65,7 +65,7 @@ def stock_model(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CA
     """(the family's stock HF model in eval mode, tokenizer) computing the source's logits; see the module
     docstring."""
     from .export import HF_TOL, check_batch, logits_error, to_stock
-    from .model import RemovableModel
+    from .model import RemovableMixin
 
     if isinstance(model_or_ref, (str, Path, ModelRef)):
         ref = model_or_ref if isinstance(model_or_ref, ModelRef) else resolve(str(model_or_ref), cache_dir)
@@ -91,7 +91,7 @@ def stock_model(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CA
         raise BridgeError(f"not a model: {type(model).__name__}")
     if _is_folded(model):
         raise BridgeError("an in-memory folded model cannot become a stock model; pass its run or export/hf")
-    if isinstance(model, RemovableModel):
+    if isinstance(model, RemovableMixin):
         source, model = model.eval(), to_stock(model)
         err = logits_error(source, model, check_batch(model))
         if not err <= HF_TOL:  # the stock form's tolerance, as export/hf's own check
@@ -105,9 +105,6 @@ def stock_model(model_or_ref, tokenizer=None, cache_dir: str | Path = DEFAULT_CA
     if tokenizer is not None:  # a tokenizer passed in must fit the model as its own would
         check_tokenizer(model.config, tokenizer, record, where=where)
     return model.eval(), tokenizer
-
-
-stock_gpt2 = stock_model  # the name from before other families
 
 
 def transformer_lens_families() -> list[str]:

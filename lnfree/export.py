@@ -30,7 +30,7 @@ from .errors import ExportError
 from .families import family
 from .folded import save_folded
 from .io import logits, raise_storage_error, refuse_fp16, write_record
-from .model import RemovableModel
+from .model import RemovableMixin
 
 HF_EPS = 1e12
 HF_SCALE = 1e6  # = sqrt(HF_EPS)
@@ -38,7 +38,7 @@ HF_TOL = 1e-4
 FOLDED_TOL = 1e-5
 
 
-def require_all_removed(model: RemovableModel, what: str):
+def require_all_removed(model: RemovableMixin, what: str):
     real = model.real_sites()
     if real:
         shown = ", ".join(real[:6]) + (f" and {len(real) - 6} more" if len(real) > 6 else "")
@@ -117,7 +117,7 @@ def staging_dir(tmp: str | Path):
 
 # -- HF-compatible -------------------------------------------------------------------------------------
 @torch.no_grad()
-def to_stock(model: RemovableModel, dtype: torch.dtype | None = None):
+def to_stock(model: RemovableMixin, dtype: torch.dtype | None = None):
     """The stock-HF equivalent of `model` (all sites real, or all removed), in memory: a GPT2LMHeadModel,
     LlamaForCausalLM, GPTNeoXForCausalLM, ... as the model's family says."""
     dtype = dtype or model.dtype
@@ -144,10 +144,7 @@ def to_stock(model: RemovableModel, dtype: torch.dtype | None = None):
     return stock.to(device=model.device, dtype=dtype).eval()
 
 
-to_stock_gpt2 = to_stock  # the name from before other families
-
-
-def export_hf(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_ids=None,
+def export_hf(model: RemovableMixin, out_dir: str | Path, tokenizer=None, input_ids=None,
               dtype: torch.dtype | None = None, tol: float = HF_TOL) -> float:
     """Verify, then write a stock-loadable HF dir (safetensors + config [+ tokenizer]). Returns the error."""
     stock = to_stock(model, dtype)
@@ -167,7 +164,7 @@ def export_hf(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_
 
 
 @torch.no_grad()
-def from_lnfree_stock(stock, eps: float = 1e-5) -> RemovableModel:
+def from_lnfree_stock(stock, eps: float = 1e-5) -> RemovableMixin:
     """The all-removed removable model that computes a stock LN-free model: an HF-compatible LN-free export,
     lnfree's or the paper authors' published checkpoints (every norm's eps = 1e12 and weight = gamma * 1e6 / sigma).
     Only gamma / sigma is in such a model, so every sigma becomes 1 and every norm weight is divided by 1e6 (exact
@@ -199,13 +196,13 @@ def from_lnfree_stock(stock, eps: float = 1e-5) -> RemovableModel:
 
 # -- folded ------------------------------------------------------------------------------------------
 @torch.no_grad()
-def fold(model: RemovableModel):
+def fold(model: RemovableMixin):
     """The truly norm-free form of an all-removed model (computed in float64, returned in fp32)."""
     require_all_removed(model, "folded export")
     return family(model.config).fold(model).float().eval()
 
 
-def export_folded(model: RemovableModel, out_dir: str | Path, tokenizer=None, input_ids=None,
+def export_folded(model: RemovableMixin, out_dir: str | Path, tokenizer=None, input_ids=None,
                   tol: float = FOLDED_TOL) -> float:
     """Verify, then write the folded model (safetensors + JSON config [+ tokenizer]). Returns the error."""
     folded = fold(model)

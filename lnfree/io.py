@@ -22,6 +22,9 @@ Rules (why this module exists):
   semantic check: an edited eps). A record without the files' hashes (its "files" deleted, or written by an lnfree
   from before them) is refused: load(..., unhashed_ok=True) loads such an older export on its fingerprint alone.
   An LN-free HF-compatible export in fp16 is refused: its weights overflow fp16.
+- The built-in models committed to the repository (lnfree/pretrained/, experiments/depth_family/models/) hold no
+  tokenizer.json: theirs is the built-in tokenizer's, one file for all of them (`model_file`), checked against
+  each record's hash like a file of their own.
 - Wherever a model meets a tokenizer, `check_tokenizer` refuses a pair that does not belong together (ids past
   the vocabulary, another end-of-text id, a tokenizer other than the recorded one) before any compute.
 - Nothing loads from a temporary name (a half-written export); a damaged safetensors file is named.
@@ -36,6 +39,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import warnings
 from dataclasses import dataclass
@@ -50,7 +54,7 @@ from .families import Dims, UnsupportedFamily, family
 from .families.gpt2_folded import FoldedConfig
 from .folded import CONFIG_FILE as FOLDED_CONFIG
 from .folded import load_folded
-from .model import LNFREE_EPS, LNFREE_FILE, RemovableModel, load_removable, make_removable, not_removable_again
+from .model import LNFREE_EPS, LNFREE_FILE, RemovableMixin, load_removable, make_removable, not_removable_again
 from .paths import BUILTIN_TOKENIZER_DIR, DEFAULT_CACHE_DIR, RUN_SUMMARY, SHIPPED_DIR
 
 BUILTIN_PREFIX = "builtin:"
@@ -319,7 +323,7 @@ def checkpoint_config(ckpt: dict, path: str | Path = "checkpoint") -> Pretrained
     return cfg
 
 
-def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> RemovableModel:
+def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> RemovableMixin:
     """The removable model (weights, modes, sigmas) from a checkpoint read by `read_checkpoint`."""
     from .lora import LORA_CONFIG_KEY, apply_lora, merged_copy
 
@@ -388,6 +392,28 @@ TOKENIZER_FILES = re.compile(r"tokenizer.*|vocab\.json$|vocab\.txt$|merges\.txt$
 def file_sha256(path: str | Path) -> str:
     with open(path, "rb") as f:
         return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+SHARED_TOKENIZER_FILE = BUILTIN_TOKENIZER_DIR / "tokenizer.json"  # the built-in BPE: the one copy in the repository
+
+
+def model_file(d: str | Path, name: str, record: dict | None) -> Path:
+    """Where file `name` of model dir `d` is read from: the dir's own; for a tokenizer.json the dir lacks but its
+    record lists, the built-in tokenizer's. The built-in models are committed without their tokenizer.json (one copy
+    of the built-in BPE, not one per model); whoever reads the file checks it against the record's hash, so a
+    built-in tokenizer that changed, or another model missing its own tokenizer.json, is refused, not misread."""
+    own = Path(d) / name
+    listed = name in ((record or {}).get("files") or {})
+    return SHARED_TOKENIZER_FILE if name == SHARED_TOKENIZER_FILE.name and listed and not own.exists() else own
+
+
+def add_shared_files(d: str | Path) -> None:
+    """Write into model dir `d` the files its record lists that it reads from elsewhere (`model_file`): a built-in
+    model restored into the cache becomes a dir that stock transformers loads whole."""
+    record = _read_json(Path(d) / EXPORT_INFO)
+    for name in record.get("files") or {}:
+        if (src := model_file(d, name, record)) != Path(d) / name:
+            shutil.copy2(src, Path(d) / name)
 
 
 def model_files(d: str | Path) -> list[Path]:
@@ -463,11 +489,13 @@ def check_files(d: Path, record: dict, only: re.Pattern | None = None, unhashed_
     for name, digest in recorded.items():
         if not wanted(name):
             continue
-        if not (d / name).is_file():
-            raise ModelIOError(f"export {d}: {name} is missing (the record {EXPORT_INFO} lists it); re-export")
-        if file_sha256(d / name) != digest:
-            raise ModelIOError(f"export {d}: {name} is not the file that was exported (its sha256 differs from the "
-                               f"record {EXPORT_INFO}): it was edited, replaced or damaged after export")
+        path = model_file(d, name, record)
+        shared = "" if path == d / name else f" (read from {path}: {d} holds no {name} of its own)"
+        if not path.is_file():
+            raise ModelIOError(f"export {d}: {name} is missing{shared} (the record {EXPORT_INFO} lists it); re-export")
+        if file_sha256(path) != digest:
+            raise ModelIOError(f"export {d}: {name}{shared} is not the file that was exported (its sha256 differs "
+                               f"from the record {EXPORT_INFO}): it was edited, replaced or damaged after export")
     extra = [p.name for p in model_files(d) if p.name not in recorded and wanted(p.name)]
     if extra:
         raise ModelIOError(f"export {d}: {extra} are not part of the export (not in {EXPORT_INFO}) but would be read "
@@ -586,7 +614,9 @@ def load_tokenizer(source: ModelRef | str, unhashed_ok: bool = False, gguf_file:
     record = read_record(ref)
     if record is not None:  # the tokenizer files are the exported ones (small: cheap to hash every time)
         check_files(where, record, only=TOKENIZER_FILES, unhashed_ok=unhashed_ok)
-    return AutoTokenizer.from_pretrained(str(where))
+    tokenizer_json = model_file(where, SHARED_TOKENIZER_FILE.name, record)
+    shared = {} if tokenizer_json == where / tokenizer_json.name else {"tokenizer_file": str(tokenizer_json)}
+    return AutoTokenizer.from_pretrained(str(where), **shared)  # the dir's tokenizer_config.json either way
 
 
 def _tokenizer_location(name: str) -> str:
@@ -684,7 +714,7 @@ def load(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR, d
             raise ModelIOError(f"could not load model {ref.reference!r}: {e}") from e
         if ref.kind in ("hf", "hf_lnfree"):
             verify_record(ref, model)
-    if removable and not isinstance(model, RemovableModel):
+    if removable and not isinstance(model, RemovableMixin):
         model = make_removable(model)
     if dropout is not None:
         set_dropout(model, dropout)

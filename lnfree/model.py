@@ -1,8 +1,9 @@
 """Removable-norm models: a Hugging Face causal LM whose every norm path can be frozen to a constant scale.
 
 Sites, in removal order (docs/method.md, 'Norm sites'): for each block i the MLP-input norm, the attention-input
-norm's query/key path, its value path, then the final norm. GPT-2 names them `ln2.i`, `ln1qk.i`, `ln1v.i`, `lnf`;
-the other families (lnfree.families: Llama architecture, GPT-NeoX) `pre_mlp.i`, `attn_qk.i`, `attn_v.i`, `final`.
+norm's query/key path, its value path, then the final norm: the norm kinds pre_mlp, attn_qk, attn_v, final.
+GPT-2 names the sites `ln2.i`, `ln1qk.i`, `ln1v.i`, `lnf`; the other families (lnfree.families: Llama architecture,
+GPT-NeoX) `pre_mlp.i`, `attn_qk.i`, `attn_v.i`, `final`. Every family's removable class is a RemovableMixin.
 Each removable class subclasses the family's Hugging Face class and only swaps modules (the norms and the
 attention-input readers), so generation, KV cache, attention masks, SDPA/eager attention, gradient checkpointing
 and output_hidden_states are Hugging Face's own. This file holds no training code.
@@ -18,22 +19,19 @@ from safetensors.torch import load_model, save_model
 from transformers import AutoConfig, PretrainedConfig
 
 from .errors import NotRemovableError
-from .families import KINDS, UnsupportedFamily, canonical_kind, family
+from .families import NORM_KINDS, UnsupportedFamily, family
 from .families.base import RemovableMixin
-from .families.gpt2 import GPT2, RemovableGPT2LMHeadModel, check_gpt2_config
+from .families.gpt2 import RemovableGPT2LMHeadModel, check_gpt2_config
 from .norm import NormSite
 
-# Removal kinds in schedule order, the generic site kinds of lnfree.families (whose GPT2_ALIASES ln2, ln1qk, ln1v,
-# lnf a schedule may use instead); `final` is a single event, the others one per block.
-NORM_KINDS = KINDS
+# NORM_KINDS (lnfree.families): the removal kinds in schedule order; `final` is a single event, the others one per block
 SPECIAL_KINDS = ("eot", "bos")  # optional: end the special sigma of end-of-text tokens / position 0
 LNFREE_FILE = "lnfree.json"
 LNFREE_EPS = 1e6  # a norm eps at or above this marks the HF-compatible LN-free trick (1e12): an LN-free export
-RemovableModel = RemovableMixin  # every family's removable class (RemovableGPT2LMHeadModel, ...) is one
 
-__all__ = ["NORM_KINDS", "SPECIAL_KINDS", "LNFREE_FILE", "NormSite", "RemovableModel", "RemovableGPT2LMHeadModel",
+__all__ = ["NORM_KINDS", "SPECIAL_KINDS", "LNFREE_FILE", "NormSite", "RemovableMixin", "RemovableGPT2LMHeadModel",
            "UnsupportedFamily", "check_gpt2_config", "make_removable", "save_removable", "load_removable",
-           "next_token_ce", "parse_site_name", "site_name", "non_embedding_params"]
+           "next_token_ce", "parse_site_name", "non_embedding_params"]
 
 
 def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
@@ -44,7 +42,8 @@ def next_token_ce(logits: torch.Tensor, ids: torch.Tensor, reduction: str = "mea
 
 
 def parse_site_name(name: str) -> tuple[str, int | None]:
-    """'ln1qk.3' -> ('ln1qk', 3); 'lnf' -> ('lnf', None). The inverse of site_name."""
+    """'ln1qk.3' -> ('ln1qk', 3); 'lnf' -> ('lnf', None): what model.remove, model.site and model.site_name take, so
+    that model.site_name(*parse_site_name(name)) == name for each of the model's sites."""
     kind, _, block = name.partition(".")
     return kind, (int(block) if block else None)
 
@@ -52,15 +51,6 @@ def parse_site_name(name: str) -> tuple[str, int | None]:
 def non_embedding_params(model) -> int:
     """Parameters outside the token and position embeddings and the unembedding (tied in GPT-2)."""
     return sum(p.numel() for p in model.parameters()) - family(model.config).embedding_params(model)
-
-
-def site_name(kind: str, block: int | None = None) -> str:
-    """A GPT-2 site name from a kind (generic or alias) and block (RemovableModel.site_name names any family's)."""
-    generic = canonical_kind(kind)  # KeyError for an unknown kind
-    if generic != "final" and block is None:
-        raise KeyError(f"site kind {kind!r} needs a block")
-    prefix = GPT2.site_names[generic]
-    return prefix if generic == "final" else f"{prefix}.{block}"
 
 
 # -- construction, save, load --------------------------------------------------------------------------
@@ -82,7 +72,7 @@ def is_lnfree_stock(config) -> bool:
     return getattr(config, fam.eps_field, 0.0) >= LNFREE_EPS
 
 
-def make_removable(source, **config_overrides) -> RemovableModel:
+def make_removable(source, **config_overrides) -> RemovableMixin:
     """A removable model (all sites real) from a stock HF model of a supported family (GPT2LMHeadModel,
     LlamaForCausalLM, GPTNeoXForCausalLM, ...) or a config (random init); another family is refused from its
     config. A path or hub name is a model reference: `lnfree.load(reference, removable=True)` checks it, then
@@ -111,7 +101,7 @@ def make_removable(source, **config_overrides) -> RemovableModel:
     return model.to(source.device).train(source.training)  # the source's mode, as a converted HF model keeps it
 
 
-def save_removable(model: RemovableModel, out_dir: str | Path, tokenizer=None):
+def save_removable(model: RemovableMixin, out_dir: str | Path, tokenizer=None):
     """Weights plus every mode and sigma (safetensors), the HF config, and a human-readable site table."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -122,7 +112,7 @@ def save_removable(model: RemovableModel, out_dir: str | Path, tokenizer=None):
         tokenizer.save_pretrained(out)
 
 
-def load_removable(path: str | Path, device="cpu") -> RemovableModel:
+def load_removable(path: str | Path, device="cpu") -> RemovableMixin:
     config = AutoConfig.from_pretrained(path)
     model = family(config).removable_class(config)(config)
     # load_model goes through load_state_dict (copying into the CPU model), which refreshes every site's mode mirror

@@ -1,9 +1,9 @@
 """The removal schedule: a pure function from (schedule config, n_layer) to an ordered list of events.
 
-The norm kinds are the generic site kinds of every family (lnfree.families: pre_mlp, attn_qk, attn_v, final); a
-schedule may name each by its GPT-2 alias instead (ln2, ln1qk, ln1v, lnf: old configs, run dirs and checkpoints),
-but not by both. Block i of kind k is removed at optimizer step start_k + i * gap_k (gap 0: all blocks at
-start_k); final is one event. A start left null follows the contiguous rule (docs/method.md#the-removal-schedule):
+The norm kinds are the site kinds of every family (lnfree.families.NORM_KINDS: pre_mlp, attn_qk, attn_v, final),
+whatever a family calls its sites (GPT-2: ln2.i, ...; Family.site_names). Block i of kind k is removed at optimizer
+step start_k + i * gap_k (gap 0: all blocks at start_k); final is one event. A start left null follows the
+contiguous rule (docs/method.md#the-removal-schedule):
     start_attn_qk = start_pre_mlp + L * gap_pre_mlp,  start_attn_v = start_attn_qk + L * gap_attn_qk,
     start_final = start_attn_v + L * gap_attn_v
 so one schedule fits every depth; a kind left out is {start: null, gap: 0}. Optional kinds bos/eot end the
@@ -24,8 +24,8 @@ import math
 from dataclasses import dataclass
 
 from .errors import UserError
-from .families import GPT2_ALIASES, canonical_kind
-from .model import NORM_KINDS, SPECIAL_KINDS, parse_site_name
+from .families import FAMILIES
+from .model import NORM_KINDS, SPECIAL_KINDS
 
 
 class ScheduleError(UserError):
@@ -35,41 +35,44 @@ class ScheduleError(UserError):
 @dataclass(frozen=True)
 class Event:
     step: int
-    kind: str  # pre_mlp | attn_qk | attn_v | final | bos | eot (a GPT-2 alias given is stored as its generic kind)
+    kind: str  # one of EVENT_KINDS: pre_mlp | attn_qk | attn_v | final | eot | bos
     block: int | None  # None for final
 
     def __post_init__(self):
-        if self.kind not in SPECIAL_KINDS:
-            object.__setattr__(self, "kind", canonical_kind(self.kind))
+        if self.kind not in EVENT_KINDS:
+            hint = site_prefix_hint(self.kind)
+            raise ScheduleError(f"unknown event kind {self.kind!r}; the kinds are {EVENT_KINDS}"
+                                + (f" ({hint})" if hint else ""))
 
     @property
     def name(self) -> str:
-        """The generic event name (pre_mlp.3, final, bos.0); a model names its site by model.site_name."""
+        """The event name (pre_mlp.3, final, bos.0); a model names its site by model.site_name."""
         if self.kind == "final":
             return "final"
         return f"{self.kind}.{self.block}"
-
-
-def canonical_event_name(name: str) -> str:
-    """'ln2.3' -> 'pre_mlp.3', 'lnf' -> 'final'; generic and special names unchanged: event lists recorded under
-    either spelling (a checkpoint's, a config's) compare equal."""
-    kind, block = parse_site_name(name)
-    return name if kind in SPECIAL_KINDS else Event(0, kind, block).name
 
 
 def _get(cfg, key, default=None):
     return cfg.get(key, default) if isinstance(cfg, dict) else getattr(cfg, key, default)
 
 
-ALIAS_OF = {generic: alias for alias, generic in GPT2_ALIASES.items()}  # pre_mlp -> ln2, ...
-KINDS = NORM_KINDS + SPECIAL_KINDS  # every removal kind a schedule may set, in application order within a step
-KIND_NAMES = (*NORM_KINDS, *GPT2_ALIASES, *SPECIAL_KINDS)  # every key that sets one
+EVENT_KINDS = NORM_KINDS + SPECIAL_KINDS  # every kind a schedule may set, in application order within a step
 KIND_KEYS = ("start", "gap")  # what each kind's entry sets (training.config.KindSchedule)
+
+
+def site_prefix_hint(key: str) -> str | None:
+    """For the error that refuses an unknown schedule key or event kind: what it means when it is a family's name for
+    the sites of a norm kind (GPT-2's ln2 for pre_mlp), which schedules and events do not take; else None."""
+    for f in FAMILIES:
+        for kind, prefix in f.site_names.items():
+            if key == prefix != kind:
+                return f"{key} is {f.name}'s name for its {kind} sites; the kind is named {kind}"
+    return None
 
 
 def _entry(schedule, name):
     """The entry under `name`, or None when it sets nothing: absent, null, or both start and gap null (the config
-    schema's default for every norm kind under both its names: lnfree.training.config.NormKindSchedule)."""
+    schema's default for every norm kind: lnfree.training.config.NormKindSchedule)."""
     entry = _get(schedule, name)
     if entry is None:
         return None
@@ -77,22 +80,9 @@ def _entry(schedule, name):
     return entry if any(_get(entry, k) is not None for k in keys) else None
 
 
-def _named_twice(schedule) -> list[str]:
-    return [f"{kind} is set twice, also as its GPT-2 alias {ALIAS_OF[kind]} (name each kind once; the shipped "
-            f"schedules in conf/schedule/ use the generic names: override schedule.{kind}.*, not "
-            f"schedule.{ALIAS_OF[kind]}.*)"
-            for kind in NORM_KINDS
-            if _entry(schedule, kind) is not None and _entry(schedule, ALIAS_OF[kind]) is not None]
-
-
 def kind_entries(schedule) -> dict[str, object]:
-    """Each norm kind's entry (None where the schedule sets nothing), under its generic name, whichever name the
-    schedule used; a kind set under both names is a ScheduleError."""
-    twice = _named_twice(schedule)
-    if twice:
-        raise ScheduleError("; ".join(twice))
-    return {kind: _entry(schedule, kind) if _entry(schedule, kind) is not None else _entry(schedule, ALIAS_OF[kind])
-            for kind in NORM_KINDS}
+    """Each norm kind's entry, None where the schedule sets nothing."""
+    return {kind: _entry(schedule, kind) for kind in NORM_KINDS}
 
 
 def _start_gap(entry) -> tuple[int | None, int]:
@@ -102,11 +92,10 @@ def _start_gap(entry) -> tuple[int | None, int]:
 
 
 def kind_problems(schedule) -> list[str]:
-    """What is wrong in the kinds' entries (a kind set under both its names, unknown keys, a negative gap, a
-    negative start, a special kind's null gap), one line each; both build_events and the config's limit check
-    (training.config.check_limits) refuse them."""
-    bad = _named_twice(schedule)
-    for kind in KIND_NAMES:
+    """What is wrong in the kinds' entries (unknown keys, a negative gap, a negative start, a special kind's null
+    gap), one line each; both build_events and the config's limit check (training.config.check_limits) refuse them."""
+    bad = []
+    for kind in EVENT_KINDS:
         entry = _entry(schedule, kind)
         if entry is None:
             continue
@@ -122,7 +111,7 @@ def kind_problems(schedule) -> list[str]:
 
 
 def kind_starts(schedule, n_layer: int) -> dict[str, int]:
-    """Start step of each norm kind (by its generic name), filling null starts with the contiguous rule."""
+    """Start step of each norm kind, filling null starts with the contiguous rule."""
     bad = kind_problems(schedule)
     if bad:
         raise ScheduleError("; ".join(bad))
@@ -135,10 +124,10 @@ def kind_starts(schedule, n_layer: int) -> dict[str, int]:
 
 
 def normal_form(schedule: dict) -> dict:
-    """A schedule (a plain dict) with each norm kind under its generic name only, its entry filled with the
-    defaults, and the first kind's null start written as 0 (what the contiguous rule makes it): schedules that
-    differ only in spelling (a saved config under the GPT-2 keys, today's under the generic ones) compare equal."""
-    out = {k: v for k, v in schedule.items() if k not in NORM_KINDS and k not in GPT2_ALIASES}
+    """A schedule (a plain dict) with each norm kind's entry filled with the defaults, and the first kind's null
+    start written as 0 (what the contiguous rule makes it): schedules that plan the same events compare equal
+    however much of each entry they spell out (a run dir's saved config, a schedule option)."""
+    out = {k: v for k, v in schedule.items() if k not in NORM_KINDS}
     # a method that is off computes nothing: a saved schedule from before the methods existed compares equal
     off = {"ramp": not ramp_steps(schedule), "adaptive": adaptive_settings(schedule) is None,
            "distill": not distill_weight(schedule) and _get(_get(schedule, "distill") or {}, "ce_weight", 1) == 1}
@@ -210,13 +199,14 @@ def event_groups(events: list[Event]) -> list[list[Event]]:
 
 
 def build_events(schedule, n_layer: int, max_steps: int | None = None) -> list[Event]:
-    """Every event in application order (by step, then kind in KINDS order, then block)."""
-    known = set(KIND_NAMES) | {"name", "remove", "aux_weight", "momentum", "fit_fraction", *METHODS}
+    """Every event in application order (by step, then kind in EVENT_KINDS order, then block)."""
+    known = {*EVENT_KINDS, "name", "remove", "aux_weight", "momentum", "fit_fraction", *METHODS}
     keys = schedule.keys() if isinstance(schedule, dict) else list(schedule)
     unknown = [k for k in keys if k not in known]
     if unknown:
-        raise ScheduleError(f"unknown schedule kind(s) {unknown}; kinds are {KINDS} (GPT-2 aliases "
-                            f"{tuple(GPT2_ALIASES)})")
+        hints = [h for k in unknown if (h := site_prefix_hint(k)) is not None]
+        raise ScheduleError(f"unknown schedule key(s) {unknown}; the kinds are {EVENT_KINDS}"
+                            + "".join(f"; {h}" for h in hints))
     if not _get(schedule, "remove", True):
         return []
     events, entries = [], kind_entries(schedule)
@@ -232,7 +222,7 @@ def build_events(schedule, n_layer: int, max_steps: int | None = None) -> list[E
         if start is None:
             raise ScheduleError(f"{kind} needs an explicit start >= 0 and gap >= 0, got {start}/{gap}")
         events += [Event(start + j * gap, kind, j) for j in range(n_layer + 1)]
-    order = {k: i for i, k in enumerate(KINDS)}
+    order = {k: i for i, k in enumerate(EVENT_KINDS)}
     events = sorted(events, key=lambda e: (e.step, order[e.kind], -1 if e.block is None else e.block))
     return _fit(events, _get(schedule, "fit_fraction"), max_steps)
 

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lnfree.bridges import BridgeError, require, stock_gpt2, stock_model, to_nnsight, to_transformer_lens
+from lnfree.bridges import BridgeError, require, stock_model, to_nnsight, to_transformer_lens
 from lnfree.export import HF_TOL
 from lnfree.io import load, logits
 
@@ -42,7 +42,7 @@ def test_transformer_lens_bridge_reproduces_every_source(tiny_run):
 def test_the_bridge_keeps_the_lnfree_eps(tiny_run):
     """What the bridge guards against: the same weights with a default eps give different logits."""
     _, run = tiny_run
-    model, _ = stock_gpt2(str(run))
+    model, _ = stock_model(str(run))
     assert model.config.layer_norm_epsilon == 1e12
     ids = torch.randint(0, 4096, (1, 16))
     ref = logits(model, ids)
@@ -79,7 +79,7 @@ def test_half_removed_models_and_missing_tools_are_refused(tiny_run, monkeypatch
     half.calibrate(torch.randint(0, 4096, (2, 32)))
     half.remove("ln2", 0)
     with pytest.raises((BridgeError, ExportError), match="remov"):
-        stock_gpt2(half)
+        stock_model(half)
     import lnfree.bridges as b
 
     monkeypatch.setitem(b.SUPPORTED, "nnsight", ((9, 0), (9, 1)))

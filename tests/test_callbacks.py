@@ -48,7 +48,7 @@ def test_statistics_are_committed_once_per_optimizer_step_under_accumulation():
 def test_events_fire_at_their_step_and_never_twice():
     _, model = stock_and_removable()
     model.calibrate(ids(4, 32))
-    events = build_events({"ln2": {"start": 2, "gap": 1}, "ln1qk": {"gap": 1}, "ln1v": {"gap": 1}, "lnf": {}}, 2)
+    events = build_events({"pre_mlp": {"start": 2, "gap": 1}, "attn_qk": {"gap": 1}, "attn_v": {"gap": 1}}, 2)
     cb = LNRemovalCallback(events, momentum=0.9)
     trainer = SimpleNamespace(global_step=0, loggers=[])
     module = SimpleNamespace(model=model)
@@ -122,7 +122,7 @@ def test_training_starts_from_calibrated_estimates_unless_restored():
     dm = SimpleNamespace(calibration_batch=lambda: batch)
     trainer = SimpleNamespace(global_step=0, world_size=1, datamodule=dm, loggers=[])
     module = SimpleNamespace(model=model, device=torch.device("cpu"))
-    events = build_events({"ln2": {"start": 0, "gap": 0}, "ln1qk": {"gap": 1}, "ln1v": {"gap": 1}, "lnf": {}}, 2)
+    events = build_events({"pre_mlp": {"start": 0, "gap": 0}, "attn_qk": {"gap": 1}, "attn_v": {"gap": 1}}, 2)
     cb = LNRemovalCallback(events, momentum=0.9)
     cb.on_train_start(trainer, module)
     for name, site in model.sites().items():
@@ -141,7 +141,7 @@ def test_special_sigma_events_apply_once_and_survive_a_restore():
     _, model = stock_and_removable()
     model.config.lnfree_special_bos = model.config.lnfree_special_eot = True
     model.calibrate(ids(4, 32, seed=3))
-    events = build_events({"ln2": {"start": 0, "gap": 0}, "ln1qk": {"gap": 0}, "ln1v": {"gap": 0}, "lnf": {},
+    events = build_events({"pre_mlp": {"start": 0, "gap": 0}, "attn_qk": {"gap": 0}, "attn_v": {"gap": 0}, "final": {},
                            "bos": {"start": 2, "gap": 1}, "eot": {"start": 3, "gap": 1}}, 2)
     special = [e.name for e in events if e.kind in ("bos", "eot")]
     assert special and all(e.step >= 2 for e in events if e.kind in ("bos", "eot"))
@@ -172,7 +172,7 @@ def test_apply_due_records_logs_and_announces_each_event(capsys):
     _, model = stock_and_removable()
     model.calibrate(ids(4, 32))
     logger = Recorder()
-    cb = LNRemovalCallback([Event(2, "ln2", 0), Event(2, "eot", 1), Event(3, "lnf", None)], momentum=0.9)
+    cb = LNRemovalCallback([Event(2, "pre_mlp", 0), Event(2, "eot", 1), Event(3, "final", None)], momentum=0.9)
     assert cb.rank_checks == 0  # a new run has compared no ranks yet (the summary reports this count)
     cb.rank_checks = 5  # a count carried over from earlier event steps
     trainer = SimpleNamespace(global_step=2, loggers=[logger])

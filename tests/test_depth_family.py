@@ -390,6 +390,23 @@ def test_convergence_criterion_is_the_late_gain_of_the_best_validation():
     assert val_by_step([(0, 9.0), (99, 5.0), (199, 4.0), (200, 4.0)], 200) == {100: 5.0, 200: 4.0}
 
 
+def test_a_committed_member_restores_as_a_whole_hf_dir_with_the_builtin_tokenizer(tmp_path):
+    """Committed without tokenizer.json (the repo holds the built-in tokenizer's once), restored with it: stock
+    transformers loads the cache copy whole, and lnfree's file check finds every file recorded, none extra."""
+    from transformers import AutoTokenizer
+
+    from lnfree.io import SHARED_TOKENIZER_FILE, file_sha256, load_tokenizer
+
+    assert not (fam.REPO_MODELS / "l1w32_s1" / "tokenizer.json").exists()
+    assert fam.restore("l1w32_s1", tmp_path)
+    d = builtin_dir("l1w32_s1", tmp_path, shipped=False)
+    assert file_sha256(d / "tokenizer.json") == file_sha256(SHARED_TOKENIZER_FILE)
+    text = "Restored whole, read by stock transformers."
+    assert AutoTokenizer.from_pretrained(d)(text).input_ids == load_tokenizer("builtin")(text).input_ids
+    assert GPT2LMHeadModel.from_pretrained(d).config.n_layer == 1
+    assert load("builtin:l1w32_s1", cache_dir=tmp_path)[1] is not None
+
+
 @pytest.mark.slow
 def test_members_restore_from_the_repo_into_the_cache(tmp_path):
     _, dest = _tiny_pretrain(tmp_path)
@@ -399,6 +416,7 @@ def test_members_restore_from_the_repo_into_the_cache(tmp_path):
     assert fam.save("l1w32_s2", tmp_path / "cache", repo, partial) and not (partial / "l1w32_s2").exists()
     assert not fam.save("l1w32_s1", tmp_path / "cache", repo, partial)  # not pretrained: nothing to save
     assert sorted(p.name for p in (repo / "l1w32_s2").iterdir()) == sorted(fam.KEEP_FILES)
+    assert "tokenizer.json" not in fam.KEEP_FILES  # the built-in tokenizer's, read from its one copy
     # the recipe's kept weights decide whether a cached member is current
     runs = tmp_path / "runs"
     assert fam.recipe_keep() == "tail_average" and fam.cached_state("l1w32_s1", tmp_path / "cache", runs, "x") is None
@@ -407,6 +425,7 @@ def test_members_restore_from_the_repo_into_the_cache(tmp_path):
     assert fam.cached_state("l1w32_s2", tmp_path / "cache", tmp_path / "none", "tail_average") == "stale"
     assert fam.restore("l1w32_s2", tmp_path / "cache2", repo)
     assert not fam.restore("l1w32_s1", tmp_path / "cache2", repo)
+    assert (builtin_dir("l1w32_s2", tmp_path / "cache2", shipped=False) / "tokenizer.json").is_file()
     model, tok = load("builtin:l1w32_s2", cache_dir=tmp_path / "cache2")
     ref, _ = load("builtin:l1w32_s2", cache_dir=tmp_path / "cache")
     assert tok is not None and all(torch.equal(a, b) for a, b in zip(model.state_dict().values(),

@@ -137,7 +137,7 @@ def _two_rank_worker(rank, port, out_dir):
         cb.on_train_batch_end(trainer, module, None, None, 0)
         out["running"] = {n: s.running.tolist() for n, s in model.sites().items()}
         # step 5: both ranks remove ln2.0 (same running estimate) and check that they agree
-        cb.events = [Event(5, "ln2", 0), Event(7, "ln2", 1)]
+        cb.events = [Event(5, "pre_mlp", 0), Event(7, "pre_mlp", 1)]
         trainer.global_step = 5
         cb.apply_due(trainer, module)
         out["rank_checks"] = cb.rank_checks

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import calibrated_all_removed, ids, remove_all, stock_and_removable
 
-from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock_gpt2
+from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock
 from lnfree.families.gpt2_folded import FoldedGPT2
 from lnfree.folded import load_folded
 
@@ -124,7 +124,7 @@ def test_export_refuses_sites_that_still_use_special_sigmas(tmp_path):
 def test_export_verification_refuses_a_wrong_model(tmp_path, monkeypatch):
     """The check is real: corrupt the conversion's output and the export must refuse to write."""
     _, model = calibrated_all_removed()
-    stock = to_stock_gpt2(model)
+    stock = to_stock(model)
     from lnfree import export as ex
 
     with torch.no_grad():
@@ -137,7 +137,7 @@ def test_export_verification_refuses_a_wrong_model(tmp_path, monkeypatch):
 
 def test_bf16_hf_export_allowed(tmp_path):
     _, model = calibrated_all_removed()
-    stock = to_stock_gpt2(model, torch.bfloat16)
+    stock = to_stock(model, torch.bfloat16)
     assert stock.dtype == torch.bfloat16
     assert _rel(stock(ids()).logits.float(), model(ids()).logits) < 0.05
 
@@ -229,13 +229,13 @@ def test_folded_export_verifies_on_the_given_ids_writes_its_record_and_overwrite
 
 
 def test_hf_export_verifies_on_the_given_ids_writes_safetensors_and_its_record(tmp_path):
-    from lnfree.export import HF_EPS, logits_error, to_stock_gpt2
+    from lnfree.export import HF_EPS, logits_error, to_stock
     from lnfree.io import EXPORT_INFO
 
     _, model = calibrated_all_removed()
     x = ids(3, 20, seed=9)
     err = export_hf(model, tmp_path / "hf", input_ids=x)
-    assert err == logits_error(model, to_stock_gpt2(model), x)
+    assert err == logits_error(model, to_stock(model), x)
     assert (tmp_path / "hf" / "model.safetensors").exists() and not list((tmp_path / "hf").glob("*.bin"))
     record = json.loads((tmp_path / "hf" / EXPORT_INFO).read_text())
     assert record["form"] == "hf_lnfree" and record["relative_error"] == err

@@ -271,25 +271,23 @@ def test_padding_is_ignored_by_the_statistics(case):
                                                                        rel=1e-5)
 
 
-def test_generic_kinds_and_gpt2_aliases_name_the_same_sites():
+def test_a_site_is_named_by_its_kind_or_by_its_familys_name_for_it():
     from conftest import stock_and_removable
 
     llama = removable("llama")
-    assert llama.site("ln1qk", 1) is llama.site("attn_qk", 1) and llama.site("lnf") is llama.site("final")
-    assert llama.site_name("ln2", 0) == "pre_mlp.0"
+    assert llama.site_name("attn_qk", 1) == "attn_qk.1" and llama.site_name("final") == "final"
+    with pytest.raises(KeyError, match=r"unknown site kind 'ln2'; kinds are \('pre_mlp', .*'final'\)\"$"):
+        llama.site("ln2", 0)  # GPT-2's site names are GPT-2's only
     _, gpt2 = stock_and_removable()
     assert gpt2.site("attn_v", 1) is gpt2.site("ln1v", 1) and gpt2.site_name("final") == "lnf"
-    with pytest.raises(KeyError, match="unknown site kind 'ln3'"):
-        llama.site("ln3", 0)
-
-
-# the builtin schedule under GPT-2's keys, as an old config or a run dir's saved config.yaml would give it
-GPT2_KEYED_BUILTIN = ["schedule=none", "schedule.name=builtin", "schedule.remove=true", "schedule.aux_weight=0.1",
-                      "schedule.ln2.start=4", "schedule.ln2.gap=1", "schedule.ln1qk.gap=2", "schedule.ln1v.gap=4"]
+    assert [gpt2.family.norm_kind(k) for k in ("ln2", "ln1qk", "ln1v", "lnf", "attn_v")] == \
+        ["pre_mlp", "attn_qk", "attn_v", "final", "attn_v"]
+    with pytest.raises(KeyError, match=r"unknown site kind 'ln3'; kinds are .* \(gpt2 names their sites \('ln2'"):
+        gpt2.site("ln3", 0)
 
 
 @pytest.mark.parametrize("case", ["gpt2", "llama", "neox"])
-def test_a_schedule_under_generic_keys_equals_it_under_gpt2_keys_and_covers_every_site(case, tmp_path):
+def test_the_builtin_schedule_covers_every_site_of_each_family_once(case, tmp_path):
     from conftest import compose_train, stock_and_removable
 
     from lnfree.schedule import build_events
@@ -298,11 +296,8 @@ def test_a_schedule_under_generic_keys_equals_it_under_gpt2_keys_and_covers_ever
 
     model = stock_and_removable()[1] if case == "gpt2" else removable(case)
     n_layer = len(model.family.blocks(model))
-    generic = compose_train(tmp_path / "a", "schedule=builtin").schedule  # conf/schedule/: the generic keys
-    old = compose_train(tmp_path / "b", *GPT2_KEYED_BUILTIN).schedule
-    assert generic.pre_mlp.start == 4 and old.ln2.start == 4 and old.pre_mlp.start is None
-    events = build_events(generic, n_layer, 100)
-    assert events == build_events(old, n_layer, 100) and [e.step for e in events][-1] == 4 + n_layer * 7
+    events = build_events(compose_train(tmp_path, "schedule=builtin").schedule, n_layer, 100)
+    assert [e.step for e in events][-1] == 4 + n_layer * 7
     names = [event_site(model, e)[0] for e in events]  # every site of the family, once, in removal order
     assert names == list(model.sites())
 
@@ -335,18 +330,12 @@ def test_training_run_removes_every_site_exports_and_resumes_exactly(name, tmp_p
     assert getattr(stock.config, "rms_norm_eps", getattr(stock.config, "layer_norm_eps", None)) == HF_EPS
     assert (tmp_path / "full" / "export" / "folded" / "folded.safetensors").exists()
 
-    # the interrupted run has an old config (the schedule under GPT-2's keys) and an old checkpoint (its events
-    # recorded as ln2.0 ... lnf, as every family's were); it resumes under the shipped, generic-keyed schedule
-    old = [a for a in args if not a.startswith("schedule=")] + GPT2_KEYED_BUILTIN
-    ckpt = train_until_crash(compose_train(tmp_path / "part", *old), monkeypatch, step=12)
+    # a run interrupted mid-schedule resumes from its checkpoint to the same events, sigmas and CE
+    ckpt = train_until_crash(compose_train(tmp_path / "part", *args), monkeypatch, step=12)
     state = read_checkpoint(ckpt)
     done = [a["site"] for a in state["callbacks"]["LNRemovalCallback"]["applied"]]
     assert done == ["pre_mlp.0", "pre_mlp.1", "attn_qk.0", "attn_qk.1", "attn_v.0"]  # mid-schedule
-    gpt2_names = {"pre_mlp": "ln2", "attn_qk": "ln1qk", "attn_v": "ln1v", "final": "lnf"}
-    state["lnfree_run"]["events"] = [[gpt2_names[n.split(".")[0]] + n[len(n.split(".")[0]):], s]
-                                     for n, s in state["lnfree_run"]["events"]]
-    assert state["lnfree_run"]["events"][0] == ["ln2.0", 4]
-    torch.save(state, ckpt)
+    assert state["lnfree_run"]["events"][0] == ["pre_mlp.0", 4]  # named as the family names its sites
     resumed = train(compose_train(tmp_path / "part", *args, f"ckpt_path={ckpt}"))
     assert [(e["site"], e["step"]) for e in resumed["events"]] == [(e["site"], e["step"]) for e in full["events"]]
     assert resumed["sigmas"] == pytest.approx(full["sigmas"], rel=1e-5)
@@ -692,14 +681,6 @@ def test_family_refuses_a_config_without_model_type_and_names_every_supported_ty
         family(object())
     with pytest.raises(UnsupportedFamily, match=r"model_type=None"):
         family({})
-
-
-def test_canonical_kind_names_the_unknown_kind_and_the_known_ones():
-    from lnfree.families import canonical_kind
-
-    assert canonical_kind("ln1qk") == "attn_qk" and canonical_kind("final") == "final"
-    with pytest.raises(KeyError, match=r"unknown site kind 'ln3'.*pre_mlp.*aliases.*ln1qk"):
-        canonical_kind("ln3")
 
 
 def test_the_gpt2_class_refuses_another_familys_config_naming_its_type():

@@ -102,8 +102,8 @@ def test_a_key_the_schema_does_not_define_is_refused_before_compute_even_with_pl
     with pytest.raises(UnknownKeyError, match=r"trainer\.max_step \(did you mean trainer\.max_steps\?\)"):
         train(compose_train(run, *TINY_RUN, "+trainer.max_step=10"))
     assert not run.exists()
-    with pytest.raises(UnknownKeyError, match=r"schedule\.ln2\.strat \(did you mean schedule\.ln2\.start\?\)"):
-        train(compose_train(run, *TINY_RUN, "+schedule.ln2.strat=3"))
+    with pytest.raises(UnknownKeyError, match=r"schedule\.pre_mlp\.strat \(did you mean schedule\.pre_mlp\.start\?\)"):
+        train(compose_train(run, *TINY_RUN, "+schedule.pre_mlp.strat=3"))
     with pytest.raises(UnknownKeyError, match="foo"):
         train(compose_train(run, *TINY_RUN, "+foo=1"))
     from omegaconf import OmegaConf

@@ -2,7 +2,7 @@ import torch
 from conftest import calibrated_all_removed, ids, stock_and_removable
 
 from lnfree.analysis.interp.dla import components, dla_vs_de
-from lnfree.export import to_stock_gpt2
+from lnfree.export import to_stock
 
 
 def test_components_sum_to_the_final_residual():
@@ -18,7 +18,7 @@ def test_dla_equals_de_only_without_layernorm():
     u = stock.lm_head.weight[5] - stock.lm_head.weight[7]  # a logit difference
     with_ln = dla_vs_de(stock, x, u)
     without = dla_vs_de(lnfree, x, u)
-    exported = dla_vs_de(to_stock_gpt2(lnfree), x, u)  # the stock-loadable LN-free export, same answer
+    exported = dla_vs_de(to_stock(lnfree), x, u)  # the stock-loadable LN-free export, same answer
     assert with_ln["decomposition_error"] < 1e-4 and without["decomposition_error"] < 1e-4
     assert with_ln["nmae_percent"] > 1.0  # LayerNorm's scale moves: DLA is not the direct effect
     assert without["nmae_percent"] < 1e-3 and exported["nmae_percent"] < 1e-2
@@ -181,7 +181,7 @@ def test_entropy_neuron_total_effect_equals_direct_effect_only_without_layernorm
 
     stock, lnfree = calibrated_all_removed()
     x = ids(4, 24, seed=4)
-    for model, exact in ((stock, False), (lnfree, True), (to_stock_gpt2(lnfree), True)):
+    for model, exact in ((stock, False), (lnfree, True), (to_stock(lnfree), True)):
         cands = candidates(model, k=3)
         assert len(cands) == 3 and all(0 <= c["null_space_fraction"] <= 1 for c in cands)
         assert cands[0]["w_out_norm"] >= cands[-1]["w_out_norm"]

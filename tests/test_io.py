@@ -95,6 +95,53 @@ def test_one_tokenizer_loader_names_what_it_cannot_reach(monkeypatch):
         load_tokenizer("someone/tok")  # refused at once, not after huggingface_hub's retries
 
 
+COMMITTED_MODELS = sorted(p.parent for p in [*(ROOT / "lnfree/pretrained").glob("*/model.safetensors"),
+                                             *(ROOT / "experiments/depth_family/models").glob("*/model.safetensors")])
+
+
+def test_the_source_tree_holds_one_tokenizer_json_the_builtin_tokenizers():
+    """What git would commit (tracked or not ignored, present on disk): the built-in BPE's tokenizer.json once, not a
+    copy per built-in model."""
+    from lnfree.io import SHARED_TOKENIZER_FILE
+
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True)
+    if listed.returncode != 0:
+        pytest.skip(f"not a git checkout: {listed.stderr.strip()}")
+    found = [p for p in listed.stdout.splitlines() if p.rsplit("/", 1)[-1] == "tokenizer.json" and (ROOT / p).exists()]
+    assert found == [str(SHARED_TOKENIZER_FILE.relative_to(ROOT))]
+
+
+@pytest.mark.parametrize("d", COMMITTED_MODELS, ids=lambda d: d.name)
+def test_a_committed_builtin_model_reads_the_builtin_tokenizer_json_checked_by_its_record(d):
+    from lnfree.io import EXPORT_INFO, SHARED_TOKENIZER_FILE, check_files, file_sha256, load_tokenizer, tokenizer_sha256
+
+    record = json.loads((d / EXPORT_INFO).read_text())
+    assert not (d / "tokenizer.json").exists() and record["files"]["tokenizer.json"] == file_sha256(
+        SHARED_TOKENIZER_FILE)
+    check_files(d, record)  # every listed file verified, the shared one included
+    tok, builtin = load_tokenizer(resolve(str(d))), load_tokenizer("builtin")
+    assert tok is not None and tokenizer_sha256(tok) == record.get("tokenizer_sha256", tokenizer_sha256(builtin))
+    text = "The quick brown fox, 1984.\n\n  Jumps<|endoftext|>over"
+    assert tok(text).input_ids == builtin(text).input_ids and tok.decode(tok(text).input_ids) == text
+
+
+def test_a_record_naming_another_tokenizer_json_than_the_builtin_one_is_refused(tmp_path):
+    """The built-in tokenizer a committed model reads is checked against the model's record: were it changed (here:
+    the record names another file), loading names the file and where it was read from."""
+    import shutil
+
+    from lnfree.io import EXPORT_INFO, SHARED_TOKENIZER_FILE
+
+    d = tmp_path / "w48"
+    shutil.copytree(ROOT / "lnfree/pretrained/w48", d)
+    record = json.loads((d / EXPORT_INFO).read_text())
+    record["files"]["tokenizer.json"] = "0" * 64
+    (d / EXPORT_INFO).write_text(json.dumps(record))
+    with pytest.raises(ModelIOError, match=rf"tokenizer\.json \(read from {SHARED_TOKENIZER_FILE}.*is not the file"):
+        load(str(d))
+
+
 def test_loading_never_trains_a_missing_builtin(tmp_path):
     with pytest.raises(ModelIOError, match=r"not pretrained yet.*python -m lnfree.pretrain model=builtin_9x9"):
         load("builtin:9x9", cache_dir=tmp_path)

@@ -25,8 +25,11 @@ def test_the_wheel_installs_and_trains_and_evaluates_from_another_directory(tmp_
                    check=True, capture_output=True, timeout=600)
     wheel, = dist.glob("lnfree-*.whl")
     # it ships the built-in default and the Llama and NeoX members, not the study's other members
-    shipped = {n.split("/")[2] for n in zipfile.ZipFile(wheel).namelist() if n.startswith("lnfree/pretrained/")}
+    names = zipfile.ZipFile(wheel).namelist()
+    shipped = {n.split("/")[2] for n in names if n.startswith("lnfree/pretrained/")}
     assert shipped == {"w128", "llama_w128", "neox_w128"} and wheel.stat().st_size < 15e6, (shipped, wheel.stat())
+    # one tokenizer.json, the built-in tokenizer's, which the shipped models read (lnfree.io.model_file)
+    assert [n for n in names if n.endswith("/tokenizer.json")] == ["lnfree/data/corpus_data/tokenizer/tokenizer.json"]
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)
     py = env_dir / "bin" / "python"
@@ -51,6 +54,9 @@ def test_the_wheel_installs_and_trains_and_evaluates_from_another_directory(tmp_
                              cwd=elsewhere, capture_output=True, text=True, timeout=300)
     assert "not pretrained yet" in missing.stderr and "lnfree.pretrain model=builtin_w48" in missing.stderr, \
         missing.stderr[-2000:]  # a member the wheel leaves out names the command that makes it
+    shipped_tok = subprocess.run([str(py), "-c", "import lnfree; print(len(lnfree.load('builtin:llama_w128')[1]))"],
+                                 cwd=elsewhere, capture_output=True, text=True, timeout=300)
+    assert shipped_tok.stdout.split()[-1:] == ["4096"], shipped_tok.stderr[-2000:]  # its tokenizer, from the wheel
     run = elsewhere / "run"
     train = subprocess.run([str(py), "-m", "lnfree.train", "model=tiny", "data.block_size=64", "data.val_blocks=2",
                             "hardware.micro_batch_size=2", "trainer.max_steps=2", "trainer.val_every=2",

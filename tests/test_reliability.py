@@ -100,15 +100,17 @@ def test_damaged_weights_are_named(tiny_run, tmp_path, damage):
 
 
 def test_builtin_models_are_checked_whole_too(tmp_path):
-    from lnfree.io import file_sha256
+    from lnfree.io import file_sha256, model_file
     from lnfree.paths import SHIPPED_DIR
 
     shipped = sorted(p for p in SHIPPED_DIR.iterdir() if (p / EXPORT_INFO).exists())
     assert shipped
     for d in shipped:  # every weights and tokenizer file recorded, and the record holds for the files as shipped
-        files = json.loads((d / EXPORT_INFO).read_text())["files"]
+        record = json.loads((d / EXPORT_INFO).read_text())
+        files = record["files"]
         assert {"model.safetensors", "tokenizer.json", "config.json"} <= set(files), d
-        assert all(file_sha256(d / name) == digest for name, digest in files.items()), d
+        # (tokenizer.json: the built-in tokenizer's, which the shipped models share)
+        assert all(file_sha256(model_file(d, name, record)) == digest for name, digest in files.items()), d
     copy = tmp_path / "w48"
     shutil.copytree(SHIPPED_DIR / "w48", copy)
     load(str(copy))  # as shipped: loads
@@ -210,11 +212,11 @@ def test_check_tokenizer_rule():
 
 
 def test_bridges_refuse_a_tokenizer_that_does_not_fit(tiny_run, tmp_path):
-    from lnfree.bridges import stock_gpt2
+    from lnfree.bridges import stock_model
 
     _, run = tiny_run
     with pytest.raises(ModelIOError, match="tokenizer and model do not match"):
-        stock_gpt2(str(run / "export" / "hf"), tokenizer=small_tokenizer(tmp_path / "tok"))
+        stock_model(str(run / "export" / "hf"), tokenizer=small_tokenizer(tmp_path / "tok"))
 
 
 # -- 3. exit codes that tell the truth ------------------------------------------------------------------

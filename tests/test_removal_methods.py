@@ -121,7 +121,7 @@ def _fake(model, step=0):
 def test_a_ramped_event_freezes_sigma_at_its_step_ramps_alpha_and_removes_the_site_k_steps_later():
     _, model = stock_and_removable()
     model.calibrate(ids(2, 16))
-    events = [e for e in build_events({"ln2": {"start": 2, "gap": 0}}, 2) if e.kind == "pre_mlp"]
+    events = [e for e in build_events({"pre_mlp": {"start": 2, "gap": 0}}, 2) if e.kind == "pre_mlp"]
     cb = LNRemovalCallback(events, momentum=0.9, ramp_steps=4, ramp_shape="linear")
     trainer, module = _fake(model)
     site = model.site("ln2", 0)
@@ -138,7 +138,7 @@ def test_a_ramped_event_freezes_sigma_at_its_step_ramps_alpha_and_removes_the_si
 
 
 def test_a_ramp_that_cannot_end_before_max_steps_is_refused():
-    schedule = {"ln2": {"start": 4, "gap": 1}, "ramp": {"steps": 10, "shape": "linear"}}
+    schedule = {"pre_mlp": {"start": 4, "gap": 1}, "ramp": {"steps": 10, "shape": "linear"}}
     validate(schedule, 2, 17)  # the other kinds follow at 6 (contiguous rule): the last ramp ends at 16
     with pytest.raises(ScheduleError, match="ramp.steps=10"):
         validate(schedule, 2, 16)
@@ -194,8 +194,8 @@ def test_an_adaptive_trigger_round_trips_through_its_state():
 def test_the_adaptive_callback_fires_groups_in_planned_order_on_a_synthetic_loss_trace():
     _, model = stock_and_removable()
     model.calibrate(ids(2, 16))
-    events = build_events({"ln2": {"start": 2, "gap": 0}, "ln1qk": {"start": 3, "gap": 0},
-                           "ln1v": {"start": 5, "gap": 10}}, 2)
+    events = build_events({"pre_mlp": {"start": 2, "gap": 0}, "attn_qk": {"start": 3, "gap": 0},
+                           "attn_v": {"start": 5, "gap": 10}}, 2)
     assert [len(g) for g in event_groups(events)] == [2, 2, 1, 1, 1]  # planned at 2, 3, 5, 15, 25
     cb = LNRemovalCallback(events, momentum=0.9, adaptive={"tolerance": 0.06, "window": 2, "max_gap": 5})
     trainer, module = _fake(model)
@@ -215,7 +215,7 @@ def test_the_adaptive_callback_fires_groups_in_planned_order_on_a_synthetic_loss
 
 
 def test_adaptive_settings_are_checked_before_compute():
-    ok = {"ln2": {"start": 4, "gap": 1}, "ln1qk": {"gap": 2}, "ln1v": {"gap": 4}, "lnf": {},  # conf/schedule/builtin
+    ok = {"pre_mlp": {"start": 4, "gap": 1}, "attn_qk": {"gap": 2}, "attn_v": {"gap": 4},  # conf/schedule/builtin
           "adaptive": {"enabled": True, "tolerance": 0.01, "window": 2, "max_gap": 3}}
     validate(ok, 2, 4 + 6 * 3 + 1)  # builtin-like: 7 groups (pre_mlp, attn_qk, attn_v one block each, final)
     with pytest.raises(ScheduleError, match="adaptive on"):
@@ -346,7 +346,7 @@ def _adaptive_rank(rank, port, out_dir):
         torch.manual_seed(0)
         _, model = stock_and_removable()
         model.calibrate(ids(2, 16, seed=1))  # the same estimates on both ranks
-        cb = LNRemovalCallback([Event(1, "ln2", 0), Event(2, "ln2", 1)], momentum=0.9,
+        cb = LNRemovalCallback([Event(1, "pre_mlp", 0), Event(2, "pre_mlp", 1)], momentum=0.9,
                                adaptive={"tolerance": 0.0, "window": 1, "max_gap": 10})
         trainer, module = _fake(model)
         trainer.world_size = 2

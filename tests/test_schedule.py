@@ -4,8 +4,6 @@ from lnfree.schedule import (
     Event,
     ScheduleError,
     build_events,
-    canonical_event_name,
-    kind_entries,
     kind_problems,
     kind_starts,
     normal_form,
@@ -66,7 +64,7 @@ def test_special_kinds_cover_blocks_and_final_norm():
 @pytest.mark.parametrize("bad,match", [
     (sched(pre_mlp={"start": 0, "gap": -1}), "gap must be >= 0"),
     (sched(pre_mlp={"start": -3, "gap": 1}), "start must be >= 0"),
-    ({**sched(), "ln3": {"start": 0}}, "unknown schedule kind"),
+    ({**sched(), "ln3": {"start": 0}}, "unknown schedule key"),
     (sched(eot={"start": None, "gap": 1}), "explicit start"),
 ])
 def test_rejections(bad, match):
@@ -152,80 +150,49 @@ def test_fit_fraction_with_every_event_at_step_zero_keeps_them_there():
     assert len(events) == 10 and {e.step for e in events} == {0}
 
 
-# -- GPT-2 aliases: ln2, ln1qk, ln1v, lnf name the generic kinds -------------------------------------------------
-GPT2_KEYS = {"pre_mlp": "ln2", "attn_qk": "ln1qk", "attn_v": "ln1v", "final": "lnf"}
+# -- the kinds have one name each: a family's site name (GPT-2's ln2, ln1qk, ln1v, lnf) is not a schedule key ------
+GPT2_SITE_NAMES = {"ln2": "pre_mlp", "ln1qk": "attn_qk", "ln1v": "attn_v", "lnf": "final"}
 
 
-def gpt2_keyed(schedule):
-    return {GPT2_KEYS.get(k, k): v for k, v in schedule.items()}
+@pytest.mark.parametrize("site_name,kind", GPT2_SITE_NAMES.items())
+def test_a_gpt2_site_name_as_a_schedule_key_is_refused_naming_the_kind(site_name, kind):
+    why = rf"unknown schedule key\(s\) \['{site_name}'\]; the kinds are \('pre_mlp', .*'bos'\); "
+    with pytest.raises(ScheduleError, match=why + rf"{site_name} is gpt2's name for its {kind} sites; the kind is "
+                                                  rf"named {kind}$"):
+        build_events({**sched(), site_name: {"start": 5, "gap": 1}}, 3)
+    with pytest.raises(ScheduleError, match=r"unknown schedule key\(s\) \['ln9'\]; the kinds are \(.*'bos'\)$"):
+        build_events({**sched(), "ln9": {"start": 5}}, 3)  # no family's site name: no hint
+    with pytest.raises(ScheduleError, match=rf"unknown event kind '{site_name}'; .*the kind is named {kind}\)$"):
+        Event(0, site_name, None)
 
 
-@pytest.mark.parametrize("n_layer", [1, 3, 12])
-def test_gpt2_keys_give_the_same_events_as_the_generic_ones(n_layer):
-    s = sched(bos={"start": 200, "gap": 1})
-    events = build_events(s, n_layer)
-    assert build_events(gpt2_keyed(s), n_layer) == events
-    mixed = {("ln1qk" if k == "attn_qk" else k): v for k, v in s.items()}  # one kind by its alias, others generic
-    assert build_events(mixed, n_layer) == events
-    assert [e.kind for e in events[:n_layer]] == ["pre_mlp"] * n_layer  # stored under the generic kind
-    assert Event(20, "ln2", 0) == Event(20, "pre_mlp", 0) and Event(5, "lnf", None).name == "final"
-
-
-def test_a_kind_set_under_both_names_is_refused():
-    s = {**sched(), "ln2": {"start": 20, "gap": 2}}  # even with the same values
-    with pytest.raises(ScheduleError, match=r"pre_mlp is set twice, also as its GPT-2 alias ln2.*schedule\.pre_mlp"):
-        build_events(s, 3)
-    assert kind_problems(s)[0].startswith("pre_mlp is set twice")
-    # an entry that sets nothing (the config schema's default under every name) does not count
-    assert build_events({**sched(), "ln2": {"start": None, "gap": None}, "lnf": None}, 3) == build_events(sched(), 3)
-
-
-def test_a_gpt2_keyed_or_generic_schedule_has_one_normal_form():
-    old = {"name": "x", "remove": False, "ln2": {"start": 0, "gap": 0}, "ln1qk": {"start": None, "gap": 0},
-           "ln1v": {"start": None, "gap": 0}, "lnf": {"start": None, "gap": 0}, "aux_weight": 0.0}
-    new = {"name": "x", "remove": False, "aux_weight": 0.0, **{k: {"start": None, "gap": None} for k in
-                                                             [*GPT2_KEYS, *GPT2_KEYS.values()]}}
-    assert normal_form(old) == normal_form(new)
-    # by hand: other keys kept, each norm kind once under its generic name, defaults filled (gap 0), and only the
-    # first kind's null start written as 0
-    assert normal_form({"name": "y", "ln2": {"start": None, "gap": 2}, "ln1v": {"start": 7, "gap": 3}}) == {
+def test_normal_form_fills_each_kinds_defaults_so_equal_plans_compare_equal():
+    spelt_out = {"name": "x", "remove": False, "aux_weight": 0.0, "pre_mlp": {"start": None, "gap": 0},
+                 **{k: {"start": None, "gap": None} for k in ("attn_qk", "attn_v", "final")}}
+    assert normal_form(spelt_out) == normal_form({"name": "x", "remove": False, "aux_weight": 0.0})
+    # by hand: other keys kept, each norm kind once, defaults filled (gap 0), and only the first kind's null start
+    # written as 0
+    assert normal_form({"name": "y", "pre_mlp": {"start": None, "gap": 2}, "attn_v": {"start": 7, "gap": 3}}) == {
         "name": "y", "pre_mlp": {"start": 0, "gap": 2}, "attn_qk": {"start": None, "gap": 0},
         "attn_v": {"start": 7, "gap": 3}, "final": {"start": None, "gap": 0}}
-    assert normal_form(gpt2_keyed(sched())) == normal_form(sched())
     assert normal_form(sched()) != normal_form(sched(attn_v={"start": None, "gap": 4}))
-    assert [canonical_event_name(n) for n in ("ln2.3", "ln1v.0", "lnf", "attn_qk.1", "bos.2")] == \
-        ["pre_mlp.3", "attn_v.0", "final", "attn_qk.1", "bos.2"]
 
 
-@pytest.mark.parametrize("override,ok", [("schedule.attn_v.gap=1", True), ("schedule.ln1v.gap=1", False),
-                                         ("schedule=none", True)])
-def test_a_command_line_override_under_the_other_name_is_refused_before_compute(tmp_path, override, ok):
-    """The shipped schedules use the generic names: overriding one by its GPT-2 alias sets the kind twice."""
+def test_a_command_line_override_of_a_gpt2_site_name_is_refused_at_compose_or_before_compute(tmp_path):
+    """The schema holds the four kinds only: schedule.ln1v.gap=1 does not compose, +schedule.ln1v.gap=1 is refused
+    by the closed-schema check, naming the kind to use."""
     from conftest import compose_train
+    from hydra.errors import ConfigCompositionException
 
-    from lnfree.training.config import LimitError, check_limits
+    from lnfree.training.config import UnknownKeyError, check_limits
 
-    cfg = compose_train(tmp_path, "schedule=builtin", override)
-    if ok:
+    check_limits(compose_train(tmp_path, "schedule=builtin", "schedule.attn_v.gap=1"))
+    with pytest.raises(ConfigCompositionException, match=r"schedule\.ln1v\.gap"):
+        compose_train(tmp_path, "schedule=builtin", "schedule.ln1v.gap=1")
+    cfg = compose_train(tmp_path, "schedule=builtin", "+schedule.ln1v.gap=1")
+    with pytest.raises(UnknownKeyError, match=r"schedule\.ln1v \(ln1v is gpt2's name for its attn_v sites; the "
+                                              r"kind is named attn_v\)"):
         check_limits(cfg)
-    else:
-        with pytest.raises(LimitError, match=r"schedule\.attn_v is set twice, also as its GPT-2 alias ln1v"):
-            check_limits(cfg)
-
-
-def test_a_run_dirs_saved_gpt2_keyed_schedule_still_fits_the_schema_and_gives_the_same_events():
-    """A .hydra/config.yaml (or summary.json) written before the generic names: every kind under its GPT-2 key."""
-    from omegaconf import OmegaConf
-
-    from lnfree.training.config import ScheduleConfig
-
-    saved = {"name": "builtin", "remove": True, "ln2": {"start": 4, "gap": 1}, "ln1qk": {"start": None, "gap": 2},
-             "ln1v": {"start": None, "gap": 4}, "lnf": {"start": None, "gap": 0}, "bos": None, "eot": None,
-             "aux_weight": 0.1, "momentum": 0.9, "fit_fraction": None}
-    schedule = OmegaConf.merge(OmegaConf.structured(ScheduleConfig), saved)
-    generic = {"pre_mlp": {"start": 4, "gap": 1}, "attn_qk": {"gap": 2}, "attn_v": {"gap": 4}}
-    assert build_events(schedule, 2) == build_events(generic, 2)
-    assert [e.name for e in build_events(schedule, 2)][-1] == "final" and kind_problems(schedule) == []
 
 
 def test_a_norm_kinds_null_gap_is_zero_and_every_problem_is_named_in_one_error():
@@ -239,11 +206,3 @@ def test_a_norm_kinds_null_gap_is_zero_and_every_problem_is_named_in_one_error()
     assert str(err.value) == "; ".join(kind_problems(two))  # each problem, in order, "; " between them
 
 
-def test_kind_entries_refuses_a_kind_set_under_both_names_naming_each():
-    s = {**sched(final={"start": 70}), "ln2": {"start": 20, "gap": 2}, "lnf": {"start": 99}}
-    with pytest.raises(ScheduleError) as err:
-        kind_entries(s)
-    assert str(err.value) == "; ".join(kind_problems(s))
-    assert str(err.value).startswith("pre_mlp is set twice") and "final is set twice" in str(err.value)
-    with pytest.raises(ScheduleError, match="final is set twice"):
-        normal_form({"lnf": {"start": 1}, "final": {"start": 2}})

@@ -155,8 +155,8 @@ def test_callback_is_idempotent(tmp_path):
 
     model = make_removable(tiny_config())
     model.calibrate(torch.randint(0, 97, (2, 16)))
-    cb = LNRemovalCallback(build_events({"ln2": {"start": 0, "gap": 1}, "ln1qk": {"gap": 1},
-                                         "ln1v": {"gap": 1}, "lnf": {}}, 2), momentum=0.9)
+    cb = LNRemovalCallback(build_events({"pre_mlp": {"start": 0, "gap": 1}, "attn_qk": {"gap": 1},
+                                         "attn_v": {"gap": 1}, "final": {}}, 2), momentum=0.9)
     trainer = SimpleNamespace(global_step=3, loggers=[])
     module = SimpleNamespace(model=model)
     first = cb.apply_due(trainer, module)  # steps 0..3 all due at once (as after a resume)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..schedule import KINDS, build_events
+from ..schedule import EVENT_KINDS, build_events
 
 ROOT = Path(__file__).resolve().parents[2]
 PAPER_RUNS = ("gpt2_small_paper", "gpt2_medium_paper", "gpt2_large_paper", "gpt2_xl_paper")
@@ -45,7 +45,7 @@ def schedules(root: Path = ROOT) -> list[dict]:
         for exp in PAPER_RUNS:
             c = compose("train", overrides=[f"experiment={exp}"])
             n_layer, d = GPT2_SHAPES[c.model.name]
-            sched = {k: dict(c.schedule[k]) for k in KINDS if c.schedule.get(k) is not None}
+            sched = {k: dict(c.schedule[k]) for k in EVENT_KINDS if c.schedule.get(k) is not None}
             last = max(e.step for e in build_events({"name": c.schedule.name, **sched}, n_layer, c.trainer.max_steps))
             non_emb, total = gpt2_params(n_layer, d)
             rows.append({"run": exp, "model": c.model.name, "params": total, "non_embedding_params": non_emb,

@@ -13,9 +13,9 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
-from ..families import GPT2_ALIASES  # noqa: E402
+from ..families import FAMILIES  # noqa: E402
 from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
-from ..model import NORM_KINDS  # noqa: E402
+from ..model import NORM_KINDS, SPECIAL_KINDS  # noqa: E402
 from .stats import interval_text  # noqa: E402
 
 # removal events as dotted lines in colours the model curves (default cycle from tab:blue) do not start with
@@ -81,9 +81,10 @@ def plot_training_curves(models: dict[str, str], path: Path) -> bool:
             if key in metrics:
                 steps, vals = zip(*metrics[key])
                 ax.plot(steps, vals, label=name, marker="o" if key == "val/ce" else None, ms=3, lw=1)
-        events = json.loads((run / RUN_SUMMARY).read_text()).get("events", [])
-        for e in events:
-            kind = GPT2_ALIASES.get(e["kind"], e["kind"])
+        summary = json.loads((run / RUN_SUMMARY).read_text())
+        fam = next(f for f in FAMILIES if f.name == summary["family"])
+        for e in summary.get("events", []):
+            kind = fam.norm_kind(e["kind"]) if e["kind"] not in SPECIAL_KINDS else e["kind"]  # GPT-2: ln2 -> pre_mlp
             named.setdefault(kind, set()).add(e["kind"])
             for ax in axes:
                 ax.axvline(e["step"], color=KIND_COLOURS.get(kind, "k"), alpha=0.5, lw=0.8, ls=":")

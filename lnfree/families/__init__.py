@@ -6,7 +6,7 @@
 
 from __future__ import annotations
 
-from .base import GPT2_ALIASES, KINDS, Dims, Family, RemovableMixin, UnsupportedFamily, canonical_kind
+from .base import NORM_KINDS, Dims, Family, RemovableMixin, UnsupportedFamily
 from .gpt2 import GPT2
 from .llama import LLAMA
 from .neox import NEOX
@@ -31,5 +31,5 @@ def family(config) -> Family:
     return f
 
 
-__all__ = ["FAMILIES", "REGISTRY", "KINDS", "GPT2_ALIASES", "Dims", "Family", "RemovableMixin", "UnsupportedFamily",
-           "canonical_kind", "family", "supported_text"]
+__all__ = ["FAMILIES", "REGISTRY", "NORM_KINDS", "Dims", "Family", "RemovableMixin", "UnsupportedFamily", "family",
+           "supported_text"]

@@ -11,7 +11,8 @@ Site kinds, in removal order (docs/method.md, 'Norm sites'; docs/families.md):
     attn_qk  the attention-input norm, as read by the queries and keys
     attn_v   the attention-input norm, as read by the values        (GPT-2 ln_1, Llama/NeoX input_layernorm)
     final    the final norm                 (GPT-2 ln_f, Llama model.norm, NeoX final_layer_norm)
-GPT-2 names its sites by its module names (ln2, ln1qk, ln1v, lnf), which stay aliases of the generic kinds.
+A family names its sites after the kinds (Family.site_names): GPT-2 after its modules (ln2.i, ln1qk.i, ln1v.i, lnf),
+the others by the kinds themselves (pre_mlp.i, ..., final). Schedules and events name the kinds, never a family's.
 """
 
 from __future__ import annotations
@@ -35,16 +36,7 @@ from ..norm import (
     recording,
 )
 
-KINDS = ("pre_mlp", "attn_qk", "attn_v", "final")  # generic site kinds, in schedule order
-GPT2_ALIASES = {"ln2": "pre_mlp", "ln1qk": "attn_qk", "ln1v": "attn_v", "lnf": "final"}
-
-
-def canonical_kind(kind: str) -> str:
-    """'ln1qk' -> 'attn_qk'; a generic kind is returned as is; anything else is a KeyError."""
-    kind = GPT2_ALIASES.get(kind, kind)
-    if kind not in KINDS:
-        raise KeyError(f"unknown site kind {kind!r}; kinds are {KINDS} (GPT-2 aliases {tuple(GPT2_ALIASES)})")
-    return kind
+NORM_KINDS = ("pre_mlp", "attn_qk", "attn_v", "final")  # the site kinds of every family, in removal order
 
 
 class UnsupportedFamily(UserError):
@@ -70,7 +62,7 @@ class Family:
     model_types: tuple[str, ...]  # config.model_type values it covers
     centre: bool  # LayerNorm (centre + beta) or RMSNorm (scale only)
     eps_field: str  # the config field holding every norm's eps (the stock export's eps trick sets it)
-    site_names = dict(zip(KINDS, KINDS))  # generic kind -> the prefix of its site names
+    site_names = dict(zip(NORM_KINDS, NORM_KINDS))  # norm kind -> the prefix of its sites' names
     # the config fields of (layers, width, heads, context length, vocabulary), in this order: dims() reads them,
     # and a resumed checkpoint must agree on them (besides model_type)
     shape_fields = ("num_hidden_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size")
@@ -107,6 +99,28 @@ class Family:
 
     def dropout_fields(self) -> tuple[str, ...]:
         raise NotImplementedError
+
+    # -- site names ------------------------------------------------------------------------------------------
+    def norm_kind(self, kind: str) -> str:
+        """The norm kind (NORM_KINDS) that `kind` names: a norm kind itself, or the prefix of this family's site names
+        for one (GPT-2: ln2 -> pre_mlp), so that a site's name, parsed (lnfree.model.parse_site_name), names the site
+        again; KeyError for anything else."""
+        if kind in NORM_KINDS:
+            return kind
+        by_prefix = {prefix: k for k, prefix in self.site_names.items()}
+        if kind not in by_prefix:
+            named = "" if tuple(by_prefix) == NORM_KINDS else f" ({self.name} names their sites {tuple(by_prefix)})"
+            raise KeyError(f"unknown site kind {kind!r}; kinds are {NORM_KINDS}{named}")
+        return by_prefix[kind]
+
+    def site_name(self, kind: str, block: int | None = None) -> str:
+        """The name of a site in this family: site_name('attn_qk', 3) is 'ln1qk.3' for GPT-2, 'attn_qk.3' for the
+        others; the final norm's is 'lnf' / 'final' (no block). `kind` as norm_kind takes it."""
+        generic = self.norm_kind(kind)
+        if generic != "final" and block is None:
+            raise KeyError(f"site kind {kind!r} needs a block")
+        prefix = self.site_names[generic]
+        return prefix if generic == "final" else f"{prefix}.{block}"
 
     def value_rows(self, config, reader: str, n_out: int) -> torch.Tensor:
         """[n_out] bool: which output rows of the attention-input reader `reader` (a name in attn_readers) are
@@ -310,17 +324,8 @@ class RemovableMixin:
 
     # -- sites -----------------------------------------------------------------------------------------
     def site_name(self, kind: str, block: int | None = None) -> str:
-        """The name of a site in this family: site_name('attn_qk', 3) is 'ln1qk.3' for GPT-2, 'attn_qk.3' else.
-        A kind may be generic or a GPT-2 alias in every family."""
-        try:
-            generic = canonical_kind(kind)
-        except KeyError:
-            generic = None
-        if generic is None or (generic != "final" and block is None):
-            raise KeyError(f"unknown site kind {kind!r} / block {block!r}; kinds are {KINDS} "
-                           f"(GPT-2 aliases {tuple(GPT2_ALIASES)})")
-        prefix = self.family.site_names[generic]
-        return prefix if generic == "final" else f"{prefix}.{block}"
+        """The name of a site: site_name('attn_qk', 3) is 'ln1qk.3' for GPT-2, 'attn_qk.3' else (Family.site_name)."""
+        return self.family.site_name(kind, block)
 
     def sites(self) -> dict[str, NormSite]:
         """Every site by name, in removal order: pre_mlp.*, attn_qk.*, attn_v.*, final."""

@@ -9,7 +9,7 @@ from torch import nn
 from transformers import GPT2Config, GPT2LMHeadModel
 
 from ..norm import SplitLayerNorm
-from .base import GPT2_ALIASES, Family, RemovableMixin, UnsupportedFamily
+from .base import Family, RemovableMixin, UnsupportedFamily
 from .gpt2_folded import ACTIVATIONS, FoldedConfig, FoldedGPT2
 
 
@@ -75,7 +75,7 @@ class GPT2Family(Family):
     model_types = ("gpt2",)
     centre = True
     eps_field = "layer_norm_epsilon"
-    site_names = {generic: alias for alias, generic in GPT2_ALIASES.items()}  # ln2, ln1qk, ln1v, lnf
+    site_names = {"pre_mlp": "ln2", "attn_qk": "ln1qk", "attn_v": "ln1v", "final": "lnf"}  # after ln_2, ln_1, ln_f
     shape_fields = ("n_layer", "n_embd", "n_head", "n_positions", "vocab_size")
     embedding_names = ("transformer.wte.weight", "transformer.wpe.weight")  # wte is tied to the unembedding
     lora_targets = ("c_attn", "c_proj", "c_fc")

@@ -9,8 +9,9 @@ The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, sm
 - in the cache (<cache>/models/<name>) with the weights conf/pretrain_depth.yaml's model.pretrain_keep says to keep:
   nothing to do; kept under another rule and its finished run dir still there: exported again from the run dir,
   without training (lnfree/training/pretrain.py); with no run dir: left as it is, and said so;
-- committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer,
-  pretrain_info.json);
+- committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer config,
+  pretrain_info.json) with the built-in tokenizer's tokenizer.json, which the repo holds once, not per member
+  (lnfree.io.model_file): a whole HF dir, as pretraining writes it;
 - else, when its run dir is missing and experiments/depth_family/partial/<name>/ holds a snapshot of a member not
   yet settled (`--snapshot`: an unfinished pretraining or segment, or a finished one still to be continued), the run
   dir is restored from it and the pretraining resumes there (a finished one is exported again, then continued);
@@ -37,7 +38,7 @@ import time
 from pathlib import Path
 
 from ..analysis.family import DEPTH_TOL, MOST_REPLICATES, MOST_STEPS, replicates_needed, verdict, window_gain
-from ..io import BUILTIN_PREFIX, builtin_dir
+from ..io import BUILTIN_PREFIX, SHARED_TOKENIZER_FILE, add_shared_files, builtin_dir, file_sha256
 from ..paths import DEFAULT_CACHE_DIR, RUN_SUMMARY
 from ..paths import SOURCE_ROOT as ROOT
 
@@ -45,7 +46,8 @@ EXPERIMENT = ROOT / "conf/experiment/data_scaling_depth.yaml"
 RECIPE = ROOT / "conf/pretrain_depth.yaml"
 REPO_MODELS = ROOT / "experiments/depth_family/models"
 PARTIAL = ROOT / "experiments/depth_family/partial"
-KEEP_FILES = ("config.json", "generation_config.json", "model.safetensors", "lnfree_export.json", "tokenizer.json",
+# what a member is committed as: its tokenizer.json is the built-in tokenizer's, read from there (lnfree.io.model_file)
+KEEP_FILES = ("config.json", "generation_config.json", "model.safetensors", "lnfree_export.json",
               "tokenizer_config.json", "pretrain_info.json")
 
 
@@ -101,6 +103,7 @@ def restore(name: str, cache_dir, repo_models: Path = REPO_MODELS) -> bool:
     tmp = dest.with_name(dest.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(src, tmp)
+    add_shared_files(tmp)
     tmp.rename(dest)
     return True
 
@@ -113,6 +116,9 @@ def save(name: str, cache_dir, repo_models: Path = REPO_MODELS, partial: Path = 
         return False
     if json.loads((src / "pretrain_info.json").read_text()).get("tail_average") and verdict(name, cache_dir) is None:
         return False
+    if file_sha256(src / SHARED_TOKENIZER_FILE.name) != file_sha256(SHARED_TOKENIZER_FILE):
+        raise ValueError(f"{src}: its tokenizer.json is not the built-in tokenizer's ({SHARED_TOKENIZER_FILE}), "
+                         "which a committed member reads instead: not saved")
     dest = repo_models / name
     dest.mkdir(parents=True, exist_ok=True)
     for f in KEEP_FILES:

@@ -88,7 +88,7 @@ class LNRemovalCallback(L.Callback):
     def _model(pl_module):
         return pl_module.model
 
-    def _is_applied(self, model, e: Event) -> bool:  # e.kind is generic (Event canonicalises a GPT-2 alias)
+    def _is_applied(self, model, e: Event) -> bool:  # e.kind: a norm kind (any family's) or special
         if e.kind in NORM_KINDS:
             site = model.site(e.kind, e.block)
             return site.is_removed or site.is_ramping

@@ -17,7 +17,7 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
 
 from ..errors import UserError
-from ..families import FAMILIES, GPT2_ALIASES, KINDS
+from ..families import FAMILIES, NORM_KINDS
 
 
 @dataclass
@@ -99,16 +99,15 @@ class _ScheduleFields:
 
 @dataclass
 class NormKindSchedule:
-    """A norm kind's entry. Every norm kind has one under its generic name (pre_mlp, attn_qk, attn_v, final) and one
-    under its GPT-2 alias (ln2, ln1qk, ln1v, lnf), both names taken from lnfree.families (the one list): an entry
-    with both fields null (the default) is not set, so that `schedule.<name>.start=...` works on the command line
-    under either name, and a schedule that sets a kind under both names is refused (lnfree.schedule)."""
+    """A norm kind's entry; every norm kind of lnfree.families.NORM_KINDS (pre_mlp, attn_qk, attn_v, final) has one.
+    An entry with both fields null (the default, for a kind a schedule option leaves out) sets nothing: the kind
+    then follows the contiguous rule with gap 0 (lnfree.schedule)."""
     start: Optional[int] = None  # optimizer step of block 0's event; null = contiguous with previous kind
     gap: Optional[int] = None  # steps between consecutive blocks; null or 0 = all blocks at `start`
 
 
 ScheduleConfig = make_dataclass("ScheduleConfig", [(k, NormKindSchedule, field(default_factory=NormKindSchedule))
-                                                   for k in (*KINDS, *GPT2_ALIASES)], bases=(_ScheduleFields,))
+                                                   for k in NORM_KINDS], bases=(_ScheduleFields,))
 # importable by name, so that pickling (Hydra's launchers send the config store to each job: submitit, SLURM)
 # refers to this class rather than copying it, which loses the fields' default factories
 ScheduleConfig.__module__ = __name__
@@ -301,13 +300,17 @@ def check_keys(cfg) -> None:
 
     from omegaconf import OmegaConf
 
+    from ..schedule import site_prefix_hint
+
     found = unknown_keys(OmegaConf.to_container(cfg, resolve=False))
     if not found:
         return
     lines = []
     for key, valid in found:
+        group, _, rest = key.partition(".")
+        hint = site_prefix_hint(rest.partition(".")[0]) if group == "schedule" else None  # GPT-2's ln2, ...
         near = difflib.get_close_matches(key, valid, n=1, cutoff=0.6)
-        lines.append(f"{key}" + (f" (did you mean {near[0]}?)" if near else f" (valid here: {', '.join(valid)})"))
+        lines.append(f"{key} ({hint or (f'did you mean {near[0]}?' if near else 'valid here: ' + ', '.join(valid))})")
     raise UnknownKeyError("unknown config key(s), nothing was run: " + "; ".join(lines) + ". A `+key=value` "
                           "override adds a key no code reads; every field is in docs/reference/configuration.md")
 

@@ -33,7 +33,7 @@ from ..io import (
     read_record,
     resolve,
 )
-from ..model import RemovableModel
+from ..model import RemovableMixin
 
 
 @dataclass(frozen=True)
@@ -108,7 +108,7 @@ def shorten(text: str, limit: int, key: str | None = None) -> str:
     return f"{text[:limit - 9]}-{digest}"
 
 
-def load_model(source: ModelSource, model_cfg) -> RemovableModel:
+def load_model(source: ModelSource, model_cfg) -> RemovableMixin:
     """The removable model to fine-tune, in training mode (a random-init model: initialised now)."""
     model, _ = load(source.ref, removable=True, revision=model_cfg.revision, tokenizer=source.tokenizer,
                     attn_implementation=model_cfg.attn_implementation, dropout=model_cfg.dropout)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from ..io import CKPT_MODEL_CONFIG, RUN_INFO
-from ..model import RemovableModel, next_token_ce
+from ..model import RemovableMixin, next_token_ce
 
 
 def lr_lambda(step: int, warmup: int, decay_steps: int, lr: float, min_lr: float) -> float:
@@ -55,7 +55,7 @@ def distill_kl(student_logits: torch.Tensor, teacher_logits: torch.Tensor, tempe
     return F.kl_div(log_s, log_t, log_target=True, reduction="batchmean") * temperature**2
 
 
-def frozen_teacher(model: RemovableModel) -> RemovableModel:
+def frozen_teacher(model: RemovableMixin) -> RemovableMixin:
     """The distillation teacher: a copy of `model` as it is now (take it before any site is removed and before LoRA
     adapters), in eval mode with no parameter requiring grad."""
     if model.removed_sites() or any(s.is_ramping for s in model.sites().values()):
@@ -76,9 +76,9 @@ def fsdp_policy(precision: str):
 
 
 class LNFreeModule(L.LightningModule):
-    def __init__(self, model: RemovableModel, optim, aux_weight: float = 0.0, max_steps: int = 1,
+    def __init__(self, model: RemovableMixin, optim, aux_weight: float = 0.0, max_steps: int = 1,
                  run_info: dict | None = None, compile: bool = False, lr_scale: float = 1.0,
-                 teacher: RemovableModel | None = None, distill_weight: float = 0.0, distill_temperature: float = 1.0,
+                 teacher: RemovableMixin | None = None, distill_weight: float = 0.0, distill_temperature: float = 1.0,
                  ce_weight: float = 1.0):
         super().__init__()
         self.model = model

@@ -47,10 +47,9 @@ from lightning.pytorch.utilities import rank_zero_info
 
 from ..data.streams import DATA_FAULTS
 from ..errors import UserError
-from ..families import family
+from ..families import NORM_KINDS, family
 from ..io import CKPT_MODEL_CONFIG, EXPORT_TMP, RUN_INFO, TEMPORARY, raise_storage_error, read_checkpoint
 from ..paths import RUN_SUMMARY
-from ..schedule import canonical_event_name
 from .loggers import CSV_DIR
 
 CKPT_TMP = ".{name}.tmp-{pid}"  # a checkpoint being written (renamed into place when whole)
@@ -359,27 +358,6 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def _canonical(config: dict) -> dict:
-    """The config with each schedule kind under its generic name (a schedule option may spell a kind by its GPT-2
-    alias, ln2/ln1qk/ln1v/lnf, and the other spelling then holds nulls), so that one schedule compares equal
-    however it was written."""
-    from ..families import GPT2_ALIASES
-
-    s = config.get("schedule")
-    if not isinstance(s, dict):
-        return config
-    s = dict(s)
-
-    def is_set(v) -> bool:
-        return any(x is not None for x in v.values()) if isinstance(v, dict) else v is not None
-
-    for alias, kind in GPT2_ALIASES.items():
-        a = s.pop(alias, None)
-        if is_set(a) and not is_set(s.get(kind)):
-            s[kind] = a
-    return {**config, "schedule": s}
-
-
 def _free(key: str) -> bool:
     return any(key == f or key.startswith(f + ".") for f in RESUME_FREE)
 
@@ -387,7 +365,7 @@ def _free(key: str) -> bool:
 def config_changes(saved: dict, config: dict, step: int, allow_data_change: bool = False) -> tuple[list[str], dict]:
     """(the changes a resume refuses, one line each; those it applies, {field: [checkpoint's, resume's]}) between the
     resolved config a checkpoint at optimizer step `step` holds and the resume's."""
-    old, new = _flat(_canonical(saved)), _flat(_canonical(config))
+    old, new = _flat(saved), _flat(config)
     refused, applied = [], {}
     for key in sorted(old.keys() | new.keys()):
         if (key in old and key in new and old[key] == new[key]) or _free(key):
@@ -437,15 +415,17 @@ def check_resume(ckpt_path: str, model_config, tokens_per_step: int, events, con
     if CKPT_MODEL_CONFIG not in ckpt:
         raise ResumeError(f"ckpt_path {ckpt_path} is not an lnfree training checkpoint")
     saved = ckpt[CKPT_MODEL_CONFIG]
-    fields = ("model_type", *family(model_config).shape_fields)
+    fam = family(model_config)
+    fields = ("model_type", *fam.shape_fields)
     diffs = [f"model.{k}: checkpoint {saved.get(k)} vs config {getattr(model_config, k)}"
              for k in fields if saved.get(k) != getattr(model_config, k)]
     info = ckpt.get(RUN_INFO, {})
     if info.get("tokens_per_step") not in (None, tokens_per_step):
         diffs.append(f"tokens per step: checkpoint {info['tokens_per_step']} vs config {tokens_per_step} "
                      "(micro-batch x block size x devices x accumulation)")
-    planned = [[e.name, e.step] for e in events]  # generic names; a checkpoint's may be GPT-2's (ln2.0, lnf)
-    if info.get("events") is not None and [[canonical_event_name(n), s] for n, s in info["events"]] != planned:
+    # named as the run records them (callbacks.event_site): by the family's site names (GPT-2: ln2.0 ... lnf)
+    planned = [[fam.site_name(e.kind, e.block) if e.kind in NORM_KINDS else e.name, e.step] for e in events]
+    if info.get("events") is not None and [[n, s] for n, s in info["events"]] != planned:
         diffs.append(f"removal schedule: checkpoint {info['events']} vs config {planned}")
     step, changed = ckpt.get("global_step", 0), {}
     if config is not None and "config" in info:

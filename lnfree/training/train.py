@@ -431,7 +431,7 @@ def _finished_run(out: Path, cfg) -> dict | None:
     if "finetune" not in summary.get("config", {}) and mine["finetune"]["kind"] == "full":
         mine.pop("finetune")  # a run from before the finetune group existed was a full fine-tune
     theirs = dict(summary.get("config", {}))
-    for c in (theirs, mine):  # a run dir's saved schedule may use the GPT-2 keys, today's the generic ones
+    for c in (theirs, mine):  # one spelling of each schedule: defaults filled (schedule.normal_form)
         if isinstance(c.get("schedule"), dict):
             c["schedule"] = normal_form(c["schedule"])
     if strip(theirs) != strip(mine):
