@@ -64,7 +64,7 @@ def user_errors_as_messages():
             record_job_failure(hc, f"{type(e).__name__}: {e}")
             return
         if HydraConfig.initialized():
-            _remove_unused_dir(Path(HydraConfig.get().runtime.output_dir))
+            remove_unused_dir(Path(HydraConfig.get().runtime.output_dir))
         print(f"[lnfree] {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         raise SystemExit(2) from None
 
@@ -75,7 +75,7 @@ def _sweep_table(hc) -> bool:
     return any(str(c.get("_target_", "")).endswith("sweep_table.SweepTable") for c in (hc.callbacks or {}).values())
 
 
-def _remove_unused_dir(out: Path) -> None:
+def remove_unused_dir(out: Path) -> None:
     """Remove the job dir Hydra created for a run that never started: new since this process started and
     holding nothing but Hydra's own files."""
     if not out.is_dir() or out.stat().st_mtime < _STARTED - 1:

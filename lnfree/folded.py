@@ -27,7 +27,7 @@ HF_HINT = {"model_type": "lnfree_folded (a norm-free model: load it with lnfree.
 WEIGHTS_FILE = "folded.safetensors"
 
 
-def _hf_folded(saved: dict) -> nn.Module:
+def hf_folded_model(saved: dict) -> nn.Module:
     """The HF class of a saved folded model, every norm named in `identity` an nn.Identity."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -62,7 +62,7 @@ def save_folded(model, out_dir: str | Path):
 def load_folded(path: str | Path, device="cpu"):
     saved = json.loads((Path(path) / CONFIG_FILE).read_text())
     if "hf_config" in saved:  # another family: its HF class with identity norms
-        model = _hf_folded(saved)
+        model = hf_folded_model(saved)
     else:  # a config without one is GPT-2's plain-torch form
         model = FoldedGPT2(FoldedConfig(**saved))
     model.load_state_dict(load_file(str(Path(path) / WEIGHTS_FILE)))  # copied into the CPU model's parameters

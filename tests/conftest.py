@@ -248,6 +248,25 @@ def copy_run(tiny_run, dst):
     return dst
 
 
+def weights_never_loaded(monkeypatch):
+    """Fail the test if the run loads the model's weights: what it checks must come before."""
+    import lnfree.training.train as tr
+
+    monkeypatch.setattr(tr, "load_model", lambda *a, **k: pytest.fail("the model's weights were loaded"))
+
+
+def local_files(tmp_path, n=40):
+    """train.jsonl (n built-in training documents, 400 characters each) and val.jsonl (the built-in validation
+    documents, 1,500 characters each) in tmp_path, for data=local_text."""
+    from lnfree.data import corpus
+
+    texts = [t[:400] for t, _ in zip(corpus.iter_texts("train"), range(n))]
+    train_file, val_file = tmp_path / "train.jsonl", tmp_path / "val.jsonl"
+    train_file.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    val_file.write_text("".join(json.dumps({"text": t[:1500]}) + "\n" for t in corpus.iter_texts("validation")))
+    return train_file, val_file
+
+
 @pytest.fixture(autouse=True)
 def no_hydra_state_between_tests():
     """Hydra keeps the config of the last app run in this process (HydraConfig, a singleton) after it returns; in a

@@ -1,4 +1,5 @@
-"""The `lnfree` command (lnfree/cli.py): every subcommand runs a package module exactly as `python -m` does."""
+"""The `lnfree` command (lnfree/cli.py): every subcommand runs a package module exactly as `python -m` does; and
+`python -m lnfree.eval <dir>` (a bare path) answers with the form that works."""
 
 import importlib.util
 import subprocess
@@ -85,3 +86,17 @@ def test_lnfree_train_is_python_m_lnfree_train(tmp_path):
     direct = subprocess.run([sys.executable, "-m", "lnfree.train", *line], cwd=tmp_path, capture_output=True,
                             text=True, timeout=300, check=True).stdout
     assert via_cli == direct and "lr: 0.000123" in direct
+
+
+def test_eval_with_a_path_answers_with_the_form_that_works(tmp_path):
+    from hydra import compose, initialize_config_dir
+
+    from lnfree.analysis.evaluate import positional_hint
+
+    hint = positional_hint(["outputs/my run"])
+    assert "python -m lnfree.eval" in hint
+    override = hint.split('python -m lnfree.eval "')[1].split('"')[0]
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("eval", overrides=[override])
+    assert [m.path for m in cfg.models] == ["outputs/my run"]
+    assert positional_hint(["--config-name", "eval_llama", "runs=x"]) is None

@@ -1,5 +1,6 @@
-"""The depth-and-width family (issue 24): model options, pretraining that keeps the validation minimum and
-resumes, the restore-from-repo path, the fixed fine-tuning grid (no early stopping) and the LR rule."""
+"""The depth-and-width family: model options, pretraining that keeps the validation minimum and resumes, the
+restore-from-repo path, the fixed fine-tuning grid (no early stopping), the LR rule and the family record
+(lnfree/analysis/family.py), its convergence criterion included."""
 
 import json
 import shutil
@@ -14,14 +15,23 @@ from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2LMHeadModel
 
-from lnfree.analysis.family import collect, late_gain, pair, replicates_needed, val_by_step, verdict, window_gain
+from lnfree.analysis.family import (
+    collect,
+    converged,
+    late_gain,
+    pair,
+    replicates_needed,
+    val_by_step,
+    verdict,
+    window_gain,
+)
 from lnfree.io import builtin_dir, load, model_from_checkpoint, read_checkpoint
 from lnfree.model import non_embedding_params
 from lnfree.sweeps import lr_probe as probe
 from lnfree.sweeps import pretrain_depth as fam
 from lnfree.sweeps import run_missing as rm
 from lnfree.training.loggers import read_metrics
-from lnfree.training.pretrain import _resume_point, _val_data, pretrain
+from lnfree.training.pretrain import pretrain, resume_point, validation_blocks
 from lnfree.training.tail_average import average_checkpoints, validation_ce, windows
 
 
@@ -83,9 +93,9 @@ def test_pretrain_keeps_the_validation_minimum_and_resumes(tmp_path):
     w = "transformer.h.0.mlp.c_fc.weight"
     assert torch.equal(kept[w], step2[w]) and not torch.equal(kept[w], last[w])
     # a killed run (checkpoints, no summary) resumes from its last checkpoint; a finished one does not
-    assert _resume_point(run, cfg) is None
+    assert resume_point(run, cfg) is None
     (run / "summary.json").unlink()
-    assert _resume_point(run, cfg) == str(run / "checkpoints" / "last.ckpt")
+    assert resume_point(run, cfg) == str(run / "checkpoints" / "last.ckpt")
 
 
 @pytest.mark.slow
@@ -150,7 +160,7 @@ def test_pretrain_keeps_the_mean_of_the_last_window_and_records_both_windows(tmp
                                keep="tail_average")
     run = tmp_path / "runs" / "l1w32_s2"
     ckpt = {s: run / "checkpoints" / f"step{s:06d}.ckpt" for s in range(17, 21)}
-    val = _val_data(cfg)
+    val = validation_blocks(cfg)
     # the evaluation is training's validation: one checkpoint gives the CE logged at its step
     logged = val_by_step(read_metrics(run)["val/ce"], 20)
     for s in (17, 20):
@@ -594,3 +604,13 @@ def test_stage_two_runs_seed_one_of_every_cell_first_after_the_fixed_grid():
     out = subprocess.run([sys.executable, "-m", "lnfree.sweeps.run_missing", "--experiment", "data_scaling_depth",
                           "--print-max-budget"], capture_output=True, text=True, check=True, cwd=ROOT)
     assert int(out.stdout) == max(g["budgets"])
+
+
+def test_convergence_criterion():
+    flat = [(s, 4.0 + 0.5 * max(0, 1 - s / 800)) for s in range(0, 1001, 50)]  # flat from step 800
+    assert converged(flat, 1000, tol=0.002)["met"]
+    falling = [(s, 5.0 - s / 1000) for s in range(0, 1001, 50)]  # still falling 0.1 over the last 10%
+    r = converged(falling, 1000, tol=0.002)
+    assert not r["met"] and r["not_rising_last_20pct"] and abs(r["change_last_10pct"] - 0.1) < 1e-9
+    rising = flat[:-2] + [(950, 4.01), (1000, 4.02)]
+    assert not converged(rising, 1000, tol=0.002)["not_rising_last_20pct"]

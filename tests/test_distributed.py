@@ -96,7 +96,7 @@ def test_rank_check_gathers_on_the_model_device(monkeypatch):
         gathered.append(t.device.type)
         raise StopIteration  # nothing to compare on meta
 
-    monkeypatch.setattr(cb_mod, "_distributed", lambda: True)
+    monkeypatch.setattr(cb_mod, "is_distributed", lambda: True)
     monkeypatch.setattr(cb_mod.dist, "get_world_size", lambda: 2)
     monkeypatch.setattr(cb_mod.dist, "all_gather", all_gather)
     with pytest.raises(StopIteration):
@@ -111,7 +111,7 @@ def _two_rank_worker(rank, port, out_dir):
 
     import torch.distributed as dist
 
-    from lnfree.training.callbacks import RankDisagreement, _all_reduce_sum, check_ranks_agree
+    from lnfree.training.callbacks import RankDisagreement, all_reduce_sum, check_ranks_agree
 
     # a short timeout (spawning rank 1 takes seconds): a failed rank must not leave the other waiting 30 min
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
@@ -121,7 +121,7 @@ def _two_rank_worker(rank, port, out_dir):
         _, model = stock_and_removable()  # the same weights on both ranks
         out = {}
         t = torch.tensor([rank + 1.0, 10.0])
-        _all_reduce_sum(t)
+        all_reduce_sum(t)
         out["sum"] = t.tolist()
         # each rank calibrates on, then trains on, its own data: the callback keeps the estimates identical
         cb = LNRemovalCallback([], momentum=0.5)
@@ -201,7 +201,7 @@ def test_a_one_process_group_has_no_ranks_to_compare_or_sum(tmp_path):
     """torchrun with one process still initialises a process group: that is not data parallelism."""
     import torch.distributed as dist
 
-    from lnfree.training.callbacks import _all_reduce_sum, _distributed, check_ranks_agree
+    from lnfree.training.callbacks import all_reduce_sum, check_ranks_agree, is_distributed
 
     port = free_port()
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
@@ -209,10 +209,10 @@ def test_a_one_process_group_has_no_ranks_to_compare_or_sum(tmp_path):
         _, model = stock_and_removable()
         model.calibrate(ids(2, 16))
         model.remove("ln2", 0)
-        assert _distributed() is False
+        assert is_distributed() is False
         assert check_ranks_agree(model, 3) is False  # nothing compared: no rank check counted
         t = torch.tensor([1.0, 2.0])
-        _all_reduce_sum(t)
+        all_reduce_sum(t)
         assert t.tolist() == [1.0, 2.0]
     finally:
         dist.destroy_process_group()

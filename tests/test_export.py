@@ -1,6 +1,11 @@
+"""The exports (lnfree/export.py, lnfree/folded.py): the hf and folded forms reproduce the model's logits, refuse
+what they cannot export exactly, carry their record, tokenizer and sigmas, and load onto the device asked for; a
+run's export step keeps the valid form when the other fails."""
+
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -9,6 +14,7 @@ from conftest import calibrated_all_removed, ids, remove_all, stock_and_removabl
 from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock
 from lnfree.families.gpt2_folded import FoldedGPT2
 from lnfree.folded import load_folded
+from lnfree.io import EXPORT_INFO, load
 
 
 def _rel(a, b):
@@ -294,7 +300,7 @@ def test_another_familys_folded_model_is_rebuilt_from_its_saved_config(tmp_path)
     from torch import nn
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from lnfree.folded import CONFIG_FILE, _hf_folded, save_folded
+    from lnfree.folded import CONFIG_FILE, hf_folded_model, save_folded
 
     cfg = LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
@@ -306,10 +312,26 @@ def test_another_familys_folded_model_is_rebuilt_from_its_saved_config(tmp_path)
     save_folded(folded, tmp_path)
     saved = json.loads((tmp_path / CONFIG_FILE).read_text())
     with torch.device("meta"):  # the structure first: a config that lost its fields would build a full-size model
-        rebuilt = _hf_folded(saved)
+        rebuilt = hf_folded_model(saved)
     assert type(rebuilt) is LlamaForCausalLM
     assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in folded.state_dict().items()}
     assert sorted(n for n, m in rebuilt.named_modules() if isinstance(m, nn.Identity)) == sorted(saved["identity"])
     loaded = load_folded(tmp_path)
     x = ids(2, 12)
     assert torch.equal(loaded(x).logits, folded(x).logits)
+
+
+def test_a_failed_export_form_leaves_the_other_valid_one(tmp_path, monkeypatch):
+    from lnfree.errors import ExportError
+    from lnfree.training import train as train_module
+
+    _, model = calibrated_all_removed()
+
+    def broken(*args, **kwargs):
+        raise ExportError("folded export differs from the model")
+
+    monkeypatch.setattr(train_module, "export_folded", broken)  # the only way to make a verified export fail
+    exports, error = train_module.export_run(model, None, tmp_path, SimpleNamespace(val_data=ids(4, 32)))
+    assert set(exports) == {"hf"} and "folded export: ExportError" in error
+    assert (tmp_path / "export" / "hf" / EXPORT_INFO).exists() and not (tmp_path / "export" / "folded").exists()
+    assert load(str(tmp_path / "export" / "hf"))[0] is not None

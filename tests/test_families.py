@@ -693,9 +693,9 @@ def test_the_gpt2_class_refuses_another_familys_config_naming_its_type():
 def test_the_removable_class_factory_builds_a_checked_removable_class():
     from transformers import MistralForCausalLM as Stock
 
-    from lnfree.families.llama import LLAMA, _removable
+    from lnfree.families.llama import LLAMA, RemovableMistralForCausalLM
 
-    cls = _removable(Stock)  # the classes of llama.py are built by it at import time
+    cls = RemovableMistralForCausalLM  # built by llama.py's class factory at import time
     assert cls.__name__ == cls.__qualname__ == "RemovableMistralForCausalLM" and issubclass(cls, Stock)
     model = cls(MistralConfig(**SMALL, **LLAMA_LIKE))
     assert model.family is LLAMA and len(model.sites()) == 3 * SMALL["num_hidden_layers"] + 1

@@ -1,5 +1,6 @@
-"""Model IO (lnfree/io.py): every reference resolves once, loading never trains, and the loaders refuse
-what they must: pickled code, non-GPT-2 models, tampered exports, fp16 LN-free exports."""
+"""Model IO (lnfree/io.py): every reference resolves once, loading never trains, and the loaders (and
+make_removable) refuse what they must: pickled code, non-GPT-2 models, tampered exports, fp16 LN-free exports,
+LN-free exports made removable. Whole-file hashes and tokenizer pairing: tests/test_model_checks.py."""
 
 import json
 import pickle
@@ -11,7 +12,8 @@ import torch
 from conftest import ROOT, TINY_RUN, compose_train, copy_export, eval_cfg, rehash, tiny_config
 from safetensors.torch import load_file, save_file
 
-from lnfree import load, resolve
+from lnfree import load, make_removable, resolve
+from lnfree.errors import NotRemovableError
 from lnfree.io import ModelIOError, builtin_dir, logits, read_checkpoint
 
 
@@ -280,3 +282,14 @@ def test_a_hub_name_that_is_no_repo_is_one_clear_error(tmp_path):
         server.shutdown()
     assert out.stdout.startswith("ERR cannot read the config of model 'someone/no-such-model'"), out.stdout + out.stderr
     assert "local dir" in out.stdout
+
+
+def test_make_removable_refuses_an_lnfree_export_as_load_does(tiny_run):
+    _, run = tiny_run
+    with pytest.raises(ModelIOError) as by_load:
+        load(str(run / "export" / "hf"), removable=True)
+    stock, _ = load(str(run / "export" / "hf"))
+    with pytest.raises(NotRemovableError) as by_make:
+        make_removable(stock)
+    tail = lambda e: str(e.value).split(" is an LN-free export")[1]  # noqa: E731  (the subject differs)
+    assert tail(by_make) == tail(by_load)

@@ -1,5 +1,5 @@
 """The package's shape, checked: no import cycles (function-level imports included), a light core, and
-tests that share helpers only through conftest."""
+tests that share helpers only through conftest and use only lnfree's public names."""
 
 import ast
 import subprocess
@@ -108,6 +108,51 @@ def test_tests_share_helpers_only_through_conftest():
         for node in ast.walk(ast.parse(f.read_text())):
             if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("test_"):
                 raise AssertionError(f"{f.name} imports {node.module}; move shared helpers to conftest.py")
+
+
+def is_lnfree_module(dotted: str) -> bool:
+    path = ROOT / dotted.replace(".", "/")
+    return dotted.split(".")[0] == "lnfree" and (path.is_dir() or path.with_suffix(".py").exists())
+
+
+def is_private(name: str) -> bool:
+    return name.startswith("_") and not name.startswith("__")
+
+
+def private_lnfree_names(path) -> list[str]:
+    """The private names (one leading underscore) of lnfree modules that a test file imports, reads off a module
+    (`import lnfree.x as m` ... `m._y`), patches by name (`setattr(m, "_y", ...)`) or names in a dotted string."""
+    tree = ast.parse(path.read_text())
+    modules = set()  # the file's names for lnfree modules
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            modules |= {a.asname or a.name.split(".")[0] for a in node.names if is_lnfree_module(a.name)}
+        elif isinstance(node, ast.ImportFrom) and is_lnfree_module(node.module or ""):
+            found += [f"{path.name}:{node.lineno} imports {node.module}.{a.name}" for a in node.names
+                      if is_private(a.name)]
+            modules |= {a.asname or a.name for a in node.names if is_lnfree_module(f"{node.module}.{a.name}")}
+
+    def is_module(node) -> bool:
+        return ast.unparse(node) in modules or is_lnfree_module(ast.unparse(node))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and is_private(node.attr) and is_module(node.value):
+            found.append(f"{path.name}:{node.lineno} uses {ast.unparse(node)}")
+        elif (isinstance(node, ast.Call) and ast.unparse(node.func).split(".")[-1] in ("setattr", "getattr")
+              and len(node.args) >= 2 and is_module(node.args[0]) and isinstance(node.args[1], ast.Constant)
+              and is_private(str(node.args[1].value))):
+            found.append(f"{path.name}:{node.lineno} patches {ast.unparse(node.args[0])}.{node.args[1].value}")
+        elif (isinstance(node, ast.Constant) and isinstance(node.value, str) and "." in node.value
+              and is_private(node.value.rsplit(".", 1)[1]) and is_lnfree_module(node.value.rsplit(".", 1)[0])):
+            found.append(f"{path.name}:{node.lineno} names {node.value}")
+    return found
+
+
+def test_tests_use_only_public_lnfree_names():
+    """Tests go through the API users have: a private helper worth testing on its own is made public."""
+    found = [f for p in sorted((ROOT / "tests").glob("*.py")) for f in private_lnfree_names(p)]
+    assert not found, found
 
 
 def test_layout_page_names_every_module():

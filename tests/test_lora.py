@@ -197,11 +197,10 @@ def test_peft_warnings_other_than_the_split_projection_one_still_reach_the_user(
 def test_lora_without_peft_says_what_to_install(monkeypatch):
     import sys
 
-    from lnfree.lora import _peft
-
     monkeypatch.setitem(sys.modules, "peft", None)  # as if the `lora` extra were not installed
+    _, model = stock_and_removable()
     with pytest.raises(ImportError, match=r"^finetune=lora needs peft: pip install 'lnfree\[lora\]'$"):
-        _peft()
+        apply_lora(model, SETTINGS)
 
 
 @PEFT

@@ -1,3 +1,7 @@
+"""The removable model (lnfree/model.py) on tiny GPT-2s: all-real equals stock, removing a site changes only its
+path, sigmas frozen at removal, state round trips, dtypes and devices, the norm statistics, the errors, and
+calibration in eval mode whatever the model's mode."""
+
 import warnings
 
 import pytest
@@ -627,3 +631,16 @@ def test_make_removable_builds_each_familys_removable_class_from_a_config():
         model = make_removable(config)  # random init, every site real
         assert isinstance(model, stock) and type(model).__name__ == f"Removable{stock.__name__}"
         assert model.config.model_type == config.model_type and len(model.real_sites()) == len(model.sites()) == 7
+
+
+def test_calibration_runs_in_eval_mode_whatever_the_mode_and_restores_it():
+    stock, _ = stock_and_removable(resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5)
+    batch = ids(4, 32)
+    sigmas = []
+    for mode in (True, False, True):
+        model = make_removable(stock).train(mode)
+        model.calibrate(batch)
+        assert model.training is mode
+        sigmas.append(model.sigmas())
+    assert sigmas[0] == sigmas[1] == sigmas[2]  # no dropout in the estimate: deterministic, mode-independent
+    assert make_removable(stock).training is False  # the source's mode (stock is in eval mode)

@@ -36,7 +36,7 @@ def test_resume_point_is_the_newest_last_checkpoint_by_step_not_by_file_time(tmp
     import torch
     from omegaconf import OmegaConf
 
-    from lnfree.training.pretrain import _resume_point
+    from lnfree.training.pretrain import resume_point
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()
@@ -45,8 +45,8 @@ def test_resume_point_is_the_newest_last_checkpoint_by_step_not_by_file_time(tmp
         torch.save({"global_step": step}, ckpts / name)
         os.utime(ckpts / name, (mtime, mtime))
     cfg = OmegaConf.create({"ckpt_path": None})
-    assert _resume_point(tmp_path, cfg) == str(ckpts / "last-v1.ckpt")
+    assert resume_point(tmp_path, cfg) == str(ckpts / "last-v1.ckpt")
     torch.save({"global_step": 600}, ckpts / "last-v2.ckpt")
-    assert _resume_point(tmp_path, cfg) == str(ckpts / "last-v2.ckpt")
+    assert resume_point(tmp_path, cfg) == str(ckpts / "last-v2.ckpt")
     (tmp_path / "summary.json").write_text("{}")  # a finished run is not resumed
-    assert _resume_point(tmp_path, cfg) is None
+    assert resume_point(tmp_path, cfg) is None

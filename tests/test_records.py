@@ -1,5 +1,6 @@
-"""Reliability, third round: committed results are never overwritten by a documented command, and damaged records
-are refused naming the file and line (issue 40, items 3 and 8). All offline, seconds each."""
+"""Result records: committed results are never overwritten by a documented command, `make tables` writes all pages
+or none, damaged records are refused naming the file and line, and an evaluation that reproduces its record leaves
+it untouched. All offline, seconds each."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 from conftest import ROOT
 
 from lnfree.analysis import scaling
@@ -24,7 +26,7 @@ def _snapshot(d):
             if p.is_file() and p.suffix != ".py" and p.name != "README.md"}
 
 
-# -- item 3: nothing documented writes over experiments/ unless told to -----------------------------------------
+# -- nothing documented writes over experiments/ unless told to ------------------------------------------------------
 def test_scaling_cli_without_out_writes_a_new_dir_not_the_committed_one(tmp_path, monkeypatch):
     committed = _snapshot(ROOT / "experiments" / "data_scaling")
     monkeypatch.chdir(tmp_path)
@@ -52,9 +54,9 @@ def test_records_only_grow_deduplicated_and_a_conflicting_duplicate_is_refused(t
         scaling.main([str(some), "--records", str(records), "--out", str(tmp_path / "b"), *QUICK])
     assert e.value.code == 2 and records.read_bytes() == RECORDS.read_bytes() and not (tmp_path / "b").exists()
     with pytest.raises(RecordError, match="differs in val_ce"):
-        append_jsonl(records, [other], scaling._key)
+        append_jsonl(records, [other], scaling.run_key)
     new = other | {"seed": 99}  # a new run is appended, every old one kept
-    assert append_jsonl(records, [new], scaling._key) == 1 and len(read_jsonl(records)) == n + 1
+    assert append_jsonl(records, [new], scaling.run_key) == 1 and len(read_jsonl(records)) == n + 1
 
 
 def test_eval_cli_without_output_dir_writes_the_jobs_own_dir(tmp_path):
@@ -108,7 +110,7 @@ def test_every_makefile_target_names_the_committed_dir_it_writes():
         assert named in make, named
 
 
-# -- make tables: all pages or none ------------------------------------------------------------------------------
+# -- make tables: all pages or none ----------------------------------------------------------------------------------
 def _tables_checkout(tmp_path):
     for rel in ("experiments/builtin_eval/results.json", "experiments/ablations/results.json"):
         (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -139,7 +141,7 @@ def test_make_tables_with_a_record_missing_its_results_names_the_table(tmp_path)
     assert _snapshot(tmp_path) == {**before, rec.relative_to(tmp_path): rec.read_bytes()}
 
 
-# -- item 8: damaged records refused with file and line ----------------------------------------------------------
+# -- damaged records refused with file and line ----------------------------------------------------------------------
 @pytest.mark.parametrize("case,expect", [
     ("half", r"some.jsonl:3: not valid JSON"),
     ("no_tokens", r"some.jsonl:2: record without 'tokens'"),
@@ -178,3 +180,31 @@ def test_two_processes_appending_at_once_keep_every_record(tmp_path):
     procs = [subprocess.Popen([sys.executable, "-c", code, str(out), w], cwd=ROOT) for w in "ab"]
     assert all(p.wait(timeout=120) == 0 for p in procs)
     assert sorted((r["w"], r["i"]) for r in read_jsonl(out)) == [(w, i) for w in "ab" for i in range(40)]
+
+
+# -- an evaluation's record left alone -------------------------------------------------------------------------------
+def test_an_evaluation_that_reproduces_its_record_leaves_it_untouched(tmp_path, capsys):
+    from omegaconf import OmegaConf
+
+    from lnfree.analysis.metrics import summarize
+    from lnfree.analysis.tables import REPRO_TOL, write_outputs
+
+    cfg = OmegaConf.create({"models": [{"name": "a", "path": str(tmp_path / "nowhere")}]})
+    g = torch.Generator().manual_seed(0)
+    per_token = {("d", "a"): {"ce": torch.rand(8, 31, generator=g).numpy() * 5,
+                              "entropy": torch.rand(8, 31, generator=g).numpy(),
+                              "correct": (torch.rand(8, 31, generator=g) > 0.7).float().numpy(),
+                              "maxprob": torch.rand(8, 31, generator=g).numpy()}}
+    results = {"d": {"a": summarize(per_token[("d", "a")], 50, 0)}}
+    out = tmp_path / "eval"
+    out.mkdir()
+    write_outputs(results, per_token, cfg, out)
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    noisy = {"d": {"a": {**results["d"]["a"], "mean": results["d"]["a"]["mean"] + REPRO_TOL / 10}}}
+    write_outputs(noisy, per_token, cfg, out)
+    assert "reproduces the record" in capsys.readouterr().out
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert json.loads((out / "results.json").read_text())["results"] == results
+    moved = {"d": {"a": {**results["d"]["a"], "mean": results["d"]["a"]["mean"] + 10 * REPRO_TOL}}}
+    write_outputs(moved, per_token, cfg, out)
+    assert json.loads((out / "results.json").read_text())["results"] == moved

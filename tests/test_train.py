@@ -1,3 +1,7 @@
+"""Training runs (lnfree/training/train.py) on the tiny configs: every config option composes, runs remove every
+site and export, resume exactly, log, refuse bad inputs before compute, and print progress lines with bars off.
+Resume checks: tests/test_resume.py; sweeps: tests/test_sweeps.py."""
+
 import json
 import subprocess
 import sys
@@ -377,7 +381,7 @@ def test_a_bug_keeps_its_traceback(tmp_path):
     else); anything else is raised as it is."""
     from hydra.core.hydra_config import HydraConfig
 
-    from lnfree.errors import UserError, _remove_unused_dir, user_errors_as_messages
+    from lnfree.errors import UserError, remove_unused_dir, user_errors_as_messages
 
     with pytest.raises(KeyError):
         with user_errors_as_messages():
@@ -387,43 +391,12 @@ def test_a_bug_keeps_its_traceback(tmp_path):
             raise UserError("bad value")
     assert e.value.code == 2 and not HydraConfig.initialized()
     (tmp_path / "x" / ".hydra").mkdir(parents=True)
-    _remove_unused_dir(tmp_path / "x")
+    remove_unused_dir(tmp_path / "x")
     assert not (tmp_path / "x").exists()
     (tmp_path / "y").mkdir()
     (tmp_path / "y" / "summary.json").write_text("{}")  # another run's dir is never removed
-    _remove_unused_dir(tmp_path / "y")
+    remove_unused_dir(tmp_path / "y")
     assert (tmp_path / "y" / "summary.json").exists()
-
-
-def test_a_multirun_leaves_a_table_of_its_jobs(tmp_path, tiny_run):
-    """results.md / results.csv: a row per job with the overrides that differ, unfinished jobs listed as such;
-    the Hydra config runs the table's callback after every job."""
-    import csv
-    import shutil
-
-    from hydra import compose, initialize_config_dir
-    from hydra.utils import instantiate
-
-    from lnfree.training.sweep_table import SweepTable, write_sweep_table
-
-    summary, run = tiny_run
-    sweep = tmp_path / "sweep"
-    for job, seed in ((0, 1), (1, 2), (2, 3)):
-        (sweep / str(job) / ".hydra").mkdir(parents=True)
-        (sweep / str(job) / ".hydra" / "overrides.yaml").write_text(f"- model=tiny\n- seed={seed}\n")
-    for job in (0, 1):
-        shutil.copy(run / "summary.json", sweep / str(job) / "summary.json")
-    md, csv_path = write_sweep_table(sweep)
-    rows = list(csv.DictReader(open(csv_path)))
-    assert [r["overrides"] for r in rows] == ["seed=1", "seed=2", "seed=3"]
-    assert [r["status"] for r in rows] == ["finished", "finished", "not finished"]
-    assert float(rows[0]["val_ce"]) == pytest.approx(summary["val_ce"])
-    assert rows[0]["removed"] == "7/7" and rows[0]["exports"] == "hf, folded"
-    row = f"| 0 | seed=1 | finished | {summary['val_ce_before']:.4f} | {summary['val_ce']:.4f} | 7/7 |"
-    assert row in md.read_text()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("train", return_hydra_config=True)
-    assert any(isinstance(instantiate(c), SweepTable) for c in cfg.hydra.callbacks.values())
 
 
 @pytest.mark.slow
@@ -432,7 +405,7 @@ def test_keep_at_end_frees_the_checkpoints_of_a_finished_run(tmp_path, capsys):
     keeping no weights at all is refused before compute; the run says what a checkpoint costs."""
     from lnfree.io import load
     from lnfree.training.config import LimitError
-    from lnfree.training.train import _keep_at_end
+    from lnfree.training.train import apply_keep_at_end
 
     summary = train(compose_train(tmp_path, *TINY_RUN, "trainer.keep_at_end=none"))
     assert not (tmp_path / "checkpoints").exists() and summary["all_removed"]
@@ -444,9 +417,9 @@ def test_keep_at_end_frees_the_checkpoints_of_a_finished_run(tmp_path, capsys):
     ckpts.mkdir()
     for name in ("step000012.ckpt", "step000024.ckpt", "last.ckpt"):
         (ckpts / name).write_bytes(b"x" * 10)
-    _keep_at_end(ckpts, "last")
+    apply_keep_at_end(ckpts, "last")
     assert [f.name for f in ckpts.iterdir()] == ["last.ckpt"]
-    _keep_at_end(ckpts, "all")
+    apply_keep_at_end(ckpts, "all")
     assert [f.name for f in ckpts.iterdir()] == ["last.ckpt"]
     with pytest.raises(LimitError, match="no weights at all"):
         train(compose_train(tmp_path / "x", *TINY_RUN, "trainer.keep_at_end=none", "export=false"))
@@ -490,3 +463,11 @@ def test_your_own_gpt2_and_data_by_the_documented_quick_path(tmp_path):
 
     model, tok = load(str(run / "export" / "hf"))
     assert len(tok) == model.config.vocab_size == 512
+
+
+def test_with_bars_off_a_run_prints_a_line_at_least_every_tenth_of_its_steps(tiny_run):
+    import re
+
+    _, run = tiny_run  # TINY_RUN: 24 steps, trainer.progress_bar=false
+    steps = [int(m) for m in re.findall(r"\[lnfree\] progress: step (\d+)/24 ", (run / "train.log").read_text())]
+    assert steps[-1] == 24 and max(b - a for a, b in zip([0, *steps], steps)) <= 24 // 10 + 1

@@ -48,7 +48,7 @@ RECORD_KEYS = ("model", "removes", "seed", "tokens", "val_ce", "n_nonemb")  # wh
 FINITE_KEYS = ("tokens", "val_ce", "n_nonemb")
 
 
-def _key(r: dict) -> tuple:
+def run_key(r: dict) -> tuple:
     return (r["model"], r.get("pretrained", r["model"]), r.get("schedule"), r["removes"], r["seed"], r["tokens"],
             r.get("lr"))
 
@@ -75,7 +75,7 @@ def load_sources(sources) -> list[dict]:
     seen: dict[tuple, dict] = {}
     for src in sources:
         for r in load_runs(src):
-            key = _key(r)
+            key = run_key(r)
             if key in seen and abs(seen[key]["val_ce"] - r["val_ce"]) > 1e-6:
                 raise RecordError(f"two different results for {key}: val_ce {seen[key]['val_ce']} and {r['val_ce']} "
                                   f"(in {[str(x) for x in sources]}); keep one")
@@ -649,7 +649,7 @@ def main(argv=None):
         if a.records:  # the runs themselves, compact, so that the analysis can be redone from a committed file
             runs = sorted(load_sources(a.sweep_dir), key=lambda r: (r["n_nonemb"], str(r.get("pretrained")),
                                                                    r["tokens"], r["removes"], r["seed"]))
-            added = append_jsonl(a.records, runs, _key, RECORD_KEYS, FINITE_KEYS)  # a conflict: nothing written
+            added = append_jsonl(a.records, runs, run_key, RECORD_KEYS, FINITE_KEYS)  # a conflict: nothing written
             print(f"[lnfree] {a.records}: {added} new record(s) added")
         res = analyse(a.sweep_dir, a.out, a.thresholds, a.absolute, a.bootstrap, a.simulations, a.family,
                       a.family_json, a.schedule, a.lr_json, a.max_steps, a.coverage_json)

@@ -30,12 +30,12 @@ from .adaptive import AdaptiveTrigger
 from .console import announce
 
 
-def _distributed() -> bool:
+def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _all_reduce_sum(t: torch.Tensor):
-    if _distributed():
+def all_reduce_sum(t: torch.Tensor):
+    if is_distributed():
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
 
 
@@ -48,7 +48,7 @@ def check_ranks_agree(model, step: int) -> bool:
     all-reduced statistics). Gathers one fixed-size vector per rank (sigma of every site, NaN while real) and
     raises if any rank differs. Called only at event steps, which every rank reaches at the same step (events
     follow the optimizer step count); a rank that did not would show up here as a collective timeout."""
-    if not _distributed():
+    if not is_distributed():
         return False
     sites = model.sites()
     mine = torch.tensor([float(s.sigma[0]) if s.is_removed else float("nan") for s in sites.values()],
@@ -175,7 +175,7 @@ class LNRemovalCallback(L.Callback):
         if self.trigger is None or not count or all(self._is_applied(model, e) for e in self.events):
             return
         t = torch.stack([total.double(), torch.tensor(float(count), dtype=torch.float64, device=total.device)])
-        _all_reduce_sum(t)
+        all_reduce_sum(t)
         self.trigger.observe(float(t[0] / t[1]))
 
     def on_train_start(self, trainer, pl_module):
@@ -186,7 +186,7 @@ class LNRemovalCallback(L.Callback):
             batch = dm.calibration_batch().to(pl_module.device)
             model.calibrate(batch)
             for s in model.sites().values():  # same start on every rank
-                _all_reduce_sum(s.running)
+                all_reduce_sum(s.running)
                 if trainer.world_size > 1:
                     s.running /= trainer.world_size
         self._last_step = trainer.global_step
@@ -197,7 +197,7 @@ class LNRemovalCallback(L.Callback):
         if trainer.global_step == self._last_step:
             return  # inside a gradient-accumulation window: the optimizer has not stepped
         self._last_step = trainer.global_step
-        self._model(pl_module).commit_norm_stats(self.momentum, all_reduce=_all_reduce_sum)
+        self._model(pl_module).commit_norm_stats(self.momentum, all_reduce=all_reduce_sum)
         self._commit_ce(self._model(pl_module))
         self.apply_due(trainer, pl_module)
 

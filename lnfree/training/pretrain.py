@@ -58,7 +58,7 @@ def _version(path: Path) -> int:
     return int(v[2:]) if v else 0
 
 
-def _resume_point(out: Path, cfg: DictConfig) -> str | None:
+def resume_point(out: Path, cfg: DictConfig) -> str | None:
     """The checkpoint to resume an unfinished pretraining from, or the configured ckpt_path.
 
     The newest of checkpoints/last*.ckpt by the optimizer step it holds: Lightning writes last-v1.ckpt (not
@@ -127,7 +127,7 @@ def pretrain(cfg: DictConfig) -> Path:
     run_cfg = cfg.copy()
     with open_dict(run_cfg):
         run_cfg.model.source, run_cfg.model.tokenizer = RANDOM, BUILTIN_TOKENIZER
-        run_cfg.ckpt_path = _resume_point(out, cfg)
+        run_cfg.ckpt_path = resume_point(out, cfg)
         done = json.loads((out / RUN_SUMMARY).read_text()) if (out / RUN_SUMMARY).exists() else None
         run_cfg.model.pretrain_keep = _trained_with(done, keep)
         if (resume := _continuation(out, done, run_cfg)) is not None:  # the summary moves aside: the run goes on
@@ -143,7 +143,7 @@ def pretrain(cfg: DictConfig) -> Path:
         kept_step, kept_ce = val_min(out, summary["steps"])
     elif keep == "tail_average":
         logged = val_by_step(read_metrics(out).get("val/ce", []), summary["steps"])
-        kept_model, record = tail_average(out, summary["steps"], cfg.trainer.ckpt_every, _val_data(run_cfg),
+        kept_model, record = tail_average(out, summary["steps"], cfg.trainer.ckpt_every, validation_blocks(run_cfg),
                                           cfg.data.micro_batch_size, logged, cfg.optim.decay_steps)
         kept_step, kept_ce = record["window"], record["val_ce"]
     info = {
@@ -179,7 +179,7 @@ def pretrain(cfg: DictConfig) -> Path:
     return dest
 
 
-def _val_data(cfg: DictConfig):
+def validation_blocks(cfg: DictConfig):
     """The run's validation blocks, built as training built them (its data config, the built-in tokenizer)."""
     datamodule = instantiate(cfg.data, tokenizer=load_tokenizer(BUILTIN_TOKENIZER), _convert_="all")
     datamodule.setup("fit")

@@ -319,7 +319,8 @@ def finalize(cfg: DictConfig, plan: Plan, run: Run, val_before, val_after: float
     final, merge_error = _final_model(run.trainer, run.module, cfg, run.ckpt_dir, run.datamodule)
     exports, export_error = {}, None
     try:
-        exports, export_error = _export(final, plan.source.tokenizer, out, run.datamodule) if cfg.export else ({}, None)
+        if cfg.export:
+            exports, export_error = export_run(final, plan.source.tokenizer, out, run.datamodule)
     except Exception as e:  # noqa: BLE001  (the summary is written first, then the error is raised)
         export_error = f"{type(e).__name__}: {e}"
     summary = _summary(plan, run, final, val_before, val_after, merge_error, exports, export_error, t0)
@@ -329,7 +330,7 @@ def finalize(cfg: DictConfig, plan: Plan, run: Run, val_before, val_after: float
     if cfg.push_to_hub and exports:
         print(f"[lnfree] pushed the exports to {push_exports(out, cfg.push_to_hub, cfg.hub_private)}")
     if not export_error:
-        _keep_at_end(run.ckpt_dir, cfg.trainer.keep_at_end)
+        apply_keep_at_end(run.ckpt_dir, cfg.trainer.keep_at_end)
     figure = _plot_run(out, run.name)
     print(f"[lnfree] val CE {_fmt(val_before)} -> {val_after:.4f}; {len(final.removed_sites())}/"
           f"{len(final.sites())} sites removed" + (f"; training curves: {figure}" if figure else ""))
@@ -383,7 +384,7 @@ def _gb(n_bytes: int) -> str:
     return f"{n_bytes / 1e9:.2f} GB" if n_bytes >= 1e8 else f"{n_bytes / 1e6:.1f} MB"
 
 
-def _keep_at_end(ckpt_dir: Path, keep: str) -> None:
+def apply_keep_at_end(ckpt_dir: Path, keep: str) -> None:
     """trainer.keep_at_end after a finished run: all, last (last.ckpt only) or none (the exports hold the weights)."""
     if keep == "all" or not ckpt_dir.is_dir():
         return
@@ -468,7 +469,7 @@ def _final_model(trainer, module, cfg, ckpt_dir, datamodule):
     return merged, error
 
 
-def _export(model, tokenizer, out: Path, datamodule) -> tuple[dict, str | None]:
+def export_run(model, tokenizer, out: Path, datamodule) -> tuple[dict, str | None]:
     """(the exports written, what failed or None): export/hf always (plain GPT-2 for a vanilla run, the LN-free
     trick when every site is removed) and export/folded when every site is removed; each checked on real
     validation text before writing. Both are written into a temporary dir that replaces export/ once they are
