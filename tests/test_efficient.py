@@ -343,7 +343,8 @@ def test_depth_part_reads_t_star_ratios_off_the_grid_records():
     assert t1["arm"]["value"] == pytest.approx(1024 * (0.15 / 0.01) ** 2)
     assert t1["ratio"]["value"] == pytest.approx(0.25)
     assert t1["baseline_seeds"] == 3 and t1["baseline_seed_sd_log"] > 0
-    assert t1["verdict"].startswith("fewer tokens")
+    assert t1["verdict"].startswith("meets the goal")  # 0.25, far inside half
+    assert ed.seed_band_verdict({"value": 0.6, "low": 0.6, "high": 0.6}, 0.05).startswith("fewer tokens")
     t2 = m["t_star"]["0.02"]  # the arm is below 2% from its first budget on: a bound, and the ratio's upper end
     assert t2["arm"]["value"] is None and t2["arm"]["censored"] == "below" and t2["arm"]["high"] == 64 * 1024
     assert t2["ratio"]["value"] is None and t2["ratio"]["low"] is None
