@@ -48,44 +48,47 @@ train: install
 sweep: install
 	$(PY) -m lnfree.train -m schedule=none,builtin $(ARGS)
 
-# original vs vanilla control vs LN-free for seeds 1-3 (vs all norms removed without fine-tuning) on the built-in
+# original vs vanilla control vs LN-free for every seed (vs all norms removed without fine-tuning) on the built-in
 # default, with paired gaps; trains what is missing first. Table and figures: experiments/builtin_eval/
 RUNS ?= $(shell sed -n 's/^runs: *//p' conf/runs.yaml)
-SEEDS ?= 1 2 3
+# the seeds of every target over seeds, conf/runs.yaml's, as a Hydra sweep (1,2,3); the eval configs get them too
+# (seeds=[...]), so that `make eval SEEDS=1` trains and evaluates seed 1 alone
+SEEDS ?= $(shell sed -n 's/^seeds: *\[\(.*\)\]/\1/p' conf/runs.yaml | tr -d ' ')
+# $(call train_seeds,DIR,ARM,OVERRIDES): one Hydra multirun that trains ARM (lnfree.train with OVERRIDES) for every
+# seed into DIR/ARM_s<seed>, only what is missing there: a finished run of the same config is returned untouched
+# (skip_if_done), a finished run of another config is refused, and a dir without a finished run (a killed run's)
+# is trained again from the start (overwrite). The sweep's table of every run in DIR: DIR/results.md
+train_seeds = $(PY) -m lnfree.train -m seed=$(SEEDS) $(3) skip_if_done=true overwrite=true trainer.progress_bar=false \
+  hydra.sweep.dir=$(1) 'hydra.sweep.subdir=$(2)_s$${seed}'
 # the built-in default's vanilla and LN-free fine-tunes of every seed (what eval, shift and the interp commands read);
 # TRAIN_ARGS: overrides for both arms of every seed (e.g. a longer fine-tune, trainer.max_steps=300, into other RUNS)
 TRAIN_ARGS ?=
 eval-runs: install
-	for s in $(SEEDS); do \
-	  test -f $(RUNS)/vanilla_s$$s/summary.json || $(PY) -m lnfree.train schedule=none seed=$$s $(TRAIN_ARGS) \
-	    hydra.run.dir=$(RUNS)/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	  test -f $(RUNS)/lnfree_s$$s/summary.json || $(PY) -m lnfree.train seed=$$s $(TRAIN_ARGS) \
-	    hydra.run.dir=$(RUNS)/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	done
+	$(call train_seeds,$(RUNS),vanilla,schedule=none $(TRAIN_ARGS))
+	$(call train_seeds,$(RUNS),lnfree,$(TRAIN_ARGS))
 
-# the built-in Llama and NeoX members (docs/families.md): 3 seeds x {LN-free, vanilla control}, evaluated as make
+# the built-in Llama and NeoX members (docs/families.md): every seed x {LN-free, vanilla control}, evaluated as make
 # eval does for GPT-2 (conf/eval_llama.yaml, eval_neox.yaml: their runs dir and experiments/families/<family>/),
 # then DLA vs the direct effect on the original and the seed-1 fine-tunes (dla.json there)
 FAMILIES ?= llama neox
 eval-families: install
-	for f in $(FAMILIES); do r=$$(sed -n 's/^runs: *//p' conf/eval_$$f.yaml); for s in $(SEEDS); do \
-	  test -f $$r/vanilla_s$$s/summary.json || $(PY) -m lnfree.train model=builtin_$${f}_w128 schedule=none \
-	    seed=$$s hydra.run.dir=$$r/vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	  test -f $$r/lnfree_s$$s/summary.json || $(PY) -m lnfree.train model=builtin_$${f}_w128 seed=$$s \
-	    hydra.run.dir=$$r/lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	done; $(PY) -m lnfree.eval --config-name eval_$$f output_dir=experiments/families/$$f $(ARGS) || exit 1; \
+	for f in $(FAMILIES); do r=$$(sed -n 's/^runs: *//p' conf/eval_$$f.yaml); \
+	  $(call train_seeds,$$r,vanilla,model=builtin_$${f}_w128 schedule=none) || exit 1; \
+	  $(call train_seeds,$$r,lnfree,model=builtin_$${f}_w128) || exit 1; \
+	  $(PY) -m lnfree.eval --config-name eval_$$f output_dir=experiments/families/$$f 'seeds=[$(SEEDS)]' $(ARGS) \
+	  || exit 1; \
 	$(PY) -m lnfree.analysis.interp.dla original=builtin:$${f}_w128 vanilla=$$r/vanilla_s1 lnfree=$$r/lnfree_s1 \
 	  --out experiments/families/$$f || exit 1; done
 
 eval: eval-runs
 	test -d $(RUNS)/no_finetune/export || $(PY) -m lnfree.training.remove_now builtin:w128 $(RUNS)/no_finetune
-	$(PY) -m lnfree.eval runs=$(RUNS) output_dir=experiments/builtin_eval $(ARGS)
+	$(PY) -m lnfree.eval runs=$(RUNS) output_dir=experiments/builtin_eval 'seeds=[$(SEEDS)]' $(ARGS)
 
 # claim 1 under distribution shift (experiments/shift/): the same runs on in-domain, near- and far-domain text
 # (lnfree/data/shift.py builds the held-out corpora offline)
 shift: eval-runs
 	$(PY) -m lnfree.data.shift --out outputs/shift_corpora
-	$(PY) -m lnfree.eval --config-name eval_shift runs=$(RUNS) output_dir=experiments/shift $(ARGS)
+	$(PY) -m lnfree.eval --config-name eval_shift runs=$(RUNS) output_dir=experiments/shift 'seeds=[$(SEEDS)]' $(ARGS)
 
 # does a longer fine-tune close the shift gap? the same removal schedule, 300 fine-tuning steps instead of 100 for
 # both arms of every seed (experiments/shift/steps_300/)
@@ -94,30 +97,26 @@ shift-long:
 
 # schedule ablations on the built-in default over seeds (after make eval): no auxiliary loss, a slower schedule,
 # special bos/eot sigmas; paired with the vanilla control of each seed. Results: experiments/ablations/
-ABLATIONS ?= builtin_noaux builtin_gradual builtin_special
+# (one multirun over ablations x seeds; each run's dir is named by its schedule's name, that of its config file)
+ABLATIONS ?= builtin_noaux,builtin_gradual,builtin_special
 ablations: eval
-	for a in $(ABLATIONS); do for s in $(SEEDS); do \
-	  test -f $(RUNS)/$${a}_s$$s/summary.json || $(PY) -m lnfree.train schedule=$$a seed=$$s \
-	    hydra.run.dir=$(RUNS)/$${a}_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	done; done
-	$(PY) -m lnfree.eval --config-name eval_ablations runs=$(RUNS) output_dir=experiments/ablations $(ARGS)
+	$(call train_seeds,$(RUNS),$${schedule.name},schedule=$(ABLATIONS))
+	$(PY) -m lnfree.eval --config-name eval_ablations runs=$(RUNS) output_dir=experiments/ablations 'seeds=[$(SEEDS)]' \
+	  $(ARGS)
 
 # LoRA fine-tuning (finetune=lora, peft) on the built-in default over seeds: LoRA LN-free and its vanilla-LoRA
 # control, against the full fine-tunes of make eval. Results: experiments/lora/
 lora: eval
-	for s in $(SEEDS); do \
-	  test -f $(RUNS)/lora_vanilla_s$$s/summary.json || $(PY) -m lnfree.train finetune=lora schedule=none seed=$$s \
-	    hydra.run.dir=$(RUNS)/lora_vanilla_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	  test -f $(RUNS)/lora_lnfree_s$$s/summary.json || $(PY) -m lnfree.train finetune=lora seed=$$s \
-	    hydra.run.dir=$(RUNS)/lora_lnfree_s$$s overwrite=true trainer.progress_bar=false || exit 1; \
-	done
-	$(PY) -m lnfree.eval --config-name eval_lora runs=$(RUNS) output_dir=experiments/lora $(ARGS)
+	$(call train_seeds,$(RUNS),lora_vanilla,finetune=lora schedule=none)
+	$(call train_seeds,$(RUNS),lora_lnfree,finetune=lora)
+	$(PY) -m lnfree.eval --config-name eval_lora runs=$(RUNS) output_dir=experiments/lora 'seeds=[$(SEEDS)]' $(ARGS)
 
 # downstream evals through lm-evaluation-harness (offline: the tasks shipped in lnfree/downstream/tasks) on the
 # runs of make eval and make lora. The paper's tasks on a GPU machine with the hub:
 #   python -m lnfree.downstream --config-name downstream_paper
 downstream: lora
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream runs=$(RUNS) output_dir=experiments/downstream $(ARGS)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m lnfree.downstream runs=$(RUNS) output_dir=experiments/downstream \
+	  'seeds=[$(SEEDS)]' $(ARGS)
 
 # the interpretability analyses on the built-in default and its seed-1 fine-tunes (after make eval): DLA vs direct
 # effect into experiments/interp/, entropy neurons, residual norms and sinks into experiments/interp/builtin/
@@ -129,19 +128,21 @@ interp: eval
 # interpretability positive controls (experiments/interp/): 3 replicates r of synth_w64_1k, a 2-layer GPT-2
 # pretrained with seed r on data=synthetic (Bigram-Backcopy), each with its vanilla and LN-free fine-tune (seed r + 1);
 # then AtP vs AP (back-copy and trigger-switch tasks, with a frozen-LN arm), sinks / position-0 norms per layer and
-# entropy neurons, per replicate and over replicates. Resumable: every step skips what is already there.
+# entropy neurons, per replicate and over replicates. Resumable: every step skips what is already there. (A loop
+# over replicates, not train_seeds' multirun: each replicate is pretrained first, its fine-tunes' seed is r + 1,
+# and its arms' dirs are r<r>/vanilla and r<r>/lnfree; each fine-tune trains only what is missing as train_seeds'.)
 CONTROL ?= outputs/interp_control
 CONTROL_REPLICATES ?= 0 1 2
+CONTROL_FINETUNE = model=synth_w64_1k data=synthetic skip_if_done=true overwrite=true trainer.progress_bar=false
 interp-control: install
 	for r in $(CONTROL_REPLICATES); do s=$$((r + 1)); \
 	  if $(PY) -c "import sys; from lnfree.io import builtin_dir; sys.exit(builtin_dir('synth_w64_1k_s'+'$$r').exists())"; then \
 	    $(PY) -m lnfree.pretrain model=synth_w64_1k data=synthetic model.replicate=$$r \
 	      hydra.run.dir=outputs/pretrain/synth_w64_1k_s$$r trainer.progress_bar=false || exit 1; fi; \
-	  test -f $(CONTROL)/r$$r/vanilla/summary.json || $(PY) -m lnfree.train model=synth_w64_1k model.replicate=$$r \
-	    data=synthetic schedule=none seed=$$s hydra.run.dir=$(CONTROL)/r$$r/vanilla overwrite=true \
-	    trainer.progress_bar=false || exit 1; \
-	  test -f $(CONTROL)/r$$r/lnfree/summary.json || $(PY) -m lnfree.train model=synth_w64_1k model.replicate=$$r \
-	    data=synthetic seed=$$s hydra.run.dir=$(CONTROL)/r$$r/lnfree overwrite=true trainer.progress_bar=false || exit 1; \
+	  $(PY) -m lnfree.train $(CONTROL_FINETUNE) model.replicate=$$r schedule=none seed=$$s \
+	    hydra.run.dir=$(CONTROL)/r$$r/vanilla || exit 1; \
+	  $(PY) -m lnfree.train $(CONTROL_FINETUNE) model.replicate=$$r seed=$$s hydra.run.dir=$(CONTROL)/r$$r/lnfree \
+	    || exit 1; \
 	done
 	$(PY) -m lnfree.analysis.interp.controls_cli --replicates $(CONTROL_REPLICATES) --runs $(CONTROL) --out experiments/interp
 	$(PY) -m tools.doc_tables

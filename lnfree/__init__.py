@@ -12,9 +12,11 @@ lnfree.analysis; the entry points are `python -m lnfree.train`, `python -m lnfre
 and the `lnfree` command runs each of them and the analyses (`lnfree --help`; lnfree/cli.py).
 """
 
+from .errors import ModelIOError
 from .export import export_folded, export_hf
-from .io import ModelIOError, load, resolve
+from .io import load
 from .model import RemovableGPT2LMHeadModel, RemovableMixin, load_removable, make_removable, save_removable
+from .references import resolve
 
 __all__ = ["make_removable", "export_hf", "export_folded", "load", "resolve", "ModelIOError",
            "RemovableGPT2LMHeadModel", "RemovableMixin", "save_removable", "load_removable"]

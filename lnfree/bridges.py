@@ -30,9 +30,12 @@ from pathlib import Path
 
 from torch import nn
 
+from .errors import ModelIOError
 from .families import REGISTRY, UnsupportedFamily, family
-from .io import ModelIOError, ModelRef, check_tokenizer, load, read_record, resolve
+from .io import load, read_record
+from .model_record import check_tokenizer
 from .paths import DEFAULT_CACHE_DIR
+from .references import ModelRef, resolve
 
 SUPPORTED = {"transformer-lens": ((4, 3), (4, 4)), "nnsight": ((0, 8), (0, 9))}  # [low, high) as in pyproject
 

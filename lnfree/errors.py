@@ -29,6 +29,11 @@ class NotRemovableError(UserError):
     """A model whose norms are already gone (an LN-free export) given to make_removable."""
 
 
+class ModelIOError(UserError):
+    """A model reference lnfree cannot load (lnfree.references), or a model that fails its checks as it is loaded
+    (lnfree.io, lnfree.model_record)."""
+
+
 JOB_FAILURES = "failed_jobs"  # in a sweep's dir: <job>.json, why each failed job failed (sweep_table.py lists it)
 
 

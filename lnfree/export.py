@@ -12,7 +12,7 @@
   folded.py saves it).
 
 Error measure everywhere: max |logits_export - logits_source| / max |logits_source| on a check batch.
-Every export carries lnfree_export.json (lnfree.io.write_record: form, eps, sigmas, the sha256 of every file
+Every export carries lnfree_export.json (lnfree.model_record.write_record: form, eps, sigmas, the sha256 of every file
 written, the tokenizer's identity, a logits fingerprint), which lnfree.io.load checks, so an export edited or
 damaged afterwards (a weight row, a swapped tokenizer.json, eps set back to 1e-5) is refused, not misread.
 """
@@ -29,8 +29,9 @@ import torch
 from .errors import ExportError
 from .families import family
 from .folded import save_folded
-from .io import logits, raise_storage_error, refuse_fp16, write_record
+from .io import raise_storage_error, refuse_fp16
 from .model import RemovableMixin
+from .model_record import logits, write_record
 
 HF_EPS = 1e12
 HF_SCALE = 1e6  # = sqrt(HF_EPS)

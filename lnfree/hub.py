@@ -21,7 +21,7 @@ def check_push(repo_id: str, timeout: float = 5.0) -> None:
     mode, unreachable hub, no token."""
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    from .io import hub_unreachable
+    from .references import hub_unreachable
 
     if repo_id.count("/") != 1:
         raise HubPushError(f"push_to_hub={repo_id!r}: expected <user or org>/<repo name>")

@@ -1,4 +1,5 @@
-"""Model IO: every model reference is resolved here, once, and loaded safely.
+"""Model loading: whatever a model reference names (lnfree/references.py resolves it) is loaded here, safely,
+and checked against its record (lnfree/model_record.py) before it is used.
 
     from lnfree import load
     model, tok = load("builtin:w128")                 # the built-in family (shipped, or pretrained into the cache)
@@ -11,23 +12,13 @@
     model, tok = load("outputs/run/checkpoints/last.ckpt")   # a Lightning checkpoint, read with weights_only
     model, tok = load(resolve("random", shape={"n_layer": 2}), tokenizer=load_tokenizer("builtin"))  # random init
 
-Rules (why this module exists):
-- Loading never trains. A built-in model that is not pretrained yet is an error naming the command that
-  makes it.
+Rules:
 - No pickle: checkpoints go through `torch.load(weights_only=True)`; weights are safetensors.
-- GPT-2 only: any other architecture is refused by its config, before weights are read.
-- Exports carry a record (lnfree_export.json: form, eps, sigmas, the sha256 of every file the export wrote, the
-  tokenizer's identity, a logits fingerprint on fixed token ids). Loading one checks every file against its hash
-  before reading weights (a damaged, edited or replaced file is named) and then recomputes the fingerprint (the
-  semantic check: an edited eps). A record without the files' hashes (its "files" deleted, or written by an lnfree
-  from before them) is refused: load(..., unhashed_ok=True) loads such an older export on its fingerprint alone.
-  An LN-free HF-compatible export in fp16 is refused: its weights overflow fp16.
-- The built-in models committed to the repository (lnfree/pretrained/, experiments/depth_family/models/) hold no
-  tokenizer.json: theirs is the built-in tokenizer's, one file for all of them (`model_file`), checked against
-  each record's hash like a file of their own.
-- Wherever a model meets a tokenizer, `check_tokenizer` refuses a pair that does not belong together (ids past
-  the vocabulary, another end-of-text id, a tokenizer other than the recorded one) before any compute.
-- Nothing loads from a temporary name (a half-written export); a damaged safetensors file is named.
+- An export is checked against its record (lnfree_export.json): every file against its hash before weights are
+  read, then the logits fingerprint. A record without the files' hashes (its "files" deleted, or written by an
+  lnfree from before them) is refused: load(..., unhashed_ok=True) loads such an older export on its
+  fingerprint alone. An LN-free HF-compatible export in fp16 is refused: its weights overflow fp16.
+- A damaged safetensors file is named.
 
 This is core: it imports torch, transformers and safetensors only.
 """
@@ -35,45 +26,36 @@ This is core: it imports torch, transformers and safetensors only.
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import os
 import re
-import shutil
-import socket
-import warnings
-from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import urlparse
 
 import torch
 from transformers import AutoConfig, PretrainedConfig
 
-from .errors import UserError
-from .families import Dims, UnsupportedFamily, family
-from .families.gpt2_folded import FoldedConfig
-from .folded import CONFIG_FILE as FOLDED_CONFIG
+from .errors import ModelIOError
+from .families import UnsupportedFamily, family
 from .folded import load_folded
-from .model import LNFREE_EPS, LNFREE_FILE, RemovableMixin, load_removable, make_removable, not_removable_again
-from .paths import BUILTIN_TOKENIZER_DIR, DEFAULT_CACHE_DIR, RUN_SUMMARY, SHIPPED_DIR
+from .model import RemovableMixin, load_removable, make_removable, not_removable_again
+from .model_record import (
+    EXPORT_INFO,
+    FINGERPRINT_TOL,
+    SHARED_TOKENIZER_FILE,
+    TOKENIZER_FILES,
+    check_files,
+    check_tokenizer,
+    fingerprint,
+    fingerprint_error,
+    model_file,
+    read_model_json,
+    shape_of,
+)
+from .paths import BUILTIN_TOKENIZER_DIR, DEFAULT_CACHE_DIR
+from .references import RANDOM, ModelRef, hub_unreachable, resolve
 
-BUILTIN_PREFIX = "builtin:"
-RANDOM = "random"  # the reference of a fresh, randomly initialised GPT-2 of a given shape (nothing is read)
 BUILTIN_TOKENIZER = "builtin"  # load_tokenizer's name of the built-in BPE
-EXPORT_INFO = "lnfree_export.json"  # the record every export carries
-FINGERPRINT_TOL = 1e-4  # relative; an edited eps is off by ~1e5, round-off across machines ~1e-6
 CKPT_MODEL_CONFIG = "lnfree_model_config"  # key under which a training checkpoint keeps the GPT-2 config
 RUN_INFO = "lnfree_run"  # key of what the run was (tokens per step, schedule), checked on resume
-HUB_PROBE_S = 5.0  # seconds a hub endpoint has to answer before a hub name is refused
-EXPORT_TMP = ".export.tmp"  # where a run builds its exports before moving them to export/
-# the names lnfree itself gives what it is still writing: a run's .export.tmp/, a checkpoint's (or record's)
-# .<name>.tmp-<pid>, a pretrained model's .<name>.model.tmp/ (lnfree/training/pretrain.py); a folder of the user's
-# named like job.tmp is none of them
-TEMPORARY = re.compile(r"^\.export\.tmp$|^\..+\.model\.tmp$|^\..+\.tmp-\d+$")
-
-
-class ModelIOError(UserError):
-    pass
 
 
 def refuse_fp16(dtype: torch.dtype | None, what: str, remedy: str, error: type[Exception] = ModelIOError) -> None:
@@ -114,173 +96,6 @@ def raise_storage_error(e: BaseException, what: str) -> None:
     if code is not None:
         raise OSError(code, f"{what} not written: {STORAGE_ERRORS[code]} ({os.strerror(code)}); nothing "
                             "half-written was kept; free space or raise the limit, then run again") from e
-
-
-# -- references ------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class ModelRef:
-    """A resolved model reference. kind: hub | hf | hf_lnfree | folded | removable | ckpt | random."""
-
-    reference: str  # as the user wrote it
-    kind: str
-    location: str  # a local path, or the hub name
-    run_dir: str | None = None  # the training run it belongs to, when it is one's export or checkpoint
-    shape: tuple = ()  # random: the GPT2Config fields of the model, as (name, value) pairs
-
-
-def hub_offline() -> bool:
-    import huggingface_hub.constants as c
-
-    return bool(c.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
-
-
-def hub_unreachable(timeout: float = HUB_PROBE_S) -> str | None:
-    """Why the Hugging Face hub cannot be used now (offline mode, or its endpoint does not answer within
-    `timeout` seconds), or None. One connection attempt: without it, a machine with no network waits through
-    huggingface_hub's retries (23-46 s measured) before an 85-line traceback."""
-    import huggingface_hub.constants as c
-
-    if hub_offline():
-        return "the hub is offline (HF_HUB_OFFLINE=1)"
-    url = urlparse(c.ENDPOINT)
-    try:
-        with socket.create_connection((url.hostname, url.port or (443 if url.scheme == "https" else 80)), timeout):
-            return None
-    except OSError as e:
-        return f"{c.ENDPOINT} does not answer ({e})"
-
-
-def _hub_cache_dir(name: str) -> Path | None:
-    """The local snapshot of a hub model downloaded earlier (config.json present), or None."""
-    from huggingface_hub import try_to_load_from_cache
-
-    try:
-        found = try_to_load_from_cache(name, "config.json")
-    except Exception:  # noqa: BLE001  (an invalid repo id is simply not cached)
-        return None
-    return Path(found).parent if isinstance(found, str) else None
-
-
-def builtin_dir(name: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, shipped: bool = True) -> Path:
-    """A built-in model's dir: shipped with lnfree (lnfree/pretrained/<name>) or in the cache."""
-    if shipped and (SHIPPED_DIR / name).exists():
-        return SHIPPED_DIR / name
-    return Path(cache_dir).expanduser() / "models" / name
-
-
-def find_run_dir(path: str | Path) -> Path | None:
-    """The training run a model path belongs to (a run dir, its export/* or a checkpoint), if any."""
-    p = Path(path).expanduser()
-    for cand in (p, p.parent, p.parent.parent):
-        if (cand / RUN_SUMMARY).exists():
-            return cand
-    return None
-
-
-def pretrain_command(name: str) -> str:
-    """The command that makes built-in model `name` (the depth family's replicates: <size>_s<seed>)."""
-    replicate = re.fullmatch(r"(l\d+w\d+)_s(\d+)", name)
-    if replicate:
-        size, seed = replicate.groups()
-        return f"python -m lnfree.pretrain --config-name pretrain_depth model=builtin_{size} model.replicate={seed}"
-    return f"python -m lnfree.pretrain model=builtin_{name}"
-
-
-def _read_json(path: Path) -> dict:
-    try:
-        return json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise ModelIOError(f"cannot read {path}: {e}") from e
-
-
-def _check_family_dir(d: Path, reference: str):
-    """Refuse a model of an unsupported family from its config.json alone, before any weight is read."""
-    cfg = _read_json(d / "config.json")
-    try:
-        return family(cfg), cfg
-    except UnsupportedFamily as e:
-        raise ModelIOError(f"{reference!r} ({d / 'config.json'}): {e}") from None
-
-
-def _check_folded_dir(d: Path, reference: str) -> None:
-    """Refuse a folded model that lnfree cannot rebuild, from its config alone: another family's HF config of a
-    model_type lnfree does not know, or a folded GPT-2 config with fields FoldedConfig does not have."""
-    saved = _read_json(d / FOLDED_CONFIG)
-    where = f"{reference!r} ({d / FOLDED_CONFIG})"
-    if not isinstance(saved, dict):
-        raise ModelIOError(f"{where}: not a folded model's config (a JSON object)")
-    if "hf_config" in saved:
-        try:
-            family(saved["hf_config"] if isinstance(saved["hf_config"], dict) else {})
-        except UnsupportedFamily as e:
-            raise ModelIOError(f"{where}: {e}") from None
-        return
-    unknown = sorted(set(saved) - set(FoldedConfig.__dataclass_fields__))
-    if unknown:
-        raise ModelIOError(f"{where}: fields {unknown} are not a folded GPT-2's (written by another version?)")
-
-
-def _classify_dir(d: Path, reference: str) -> ModelRef:
-    run = find_run_dir(d)
-    run_dir = str(run) if run else None
-    if (d / FOLDED_CONFIG).exists():
-        _check_folded_dir(d, reference)
-        return ModelRef(reference, "folded", str(d), run_dir)
-    if (d / "config.json").exists():
-        fam, cfg = _check_family_dir(d, reference)
-        if (d / LNFREE_FILE).exists():
-            return ModelRef(reference, "removable", str(d), run_dir)
-        record = _read_json(d / EXPORT_INFO) if (d / EXPORT_INFO).exists() else {}
-        eps = cfg.get(fam.eps_field, 1e-5)
-        lnfree = record.get("form") == "hf_lnfree" or eps >= LNFREE_EPS
-        return ModelRef(reference, "hf_lnfree" if lnfree else "hf", str(d), run_dir)
-    if (d / "export" / "hf").is_dir():
-        return _classify_dir(d / "export" / "hf", reference)
-    raise ModelIOError(f"{reference!r} is a directory but not a model: no config.json, {FOLDED_CONFIG} or "
-                       "export/hf/ inside")
-
-
-def resolve(reference: str, cache_dir: str | Path = DEFAULT_CACHE_DIR, shape=None) -> ModelRef:
-    """What `reference` is, without loading weights; a clear ModelIOError for anything lnfree cannot load.
-    "random" is a fresh random-init GPT-2 of `shape` (GPT2Config fields, required; unused by every other
-    reference), whose vocabulary is that of the tokenizer it is loaded with."""
-    reference = str(reference)
-    if reference == RANDOM:
-        if shape is None:  # e.g. `random` given to eval: nothing to evaluate, not GPT-2 small's shape by default
-            raise ModelIOError("'random' is a fresh random-init model and needs its shape: resolve('random', "
-                               "shape={...}), in training model.shape (a local dir named random: ./random)")
-        return ModelRef(reference, RANDOM, RANDOM, shape=tuple(dict(shape).items()))
-    if reference.startswith(BUILTIN_PREFIX):
-        name = reference[len(BUILTIN_PREFIX):]
-        d = builtin_dir(name, cache_dir)
-        if not d.exists():
-            raise ModelIOError(f"built-in model {reference!r} is not pretrained yet (looked in {SHIPPED_DIR / name} "
-                               f"and {d}); make it with `{pretrain_command(name)}`")
-        return _classify_dir(d, reference)
-    p = Path(reference).expanduser()
-    temporary = [part for part in p.parts if TEMPORARY.match(part)]
-    if temporary:  # a run killed while writing leaves these; what is in them may be half of something
-        raise ModelIOError(f"{reference!r} is under {temporary[0]!r}, a temporary name (an export or checkpoint being "
-                           "written, or left half-written by a killed run): load the finished export/ or .ckpt")
-    if p.is_file():
-        if p.suffix != ".ckpt":
-            raise ModelIOError(f"{reference!r} is a file but not a Lightning checkpoint (.ckpt); give a model "
-                               "directory, a run directory or a .ckpt")
-        return ModelRef(reference, "ckpt", str(p), str(p.parent.parent))  # <run>/checkpoints/<name>.ckpt
-    if p.is_dir():
-        return _classify_dir(p, reference)
-    if reference.startswith((".", "/", "~")) or reference.endswith(".ckpt") or os.sep in reference.rstrip(os.sep)[:1]:
-        raise ModelIOError(f"model path {reference!r} does not exist")
-    why = hub_unreachable()
-    if why is None:
-        return ModelRef(reference, "hub", reference)
-    cached = _hub_cache_dir(reference)
-    if cached is not None:  # downloaded before: the local copy, without the network
-        return _classify_dir(cached, reference)
-    raise ModelIOError(f"model {reference!r} is not a local path and not in the local hub cache, and {why}, so it "
-                       "cannot be downloaded. Ways forward: a local GPT-2 dir, training run or .ckpt (for training: "
-                       "model.source=/path/to/dir); builtin:<name>; a random-init model (model=gpt2_small_random or "
-                       "gpt2_medium_random); or run once where the hub is reachable (the download is cached)")
 
 
 # -- checkpoints -----------------------------------------------------------------------------------------
@@ -337,127 +152,7 @@ def model_from_checkpoint(ckpt: dict, path: str | Path = "checkpoint") -> Remova
     return (merged_copy(model) if lora else model).eval()
 
 
-# -- export records --------------------------------------------------------------------------------------
-def logits(model, ids: torch.Tensor) -> torch.Tensor:
-    """Logits [batch, pos, vocab] of any loaded form (HF models return an output object, folded a tensor)."""
-    out = model(ids)
-    return out.logits if hasattr(out, "logits") else out
-
-
-def fingerprint_ids(vocab_size: int, n_ctx: int, n: int = 32) -> torch.Tensor:
-    g = torch.Generator().manual_seed(20250702)
-    return torch.randint(0, vocab_size, (1, min(n, n_ctx)), generator=g)
-
-
-@torch.no_grad()
-def fingerprint(model, vocab_size: int, n_ctx: int) -> dict:
-    """Logits on fixed token ids, compactly: the logsumexp per position (all of the vocabulary) and the first
-    16 logits per position; and the sha256 of every embedding matrix (embedding_hashes), since the logits see
-    only the rows of the 32 ids and positions they read. Computed in fp32 on CPU by whoever writes or checks a
-    record."""
-    ids = fingerprint_ids(vocab_size, n_ctx)
-    out = logits(model, ids.to(next(model.parameters()).device)).double().cpu()[0]
-    return {"ids": ids[0].tolist(), "logsumexp": out.logsumexp(-1).tolist(), "logits": out[:, :16].tolist(),
-            "embeddings": embedding_hashes(model)}
-
-
-def embedding_hashes(model) -> dict:
-    """{module name: sha256 of its fp32 weight} of every token and position embedding and of an untied
-    unembedding: every row of them, bit for bit (an exported file holds exactly these fp32 values, or bf16 ones
-    that widen to them exactly)."""
-    mats = {name: m.weight for name, m in model.named_modules() if isinstance(m, torch.nn.Embedding)}
-    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else getattr(model, "lm_head", None)
-    if head is not None and all(head.weight is not w for w in mats.values()):
-        mats[next(n for n, m in model.named_modules() if m is head)] = head.weight
-    return {name: hashlib.sha256(w.detach().float().cpu().contiguous().numpy().tobytes()).hexdigest()
-            for name, w in sorted(mats.items())}
-
-
-def fingerprint_error(a: dict, b: dict) -> float:
-    x = torch.tensor([*a["logsumexp"], *sum(a["logits"], [])], dtype=torch.float64)
-    y = torch.tensor([*b["logsumexp"], *sum(b["logits"], [])], dtype=torch.float64)
-    if x.shape != y.shape:
-        return float("inf")
-    return float((x - y).abs().max() / y.abs().max().clamp_min(1e-30))
-
-
-# -- whole-file integrity: every file a model is read from, hashed at export and checked at every load ------
-MODEL_FILES = re.compile(r".+\.(safetensors|bin|pt|pth|h5|msgpack)$|config\.json$|generation_config\.json$|"
-                         r"tokenizer.*|vocab\.json$|vocab\.txt$|merges\.txt$|special_tokens_map\.json$|"
-                         r"added_tokens\.json$|chat_template.*|" + re.escape(FOLDED_CONFIG) + "$")
-TOKENIZER_FILES = re.compile(r"tokenizer.*|vocab\.json$|vocab\.txt$|merges\.txt$|special_tokens_map\.json$|"
-                             r"added_tokens\.json$|chat_template.*")
-
-
-def file_sha256(path: str | Path) -> str:
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
-
-
-SHARED_TOKENIZER_FILE = BUILTIN_TOKENIZER_DIR / "tokenizer.json"  # the built-in BPE: the one copy in the repository
-
-
-def model_file(d: str | Path, name: str, record: dict | None) -> Path:
-    """Where file `name` of model dir `d` is read from: the dir's own; for a tokenizer.json the dir lacks but its
-    record lists, the built-in tokenizer's. The built-in models are committed without their tokenizer.json (one copy
-    of the built-in BPE, not one per model); whoever reads the file checks it against the record's hash, so a
-    built-in tokenizer that changed, or another model missing its own tokenizer.json, is refused, not misread."""
-    own = Path(d) / name
-    listed = name in ((record or {}).get("files") or {})
-    return SHARED_TOKENIZER_FILE if name == SHARED_TOKENIZER_FILE.name and listed and not own.exists() else own
-
-
-def add_shared_files(d: str | Path) -> None:
-    """Write into model dir `d` the files its record lists that it reads from elsewhere (`model_file`): a built-in
-    model restored into the cache becomes a dir that stock transformers loads whole."""
-    record = _read_json(Path(d) / EXPORT_INFO)
-    for name in record.get("files") or {}:
-        if (src := model_file(d, name, record)) != Path(d) / name:
-            shutil.copy2(src, Path(d) / name)
-
-
-def model_files(d: str | Path) -> list[Path]:
-    """The files of a model dir that weights, config or tokenizer are read from (README.md, info files aside)."""
-    return sorted(p for p in Path(d).iterdir() if p.is_file() and MODEL_FILES.fullmatch(p.name))
-
-
-def tokenizer_sha256(tokenizer) -> str:
-    """The tokenizer's identity: its vocabulary (token -> id, added tokens included) and end-of-text / bos ids.
-    Independent of how the files are formatted, so the same tokenizer hashes alike in every transformers version."""
-    vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: (kv[1], kv[0]))
-    text = json.dumps({"vocab": vocab, "eos": tokenizer.eos_token_id, "bos": tokenizer.bos_token_id})
-    return hashlib.sha256(text.encode()).hexdigest()
-
-
-def shape_of(config) -> Dims:
-    """The shape of any loaded form's config: an HF config of a supported family, or GPT-2's FoldedConfig."""
-    return config.dims() if isinstance(config, FoldedConfig) else family(config).dims(config)
-
-
-def write_record(out_dir: str | Path, model, form: str, tokenizer=None, **fields) -> dict:
-    """Write lnfree_export.json for an export (`model`: the exported model, fp32), after its other files: the
-    sha256 of each of them is part of the record."""
-    cfg = model.config
-    dims = shape_of(cfg)
-    vocab, n_pos = cfg.vocab_size, dims.n_ctx
-    # the shape under the names TransformerLens / NNsight users look for (n_ctx is not in a folded config's HF names)
-    shape = {"n_ctx": n_pos, "d_model": dims.d_model, "n_layers": dims.n_layer, "n_heads": dims.n_head,
-             "d_vocab": vocab}
-    record = {"form": form, **shape, **fields}
-    if tokenizer is not None:
-        record["tokenizer_sha256"] = tokenizer_sha256(tokenizer)
-    record["files"] = {p.name: file_sha256(p) for p in model_files(out_dir)}
-    record["fingerprint"] = fingerprint(model, vocab, n_pos)
-    (Path(out_dir) / EXPORT_INFO).write_text(record_text(record))
-    return record
-
-
-def record_text(record: dict) -> str:
-    """A record as written: indented, with the fingerprint on one line (numbers nobody reads one by one)."""
-    rest = {k: v for k, v in record.items() if k != "fingerprint"}
-    return json.dumps(rest, indent=1)[:-2] + ',\n "fingerprint": ' + json.dumps(record["fingerprint"]) + "\n}\n"
-
-
+# -- checks made when an export is loaded ----------------------------------------------------------------
 def read_record(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE_DIR) -> dict | None:
     """The export record that speaks for a reference: an export's own, a checkpoint's run's export/hf, else None."""
     ref = reference if isinstance(reference, ModelRef) else resolve(reference, cache_dir)
@@ -467,39 +162,7 @@ def read_record(reference: str | ModelRef, cache_dir: str | Path = DEFAULT_CACHE
     elif ref.kind in ("hub", RANDOM):
         return None
     f = d / EXPORT_INFO
-    return _read_json(f) if f.is_file() else None
-
-
-def check_files(d: Path, record: dict, only: re.Pattern | None = None, unhashed_ok: bool = False) -> None:
-    """Every file the record lists is there with its recorded sha256, and no unrecorded model file sits beside
-    them (`only`: check just the files whose names match, e.g. a checkpoint's tokenizer). A record without
-    "files" is refused: every export this version writes has them, so their absence means an edited record (the
-    fingerprint alone sees 32 token ids, not every weight) or an export from before whole-file hashes, which
-    unhashed_ok=True accepts with a warning."""
-    recorded = record.get("files")
-    if recorded is None:
-        if not unhashed_ok:
-            raise ModelIOError(f"{d / EXPORT_INFO} has no whole-file hashes (\"files\"): its record was edited, or the "
-                               "export predates them. Re-export it; to load an older export you trust on its logits "
-                               "fingerprint alone: lnfree.load(path, unhashed_ok=True)")
-        warnings.warn(f"{d / EXPORT_INFO} predates whole-file hashes: only its logits fingerprint is checked (it sees "
-                      "32 token ids at positions 0-31); re-export to have every file checked", stacklevel=3)
-        return
-    wanted = (lambda name: only is None or only.fullmatch(name))  # noqa: E731
-    for name, digest in recorded.items():
-        if not wanted(name):
-            continue
-        path = model_file(d, name, record)
-        shared = "" if path == d / name else f" (read from {path}: {d} holds no {name} of its own)"
-        if not path.is_file():
-            raise ModelIOError(f"export {d}: {name} is missing{shared} (the record {EXPORT_INFO} lists it); re-export")
-        if file_sha256(path) != digest:
-            raise ModelIOError(f"export {d}: {name}{shared} is not the file that was exported (its sha256 differs "
-                               f"from the record {EXPORT_INFO}): it was edited, replaced or damaged after export")
-    extra = [p.name for p in model_files(d) if p.name not in recorded and wanted(p.name)]
-    if extra:
-        raise ModelIOError(f"export {d}: {extra} are not part of the export (not in {EXPORT_INFO}) but would be read "
-                           "with it; remove them or re-export")
+    return read_model_json(f) if f.is_file() else None
 
 
 def check_safetensors(d: Path) -> None:
@@ -516,37 +179,6 @@ def check_safetensors(d: Path) -> None:
                                f"{str(e).splitlines()[0][:200]}): truncated, empty or not safetensors") from e
 
 
-def check_tokenizer(config, tokenizer, record: dict | None = None, where: str = "model",
-                    untrained: bool = False) -> None:
-    """Refuse a tokenizer that does not belong to a model (`config`: anything with vocab_size), before compute.
-
-    - every id the tokenizer can emit (its vocabulary, added and special tokens such as end-of-text or a pad
-      token included) must be < the model's vocab_size, or the embedding lookup fails (IndexError);
-    - the model's vocabulary may exceed the tokenizer's only by padding (at most max(128, 1% of vocab_size)
-      unused rows, e.g. GPT-2's 50257 -> 50304); a tokenizer much smaller than the model's vocabulary (44 tokens
-      for a 4096-token model) is another tokenizer, unless the model's record names exactly this one;
-    - where the model's record names its tokenizer (tokenizer_sha256), it must be this one.
-    An untrained (random-init) model was trained with no tokenizer: only the first rule applies (a larger
-    vocabulary than the tokenizer's, e.g. GPT-2 small's shape with the built-in BPE for a benchmark, is fine)."""
-    vocab = int(config.vocab_size)
-    ids = [*tokenizer.get_vocab().values(), *tokenizer.all_special_ids]
-    n, top = len(tokenizer), max(ids, default=-1)
-    recorded = (record or {}).get("tokenizer_sha256")
-    same = recorded is not None and recorded == tokenizer_sha256(tokenizer)
-    problem = None
-    if top >= vocab:
-        problem = (f"the tokenizer emits ids up to {top} but the model has vocab_size={vocab} (ids >= {vocab} have no "
-                   "embedding row)")
-    elif recorded is not None and not same:
-        problem = f"the tokenizer is not the one recorded with the model ({EXPORT_INFO}: tokenizer_sha256)"
-    elif vocab - n > max(128, vocab // 100) and not same and not untrained:
-        problem = (f"the tokenizer has {n} tokens but the model's vocabulary has {vocab} rows: it is not the tokenizer "
-                   "this model was trained with")
-    if problem:
-        raise ModelIOError(f"{where}: tokenizer and model do not match: {problem}. Use the model's own tokenizer "
-                           "(model.tokenizer=null / the tokenizer saved with it)")
-
-
 def verify_record(ref: ModelRef, model) -> None:
     """Refuse an export that no longer is what its record says."""
     d = Path(ref.location)
@@ -554,7 +186,7 @@ def verify_record(ref: ModelRef, model) -> None:
         if ref.kind == "folded":
             raise ModelIOError(f"folded export {d} has no {EXPORT_INFO}: it cannot be verified; re-export it")
         return  # a plain HF dir: nothing recorded, nothing to check
-    record = _read_json(d / EXPORT_INFO)
+    record = read_model_json(d / EXPORT_INFO)
     form = "folded" if ref.kind == "folded" else ref.kind
     if record.get("form") != form:
         raise ModelIOError(f"export {d} is recorded as {record.get('form')!r} but its files are a {form!r} model: "
@@ -579,6 +211,7 @@ def verify_record(ref: ModelRef, model) -> None:
                            f"{err:.2e} > {FINGERPRINT_TOL:.0e}): the weights or config were changed after export")
 
 
+# -- loading ---------------------------------------------------------------------------------------------
 def set_dropout(model, p: float):
     """Every dropout of a (removable) model, config included (HF's SDPA path reads attn_dropout.p; Llama's
     attention reads a float `attention_dropout`)."""
@@ -591,7 +224,6 @@ def set_dropout(model, p: float):
             m.attention_dropout = p
 
 
-# -- loading ---------------------------------------------------------------------------------------------
 def load_tokenizer(source: ModelRef | str, unhashed_ok: bool = False, gguf_file: str | None = None):
     """The one tokenizer loader. A resolved model reference: the tokenizer stored with the model (or its run's
     export), its files checked against the model's record, or None where it carries none (a random-init model).

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from .io import BUILTIN_PREFIX, RANDOM
+from .references import BUILTIN_PREFIX, RANDOM
 
 CARD = "README.md"
 PAPER = "Baroni et al. 2025, Transformers Don't Need LayerNorm at Inference Time (arXiv:2507.02559)"

@@ -154,7 +154,7 @@ def copy_export(tiny_run, tmp_path, form="hf"):
 
 def rehash(d):
     """Rewrite an export's recorded file hashes to match its files (what someone editing the record would do)."""
-    from lnfree.io import EXPORT_INFO, file_sha256, model_files, record_text
+    from lnfree.model_record import EXPORT_INFO, file_sha256, model_files, record_text
 
     record = json.loads((d / EXPORT_INFO).read_text())
     record["files"] = {p.name: file_sha256(p) for p in model_files(d)}
@@ -223,7 +223,7 @@ def write_lock(out, pid, host=None):
     """A run lock file in out as a run with this pid on this host (default: this one) writes it."""
     import socket
 
-    from lnfree.training.safety import LOCK_FILE
+    from lnfree.training.run_dir import LOCK_FILE
 
     out.mkdir(parents=True, exist_ok=True)
     (out / LOCK_FILE).write_text(json.dumps({"pid": pid, "host": host or socket.gethostname(),

@@ -5,7 +5,8 @@ import torch
 
 from lnfree.bridges import BridgeError, require, stock_model, to_nnsight, to_transformer_lens
 from lnfree.export import HF_TOL
-from lnfree.io import load, logits
+from lnfree.io import load
+from lnfree.model_record import logits
 
 pytest.importorskip("transformer_lens")
 pytest.importorskip("nnsight")
@@ -98,8 +99,9 @@ def family_model(name, tmp_path):
     batch)."""
     from conftest import compose_train
 
-    from lnfree.io import load_tokenizer, resolve
+    from lnfree.io import load_tokenizer
     from lnfree.norm import recording
+    from lnfree.references import resolve
     from lnfree.training import config as _config  # noqa: F401  (registers the schemas)
 
     shape = compose_train(tmp_path / "cfg", *FAMILY_CASES[name]).model.shape

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from lnfree.data import corpus
-from lnfree.io import SHIPPED_DIR
+from lnfree.paths import SHIPPED_DIR
 
 
 def titles(split):
@@ -50,7 +50,7 @@ def _val_tokens(tok, n):
 def test_shipped_default_model_loads_with_stock_transformers_and_beats_unigram():
     from transformers import AutoTokenizer, GPT2LMHeadModel
 
-    from lnfree.io import SHARED_TOKENIZER_FILE
+    from lnfree.model_record import SHARED_TOKENIZER_FILE
 
     path = SHIPPED_DIR / "w128"
     model = GPT2LMHeadModel.from_pretrained(path).eval()

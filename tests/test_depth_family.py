@@ -25,8 +25,9 @@ from lnfree.analysis.family import (
     verdict,
     window_gain,
 )
-from lnfree.io import builtin_dir, load, model_from_checkpoint, read_checkpoint
+from lnfree.io import load, model_from_checkpoint, read_checkpoint
 from lnfree.model import non_embedding_params
+from lnfree.references import builtin_dir
 from lnfree.sweeps import lr_probe as probe
 from lnfree.sweeps import pretrain_depth as fam
 from lnfree.sweeps import run_missing as rm
@@ -405,7 +406,8 @@ def test_a_committed_member_restores_as_a_whole_hf_dir_with_the_builtin_tokenize
     transformers loads the cache copy whole, and lnfree's file check finds every file recorded, none extra."""
     from transformers import AutoTokenizer
 
-    from lnfree.io import SHARED_TOKENIZER_FILE, file_sha256, load_tokenizer
+    from lnfree.io import load_tokenizer
+    from lnfree.model_record import SHARED_TOKENIZER_FILE, file_sha256
 
     assert not (fam.REPO_MODELS / "l1w32_s1" / "tokenizer.json").exists()
     assert fam.restore("l1w32_s1", tmp_path)
@@ -539,7 +541,8 @@ def test_the_probe_writes_the_lr_of_every_settled_size_while_others_wait(tmp_pat
 
 
 def test_a_missing_depth_member_names_the_command_that_makes_it(tmp_path):
-    from lnfree.io import ModelIOError, resolve
+    from lnfree.errors import ModelIOError
+    from lnfree.references import resolve
 
     with pytest.raises(ModelIOError, match=r"--config-name pretrain_depth model=builtin_l3w96 model\.replicate=2"):
         resolve("builtin:l3w96_s2", tmp_path)

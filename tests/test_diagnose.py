@@ -12,7 +12,7 @@ from lnfree.diagnose import describe, first_nonfinite_removal, locate_nonfinite
 from lnfree.errors import ExportError
 from lnfree.export import export_folded, export_hf
 from lnfree.model import parse_site_name
-from lnfree.training.safety import last_removals
+from lnfree.training.checkpoints import last_removals
 
 IDS = torch.randint(0, 4000, (2, 32), generator=torch.Generator().manual_seed(0))
 

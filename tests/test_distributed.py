@@ -58,7 +58,8 @@ def test_ddp_removes_every_site_at_the_same_steps_on_both_ranks_and_resumes_exac
 def test_fsdp_sharded_run_removes_resumes_and_exports_what_data_parallel_does(ddp_full, tmp_path):
     """FSDP2 shards the blocks; with the same per-rank data its math is DDP's (the mean loss of the global batch,
     i.e. a single-process step on the same tokens), so its sigmas, CE and exports must match the DDP run."""
-    from lnfree.io import load, logits
+    from lnfree.io import load
+    from lnfree.model_record import logits
 
     out = tmp_path / "full"
     full = run(out, "cpu_fsdp")

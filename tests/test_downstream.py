@@ -11,7 +11,9 @@ from omegaconf import OmegaConf
 
 from lnfree.downstream import build_tasks
 from lnfree.downstream.harness import TASKS_DIR, DownstreamError, check, own_token_ce, run
-from lnfree.io import ModelIOError, load, resolve
+from lnfree.errors import ModelIOError
+from lnfree.io import load
+from lnfree.references import resolve
 
 pytest.importorskip("lm_eval")
 

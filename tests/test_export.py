@@ -14,7 +14,8 @@ from conftest import calibrated_all_removed, ids, remove_all, stock_and_removabl
 from lnfree.export import ExportError, export_folded, export_hf, fold, to_stock
 from lnfree.families.gpt2_folded import FoldedGPT2
 from lnfree.folded import load_folded
-from lnfree.io import EXPORT_INFO, load
+from lnfree.io import load
+from lnfree.model_record import EXPORT_INFO
 
 
 def _rel(a, b):
@@ -219,7 +220,7 @@ def test_folded_model_refuses_an_unknown_activation():
 
 def test_folded_export_verifies_on_the_given_ids_writes_its_record_and_overwrites(tmp_path):
     from lnfree.export import logits_error
-    from lnfree.io import EXPORT_INFO
+    from lnfree.model_record import EXPORT_INFO
 
     _, model = calibrated_all_removed()
     x = ids(3, 20, seed=9)
@@ -236,7 +237,7 @@ def test_folded_export_verifies_on_the_given_ids_writes_its_record_and_overwrite
 
 def test_hf_export_verifies_on_the_given_ids_writes_safetensors_and_its_record(tmp_path):
     from lnfree.export import HF_EPS, logits_error, to_stock
-    from lnfree.io import EXPORT_INFO
+    from lnfree.model_record import EXPORT_INFO
 
     _, model = calibrated_all_removed()
     x = ids(3, 20, seed=9)
@@ -283,7 +284,8 @@ def test_the_verification_batch_can_hold_every_token_id():
 
 
 def test_exports_record_the_tokenizer_they_carry_and_the_sigmas(tmp_path):
-    from lnfree.io import EXPORT_INFO, load_tokenizer, tokenizer_sha256
+    from lnfree.io import load_tokenizer
+    from lnfree.model_record import EXPORT_INFO, tokenizer_sha256
 
     _, model = calibrated_all_removed()
     tok = load_tokenizer("builtin")

@@ -353,7 +353,7 @@ def test_the_shipped_member_trains_with_every_site_removed_and_both_exports_veri
     from conftest import TINY_RUN, compose_train
 
     from lnfree.export import HF_TOL
-    from lnfree.io import SHIPPED_DIR
+    from lnfree.paths import SHIPPED_DIR
     from lnfree.training.train import train
 
     name = f"builtin_{family}_w128"
@@ -577,7 +577,7 @@ def test_non_embedding_params_leave_out_the_embeddings_and_an_untied_unembedding
 def test_the_export_record_gives_the_models_shape(case, tmp_path):
     import json
 
-    from lnfree.io import EXPORT_INFO
+    from lnfree.model_record import EXPORT_INFO
 
     _, model = _stock_and_removable_of(case)
     export_hf(model, tmp_path / "hf")
@@ -641,7 +641,7 @@ def test_an_export_whose_config_eps_was_edited_is_refused_naming_the_familys_eps
 
     from conftest import rehash
 
-    from lnfree.io import ModelIOError
+    from lnfree.errors import ModelIOError
 
     _, model = _stock_and_removable_of(case)
     export_hf(model, tmp_path / "hf")

@@ -1,6 +1,6 @@
-"""Model IO (lnfree/io.py): every reference resolves once, loading never trains, and the loaders (and
-make_removable) refuse what they must: pickled code, non-GPT-2 models, tampered exports, fp16 LN-free exports,
-LN-free exports made removable. Whole-file hashes and tokenizer pairing: tests/test_model_checks.py."""
+"""Model IO (lnfree/references.py, lnfree/io.py): every reference resolves once, loading never trains, and the
+loaders (and make_removable) refuse what they must: pickled code, non-GPT-2 models, tampered exports, fp16 LN-free
+exports, LN-free exports made removable. Whole-file hashes and tokenizer pairing: tests/test_model_checks.py."""
 
 import json
 import pickle
@@ -13,8 +13,10 @@ from conftest import ROOT, TINY_RUN, compose_train, copy_export, eval_cfg, rehas
 from safetensors.torch import load_file, save_file
 
 from lnfree import load, make_removable, resolve
-from lnfree.errors import NotRemovableError
-from lnfree.io import ModelIOError, builtin_dir, logits, read_checkpoint
+from lnfree.errors import ModelIOError, NotRemovableError
+from lnfree.io import read_checkpoint
+from lnfree.model_record import logits
+from lnfree.references import builtin_dir
 
 
 class _Boom:
@@ -89,7 +91,8 @@ def test_random_is_a_reference_kind_made_for_the_tokenizer_it_is_loaded_with():
 
 def test_one_tokenizer_loader_names_what_it_cannot_reach(monkeypatch):
     from lnfree.data import corpus
-    from lnfree.io import load_tokenizer, tokenizer_sha256
+    from lnfree.io import load_tokenizer
+    from lnfree.model_record import tokenizer_sha256
 
     assert tokenizer_sha256(load_tokenizer("builtin")) == tokenizer_sha256(corpus.load_tokenizer())
     assert len(load_tokenizer(str(corpus.TOKENIZER_DIR))) == 4096  # a dir
@@ -104,7 +107,7 @@ COMMITTED_MODELS = sorted(p.parent for p in [*(ROOT / "lnfree/pretrained").glob(
 def test_the_source_tree_holds_one_tokenizer_json_the_builtin_tokenizers():
     """What git would commit (tracked or not ignored, present on disk): the built-in BPE's tokenizer.json once, not a
     copy per built-in model."""
-    from lnfree.io import SHARED_TOKENIZER_FILE
+    from lnfree.model_record import SHARED_TOKENIZER_FILE
 
     listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                             capture_output=True, text=True)
@@ -116,7 +119,8 @@ def test_the_source_tree_holds_one_tokenizer_json_the_builtin_tokenizers():
 
 @pytest.mark.parametrize("d", COMMITTED_MODELS, ids=lambda d: d.name)
 def test_a_committed_builtin_model_reads_the_builtin_tokenizer_json_checked_by_its_record(d):
-    from lnfree.io import EXPORT_INFO, SHARED_TOKENIZER_FILE, check_files, file_sha256, load_tokenizer, tokenizer_sha256
+    from lnfree.io import load_tokenizer
+    from lnfree.model_record import EXPORT_INFO, SHARED_TOKENIZER_FILE, check_files, file_sha256, tokenizer_sha256
 
     record = json.loads((d / EXPORT_INFO).read_text())
     assert not (d / "tokenizer.json").exists() and record["files"]["tokenizer.json"] == file_sha256(
@@ -133,7 +137,7 @@ def test_a_record_naming_another_tokenizer_json_than_the_builtin_one_is_refused(
     the record names another file), loading names the file and where it was read from."""
     import shutil
 
-    from lnfree.io import EXPORT_INFO, SHARED_TOKENIZER_FILE
+    from lnfree.model_record import EXPORT_INFO, SHARED_TOKENIZER_FILE
 
     d = tmp_path / "w48"
     shutil.copytree(ROOT / "lnfree/pretrained/w48", d)

@@ -10,8 +10,9 @@ from conftest import ROOT
 
 PKG = ROOT / "lnfree"
 CORE = {"lnfree", "lnfree.errors", "lnfree.norm", "lnfree.model", "lnfree.schedule", "lnfree.export", "lnfree.folded",
-        "lnfree.io", "lnfree.lora", "lnfree.paths", "lnfree.families", "lnfree.families.base", "lnfree.families.gpt2",
-        "lnfree.families.gpt2_folded", "lnfree.families.llama", "lnfree.families.neox", "lnfree.diagnose"}
+        "lnfree.io", "lnfree.references", "lnfree.model_record", "lnfree.lora", "lnfree.paths", "lnfree.families",
+        "lnfree.families.base", "lnfree.families.gpt2", "lnfree.families.gpt2_folded", "lnfree.families.llama",
+        "lnfree.families.neox", "lnfree.diagnose"}
 ENTRY_POINTS = {"lnfree.train", "lnfree.eval", "lnfree.pretrain"}
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file, save_file
 
 from lnfree import load, resolve
 from lnfree.data import corpus
-from lnfree.io import EXPORT_INFO, ModelIOError, record_text
+from lnfree.errors import ModelIOError
+from lnfree.model_record import EXPORT_INFO, record_text
 from lnfree.training.train import train
 
 
@@ -77,7 +78,7 @@ def test_damaged_weights_are_named(tiny_run, tmp_path, damage):
 
 
 def test_builtin_models_are_checked_whole_too(tmp_path):
-    from lnfree.io import file_sha256, model_file
+    from lnfree.model_record import file_sha256, model_file
     from lnfree.paths import SHIPPED_DIR
 
     shipped = sorted(p for p in SHIPPED_DIR.iterdir() if (p / EXPORT_INFO).exists())
@@ -99,7 +100,7 @@ def test_builtin_models_are_checked_whole_too(tmp_path):
 def test_a_record_without_hashes_is_refused_unless_asked_for(tiny_run, tmp_path):
     """A record whose "files" were deleted (weights edited outside the fingerprint's 32 ids would pass) is refused;
     unhashed_ok=True loads an export from before file hashes on its fingerprint, with a warning that says so."""
-    from lnfree.io import record_text
+    from lnfree.model_record import record_text
 
     hf = copy_export(tiny_run, tmp_path)
     record = json.loads((hf / EXPORT_INFO).read_text())
@@ -129,7 +130,7 @@ def test_the_folded_fingerprint_covers_every_embedding_row(tiny_run, tmp_path):
 
 
 def test_nothing_loads_from_a_temporary_name(tiny_run, tmp_path):
-    from lnfree.training.safety import ResumeError
+    from lnfree.training.resume import ResumeError
 
     _, run = tiny_run
     half = tmp_path / "run" / ".export.tmp" / "hf"
@@ -196,7 +197,7 @@ def test_a_swapped_tokenizer_is_refused_by_its_recorded_identity(tiny_run, tmp_p
 def test_check_tokenizer_rule():
     from transformers import GPT2Config
 
-    from lnfree.io import check_tokenizer, tokenizer_sha256
+    from lnfree.model_record import check_tokenizer, tokenizer_sha256
 
     tok = corpus.load_tokenizer()  # 4096 tokens, end-of-text 0
     check_tokenizer(GPT2Config(vocab_size=4096, eos_token_id=0, bos_token_id=0), tok)

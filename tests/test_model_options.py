@@ -6,9 +6,9 @@ import torch
 from conftest import TINY_RUN, calibrated_all_removed, compose_train, ids
 
 from lnfree import load
+from lnfree.errors import ModelIOError
 from lnfree.export import export_folded, export_hf
 from lnfree.families import UnsupportedFamily
-from lnfree.io import ModelIOError
 
 
 @pytest.mark.parametrize("option", [{"scale_attn_weights": False}, {"scale_attn_by_inverse_layer_idx": True},

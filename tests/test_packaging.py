@@ -28,7 +28,7 @@ def test_the_wheel_installs_and_trains_and_evaluates_from_another_directory(tmp_
     names = zipfile.ZipFile(wheel).namelist()
     shipped = {n.split("/")[2] for n in names if n.startswith("lnfree/pretrained/")}
     assert shipped == {"w128", "llama_w128", "neox_w128"} and wheel.stat().st_size < 15e6, (shipped, wheel.stat())
-    # one tokenizer.json, the built-in tokenizer's, which the shipped models read (lnfree.io.model_file)
+    # one tokenizer.json, the built-in tokenizer's, which the shipped models read (lnfree.model_record.model_file)
     assert [n for n in names if n.endswith("/tokenizer.json")] == ["lnfree/data/corpus_data/tokenizer/tokenizer.json"]
     env_dir = tmp_path / "venv"
     venv.EnvBuilder(with_pip=True).create(env_dir)

@@ -5,7 +5,7 @@ from conftest import ROOT
 from hydra import compose, initialize_config_dir
 from transformers import GPT2LMHeadModel
 
-from lnfree.io import builtin_dir
+from lnfree.references import builtin_dir
 from lnfree.training.pretrain import pretrain
 
 

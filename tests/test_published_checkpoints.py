@@ -8,7 +8,7 @@ from conftest import tiny_config
 from transformers import GPT2LMHeadModel
 
 from lnfree import load
-from lnfree.io import ModelIOError
+from lnfree.errors import ModelIOError
 
 
 def _published_form(d):
@@ -34,7 +34,7 @@ def _published_form(d):
 def test_published_lnfree_checkpoints_load_as_lnfree_fold_and_bridge(tmp_path):
     from lnfree.bridges import stock_model
     from lnfree.export import export_folded, fold, from_lnfree_stock, logits_error
-    from lnfree.io import resolve
+    from lnfree.references import resolve
 
     d = _published_form(tmp_path / "published")
     assert resolve(str(d)).kind == "hf_lnfree"

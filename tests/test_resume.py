@@ -11,7 +11,7 @@ import pytest
 from conftest import TINY_RUN, compose_train, copy_run, digest, local_files, weights_never_loaded
 
 from lnfree.io import RUN_INFO, read_checkpoint
-from lnfree.training.safety import ResumeError
+from lnfree.training.resume import ResumeError
 from lnfree.training.train import train
 
 
@@ -36,7 +36,7 @@ def test_a_resume_that_changes_what_the_run_computes_is_refused_naming_the_field
 
 def test_a_resume_may_change_how_the_run_is_logged_and_kept(tiny_run):
     """Fields that change no result (logging, checkpoint cadence, names, where it writes) are not compared."""
-    from lnfree.training.safety import config_changes
+    from lnfree.training.resume import config_changes
 
     _, run = tiny_run
     saved = read_checkpoint(run / "checkpoints" / "step000012.ckpt")[RUN_INFO]["config"]
@@ -118,7 +118,7 @@ def test_the_resume_command_runs_as_printed_for_any_path(tmp_path, name):
     a non-ASCII letter or a quote would not parse)."""
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from lnfree.training.safety import resume_command
+    from lnfree.training.resume import resume_command
 
     out = tmp_path / name
     cmd = resume_command(out, out / "checkpoints" / "last.ckpt")

@@ -14,8 +14,8 @@ from conftest import ROOT, TINY_RUN, compose_train, copy_run, digest, write_lock
 
 from lnfree.data.streams import DataError
 from lnfree.records import RecordError
-from lnfree.training import safety
-from lnfree.training.safety import LOCK_FILE, RunDirError
+from lnfree.training import run_dir
+from lnfree.training.run_dir import LOCK_FILE, RunDirError
 from lnfree.training.train import train
 
 
@@ -37,13 +37,13 @@ def test_a_second_run_on_a_locked_dir_is_refused_naming_the_holder(tmp_path):
 
 
 def test_two_runs_in_one_process_cannot_share_a_dir(tmp_path):
-    lock = safety.acquire_run_lock(tmp_path / "run")  # what the first run did
+    lock = run_dir.acquire_run_lock(tmp_path / "run")  # what the first run did
     try:
         with pytest.raises(RunDirError, match=f"pid {os.getpid()}"):
             train(compose_train(tmp_path / "run", *TINY_RUN))
         assert lock.exists()  # the refused run released nothing of the first one's
     finally:
-        safety.release_run_locks()
+        run_dir.release_run_locks()
     assert not lock.exists()
 
 
@@ -71,9 +71,9 @@ def test_the_lock_is_held_during_the_run_and_released_when_it_ends(tiny_run, tmp
         train(compose_train(tmp_path / "run", *TINY_RUN))
     assert held[0]["pid"] == os.getpid() and held[0]["host"] == socket.gethostname()
     assert not (tmp_path / "run" / LOCK_FILE).exists()  # released by the failed run
-    lock = safety.acquire_run_lock(tmp_path / "new")
+    lock = run_dir.acquire_run_lock(tmp_path / "new")
     assert lock.exists()
-    safety.release_run_locks()
+    run_dir.release_run_locks()
     assert not (tmp_path / "new").exists()  # a dir the lock made and nothing used is not left behind
     _, run = tiny_run
     assert not (run / LOCK_FILE).exists()  # and by a finished one
@@ -81,7 +81,7 @@ def test_the_lock_is_held_during_the_run_and_released_when_it_ends(tiny_run, tmp
 
 def test_only_the_first_process_of_a_distributed_run_takes_the_lock(tmp_path, monkeypatch):
     monkeypatch.setenv("LOCAL_RANK", "1")  # a DDP rank re-running train() on the same dir
-    assert safety.acquire_run_lock(tmp_path) is None and not (tmp_path / LOCK_FILE).exists()
+    assert run_dir.acquire_run_lock(tmp_path) is None and not (tmp_path / LOCK_FILE).exists()
 
 
 # -- a dir that is taken -------------------------------------------------------------------------------------------
@@ -125,7 +125,7 @@ def test_the_run_writes_hydras_record_once_it_holds_its_dir(tmp_path):
     from omegaconf import OmegaConf
 
     from lnfree.paths import CONF_DIR
-    from lnfree.training.safety import write_hydra_files
+    from lnfree.training.run_dir import write_hydra_files
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3", job_name="train"):
         cfg = compose("train", overrides=["seed=3", "model=tiny"], return_hydra_config=True)
@@ -142,7 +142,7 @@ def test_the_run_writes_hydras_record_once_it_holds_its_dir(tmp_path):
 
 
 def test_a_dir_holding_a_run_suggests_only_what_works_there(tmp_path):
-    from lnfree.training.safety import RunDirError, check_output_dir
+    from lnfree.training.run_dir import RunDirError, check_output_dir
 
     finished = tmp_path / "finished"
     (finished / "export").mkdir(parents=True)

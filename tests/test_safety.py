@@ -1,5 +1,6 @@
-"""Runs that cannot silently go wrong (training/safety.py, data faults): divergence guard, checkpoint safety,
-output-dir policy, limits, bad data, and the resume command. All on the built-in default, offline."""
+"""Runs that cannot silently go wrong (training/checkpoints.py, run_dir.py, resume.py, data faults): divergence
+guard, checkpoint safety, output-dir policy, limits, bad data, and the resume command. All on the built-in
+default, offline."""
 
 import json
 import signal
@@ -10,10 +11,12 @@ from conftest import TINY_RUN, compose_train, copy_run, digest
 
 from lnfree.data.streams import DataError, FaultLog, iter_texts, open_stream
 from lnfree.io import read_checkpoint
-from lnfree.training import safety
+from lnfree.training import checkpoints, resume
 from lnfree.training.callbacks import LNRemovalCallback
+from lnfree.training.checkpoints import DivergenceError, non_finite_entries
 from lnfree.training.config import LimitError
-from lnfree.training.safety import DivergenceError, ResumeError, RunDirError, non_finite_entries
+from lnfree.training.resume import ResumeError
+from lnfree.training.run_dir import RunDirError
 from lnfree.training.train import train
 
 
@@ -170,7 +173,7 @@ def test_failed_checkpoint_save_keeps_previous_checkpoints_and_reports_the_origi
             raise OSError(28, "No space left on device")
         return real_save(obj, f, *a, **k)
 
-    monkeypatch.setattr(safety.torch, "save", full_disk)
+    monkeypatch.setattr(checkpoints.torch, "save", full_disk)
     with pytest.raises(OSError, match="No space left on device"):
         train(compose_train(tmp_path, *TINY_RUN, "trainer.ckpt_every=6"))
     ckpts = sorted(p.name for p in (tmp_path / "checkpoints").iterdir())
@@ -235,7 +238,7 @@ def test_the_resume_command_names_the_command_that_ran(tmp_path, job, config, ex
     cfg.hydra.job.config_name = config  # what @hydra.main sets from --config-name
     HydraConfig.instance().set_config(cfg)
     try:
-        cmd = safety.resume_command(tmp_path, tmp_path / "last.ckpt")
+        cmd = resume.resume_command(tmp_path, tmp_path / "last.ckpt")
     finally:
         HydraConfig.instance().cfg = None
     assert expected in cmd and "overwrite" not in cmd

@@ -12,7 +12,7 @@ import pytest
 from conftest import ROOT, TINY_RUN, compose_train
 
 from lnfree.training.callbacks import LNRemovalCallback
-from lnfree.training.safety import LOCK_FILE, RunInterrupted
+from lnfree.training.run_dir import LOCK_FILE, RunInterrupted
 from lnfree.training.train import train
 
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import calibrated_all_removed
 
-from lnfree.training import safety
+from lnfree.training import checkpoints
 
 
 class _Data:
@@ -47,7 +47,7 @@ def test_a_full_disk_while_checkpointing_is_named(tmp_path, monkeypatch):
         except OSError:  # torch.save turns the file's OSError into its own RuntimeError
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
 
-    monkeypatch.setattr(safety.torch, "save", full)
+    monkeypatch.setattr(checkpoints.torch, "save", full)
     with pytest.raises(OSError, match=r"checkpoint .*step000006\.ckpt not written: the disk is full \(ENOSPC\)"):
-        safety.SafeCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "step000006.ckpt")
+        checkpoints.SafeCheckpointIO().save_checkpoint({"state_dict": {}}, tmp_path / "step000006.ckpt")
     assert not list(tmp_path.iterdir())

@@ -64,6 +64,47 @@ def test_the_sweep_table_lists_failed_jobs_and_unreadable_summaries_and_the_swee
     assert e.value.code == 2
 
 
+def test_a_sweep_into_the_dirs_of_earlier_sweeps_reports_its_own_jobs_latest_attempts(tiny_run, tmp_path):
+    """The Makefile's sweeps (skip_if_done into $(RUNS), one per arm): a job refused on a dir that holds a finished
+    run of another config failed, though the dir has a summary; a job run again starts without its earlier
+    failure record; the sweep exits 2 for its own failed jobs only, not for those another sweep left there."""
+    import os
+    import shutil
+    import time
+
+    from hydra.types import RunMode
+
+    _, run = tiny_run
+    sweep = tmp_path / "runs"
+    for job, seed in (("vanilla_s1", 1), ("vanilla_s2", 2), ("lnfree_s1", 1)):
+        _job(sweep, job, [f"seed={seed}"])
+        shutil.copy(run / "summary.json", sweep / job / "summary.json")  # finished in an earlier sweep
+        os.utime(sweep / job / "summary.json", (time.time() - 120,) * 2)
+    (sweep / JOB_FAILURES).mkdir()
+    for job in ("vanilla_s1", "vanilla_s2", "lnfree_s1"):  # refused (another config) in an earlier sweep
+        (sweep / JOB_FAILURES / f"{job}.json").write_text(json.dumps(
+            {"job": job, "error": "RunDirError: holds a finished run with a different config", "overrides": []}))
+        os.utime(sweep / JOB_FAILURES / f"{job}.json", (time.time() - 60,) * 2)
+
+    def config(job):
+        return OmegaConf.create({"hydra": {"mode": RunMode.MULTIRUN, "sweep": {"dir": str(sweep)},
+                                           "runtime": {"output_dir": str(sweep / job)}}})
+
+    table = SweepTable()
+    table.on_multirun_start(config("vanilla_s1"))  # this sweep: the vanilla arm, its jobs run again
+    table.on_job_start(config("vanilla_s1"))  # returned as finished (skip_if_done)
+    table.on_job_start(config("vanilla_s2"))  # refused again
+    (sweep / JOB_FAILURES / "vanilla_s2.json").write_text(json.dumps(
+        {"job": "vanilla_s2", "error": "RunDirError: holds a finished run with a different config", "overrides": []}))
+    rows = {r["job"]: r["status"] for r in csv.DictReader(open(write_sweep_table(sweep)[1]))}
+    assert rows == {"vanilla_s1": "finished", "vanilla_s2": "failed", "lnfree_s1": "failed"}
+    with pytest.raises(SystemExit) as e:
+        table.on_multirun_end(config("vanilla_s1"))
+    assert e.value.code == 2
+    (sweep / JOB_FAILURES / "vanilla_s2.json").unlink()  # once this sweep's own job is fixed: lnfree_s1 is the
+    table.on_multirun_end(config("vanilla_s1"))  # lnfree arm's to report, when it runs again
+
+
 def test_a_multirun_leaves_a_table_of_its_jobs(tmp_path, tiny_run):
     """results.md / results.csv: a row per job with the overrides that differ, unfinished jobs listed as such;
     the Hydra config runs the table's callback after every job."""

@@ -13,7 +13,8 @@ from hydra.errors import ConfigCompositionException, MissingConfigException
 from omegaconf import OmegaConf
 
 from lnfree.data.streams import DataError
-from lnfree.io import ModelIOError, read_checkpoint
+from lnfree.errors import ModelIOError
+from lnfree.io import read_checkpoint
 from lnfree.schedule import ScheduleError, build_events
 from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.hardware import HardwareError, grad_accumulation, make_strategy

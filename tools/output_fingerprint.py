@@ -37,10 +37,10 @@ def fingerprint(run: Path) -> dict:
     from safetensors.torch import load_file
 
     from lnfree import load
-    from lnfree.io import logits
     from lnfree.analysis.eval_config import DatasetSpec
     from lnfree.analysis.eval_data import eval_chunks
     from lnfree.analysis.metrics import token_stats
+    from lnfree.model_record import logits
 
     spec = OmegaConf.structured(DatasetSpec(name="in_domain", source="builtin", split="validation"))
 

@@ -1,7 +1,10 @@
 """The typed schema of `conf/eval.yaml` (python -m lnfree.eval): which models, which datasets, how.
 
 Values live in conf/eval.yaml; the list items (ModelSpec, DatasetSpec) take their defaults from here, since
-a YAML list cannot give defaults to the entries a user writes.
+a YAML list cannot give defaults to the entries a user writes. The seeds are written once, in conf/runs.yaml
+(`seeds`): a config names a model trained once per seed as `{name: lnfree_s{seed}, path: ${runs}/lnfree_s{seed}}`
+and a pair over seeds as `{a: [lnfree_s{seed}], b: [vanilla_s{seed}]}`; `seeds_written_out` turns them into one
+model per seed and pairs of per-seed lists, the config that is evaluated and recorded.
 """
 
 from __future__ import annotations
@@ -10,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import MISSING
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from ..errors import UserError
 
@@ -23,7 +26,7 @@ class EvalError(UserError):
 
 @dataclass
 class ModelSpec:
-    name: str = MISSING
+    name: str = MISSING  # with {seed}: one model per seed of `seeds` (seeds_written_out)
     path: str = MISSING  # hub name | builtin:<name> | HF dir | export dir | run dir | .ckpt
 
 
@@ -56,13 +59,14 @@ class DatasetSpec:
 class PairSpec:
     """A paired comparison: mean CE of `a` minus `b` on the same tokens; a[i] and b[i] share seed i."""
     name: str = MISSING
-    a: List[str] = MISSING  # model names (one per seed)
+    a: List[str] = MISSING  # model names (one per seed), or one name with {seed} (seeds_written_out)
     b: List[str] = MISSING
 
 
 @dataclass
 class EvalConfig:
     runs: str = MISSING  # conf/runs.yaml: where make eval trains the runs that `models` names as ${runs}/<run>
+    seeds: List[int] = MISSING  # conf/runs.yaml: the seeds that a {seed} in `models` and `pairs` stands for
     models: List[ModelSpec] = MISSING
     datasets: List[DatasetSpec] = MISSING
     pairs: List[PairSpec] = MISSING  # paired gaps with bootstrap CIs, per seed and over seeds
@@ -79,3 +83,59 @@ class EvalConfig:
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)
+
+
+# -- models and pairs per seed ----------------------------------------------------------------------------------
+SEED = "{seed}"
+
+
+def _per_seed(text: str, seeds) -> list[str]:
+    return [text.replace(SEED, str(s)) for s in seeds]
+
+
+def models_per_seed(models: list[dict], seeds) -> list[dict]:
+    """Each model whose name holds {seed} written out in its place, once per seed in order (vanilla_s{seed} ->
+    vanilla_s1, vanilla_s2, ...; its path likewise); the other models as they are."""
+    out = []
+    for m in models:
+        if SEED in m["name"]:
+            out += [{**m, "name": name, "path": path}
+                    for name, path in zip(_per_seed(m["name"], seeds), _per_seed(m["path"], seeds))]
+        elif SEED in m["path"]:
+            raise EvalError(f"model {m['name']!r}: {SEED} in its path but not in its name (one model per seed "
+                            f"needs one name per seed, e.g. {m['name']}_s{SEED})")
+        else:
+            out.append(m)
+    return out
+
+
+def pairs_per_seed(pairs: list[dict], seeds) -> list[dict]:
+    """Each pair that names a {seed} model written out seed by seed: a: [lnfree_s{seed}], b: [original] ->
+    a: [lnfree_s1, lnfree_s2, ...], b: [original, original, ...] (a name without {seed} is the same model for
+    every seed); such a pair names one model on each side. The other pairs as they are."""
+    out = []
+    for p in pairs:
+        if not any(SEED in name for name in (*p["a"], *p["b"])):
+            out.append(p)
+        elif len(p["a"]) != 1 or len(p["b"]) != 1:
+            raise EvalError(f"pair {p['name']!r}: a pair over seeds names one model on each side "
+                            f"(a: [lnfree_s{SEED}], b: [vanilla_s{SEED}]), not a={list(p['a'])}, b={list(p['b'])}")
+        else:
+            out.append({**p, "a": _per_seed(p["a"][0], seeds), "b": _per_seed(p["b"][0], seeds)})
+    return out
+
+
+def seeds_written_out(cfg: DictConfig) -> DictConfig:
+    """cfg with every {seed} model and pair written out over cfg.seeds, and `seeds` itself dropped (the models and
+    pairs now say it all): what is evaluated and what its record saves, the same as for a config that lists each
+    seed's model by hand. Used by lnfree.eval, lnfree.downstream (its config has no pairs) and the interp
+    commands' default models."""
+    seeds = list(cfg.seeds)
+    c = OmegaConf.to_container(cfg, resolve=False)  # ${runs} kept as written: it resolves in the new config too
+    del c["seeds"]
+    c["models"] = models_per_seed(c["models"], seeds)
+    if "pairs" in c:
+        c["pairs"] = pairs_per_seed(c["pairs"], seeds)
+    out = OmegaConf.create(c)
+    OmegaConf.set_struct(out, True)  # as the composed config: a misspelt key is an error, not None
+    return out

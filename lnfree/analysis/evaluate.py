@@ -21,10 +21,12 @@ from omegaconf import DictConfig
 from tqdm.auto import tqdm
 
 from ..errors import user_errors_as_messages
-from ..io import check_tokenizer, hub_offline, load, load_tokenizer, logits, read_record, resolve
+from ..io import load, load_tokenizer, read_record
+from ..model_record import check_tokenizer, logits
 from ..paths import CONF_DIR
 from ..records import job_output_dir
-from .eval_config import SOURCES, EvalError
+from ..references import hub_offline, resolve
+from .eval_config import SOURCES, EvalError, seeds_written_out
 from .eval_config import EvalConfig as EvalConfig  # noqa: F401  (registers the schema)
 from .eval_data import eval_chunks
 from .metrics import jsd, summarize, token_stats
@@ -74,6 +76,7 @@ def check(cfg) -> dict:
 
 @torch.inference_mode()
 def evaluate(cfg) -> dict:
+    cfg = seeds_written_out(cfg)  # each seed's model by name: what is checked, evaluated and recorded
     refs = check(cfg)
     out_dir = job_output_dir(cfg.output_dir, "eval")  # before any compute: a refused dir costs nothing
     models, tok = {}, None
@@ -129,8 +132,9 @@ def update_model_cards(cfg) -> list:
     with b's validation CE (both runs' summaries measure the same held-out text)."""
     import json
 
-    from ..io import RUN_SUMMARY, find_run_dir
     from ..model_card import update_cards_with_control
+    from ..paths import RUN_SUMMARY
+    from ..references import find_run_dir
 
     paths = {m.name: m.path for m in cfg.models}
     written = []

@@ -112,7 +112,7 @@ def verdict(name: str, cache_dir=DEFAULT_CACHE_DIR, tol: float = DEPTH_TOL) -> b
     """Whether a member is settled as converged (True) or not (False) by the tail-average criterion (its
     pretrain_info.json). None: not in the cache, kept under another rule, or not converged yet with steps left to
     continue under recipe 3 (fewer than MOST_STEPS)."""
-    from ..io import builtin_dir
+    from ..references import builtin_dir
 
     f = builtin_dir(name, cache_dir) / "pretrain_info.json"
     if not f.exists():

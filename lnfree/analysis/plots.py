@@ -14,8 +14,9 @@ import numpy as np  # noqa: E402
 from matplotlib.ticker import NullFormatter  # noqa: E402
 
 from ..families import FAMILIES  # noqa: E402
-from ..io import RUN_SUMMARY, find_run_dir  # noqa: E402
 from ..model import NORM_KINDS, SPECIAL_KINDS  # noqa: E402
+from ..paths import RUN_SUMMARY  # noqa: E402
+from ..references import find_run_dir  # noqa: E402
 from .stats import interval_text  # noqa: E402
 
 # removal events as dotted lines in colours the model curves (default cycle from tab:blue) do not start with

@@ -48,8 +48,8 @@ from transformers import GPT2Config, GPT2LMHeadModel
 from ..analysis.metrics import token_stats
 from ..data.corpus import VOCAB_SIZE
 from ..export import fold
-from ..io import logits
 from ..model import make_removable, next_token_ce, parse_site_name
+from ..model_record import logits
 from ..paths import CONF_DIR
 from ..training.module import distill_kl, frozen_teacher
 from .syncs import count_syncs
@@ -208,8 +208,8 @@ def passes_agree(spreads: list[dict]) -> bool:
 
 @torch.inference_mode()
 def bench_eval(shape, reps, native_bf16: bool, clock=time.perf_counter):
-    """The evaluator's per-batch work (lnfree.analysis.evaluate: io.logits, then metrics.token_stats) for stock
-    and folded at the same batch and context, in fp32, and in bf16 autocast where the CPU has native bf16."""
+    """The evaluator's per-batch work (lnfree.analysis.evaluate: model_record.logits, then metrics.token_stats) for
+    stock and folded at the same batch and context, in fp32, and in bf16 autocast where the CPU has native bf16."""
     s, stock, folded = _stock_and_folded(shape)
     b, ctx = s["eval"]
     x = torch.randint(0, s["cfg"]["vocab_size"], (b, ctx))

@@ -25,10 +25,13 @@ import torch
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from ..analysis.eval_config import seeds_written_out
 from ..errors import UserError, user_errors_as_messages
-from ..io import ModelRef, load, logits, refuse_fp16, resolve, shape_of
+from ..io import load, refuse_fp16
+from ..model_record import logits, shape_of
 from ..paths import CONF_DIR
 from ..records import job_output_dir
+from ..references import ModelRef, resolve
 
 TASKS_DIR = Path(__file__).parent / "tasks"
 PPL_TASK = "lnfree_builtin_ppl"
@@ -44,6 +47,7 @@ class DownstreamModel:
 @dataclass
 class DownstreamConfig:
     runs: str = MISSING  # conf/runs.yaml: where make eval / make lora train the runs named ${runs}/<run>
+    seeds: List[int] = MISSING  # conf/runs.yaml: the seeds that a {seed} in a model's name stands for
     models: List[DownstreamModel] = MISSING
     tasks: List[str] = MISSING  # shipped (lnfree_builtin_*) or any lm-eval task name (hellaswag, mmlu, pile_10k)
     num_fewshot: Optional[int] = MISSING  # null: each task's default
@@ -147,6 +151,7 @@ def evaluate_model(lm, tasks, cfg) -> dict:
 
 
 def run(cfg) -> dict:
+    cfg = seeds_written_out(cfg)  # each seed's model by name (lnfree.analysis.eval_config): what is run and recorded
     refs = check(cfg)
     out = job_output_dir(cfg.output_dir, "downstream")  # before any compute: a refused dir costs nothing
     results = {"config": OmegaConf.to_container(cfg, resolve=True), "models": {}}

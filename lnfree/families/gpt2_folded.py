@@ -42,7 +42,7 @@ class FoldedConfig:
     activation_function: str = "gelu_new"
 
     def dims(self) -> Dims:
-        """The shape under lnfree's names (lnfree.io.shape_of); no norms, so no eps."""
+        """The shape under lnfree's names (lnfree.model_record.shape_of); no norms, so no eps."""
         return Dims(self.n_layer, self.n_embd, self.n_head, self.n_positions, 0.0)
 
 

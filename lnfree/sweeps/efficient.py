@@ -37,7 +37,8 @@ from omegaconf import OmegaConf
 from ..analysis.eval_config import DatasetSpec
 from ..analysis.eval_data import eval_chunks
 from ..analysis.metrics import token_stats
-from ..io import load, logits
+from ..io import load
+from ..model_record import logits
 from ..paths import RUN_SUMMARY
 from ..records import append_jsonl, read_jsonl, write_text_atomic
 

@@ -11,7 +11,7 @@ The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, sm
   without training (lnfree/training/pretrain.py); with no run dir: left as it is, and said so;
 - committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer config,
   pretrain_info.json) with the built-in tokenizer's tokenizer.json, which the repo holds once, not per member
-  (lnfree.io.model_file): a whole HF dir, as pretraining writes it;
+  (lnfree.model_record.model_file): a whole HF dir, as pretraining writes it;
 - else, when its run dir is missing and experiments/depth_family/partial/<name>/ holds a snapshot of a member not
   yet settled (`--snapshot`: an unfinished pretraining or segment, or a finished one still to be continued), the run
   dir is restored from it and the pretraining resumes there (a finished one is exported again, then continued);
@@ -38,15 +38,17 @@ import time
 from pathlib import Path
 
 from ..analysis.family import DEPTH_TOL, MOST_REPLICATES, MOST_STEPS, replicates_needed, verdict, window_gain
-from ..io import BUILTIN_PREFIX, SHARED_TOKENIZER_FILE, add_shared_files, builtin_dir, file_sha256
+from ..model_record import SHARED_TOKENIZER_FILE, add_shared_files, file_sha256
 from ..paths import DEFAULT_CACHE_DIR, RUN_SUMMARY
 from ..paths import SOURCE_ROOT as ROOT
+from ..references import BUILTIN_PREFIX, builtin_dir
 
 EXPERIMENT = ROOT / "conf/experiment/data_scaling_depth.yaml"
 RECIPE = ROOT / "conf/pretrain_depth.yaml"
 REPO_MODELS = ROOT / "experiments/depth_family/models"
 PARTIAL = ROOT / "experiments/depth_family/partial"
-# what a member is committed as: its tokenizer.json is the built-in tokenizer's, read from there (lnfree.io.model_file)
+# what a member is committed as: its tokenizer.json is the built-in tokenizer's, read from there
+# (lnfree.model_record.model_file)
 KEEP_FILES = ("config.json", "generation_config.json", "model.safetensors", "lnfree_export.json",
               "tokenizer_config.json", "pretrain_info.json")
 

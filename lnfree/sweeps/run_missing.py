@@ -265,7 +265,7 @@ def depth_record(summary: dict, pretrained_ce: float | None = None) -> dict:
 
 def pretrained_ce(name: str, cache_dir=None) -> float | None:
     """The pretrained model's validation CE (same 65k validation tokens) from its pretrain_info.json."""
-    from lnfree.io import builtin_dir
+    from lnfree.references import builtin_dir
 
     f = (builtin_dir(name, cache_dir) if cache_dir else builtin_dir(name)) / "pretrain_info.json"
     return json.loads(f.read_text())["val_ce"] if f.exists() else None

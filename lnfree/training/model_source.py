@@ -1,6 +1,6 @@
-"""The model a training config asks for (`conf/model/`), resolved once through lnfree.io.
+"""The model a training config asks for (`conf/model/`), resolved once through lnfree.references.
 
-model.source is a model reference that lnfree.io resolves: builtin:<name>, a hub name, an HF dir, a removable
+model.source is a model reference that lnfree.references resolves: builtin:<name>, a hub name, an HF dir, a removable
 dir, a .ckpt, or "random" (a fresh config from model.shape, whose model_type names the family: e.g. to pretrain
 the built-in family).
 model.tokenizer is "builtin" (the built-in BPE), a hub name or dir, or null (the source's own: a built-in
@@ -20,20 +20,11 @@ from typing import Any
 
 from transformers import PretrainedConfig
 
-from ..io import (
-    BUILTIN_PREFIX,
-    RANDOM,
-    ModelIOError,
-    ModelRef,
-    check_tokenizer,
-    find_run_dir,
-    load,
-    load_tokenizer,
-    model_config,
-    read_record,
-    resolve,
-)
+from ..errors import ModelIOError
+from ..io import load, load_tokenizer, model_config, read_record
 from ..model import RemovableMixin
+from ..model_record import check_tokenizer
+from ..references import BUILTIN_PREFIX, RANDOM, ModelRef, find_run_dir, resolve
 
 
 @dataclass(frozen=True)

@@ -150,7 +150,7 @@ class LNFreeModule(L.LightningModule):
         self.log("train/loss", loss)
         self.log("train/tokens_seen", self.tokens_seen.float(), reduce_fx="max")
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
-        return {"loss": loss, "ce": ce.detach()}  # ce: for the divergence guard (training/safety.py)
+        return {"loss": loss, "ce": ce.detach()}  # ce: for the divergence guard (training/checkpoints.py)
 
     def validation_step(self, ids, batch_idx):
         ce = next_token_ce(self(ids), ids)

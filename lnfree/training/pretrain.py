@@ -30,22 +30,16 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..analysis.family import val_by_step, val_min
+from ..errors import ModelIOError
 from ..export import export_hf
-from ..io import (
-    BUILTIN_PREFIX,
-    BUILTIN_TOKENIZER,
-    RANDOM,
-    ModelIOError,
-    builtin_dir,
-    load_tokenizer,
-    model_from_checkpoint,
-    read_checkpoint,
-)
+from ..io import BUILTIN_TOKENIZER, load_tokenizer, model_from_checkpoint, read_checkpoint
 from ..paths import CONF_DIR, RUN_SUMMARY
+from ..references import BUILTIN_PREFIX, RANDOM, builtin_dir
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .loggers import read_metrics
+from .resume import NOT_RESULTS
 from .tail_average import tail_average
-from .train import NOT_RESULTS, ConfigError, train
+from .train import ConfigError, train
 
 INFO_FILE = "pretrain_info.json"
 KEEP = ("last", "val_min", "tail_average")
@@ -163,7 +157,7 @@ def pretrain(cfg: DictConfig) -> Path:
     }
     if keep == "tail_average":
         info["tail_average"] = record  # both windows' CE: the convergence verdict travels with the weights
-    tmp = dest.with_name(f".{dest.name}.model.tmp")  # a TEMPORARY name (lnfree/io.py): never loaded
+    tmp = dest.with_name(f".{dest.name}.model.tmp")  # a TEMPORARY name (lnfree/references.py): never loaded
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(hf_dir, tmp)
     if kept_step != summary["steps"]:  # the exported weights are the last; write the kept ones instead

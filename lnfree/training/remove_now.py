@@ -19,8 +19,9 @@ import torch
 
 from ..diagnose import describe, first_nonfinite_removal, locate_nonfinite
 from ..export import export_folded, export_hf
-from ..io import DEFAULT_CACHE_DIR, load
+from ..io import load
 from ..model import parse_site_name
+from ..paths import DEFAULT_CACHE_DIR
 from .config import data_module
 
 

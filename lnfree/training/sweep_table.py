@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import sys
+import time
 from pathlib import Path
 
 from hydra.experimental.callback import Callback
@@ -52,9 +53,12 @@ def sweep_rows(sweep_dir: str | Path) -> list[dict]:
     for d in jobs:
         row = {"job": d.name, "overrides": " ".join(o for o in overrides[d] if o not in shared) or "-"}
         f = d / RUN_SUMMARY
+        if d.name in failures:  # its latest attempt failed (SweepTable.on_job_start clears an earlier record), even
+            # where its dir holds a summary: a finished run of another config, which skip_if_done refuses
+            rows.append({**row, "status": "failed", "error": _one_line(failures[d.name]["error"])})
+            continue
         if not f.exists():
-            rows.append({**row, "status": "failed", "error": _one_line(failures[d.name]["error"])}
-                        if d.name in failures else {**row, "status": "not finished"})
+            rows.append({**row, "status": "not finished"})
             continue
         try:
             s = read_json(f, ("val_ce", "removed_sites", "sigmas", "steps", "tokens_seen", "wall_time_s"))
@@ -66,6 +70,12 @@ def sweep_rows(sweep_dir: str | Path) -> list[dict]:
                      "tokens_seen": s["tokens_seen"], "wall_time_s": s["wall_time_s"],
                      "exports": ", ".join(s.get("exports") or {}) or "-"})
     return rows
+
+
+def _ended_since(sweep_dir: Path, job: str, t: float) -> bool:
+    """Whether the job's failure record or summary was written at or after time t."""
+    return any(f.exists() and f.stat().st_mtime >= t
+               for f in (sweep_dir / JOB_FAILURES / f"{job}.json", sweep_dir / job / RUN_SUMMARY))
 
 
 def _one_line(text: str) -> str:
@@ -102,6 +112,15 @@ class SweepTable(Callback):
     """Rewrites the table after every job of a multirun (failed jobs included), so that a sweep stopped half-way
     still has one, and reports it when the sweep ends: exit status 2 when any job failed."""
 
+    def on_job_start(self, config, **kwargs) -> None:
+        """A job run again (a sweep into the dirs of an earlier one, as the Makefile's) starts without the failure
+        record of its earlier attempt: the table shows how its latest attempt ended."""
+        from hydra.types import RunMode
+
+        if config.hydra.mode == RunMode.MULTIRUN:
+            job = Path(config.hydra.runtime.output_dir).name
+            (Path(config.hydra.sweep.dir) / JOB_FAILURES / f"{job}.json").unlink(missing_ok=True)
+
     def on_job_end(self, config, job_return=None, **kwargs) -> None:
         from hydra.core.utils import JobStatus
         from hydra.types import RunMode
@@ -113,11 +132,19 @@ class SweepTable(Callback):
             record_job_failure(config.hydra, f"{type(e).__name__}: {e}")
         write_sweep_table(config.hydra.sweep.dir)
 
+    def on_multirun_start(self, config, **kwargs) -> None:
+        self._started = time.time() - 1  # (a filesystem's mtime may be whole seconds)
+
     def on_multirun_end(self, config, **kwargs) -> None:
-        written = write_sweep_table(config.hydra.sweep.dir)
+        sweep_dir = Path(config.hydra.sweep.dir)
+        written = write_sweep_table(sweep_dir)
         if written:
             print(f"[lnfree] sweep results: {written[0]} and {written[1]}")
-        failed = failed_jobs(config.hydra.sweep.dir) if Path(config.hydra.sweep.dir).is_dir() else []
+        # this sweep's failures: the dir may hold the jobs of other sweeps (the Makefile's arms share $(RUNS)),
+        # whose failures are theirs to report
+        started = getattr(self, "_started", 0.0)
+        failed = [r for r in failed_jobs(sweep_dir) if _ended_since(sweep_dir, r["job"], started)] \
+            if sweep_dir.is_dir() else []
         if failed:
             print(f"[lnfree] {len(failed)} job(s) of the sweep failed: "
                   + "; ".join(f"job {r['job']} ({r['overrides']}): {r['error']}" for r in failed), file=sys.stderr)

@@ -34,15 +34,17 @@ from ..errors import UserError, user_errors_as_messages
 from ..export import export_folded, export_hf, logits_error, staging_dir
 from ..families import family
 from ..hub import check_push, push_exports
-from ..io import EXPORT_TMP, RUN_SUMMARY, model_from_checkpoint, raise_storage_error, read_checkpoint
+from ..io import model_from_checkpoint, raise_storage_error, read_checkpoint
 from ..lora import MERGE_TOL, apply_lora, has_lora, lora_settings, merged_copy, trainable_parameters
 from ..model import non_embedding_params
 from ..model_card import write_model_cards
-from ..paths import CONF_DIR
+from ..paths import CONF_DIR, RUN_SUMMARY
 from ..records import read_json
+from ..references import EXPORT_TMP
 from ..schedule import adaptive_settings, distill_weight, normal_form, ramp_steps, special_kinds, validate
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .callbacks import LNRemovalCallback, Throughput, event_site
+from .checkpoints import CheckpointOnException, DivergenceGuard, SafeCheckpointIO
 from .config import check_limits, default_block_size
 from .console import quiet_third_party, run_console
 from .hardware import grad_accumulation, make_strategy, world_size
@@ -50,19 +52,8 @@ from .loggers import finish_wandb, log_run_artifacts, make_loggers, run_name
 from .model_source import ModelSource, load_model, model_label, open_source
 from .module import LNFreeModule, frozen_teacher
 from .progress import StepLines, StepProgressBar
-from .safety import (  # NOT_RESULTS: top-level keys that do not change what a run computes (lnfree.pretrain too)
-    NOT_RESULTS,
-    CheckpointOnException,
-    DivergenceGuard,
-    RunDirError,
-    SafeCheckpointIO,
-    acquire_run_lock,
-    check_output_dir,
-    check_resume,
-    guarded_run,
-    remove_leftovers,
-    write_hydra_files,
-)
+from .resume import NOT_RESULTS, check_resume
+from .run_dir import RunDirError, acquire_run_lock, check_output_dir, guarded_run, remove_leftovers, write_hydra_files
 
 DATA_FILES = "data_files.json"  # in the run dir: the identity of every data file, at the start and at each resume
 

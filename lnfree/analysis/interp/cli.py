@@ -18,10 +18,10 @@ def default_models(runs: str | None = None) -> list[str]:
     from hydra import compose, initialize_config_dir
 
     from ...paths import CONF_DIR
-    from .. import eval_config  # noqa: F401  (registers conf/eval.yaml's schema, eval_schema, with Hydra)
+    from ..eval_config import seeds_written_out  # (importing it registers eval_schema, conf/eval.yaml's, with Hydra)
 
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base="1.3"):
-        cfg = compose("eval", overrides=[f"runs={runs}"] if runs else [])
+        cfg = seeds_written_out(compose("eval", overrides=[f"runs={runs}"] if runs else []))
     paths = {m.name: m.path for m in cfg.models}
     return [f"{ours}={paths[theirs]}" for theirs, ours in DEFAULT_MODELS.items()]
 
