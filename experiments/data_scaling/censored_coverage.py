@@ -24,7 +24,14 @@ from pathlib import Path
 import yaml
 
 from lnfree.analysis.censored import coverage
-from lnfree.analysis.scaling import at_chosen_lr, exponent_coverage, gap_table, load_runs, measured_noise
+from lnfree.analysis.scaling import (
+    at_chosen_lr,
+    exponent_coverage,
+    gap_table,
+    load_runs,
+    measured_noise,
+    seed_mean_curves,
+)
 from lnfree.analysis.simulate import SweepStructure
 from lnfree.paths import SOURCE_ROOT as ROOT
 from lnfree.sweeps.run_missing import depth_budgets  # the fixed grid's budgets, from its config
@@ -51,6 +58,13 @@ def design(stage2_seeds: int | None = None) -> tuple[SweepStructure, dict]:
                  n_pretrained=min(len(m["pretrained"]) for m in table.values()),
                  n_seeds=min(len(m["seeds"]) for m in table.values()),
                  **{k: noise[k] for k in ("seed_cv", "slope", "pretrain_sd") if noise[k] is not None})
+    if stage2_seeds == 0:  # stage 2 as measured so far: each size's budgets beyond the grid, the fewest seeds there
+        curves = seed_mean_curves(runs, "scaled")
+        grid_max = max(budgets)
+        extra = [[b for b in curves[m]["budgets"] if b > grid_max] for m in sizes]
+        seeds = [len(x) for m in sizes for b, x in zip(curves[m]["budgets"], curves[m]["seeds"]) if b > grid_max]
+        return replace(st, stage2_budgets=tuple(tuple(int(b) for b in e) for e in extra),
+                       stage2_seeds=min(seeds) if seeds else 1), noise
     if stage2_seeds is not None:
         stage2 = yaml.safe_load((depth / "protocol.yaml").read_text())["stage2"]["budgets"]
         step_tokens = {r["tokens"] // r["steps"] for r in runs}
@@ -83,8 +97,9 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--sweeps", type=int, default=200)
     p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--stage2-seeds", type=int, help="the design with stage 2 measured with this many seeds (1: seed 1 "
-                   f"of every stage-2 cell; written to {OUT_STAGE2.name} unless --out says otherwise)")
+    p.add_argument("--stage2-seeds", type=int, help="the design with the protocol's stage 2 measured with this many "
+                   "seeds (1: seed 1 of every stage-2 cell); 0: stage 2 as the records have measured it so far (its "
+                   f"budgets and seeds); written to {OUT_STAGE2.name} unless --out says otherwise")
     p.add_argument("--out")
     a = p.parse_args(argv)
     st, noise = design(a.stage2_seeds)
