@@ -34,7 +34,7 @@ RANDOM = "random"  # the reference of a fresh, randomly initialised GPT-2 of a g
 HUB_PROBE_S = 5.0  # seconds a hub endpoint has to answer before a hub name is refused
 EXPORT_TMP = ".export.tmp"  # where a run builds its exports before moving them to export/
 # the names lnfree itself gives what it is still writing: a run's .export.tmp/, a checkpoint's (or record's)
-# .<name>.tmp-<pid>, a pretrained model's .<name>.model.tmp/ (lnfree/training/pretrain.py); a folder of the user's
+# .<name>.tmp-<pid>, a pretrained model's .<name>.model.tmp/ (lnfree/training/pretrain_run.py); a folder of the user's
 # named like job.tmp is none of them
 TEMPORARY = re.compile(r"^\.export\.tmp$|^\..+\.model\.tmp$|^\..+\.tmp-\d+$")
 

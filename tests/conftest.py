@@ -126,7 +126,7 @@ def train_until_crash(cfg, monkeypatch, step: int) -> Path:
     """train(cfg) with the removal callback raising SimulatedCrash right after optimizer step `step`, as a crash
     would; returns the on-exception checkpoint the run left (what a resume starts from)."""
     from lnfree.training.callbacks import LNRemovalCallback
-    from lnfree.training.train import train
+    from lnfree.training.run import train
 
     original = LNRemovalCallback.on_train_batch_end
 
@@ -165,7 +165,7 @@ def rehash(d):
 def tiny_run(tmp_path_factory):
     """One finished TINY_RUN (every site removed, both exports), shared by the tests that only read a run:
     (summary dict, run dir). Tests must not write into it."""
-    from lnfree.training.train import train
+    from lnfree.training.run import train
 
     run = tmp_path_factory.mktemp("tiny_run")
     return train(compose_train(run, *TINY_RUN)), run
@@ -250,7 +250,7 @@ def copy_run(tiny_run, dst):
 
 def weights_never_loaded(monkeypatch):
     """Fail the test if the run loads the model's weights: what it checks must come before."""
-    import lnfree.training.train as tr
+    import lnfree.training.run as tr
 
     monkeypatch.setattr(tr, "load_model", lambda *a, **k: pytest.fail("the model's weights were loaded"))
 

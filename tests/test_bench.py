@@ -58,7 +58,7 @@ def test_gpu_bench_real_plan_composes_and_passes_the_config_checks(tmp_path):
     """Every training part of the real GPU run composes (no misspelt override) and passes the checks that need
     no weights and no data; the parts' time limits fit the budget of a 15-minute device session."""
     from lnfree.bench import gpu as bench_gpu
-    from lnfree.training.train import check_config
+    from lnfree.training.run import check_config
 
     parts = bench_gpu.plan(dry_run=False, steps=30)
     for p in parts:

@@ -91,7 +91,7 @@ def test_lnfree_train_is_python_m_lnfree_train(tmp_path):
 def test_eval_with_a_path_answers_with_the_form_that_works(tmp_path):
     from hydra import compose, initialize_config_dir
 
-    from lnfree.analysis.evaluate import positional_hint
+    from lnfree.analysis.compare import positional_hint
 
     hint = positional_hint(["outputs/my run"])
     assert "python -m lnfree.eval" in hint

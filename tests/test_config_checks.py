@@ -6,12 +6,12 @@ import pytest
 from conftest import TINY_RUN, compose_train
 
 from lnfree.training.config import LimitError
-from lnfree.training.train import train
+from lnfree.training.run import train
 
 
 def test_a_key_the_schema_does_not_define_is_refused_before_compute_even_with_plus(tmp_path):
     from lnfree.training.config import UnknownKeyError, unknown_keys
-    from lnfree.training.train import train
+    from lnfree.training.run import train
 
     run = tmp_path / "run"
     with pytest.raises(UnknownKeyError, match=r"trainer\.max_step \(did you mean trainer\.max_steps\?\)"):
@@ -31,7 +31,7 @@ def test_a_key_the_schema_does_not_define_is_refused_before_compute_even_with_pl
 @pytest.mark.parametrize("override", ["optim.lr=inf", "trainer.max_loss=inf", "schedule.aux_weight=nan",
                                       "+model.shape.layer_norm_epsilon=inf"])
 def test_non_finite_numbers_are_refused_by_the_limit_check(tmp_path, monkeypatch, override):
-    import lnfree.training.train as tr
+    import lnfree.training.run as tr
 
     monkeypatch.setattr(tr, "open_source", lambda *a, **k: pytest.fail("the model was looked up"))
     key = override.lstrip("+").split("=")[0]
@@ -40,7 +40,7 @@ def test_non_finite_numbers_are_refused_by_the_limit_check(tmp_path, monkeypatch
 
 
 def test_push_to_hub_ids_go_through_the_hubs_own_validator(tmp_path, monkeypatch):
-    import lnfree.training.train as tr
+    import lnfree.training.run as tr
     from lnfree.hub import HubPushError, check_push
 
     with pytest.raises(HubPushError, match="not a valid repo id"):
@@ -53,7 +53,7 @@ def test_push_to_hub_ids_go_through_the_hubs_own_validator(tmp_path, monkeypatch
 @pytest.mark.parametrize("n_positions,overrides,block", [
     (256, [], 256), (128, [], 128), (128, ["data.block_size=64"], 64), (2048, [], 1024)])
 def test_the_data_block_follows_the_models_context_unless_set(tmp_path, n_positions, overrides, block):
-    from lnfree.training.train import check_config
+    from lnfree.training.run import check_config
 
     cfg = compose_train(tmp_path, *TINY_RUN, "data=local_text", "data.files=[/nowhere/*.jsonl]",
                         f"model.shape.n_positions={n_positions}", "data.block_size=null", *overrides)

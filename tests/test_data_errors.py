@@ -12,7 +12,7 @@ from conftest import TINY_RUN, compose_train, local_files, weights_never_loaded
 
 from lnfree.data import corpus
 from lnfree.data.streams import DataError, FaultLog, iter_texts, open_stream, preflight
-from lnfree.training.train import train
+from lnfree.training.run import train
 
 
 # -- before compute ------------------------------------------------------------------------------------------------
@@ -35,7 +35,7 @@ def test_a_fifo_in_data_files_is_refused_in_one_line(tmp_path):
 
 def test_a_data_error_comes_before_a_run_dir_exists(tmp_path):
     from lnfree.data.streams import DataError
-    from lnfree.training.train import train
+    from lnfree.training.run import train
 
     run = tmp_path / "run"
     with pytest.raises(DataError, match="matched no file"):
@@ -46,7 +46,7 @@ def test_a_data_error_comes_before_a_run_dir_exists(tmp_path):
 
 @pytest.mark.parametrize("policy", ["fail", "skip"])
 def test_preflight_finds_an_unreadable_file_before_compute(tmp_path, monkeypatch, policy):
-    import lnfree.training.train as tr
+    import lnfree.training.run as tr
 
     texts = [t[:400] for t, _ in zip(corpus.iter_texts("train"), range(60))]
     (tmp_path / "a.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))

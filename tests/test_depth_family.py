@@ -32,7 +32,7 @@ from lnfree.sweeps import lr_probe as probe
 from lnfree.sweeps import pretrain_depth as fam
 from lnfree.sweeps import run_missing as rm
 from lnfree.training.loggers import read_metrics
-from lnfree.training.pretrain import pretrain, resume_point, validation_blocks
+from lnfree.training.pretrain_run import pretrain, resume_point, validation_blocks
 from lnfree.training.tail_average import average_checkpoints, validation_ce, windows
 
 

@@ -6,9 +6,9 @@ import torch
 from conftest import ROOT, docs_file, eval_cfg, tiny_config
 from transformers import GPT2LMHeadModel
 
+from lnfree.analysis.compare import evaluate
 from lnfree.analysis.eval_config import EvalError
 from lnfree.analysis.eval_data import keep_seen, seen_tokens
-from lnfree.analysis.evaluate import evaluate
 from lnfree.analysis.tables import markdown_table
 from lnfree.data import corpus
 from lnfree.errors import ModelIOError
@@ -119,7 +119,7 @@ def test_paired_gaps_are_reported_per_seed_and_over_seeds(tmp_path, tiny_run):
 
 
 def test_unknown_model_or_dataset_fails_before_loading(tmp_path, monkeypatch):
-    import lnfree.analysis.evaluate as ev
+    import lnfree.analysis.compare as ev
 
     monkeypatch.setattr(ev, "load", lambda *a, **k: pytest.fail("a model was loaded"))
     good = {"name": "d", "source": "builtin"}
@@ -264,7 +264,7 @@ def test_seed_templates_follow_the_seeds_and_refuse_what_cannot_be_written_out()
 def test_eval_pairs_write_the_controls_ce_into_the_lnfree_runs_cards(tmp_path, tiny_run):
     import shutil
 
-    from lnfree.analysis.evaluate import update_model_cards
+    from lnfree.analysis.compare import update_model_cards
 
     _, run = tiny_run
     lnfree, vanilla = tmp_path / "lnfree", tmp_path / "vanilla"

@@ -325,7 +325,7 @@ def test_another_familys_folded_model_is_rebuilt_from_its_saved_config(tmp_path)
 
 def test_a_failed_export_form_leaves_the_other_valid_one(tmp_path, monkeypatch):
     from lnfree.errors import ExportError
-    from lnfree.training import train as train_module
+    from lnfree.training import run as train_module
 
     _, model = calibrated_all_removed()
 

@@ -321,7 +321,7 @@ def test_training_run_removes_every_site_exports_and_resumes_exactly(name, tmp_p
     from conftest import TINY_RUN, compose_train, train_until_crash
 
     from lnfree.io import read_checkpoint
-    from lnfree.training.train import train
+    from lnfree.training.run import train
 
     args = [a for a in TINY_RUN if not a.startswith("model=")] + [f"model={name}"]
     full = train(compose_train(tmp_path / "full", *args))
@@ -354,7 +354,7 @@ def test_the_shipped_member_trains_with_every_site_removed_and_both_exports_veri
 
     from lnfree.export import HF_TOL
     from lnfree.paths import SHIPPED_DIR
-    from lnfree.training.train import train
+    from lnfree.training.run import train
 
     name = f"builtin_{family}_w128"
     assert (SHIPPED_DIR / f"{family}_w128" / "model.safetensors").exists()

@@ -160,12 +160,12 @@ def test_crafted_pickle_checkpoint_runs_nothing_in_the_loader_eval_and_resume(tm
         read_checkpoint(path)
     with pytest.raises(ModelIOError, match="refused"):
         load(str(path))
-    from lnfree.analysis.evaluate import evaluate
+    from lnfree.analysis.compare import evaluate
 
     cfg = eval_cfg(tmp_path, [{"name": "evil", "path": str(path)}], [{"name": "d", "source": "builtin"}])
     with pytest.raises(ModelIOError, match="refused"):
         evaluate(cfg)
-    from lnfree.training.train import train
+    from lnfree.training.run import train
 
     with pytest.raises(ModelIOError, match="refused"):
         train(compose_train(tmp_path / "run", *TINY_RUN, f"ckpt_path={path}"))
@@ -177,7 +177,7 @@ def test_unsupported_family_refused_before_weights(tmp_path):
     d = unsupported_dir(tmp_path)
     with pytest.raises(ModelIOError, match=r"model_type='qwen3'.*supported families are gpt2 .*llama .*gpt_neox"):
         load(str(d))
-    from lnfree.analysis.evaluate import evaluate
+    from lnfree.analysis.compare import evaluate
 
     cfg = eval_cfg(tmp_path, [{"name": "qwen3", "path": str(d)}], [{"name": "d", "source": "builtin"}])
     with pytest.raises(ModelIOError, match="qwen3"):

@@ -8,7 +8,7 @@ from lnfree.io import model_from_checkpoint, read_checkpoint
 from lnfree.lora import apply_lora, has_lora, merged_copy
 from lnfree.model import parse_site_name
 from lnfree.training.config import LimitError
-from lnfree.training.train import train
+from lnfree.training.run import train
 
 PEFT = needs("peft", "lora")  # the tests that build adapters; the refusals below run without peft
 SETTINGS = dict(r=4, alpha=8.0, dropout=0.0, target_modules=["c_attn", "c_proj", "c_fc"], train_norms=True)

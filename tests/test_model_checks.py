@@ -14,7 +14,7 @@ from lnfree import load, resolve
 from lnfree.data import corpus
 from lnfree.errors import ModelIOError
 from lnfree.model_record import EXPORT_INFO, record_text
-from lnfree.training.train import train
+from lnfree.training.run import train
 
 
 def small_tokenizer(d, n=44):
@@ -160,7 +160,7 @@ def test_a_folded_config_of_an_unknown_model_type_is_refused_before_loading(tiny
 
 # -- tokenizer and model checked together --------------------------------------------------------------------------
 def test_training_with_a_tokenizer_of_another_vocabulary_is_refused_before_compute(tmp_path, monkeypatch):
-    import lnfree.training.train as tr
+    import lnfree.training.run as tr
 
     small_tokenizer(tmp_path / "tok44")
     monkeypatch.setattr(tr, "load_model", lambda *a, **k: pytest.fail("the model's weights were loaded"))
@@ -173,7 +173,7 @@ def test_training_with_a_tokenizer_of_another_vocabulary_is_refused_before_compu
 def test_eval_with_a_model_smaller_than_the_tokenizer_is_a_clear_error(tmp_path):
     from transformers import GPT2LMHeadModel
 
-    from lnfree.analysis.evaluate import evaluate
+    from lnfree.analysis.compare import evaluate
 
     GPT2LMHeadModel(tiny_config()).save_pretrained(tmp_path / "v97")  # vocab 97, no tokenizer of its own
     cfg = eval_cfg(tmp_path, [{"name": "small", "path": str(tmp_path / "v97")}], [{"name": "d", "source": "builtin"}],

@@ -47,7 +47,7 @@ def test_a_gpt2_activation_the_adapter_cannot_export_is_refused_before_compute(t
     from transformers import GPT2Config
 
     from lnfree.model import make_removable
-    from lnfree.training.train import check_config
+    from lnfree.training.run import check_config
 
     with pytest.raises(UnsupportedFamily, match="activation_function='quick_gelu'"):
         make_removable(GPT2Config(n_layer=1, n_head=2, n_embd=16, activation_function="quick_gelu"))

@@ -6,7 +6,7 @@ from hydra import compose, initialize_config_dir
 from transformers import GPT2LMHeadModel
 
 from lnfree.references import builtin_dir
-from lnfree.training.pretrain import pretrain
+from lnfree.training.pretrain_run import pretrain
 
 
 @pytest.mark.slow
@@ -36,7 +36,7 @@ def test_resume_point_is_the_newest_last_checkpoint_by_step_not_by_file_time(tmp
     import torch
     from omegaconf import OmegaConf
 
-    from lnfree.training.pretrain import resume_point
+    from lnfree.training.pretrain_run import resume_point
 
     ckpts = tmp_path / "checkpoints"
     ckpts.mkdir()

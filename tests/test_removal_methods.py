@@ -19,7 +19,7 @@ from lnfree.training.adaptive import AdaptiveTrigger
 from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.config import LimitError, check_limits
 from lnfree.training.module import distill_kl, frozen_teacher
-from lnfree.training.train import ConfigError, check_config, train
+from lnfree.training.run import ConfigError, check_config, train
 
 
 # -- distillation ------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from conftest import TINY_RUN, compose_train, copy_run, digest, local_files, wei
 
 from lnfree.io import RUN_INFO, read_checkpoint
 from lnfree.training.resume import ResumeError
-from lnfree.training.train import train
+from lnfree.training.run import train
 
 
 # -- what changed since the checkpoint -----------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from conftest import ROOT, TINY_RUN, compose_train, copy_run, digest, write_lock
 from lnfree.data.streams import DataError
 from lnfree.records import RecordError
 from lnfree.training import run_dir
+from lnfree.training.run import train
 from lnfree.training.run_dir import LOCK_FILE, RunDirError
-from lnfree.training.train import train
 
 
 # -- the lock ------------------------------------------------------------------------------------------------------
@@ -162,7 +162,7 @@ def test_a_dir_holding_a_run_suggests_only_what_works_there(tmp_path):
 def test_skip_if_done_on_a_half_written_summary_names_the_file(tiny_run, tmp_path):
     import shutil
 
-    from lnfree.training.train import train
+    from lnfree.training.run import train
 
     _, run = tiny_run
     dst = tmp_path / "run"

@@ -16,8 +16,8 @@ from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.checkpoints import DivergenceError, non_finite_entries
 from lnfree.training.config import LimitError
 from lnfree.training.resume import ResumeError
+from lnfree.training.run import train
 from lnfree.training.run_dir import RunDirError
-from lnfree.training.train import train
 
 
 @pytest.mark.slow
@@ -100,7 +100,7 @@ def test_overwrite_replaces_the_old_run_entirely(tiny_run, tmp_path):
                                       "data.block_size=1", "trainer.max_loss=0", "optim.min_lr=1",
                                       "schedule.attn_qk.gap=-2", "hardware.micro_batch_size=0"])
 def test_impossible_numbers_refused_before_any_data_or_weights(tmp_path, monkeypatch, override):
-    import lnfree.training.train as tr
+    import lnfree.training.run as tr
 
     monkeypatch.setattr(tr, "open_source", lambda *a, **k: pytest.fail("the model or its tokenizer was looked up"))
     key = override.lstrip("+").split("=")[0]

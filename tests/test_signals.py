@@ -12,8 +12,8 @@ import pytest
 from conftest import ROOT, TINY_RUN, compose_train
 
 from lnfree.training.callbacks import LNRemovalCallback
+from lnfree.training.run import train
 from lnfree.training.run_dir import LOCK_FILE, RunInterrupted
-from lnfree.training.train import train
 
 
 def signal_at_step(monkeypatch, sig, step=12):

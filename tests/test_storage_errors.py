@@ -17,7 +17,7 @@ class _Data:
 
 
 def test_a_file_size_limit_during_export_leaves_no_half_export_and_is_named(tmp_path):
-    from lnfree.training.train import export_run
+    from lnfree.training.run import export_run
 
     _, model = calibrated_all_removed()
     data = _Data(torch.randint(0, 97, (4, 16), generator=torch.Generator().manual_seed(0)))

@@ -1,4 +1,4 @@
-"""Training runs (lnfree/training/train.py) on the tiny configs: every config option composes, runs remove every
+"""Training runs (lnfree/training/run.py) on the tiny configs: every config option composes, runs remove every
 site and export, resume exactly, log, refuse bad inputs before compute, and print progress lines with bars off.
 Resume checks: tests/test_resume.py; sweeps: tests/test_sweeps.py."""
 
@@ -18,7 +18,7 @@ from lnfree.io import read_checkpoint
 from lnfree.schedule import ScheduleError, build_events
 from lnfree.training.callbacks import LNRemovalCallback
 from lnfree.training.hardware import HardwareError, grad_accumulation, make_strategy
-from lnfree.training.train import ConfigError, train
+from lnfree.training.run import ConfigError, train
 
 GROUPS = ["model", "schedule", "data", "hardware", "logger", "optim", "trainer", "paths", "experiment", "finetune"]
 PAPER = {  # experiment -> (n_layer, lnf step, max_steps) from the paper's published schedules (Baroni et al. 2025)
@@ -241,7 +241,7 @@ def test_bad_inputs_rejected_before_compute(tmp_path, overrides, error, match):
 def test_a_run_resolves_its_model_reference_once_and_loads_what_was_checked(tmp_path, monkeypatch, model):
     import lnfree.io as io
     import lnfree.training.model_source as model_source
-    from lnfree.training.train import check_config
+    from lnfree.training.run import check_config
 
     seen = []
 
@@ -406,7 +406,7 @@ def test_keep_at_end_frees_the_checkpoints_of_a_finished_run(tmp_path, capsys):
     keeping no weights at all is refused before compute; the run says what a checkpoint costs."""
     from lnfree.io import load
     from lnfree.training.config import LimitError
-    from lnfree.training.train import apply_keep_at_end
+    from lnfree.training.run import apply_keep_at_end
 
     summary = train(compose_train(tmp_path, *TINY_RUN, "trainer.keep_at_end=none"))
     assert not (tmp_path / "checkpoints").exists() and summary["all_removed"]

@@ -208,7 +208,7 @@ def passes_agree(spreads: list[dict]) -> bool:
 
 @torch.inference_mode()
 def bench_eval(shape, reps, native_bf16: bool, clock=time.perf_counter):
-    """The evaluator's per-batch work (lnfree.analysis.evaluate: model_record.logits, then metrics.token_stats) for
+    """The evaluator's per-batch work (lnfree.analysis.compare: model_record.logits, then metrics.token_stats) for
     stock and folded at the same batch and context, in fp32, and in bf16 autocast where the CPU has native bf16."""
     s, stock, folded = _stock_and_folded(shape)
     b, ctx = s["eval"]

@@ -152,7 +152,7 @@ def compose_part(tmp: Path, part: Part, overrides: list[str]):
 
 
 def _train(tmp: Path, part: Part, overrides: list[str]) -> dict:
-    from ..training.train import train
+    from ..training.run import train
 
     s = train(compose_part(tmp, part, overrides))
     c = s["config"]

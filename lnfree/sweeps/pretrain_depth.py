@@ -8,7 +8,7 @@
 The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, smallest first. For each one:
 - in the cache (<cache>/models/<name>) with the weights conf/pretrain_depth.yaml's model.pretrain_keep says to keep:
   nothing to do; kept under another rule and its finished run dir still there: exported again from the run dir,
-  without training (lnfree/training/pretrain.py); with no run dir: left as it is, and said so;
+  without training (lnfree/training/pretrain_run.py); with no run dir: left as it is, and said so;
 - committed in experiments/depth_family/models/<name>/: copied into the cache (weights, config, tokenizer config,
   pretrain_info.json) with the built-in tokenizer's tokenizer.json, which the repo holds once, not per member
   (lnfree.model_record.model_file): a whole HF dir, as pretraining writes it;
@@ -17,7 +17,7 @@ The members are conf/experiment/data_scaling_depth.yaml's sizes x replicates, sm
   dir is restored from it and the pretraining resumes there (a finished one is exported again, then continued);
 - else pretrained by `python -m lnfree.pretrain --config-name pretrain_depth model=<size> model.replicate=<r>`
   into the run dir <cache>/pretrain_runs/<name>, one-thread processes, `--jobs` at a time; a run killed half-way resumes
-  from its last checkpoint (lnfree/training/pretrain.py), so stopping and rerunning loses at most 100 steps.
+  from its last checkpoint (lnfree/training/pretrain_run.py), so stopping and rerunning loses at most 100 steps.
 Replicates: 1 and 2 for every size; when a size's finished replicates hold exactly one not converged (the
 criterion of conf/pretrain_depth.yaml, recorded in each member's pretrain_info.json), replicate 3 and then 4 join
 until two are converged (experiments/depth_family/README.md). Both 1 and 2 not converged: nothing added (the size

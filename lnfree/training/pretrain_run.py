@@ -38,8 +38,8 @@ from ..references import BUILTIN_PREFIX, RANDOM, builtin_dir
 from . import config as _config  # noqa: F401  (registers the schemas)
 from .loggers import read_metrics
 from .resume import NOT_RESULTS
+from .run import ConfigError, train
 from .tail_average import tail_average
-from .train import ConfigError, train
 
 INFO_FILE = "pretrain_info.json"
 KEEP = ("last", "val_min", "tail_average")
