@@ -75,7 +75,7 @@ def _models_table(res: dict) -> str:
     for group, names in _groups(results).items():
         rs = [results[n] for n in names]
 
-        def col(key, fmt):
+        def col(key, fmt, rs=rs):
             return " / ".join("-" if key not in r else format(r[key], fmt) for r in rs)
         seeds = f", seeds {' / '.join(n.rsplit('_s', 1)[1] for n in names)}" if len(names) > 1 else ""
         ci = f"{rs[0]['ci95_low']:.3f}-{rs[0]['ci95_high']:.3f}" if len(rs) == 1 else ""
@@ -171,7 +171,7 @@ def downstream(root: Path) -> str:
     paths = {n: m["path"] for n, m in res.items()}
     lines = ["| model | CE, nats/token | cloze acc | cloze acc (PMI) |", "|---|---|---|---|"]
     for group, names in _groups(res).items():
-        def col(task, key, fmt):
+        def col(task, key, fmt, names=names):
             return " / ".join(format(res[n]["metrics"][task][key], fmt) for n in names)
         lines.append(f"| {_label(group, paths)} | {col('lnfree_builtin_ppl', 'token_ce', '.4f')} "
                      f"| {col('lnfree_builtin_cloze', 'acc', '.4f')} "
@@ -427,7 +427,7 @@ def families_eval(root: Path) -> str:
         original = next(m["path"] for m in res["config"]["models"] if m["name"] == "original")
         groups = _groups(results)
 
-        def ces(group):
+        def ces(group, results=results, groups=groups):
             return " / ".join(f"{results[n]['mean']:.4f}" for n in groups[group])
         dla = _json(root, dla_path)
         lines.append(f"| {fam} (`{original}`) | {results['original']['mean']:.4f} | {ces('vanilla')} "

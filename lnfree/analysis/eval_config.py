@@ -10,7 +10,6 @@ model per seed and pairs of per-seed lists, the config that is evaluated and rec
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -34,11 +33,11 @@ class ModelSpec:
 class FilterSpec:
     """Drop chunks containing any token never seen in `docs` documents of a reference (fine-tuning) set."""
     source: str = "hf"
-    path: Optional[str] = None
-    config_name: Optional[str] = None
+    path: str | None = None
+    config_name: str | None = None
     split: str = "train"
     text_field: str = "text"
-    files: List[str] = field(default_factory=list)
+    files: list[str] = field(default_factory=list)
     docs: int = 1_000_000
 
 
@@ -46,31 +45,31 @@ class FilterSpec:
 class DatasetSpec:
     name: str = MISSING
     source: str = "builtin"  # builtin | hf | files | owt_nanogpt
-    path: Optional[str] = None
-    config_name: Optional[str] = None
-    revision: Optional[str] = None
+    path: str | None = None
+    config_name: str | None = None
+    revision: str | None = None
     split: str = "validation"
     text_field: str = "text"
-    files: List[str] = field(default_factory=list)
-    filter: Optional[FilterSpec] = None
+    files: list[str] = field(default_factory=list)
+    filter: FilterSpec | None = None
 
 
 @dataclass
 class PairSpec:
     """A paired comparison: mean CE of `a` minus `b` on the same tokens; a[i] and b[i] share seed i."""
     name: str = MISSING
-    a: List[str] = MISSING  # model names (one per seed), or one name with {seed} (seeds_written_out)
-    b: List[str] = MISSING
+    a: list[str] = MISSING  # model names (one per seed), or one name with {seed} (seeds_written_out)
+    b: list[str] = MISSING
 
 
 @dataclass
 class EvalConfig:
     runs: str = MISSING  # conf/runs.yaml: where make eval trains the runs that `models` names as ${runs}/<run>
-    seeds: List[int] = MISSING  # conf/runs.yaml: the seeds that a {seed} in `models` and `pairs` stands for
-    models: List[ModelSpec] = MISSING
-    datasets: List[DatasetSpec] = MISSING
-    pairs: List[PairSpec] = MISSING  # paired gaps with bootstrap CIs, per seed and over seeds
-    tokenizer: Optional[str] = MISSING  # null: the first model that carries one
+    seeds: list[int] = MISSING  # conf/runs.yaml: the seeds that a {seed} in `models` and `pairs` stands for
+    models: list[ModelSpec] = MISSING
+    datasets: list[DatasetSpec] = MISSING
+    pairs: list[PairSpec] = MISSING  # paired gaps with bootstrap CIs, per seed and over seeds
+    tokenizer: str | None = MISSING  # null: the first model that carries one
     tokens: int = MISSING  # per dataset
     context: int = MISSING
     batch: int = MISSING
@@ -79,7 +78,7 @@ class EvalConfig:
     bootstrap: int = MISSING
     seed: int = MISSING
     cache_dir: str = MISSING
-    output_dir: Optional[str] = None  # None: the job's own new dir; experiments/ only when named on the command line
+    output_dir: str | None = None  # None: the job's own new dir; experiments/ only when named on the command line
 
 
 ConfigStore.instance().store(name="eval_schema", node=EvalConfig)

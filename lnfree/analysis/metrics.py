@@ -6,7 +6,7 @@ Nothing here loads a model or reads data, so every function is tested on hand-ma
 from __future__ import annotations
 
 import math
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 import torch

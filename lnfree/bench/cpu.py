@@ -217,7 +217,7 @@ def bench_eval(shape, reps, native_bf16: bool, clock=time.perf_counter):
     for prec in ["fp32", "bf16"] if native_bf16 else ["fp32"]:
         ac = torch.autocast("cpu", dtype=torch.bfloat16, enabled=prec == "bf16")
 
-        def ev(m):
+        def ev(m, ac=ac):  # (ac bound here: each precision's closures run inside its own iteration)
             def run():
                 with ac:
                     out = logits(m, x)

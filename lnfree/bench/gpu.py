@@ -205,7 +205,7 @@ def folded_part(tmp: Path, part: Part, results: dict) -> dict:
     for prec in s["precisions"]:
         ac = torch.autocast(dev, dtype=torch.bfloat16) if prec == "bf16" else nullcontext()
 
-        def call(m, **kw):
+        def call(m, ac=ac, **kw):  # (ac bound here: the closures run inside this precision's iteration)
             def run():
                 with torch.inference_mode(), ac:
                     m(x, **kw)

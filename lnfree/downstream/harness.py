@@ -18,7 +18,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 import hydra
 import torch
@@ -47,18 +47,18 @@ class DownstreamModel:
 @dataclass
 class DownstreamConfig:
     runs: str = MISSING  # conf/runs.yaml: where make eval / make lora train the runs named ${runs}/<run>
-    seeds: List[int] = MISSING  # conf/runs.yaml: the seeds that a {seed} in a model's name stands for
-    models: List[DownstreamModel] = MISSING
-    tasks: List[str] = MISSING  # shipped (lnfree_builtin_*) or any lm-eval task name (hellaswag, mmlu, pile_10k)
-    num_fewshot: Optional[int] = MISSING  # null: each task's default
-    limit: Optional[float] = MISSING  # documents per task (an int) or a fraction; null: all
+    seeds: list[int] = MISSING  # conf/runs.yaml: the seeds that a {seed} in a model's name stands for
+    models: list[DownstreamModel] = MISSING
+    tasks: list[str] = MISSING  # shipped (lnfree_builtin_*) or any lm-eval task name (hellaswag, mmlu, pile_10k)
+    num_fewshot: int | None = MISSING  # null: each task's default
+    limit: float | None = MISSING  # documents per task (an int) or a fraction; null: all
     batch_size: int = MISSING
     device: str = MISSING
     dtype: str = MISSING  # float32 | bfloat16 (float16 refuses LN-free exports)
-    check_ce_tol: Optional[float] = MISSING  # lm-eval's token CE vs lnfree's own on the shipped ppl task; null: skip
+    check_ce_tol: float | None = MISSING  # lm-eval's token CE vs lnfree's own on the shipped ppl task; null: skip
     cache_dir: str = MISSING
-    output_dir: Optional[str] = None  # None: the job's own new dir; experiments/ only when named on the command line
-    extra: Dict[str, Any] = field(default_factory=dict)  # passed to lm_eval.simple_evaluate
+    output_dir: str | None = None  # None: the job's own new dir; experiments/ only when named on the command line
+    extra: dict[str, Any] = field(default_factory=dict)  # passed to lm_eval.simple_evaluate
 
 
 ConfigStore.instance().store(name="downstream_schema", node=DownstreamConfig)

@@ -105,7 +105,7 @@ class GPT2Family(Family):
         return SplitQKVProjection(config.n_embd, ln, config.initializer_range)  # one matmul for Q, K and V
 
     @torch.no_grad()
-    def fold(self, model: "RemovableGPT2LMHeadModel") -> FoldedGPT2:
+    def fold(self, model: RemovableGPT2LMHeadModel) -> FoldedGPT2:
         """GPT-2's folded form (FoldedGPT2, plain torch), in float64, from the folded state dict."""
         c = model.config
         d = c.n_embd

@@ -40,7 +40,7 @@ def measure() -> dict:
         opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
         x = torch.randint(0, 4096, (16, 256))
 
-        def step():
+        def step(m=m, x=x, opt=opt):  # this shape's model, batch and optimizer
             m(x, labels=x).loss.backward()
             opt.step()
             opt.zero_grad()

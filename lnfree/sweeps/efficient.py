@@ -182,7 +182,7 @@ def choose_combination(protocol: dict, records: list[dict]) -> dict | None:
 
 def cpu_hours(protocol: dict, missing) -> float:
     steps = {"plain": 0, "distill": 0}
-    for family, arm, budget, seed in missing:
+    for _family, arm, budget, _seed in missing:
         steps["distill" if any("distill.weight" in o for o in arms_of(protocol)[arm]) else "plain"] += budget
     return (sum(SECONDS_PER_STEP[k] * n for k, n in steps.items()) + SECONDS_PER_RUN * len(missing)) / 3600
 

@@ -162,7 +162,7 @@ def size_of(model: str) -> str:
     return model.removeprefix("builtin_")
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _composed(schedule: str, model: str):
     """(schedule config, n_layer) as a run of the depth grid composes them."""
     from hydra import compose, initialize_config_dir

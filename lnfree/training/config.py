@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field, make_dataclass
-from typing import Any, Dict, List, Optional
+from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING
@@ -27,14 +27,14 @@ class ModelConfig:
     # "builtin:<name>" (the built-in family: shipped, or pretrained by `make family`; loading never trains) or
     # "random" (GPT2Config(**shape))
     source: str = MISSING
-    tokenizer: Optional[str] = MISSING  # HF tokenizer name/dir; default: the source's own
-    revision: Optional[str] = MISSING  # hub revision (commit, tag or branch)
-    shape: Dict[str, Any] = MISSING  # GPT2Config fields for source=random / builtin
+    tokenizer: str | None = MISSING  # HF tokenizer name/dir; default: the source's own
+    revision: str | None = MISSING  # hub revision (commit, tag or branch)
+    shape: dict[str, Any] = MISSING  # GPT2Config fields for source=random / builtin
     attn_implementation: str = MISSING  # sdpa | eager
     gradient_checkpointing: bool = MISSING
     compile: bool = MISSING  # torch.compile the training/validation forward (recompiles at each removal event)
-    dropout: Optional[float] = MISSING  # override resid/embd/attn dropout; null keeps the checkpoint's
-    pretrain_steps: Optional[int] = MISSING  # built-in family: optimizer steps of its pretraining
+    dropout: float | None = MISSING  # override resid/embd/attn dropout; null keeps the checkpoint's
+    pretrain_steps: int | None = MISSING  # built-in family: optimizer steps of its pretraining
     # built-in family: which of a size's independently pretrained models; it is their pretraining seed (init and
     # data order; conf/pretrain.yaml). 0: the width family's one model per size
     replicate: int = 0
@@ -46,7 +46,7 @@ class ModelConfig:
 
 @dataclass
 class KindSchedule:
-    start: Optional[int] = None  # optimizer step of block 0's event; null = contiguous with previous kind
+    start: int | None = None  # optimizer step of block 0's event; null = contiguous with previous kind
     gap: int = 0  # steps between consecutive blocks; 0 = all blocks at `start`
 
 
@@ -87,11 +87,11 @@ class _ScheduleFields:
     remove: bool = MISSING  # false: vanilla control (same run, no removal)
     # optional, off by default: end the special sigma of position 0 / end-of-text tokens; setting one turns
     # the special sigma on for every site (stages 0..L-1 are the blocks, stage L the final norm)
-    bos: Optional[KindSchedule] = MISSING
-    eot: Optional[KindSchedule] = MISSING
+    bos: KindSchedule | None = MISSING
+    eot: KindSchedule | None = MISSING
     aux_weight: float = MISSING  # weight of the residual-std auxiliary loss (docs/method.md#the-auxiliary-loss)
     momentum: float = MISSING  # EMA momentum of the std estimate, per optimizer step
-    fit_fraction: Optional[float] = MISSING  # rescale all events so the last is at this fraction of max_steps
+    fit_fraction: float | None = MISSING  # rescale all events so the last is at this fraction of max_steps
     ramp: RampConfig = MISSING  # soft removal (off: steps=0)
     adaptive: AdaptiveConfig = MISSING  # loss-triggered events (off: enabled=false)
     distill: DistillConfig = MISSING  # distillation from the original model (off: weight=0)
@@ -102,8 +102,8 @@ class NormKindSchedule:
     """A norm kind's entry; every norm kind of lnfree.families.NORM_KINDS (pre_mlp, attn_qk, attn_v, final) has one.
     An entry with both fields null (the default, for a kind a schedule option leaves out) sets nothing: the kind
     then follows the contiguous rule with gap 0 (lnfree.schedule)."""
-    start: Optional[int] = None  # optimizer step of block 0's event; null = contiguous with previous kind
-    gap: Optional[int] = None  # steps between consecutive blocks; null or 0 = all blocks at `start`
+    start: int | None = None  # optimizer step of block 0's event; null = contiguous with previous kind
+    gap: int | None = None  # steps between consecutive blocks; null or 0 = all blocks at `start`
 
 
 ScheduleConfig = make_dataclass("ScheduleConfig", [(k, NormKindSchedule, field(default_factory=NormKindSchedule))
@@ -118,15 +118,15 @@ class DataConfig:
     _target_: str = MISSING
     name: str = MISSING
     source: str = MISSING  # builtin | hf | files
-    path: Optional[str] = MISSING  # hf: dataset repo id (never a loading script)
-    config_name: Optional[str] = MISSING  # hf: dataset configuration
-    revision: Optional[str] = MISSING
+    path: str | None = MISSING  # hf: dataset repo id (never a loading script)
+    config_name: str | None = MISSING  # hf: dataset configuration
+    revision: str | None = MISSING
     split: str = MISSING
-    val_split: Optional[str] = MISSING  # null: hold out the first val_blocks blocks of `split`
+    val_split: str | None = MISSING  # null: hold out the first val_blocks blocks of `split`
     text_field: str = MISSING
-    files: List[str] = MISSING  # files: .txt / .jsonl / .json / .parquet (globs ok)
-    val_files: List[str] = MISSING
-    block_size: Optional[int] = MISSING  # null: the model's context, at most MAX_DEFAULT_BLOCK (default_block_size)
+    files: list[str] = MISSING  # files: .txt / .jsonl / .json / .parquet (globs ok)
+    val_files: list[str] = MISSING
+    block_size: int | None = MISSING  # null: the model's context, at most MAX_DEFAULT_BLOCK (default_block_size)
     micro_batch_size: int = MISSING
     val_blocks: int = MISSING
     num_workers: int = MISSING
@@ -134,7 +134,7 @@ class DataConfig:
     seed: int = MISSING
     on_bad_row: str = MISSING  # skip | fail: a row without text, or an undecodable file
     prepend_bos: bool = MISSING  # every block starts with end-of-text as a beginning-of-sequence token
-    synthetic: Optional[Dict[str, Any]] = MISSING  # data=synthetic: the task's settings (lnfree/data/synthetic.py)
+    synthetic: dict[str, Any] | None = MISSING  # data=synthetic: the task's settings (lnfree/data/synthetic.py)
 
 
 @dataclass
@@ -154,13 +154,13 @@ class OptimConfig:
     lr: float = MISSING
     min_lr: float = MISSING
     warmup_steps: int = MISSING
-    decay_steps: Optional[int] = MISSING  # cosine length; null = trainer.max_steps
+    decay_steps: int | None = MISSING  # cosine length; null = trainer.max_steps
     weight_decay: float = MISSING
     decay_embeddings: bool = MISSING  # decay the input embeddings (families' embedding_names); biases, norm gains never
-    betas: List[float] = MISSING
+    betas: list[float] = MISSING
     eps: float = MISSING
     grad_clip: float = MISSING
-    tokens_per_step: Optional[int] = MISSING  # reached by gradient accumulation; null = one micro-batch
+    tokens_per_step: int | None = MISSING  # reached by gradient accumulation; null = one micro-batch
 
 
 @dataclass
@@ -174,17 +174,17 @@ class TrainerConfig:
     validate_before: bool = MISSING  # measure validation CE before any fine-tuning
     progress_bar: bool = MISSING
     deterministic: bool = MISSING
-    max_loss: Optional[float] = MISSING  # divergence guard: stop when the training CE exceeds it (null: off)
+    max_loss: float | None = MISSING  # divergence guard: stop when the training CE exceeds it (null: off)
 
 
 @dataclass
 class LoggerConfig:
     kind: str = MISSING  # wandb | csv | none
     project: str = MISSING
-    entity: Optional[str] = MISSING
+    entity: str | None = MISSING
     mode: str = MISSING  # wandb: online | offline | disabled
-    group: Optional[str] = MISSING
-    tags: List[str] = MISSING
+    group: str | None = MISSING
+    tags: list[str] = MISSING
 
 
 @dataclass
@@ -197,11 +197,11 @@ class PathsConfig:
 class ClusterConfig:
     """Where a multirun's jobs run (conf/cluster/): nodes and GPUs per node come from `hardware`."""
     name: str = MISSING  # none (Hydra's basic launcher: one job after another here) | slurm | local (submitit)
-    partition: Optional[str] = MISSING
-    account: Optional[str] = MISSING
+    partition: str | None = MISSING
+    account: str | None = MISSING
     time_min: int = MISSING  # wall-clock limit per job
     cpus_per_task: int = MISSING
-    mem_gb: Optional[int] = MISSING
+    mem_gb: int | None = MISSING
     array_parallelism: int = MISSING  # most jobs of one multirun running at once
 
 
@@ -214,7 +214,7 @@ class FinetuneConfig:
     rank: int = MISSING
     alpha: float = MISSING
     dropout: float = MISSING
-    target_modules: List[str] = MISSING
+    target_modules: list[str] = MISSING
     train_norms: bool = MISSING
 
 
@@ -230,16 +230,16 @@ class TrainConfig:
     paths: PathsConfig = MISSING
     cluster: ClusterConfig = MISSING
     finetune: FinetuneConfig = MISSING
-    experiment: Optional[str] = None  # set by an experiment preset (the one default held here)
+    experiment: str | None = None  # set by an experiment preset (the one default held here)
     task_name: str = MISSING
     seed: int = MISSING
-    ckpt_path: Optional[str] = MISSING  # resume from this Lightning checkpoint
+    ckpt_path: str | None = MISSING  # resume from this Lightning checkpoint
     export: bool = MISSING  # write export/hf (and export/folded when every site is removed)
     overwrite: bool = MISSING  # allow a new run into a directory that holds another run (its files are removed)
     skip_if_done: bool = MISSING  # a finished run with the same config in the directory is returned, not rerun
     # a resume may read data files that changed since its run started (refused otherwise); recorded with the run
     resume_allow_data_change: bool = MISSING
-    push_to_hub: Optional[str] = MISSING  # <user>/<repo>: upload the exports at the end (checked before training)
+    push_to_hub: str | None = MISSING  # <user>/<repo>: upload the exports at the end (checked before training)
     hub_private: bool = MISSING  # the pushed repo is private
 
 
