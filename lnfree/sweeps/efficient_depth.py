@@ -214,6 +214,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--dry-run", action="store_true", help="list what is missing and its CPU hours, run nothing")
     ap.add_argument("--cache-dir", help="where the depth family's pretrained models are (paths.cache_dir)")
+    ap.add_argument("--sizes", nargs="*", help="only these of the protocol's sizes (e.g. one runner per size)")
     a = ap.parse_args(argv)
     protocol = read_protocol()
     records = read_jsonl(RECORDS) if RECORDS.exists() else []
@@ -221,7 +222,7 @@ def main(argv=None) -> int:
     if any(g["pairs"][m] is None for m in protocol["sizes"]):
         raise SystemExit("the depth family's pretrained models are not in the cache: "
                          "python -m lnfree.sweeps.pretrain_depth --restore-only")
-    todo = jobs(protocol, records, grid.read_lrs(), g["pairs"])
+    todo = [j for j in jobs(protocol, records, grid.read_lrs(), g["pairs"]) if not a.sizes or j[1] in a.sizes]
     print(f"[efficient-depth] {len(todo)} runs missing, about {cpu_hours(todo):.1f} CPU h", flush=True)
     if a.dry_run:
         for j in todo:
