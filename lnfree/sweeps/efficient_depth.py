@@ -215,6 +215,7 @@ def main(argv=None) -> int:
     ap.add_argument("--dry-run", action="store_true", help="list what is missing and its CPU hours, run nothing")
     ap.add_argument("--cache-dir", help="where the depth family's pretrained models are (paths.cache_dir)")
     ap.add_argument("--sizes", nargs="*", help="only these of the protocol's sizes (e.g. one runner per size)")
+    ap.add_argument("--replicates", type=int, nargs="*", help="only these pretrained replicates of each size")
     a = ap.parse_args(argv)
     protocol = read_protocol()
     records = read_jsonl(RECORDS) if RECORDS.exists() else []
@@ -222,7 +223,8 @@ def main(argv=None) -> int:
     if any(g["pairs"][m] is None for m in protocol["sizes"]):
         raise SystemExit("the depth family's pretrained models are not in the cache: "
                          "python -m lnfree.sweeps.pretrain_depth --restore-only")
-    todo = [j for j in jobs(protocol, records, grid.read_lrs(), g["pairs"]) if not a.sizes or j[1] in a.sizes]
+    todo = [j for j in jobs(protocol, records, grid.read_lrs(), g["pairs"])
+            if (not a.sizes or j[1] in a.sizes) and (not a.replicates or j[2] in a.replicates)]
     print(f"[efficient-depth] {len(todo)} runs missing, about {cpu_hours(todo):.1f} CPU h", flush=True)
     if a.dry_run:
         for j in todo:
