@@ -192,17 +192,23 @@ def censored_coverage_script():
     return script
 
 
-def test_censored_exponent_coverage_record_on_the_depth_design():
+@pytest.mark.parametrize("record", [CENSORED_RECORD, CENSORED_RECORD.with_name("censored_coverage_stage2.json")],
+                         ids=["fixed_grid", "grid_and_stage2"])
+def test_censored_exponent_coverage_record_on_the_depth_design(record):
     """The committed coverage of the censored fit (experiments/data_scaling/censored_coverage.py, >= 200 simulated
-    sweeps per truth on the depth study's fixed grid: b in {-0.5, 0, 0.37, 1} x lack of fit in {0, 0.25, 0.5}):
-    the verdict's interval covers b in >= 0.93 of the sweeps at every truth and threshold, and claims "b < 1" in at
-    most 5% of the sweeps whose true b is 1. The record's design is the committed records' (budgets, sizes)."""
+    sweeps per truth on the depth study's fixed grid, and on the grid with stage 2 as measured: b in {-0.5, 0, 0.37,
+    1} x lack of fit in {0, 0.25, 0.5}): the verdict's interval covers b in >= 0.93 of the sweeps at every truth and
+    threshold, and claims "b < 1" in at most 5% of the sweeps whose true b is 1. The record's design is the
+    committed records' fixed grid (budgets, sizes), its stage-2 budgets among the protocol's."""
     from lnfree.analysis.censored import LACK_OF_FIT_SDS
 
-    rec = json.loads(CENSORED_RECORD.read_text())
+    rec = json.loads(record.read_text())
     script = censored_coverage_script()
     st, _ = script.design()
     assert rec["design"]["budgets"] == list(st.budgets) and rec["design"]["sizes_n"] == list(st.sizes_n)
+    planned, _ = script.design(1)  # the protocol's stage 2, every budget
+    for measured, every in zip(rec["design"].get("stage2_budgets") or [], planned.stage2_budgets):
+        assert set(measured) <= set(every)
     assert rec["sweeps"] >= 200
     assert {(c["b"], c["lack_of_fit_sd"]) for c in rec["cells"]} == {
         (b, s) for b in script.TRUE_B for s in script.TRUE_LACK_OF_FIT}
