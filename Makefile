@@ -149,7 +149,7 @@ interp-control: install
 
 # The removal-methods study (experiments/efficient/README.md): today's schedule vs distillation, soft removal,
 # adaptive and compressed schedules, and their best combination, on the built-in GPT-2, Llama and NeoX members;
-# about 2.3 CPU h at one thread for all 108 runs (0.8 for seed 1; `--dry-run` prints what is missing), resumable;
+# about 2.7 CPU h at one thread for all 126 runs (6 arms and the control; 0.9 for seed 1; `--dry-run` prints what is missing), resumable;
 # then its depth-and-width part (distillation on the 3x96 and 4x128 members beside the depth grid's own runs: about
 # 2.0 CPU h for all 16 runs; family-depth restores the members it fine-tunes).
 efficient: family-depth
