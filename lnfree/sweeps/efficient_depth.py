@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import subprocess
 import sys
 import time
@@ -75,7 +74,7 @@ def run(job, protocol: dict, cache_dir=None) -> dict | None:
     """Train one run (the grid's command plus the arm's overrides) and append its record; None if it failed."""
     cmd, d = grid.depth_command(job, OUT)
     cmd += list(protocol["overrides"]) + ([f"paths.cache_dir={cache_dir}"] if cache_dir else [])
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = grid.one_thread_env()
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(d / "run.log", "a") as log:

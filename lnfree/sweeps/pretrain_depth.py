@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import signal
 import subprocess
@@ -42,6 +41,7 @@ from ..model_record import SHARED_TOKENIZER_FILE, add_shared_files, file_sha256
 from ..paths import DEFAULT_CACHE_DIR, RUN_SUMMARY
 from ..paths import SOURCE_ROOT as ROOT
 from ..references import BUILTIN_PREFIX, builtin_dir
+from .run_missing import one_thread_env
 
 EXPERIMENT = ROOT / "conf/experiment/data_scaling_depth.yaml"
 RECIPE = ROOT / "conf/pretrain_depth.yaml"
@@ -302,7 +302,7 @@ def pretrain_all(todo: list[tuple[str, list[str]]], runs: Path, jobs: int, follo
     `followup(name)`: the next command for a member whose command just succeeded (a continuation segment), or
     None; it goes to the front of the queue, so a small member's next segment need not wait for a large member."""
     runs.mkdir(parents=True, exist_ok=True)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = one_thread_env()
     running: dict[str, tuple[subprocess.Popen, float]] = {}
     failed = 0
     # a time limit (timeout's SIGTERM) ends the members in flight too (they save a checkpoint and resume later)

@@ -37,6 +37,11 @@ from ..paths import SOURCE_ROOT as ROOT  # the rest of lnfree is imported where 
 OUT = Path("multirun/data_scaling/resume")
 
 
+def one_thread_env() -> dict:
+    """A sweep job's environment: one thread (several jobs share the cores), offline, no W&B."""
+    return dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+
+
 def grid():
     """(models, budgets in steps, seeds, schedules) from the experiment config, and tokens per step."""
     from omegaconf import OmegaConf
@@ -104,7 +109,7 @@ def run(job, sources=(), until_within=None):
     cmd = [sys.executable, "-m", "lnfree.train", "-m", "experiment=data_scaling", f"model={m}",
            f"schedule={arm}", f"trainer.max_steps={b}", "seed=" + ",".join(map(str, seeds)),
            f"hydra.sweep.dir={d}"]
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = one_thread_env()
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(d / "run.log", "a") as log:
@@ -314,7 +319,7 @@ def depth_command(job, out: Path, extra: tuple = ()) -> tuple[list[str], Path]:
 def run_depth(job, out: Path = DEPTH_OUT, records: Path = DEPTH_RECORDS, cache_dir=None, extra=()) -> int:
     extra = (*extra, f"paths.cache_dir={cache_dir}") if cache_dir else tuple(extra)
     cmd, d = depth_command(job, out, extra)
-    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    env = one_thread_env()
     d.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     with open(d / "run.log", "a") as log:
